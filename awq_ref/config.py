@@ -1,0 +1,166 @@
+"""LlamaConfig: the model's hyper-parameters, read from explicit files, never guessed from names.
+
+Field names follow HF's config.json so a config compares 1:1 with a published checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 ("llama3") frequency scaling; see `awq_ref.model.rope_frequencies`."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F, the MLP width
+    num_hidden_layers: int
+    num_attention_heads: int  # H
+    num_key_value_heads: int  # Hkv (GQA when Hkv < H)
+    head_dim: int = 0  # Dh; 0 means hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim",
+                    "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got {value!r}")
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one KV head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json content (transformers 4.x style keys) describing this model."""
+        d = asdict(self)
+        eos = d.pop("eos_token_ids")
+        d["eos_token_id"] = eos[0] if len(eos) == 1 else (list(eos) or None)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **d,
+                "hidden_act": "silu"}
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+        """Read an HF config.json dict; raises ValueError naming `source` on anything we cannot run."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        archs = d.get("architectures") or []
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES or (archs and archs[0] not in SUPPORTED_ARCHITECTURES):
+            raise ValueError(
+                f"{source}: unsupported architecture (model_type={model_type!r}, "
+                f"architectures={archs!r}); only Llama-family LlamaForCausalLM models are supported")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing required field(s) {missing}")
+        theta, scaling = _read_rope(d, source)
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        try:
+            return cls(
+                vocab_size=d["vocab_size"],
+                hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"],
+                num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=d["num_attention_heads"],
+                num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                head_dim=d.get("head_dim") or 0,
+                rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_position_embeddings=d.get("max_position_embeddings", 2048),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=bool(d.get("attention_bias", False)),
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "LlamaConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: config file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_hf_dict(d, source=str(path))
+
+
+def _read_rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+    """RoPE settings come two ways: top-level rope_theta/rope_scaling (transformers 4.x) or a
+    rope_parameters object (transformers 5.x)."""
+    params = d.get("rope_parameters")
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = params if params.get("rope_type", "default") != "default" else None
+    else:
+        theta = d.get("rope_theta", 10000.0)
+        scaling = d.get("rope_scaling")
+    if scaling is None:
+        return theta, None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{source}: rope_scaling must be an object, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"{source}: rope scaling type {kind!r} is not supported (only 'llama3')")
+    try:
+        return theta, RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ValueError(f"{source}: llama3 rope scaling lacks field {e}") from None

@@ -1,0 +1,86 @@
+"""Group-wise integer quantization of a linear weight: the maths shared by RTN and AWQ.
+
+A weight w (N, K) (nn.Linear layout: N out_features, K in_features) is cut along K into groups
+of G input channels; each (output channel, group) pair gets its own scale s and zero point z:
+
+    asymmetric (zero_point=True):  s = (max - min).clamp(min=1e-5) / (2^b - 1)
+                                   z = clamp(-round(min / s), 0, 2^b - 1)
+    symmetric  (zero_point=False): s = max|w|.clamp(min=1e-5) / (2^(b-1) - 1),  z = 2^(b-1)
+    codes:                         q = clamp(round(w / s) + z, 0, 2^b - 1)
+    dequantize:                    w_hat = (q - z) * s
+
+Codes are unsigned in both variants (symmetric stores the fixed z = 2^(b-1)), so one packed
+layout serves both. Round-to-nearest (RTN) is exactly this with no search. G = -1 means one
+group spanning all of K (per-output-channel quantization).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128  # G; -1 = one group per output channel
+    zero_point: bool = True  # asymmetric when True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
+            raise ValueError(f"group_size must be a positive integer or -1, got {self.group_size!r}")
+
+    @property
+    def max_code(self) -> int:
+        return 2**self.bits - 1
+
+    def group_for(self, k: int, name: str = "weight") -> int:
+        """The group size for a layer with K = k inputs; raises if G does not divide K."""
+        g = k if self.group_size == -1 else self.group_size
+        if k % g:
+            raise ValueError(f"{name}: group_size {g} does not divide in_features {k}")
+        return g
+
+
+def grouped(w: torch.Tensor, g: int) -> torch.Tensor:
+    """(N, K) -> (N, K/G, G): one row per (output channel, group)."""
+    n, k = w.shape
+    return w.reshape(n, k // g, g)
+
+
+def compute_qparams(w: torch.Tensor, spec: QuantSpec, name: str = "weight"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (N, K/G) in w's dtype and integer zero points (N, K/G) (int32) for w (N, K)."""
+    wg = grouped(w, spec.group_for(w.shape[1], name))  # (N, K/G, G)
+    if spec.zero_point:
+        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        scales = (hi - lo).clamp(min=1e-5) / spec.max_code
+        zeros = (-torch.round(lo / scales)).clamp(0, spec.max_code)
+    else:
+        scales = wg.abs().amax(dim=-1).clamp(min=1e-5) / (2 ** (spec.bits - 1) - 1)
+        zeros = torch.full_like(scales, 2 ** (spec.bits - 1))
+    return scales, zeros.to(torch.int32)
+
+
+def quantize(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
+             ) -> torch.Tensor:
+    """Integer codes (N, K) in [0, 2^b - 1] (int32) for w (N, K) with scales/zeros (N, K/G)."""
+    g = w.shape[1] // scales.shape[1]
+    q = torch.round(grouped(w, g) / scales[..., None]) + zeros[..., None].to(w.dtype)
+    return q.clamp(0, spec.max_code).to(torch.int32).reshape(w.shape)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """w_hat (N, K) = (q - z) * s in the dtype of `scales`."""
+    g = q.shape[1] // scales.shape[1]
+    w = (grouped(q, g) - zeros[..., None]).to(scales.dtype) * scales[..., None]  # (N, K/G, G)
+    return w.reshape(q.shape)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec, name: str = "weight") -> torch.Tensor:
+    """Quantize then dequantize: the weight the quantized model will really use, in w's dtype."""
+    scales, zeros = compute_qparams(w, spec, name)
+    return dequantize(quantize(w, scales, zeros, spec), scales, zeros).to(w.dtype)
