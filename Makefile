@@ -1,0 +1,34 @@
+# Two commands do all set-up from a fresh clone:
+#   make demo   - the main job on the default model (SmolLM2-135M-Instruct)
+#   make test   - the test suite
+# Both create .venv on first use. On a machine without an NVIDIA driver the set-up pins the
+# CPU wheel torch==2.13.0 so pip never pulls a multi-GB CUDA build; with a GPU, the package's
+# own range (torch>=2.5) applies and your installed torch is kept.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then :; else $(BIN)/python -m pip install --quiet torch==2.13.0; fi
+	$(BIN)/python -m pip install --quiet -e ".[test,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python tools/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check awq_ref awq_kernels tools tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from awq_ref.cli import main
+
+sys.exit(main())

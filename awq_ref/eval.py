@@ -1,0 +1,93 @@
+"""Perplexity, KL divergence and top-1 agreement, exactly as ../shared/design/PROTOCOL.md says.
+
+The text is tokenized as one stream and cut into non-overlapping windows of `seqlen` tokens;
+every window predicts its tokens 2..seqlen from the ones before, so N windows score
+N * (seqlen - 1) tokens:
+
+    ppl  = exp(mean over scored tokens of -log p_model(token))
+    kl   = mean over scored positions of KL(p_ref || p_model) = sum_v p_ref(v) (log p_ref(v) - log p_model(v))
+    top1 = fraction of scored positions where argmax p_model == argmax p_ref
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+# Positions per chunk when turning logits into log-probabilities: bounds the (T, V) fp32 temporaries.
+_CHUNK = 512
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file with CRLF line endings turned into LF (WikiText-2 ships CRLF)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: text file not found") from None
+    try:
+        return raw.replace(b"\r\n", b"\n").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+
+
+def load_wikitext_tokens(tokenizer: Any, path: str | Path) -> torch.Tensor:
+    """The whole file as one token stream (1-D int64), with the tokenizer's own BOS default."""
+    return torch.tensor(tokenizer.encode(read_text(path)), dtype=torch.int64)
+
+
+def windows_of(tokens: torch.Tensor, seqlen: int, windows: int | None) -> torch.Tensor:
+    """(n, seqlen) non-overlapping windows from the start of a 1-D stream; the tail is dropped."""
+    available = tokens.numel() // seqlen
+    if available == 0:
+        raise ValueError(f"need at least {seqlen} tokens for one window, the text has {tokens.numel()}")
+    n = available if windows is None else windows
+    if not 0 < n <= available:
+        raise ValueError(f"asked for {n} windows of {seqlen} tokens; the text holds {available}")
+    return tokens[: n * seqlen].view(n, seqlen)
+
+
+def _scores(logp: torch.Tensor, ref_logp: torch.Tensor | None, targets: torch.Tensor
+            ) -> tuple[float, float, int]:
+    """Summed NLL, summed KL and count of top-1 matches for (T, V) log-probs and (T,) targets."""
+    nll = -logp.gather(1, targets[:, None]).sum().item()
+    if ref_logp is None:
+        return nll, 0.0, 0
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum().item()
+    top1 = (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
+    return nll, kl, int(top1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048, windows: int | None = None,
+             reference: nn.Module | None = None, progress: bool = True) -> dict[str, float]:
+    """Score `model` on `tokens` (1-D); with `reference`, also KL(p_ref || p_model) and top-1.
+
+    Returns {"ppl", "nll", "tokens", "windows", "seqlen"} plus {"kl", "top1"} with a reference.
+    """
+    batches = windows_of(tokens, seqlen, windows)
+    nll_sum = kl_sum = 0.0
+    top1_sum = 0
+    for window in tqdm(batches, desc="eval windows", disable=not progress):
+        x = window[None].to(model.device)  # (1, T)
+        logits = model(x)[0, :-1]  # (T-1, V): position t predicts token t+1
+        ref_logits = reference(window[None].to(reference.device))[0, :-1] if reference else None
+        targets = x[0, 1:]
+        for a in range(0, logits.shape[0], _CHUNK):
+            logp = torch.log_softmax(logits[a:a + _CHUNK].float(), -1)
+            ref_logp = None
+            if ref_logits is not None:
+                ref_logp = torch.log_softmax(ref_logits[a:a + _CHUNK].float(), -1).to(logp.device)
+            nll, kl, top1 = _scores(logp, ref_logp, targets[a:a + _CHUNK])
+            nll_sum, kl_sum, top1_sum = nll_sum + nll, kl_sum + kl, top1_sum + top1
+    count = batches.shape[0] * (seqlen - 1)
+    result = {"ppl": math.exp(nll_sum / count), "nll": nll_sum / count, "tokens": count,
+              "windows": batches.shape[0], "seqlen": seqlen}
+    if reference is not None:
+        result.update(kl=kl_sum / count, top1=top1_sum / count)
+    return result

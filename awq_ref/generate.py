@@ -1,0 +1,53 @@
+"""Text generation with the KV cache: greedy, temperature and top-p (nucleus) sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from awq_ref.model import Llama
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> int:
+    """Pick the next token from logits (V,): argmax when temperature == 0, else sample from
+    softmax(logits / temperature) restricted to the smallest set of tokens whose mass >= top_p."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # Keep a token if the mass before it is < top_p: the first token is always kept.
+        keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
+             seed: int = 0, on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Return up to max_new_tokens new token ids after prompt_ids; stops after an EOS id.
+
+    The prompt is prefilled in one forward; then one token per step reuses the KV cache.
+    `on_token` is called with each new id as it is produced (for streaming output).
+    """
+    if not prompt_ids:
+        raise ValueError("generate: the prompt is empty (encode with a BOS token or give text)")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.tensor([list(prompt_ids)], device=model.device)  # (1, T)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(tokens, cache, last_only=True)[0, -1]  # (V,)
+        nxt = sample_next(logits, temperature, top_p, generator)
+        out.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
+        if nxt in eos_ids:
+            break
+        tokens = torch.tensor([[nxt]], device=model.device)  # (1, 1)
+    return out

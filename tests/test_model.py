@@ -1,0 +1,106 @@
+"""The model against transformers' LlamaForCausalLM (test-only oracle), and the KV cache."""
+
+import pytest
+import torch
+
+from awq_ref.config import LlamaConfig
+from awq_ref.generate import generate, sample_next
+from awq_ref.model import Llama
+
+transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def tiny_hf_dict(n_kv: int = 4, tied: bool = False, rope_scaling=None) -> dict:
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=101,
+                hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=n_kv, rms_norm_eps=1e-5, rope_theta=500000.0,
+                max_position_embeddings=256, tie_word_embeddings=tied, rope_scaling=rope_scaling)
+
+
+def pair(d: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**d)).eval()
+    ours = Llama(LlamaConfig.from_hf_dict(hf.config.to_dict())).eval()
+    ours.load_state_dict(hf.state_dict(), strict=not d["tie_word_embeddings"])
+    return hf, ours
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE], ids=["rope", "llama3-rope"])
+def test_logits_match_transformers(n_kv, tied, rope):
+    hf, ours = pair(tiny_hf_dict(n_kv, tied, rope))
+    x = torch.randint(0, 101, (2, 80))  # past original_max_position_embeddings: scaling matters
+    with torch.no_grad():
+        diff = (hf(x).logits - ours(x)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_rope_parameters_style_config_reads_the_same():
+    d = tiny_hf_dict(2, False, LLAMA3_ROPE)
+    v5 = {k: v for k, v in d.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = {"rope_theta": 500000.0, **LLAMA3_ROPE}
+    assert LlamaConfig.from_hf_dict(v5) == LlamaConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_decode_equals_full_forward(dtype):
+    _, model = pair(tiny_hf_dict(2))
+    model = model.to(dtype)
+    x = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        full = model(x).float()
+        cache = model.new_cache(2, 40)
+        steps = [model(x[:, :17], cache)] + [model(x[:, i:i + 1], cache) for i in range(17, 40)]
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert (torch.cat(steps, 1).float() - full).abs().max().item() <= tol
+
+
+def test_cache_overflow_is_a_clear_error():
+    _, model = pair(tiny_hf_dict())
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache)
+
+
+def test_greedy_generate_equals_argmax_of_full_forward():
+    _, model = pair(tiny_hf_dict(2))
+    prompt = [3, 14, 15, 92, 65]
+    new = generate(model, prompt, 12)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert new == seq[len(prompt):]
+
+
+def test_generate_stops_on_eos_and_sampling_is_seeded():
+    _, model = pair(tiny_hf_dict(2))
+    first = generate(model, [1, 2, 3], 1)[0]
+    assert generate(model, [1, 2, 3], 10, eos_ids=(first,)) == [first]
+    a = generate(model, [1, 2, 3], 10, temperature=1.0, top_p=0.9, seed=7)
+    b = generate(model, [1, 2, 3], 10, temperature=1.0, top_p=0.9, seed=7)
+    assert a == b
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.tensor([5.0, 4.0, -10.0, -10.0])
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, 1.0, 0.5, g) for _ in range(50)}
+    assert picks == {0}
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}, "unsupported architecture"),
+    ({"num_key_value_heads": 3}, "not a multiple"),
+    ({"hidden_size": -64}, "hidden_size"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_bad_configs_raise_value_error(patch, message):
+    d = {**tiny_hf_dict(), **patch}
+    with pytest.raises(ValueError, match=message):
+        LlamaConfig.from_hf_dict(d, source="cfg.json")
