@@ -1,0 +1,51 @@
+"""The public entry point: quantize a Llama with RTN or AWQ, packed or fake."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from awq_ref.quant.checkpoint import quant_config_dict
+from awq_ref.quant.packing import check_packable
+from awq_ref.quant.qlinear import decoder_linears
+from awq_ref.quant.quantizer import QuantSpec
+from awq_ref.quant.rtn import apply_rtn
+
+METHODS = ("rtn", "awq")
+
+
+def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: int = 128,
+             zero_point: bool = True, modules_to_not_convert: Iterable[str] = (),
+             pack: bool = True, inplace: bool = False, **kwargs: Any) -> nn.Module:
+    """A quantized copy of `model` (or `model` itself, modified, with inplace=True).
+
+    method "rtn": round-to-nearest; "awq": `awq_ref.awq.pipeline.run_awq(model, spec,
+    modules_to_not_convert=..., **kwargs)` first applies the searched scales and clipping to the
+    fp weights, then the same rounding runs. pack=True swaps decoder nn.Linear layers for
+    QuantLinear (4 bits only; the result has a `quantization_config` attribute for
+    `save_quantized`); pack=False keeps nn.Linear with fake-quantized weights (bits 2..8).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
+    if method == "rtn" and kwargs:
+        raise TypeError(f"method 'rtn' takes no extra arguments, got {sorted(kwargs)}")
+    spec = QuantSpec(bits=w_bit, group_size=group_size, zero_point=zero_point)
+    skip = tuple(modules_to_not_convert)
+    # Check every layer before touching any, so a bad setting never leaves a half-quantized model.
+    if pack:
+        check_packable(spec, "quantize")
+    for name, lin in decoder_linears(model, skip):
+        spec.group_for(lin.in_features, name)
+    if not inplace:
+        model = copy.deepcopy(model)
+    if method == "awq":
+        from awq_ref.awq.pipeline import run_awq  # imported here: RTN users never need it
+
+        model = run_awq(model, spec, modules_to_not_convert=skip, **kwargs)
+    model = apply_rtn(model, spec, skip, pack=pack)
+    if pack:
+        model.quantization_config = quant_config_dict(spec, skip)
+    return model

@@ -1,0 +1,252 @@
+"""Quantized checkpoints: an HF-style folder in the AWQ "gemm" format (../design FORMAT.md).
+
+    out_dir/config.json                   model config + quantization_config
+    out_dir/model.safetensors             or model-0000i-of-0000n.safetensors shards
+                                          + model.safetensors.index.json
+    out_dir/tokenizer files               when a tokenizer is given
+
+Tensors: `<module>.qweight/.qzeros/.scales[/.bias]` for each QuantLinear, everything else
+(embeddings, norms, lm_head) under its usual name; a tied lm_head is not stored (HF's rule).
+quantization_config = {quant_method: "awq", bits: 4, group_size: G, zero_point, version: "gemm",
+modules_to_not_convert}. G = -1 (one group per output channel, G = K) is this project's
+extension. With zero_point false the codes are symmetric and qzeros holds the fixed 8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from awq_ref.config import LlamaConfig
+from awq_ref.model import Llama, rope_frequencies
+from awq_ref.quant.packing import PACK_BITS, check_packed_shapes
+from awq_ref.quant.qlinear import QuantLinear, replace_linears
+from awq_ref.quant.quantizer import QuantSpec
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's default "5GB"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def quant_config_dict(spec: QuantSpec, modules_to_not_convert: Iterable[str] = ()) -> dict[str, Any]:
+    """The `quantization_config` object of config.json for `spec`."""
+    return {"quant_method": "awq", "bits": spec.bits, "group_size": spec.group_size,
+            "zero_point": spec.zero_point, "version": "gemm",
+            "modules_to_not_convert": list(modules_to_not_convert)}
+
+
+def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, tuple[str, ...]]:
+    """(QuantSpec, modules_to_not_convert) from a quantization_config; ValueError on what we
+    cannot read (not awq, not gemm, bits != 4, bad group size)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: quantization_config must be an object, got {d!r}")
+    method = d.get("quant_method")
+    if method != "awq":
+        raise ValueError(f"{source}: quant_method {method!r} is not supported (only 'awq')")
+    version = str(d.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"{source}: AWQ version {d.get('version')!r} is not supported (only 'gemm')")
+    bits = d.get("bits", d.get("w_bit"))
+    if bits != PACK_BITS:
+        raise ValueError(f"{source}: bits={bits!r} is not supported (packed checkpoints are 4-bit)")
+    group = d.get("group_size", d.get("q_group_size"))
+    if not isinstance(group, int) or isinstance(group, bool) or (group <= 0 and group != -1):
+        raise ValueError(f"{source}: group_size={group!r} must be a positive integer or -1")
+    skip = d.get("modules_to_not_convert") or []
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        raise ValueError(f"{source}: modules_to_not_convert must be a list of names, got {skip!r}")
+    return QuantSpec(bits, group, bool(d.get("zero_point", True))), tuple(skip)
+
+
+def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy split in state order; a tensor larger than max_bytes gets a shard of its own."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, path, metadata={"format": "pt"})
+    _fsync(path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    _fsync(path)
+
+
+def _write_folder(model: nn.Module, folder: Path, tokenizer: Any, quant_config: dict[str, Any],
+                  max_shard_bytes: int) -> None:
+    """Everything the checkpoint holds, written into `folder` (which already exists)."""
+    _write_json({**model.config.to_hf_dict(), "quantization_config": quant_config},
+                folder / "config.json")
+    tensors = _tensors_to_save(model)
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        _write_shard(shards[0], folder / WEIGHTS_NAME)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_shard(shard, folder / fname)
+            weight_map.update(dict.fromkeys(shard, fname))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
+                    folder / INDEX_NAME)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+        for p in folder.iterdir():
+            _fsync(p)
+
+
+def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
+                   quant_config: dict[str, Any] | None = None,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """Write `model` (with QuantLinear layers) as a checkpoint folder; returns its path.
+
+    quant_config defaults to `model.quantization_config` (set by `awq_ref.api.quantize`).
+    Atomic: everything goes into a temporary folder beside `out_dir`, is fsynced, then renamed,
+    so a crash never leaves a partial checkpoint under `out_dir`. An existing `out_dir` is an
+    error unless overwrite=True (then it is replaced by rename as well).
+    """
+    out_dir = Path(out_dir)
+    quant_config = quant_config if quant_config is not None else getattr(model, "quantization_config", None)
+    if quant_config is None:
+        raise ValueError("save_quantized: no quant_config given and the model has no "
+                         "quantization_config (quantize it with awq_ref.api.quantize)")
+    parse_quant_config(quant_config, "quant_config")
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("save_quantized: the model has no QuantLinear layers (was it packed?)")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_folder(model, tmp, tokenizer, quant_config, max_shard_bytes)
+        _fsync(tmp)
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(out_dir.parent)
+    return out_dir
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Rename `tmp` to `out_dir`; an old `out_dir` is first renamed aside, then deleted."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.rename(out_dir, old / "x")
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old)
+
+
+def _read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors, or of the shards its index lists (on the CPU)."""
+    index = folder / INDEX_NAME
+    if index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no weight_map object")
+        files = sorted(set(weight_map.values()))
+    elif (folder / WEIGHTS_NAME).exists():
+        files = [WEIGHTS_NAME]
+    else:
+        raise ValueError(f"{folder}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(folder / f))
+    return tensors
+
+
+def _read_config(folder: Path) -> tuple[LlamaConfig, dict[str, Any]]:
+    path = folder / "config.json"
+    config = LlamaConfig.from_json_file(path)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if "quantization_config" not in raw:
+        raise ValueError(f"{path}: no quantization_config (not a quantized checkpoint)")
+    return config, raw["quantization_config"]
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Keys and shapes of the files vs the model built from the config; ValueError naming them."""
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)  # some writers store the tied copy anyway
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{folder}: tensors do not match config.json (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            check_packed_shapes(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"],
+                                tensors[f"{name}.scales"], m.in_features, m.out_features,
+                                m.group_size, name)
+    for key, t in expected.items():
+        if tuple(tensors[key].shape) != tuple(t.shape):
+            raise ValueError(f"{folder}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                             f"config.json implies {tuple(t.shape)}")
+
+
+def load_quantized_model(folder: str | Path, device: torch.device | str = "cpu",
+                         dtype: torch.dtype = torch.float32) -> Llama:
+    """A Llama whose decoder linears are QuantLinear layers holding the packed tensors as stored.
+
+    Built on the meta device and filled by assignment: no fp weight of a quantized layer is
+    ever materialised. Unquantized tensors and biases are cast to `dtype`; qweight/qzeros stay
+    int32 and scales fp16.
+    """
+    folder = Path(folder)
+    config, qc = _read_config(folder)
+    spec, skip = parse_quant_config(qc, str(folder / "config.json"))
+    with torch.device("meta"):
+        model = Llama(config)
+    replace_linears(model, spec, skip, init_only=True)
+    tensors = _read_safetensors_folder(folder)
+    _check_tensors(model, tensors, folder)
+    state = {k: t if k.endswith((".qweight", ".qzeros", ".scales")) else t.to(dtype)
+             for k, t in tensors.items()}
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # Llama.__init__ computed the RoPE frequencies on the meta device; they are not in the files.
+    model._inv_freq = rope_frequencies(config)
+    model.quantization_config = quant_config_dict(spec, skip)
+    return model.to(device).eval()
