@@ -1,0 +1,255 @@
+"""Quantized checkpoints: save -> load round trip, layout, atomic writes, bad folders."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from awq_ref.api import quantize
+from awq_ref.config import LlamaConfig
+from awq_ref.model import Llama
+from awq_ref.quant.checkpoint import load_quantized_model, save_quantized
+from awq_ref.quant.qlinear import QuantLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+
+
+def tiny_quantized(seed: int = 0, group_size: int = 32, skip=(), **overrides) -> Llama:
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(**{**TINY, **overrides})).eval()
+    if overrides.get("attention_bias"):
+        with torch.no_grad():
+            for b in model.model.layers:
+                b.self_attn.q_proj.bias.normal_()
+    return quantize(model, group_size=group_size, modules_to_not_convert=skip, inplace=True)
+
+
+def logits(model: nn.Module, seed: int = 1) -> torch.Tensor:
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(tokens)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(tie_word_embeddings=True),
+    dict(tie_word_embeddings=False, attention_bias=True),
+    dict(skip=("mlp.down_proj",)),
+    dict(group_size=-1),
+])
+@pytest.mark.parametrize("max_shard_bytes", [10**9, 20_000])
+def test_save_load_identical_logits(tmp_path, overrides, max_shard_bytes):
+    model = tiny_quantized(**overrides)
+    out = save_quantized(model, tmp_path / "ckpt", max_shard_bytes=max_shard_bytes)
+    loaded = load_quantized_model(out)
+    assert torch.equal(logits(loaded), logits(model))
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            other = loaded.get_submodule(name)
+            assert isinstance(other, QuantLinear) and not hasattr(other, "weight")
+            assert torch.equal(other.qweight, m.qweight) and torch.equal(other.scales, m.scales)
+    if model.config.tie_word_embeddings:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.quantization_config == model.quantization_config
+    sharded = (out / "model.safetensors.index.json").exists()
+    assert sharded == (max_shard_bytes < 10**9) and sharded != (out / "model.safetensors").exists()
+
+
+def test_folder_layout_and_config(tmp_path):
+    model = tiny_quantized(tie_word_embeddings=True)
+    out = save_quantized(model, tmp_path / "ckpt", max_shard_bytes=20_000)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32,
+                                             "zero_point": True, "version": "gemm",
+                                             "modules_to_not_convert": []}
+    assert LlamaConfig.from_hf_dict(config) == model.config
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for f in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(out / f))
+    assert set(tensors) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert "lm_head.weight" not in tensors  # tied
+    q = "model.layers.1.self_attn.q_proj"
+    assert tensors[f"{q}.qweight"].dtype == torch.int32 and tensors[f"{q}.qweight"].shape == (64, 8)
+    assert tensors[f"{q}.qzeros"].shape == (2, 8) and tensors[f"{q}.scales"].dtype == torch.float16
+    assert f"{q}.weight" not in tensors and "model.norm.weight" in tensors
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left behind
+
+
+def test_checkpoint_size_vs_fp16(tmp_path):
+    """Bytes per weight of a quantized linear: 4/8 (codes) + (2 + 0.5) / G (scale + zero)."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**{**TINY, "hidden_size": 256, "intermediate_size": 768}))
+    n_linear = sum(lin.weight.numel() for b in model.model.layers for lin in b.modules()
+                   if isinstance(lin, nn.Linear))
+    fp16 = sum(t.numel() * 2 for t in model.state_dict().values())
+    out = save_quantized(quantize(model, group_size=64), tmp_path / "ckpt")
+    size = sum(p.stat().st_size for p in out.iterdir())
+    linear_q = n_linear * (0.5 + 2.5 / 64)
+    print(f"\ncheckpoint {size} B vs fp16 {fp16} B ({size / fp16:.3f}x); decoder linears "
+          f"{linear_q:.0f} B vs {2 * n_linear} B fp16 ({linear_q / (2 * n_linear):.3f}x)")
+    non_linear_fp32 = (fp16 - 2 * n_linear) * 2  # embeddings, norms stay in the model's fp32
+    assert abs(size - (linear_q + non_linear_fp32)) < 20_000  # headers and config.json
+
+
+_KILL_SCRIPT = """
+import sys, time, torch
+import awq_ref.quant.checkpoint as ck
+from awq_ref.api import quantize
+from awq_ref.config import LlamaConfig
+from awq_ref.model import Llama
+torch.manual_seed(0)
+model = quantize(Llama(LlamaConfig(**{tiny!r})), group_size=32)
+write_shard = ck._write_shard
+def slow_write_shard(tensors, path):
+    write_shard(tensors, path)
+    print("one shard written", flush=True)
+    time.sleep(120)
+ck._write_shard = slow_write_shard
+ck.save_quantized(model, sys.argv[1], max_shard_bytes=20_000)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+def test_killed_save_leaves_no_target(tmp_path):
+    target = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT.format(tiny=TINY), str(target)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "one shard written"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not target.exists()
+    leftovers = [p for p in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".ckpt.tmp-")  # died midway
+
+
+def test_existing_target_needs_overwrite(tmp_path):
+    first, second = tiny_quantized(seed=0), tiny_quantized(seed=1)
+    out = save_quantized(first, tmp_path / "ckpt")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_quantized(second, out)
+    save_quantized(second, out, overwrite=True)
+    assert torch.equal(logits(load_quantized_model(out)), logits(second))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_tokenizer_files_written(tmp_path):
+    class Tok:
+        def save_pretrained(self, folder):
+            (Path(folder) / "tokenizer.json").write_text("{}")
+
+    out = save_quantized(tiny_quantized(), tmp_path / "ckpt", tokenizer=Tok())
+    assert (out / "tokenizer.json").read_text() == "{}"
+
+
+def test_load_dtype_and_device(tmp_path):
+    model = tiny_quantized()
+    out = save_quantized(model, tmp_path / "ckpt")
+    loaded = load_quantized_model(out, device="cpu", dtype=torch.bfloat16)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    ql = loaded.model.layers[0].mlp.up_proj
+    assert ql.scales.dtype == torch.float16 and ql.qweight.dtype == torch.int32
+    torch.testing.assert_close(logits(loaded).float(), logits(model), rtol=0.1, atol=0.1)
+
+
+def test_save_refuses_unquantized_model(tmp_path):
+    model = Llama(LlamaConfig(**TINY))
+    with pytest.raises(ValueError, match="quantization_config"):
+        save_quantized(model, tmp_path / "a")
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        save_quantized(model, tmp_path / "b", quant_config={"quant_method": "awq", "bits": 4,
+                                                            "group_size": 32})
+
+
+def _saved(tmp_path) -> Path:
+    return save_quantized(tiny_quantized(), tmp_path / "ckpt")
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(quant_method="gptq"), "quant_method 'gptq'"),
+    (dict(version="gemv"), "version 'gemv'"),
+    (dict(bits=3), "bits=3"),
+    (dict(group_size=0), "group_size=0"),
+    (dict(group_size="64"), "group_size='64'"),
+    (dict(group_size=48), r"model.layers.0.self_attn.q_proj: group_size 48 does not divide "
+                          r"in_features 64"),
+    (dict(modules_to_not_convert="lm_head"), "modules_to_not_convert"),
+])
+def test_unreadable_quantization_config(tmp_path, changes, message):
+    out = _saved(tmp_path)
+    _edit_config(out, **changes)
+    with pytest.raises(ValueError, match=message):
+        load_quantized_model(out)
+
+
+def test_group_size_disagreeing_with_tensors(tmp_path):
+    out = _saved(tmp_path)
+    _edit_config(out, group_size=16)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.qzeros: shape \(2, 8\) "
+                                         r"does not match the expected \(4, 8\)"):
+        load_quantized_model(out)
+
+
+def _rewrite_tensors(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def test_bad_tensors(tmp_path):
+    out = _saved(tmp_path)
+    qw = "model.layers.1.mlp.down_proj.qweight"
+    _rewrite_tensors(out, lambda t: t.update({qw: t[qw][:, :4].contiguous()}))
+    with pytest.raises(ValueError, match=r"down_proj.qweight: shape \(128, 4\).*\(128, 8\)"):
+        load_quantized_model(out)
+    _rewrite_tensors(out, lambda t: t.pop(qw))
+    with pytest.raises(ValueError, match="missing.*down_proj.qweight"):
+        load_quantized_model(out)
+    _rewrite_tensors(out, lambda t: t.update({qw: torch.zeros(128, 8, dtype=torch.int32),
+                                               "model.layers.1.mlp.down_proj.weight": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="unexpected.*down_proj.weight"):
+        load_quantized_model(out)
+    sc = "model.layers.0.mlp.up_proj.scales"
+    _rewrite_tensors(out, lambda t: (t.pop("model.layers.1.mlp.down_proj.weight"),
+                                     t.update({sc: t[sc].float()})))
+    with pytest.raises(ValueError, match="up_proj.scales: dtype torch.float32"):
+        load_quantized_model(out)
+
+
+def test_not_a_quantized_folder(tmp_path):
+    out = _saved(tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no quantization_config"):
+        load_quantized_model(out)
+    with pytest.raises(ValueError, match="config.json: config file not found"):
+        load_quantized_model(tmp_path / "missing")
+
+
+def test_missing_weights_file(tmp_path):
+    out = _saved(tmp_path)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="neither model.safetensors nor"):
+        load_quantized_model(out)
