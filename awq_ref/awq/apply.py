@@ -1,0 +1,80 @@
+"""Fold searched scales and clip ranges into a full-precision model (all functions mutate).
+
+Scaling (exact in real arithmetic): for y = W x with x = prev(...),
+    y = (W diag(s)) (x / s),
+so prev's output channels are divided by s and the linears' input columns multiplied by s.
+Clipping: each (output channel, group) of a linear is clamped to its searched [lo, hi], so a
+later round-to-nearest quantization uses exactly the searched range.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from awq_ref.awq.result import AwqResult
+from awq_ref.awq.scaling_groups import LLAMA_GROUPS, expand_kv
+
+
+@torch.no_grad()
+def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor,
+                n_rep: int = 1, head_dim: int = 0) -> None:
+    """prev output /= s; linears' input columns *= s (s expanded over query heads if n_rep > 1).
+
+    prev is an RMSNorm (1-D weight) or an nn.Linear (rows of weight and bias).
+    """
+    s_in = expand_kv(s, n_rep, head_dim) if n_rep > 1 else s
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s.to(prev.weight)[:, None])  # (N, K) rows
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias))
+    else:
+        prev.weight.div_(s.to(prev.weight))  # (D,)
+    for lin in linears:
+        if lin.in_features != s_in.numel():
+            raise ValueError(f"scale of size {s_in.numel()} does not match in_features "
+                             f"{lin.in_features} of {lin}")
+        lin.weight.mul_(s_in.to(lin.weight)[None, :])
+
+
+@torch.no_grad()
+def apply_clip(linear: nn.Linear, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    """Clamp each group of the weight (N, K) to [lo, hi] (N, K/G); never increases |w|."""
+    n, k = linear.weight.shape
+    w = linear.weight.view(n, lo.shape[1], -1)  # (N, K/G, G)
+    w.copy_(torch.maximum(torch.minimum(w, hi.to(w)[..., None]), lo.to(w)[..., None]))
+
+
+def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True) -> None:
+    """Fold `result` into the fp `model` (scales, then clips): RTN afterwards gives the AWQ model.
+
+    Clip ranges are per (output channel, group of result.spec.group_size inputs) and were chosen
+    for result.spec.bits; for another bit width, re-applying the scales alone (clip=False) or
+    with the clips are both valid, the clips being tuned for the searched width.
+    """
+    cfg = model.config
+    done = set()
+    # A fixed order (block, then the table's order) so re-applying is bit-for-bit repeatable.
+    for i, layer in enumerate(model.model.layers):
+        for group in LLAMA_GROUPS:
+            name = f"model.layers.{i}.{group.prev}"
+            if name not in result.scales:
+                continue
+            n_rep = cfg.n_rep if group.repeat_kv else 1
+            apply_scale(layer.get_submodule(group.prev),
+                        [layer.get_submodule(x) for x in group.linears],
+                        result.scales[name], n_rep, cfg.head_dim)
+            done.add(name)
+    unknown = sorted(set(result.scales) - done)
+    if unknown:
+        raise ValueError(f"AwqResult: scales {unknown[:3]} name no scaling group of this model")
+    if not clip:
+        return
+    for name, (lo, hi) in result.clips.items():
+        linear = model.get_submodule(name)
+        n, k = linear.weight.shape
+        if lo.shape != hi.shape or lo.dim() != 2 or lo.shape[0] != n or k % lo.shape[1]:
+            raise ValueError(f"AwqResult: clip range of {name} has shape {tuple(lo.shape)}, "
+                             f"which does not fit its weight ({n}, {k})")
+        apply_clip(linear, lo, hi)
+

@@ -1,0 +1,121 @@
+"""Block inputs and the statistics of each scaling group's input, gathered chunk by chunk.
+
+For every group's input x (the shared input of its linears), over all T calibration tokens:
+    mean|x|   (K,)      the activation magnitude that AWQ's scales follow
+    X^T X     (K, K)    the Gram matrix: exact quadratic losses of linear outputs (fp32 sums)
+plus, for groups whose loss runs a module forward, a fixed subset of the inputs: the first
+`seqs` whole sequences (attention mixes tokens) or `tokens` strided tokens (token-wise MLP).
+Shape legend: B batch (calibration windows), T tokens per window, D model dim, K in_features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from awq_ref.awq.scaling_groups import ScalingGroup
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf in calibration activations or search losses; the message names block and layer."""
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"{where}: NaN or inf found")
+
+
+@dataclass
+class InputStats:
+    """Statistics of one group's input x (.., K); see the module docstring."""
+
+    abs_sum: torch.Tensor  # (K,)
+    gram: torch.Tensor | None  # (K, K), None when not requested
+    count: int = 0
+    subset: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / self.count
+
+
+@dataclass(frozen=True)
+class SubsetPlan:
+    seqs: int  # whole sequences kept for positional (attention) losses
+    tokens: int  # strided tokens kept for token-wise (MLP) losses
+
+
+@torch.no_grad()
+def embed(model: nn.Module, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Inputs of the first block (B, T, D) in fp32 on `device`: simply the token embeddings."""
+    emb = model.model.embed_tokens
+    return torch.cat([emb(tokens[i:i + 64].to(emb.weight.device)).to(device, torch.float32)
+                      for i in range(0, tokens.shape[0], 64)])
+
+
+@torch.no_grad()
+def forward_block(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  chunk_seqs: int, where: str) -> None:
+    """x (B, T, D) <- block(x), in place, `chunk_seqs` sequences at a time."""
+    for i in range(0, x.shape[0], chunk_seqs):
+        y = block(x[i:i + chunk_seqs], cos, sin)
+        check_finite(y, f"{where} output")
+        x[i:i + chunk_seqs] = y
+
+
+@torch.no_grad()
+def capture_block(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  groups: tuple[ScalingGroup, ...], plan: SubsetPlan, chunk_seqs: int,
+                  where: str, gram: bool = True, propagate: bool = False) -> list[InputStats]:
+    """Run the block over x (B, T, D) and return one InputStats per group.
+
+    With propagate=True, x is overwritten in place by the block's output (fp weights as given).
+    """
+    b, t, _ = x.shape
+    stride = max(1, b * t // max(1, plan.tokens))
+    stats: list[InputStats] = []
+    pos = [0]  # first sequence of the current chunk, read by the hooks
+
+    def hook_for(group: ScalingGroup, st: InputStats, name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            h = args[0]  # (c, T, K)
+            check_finite(h, f"{where} input of {name}")
+            flat = h.reshape(-1, h.shape[-1]).float()  # (c*T, K)
+            st.abs_sum += flat.abs().sum(0)
+            if st.gram is not None:
+                st.gram += flat.T @ flat
+            st.count += flat.shape[0]
+            if group.positional:
+                keep = max(0, min(h.shape[0], plan.seqs - pos[0]))
+                if keep:
+                    st.subset.append(h[:keep].float().clone())
+            elif not group.closed_form:
+                first = pos[0] * t
+                offset = (-first) % stride  # next global token index on the stride
+                st.subset.append(flat[offset::stride].clone())
+        return hook
+
+    handles = []
+    for g in groups:
+        lin = block.get_submodule(g.linears[0])
+        k = lin.in_features
+        st = InputStats(abs_sum=torch.zeros(k, device=x.device),
+                        gram=torch.zeros(k, k, device=x.device) if gram else None)
+        stats.append(st)
+        handles.append(lin.register_forward_pre_hook(hook_for(g, st, g.linears[0])))
+    try:
+        for i in range(0, b, chunk_seqs):
+            pos[0] = i
+            y = block(x[i:i + chunk_seqs], cos, sin)
+            check_finite(y, f"{where} output")
+            if propagate:
+                x[i:i + chunk_seqs] = y
+    finally:
+        for h in handles:
+            h.remove()
+    for g, st in zip(groups, stats):
+        if st.subset and not g.positional:
+            st.subset = [torch.cat(st.subset)[: plan.tokens]]
+    return stats

@@ -1,0 +1,176 @@
+"""run_awq: the AWQ search, block by block, in the paper's order.
+
+For each block (one on the compute device at a time, as an fp32 working copy):
+  1. capture  - run the block over the calibration inputs; per scaling group gather mean|x|,
+                the Gram matrix X^T X and a subset of inputs for module losses;
+  2. scales   - for each group of LLAMA_GROUPS, grid-search s (search_scale) and fold it into
+                the working copy (apply_scale);
+  3. clipping - for each linear not in clip_skip, search the per-group clip box on the scaled
+                weights (search_clip) and clamp (apply_clip);
+  4. next     - the next block's inputs: the block's output with the original fp weights
+                ("fp", as llm-awq / AutoAWQ do), with the scaled and clipped fp weights
+                ("awq"), or with the fake-quantized weights ("quantized").
+The model itself is not modified; `apply_awq(model, result)` folds the result in.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from awq_ref.awq.apply import apply_clip, apply_scale
+from awq_ref.awq.capture import InputStats, SubsetPlan, capture_block, check_finite, embed, \
+    forward_block
+from awq_ref.awq.result import AwqResult
+from awq_ref.awq.scaling_groups import LLAMA_CLIP_SKIP, LLAMA_GROUPS, ScalingGroup, expand_kv, \
+    input_group, reduce_kv
+from awq_ref.awq.search_clip import CLIP_MODES, search_clip
+from awq_ref.awq.search_scale import ScaleChoice, grid_search, gram_loss, module_loss, weight_mean
+from awq_ref.quant.quantizer import QuantSpec, fake_quantize
+
+log = logging.getLogger(__name__)
+PROPAGATE = ("fp", "awq", "quantized")
+
+
+@dataclass(frozen=True)
+class AwqConfig:
+    n_grid: int = 20  # ratios a = i / n_grid of the scale search
+    duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a
+    scale_vo_gqa: bool = True  # search v_proj -> o_proj also when Hkv < H (llm-awq skips it)
+    clip: bool = True
+    clip_skip: tuple[str, ...] = LLAMA_CLIP_SKIP
+    clip_grid: int = 20
+    max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink
+    clip_mode: str = "range"  # see search_clip.CLIP_MODES
+    loss_seqs: int = 16  # whole sequences for the attention-output loss
+    loss_tokens: int = 8192  # tokens for the MLP-output loss
+    propagate: str = "fp"  # next block's inputs; see PROPAGATE and the module docstring
+    chunk_tokens: int = 8192  # tokens per block forward, to bound activation memory
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.propagate not in PROPAGATE:
+            raise ValueError(f"propagate must be one of {PROPAGATE}, got {self.propagate!r}")
+        if self.clip_mode not in CLIP_MODES:
+            raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
+        for name in ("n_grid", "clip_grid", "loss_seqs", "loss_tokens", "chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AwqConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def run_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
+            config: AwqConfig = AwqConfig(), device: str | torch.device | None = None) -> AwqResult:
+    """Search AWQ scales and clip ranges for `model` on calib_tokens (B, T); model unchanged."""
+    if calib_tokens.dim() != 2 or calib_tokens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"calib_tokens must be integer (B, T), got {calib_tokens.dtype} "
+                         f"{tuple(calib_tokens.shape)}")
+    device = torch.device(device) if device is not None else model.device
+    result = AwqResult(spec=spec, info={"config": json.dumps(asdict(config))})
+    start = time.perf_counter()
+    with torch.no_grad():
+        x = embed(model, calib_tokens, device)  # (B, T, D)
+        cos, sin = (t.to(device) for t in model.rotary(0, x.shape[1], torch.float32))
+        blocks = model.model.layers
+        bar = tqdm(total=len(blocks), desc="AWQ", unit="block", disable=not config.progress)
+        for i, block in enumerate(blocks):
+            work = copy.deepcopy(block).to(device, torch.float32)
+            search_block(work, f"model.layers.{i}", model.config, x, cos, sin, spec, config,
+                         result)
+            bar.update(1)
+            del work
+        bar.close()
+    result.info["seconds"] = f"{time.perf_counter() - start:.1f}"
+    return result
+
+
+def search_block(block: nn.Module, prefix: str, cfg, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, spec: QuantSpec, config: AwqConfig, result: AwqResult) -> None:
+    """Steps 1-4 for one block: mutates `block` (the working copy) and x (now the next inputs)."""
+    chunk_seqs = max(1, config.chunk_tokens // x.shape[1])
+    plan = SubsetPlan(seqs=config.loss_seqs, tokens=config.loss_tokens)
+    stats = capture_block(block, x, cos, sin, LLAMA_GROUPS, plan, chunk_seqs, prefix,
+                          propagate=config.propagate == "fp")
+    s_in = {}
+    for gi, group in enumerate(LLAMA_GROUPS):
+        n_rep = cfg.n_rep if group.repeat_kv else 1
+        if n_rep > 1 and not config.scale_vo_gqa:
+            continue
+        choice = search_group(block, group, stats[gi], n_rep, cfg.head_dim, spec, config,
+                              (cos, sin), f"{prefix}.{group.prev}")
+        apply_scale(block.get_submodule(group.prev),
+                    [block.get_submodule(n) for n in group.linears], choice.s, n_rep, cfg.head_dim)
+        s_in[gi] = expand_kv(choice.s, n_rep, cfg.head_dim) if n_rep > 1 else choice.s
+        result.scales[f"{prefix}.{group.prev}"] = choice.s.cpu()
+    if config.clip:
+        clip_block(block, prefix, stats, s_in, spec, config, result)
+    if config.propagate == "awq":
+        forward_block(block, x, cos, sin, chunk_seqs, prefix)
+    elif config.propagate == "quantized":
+        forward_block(quantized_copy(block, spec), x, cos, sin, chunk_seqs, prefix)
+
+
+def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: int,
+                 head_dim: int, spec: QuantSpec, config: AwqConfig, rotary: tuple,
+                 where: str) -> ScaleChoice:
+    """Grid-search the scale of one group (see search_scale for L(s)) and log the choice."""
+    linears = [block.get_submodule(n) for n in group.linears]
+    x_mean = st.mean_abs
+    w_mean = weight_mean([m.weight for m in linears], spec) if config.duo_scaling else None
+    if n_rep > 1:  # one scale per v channel: average the statistics of the heads sharing it
+        x_mean = reduce_kv(x_mean, n_rep, head_dim)
+        w_mean = reduce_kv(w_mean, n_rep, head_dim) if w_mean is not None else None
+    if group.closed_form:
+        w = linears[0].weight
+
+        def loss(s_in: torch.Tensor) -> float:
+            return gram_loss(w, st.gram, st.count, s_in, spec)
+    else:
+        inspect = block.get_submodule(group.inspect)
+        extra = rotary if group.positional else ()
+        inputs = torch.cat(st.subset)  # (S, T, D) or (tokens, D)
+        chunk = 1 if group.positional else config.chunk_tokens
+        reference = torch.cat([inspect(inputs[i:i + chunk], *extra)
+                               for i in range(0, inputs.shape[0], chunk)])
+        weights = {n[len(group.inspect) + 1:] + ".weight": m.weight
+                   for n, m in zip(group.linears, linears)}
+        loss = module_loss(inspect, weights, spec, inputs, reference, extra, chunk)
+    expand = (lambda s: expand_kv(s, n_rep, head_dim)) if n_rep > 1 else (lambda s: s)
+    choice = grid_search(loss, x_mean, w_mean, config.n_grid, expand)
+    check_finite(torch.tensor(choice.losses), f"{where} -> {','.join(group.linears)} scale loss")
+    log.info("%s -> %s: ratio %.2f loss %.4g (ratio 0: %.4g)", where, ",".join(group.linears),
+             choice.ratio, choice.loss, choice.loss0)
+    return choice
+
+
+def clip_block(block: nn.Module, prefix: str, stats: list[InputStats], s_in: dict,
+               spec: QuantSpec, config: AwqConfig, result: AwqResult) -> None:
+    """Search and apply the clip box of every linear not in clip_skip (weights already scaled)."""
+    for name, lin in block.named_modules():
+        if not isinstance(lin, nn.Linear) or name in config.clip_skip:
+            continue
+        gi = input_group(LLAMA_GROUPS, name)
+        gram = stats[gi].gram
+        if gi in s_in:  # the input is now x / s: G -> diag(1/s) G diag(1/s)
+            gram = gram / (s_in[gi][:, None] * s_in[gi][None, :])
+        lo, hi, before, after = search_clip(lin.weight, gram, spec, config.clip_grid,
+                                            config.max_shrink, config.clip_mode, name)
+        check_finite(torch.tensor([before, after]), f"{prefix}.{name} clip loss")
+        apply_clip(lin, lo, hi)
+        result.clips[f"{prefix}.{name}"] = (lo.cpu(), hi.cpu())
+        log.info("%s.%s: clip error %.4g -> %.4g", prefix, name, before, after)
+
+
+def quantized_copy(block: nn.Module, spec: QuantSpec) -> nn.Module:
+    """A copy of the block whose linears carry fake-quantized weights."""
+    q = copy.deepcopy(block)
+    for name, lin in q.named_modules():
+        if isinstance(lin, nn.Linear):
+            lin.weight.data = fake_quantize(lin.weight.data, spec, name)
+    return q

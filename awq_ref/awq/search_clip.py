@@ -1,0 +1,77 @@
+"""Search the clipping range of each (output channel, group) of a linear.
+
+Shrinking a group's range before quantization trades a larger error on the few extreme weights
+for a finer step on all others. For a ratio r on the grid 1, 1 - 1/n_grid, ..., (down to
+1 - max_shrink), the group's weights w (G,) are clamped to the box
+
+    mode "range":     [r * min(w), r * max(w)]       (both ends of the asymmetric range), or
+    mode "absmax":    [-r * max|w|, r * max|w|]      (llm-awq's box),
+
+then fake-quantized (q), and the box with the least output error of that group is kept:
+
+    L_ng(r) = || X_g (q_ng - w_ng) ||^2 = e^T (X_g^T X_g) e,   e = q_ng - w_ng,
+
+X_g (T, G) being the group's input channels. As in llm-awq each group is judged on its own
+partial output; the diagonal G x G blocks of the Gram matrix X^T X give it exactly over all
+calibration tokens. r = 1 is no clipping, so the chosen error never exceeds round-to-nearest's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from awq_ref.quant.quantizer import QuantSpec, fake_quantize, grouped
+
+CLIP_MODES = ("range", "absmax")
+
+
+def gram_blocks(gram: torch.Tensor, g: int) -> torch.Tensor:
+    """The K/G diagonal blocks (K/G, G, G) of a Gram matrix (K, K)."""
+    k = gram.shape[0]
+    idx = torch.arange(k, device=gram.device).view(k // g, g)  # (K/G, G)
+    return gram[idx[:, :, None], idx[:, None, :]]
+
+
+def clip_box(wg: torch.Tensor, ratio: float, mode: str, zero_point: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) (N, K/G) for grouped weights wg (N, K/G, G) at shrink ratio r."""
+    if mode == "range" and zero_point:
+        return wg.amin(-1) * ratio, wg.amax(-1) * ratio
+    m = wg.abs().amax(-1) * ratio
+    return -m, m
+
+
+def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: int = 20,
+                max_shrink: float = 0.5, mode: str = "range", name: str = "weight",
+                rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Best box per (output channel, group) for w (N, K) given its input Gram X^T X (K, K).
+
+    Returns lo, hi (N, K/G) and the summed group errors sum_ng L_ng before (r = 1) and after.
+    Output channels are processed `rows` at a time to bound memory.
+    """
+    if mode not in CLIP_MODES:
+        raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
+    g = spec.group_for(w.shape[1], name)
+    blocks = gram_blocks(gram, g)  # (K/G, G, G)
+    out = [_search_rows(w[i:i + rows], blocks, spec, g, n_grid, max_shrink, mode)
+           for i in range(0, w.shape[0], rows)]
+    lo, hi = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+    return lo, hi, sum(o[2] for o in out), sum(o[3] for o in out)
+
+
+def _search_rows(w: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec, g: int, n_grid: int,
+                 max_shrink: float, mode: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    wg = grouped(w, g)  # (N, K/G, G)
+    best_err = best_lo = best_hi = err0 = None
+    for i in range(max(1, int(max_shrink * n_grid))):
+        lo, hi = clip_box(wg, 1 - i / n_grid, mode, spec.zero_point)  # (N, K/G) each
+        clipped = torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None])
+        e = grouped(fake_quantize(clipped.reshape(w.shape), spec), g) - wg  # (N, K/G, G)
+        err = (torch.einsum("ngi,gij->ngj", e, blocks) * e).sum(-1)  # (N, K/G)
+        if best_err is None:
+            best_err, best_lo, best_hi, err0 = err, lo, hi, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi, float(err0.sum()), float(best_err.sum())

@@ -1,0 +1,109 @@
+"""Search the per-input-channel scale s of one scaling group over a grid of ratios.
+
+For a group with linears W_j (N_j, K) fed by x (T, K), candidate scales are
+
+    s(a)   = mean|x|^a                              (AWQ), or
+    s(a)   = mean|x|^a / mean|w~|^(1-a)             (duo scaling; w~ = |w| / group max),
+    s      = s(a) / sqrt(max s(a) * min s(a))       (normalised as llm-awq does),
+
+for a = 0, 1/n_grid, ..., (n_grid-1)/n_grid, and the chosen s minimises
+
+    L(s) = || f(x; W) - f(x; Q(W diag(s)) diag(s)^-1) ||^2 / numel
+
+where f is the output of the group's `inspect` module and Q the group-wise fake quantizer. Feeding
+x with the effective weights Q(W diag(s)) diag(s)^-1 equals feeding x/s with Q(W diag(s)).
+a = 0 gives s = 1, plain round-to-nearest, so the chosen loss never exceeds RTN's.
+
+When inspect is a single linear, L is quadratic in its weight error E = W_eff - W:
+    L(s) = tr(E X^T X E^T) / (T N),
+computed from the Gram matrix X^T X (K, K), which is accumulated once over all tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from awq_ref.quant.quantizer import QuantSpec, fake_quantize
+
+
+@dataclass(frozen=True)
+class ScaleChoice:
+    s: torch.Tensor  # (C,) the chosen scale
+    ratio: float  # the chosen a
+    loss: float  # L at the chosen a
+    loss0: float  # L at a = 0 (s = 1 for plain AWQ: round-to-nearest)
+    losses: tuple[float, ...]  # L over the whole grid
+
+
+def candidate_scale(x_mean: torch.Tensor, ratio: float, w_mean: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """s(a), normalised so that max(s) * min(s) = 1; see the module docstring."""
+    if w_mean is None:
+        s = x_mean.pow(ratio).clamp(min=1e-4)
+    else:
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def weight_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
+    """Mean over output rows of |w| / (its group's max |w|), per input channel (K,)."""
+    w = torch.cat(weights, dim=0)  # (sum N, K)
+    g = spec.group_for(w.shape[1])
+    wg = w.abs().view(w.shape[0], -1, g)  # (N, K/G, G)
+    return (wg / (wg.amax(-1, keepdim=True) + 1e-6)).view_as(w).mean(0)
+
+
+def effective_weight(w: torch.Tensor, s_in: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Q(W diag(s)) diag(s)^-1 (N, K): what x meets after scaling and quantization."""
+    return fake_quantize(w * s_in[None, :], spec) / s_in[None, :]
+
+
+def gram_loss(w: torch.Tensor, gram: torch.Tensor, count: int, s_in: torch.Tensor,
+              spec: QuantSpec) -> float:
+    """L(s) = tr(E G E^T) / (T N), E = W_eff - W (N, K), G = X^T X (K, K) over T tokens."""
+    e = effective_weight(w, s_in, spec) - w  # (N, K)
+    return float(((e @ gram) * e).sum()) / (count * w.shape[0])
+
+
+def module_loss(inspect: nn.Module, weights: dict[str, torch.Tensor], spec: QuantSpec,
+                inputs: torch.Tensor, reference: torch.Tensor, extra: tuple = (),
+                chunk: int = 16) -> Callable[[torch.Tensor], float]:
+    """L as a function of s_in, measured by running `inspect` with effective weights.
+
+    weights: parameter name inside `inspect` -> original weight (N, K); inputs (B, ...) and
+    reference (B, ...) are cut into chunks of `chunk` rows along dim 0; `extra` are further
+    forward arguments (cos, sin for attention).
+    """
+    def loss(s_in: torch.Tensor) -> float:
+        params = {k: effective_weight(w, s_in, spec) for k, w in weights.items()}
+        total = 0.0
+        for i in range(0, inputs.shape[0], chunk):
+            out = functional_call(inspect, params, (inputs[i:i + chunk], *extra))
+            total += float((out - reference[i:i + chunk]).pow(2).sum())
+        return total / reference.numel()
+
+    return loss
+
+
+def grid_search(loss: Callable[[torch.Tensor], float], x_mean: torch.Tensor,
+                w_mean: torch.Tensor | None, n_grid: int,
+                expand: Callable[[torch.Tensor], torch.Tensor] = lambda s: s) -> ScaleChoice:
+    """Evaluate L(s(a)) for a = i / n_grid, i < n_grid; keep the first minimum.
+
+    expand maps a scale over prev's channels (C,) to the linears' inputs (K,) (GQA repeat).
+    """
+    losses, best = [], None
+    for i in range(n_grid):
+        ratio = i / n_grid
+        s = candidate_scale(x_mean, ratio, w_mean)
+        value = loss(expand(s))
+        losses.append(value)
+        if best is None or value < best[2]:
+            best = (s, ratio, value)
+    s, ratio, value = best
+    return ScaleChoice(s=s, ratio=ratio, loss=value, loss0=losses[0], losses=tuple(losses))
