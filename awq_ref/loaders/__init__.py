@@ -1,0 +1,92 @@
+"""load_model / load_tokenizer for every checkpoint format we read, chosen from the file itself.
+
+| path                                   | model                       | tokenizer                         |
+|----------------------------------------|-----------------------------|-----------------------------------|
+| "default"                              | SmolLM2-135M-Instruct GGUF  | from the GGUF                     |
+| folder with config.json                | HF safetensors (or AWQ)     | tokenizer.json / .model / .bin    |
+| file starting with b"GGUF"             | GGUF (llama)                | from the GGUF metadata            |
+| other .bin                             | llama2.c legacy checkpoint  | tokenizer.bin / tok*.bin beside it|
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from awq_ref.loaders.default_model import DEFAULT_NAME, default_gguf_path
+from awq_ref.loaders.gguf_file import is_gguf, load_gguf_model
+from awq_ref.loaders.gguf_tokenizer import load_gguf_tokenizer
+from awq_ref.loaders.hf import load_hf_model, read_safetensors_file, read_safetensors_folder
+from awq_ref.loaders.llama2c import find_tokenizer_for, is_llama2c_model, load_llama2c_model
+from awq_ref.loaders.llama2c_tokenizer import read_llama2c_tokenizer
+from awq_ref.model import Llama
+from awq_ref.tokenizer import (Tokenizer, load_sentencepiece_file, load_tokenizers_file,
+                               special_ids_from_folder, tokenizer_from_folder)
+
+__all__ = ["load_model", "load_tokenizer", "read_safetensors_folder", "read_safetensors_file",
+           "default_gguf_path"]
+
+
+def _resolve(path: str | Path) -> Path:
+    if str(path) == DEFAULT_NAME:
+        return default_gguf_path()
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or folder")
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Llama:
+    """A Llama (eval mode) from "default", an HF folder, a .gguf file or a llama2.c .bin."""
+    path = _resolve(path)
+    if path.is_dir():
+        return load_hf_model(path, device=device, dtype=dtype)
+    if is_gguf(path):
+        return load_gguf_model(path, device=device, dtype=dtype)
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{path}: pass the folder holding config.json and the safetensors files")
+    if path.suffix == ".bin":
+        return load_llama2c_model(path, device=device, dtype=dtype)
+    raise ValueError(f"{path}: unknown checkpoint format (expected an HF folder with config.json, "
+                     "a GGUF file or a llama2.c .bin)")
+
+
+def _llama2c_tokenizer(path: Path) -> Tokenizer:
+    backend = read_llama2c_tokenizer(path)
+    bos, eos, add_bos = special_ids_from_folder(path.parent, backend, default_bos=1, default_eos=[2])
+    # Only a tokenizer_config.json we saved beside a tokenizer.bin speaks for it.
+    if path.name != "tokenizer.bin":
+        bos, eos, add_bos = 1, [2], None
+    return Tokenizer(backend, bos, eos, True if add_bos is None else add_bos, source=str(path))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The Tokenizer of "default", a folder (tokenizer.json > tokenizer.model > tokenizer.bin),
+    a .gguf file, a tokenizer.json / .model file, a llama2.c tokenizer .bin, or a llama2.c model
+    .bin (its tokenizer is looked for beside it)."""
+    path = _resolve(path)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file() \
+                and (path / "tokenizer.bin").is_file():
+            return _llama2c_tokenizer(path / "tokenizer.bin")
+        return tokenizer_from_folder(path)
+    if is_gguf(path):
+        return load_gguf_tokenizer(path)
+    if path.suffix == ".json":
+        backend = load_tokenizers_file(path)
+        bos, eos, add_bos = special_ids_from_folder(path.parent, backend)
+        return Tokenizer(backend, bos, eos, backend.adds_bos(bos) if add_bos is None else add_bos,
+                         source=str(path))
+    if path.suffix == ".model":
+        sp_backend = load_sentencepiece_file(path)
+        sp = sp_backend.sp
+        return Tokenizer(sp_backend, sp.bos_id() if sp.bos_id() >= 0 else None,
+                         [sp.eos_id()] if sp.eos_id() >= 0 else [], True, source=str(path))
+    if path.suffix == ".bin":
+        if is_llama2c_model(path):
+            return _llama2c_tokenizer(find_tokenizer_for(path))
+        return _llama2c_tokenizer(path)
+    raise ValueError(f"{path}: unknown tokenizer format (expected a folder, .gguf, tokenizer.json, "
+                     "tokenizer.model or a llama2.c .bin)")

@@ -1,0 +1,144 @@
+"""The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata, as a `tokenizers` BPE.
+
+- `gpt2`: byte-level BPE with the file's merges; the pre-tokenizer (how text is split before
+  merging) is chosen by `tokenizer.ggml.pre` from the table below.
+- `llama`: SentencePiece-style BPE with byte fallback; merges are rebuilt from the token scores
+  (merge the pair whose joined token scores highest), a "\u2581" prefix marks word starts.
+
+Both follow transformers' GGUF conversion (integrations/gguf), so token ids match it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from awq_ref.tokenizer import Tokenizer, TokenizersBackend
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _pre_tokenizer(pre: str, source: str) -> Any:
+    """The split a `tokenizer.ggml.pre` value names; ValueError for the ones we do not know."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre in ("default", "gpt2"):  # GPT-2's own regex inside ByteLevel
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":  # SmolLM's tokenizer.json: every digit alone, then GPT-2's regex
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in ("llama-bpe", "llama3", "llama-v3"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise ValueError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported "
+                     "(supported: default, gpt2, smollm, llama-bpe, llama3)")
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used to spell byte-level tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def byte_level_bpe(meta: dict[str, Any], source: str) -> Any:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {}
+    for i, token in enumerate(meta["tokenizer.ggml.tokens"]):
+        if not set(token) <= alphabet:  # a token written in plain text: respell its bytes
+            token = "".join(spelling[b] for b in token.encode("utf-8"))
+        vocab[token] = i
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    if any(len(m) != 2 for m in merges):
+        raise ValueError(f"{source}: tokenizer.ggml.merges holds an entry without a space")
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                end_of_word_suffix="", fuse_unk=False))
+    tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), source)
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Every split a + b of a token into two tokens, best joined score first (ties: longer left
+    piece, then longer right piece), as transformers' `generate_merges` orders them."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in dict(zip(tokens, scores)).items():
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def sentencepiece_bpe(meta: dict[str, Any], source: str) -> Any:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise ValueError(f"{source}: tokenizer.ggml.scores missing or not one per token")
+    unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
+    tk = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                merges=merges_from_scores(tokens, scores), unk_token=tokens[unk],
+                                fuse_unk=True, byte_fallback=True, dropout=None))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", split=False,
+                                                prepend_scheme="first" if prefix else "never")
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tk
+
+
+def _add_special_tokens(tk: Any, meta: dict[str, Any], byte_level: bool) -> None:
+    """Control tokens (like <|im_start|>) become special, user-defined ones plain added tokens,
+    so both are matched whole in the text instead of being cut into pieces."""
+    from tokenizers import AddedToken
+
+    alphabet = set(bytes_to_unicode().values())
+    types = meta.get("tokenizer.ggml.token_type") or []
+    pairs = list(zip(meta["tokenizer.ggml.tokens"], types))
+    # A byte-level "control" token outside the byte alphabet is a llama.cpp mislabel: skip it.
+    control = [AddedToken(t, normalized=False, special=True) for t, kind in pairs
+               if kind == CONTROL and (not byte_level or set(t) <= alphabet)]
+    user = [AddedToken(t, normalized=False, special=False) for t, kind in pairs
+            if kind == USER_DEFINED and tk.token_to_id(t) is not None]
+    tk.add_special_tokens(control)
+    tk.add_tokens(user)
+
+
+def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> Tokenizer:
+    kind = meta.get("tokenizer.ggml.model")
+    if "tokenizer.ggml.tokens" not in meta:
+        raise ValueError(f"{source}: GGUF metadata has no tokenizer.ggml.tokens")
+    if kind == "gpt2":
+        tk = byte_level_bpe(meta, source)
+    elif kind == "llama":
+        tk = sentencepiece_bpe(meta, source)
+    else:
+        raise ValueError(f"{source}: tokenizer.ggml.model={kind!r} is not supported (gpt2, llama)")
+    _add_special_tokens(tk, meta, byte_level=kind == "gpt2")
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
+    return Tokenizer(TokenizersBackend(tk), meta.get("tokenizer.ggml.bos_token_id"), eos,
+                     add_bos, source=source)
+
+
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
+    from awq_ref.loaders.gguf_file import open_gguf
+
+    _, meta = open_gguf(path)
+    return tokenizer_from_gguf_metadata(meta, str(path))

@@ -1,0 +1,91 @@
+"""From a dict of HF-named tensors to a Llama: every key and shape checked, then assigned.
+
+Shared by all loaders (HF folders, GGUF, llama2.c), so every format ends in the same checks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from awq_ref.config import LlamaConfig
+from awq_ref.model import Llama, rope_frequencies
+
+# Some exporters write these; the model recomputes them.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def build_on_meta(config: LlamaConfig) -> Llama:
+    """A Llama whose parameters take no memory; fill it with load_state_dict(assign=True)."""
+    with torch.device("meta"):
+        model = Llama(config)
+    # The RoPE table is not a parameter: compute it for real, on the CPU in fp32 as __init__ does.
+    model._inv_freq = rope_frequencies(config)
+    return model
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor a checkpoint of `config` must hold (lm_head absent when tied)."""
+    shapes = {k: tuple(v.shape) for k, v in build_on_meta(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        del shapes["lm_head.weight"]
+    return shapes
+
+
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k rows from interleaved RoPE pairs (x[2i], x[2i+1]) to HF's rotate-half pairs
+    (x[i], x[i + Dh/2]) within each head; the same permutation transformers' converters apply."""
+    out, k = w.shape  # (H*Dh, K)
+    dh = out // n_heads
+    return w.reshape(n_heads, dh // 2, 2, k).transpose(1, 2).reshape(out, k)
+
+
+def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `interleaved_to_half` (llama.cpp's converter applies this one)."""
+    out, k = w.shape  # (H*Dh, K)
+    dh = out // n_heads
+    return w.reshape(n_heads, 2, dh // 2, k).transpose(1, 2).reshape(out, k)
+
+
+def check_state_dict(config: LlamaConfig, tensors: dict[str, torch.Tensor],
+                     source: str) -> dict[str, torch.Tensor]:
+    """The tensors the model needs, after checking names and shapes; raises ValueError naming
+    `source` and the first offending tensors. A tied lm_head.weight in the file is dropped."""
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
+    expected = expected_shapes(config)
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        # Some tied checkpoints still store a copy; HF ignores it, and so do we.
+        tensors.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{source}: tensors do not match the config: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+                         f"{' ...' if len(extra) > 5 else ''}")
+    for name, shape in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, "
+                             f"the config needs {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"{source}: tensor {name} has dtype {t.dtype}, expected a float type")
+    return tensors
+
+
+def model_from_state_dict(config: LlamaConfig, tensors: dict[str, torch.Tensor], source: str,
+                          device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32) -> Llama:
+    """Check every key and shape, convert to (device, dtype), and assign into a meta-built Llama.
+
+    Tensors already on `device` in `dtype` are used as they are (no copy: an mmapped file stays
+    mapped). Nothing is assigned before every check has passed.
+    """
+    tensors = check_state_dict(config, tensors, source)
+    converted = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    model = build_on_meta(config)
+    if config.tie_word_embeddings:
+        converted["lm_head.weight"] = converted["model.embed_tokens.weight"]
+    model.load_state_dict(converted, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        # assign=True gave each name its own Parameter; share one, as Llama.__init__ does.
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()

@@ -1,0 +1,227 @@
+"""Tokenizer: text <-> token ids with the model's own BOS/EOS conventions, over one of three backends.
+
+Backends: a `tokenizers` Tokenizer (tokenizer.json, and everything we build from GGUF metadata),
+a SentencePiece model (tokenizer.model), and llama2.c's binary vocabulary (tokenizer.bin, see
+`awq_ref.loaders.llama2c_tokenizer`). `save_pretrained` writes the backend's own file plus a
+tokenizer_config.json, so `awq_ref.loaders.load_tokenizer(folder)` gives the same tokenizer back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+CONFIG_FILE = "tokenizer_config.json"
+
+
+class Backend(Protocol):
+    """What the Tokenizer needs from a backend; none of these add BOS/EOS."""
+
+    file_name: str  # the file save() writes inside a folder
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str: ...
+    def vocab_size(self) -> int: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def id_to_token(self, token_id: int) -> str | None: ...
+    def save(self, path: Path) -> None: ...
+
+
+class Tokenizer:
+    """encode/decode plus `bos_id`, `eos_ids` and whether the model expects a BOS first."""
+
+    def __init__(self, backend: Backend, bos_id: int | None, eos_ids: Sequence[int],
+                 add_bos: bool, source: str = ""):
+        self.backend = backend
+        self.bos_id = bos_id
+        self.eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids))
+        self.add_bos = bool(add_bos)
+        self.source = source
+        n = self.vocab_size
+        for name, ids in (("bos", () if bos_id is None else (bos_id,)), ("eos", self.eos_ids)):
+            if any(not 0 <= i < n for i in ids):
+                raise ValueError(f"{source}: {name} id(s) {ids} outside the vocabulary of {n}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.vocab_size()
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; add_bos=None follows the model's own default (`self.add_bos`)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        ids = self.backend.encode(text)
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"decode: token id(s) {bad[:5]} outside the vocabulary of {self.vocab_size}")
+        return self.backend.decode(ids, skip_special_tokens)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the backend's file and tokenizer_config.json into `folder` (created if needed)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(folder / self.backend.file_name)
+        token = self.backend.id_to_token
+        config = {
+            "bos_token": None if self.bos_id is None else token(self.bos_id),
+            "eos_token": token(self.eos_ids[0]) if self.eos_ids else None,
+            "add_bos_token": self.add_bos,
+            "add_eos_token": False,
+            "bos_token_id": self.bos_id,
+            "eos_token_ids": list(self.eos_ids),
+        }
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({type(self.backend).__name__}, vocab_size={self.vocab_size}, "
+                f"bos_id={self.bos_id}, eos_ids={self.eos_ids}, add_bos={self.add_bos})")
+
+
+class TokenizersBackend:
+    """A `tokenizers.Tokenizer`; special tokens are never added by its post-processor here."""
+
+    file_name = "tokenizer.json"
+
+    def __init__(self, tk: Any):
+        self.tk = tk
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.tk.id_to_token(token_id)
+
+    def save(self, path: Path) -> None:
+        self.tk.save(str(path))
+
+    def adds_bos(self, bos_id: int | None) -> bool:
+        """Whether the file's own post-processor puts BOS first (Llama-2/3 tokenizer.json do)."""
+        ids = self.tk.encode("a", add_special_tokens=True).ids
+        return bos_id is not None and bool(ids) and ids[0] == bos_id
+
+
+class SentencePieceBackend:
+    file_name = "tokenizer.model"
+
+    def __init__(self, sp: Any):
+        self.sp = sp
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        # SentencePiece renders control tokens (BOS/EOS) as "" either way.
+        return self.sp.decode(list(ids))
+
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)
+        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.sp.id_to_piece(token_id)
+
+    def save(self, path: Path) -> None:
+        path.write_bytes(self.sp.serialized_model_proto())
+
+
+def load_tokenizers_file(path: Path) -> TokenizersBackend:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return TokenizersBackend(HFTokenizer.from_file(str(path)))
+    except Exception as e:  # tokenizers raises its own Exception subclass for any bad file
+        raise ValueError(f"{path}: cannot read tokenizer.json ({e})") from e
+
+
+def load_sentencepiece_file(path: Path) -> SentencePieceBackend:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.load(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot read SentencePiece model ({e})") from e
+    return SentencePieceBackend(sp)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or {} when the file does not exist."""
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
+
+
+def _token_id(backend: Backend, token: Any) -> int | None:
+    """HF writes special tokens as a string or as {"content": string}."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return backend.token_to_id(token) if isinstance(token, str) else None
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def special_ids_from_folder(folder: Path, backend: Backend, default_bos: int | None = None,
+                            default_eos: Sequence[int] = ()) -> tuple[int | None, list[int], bool | None]:
+    """(bos_id, eos_ids, add_bos or None when unstated) from tokenizer_config.json, then
+    generation_config.json / config.json for ids the tokenizer config does not give."""
+    tok_cfg = read_json(folder / CONFIG_FILE)
+    gen_cfg = read_json(folder / "generation_config.json")
+    model_cfg = read_json(folder / "config.json")
+    bos = tok_cfg.get("bos_token_id", _token_id(backend, tok_cfg.get("bos_token")))
+    eos = _as_ids(tok_cfg.get("eos_token_ids")) or _as_ids(_token_id(backend, tok_cfg.get("eos_token")))
+    eos += _as_ids(gen_cfg.get("eos_token_id"))
+    for cfg in (gen_cfg, model_cfg):
+        bos = cfg.get("bos_token_id") if bos is None else bos
+        eos = eos or _as_ids(cfg.get("eos_token_id"))
+    bos = default_bos if bos is None else bos
+    return bos, eos or list(default_eos), tok_cfg.get("add_bos_token")
+
+
+def tokenizer_from_folder(folder: Path) -> Tokenizer:
+    """tokenizer.json (preferred) or tokenizer.model in `folder`, with its special-token files."""
+    if (folder / "tokenizer.json").is_file():
+        backend = load_tokenizers_file(folder / "tokenizer.json")
+        bos, eos, add_bos = special_ids_from_folder(folder, backend)
+        if add_bos is None:
+            add_bos = backend.adds_bos(bos)
+        return Tokenizer(backend, bos, eos, add_bos, source=str(folder))
+    if (folder / "tokenizer.model").is_file():
+        sp_backend = load_sentencepiece_file(folder / "tokenizer.model")
+        sp = sp_backend.sp
+        bos, eos, add_bos = special_ids_from_folder(
+            folder, sp_backend, default_bos=sp.bos_id() if sp.bos_id() >= 0 else None,
+            default_eos=[sp.eos_id()] if sp.eos_id() >= 0 else [])
+        # Llama's SentencePiece convention: BOS first unless the config says otherwise.
+        return Tokenizer(sp_backend, bos, eos, True if add_bos is None else add_bos, str(folder))
+    raise ValueError(f"{folder}: no tokenizer.json, tokenizer.model or tokenizer.bin in this folder")
