@@ -22,11 +22,14 @@ def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: 
              pack: bool = True, inplace: bool = False, **kwargs: Any) -> nn.Module:
     """A quantized copy of `model` (or `model` itself, modified, with inplace=True).
 
-    method "rtn": round-to-nearest; "awq": `awq_ref.awq.pipeline.run_awq(model, spec,
-    modules_to_not_convert=..., **kwargs)` first applies the searched scales and clipping to the
-    fp weights, then the same rounding runs. pack=True swaps decoder nn.Linear layers for
-    QuantLinear (4 bits only; the result has a `quantization_config` attribute for
-    `save_quantized`); pack=False keeps nn.Linear with fake-quantized weights (bits 2..8).
+    method "rtn": round-to-nearest. method "awq": first
+    `awq_ref.awq.pipeline.run_awq(model, spec, modules_to_not_convert=..., **kwargs)` folds the
+    searched scales and clipping into the fp weights (kwargs: calib_tokens (B, T), device,
+    result=AwqResult to re-apply a saved search, AwqConfig fields), then the same rounding runs.
+
+    pack=True swaps decoder nn.Linear layers for QuantLinear (4 bits only; the result carries a
+    `quantization_config` attribute for `save_quantized`); pack=False keeps nn.Linear with
+    fake-quantized weights (bits 2..8), e.g. to evaluate W3.
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
@@ -42,7 +45,7 @@ def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: 
     if not inplace:
         model = copy.deepcopy(model)
     if method == "awq":
-        from awq_ref.awq.pipeline import run_awq  # imported here: RTN users never need it
+        from awq_ref.awq.pipeline import run_awq  # here: RTN users never load the AWQ package
 
         model = run_awq(model, spec, modules_to_not_convert=skip, **kwargs)
     model = apply_rtn(model, spec, skip, pack=pack)

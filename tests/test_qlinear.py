@@ -150,3 +150,20 @@ def test_quantize_bad_arguments():
         quantize(model, group_size=96, modules_to_not_convert=["self_attn", "gate", "up"],
                  inplace=True)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # nothing half-done
+
+
+def test_awq_dispatch_search_then_reapply():
+    pipeline = pytest.importorskip("awq_ref.awq.pipeline")
+    model = tiny_llama()
+    calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
+    options = dict(n_grid=4, clip_grid=4, progress=False)
+    searched = quantize(model, method="awq", group_size=32, calib_tokens=calib, **options)
+    result = pipeline.search_awq(model, calib, QuantSpec(4, 32), pipeline.AwqConfig(**options))
+    reapplied = quantize(model, method="awq", group_size=32, result=result)
+    tokens = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(searched(tokens), reapplied(tokens))
+        assert not torch.equal(searched(tokens), quantize(model, group_size=32)(tokens))
+    assert sum(isinstance(m, QuantLinear) for m in searched.modules()) == 2 * LINEARS_PER_BLOCK
+    with pytest.raises(TypeError, match="result"):
+        quantize(model, method="awq", group_size=32, result=result, n_grid=4)

@@ -23,17 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from awq_ref.config import LlamaConfig
-from awq_ref.model import Llama, rope_frequencies
+from awq_ref.loaders.hf import read_safetensors_folder
+from awq_ref.loaders.state_dict import build_on_meta
+from awq_ref.model import Llama
 from awq_ref.quant.packing import PACK_BITS, check_packed_shapes
 from awq_ref.quant.qlinear import QuantLinear, replace_linears
 from awq_ref.quant.quantizer import QuantSpec
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's default "5GB"
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "model.safetensors"  # the names awq_ref.loaders.hf reads
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -174,24 +176,6 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old)
 
 
-def _read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of model.safetensors, or of the shards its index lists (on the CPU)."""
-    index = folder / INDEX_NAME
-    if index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no weight_map object")
-        files = sorted(set(weight_map.values()))
-    elif (folder / WEIGHTS_NAME).exists():
-        files = [WEIGHTS_NAME]
-    else:
-        raise ValueError(f"{folder}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(folder / f))
-    return tensors
-
-
 def _read_config(folder: Path) -> tuple[LlamaConfig, dict[str, Any]]:
     path = folder / "config.json"
     config = LlamaConfig.from_json_file(path)
@@ -234,19 +218,17 @@ def load_quantized_model(folder: str | Path, device: torch.device | str = "cpu",
     folder = Path(folder)
     config, qc = _read_config(folder)
     spec, skip = parse_quant_config(qc, str(folder / "config.json"))
-    with torch.device("meta"):
-        model = Llama(config)
+    model = build_on_meta(config)
     replace_linears(model, spec, skip, init_only=True)
-    tensors = _read_safetensors_folder(folder)
+    tensors = read_safetensors_folder(folder)
     _check_tensors(model, tensors, folder)
-    state = {k: t if k.endswith((".qweight", ".qzeros", ".scales")) else t.to(dtype)
+    packed = (".qweight", ".qzeros", ".scales")
+    state = {k: t.to(device) if k.endswith(packed) else t.to(device=device, dtype=dtype)
              for k, t in tensors.items()}
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Llama.__init__ computed the RoPE frequencies on the meta device; they are not in the files.
-    model._inv_freq = rope_frequencies(config)
     model.quantization_config = quant_config_dict(spec, skip)
-    return model.to(device).eval()
+    return model.eval()

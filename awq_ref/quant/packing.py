@@ -23,7 +23,7 @@ Symmetric quantization (zero_point=False) packs too: its fixed zero point 2^(b-1
 in qzeros, so any reader of the format gets the right weights.
 
 Only 4 bits are packed: other bit widths (2..8) work as fake quantization
-(`awq_ref.rtn.fake_quantize_weight`), and packing them raises ValueError.
+(`awq_ref.quant.rtn.fake_quantize_weight`), and packing them raises ValueError.
 """
 
 from __future__ import annotations
