@@ -5,7 +5,9 @@
 - `llama`: SentencePiece-style BPE with byte fallback; merges are rebuilt from the token scores
   (merge the pair whose joined token scores highest), a "\u2581" prefix marks word starts.
 
-Both follow transformers' GGUF conversion (integrations/gguf), so token ids match it.
+`gpt2` follows transformers' GGUF conversion (integrations/gguf), so token ids match it. `llama`
+does too, except that text starting with a space gets its dummy prefix anyway, as in SentencePiece
+and llama.cpp (transformers' Metaspace leaves it out there).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
 
 def sentencepiece_bpe(meta: dict[str, Any], source: str) -> Any:
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
+    from tokenizers import decoders, models, normalizers
 
     tokens = meta["tokenizer.ggml.tokens"]
     scores = meta.get("tokenizer.ggml.scores")
@@ -95,10 +97,12 @@ def sentencepiece_bpe(meta: dict[str, Any], source: str) -> Any:
                                 merges=merges_from_scores(tokens, scores), unk_token=tokens[unk],
                                 fuse_unk=True, byte_fallback=True, dropout=None))
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", split=False,
-                                                prepend_scheme="first" if prefix else "never")
-    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tk.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    # Spaces become U+2581 and, like SentencePiece and llama.cpp, every text piece gets one in
+    # front, even one that starts with a space (HF's Metaspace would skip it there).
+    steps = [normalizers.Prepend("\u2581")] if prefix else []
+    tk.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+    decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(decode + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return tk
 
 

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real test material beside the repo (../shared/data) and the default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"test material {path} is absent (it lives beside the repo in ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data relative to the repo root; the test is skipped when it is absent."""
+    return _need(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def stories_dir(shared_data: Path) -> Path:
+    return _need(shared_data / "stories260K")
+
+
+@pytest.fixture(scope="session")
+def wikitext_test(shared_data: Path) -> Path:
+    return _need(shared_data / "text" / "wikitext-2-raw" / "wiki.test.raw")
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The default model's GGUF (SmolLM2-135M-Instruct Q4_1), downloaded on first use."""
+    from awq_ref.loaders import default_gguf_path
+
+    try:
+        return default_gguf_path()
+    except ValueError as e:  # no network and no cached copy
+        pytest.skip(f"default model unavailable: {e}")
