@@ -1,0 +1,132 @@
+"""Kernel sources, their template instantiations, and compilation.
+
+Two ways in:
+- `compile_nvrtc(family, arch)` compiles through NVRTC alone (no GPU needed) and returns PTX,
+  cubin and the ptxas log: the CPU CI uses it to check every kernel builds without spills.
+- `get_kernel(family, arch, expr)` compiles through CuPy's RawModule on first use (cached per
+  kernel instantiation and GPU architecture; instantiations encode the dtype) for launching.
+
+Sources are real .cu/.cuh files beside this module. Local `#include "x.cuh"` lines are inlined
+here, so the text handed to the compiler is self-contained: CuPy's on-disk cache key (the
+source text) then changes whenever any included header changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).resolve().parent
+_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)
+
+SOURCES = {
+    "mma": "gemm_mma.cu",
+    "gemv": "gemv.cu",
+    "dequant": "dequant.cu",
+    "reduce": "splitk_reduce.cu",
+}
+DTYPE_TAGS = ("F16", "BF16")
+
+# Compiled tile configs of the tensor-core kernel: BM -> WARPS_M (BN = 128, BK = 32 fixed).
+MMA_CONFIGS = {16: 1, 32: 2, 64: 2, 128: 2}
+# Row capacities MT of the GEMV kernel (M <= MT rows per launch).
+GEMV_ROWS = (1, 2, 4, 8)
+COMPILE_OPTIONS = ("-std=c++17",)
+
+
+def load_source(filename: str) -> str:
+    """Source text of `filename` with local includes inlined (each header once)."""
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = (KERNEL_DIR / name).read_text()
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(filename)
+
+
+def mma_expr(tag: str, bm: int) -> str:
+    return f"awq_gemm_mma<{tag}, {bm}, {MMA_CONFIGS[bm]}>"
+
+
+def gemv_expr(tag: str, mt: int) -> str:
+    return f"awq_gemv<{tag}, {mt}>"
+
+
+def dequant_expr(tag: str) -> str:
+    return f"awq_dequant<{tag}>"
+
+
+def reduce_expr(tag: str) -> str:
+    return f"splitk_reduce<{tag}>"
+
+
+def instantiations(family: str) -> list[str]:
+    """Every template instantiation the API may launch from `family`."""
+    per_tag = {
+        "mma": lambda tag: [mma_expr(tag, bm) for bm in MMA_CONFIGS],
+        "gemv": lambda tag: [gemv_expr(tag, mt) for mt in GEMV_ROWS],
+        "dequant": lambda tag: [dequant_expr(tag)],
+        "reduce": lambda tag: [reduce_expr(tag)],
+    }[family]
+    return [expr for tag in DTYPE_TAGS for expr in per_tag(tag)]
+
+
+@dataclass(frozen=True)
+class NvrtcResult:
+    ptx: str
+    cubin: bytes
+    log: str
+    lowered: dict[str, str]  # name expression -> mangled kernel name
+
+
+def compile_nvrtc(family: str, arch: str, exprs: list[str] | None = None) -> NvrtcResult:
+    """Compile `family` for `arch` (e.g. "sm_90") with NVRTC; ptxas runs verbosely."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    exprs = instantiations(family) if exprs is None else exprs
+    prog = nvrtc.createProgram(load_source(SOURCES[family]), SOURCES[family], [], [])
+    try:
+        for expr in exprs:
+            nvrtc.addNameExpression(prog, expr)
+        options = [*COMPILE_OPTIONS, f"--gpu-architecture={arch}", "--ptxas-options=-v"]
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError as err:
+            raise RuntimeError(f"{SOURCES[family]} failed for {arch}:\n"
+                               f"{nvrtc.getProgramLog(prog)}") from err
+        return NvrtcResult(
+            ptx=nvrtc.getPTX(prog).decode(),
+            cubin=nvrtc.getCUBIN(prog),
+            log=nvrtc.getProgramLog(prog),
+            lowered={expr: nvrtc.getLoweredName(prog, expr) for expr in exprs},
+        )
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+@functools.lru_cache(maxsize=None)
+def get_kernel(family: str, arch: str, expr: str):
+    """CuPy RawKernel for one instantiation; `arch` (the device's, e.g. "90") keys the cache.
+
+    CuPy compiles for the current device, so callers enter that device first.
+    """
+    import cupy
+
+    module = cupy.RawModule(code=load_source(SOURCES[family]), options=COMPILE_OPTIONS,
+                            name_expressions=[expr])
+    return module.get_function(expr)
+
+
+@functools.lru_cache(maxsize=None)
+def device_info(device_index: int) -> tuple[str, int]:
+    """(compute capability as "90", multiprocessor count) of a CUDA device."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(device_index)
+    return f"{props['major']}{props['minor']}", int(props["multiProcessorCount"])

@@ -1,0 +1,150 @@
+// common.cuh -- element types, PTX wrappers and the int4 -> 16-bit dequantization shared by
+// every kernel of awq_kernels.
+//
+// Why no <cuda_fp16.h>: the kernels keep 16-bit values as raw bits in 32-bit registers
+// ("pairs": low half = element 0, high half = element 1) and use a handful of PTX instructions
+// on them. Skipping the big fp16/bf16 headers keeps NVRTC compiles fast (the CPU CI compiles
+// every kernel) and makes the bit-level tricks explicit.
+//
+// Element types are tag structs (F16, BF16) with a traits block:
+//   MAGIC   bits of the 16-bit float 2^e at which one unit of the mantissa equals 1.0,
+//           so MAGIC | q (q < 16 in the low mantissa bits) is exactly the number 2^e + q.
+//           fp16: 0x6400 = 1024.0 (10 mantissa bits); bf16: 0x4300 = 128.0 (7 mantissa bits).
+//   ONE     bits of 1.0 (used to express a subtraction as one fused multiply-add).
+//
+// The packed AWQ word (FORMAT.md): nibble i (bits 4i..4i+3) holds column ORDER[i] of an 8-column
+// group, ORDER = [0, 2, 4, 6, 1, 3, 5, 7]. So bits 0..15 hold the even columns (0, 2, 4, 6) and
+// bits 16..31 the odd ones, and (word >> 4p) & 0x000F000F yields columns (2p, 2p+1) as a pair.
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+struct F16 {
+  static constexpr u32 MAGIC2 = 0x64006400u;  // (1024.0, 1024.0)
+  static constexpr u32 ONE2 = 0x3C003C00u;    // (1.0, 1.0)
+};
+struct BF16 {
+  static constexpr u32 MAGIC2 = 0x43004300u;  // (128.0, 128.0)
+  static constexpr u32 ONE2 = 0x3F803F80u;    // (1.0, 1.0)
+};
+
+constexpr u32 SIGN2 = 0x80008000u;      // sign bits of both halves: xor negates a pair
+constexpr u32 NEG_ZERO2 = 0x80008000u;  // (-0.0, -0.0): adding it changes nothing, even -0.0
+constexpr u32 NIBBLE_MASK2 = 0x000F000Fu;
+
+// ---------------------------------------------------------------------------------------------
+// Pair arithmetic. Written as fma so one instruction form serves fp16 (sm_53+) and bf16 (sm_80+;
+// add/sub/mul.bf16x2 only exist from sm_90).
+
+// a * b + c on both halves, rounded once.
+template <typename T> __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c);
+template <> __device__ __forceinline__ u32 fma2<F16>(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+template <> __device__ __forceinline__ u32 fma2<BF16>(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Two floats -> one pair (lo in bits 0..15), rounded to nearest even.
+template <typename T> __device__ __forceinline__ u32 pack2(float lo, float hi);
+template <> __device__ __forceinline__ u32 pack2<F16>(float lo, float hi) {
+  u32 d;  // PTX puts the FIRST source in the upper half.
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+template <> __device__ __forceinline__ u32 pack2<BF16>(float lo, float hi) {
+  u32 d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+// One 16-bit value (raw bits) -> float; exact for both types.
+template <typename T> __device__ __forceinline__ float to_float(u16 h);
+template <> __device__ __forceinline__ float to_float<F16>(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+template <> __device__ __forceinline__ float to_float<BF16>(u16 h) {
+  return __uint_as_float(((u32)h) << 16);  // bf16 is the upper half of an fp32
+}
+
+// The format stores scales as fp16 whatever the activation type: bf16 kernels convert each
+// scale pair once per group in registers instead of keeping a converted copy in memory.
+template <typename T> __device__ __forceinline__ u32 scale_pair(u32 fp16_pair) {
+  return fp16_pair;
+}
+template <> __device__ __forceinline__ u32 scale_pair<BF16>(u32 fp16_pair) {
+  return pack2<BF16>(to_float<F16>((u16)(fp16_pair & 0xFFFFu)),
+                     to_float<F16>((u16)(fp16_pair >> 16)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bit tricks.
+
+// (a & b) | c in ONE instruction; 0xEA is the truth table of that expression.
+__device__ __forceinline__ u32 lop3_and_or(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Byte permute (PRMT): selector nibble i picks the output byte i from {b:a} (a = bytes 0..3).
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 selector) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
+  return d;
+}
+
+// Low half copied into both halves: turns a per-column value into a (k, k+1) broadcast pair.
+__device__ __forceinline__ u32 dup_lo(u32 p) { return prmt(p, p, 0x1010u); }
+__device__ __forceinline__ u32 dup_hi(u32 p) { return prmt(p, p, 0x3232u); }
+
+// Magic-number conversion: the two nibbles at bits 0..3 and 16..19 of `bits` become the pair
+// (MAGIC + q_lo, MAGIC + q_hi), both exact; no integer -> float conversion instruction needed.
+template <typename T> __device__ __forceinline__ u32 nibbles_to_magic_pair(u32 bits) {
+  return lop3_and_or(bits, NIBBLE_MASK2, T::MAGIC2);
+}
+
+// (q - z) * s for a pair: `neg_magic_z` holds -(MAGIC + z). The subtraction is exact (small
+// integers), so the result is (q - z) * s rounded once -- the same value a reference dequantizer
+// computes in fp32 and rounds to the 16-bit type.
+template <typename T>
+__device__ __forceinline__ u32 dequant_pair(u32 bits, u32 neg_magic_z, u32 s) {
+  const u32 q_minus_z = fma2<T>(nibbles_to_magic_pair<T>(bits), T::ONE2, neg_magic_z);
+  return fma2<T>(q_minus_z, s, NEG_ZERO2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Asynchronous copies (sm_80+): global -> shared without a register round trip, so a multi-stage
+// pipeline keeps several tiles in flight per thread.
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  return (u32)__cvta_generic_to_shared(p);
+}
+
+// 16-byte copy; when `valid` is false nothing is read and the 16 shared bytes are zero-filled
+// (out-of-range rows and columns then contribute exact zeros).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// 16-byte global store of 4 words (callers guarantee 16-byte alignment).
+__device__ __forceinline__ void st_global16(void* p, u32 a, u32 b, u32 c, u32 d) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n"
+               ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+
+// Ceil division for split-K ranges.
+__host__ __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }

@@ -1,0 +1,283 @@
+// gemm_mma.cu -- tensor-core GEMM  y[M, N] = x[M, K] @ W[K, N]  with W in the AWQ packed format.
+//
+// Inputs (raw bits; T = F16 or BF16 is the activation/output type):
+//   x        [M, K]   T, row-major                          (u16 bits)
+//   qweight  [K, N/8] int32, 8 nibbles along N, AWQ order  (u32)
+//   qzeros   [K/G, N/8] int32, packed like qweight          (u32)
+//   scales   [K/G, N] fp16 (even for T = BF16)              (u16 bits)
+//   out      [M, N] T when gridDim.z == 1, else fp32 partial sums [gridDim.z, M, N]
+//            (split-K; reduce.cu adds them in a fixed order, so results are deterministic).
+// Constraints (checked in Python): K % BK == 0, G in {32, 64, 128} (so one BK tile lies in one
+// group), N % WARP_N == 0, every pointer 16-byte aligned.
+//
+// Block tile BM x BN x BK, WARPS_M x WARPS_N warps, each warp owns (16*MI) x 64 of the output.
+// A STAGES-deep cp.async pipeline brings, per k tile: the x tile (BM x 32 halves), the packed
+// weight tile (32 rows x 16 words), and -- only when the tile starts a group -- one row of
+// scales and zeros. Out-of-range rows/columns are zero-filled.
+//
+// The data mapping that makes the packed words usable by mma.sync m16n8k16 WITHOUT any shared
+// memory re-layout (lane = 4*g + t, g = lane / 4, t = lane % 4):
+//   * mma B fragment for an n8 tile: lane holds B[k][g] for k = 2t, 2t+1 (reg 0), 2t+8, 2t+9
+//     (reg 1). We let the mma column g stand for PACKED WORD g of the warp (8 real columns) and
+//     the n8 tile j for column j inside that word. A lane thus dequantizes 4 whole words (rows
+//     2t, 2t+1, 2t+8, 2t+9 of its word column) into the B fragments of all 8 n8 tiles.
+//   * Two words of consecutive rows are interleaved with one byte permute: bits 0..15 of both
+//     hold the even columns (AWQ order), bits 16..31 the odd ones; so prmt 0x5410 / 0x7632 gives
+//     words whose nibble pairs at (4p, 16+4p) are (row k, row k+1) of ONE column -- exactly the
+//     (k, k+1) pair a B register needs. The magic-number trick then yields the fp16/bf16 pair.
+//   * mma C fragment: lane holds rows g and g+8, mma columns 2t and 2t+1, i.e. packed words 2t
+//     and 2t+1, i.e. 16 consecutive real columns 16t .. 16t+15 of the warp's 64: two 16-byte
+//     stores per row.
+//   * A comes from shared memory through ldmatrix.x4; 16-byte chunks of each 64-byte x row are
+//     XOR-swizzled (chunk ^ ((row >> 1) & 3)) so the 8 row addresses of one 8x8 matrix hit 8
+//     different bank groups.
+//   * B rows are padded to B_STRIDE = 20 words: the 4 rows 2t (t = 0..3) a warp reads at once
+//     then start 8 banks apart (2 * 20 = 40 = 8 mod 32), conflict-free with the 8 words g.
+#include "common.cuh"
+
+constexpr int BK = 32;                          // k rows per stage (divides every G)
+constexpr int WARP_N = 64;                      // 8 packed words x 8 columns per warp
+constexpr int WARPS_N = 2;
+constexpr int BN = WARPS_N * WARP_N;            // 128 columns per block
+constexpr int BN_WORDS = BN / 8;                // 16 packed words per block row
+constexpr int STAGES = 4;                       // cp.async pipeline depth
+constexpr int A_ROW_WORDS = BK / 2;             // 16 words = 64 bytes per x row in smem
+constexpr int A_ROW_CHUNKS = A_ROW_WORDS / 4;   // 4 chunks of 16 bytes
+constexpr int B_STRIDE = BN_WORDS + 4;          // padded packed-weight row (see header)
+constexpr int B_ROW_CHUNKS = BN_WORDS / 4;      // 4 chunks of 16 bytes
+constexpr int S_CHUNKS = BN * 2 / 16;           // 16 chunks: one row of BN fp16 scales
+constexpr int Z_CHUNKS = BN_WORDS / 4;          // 4 chunks: one row of packed zeros
+
+template <int BM> struct MmaSmem {
+  u32 a[STAGES][BM * A_ROW_WORDS];
+  u32 b[STAGES][BK * B_STRIDE];
+  u32 s[STAGES][BN / 2];
+  u32 z[STAGES][BN_WORDS];
+};
+
+// Word offset of 16-byte chunk `c` of x row `r` in the swizzled A tile.
+__device__ __forceinline__ int a_chunk_offset(int r, int c) {
+  return r * A_ROW_WORDS + ((c ^ ((r >> 1) & 3)) << 2);
+}
+
+// Four 8x8 b16 matrices from shared memory; lane L supplies the row address of matrix L / 8.
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const u32* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// d += a * b on the tensor cores, fp32 accumulation.
+template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4],
+                                                               const u32 (&b)[2]);
+template <> __device__ __forceinline__ void mma16816<F16>(float (&d)[4], const u32 (&a)[4],
+                                                          const u32 (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma16816<BF16>(float (&d)[4], const u32 (&a)[4],
+                                                           const u32 (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Per-group constants of one packed word column as (k, k+1) broadcast pairs, column j = 0..7:
+// zb[j] = -(MAGIC + z_j) twice, sb[j] = s_j twice (converted to T). Rebuilt once per group.
+template <typename T>
+__device__ __forceinline__ void load_group(const u32* zrow, const u32* srow, int word,
+                                           u32 (&zb)[8], u32 (&sb)[8]) {
+  const u32 zw = zrow[word];
+  const uint4 sv = *reinterpret_cast<const uint4*>(srow + word * 4);
+  const u32 s01[4] = {sv.x, sv.y, sv.z, sv.w};  // scale pairs of columns (2p, 2p+1)
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const u32 zp = nibbles_to_magic_pair<T>(zw >> (4 * p)) ^ SIGN2;  // columns 2p, 2p+1
+    zb[2 * p] = dup_lo(zp);
+    zb[2 * p + 1] = dup_hi(zp);
+    const u32 sp = scale_pair<T>(s01[p]);
+    sb[2 * p] = dup_lo(sp);
+    sb[2 * p + 1] = dup_hi(sp);
+  }
+}
+
+// One k16 step of the warp: A fragments via ldmatrix, then for each of the 8 n8 tiles its B
+// fragment is dequantized from the 4 packed words (w0, w1 = rows 2t, 2t+1; w8, w9 = rows 2t+8,
+// 2t+9 of the lane's word column) right before its mma, so only one B fragment is live at a
+// time (keeps MI = 2 under 128 registers).
+template <typename T, int MI>
+__device__ __forceinline__ void mma_k16(const u32 (&a)[MI][4], u32 w0, u32 w1, u32 w8, u32 w9,
+                                        const u32 (&zb)[8], const u32 (&sb)[8],
+                                        float (&acc)[MI][8][4]) {
+  const u32 even01 = prmt(w0, w1, 0x5410u), odd01 = prmt(w0, w1, 0x7632u);
+  const u32 even89 = prmt(w8, w9, 0x5410u), odd89 = prmt(w8, w9, 0x7632u);
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const u32 b_even[2] = {dequant_pair<T>(even01 >> (4 * p), zb[2 * p], sb[2 * p]),
+                           dequant_pair<T>(even89 >> (4 * p), zb[2 * p], sb[2 * p])};
+#pragma unroll
+    for (int i = 0; i < MI; ++i) mma16816<T>(acc[i][2 * p], a[i], b_even);
+    const u32 b_odd[2] = {dequant_pair<T>(odd01 >> (4 * p), zb[2 * p + 1], sb[2 * p + 1]),
+                          dequant_pair<T>(odd89 >> (4 * p), zb[2 * p + 1], sb[2 * p + 1])};
+#pragma unroll
+    for (int i = 0; i < MI; ++i) mma16816<T>(acc[i][2 * p + 1], a[i], b_odd);
+  }
+}
+
+// A tile needs scales/zeros iff it starts the block's k range or a new group.
+__device__ __forceinline__ bool starts_group(int kt, int kt_begin, int group_size) {
+  return kt == kt_begin || (kt * BK) % group_size == 0;
+}
+
+// Issue the cp.async copies of k tile `kt` into stage `st` (every thread takes a share).
+template <int BM, int THREADS>
+__device__ __forceinline__ void load_stage(MmaSmem<BM>& sm, int st, int kt, bool group_start,
+                                           const u16* x, const u32* qweight, const u32* qzeros,
+                                           const u16* scales, int M, int N, int K, int G,
+                                           int m0, int n0) {
+  const int k0 = kt * BK, nw = N / 8, n0w = n0 / 8;
+  for (int i = threadIdx.x; i < BM * A_ROW_CHUNKS; i += THREADS) {
+    const int r = i / A_ROW_CHUNKS, c = i % A_ROW_CHUNKS;
+    const bool ok = m0 + r < M;
+    const u16* src = x + (size_t)(ok ? m0 + r : 0) * K + k0 + c * 8;
+    cp_async16(&sm.a[st][a_chunk_offset(r, c)], src, ok);
+  }
+  for (int i = threadIdx.x; i < BK * B_ROW_CHUNKS; i += THREADS) {
+    const int r = i / B_ROW_CHUNKS, c = i % B_ROW_CHUNKS;
+    const bool ok = n0w + c * 4 < nw;
+    const u32* src = qweight + (size_t)(k0 + r) * nw + (ok ? n0w + c * 4 : 0);
+    cp_async16(&sm.b[st][r * B_STRIDE + c * 4], src, ok);
+  }
+  if (group_start) {
+    const int grp = k0 / G;
+    for (int i = threadIdx.x; i < S_CHUNKS + Z_CHUNKS; i += THREADS) {
+      if (i < S_CHUNKS) {
+        const bool ok = n0 + i * 8 < N;
+        cp_async16(&sm.s[st][i * 4], scales + (size_t)grp * N + (ok ? n0 + i * 8 : 0), ok);
+      } else {
+        const int c = i - S_CHUNKS;
+        const bool ok = n0w + c * 4 < nw;
+        cp_async16(&sm.z[st][c * 4], qzeros + (size_t)grp * nw + (ok ? n0w + c * 4 : 0), ok);
+      }
+    }
+  }
+}
+
+// Write the warp's accumulators: per m16 tile, rows g and g+8, 16 consecutive columns each.
+template <typename T, int MI>
+__device__ __forceinline__ void store_tile(const float (&acc)[MI][8][4], void* out, int M, int N,
+                                           int row0, int col0, bool partial) {
+#pragma unroll
+  for (int i = 0; i < MI; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // h = 0: row g (c0, c1); h = 1: row g + 8 (c2, c3)
+      const int row = row0 + i * 16 + h * 8;
+      if (row >= M) continue;
+      float v[16];  // v[j] = word 2t column j, v[8 + j] = word 2t+1 column j
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        v[j] = acc[i][j][2 * h];
+        v[8 + j] = acc[i][j][2 * h + 1];
+      }
+      if (partial) {
+        float* dst = static_cast<float*>(out) + (size_t)blockIdx.z * M * N + (size_t)row * N + col0;
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          st_global16(dst + 4 * q, __float_as_uint(v[4 * q]), __float_as_uint(v[4 * q + 1]),
+                      __float_as_uint(v[4 * q + 2]), __float_as_uint(v[4 * q + 3]));
+      } else {
+        u16* dst = static_cast<u16*>(out) + (size_t)row * N + col0;
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+          st_global16(dst + 8 * q, pack2<T>(v[8 * q], v[8 * q + 1]),
+                      pack2<T>(v[8 * q + 2], v[8 * q + 3]), pack2<T>(v[8 * q + 4], v[8 * q + 5]),
+                      pack2<T>(v[8 * q + 6], v[8 * q + 7]));
+      }
+    }
+  }
+}
+
+// Occupancy target in warps per SM by accumulator size: MI = 1 -> 16 warps (<= 128 registers),
+// MI = 2 -> 12 (<= 168), MI = 4 -> 8 (<= 255). More warps hide more latency, but capping the
+// registers below what MI needs would spill the accumulators to local memory.
+__host__ __device__ constexpr int mma_min_blocks(int mi, int warps) {
+  return (mi == 1 ? 16 : (mi == 2 ? 12 : 8)) / warps;
+}
+
+// Grid: (N / BN rounded up, M / BM rounded up, splits); block: 32 * WARPS_M * WARPS_N threads.
+// Split z handles k tiles [z * k_tiles_per_split, min(K / BK, (z + 1) * k_tiles_per_split)).
+template <typename T, int BM, int WARPS_M>
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N,
+                                  mma_min_blocks(BM / (16 * WARPS_M), WARPS_M * WARPS_N))
+awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
+             const u32* __restrict__ qzeros, const u16* __restrict__ scales, void* __restrict__ out,
+             int M, int N, int K, int group_size, int k_tiles_per_split) {
+  constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+  constexpr int MI = BM / (16 * WARPS_M);  // m16 tiles per warp
+  static_assert(MI * 16 * WARPS_M == BM, "BM must be a multiple of 16 * WARPS_M");
+  __shared__ __align__(16) MmaSmem<BM> sm;
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+  const int kt_begin = blockIdx.z * k_tiles_per_split;
+  const int kt_end = min(K / BK, kt_begin + k_tiles_per_split);
+  const int nk = kt_end - kt_begin;
+  const int word = wn * 8 + g;  // this lane's packed word column inside the block
+
+  float acc[MI][8][4];
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+  u32 zb[8], sb[8];
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nk) {
+      const int kt = kt_begin + s;
+      load_stage<BM, THREADS>(sm, s, kt, starts_group(kt, kt_begin, group_size), x, qweight,
+                              qzeros, scales, M, N, K, group_size, m0, n0);
+    }
+    cp_async_commit();  // always commit: keeps the group count uniform for wait_group
+  }
+
+  for (int it = 0; it < nk; ++it) {
+    cp_async_wait<STAGES - 2>();  // tile `it` has landed (for this thread) ...
+    __syncthreads();              // ... for all threads; and stage (it - 1) is free again
+    const int pre = it + STAGES - 1;
+    if (pre < nk) {
+      const int kt = kt_begin + pre;
+      load_stage<BM, THREADS>(sm, pre % STAGES, kt, starts_group(kt, kt_begin, group_size), x,
+                              qweight, qzeros, scales, M, N, K, group_size, m0, n0);
+    }
+    cp_async_commit();
+
+    const int st = it % STAGES;
+    if (starts_group(kt_begin + it, kt_begin, group_size))
+      load_group<T>(sm.z[st], sm.s[st], word, zb, sb);
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      u32 a[MI][4];
+#pragma unroll
+      for (int i = 0; i < MI; ++i) {
+        const int r = (wm * MI + i) * 16 + (lane % 16);
+        ldmatrix_x4(a[i], &sm.a[st][a_chunk_offset(r, ks * 2 + lane / 16)]);
+      }
+      const u32* bw = &sm.b[st][(ks * 16 + 2 * t) * B_STRIDE + word];
+      mma_k16<T, MI>(a, bw[0], bw[B_STRIDE], bw[8 * B_STRIDE], bw[9 * B_STRIDE], zb, sb, acc);
+    }
+  }
+
+  const int col0 = n0 + wn * WARP_N + 16 * t;
+  if (n0 + wn * WARP_N < N)  // N % WARP_N == 0: a warp's 64 columns are all in or all out
+    store_tile<T, MI>(acc, out, M, N, m0 + wm * MI * 16 + g, col0, gridDim.z > 1);
+}
