@@ -19,8 +19,8 @@ from awq_ref.quant.checkpoint import load_quantized_model, save_quantized
 from awq_ref.quant.qlinear import QuantLinear
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2)
+TINY = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 def tiny_quantized(seed: int = 0, group_size: int = 32, skip=(), **overrides) -> Llama:
@@ -40,10 +40,10 @@ def logits(model: nn.Module, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(tie_word_embeddings=True),
-    dict(tie_word_embeddings=False, attention_bias=True),
-    dict(skip=("mlp.down_proj",)),
-    dict(group_size=-1),
+    {"tie_word_embeddings": True},
+    {"tie_word_embeddings": False, "attention_bias": True},
+    {"skip": ("mlp.down_proj",)},
+    {"group_size": -1},
 ])
 @pytest.mark.parametrize("max_shard_bytes", [10**9, 20_000])
 def test_save_load_identical_logits(tmp_path, overrides, max_shard_bytes):
@@ -187,14 +187,14 @@ def _edit_config(folder: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(quant_method="gptq"), "quant_method 'gptq'"),
-    (dict(version="gemv"), "version 'gemv'"),
-    (dict(bits=3), "bits=3"),
-    (dict(group_size=0), "group_size=0"),
-    (dict(group_size="64"), "group_size='64'"),
-    (dict(group_size=48), r"model.layers.0.self_attn.q_proj: group_size 48 does not divide "
-                          r"in_features 64"),
-    (dict(modules_to_not_convert="lm_head"), "modules_to_not_convert"),
+    ({"quant_method": "gptq"}, "quant_method 'gptq'"),
+    ({"version": "gemv"}, "version 'gemv'"),
+    ({"bits": 3}, "bits=3"),
+    ({"group_size": 0}, "group_size=0"),
+    ({"group_size": "64"}, "group_size='64'"),
+    ({"group_size": 48}, (r"model.layers.0.self_attn.q_proj: group_size 48 does not divide "
+                          r"in_features 64")),
+    ({"modules_to_not_convert": "lm_head"}, "modules_to_not_convert"),
 ])
 def test_unreadable_quantization_config(tmp_path, changes, message):
     out = _saved(tmp_path)

@@ -5,8 +5,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awq_ref.quant.packing import (AWQ_ORDER, dequantize_packed, pack_codes, pack_int4,
-                                   pack_weight, quantize_with_fp16_scales, unpack_int4)
+from awq_ref.quant.packing import (
+    AWQ_ORDER,
+    dequantize_packed,
+    pack_codes,
+    pack_int4,
+    pack_weight,
+    quantize_with_fp16_scales,
+    unpack_int4,
+)
 from awq_ref.quant.quantizer import QuantSpec, compute_qparams, dequantize, fake_quantize
 from awq_ref.quant.rtn import fake_quantize_weight
 

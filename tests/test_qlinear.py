@@ -17,8 +17,8 @@ LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
 
 def tiny_llama(seed: int = 0, **overrides) -> Llama:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2)
+    cfg = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2}
     return Llama(LlamaConfig(**{**cfg, **overrides})).eval()
 
 
@@ -156,7 +156,7 @@ def test_awq_dispatch_search_then_reapply():
     pipeline = pytest.importorskip("awq_ref.awq.pipeline")
     model = tiny_llama()
     calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
-    options = dict(n_grid=4, clip_grid=4, progress=False)
+    options = {"n_grid": 4, "clip_grid": 4, "progress": False}
     searched = quantize(model, method="awq", group_size=32, calib_tokens=calib, **options)
     result = pipeline.search_awq(model, calib, QuantSpec(4, 32), pipeline.AwqConfig(**options))
     reapplied = quantize(model, method="awq", group_size=32, result=result)
@@ -167,3 +167,20 @@ def test_awq_dispatch_search_then_reapply():
     assert sum(isinstance(m, QuantLinear) for m in searched.modules()) == 2 * LINEARS_PER_BLOCK
     with pytest.raises(TypeError, match="result"):
         quantize(model, method="awq", group_size=32, result=result, n_grid=4)
+
+
+def test_from_packed_wraps_random_codes_and_checks_shapes():
+    gen = torch.Generator().manual_seed(0)
+    k, n, g = 64, 24, 16
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), generator=gen, dtype=torch.int32)
+    qzeros = torch.randint(-(2**31), 2**31 - 1, (k // g, n // 8), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(k // g, n, generator=gen) * 0.01).half()
+    bias = torch.randn(n)
+    ql = QuantLinear.from_packed(qweight, qzeros, scales, g, bias)
+    assert ql.qweight is qweight and (ql.in_features, ql.out_features, ql.group_size) == (k, n, g)
+    x = torch.randn(3, k)
+    torch.testing.assert_close(ql(x), x @ dequantize_packed(qweight, qzeros, scales, g) + bias)
+    with pytest.raises(ValueError, match=r"q_proj.qweight: shape \(64, 3\).*\(64, 2\)"):
+        QuantLinear.from_packed(qweight, qzeros, scales[:, :16], g, name="q_proj")
+    with pytest.raises(ValueError, match=r"layer.bias: shape \(5,\)"):
+        QuantLinear.from_packed(qweight, qzeros, scales, g, torch.zeros(5))

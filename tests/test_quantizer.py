@@ -5,8 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awq_ref.quant.quantizer import (QuantSpec, compute_qparams, dequantize, fake_quantize,
-                                     grouped, quantize)
+from awq_ref.quant.quantizer import (
+    QuantSpec,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    grouped,
+    quantize,
+)
 
 
 def mixed_sign_weight(n: int, k: int, g: int, seed: int) -> torch.Tensor:
@@ -29,7 +35,7 @@ def mixed_sign_weight(n: int, k: int, g: int, seed: int) -> torch.Tensor:
 def test_error_at_most_half_a_step(bits, n, groups, g, zero_point, seed):
     spec = QuantSpec(bits, g, zero_point)
     w = mixed_sign_weight(n, groups * g, g, seed)
-    scales, zeros = compute_qparams(w, spec)  # (N, K/G)
+    scales, _zeros = compute_qparams(w, spec)  # (N, K/G)
     err = (grouped(w, g) - grouped(fake_quantize(w, spec), g)).abs()  # (N, K/G, G)
     bound = scales[..., None] / 2 * (1 + 1e-5) + 1e-7
     assert (err <= bound).all(), (err - bound).max()

@@ -49,8 +49,9 @@ def quant_config_dict(spec: QuantSpec, modules_to_not_convert: Iterable[str] = (
 def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, tuple[str, ...]]:
     """(QuantSpec, modules_to_not_convert) from a quantization_config; ValueError on what we
     cannot read (not awq, not gemm, bits != 4, bad group size)."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{source}: quantization_config must be an object, got {d!r}")
+    if not isinstance(d, dict):  # a bad file, not a bad argument: ValueError like the rest
+        raise ValueError(  # noqa: TRY004
+            f"{source}: quantization_config must be an object, got {d!r}")
     method = d.get("quant_method")
     if method != "awq":
         raise ValueError(f"{source}: quant_method {method!r} is not supported (only 'awq')")

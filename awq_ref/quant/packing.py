@@ -98,7 +98,7 @@ def pack_weight(w: torch.Tensor, spec: QuantSpec, name: str = "weight"
     """nn.Linear weight w (N, K) -> (qweight [K, N/8] int32, qzeros [K/G, N/8] int32,
     scales [K/G, N] float16), with codes from `quantize_with_fp16_scales`."""
     check_packable(spec, name)
-    n, k = w.shape
+    n = w.shape[0]
     if n % PACK_NUM:
         raise ValueError(f"{name}: out_features {n} is not a multiple of {PACK_NUM}, cannot pack")
     q, z, s16 = quantize_with_fp16_scales(w, spec, name)  # (N, K), (N, K/G), (N, K/G)

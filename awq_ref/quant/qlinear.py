@@ -14,8 +14,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from awq_ref.quant.packing import (PACK_NUM, check_packable, check_packed_shapes,
-                                   dequantize_packed, pack_weight)
+from awq_ref.quant.packing import (
+    PACK_NUM,
+    check_packable,
+    check_packed_shapes,
+    dequantize_packed,
+    pack_weight,
+)
 from awq_ref.quant.quantizer import QuantSpec
 
 # kernel(x [..., K] fp16/bf16, qweight, qzeros, scales, group_size) -> y [..., N] in x's dtype
@@ -43,7 +48,7 @@ class QuantLinear(nn.Module):
         self.kernel: Kernel | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, name: str = "linear") -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, name: str = "linear") -> QuantLinear:
         """RTN-quantize and pack `linear.weight` (N, K); see `packing.pack_weight`."""
         check_packable(spec, name)
         w = linear.weight.detach()
@@ -57,7 +62,7 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_packed(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     group_size: int, bias: torch.Tensor | None = None, name: str = "layer"
-                    ) -> "QuantLinear":
+                    ) -> QuantLinear:
         """Wrap existing packed tensors (no copy) after checking them against the format."""
         k, n = qweight.shape[0], scales.shape[-1]
         g = k if group_size == -1 else group_size
