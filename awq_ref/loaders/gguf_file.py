@@ -90,6 +90,11 @@ def _get(meta: dict[str, Any], key: str, source: str, default: Any = None) -> An
     return default
 
 
+def _f32(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-5, not 9.99999e-6)."""
+    return float(str(np.float32(value)))
+
+
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) -> LlamaConfig:
     """LlamaConfig from the `llama.*` keys; ValueError for other architectures, MoE or rope scaling."""
     arch = meta.get("general.architecture")
@@ -120,8 +125,8 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) 
             num_attention_heads=int(heads),
             num_key_value_heads=int(meta.get("llama.attention.head_count_kv", heads)),
             head_dim=int(head_dim),
-            rms_norm_eps=float(_get(meta, "llama.attention.layer_norm_rms_epsilon", source)),
-            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+            rms_norm_eps=_f32(_get(meta, "llama.attention.layer_norm_rms_epsilon", source)),
+            rope_theta=_f32(meta.get("llama.rope.freq_base", 10000.0)),
             max_position_embeddings=int(meta.get("llama.context_length", 2048)),
             tie_word_embeddings="output.weight" not in tensor_names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),

@@ -36,8 +36,8 @@ def parse_llama2c_vocab(data: bytes, source: str) -> tuple[int, list[bytes], lis
         score, n = struct.unpack_from("<fi", data, off)
         off += 8
         if not 0 <= n <= max_len or off + n > len(data):
-            raise ValueError(f"{source}: token {len(tokens)} claims {n} bytes at offset {off}, "
-                             f"beyond max_token_length {max_len} or the file size {len(data)}")
+            raise ValueError(f"{source}: truncated or corrupt: token {len(tokens)} claims {n} bytes "
+                             f"at offset {off} (max_token_length {max_len}, file size {len(data)})")
         tokens.append(data[off:off + n])
         scores.append(score)
         off += n
