@@ -83,6 +83,7 @@ def test_folder_layout_and_config(tmp_path):
     assert tensors[f"{q}.qzeros"].shape == (2, 8) and tensors[f"{q}.scales"].dtype == torch.float16
     assert f"{q}.weight" not in tensors and "model.norm.weight" in tensors
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left behind
+    assert out.stat().st_mode & 0o777 == 0o755
 
 
 def test_checkpoint_size_vs_fp16(tmp_path):
@@ -174,6 +175,17 @@ def test_save_refuses_unquantized_model(tmp_path):
     with pytest.raises(ValueError, match="no QuantLinear"):
         save_quantized(model, tmp_path / "b", quant_config={"quant_method": "awq", "bits": 4,
                                                             "group_size": 32})
+
+
+def test_save_refuses_config_disagreeing_with_layers(tmp_path):
+    model = tiny_quantized(skip=("down_proj",))
+    with pytest.raises(ValueError, match="group_size 32, quant_config says 64"):
+        save_quantized(model, tmp_path / "a", quant_config={**model.quantization_config,
+                                                            "group_size": 64})
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj is Linear"):
+        save_quantized(model, tmp_path / "b", quant_config={**model.quantization_config,
+                                                            "modules_to_not_convert": []})
+    assert not list(tmp_path.iterdir())
 
 
 def _saved(tmp_path) -> Path:

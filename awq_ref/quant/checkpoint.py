@@ -31,7 +31,7 @@ from awq_ref.loaders.hf import read_safetensors_folder
 from awq_ref.loaders.state_dict import build_on_meta
 from awq_ref.model import Llama
 from awq_ref.quant.packing import PACK_BITS, check_packed_shapes
-from awq_ref.quant.qlinear import QuantLinear, replace_linears
+from awq_ref.quant.qlinear import QuantLinear, replace_linears, skipped
 from awq_ref.quant.quantizer import QuantSpec
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's default "5GB"
@@ -148,13 +148,12 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
     if quant_config is None:
         raise ValueError("save_quantized: no quant_config given and the model has no "
                          "quantization_config (quantize it with awq_ref.api.quantize)")
-    parse_quant_config(quant_config, "quant_config")
-    if not any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError("save_quantized: the model has no QuantLinear layers (was it packed?)")
+    _check_layers(model, *parse_quant_config(quant_config, "quant_config"))
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
         _write_folder(model, tmp, tokenizer, quant_config, max_shard_bytes)
         _fsync(tmp)
@@ -164,6 +163,22 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
         raise
     _fsync(out_dir.parent)
     return out_dir
+
+
+def _check_layers(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...]) -> None:
+    """The layers must be what a reader of this quantization_config will build."""
+    layers = {n: m for n, m in model.model.layers.named_modules()
+              if isinstance(m, (nn.Linear, QuantLinear))}
+    if not any(isinstance(m, QuantLinear) for m in layers.values()):
+        raise ValueError("save_quantized: the model has no QuantLinear layers (was it packed?)")
+    for name, m in layers.items():
+        full = f"model.layers.{name}"
+        if isinstance(m, nn.Linear) != skipped(full, skip):
+            raise ValueError(f"save_quantized: {full} is {type(m).__name__}, but "
+                             f"modules_to_not_convert={list(skip)} says otherwise")
+        if isinstance(m, QuantLinear) and m.group_size != spec.group_for(m.in_features, full):
+            raise ValueError(f"save_quantized: {full} has group_size {m.group_size}, "
+                             f"quant_config says {spec.group_size}")
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
