@@ -1,4 +1,12 @@
 """CUDA int4 x fp16/bf16 kernels for the AWQ "gemm" packed format, compiled through CuPy.
 
-Nothing is compiled and no device is probed at import time.
+    y = awq_kernels.gemm(x, qweight, qzeros, scales, group_size)
+
+Nothing is compiled and no device is probed at import time (CuPy is imported on first launch).
+Kernels: gemv.cu (M <= 8, CUDA cores), gemm_mma.cu (tensor cores), dequant.cu (+ cuBLAS for
+large M), splitk_reduce.cu; see each file's header for layout and thread mapping.
 """
+
+from .api import check_gemm_args, check_packed, dequantize, gemm
+
+__all__ = ["gemm", "dequantize", "check_gemm_args", "check_packed"]

@@ -1,0 +1,228 @@
+"""Public entry points: gemm (y = x @ W) and dequantize (W) for the AWQ packed format.
+
+Every call runs check -> allocate -> launch. All checks run on tensor metadata before anything
+touches CUDA, so wrong inputs raise the same TypeError/ValueError on any machine. Kernels are
+compiled on first use (build.get_kernel) and launched on torch's current stream, with tensors
+handed to CuPy through DLPack (zero copy; 16-bit tensors travel as int16 views, the kernels read
+raw bits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import build
+from .plan import (
+    GROUP_SIZES,
+    K_MULTIPLE,
+    KERNELS,
+    N_MULTIPLE,
+    choose_kernel,
+    plan_dequant,
+    plan_gemv,
+    plan_mma,
+    plan_reduce,
+)
+
+ACTIVATION_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16"}
+ALIGNMENT = 16  # bytes; every tensor is read or written with 16-byte vector accesses
+
+
+def _require_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _require_dtype(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+
+
+def _require_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def _require_layout_and_device(tensors: dict[str, torch.Tensor]) -> None:
+    """Contiguous, 16-byte aligned, all on one CUDA device (checked in that order)."""
+    for name, t in tensors.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (strides {t.stride()})")
+    for name, t in tensors.items():
+        if t.data_ptr() % ALIGNMENT:
+            raise ValueError(f"{name} must start at a {ALIGNMENT}-byte aligned address "
+                             f"(storage offset {t.storage_offset()})")
+    for name, t in tensors.items():
+        if not t.is_cuda:
+            raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def check_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 group_size: int) -> tuple[int, int]:
+    """Validate the packed-format tensors' types and shapes; return (K, N)."""
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+        _require_tensor(name, t)
+    _require_dtype("qweight", qweight, (torch.int32,))
+    _require_dtype("qzeros", qzeros, (torch.int32,))
+    _require_dtype("scales", scales, (torch.float16,))
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if qweight.dim() != 2:
+        raise ValueError(f"qweight must be 2-D [K, N/8], got shape {list(qweight.shape)}")
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    if k == 0 or k % group_size:
+        raise ValueError(f"K = {k} (qweight rows) must be a positive multiple of "
+                         f"group_size = {group_size}")
+    if n == 0 or n % N_MULTIPLE:
+        raise ValueError(f"N = {n} (8 * qweight columns) must be a positive multiple of "
+                         f"{N_MULTIPLE}")
+    assert k % K_MULTIPLE == 0  # every supported group size is a multiple of the k tile
+    _require_shape("qzeros", qzeros, (k // group_size, n // 8))
+    _require_shape("scales", scales, (k // group_size, n))
+    return k, n
+
+
+def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                    scales: torch.Tensor, group_size: int, out: torch.Tensor | None = None,
+                    kernel: str = "auto") -> tuple[int, int, int]:
+    """Validate everything `gemm` receives; return (M, K, N). Touches no device."""
+    _require_tensor("x", x)
+    _require_dtype("x", x, tuple(ACTIVATION_DTYPES))
+    k, n = check_packed(qweight, qzeros, scales, group_size)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape [..., K = {k}], got {list(x.shape)}")
+    m = x.numel() // k
+    tensors = {"x": x, "qweight": qweight, "qzeros": qzeros, "scales": scales}
+    if out is not None:
+        _require_tensor("out", out)
+        _require_dtype("out", out, (x.dtype,))
+        _require_shape("out", out, (*x.shape[:-1], n))
+        tensors["out"] = out
+    _require_layout_and_device(tensors)
+    return m, k, n
+
+
+def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+         group_size: int, *, out: torch.Tensor | None = None,
+         kernel: str = "auto") -> torch.Tensor:
+    """y = x @ W with W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n] (AWQ "gemm" format).
+
+    Args (all CUDA, contiguous, 16-byte aligned, one device):
+        x:        [..., K] float16 or bfloat16 activations, row-major.
+        qweight:  [K, N/8] int32; 8 4-bit codes per int32 along N, nibble i holding column
+                  8c + [0, 2, 4, 6, 1, 3, 5, 7][i].
+        qzeros:   [K/G, N/8] int32, zero points packed like qweight.
+        scales:   [K/G, N] float16 (also for bfloat16 x; converted in the kernel).
+        group_size: G in (32, 64, 128). Requires K % G == 0 and N % 64 == 0.
+        out:      optional [..., N] tensor of x's dtype to write into (every element written).
+        kernel:   "auto" (by M = rows of x: <= 8 CUDA-core GEMV, < 1024 tensor-core GEMM,
+                  else dequantize + torch.matmul), or one of "gemv" (M <= 8), "mma", "dequant".
+    Returns:
+        y: [..., N] in x's dtype; fp32 accumulation, deterministic (no atomics).
+    """
+    m, k, n = check_gemm_args(x, qweight, qzeros, scales, group_size, out, kernel)
+    name = choose_kernel(m, kernel)
+    if name == "gemv" and m > build.GEMV_ROWS[-1]:
+        raise ValueError(f"kernel='gemv' handles at most {build.GEMV_ROWS[-1]} rows, got M = {m}")
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device) if out is None else out
+    if m == 0:
+        return y
+    x2, y2 = x.view(m, k), y.view(m, n)  # (M, K), (M, N)
+    if name == "dequant":
+        torch.matmul(x2, dequantize(qweight, qzeros, scales, group_size, dtype=x.dtype), out=y2)
+    else:
+        _launch_product(name, x2, qweight, qzeros, scales, group_size, y2)
+    return y
+
+
+def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               group_size: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """W [K, N] in `dtype` (float16 or bfloat16), W[k, n] = (q - z) * s rounded once.
+
+    qweight [K, N/8] int32, qzeros [K/G, N/8] int32, scales [K/G, N] float16, as for `gemm`.
+    """
+    k, n = check_packed(qweight, qzeros, scales, group_size)
+    if dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    _require_layout_and_device({"qweight": qweight, "qzeros": qzeros, "scales": scales})
+    w = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    tag = ACTIVATION_DTYPES[dtype]
+    with _on_torch_stream(qweight.device) as (arch, num_sms):
+        launch = plan_dequant(k, n, num_sms)
+        _run(launch, arch, build.dequant_expr(tag),
+             (qweight, qzeros, scales, w, _i32(k), _i32(n), _i32(group_size)))
+    return w
+
+
+def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                    scales: torch.Tensor, group_size: int, y2: torch.Tensor) -> None:
+    """One gemv/mma launch into y2 (M, N), or into fp32 partials plus the split-K reduction."""
+    (m, k), n = x2.shape, y2.shape[1]
+    tag = ACTIVATION_DTYPES[x2.dtype]
+    with _on_torch_stream(x2.device) as (arch, num_sms):
+        if name == "gemv":
+            launch = plan_gemv(m, n, k, num_sms)
+            expr = build.gemv_expr(tag, launch.config)
+        else:
+            launch = plan_mma(m, n, k, num_sms)
+            expr = build.mma_expr(tag, launch.config)
+        target = y2
+        if launch.splits > 1:  # (splits, M, N) fp32 partial sums
+            target = torch.empty((launch.splits, m, n), dtype=torch.float32, device=x2.device)
+        _run(launch, arch, expr, (x2, qweight, qzeros, scales, target, _i32(m), _i32(n), _i32(k),
+                                  _i32(group_size), _i32(launch.k_per_split)))
+        if launch.splits > 1:
+            reduce = plan_reduce(m * n, launch.splits)
+            _run(reduce, arch, build.reduce_expr(tag),
+                 (target, y2, _i32(launch.splits), _i32(m * n)))
+
+
+class _on_torch_stream:
+    """Context: CuPy on the tensor's device and torch's current stream; yields device info."""
+
+    def __init__(self, device: torch.device):
+        import cupy
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self._device = cupy.cuda.Device(index)
+        self._stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream,
+                                                index)
+        self._info = build.device_info(index)
+
+    def __enter__(self) -> tuple[str, int]:
+        self._device.__enter__()
+        self._stream.__enter__()
+        return self._info
+
+    def __exit__(self, *exc) -> None:
+        self._stream.__exit__(*exc)
+        self._device.__exit__(*exc)
+
+
+def _i32(v: int):
+    import numpy as np
+
+    return np.int32(v)
+
+
+def _as_cupy(t: torch.Tensor):
+    """Zero-copy CuPy view; 16-bit floats go as int16 (the kernels only see bits)."""
+    import cupy
+
+    if t.dtype in ACTIVATION_DTYPES:
+        t = t.view(torch.int16)
+    return cupy.from_dlpack(t)
+
+
+def _run(launch, arch: str, expr: str, args: tuple) -> None:
+    kernel = build.get_kernel(launch.family, arch, expr)
+    kernel(launch.grid, launch.block,
+           tuple(_as_cupy(a) if isinstance(a, torch.Tensor) else a for a in args))

@@ -1,0 +1,90 @@
+"""Which kernel, tile config, grid and split-K factor a product of a given shape gets.
+
+Pure Python (no torch, no CUDA) so the dispatch rules are unit-tested on CPU. The constants
+mirror the named tile constants of the .cu files; build.py holds the compiled configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .build import GEMV_ROWS, MMA_CONFIGS
+
+KERNELS = ("auto", "gemv", "mma", "dequant")
+GROUP_SIZES = (32, 64, 128)
+N_MULTIPLE = 64           # WARP_N of gemm_mma.cu: a warp's 64 columns are all valid or all not
+K_MULTIPLE = 32           # BK of gemm_mma.cu and GEMV_KC of gemv.cu
+
+MMA_BK, MMA_BN, MMA_WARPS_N = 32, 128, 2
+GEMV_NT, GEMV_KC, GEMV_THREADS = 256, 32, 256
+DEQUANT_THREADS, REDUCE_THREADS = 256, 256
+
+GEMV_MAX_M = max(GEMV_ROWS)   # decode sizes go to the CUDA-core GEMV
+DEQUANT_MIN_M = 1024          # from here dequantize + cuBLAS; the dequant pass is < 1/M of the work
+MAX_SPLITS = 16               # bounds the fp32 partial-sum traffic of split-K
+MIN_K_TILES_PER_SPLIT = 4     # a split shorter than the pipeline mostly waits
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: `expr` names the template instantiation (without dtype tag)."""
+
+    family: str                 # "mma", "gemv", "dequant" or "reduce"
+    config: int                 # BM for mma, MT for gemv, 0 otherwise
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    splits: int = 1             # > 1: the kernel writes fp32 partials, "reduce" follows
+    k_per_split: int = 0        # k tiles (mma) or k chunks (gemv) per split
+
+
+def choose_kernel(m: int, kernel: str = "auto") -> str:
+    if kernel != "auto":
+        return kernel
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    return "mma" if m < DEQUANT_MIN_M else "dequant"
+
+
+def _splits(tiles: int, k_steps: int, target_blocks: int) -> tuple[int, int]:
+    """(splits, k steps per split) so that tiles * splits reaches target_blocks, every split
+    non-empty and at least MIN_K_TILES_PER_SPLIT long where K allows."""
+    want = min(cdiv(target_blocks, tiles), MAX_SPLITS, max(1, k_steps // MIN_K_TILES_PER_SPLIT))
+    per_split = cdiv(k_steps, max(want, 1))
+    return cdiv(k_steps, per_split), per_split
+
+
+def plan_mma(m: int, n: int, k: int, num_sms: int) -> Launch:
+    """Largest tile that still gives every SM a block; split K when far fewer tiles than SMs."""
+    n_tiles = cdiv(n, MMA_BN)
+    bm = min(max(MMA_CONFIGS), max(min(MMA_CONFIGS), 1 << (m - 1).bit_length()))
+    while bm > 32 and cdiv(m, bm) * n_tiles < num_sms:
+        bm //= 2
+    tiles = cdiv(m, bm) * n_tiles
+    splits, per_split = (1, k // MMA_BK)
+    if 2 * tiles <= num_sms:  # under half a wave: the partial-sum traffic is worth it
+        splits, per_split = _splits(tiles, k // MMA_BK, num_sms)
+    threads = 32 * MMA_CONFIGS[bm] * MMA_WARPS_N
+    return Launch("mma", bm, (n_tiles, cdiv(m, bm), splits), (threads, 1, 1), splits, per_split)
+
+
+def plan_gemv(m: int, n: int, k: int, num_sms: int) -> Launch:
+    """Smallest row capacity MT >= m; split K until about two blocks per SM."""
+    mt = next(r for r in GEMV_ROWS if r >= m)
+    n_tiles = cdiv(n, GEMV_NT)
+    splits, per_split = _splits(n_tiles, k // GEMV_KC, 2 * num_sms)
+    return Launch("gemv", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits, per_split)
+
+
+def plan_dequant(k: int, n: int, num_sms: int) -> Launch:
+    words = k * n // 8
+    blocks = min(cdiv(words, DEQUANT_THREADS), 32 * num_sms)  # grid-stride loop beyond that
+    return Launch("dequant", 0, (blocks, 1, 1), (DEQUANT_THREADS, 1, 1))
+
+
+def plan_reduce(count: int, splits: int) -> Launch:
+    return Launch("reduce", 0, (cdiv(count // 4, REDUCE_THREADS), 1, 1), (REDUCE_THREADS, 1, 1),
+                  splits)
