@@ -9,4 +9,4 @@ large M), splitk_reduce.cu; see each file's header for layout and thread mapping
 
 from .api import check_gemm_args, check_packed, dequantize, gemm
 
-__all__ = ["gemm", "dequantize", "check_gemm_args", "check_packed"]
+__all__ = ["check_gemm_args", "check_packed", "dequantize", "gemm"]

@@ -13,6 +13,7 @@ import torch
 
 from . import build
 from .plan import (
+    GEMV_MAX_M,
     GROUP_SIZES,
     K_MULTIPLE,
     KERNELS,
@@ -100,6 +101,8 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x must have shape [..., K = {k}], got {list(x.shape)}")
     m = x.numel() // k
+    if kernel == "gemv" and m > GEMV_MAX_M:
+        raise ValueError(f"kernel='gemv' handles at most {GEMV_MAX_M} rows, got M = {m}")
     tensors = {"x": x, "qweight": qweight, "qzeros": qzeros, "scales": scales}
     if out is not None:
         _require_tensor("out", out)
@@ -130,8 +133,6 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
     """
     m, k, n = check_gemm_args(x, qweight, qzeros, scales, group_size, out, kernel)
     name = choose_kernel(m, kernel)
-    if name == "gemv" and m > build.GEMV_ROWS[-1]:
-        raise ValueError(f"kernel='gemv' handles at most {build.GEMV_ROWS[-1]} rows, got M = {m}")
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y

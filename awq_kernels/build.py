@@ -110,7 +110,7 @@ def compile_nvrtc(family: str, arch: str, exprs: list[str] | None = None) -> Nvr
         nvrtc.destroyProgram(prog)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_kernel(family: str, arch: str, expr: str):
     """CuPy RawKernel for one instantiation; `arch` (the device's, e.g. "90") keys the cache.
 
@@ -123,7 +123,7 @@ def get_kernel(family: str, arch: str, expr: str):
     return module.get_function(expr)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_info(device_index: int) -> tuple[str, int]:
     """(compute capability as "90", multiprocessor count) of a CUDA device."""
     import cupy

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .plan import GEMV_KC, GEMV_NT, MMA_BK, MMA_BN, Launch
 from .build import MMA_CONFIGS
+from .plan import GEMV_KC, GEMV_NT, MMA_BK, MMA_BN, Launch
 
 U32 = np.uint32
 MAGIC2 = {"F16": U32(0x64006400), "BF16": U32(0x43004300)}
@@ -122,7 +122,7 @@ def a_chunk_offset(r, c):
 
 def _mma_load_stage(x, qweight, qzeros, scales16, g_size, bm, m0, n0, kt, group_start):
     """Shared memory of one stage after the cp.async copies of gemm_mma.cu's load_stage."""
-    m, k = x.shape
+    m = x.shape[0]
     nw, n0w, k0 = qweight.shape[1], n0 // 8, kt * MMA_BK
     a = np.zeros(bm * A_ROW_WORDS, U32)
     for i in range(bm * 4):

@@ -1,0 +1,151 @@
+"""awq_kernels on CPU: argument validation (before anything touches CUDA), the dispatch plan,
+the torch reference against awq_ref's packing, and import-time hygiene."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import awq_kernels
+from awq_kernels import build, reference
+from awq_kernels.plan import (
+    GEMV_KC,
+    GEMV_NT,
+    MMA_BK,
+    MMA_BN,
+    cdiv,
+    choose_kernel,
+    plan_dequant,
+    plan_gemv,
+    plan_mma,
+    plan_reduce,
+)
+
+K, N, G = 256, 192, 64
+
+
+def _args(m: int = 4, dtype=torch.float16, k: int = K, n: int = N, g: int = G):
+    qweight, qzeros, scales = reference.random_packed(k, n, g)
+    return torch.randn(m, k).to(dtype), qweight, qzeros, scales, g
+
+
+def _raises(exc, match, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        awq_kernels.gemm(*args, **kwargs)
+
+
+def test_cpu_tensors_are_refused_before_cuda():
+    _raises(ValueError, "x must be a CUDA tensor", *_args())
+
+
+def test_dtypes():
+    x, qw, qz, s, g = _args()
+    _raises(TypeError, "x must have dtype", x.float(), qw, qz, s, g)
+    _raises(TypeError, "qweight must have dtype", x, qw.to(torch.int64), qz, s, g)
+    _raises(TypeError, "qzeros must have dtype", x, qw, qz.to(torch.int16), s, g)
+    _raises(TypeError, "scales must have dtype", x, qw, qz, s.to(torch.bfloat16), g)
+    _raises(TypeError, "x must be a torch.Tensor", x.numpy(), qw, qz, s, g)
+    _raises(TypeError, "group_size must be an int", x, qw, qz, s, 64.0)
+    _raises(TypeError, "out must have dtype", x, qw, qz, s, g, out=torch.empty(4, N))
+
+
+def test_shapes():
+    x, qw, qz, s, g = _args()
+    _raises(ValueError, "group_size must be one of", x, qw, qz, s, 16)
+    _raises(ValueError, r"x must have shape \[..., K = 256\]", x[:, :128].contiguous(), qw, qz, s, g)
+    _raises(ValueError, "qzeros must have shape", x, qw, qz[:2].contiguous(), s, g)
+    _raises(ValueError, "scales must have shape", x, qw, qz, s[:, :64].contiguous(), g)
+    _raises(ValueError, "qweight must be 2-D", x, qw.flatten(), qz, s, g)
+    _raises(ValueError, "out must have shape", x, qw, qz, s, g, out=torch.empty(4, 64).half())
+    _raises(ValueError, "kernel must be one of", x, qw, qz, s, g, kernel="fast")
+    x2, qw2, qz2, s2, _ = _args(k=96, g=32)  # K = 96 is not a multiple of 64
+    _raises(ValueError, "must be a positive multiple of group_size", x2, qw2, qz2, s2, 64)
+    x3, qw3, qz3, s3, _ = _args(n=96)  # N must be a multiple of 64
+    _raises(ValueError, "N = 96", x3, qw3, qz3, s3, G)
+
+
+def test_layout():
+    x, qw, qz, s, g = _args()
+    _raises(ValueError, "x must be contiguous", x.t().contiguous().t(), qw, qz, s, g)
+    _raises(ValueError, "scales must be contiguous", x, qw, qz, s.t().contiguous().t(), g)
+    misaligned = torch.empty(4 * K + 1, dtype=torch.float16)[1:].view(4, K)  # 2-byte offset
+    _raises(ValueError, "16-byte aligned", misaligned, qw, qz, s, g)
+
+
+def test_gemv_refuses_large_m():
+    _raises(ValueError, "kernel='gemv' handles at most 8 rows", *_args(m=9), kernel="gemv")
+
+
+def test_dequantize_validates():
+    with pytest.raises(ValueError, match="qweight must be a CUDA tensor"):
+        awq_kernels.dequantize(*_args()[1:])
+    with pytest.raises(TypeError, match="dtype must be"):
+        awq_kernels.dequantize(*_args()[1:], dtype=torch.float32)
+
+
+def test_import_compiles_nothing_and_imports_no_cupy():
+    code = "import sys, awq_kernels; assert 'cupy' not in sys.modules, 'cupy imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert build.get_kernel.cache_info().currsize == 0
+
+
+# ------------------------------------------------------------------ dispatch plan
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 16, 17, 33, 100, 128, 255, 256, 777, 1023])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096), (576, 192),
+                                 (128, 64)])
+def test_plan_covers_output_and_k(m, k, n):
+    kernel = choose_kernel(m)
+    if kernel == "gemv":
+        launch = plan_gemv(m, n, k, num_sms=132)
+        assert launch.config >= m and launch.grid[0] * GEMV_NT >= n
+        steps, splits = k // GEMV_KC, launch.grid[1]
+    else:
+        launch = plan_mma(m, n, k, num_sms=132)
+        assert launch.grid[0] * MMA_BN >= n and launch.grid[1] * launch.config >= m
+        steps, splits = k // MMA_BK, launch.grid[2]
+    assert splits == launch.splits >= 1
+    # every split non-empty, together exactly the k range
+    assert (splits - 1) * launch.k_per_split < steps <= splits * launch.k_per_split
+
+
+def test_choose_kernel():
+    assert [choose_kernel(m) for m in (1, 8, 9, 1023, 1024, 4096)] == [
+        "gemv", "gemv", "mma", "mma", "dequant", "dequant"]
+    assert choose_kernel(4, "mma") == "mma"
+
+
+def test_small_grids_split_k():
+    assert plan_gemv(1, 4096, 4096, 132).grid[0] * plan_gemv(1, 4096, 4096, 132).splits >= 132
+    assert plan_mma(16, 4096, 4096, 132).splits > 1
+    assert plan_mma(512, 4096, 4096, 132).splits == 1
+
+
+def test_dequant_and_reduce_grids():
+    assert plan_dequant(4096, 4096, 132).grid[0] == min(cdiv(4096 * 512, 256), 32 * 132)
+    assert plan_reduce(12 * 64, 3).grid[0] * 256 * 4 >= 12 * 64
+
+
+# ------------------------------------------------------------------ torch reference vs awq_ref
+
+def test_pack_roundtrip():
+    codes = torch.randint(0, 16, (32, 64))
+    assert torch.equal(reference.unpack_int4(reference.pack_int4(codes)), codes)
+    word = reference.pack_int4(torch.arange(8).view(1, 8))  # columns 0..7 hold codes 0..7
+    assert int(word) & 0xFFFFFFFF == 0x75316420  # nibble i holds column [0,2,4,6,1,3,5,7][i]
+
+
+def test_reference_matches_awq_ref_packing():
+    packing = pytest.importorskip("awq_ref.quant.packing")
+    codes = torch.randint(0, 16, (128, 192))
+    assert torch.equal(reference.pack_int4(codes), packing.pack_int4(codes))
+    qw, qz, s = reference.random_packed(256, 192, 64, seed=3)
+    ours = reference.dequantize_like_kernel(qw, qz, s, 64, torch.float16)
+    theirs = packing.dequantize_packed(qw, qz, s, 64, dtype=torch.float16)
+    assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    w32 = packing.dequantize_packed(qw, qz, s, 64)
+    bf = reference.dequantize_like_kernel(qw, qz, s, 64, torch.bfloat16).float()
+    assert ((bf - w32).abs() <= w32.abs() * 2**-7 + 1e-12).all()  # two bf16 roundings

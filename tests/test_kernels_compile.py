@@ -1,0 +1,167 @@
+"""Every CUDA source of awq_kernels compiles through NVRTC for sm_80 and sm_90 (no GPU needed),
+without local memory, with the instructions each kernel was written around; and the kernels'
+index math, emulated in NumPy, reproduces the standard packed format's dequantization."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from awq_kernels import build, emulate, reference
+from awq_kernels.plan import GEMV_NT, MMA_BN, Launch, cdiv, plan_gemv
+
+ARCHS = ("sm_80", "sm_90")
+STATIC_SMEM_LIMIT = 48 * 1024  # static __shared__ beyond this needs an opt-in the API never does
+REQUIRED_PTX = {
+    "mma": ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+            "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "cp.async.cg.shared.global",
+            "cp.async.wait_group", "lop3.b32", "prmt.b32", "fma.rn.f16x2", "fma.rn.bf16x2"),
+    "gemv": ("cp.async.cg.shared.global", "lop3.b32", "fma.rn.f16x2", "fma.rn.bf16x2"),
+    "dequant": ("lop3.b32", "st.global.v4.b32"),
+    "reduce": ("ld.global.nc.v4.f32",),
+}
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except (ImportError, OSError, RuntimeError) as err:  # no cupy, or no NVRTC library
+        pytest.skip(f"NVRTC unavailable (pip install cupy-cuda13x nvidia-cuda-nvrtc==13.*): {err}")
+
+
+@functools.cache
+def _compiled(family: str, arch: str) -> build.NvrtcResult:
+    return build.compile_nvrtc(family, arch)
+
+
+def _function_reports(log: str) -> dict[str, dict[str, int]]:
+    """Per mangled kernel: stack frame, spill stores/loads, registers, static smem (ptxas -v)."""
+    reports: dict[str, dict[str, int]] = {}
+    for block in re.split(r"Compiling entry function ", log)[1:]:
+        name = block.split("'")[1]
+        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                          r"(\d+) bytes spill loads", block)
+        regs = re.search(r"Used (\d+) registers", block)
+        smem = re.search(r"(\d+) bytes smem", block)
+        assert frame and regs, f"unexpected ptxas report for {name}:\n{block}"
+        reports[name] = {"stack": int(frame[1]), "spill_stores": int(frame[2]),
+                         "spill_loads": int(frame[3]), "registers": int(regs[1]),
+                         "smem": int(smem[1]) if smem else 0}
+    return reports
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("family", sorted(build.SOURCES))
+def test_compiles_without_local_memory(family: str, arch: str):
+    _nvrtc()
+    result = _compiled(family, arch)
+    reports = _function_reports(result.log)
+    assert set(reports) == set(result.lowered.values()), "every instantiation must be compiled"
+    for name, rep in reports.items():
+        assert rep["spill_stores"] == rep["spill_loads"] == 0, f"{name} spills: {rep}"
+        assert rep["stack"] == 0, f"{name} uses a stack frame (local memory): {rep}"
+        assert rep["smem"] <= STATIC_SMEM_LIMIT, f"{name} static smem too large: {rep}"
+    assert ".local" not in result.ptx
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("family", sorted(build.SOURCES))
+def test_ptx_has_intended_instructions(family: str, arch: str):
+    _nvrtc()
+    ptx = _compiled(family, arch).ptx
+    missing = [ins for ins in REQUIRED_PTX[family] if ins not in ptx]
+    assert not missing, f"{build.SOURCES[family]} PTX for {arch} lacks {missing}"
+
+
+def test_sources_are_self_contained_after_inlining():
+    for filename in build.SOURCES.values():
+        text = build.load_source(filename)
+        assert '#include "' not in text
+        assert text.count("struct F16 {") == 1  # common.cuh inlined exactly once
+
+
+# ------------------------------------------------------------------ NumPy emulation of the index math
+
+def _bits16(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def _bits32(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().numpy().view(np.uint32)
+
+
+def _problem(m: int, k: int, n: int, g: int, dtype: torch.dtype, seed: int):
+    qweight, qzeros, scales = reference.random_packed(k, n, g, seed=seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    w = reference.dequantize_like_kernel(qweight, qzeros, scales, g, dtype)  # (K, N)
+    args = (_bits16(x), _bits32(qweight), _bits32(qzeros), _bits16(scales), g)
+    return x, w, args
+
+
+def _check_records(records, w_bits: np.ndarray) -> set:
+    """Every dequantized fragment element equals W at the (k, n) the kernel assigns it to;
+    columns past N (zero-filled copies) dequantize to exact zeros. Returns the (k, n) seen."""
+    n = w_bits.shape[1]
+    seen = set()
+    for k_idx, n_idx, bits in records:
+        k_idx = np.broadcast_to(k_idx, n_idx.shape)
+        ok = n_idx < n
+        np.testing.assert_array_equal(bits[ok], w_bits[k_idx[ok], n_idx[ok]])
+        assert not bits[~ok].any()
+        seen.update(zip(k_idx[ok].tolist(), n_idx[ok].tolist()))
+    return seen
+
+
+def _check_product(partials: np.ndarray, x: torch.Tensor, w: torch.Tensor, tag: str):
+    y = partials[0].copy()
+    for s in range(1, partials.shape[0]):  # the reduce kernel's order
+        y += partials[s]
+    assert not np.isnan(y).any(), "some outputs were never written"
+    ref = (x.double() @ w.double()).numpy()
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
+    final = emulate.to_f32(tag, emulate.from_f64(tag, y))
+    assert np.linalg.norm(final - ref) / np.linalg.norm(ref) < (2e-3 if tag == "F16" else 1e-2)
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_emulated_dequant_kernel_is_bit_exact(dtype, tag, g):
+    _, w, (_, qw, qz, s, _) = _problem(1, 256, 192, g, dtype, seed=g)
+    np.testing.assert_array_equal(emulate.emulate_dequant(tag, qw, qz, s, g), _bits16(w))
+
+
+# (M, K, N, G, BM, splits): ragged M and N tiles, split starts inside a group, every config.
+MMA_CASES = [(20, 256, 192, 64, 16, 3), (40, 128, 128, 32, 32, 1), (70, 256, 320, 128, 64, 2),
+             (130, 128, 128, 32, 128, 1)]
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+@pytest.mark.parametrize("m,k,n,g,bm,splits", MMA_CASES)
+def test_emulated_mma_kernel_mapping(dtype, tag, m, k, n, g, bm, splits):
+    x, w, args = _problem(m, k, n, g, dtype, seed=m + n)
+    per_split = cdiv(k // 32, splits)
+    launch = Launch("mma", bm, (cdiv(n, MMA_BN), cdiv(m, bm), splits), (0, 1, 1), splits,
+                    per_split)
+    records: list = []
+    partials = emulate.emulate_mma(tag, *args, launch, record=records)
+    seen = _check_records(records, _bits16(w))
+    assert len(seen) == k * n, "every weight must reach some B fragment"
+    _check_product(partials, x, w, tag)
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+@pytest.mark.parametrize("m,k,n,g", [(1, 256, 320, 64), (3, 512, 192, 128), (8, 128, 256, 32)])
+def test_emulated_gemv_kernel_mapping(dtype, tag, m, k, n, g):
+    x, w, args = _problem(m, k, n, g, dtype, seed=7 * m)
+    launch = plan_gemv(m, n, k, num_sms=4)  # few SMs -> split-K even for these small shapes
+    assert launch.grid[0] == cdiv(n, GEMV_NT)
+    records: list = []
+    partials = emulate.emulate_gemv(tag, *args, launch, record=records)
+    assert len(_check_records(records, _bits16(w))) == k * n
+    _check_product(partials, x, w, tag)
