@@ -1,0 +1,131 @@
+"""awq_kernels on a CUDA device: every kernel path against the fp32 reference x @ dequantize(W),
+over decode to prefill sizes, Llama and odd shapes, all group sizes, fp16 and bf16.
+
+Each call writes into an output poisoned with NaN (so unwritten elements show), is repeated to
+check bit-identical results (no races, no atomics), and its inputs are random codes, zeros,
+scales and activations (never zeros)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import awq_kernels
+from awq_kernels import reference
+from awq_kernels.plan import GEMV_MAX_M
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device: the kernels cannot run here", allow_module_level=True)
+pytest.importorskip("cupy", reason="CuPy is needed to compile and launch the kernels")
+
+MS = (1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 64, 127, 128, 129, 255, 256, 1024, 4096)
+# (K, N, G): Llama-3-8B q/o and down projections, SmolLM2-135M k/v and down (N = 3 x 64,
+# N = 4.5 x 128), and odd multiples of every tile (K = 5 x 32, N = 5 x 64).
+SHAPES = ((4096, 4096, 128), (14336, 4096, 64), (576, 192, 64), (1536, 576, 32), (160, 320, 32))
+DTYPES = (torch.float16, torch.bfloat16)
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@functools.lru_cache(maxsize=8)
+def _weights(k: int, n: int, g: int):
+    """Packed random weights on the GPU and their exact fp32 dequantization."""
+    qweight, qzeros, scales = reference.random_packed(k, n, g, seed=k + n + g, device="cuda")
+    q = reference.unpack_int4(qweight.cpu())
+    z = reference.unpack_int4(qzeros.cpu()).repeat_interleave(g, 0)
+    s = scales.cpu().float().repeat_interleave(g, 0)
+    return qweight, qzeros, scales, ((q - z).float() * s).cuda()  # (K, N) exact in fp32
+
+
+def _kernels_for(m: int) -> list[str]:
+    """auto, plus each explicit path that auto does not already take at this M."""
+    kernels = ["auto", "mma"]
+    if m <= GEMV_MAX_M:
+        kernels.append("gemv")
+    if m >= 256:
+        kernels.append("dequant")
+    return kernels
+
+
+def _check(x: torch.Tensor, k: int, n: int, g: int, kernel: str) -> None:
+    qweight, qzeros, scales, w32 = _weights(k, n, g)
+    out = torch.full((*x.shape[:-1], n), float("nan"), dtype=x.dtype, device="cuda")
+    y = awq_kernels.gemm(x, qweight, qzeros, scales, g, out=out, kernel=kernel)
+    assert y is out
+    assert torch.isfinite(y).all(), "NaN/inf in the output: unwritten elements or overflow"
+    ref = x.float().reshape(-1, k) @ w32  # (M, N) fp32 reference
+    err = ((y.float().reshape(-1, n) - ref).norm() / ref.norm()).item()
+    assert err <= TOLERANCE[x.dtype], f"relative error {err:.2e} (kernel={kernel})"
+    again = torch.full_like(out, float("nan"))
+    awq_kernels.gemm(x, qweight, qzeros, scales, g, out=again, kernel=kernel)
+    assert torch.equal(again.view(torch.int16), y.view(torch.int16)), "runs differ in bits"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("k,n,g", SHAPES, ids=[f"{k}x{n}g{g}" for k, n, g in SHAPES])
+@pytest.mark.parametrize("m", MS)
+def test_gemm_matches_fp32_reference(m, k, n, g, dtype):
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    for kernel in _kernels_for(m):
+        _check(x, k, n, g, kernel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("g", (32, 64, 128))
+@pytest.mark.parametrize("m", (1, 5, 16, 40, 300))
+def test_every_group_size(m, g, dtype):
+    x = torch.randn(m, 1024, device="cuda").to(dtype)
+    for kernel in _kernels_for(m):
+        _check(x, 1024, 1280, g, kernel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_dequantize_is_bit_exact(dtype):
+    for k, n, g in SHAPES:
+        qweight, qzeros, scales, _ = _weights(k, n, g)
+        w = awq_kernels.dequantize(qweight, qzeros, scales, g, dtype=dtype)
+        ref = reference.dequantize_like_kernel(qweight.cpu(), qzeros.cpu(), scales.cpu(), g, dtype)
+        assert torch.equal(w.cpu().view(torch.int16), ref.view(torch.int16))
+
+
+def test_leading_dims_empty_input_and_allocation():
+    qweight, qzeros, scales, w32 = _weights(576, 192, 64)
+    x = torch.randn(2, 3, 576, device="cuda").half()
+    y = awq_kernels.gemm(x, qweight, qzeros, scales, 64)
+    assert y.shape == (2, 3, 192) and y.dtype == torch.float16
+    ref = x.float() @ w32
+    assert ((y.float() - ref).norm() / ref.norm()).item() <= 2e-3
+    empty = awq_kernels.gemm(x[:0], qweight, qzeros, scales, 64)
+    assert empty.shape == (0, 3, 192)
+
+
+def test_runs_on_torchs_current_stream():
+    qweight, qzeros, scales, w32 = _weights(4096, 4096, 128)
+    x = torch.randn(16, 4096, device="cuda").half()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = awq_kernels.gemm(x, qweight, qzeros, scales, 128)
+        z = y.float() @ torch.eye(4096, device="cuda")  # ordered after the kernel on `stream`
+    stream.synchronize()
+    ref = x.float() @ w32
+    assert ((z - ref).norm() / ref.norm()).item() <= 2e-3
+
+
+def test_bad_cuda_inputs_raise():
+    qweight, qzeros, scales, _ = _weights(576, 192, 64)
+    x = torch.randn(4, 576, device="cuda").half()
+    with pytest.raises(ValueError, match="one device"):
+        awq_kernels.gemm(x, qweight.cpu(), qzeros, scales, 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        awq_kernels.gemm(torch.randn(576, 4, device="cuda").half().t(), qweight, qzeros, scales, 64)
+    with pytest.raises(ValueError, match="aligned"):
+        buf = torch.randn(4 * 576 + 1, device="cuda").half()
+        awq_kernels.gemm(buf[1:].view(4, 576), qweight, qzeros, scales, 64)
+    with pytest.raises(ValueError, match="group_size"):
+        awq_kernels.gemm(x, qweight, qzeros, scales, 32)
+    with pytest.raises(TypeError, match="dtype"):
+        awq_kernels.gemm(x.float(), qweight, qzeros, scales, 64)
+
