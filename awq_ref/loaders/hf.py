@@ -41,7 +41,7 @@ def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
     _check_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from e
 
