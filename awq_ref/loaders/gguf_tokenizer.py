@@ -1,7 +1,7 @@
 """The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata, as a `tokenizers` BPE.
 
 - `gpt2`: byte-level BPE with the file's merges; the pre-tokenizer (how text is split before
-  merging) is chosen by `tokenizer.ggml.pre` from the table below.
+  merging) is chosen by `tokenizer.ggml.pre` (see `_pre_tokenizer`).
 - `llama`: SentencePiece-style BPE with byte fallback; merges are rebuilt from the token scores
   (merge the pair whose joined token scores highest), a "\u2581" prefix marks word starts.
 
