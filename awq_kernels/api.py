@@ -194,8 +194,12 @@ class _on_torch_stream:
 
         index = device.index if device.index is not None else torch.cuda.current_device()
         self._device = cupy.cuda.Device(index)
-        self._stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream,
-                                                index)
+        torch_stream = torch.cuda.current_stream(index)
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(torch_stream,
+                                                                    "__cuda_stream__"):
+            self._stream = cupy.cuda.Stream.from_external(torch_stream)
+        else:  # older CuPy / torch without the CUDA stream protocol
+            self._stream = cupy.cuda.ExternalStream(torch_stream.cuda_stream, index)
         self._info = build.device_info(index)
 
     def __enter__(self) -> tuple[str, int]:

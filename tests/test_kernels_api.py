@@ -149,3 +149,17 @@ def test_reference_matches_awq_ref_packing():
     w32 = packing.dequantize_packed(qw, qz, s, 64)
     bf = reference.dequantize_like_kernel(qw, qz, s, 64, torch.bfloat16).float()
     assert ((bf - w32).abs() <= w32.abs() * 2**-7 + 1e-12).all()  # two bf16 roundings
+
+
+def test_benchmark_tables_and_bytes():
+    from awq_kernels import benchmark
+
+    assert benchmark.awq_bytes(1, 4096, 4096, 128) == 2 * 4096 + 4096 * 4096 * (0.5 + 2 / 128
+                                                                               + 0.5 / 128) + 2 * 4096
+    row = {"k": 64, "n": 64, "m": 1, "us": 2.0, "host_us": 9.0, "gb_per_s": 1.0,
+           "speedup_vs_fp16": 1.5, "pct_of_floor": 50.0}
+    result = {"device": "GPU", "torch": "x", "group_size": 128, "reps": 50,
+              "ceilings": {"hbm_bytes_per_s": 3e12, "tensor_flops": 8e14},
+              "rows": [dict(row, impl="awq"), dict(row, impl="fp16", us=3.0)]}
+    assert "| 64x64 | 1 | awq | 2.0 |" in benchmark.markdown(result)
+    assert "floor%  50.0" in benchmark.summary(result)

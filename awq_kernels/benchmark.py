@@ -1,0 +1,197 @@
+"""Kernel timing per /work/shared/design/PROTOCOL.md ("Kernel speed").
+
+- Ceilings measured on the machine: HBM bandwidth from a large device-to-device copy (bytes
+  read + written), tensor peak from a large fp16 matmul on random data.
+- Each timed call is preceded by a GPU sleep so the host has enqueued it before the start event
+  fires: the events then bracket GPU time only (host launch overhead is reported apart, as
+  wall time per call of back-to-back launches).
+- Weights rotate among enough copies (> 2 x L2 in total) that every call streams from HBM.
+- Median of >= 50 timed calls after warm-up. Random codes, scales, zeros and activations.
+- Roofline floor = max(bytes / BW, 2 M K N / peak), bytes = 2MK + KN/2 + 2KN/G + KN/(2G) + 2MN.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import api
+
+SHAPES = ((4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (8192, 28672),
+          (28672, 8192), (5120, 13824))
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+QUICK_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
+QUICK_MS = (1, 8, 16, 64, 256, 1024)
+SLEEP_CYCLES = 200_000  # ~100 us at ~2 GHz: longer than one launch from Python
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    hbm_bytes_per_s: float
+    tensor_flops: float
+
+
+@dataclass
+class Row:
+    k: int
+    n: int
+    m: int
+    impl: str
+    us: float
+    host_us: float
+    gb_per_s: float      # awq format bytes (the formula above) / time
+    speedup_vs_fp16: float
+    pct_of_floor: float  # floor / time * 100
+
+
+def awq_bytes(m: int, k: int, n: int, g: int) -> float:
+    return 2 * m * k + k * n / 2 + 2 * k * n / g + k * n / (2 * g) + 2 * m * n
+
+
+def median_us(fns: list[Callable[[], object]], reps: int, warmup: int = 5) -> float:
+    """Median GPU time of single calls, rotating over `fns` (one per weight copy)."""
+    for i in range(warmup):
+        fns[i % len(fns)]()
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+             for _ in range(reps)]
+    for i, (start, end) in enumerate(pairs):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        start.record()
+        fns[i % len(fns)]()
+        end.record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in pairs)
+
+
+def host_us(fn: Callable[[], object], calls: int = 50) -> float:
+    """Wall time per call of back-to-back launches (includes the GPU time when that is longer)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - t0) / calls
+
+
+def _copy_us(reps: int) -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    return median_us([lambda: dst.copy_(src)], reps)
+
+
+def _matmul_us(reps: int) -> float:
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.float16) for _ in range(2))
+    return median_us([lambda: a @ b], reps)
+
+
+def measure_ceilings(reps: int = 20) -> Ceilings:
+    """HBM bytes/s of a 1 GiB copy (read + write) and FLOP/s of an 8192^3 fp16 matmul."""
+    return Ceilings(2 * (1 << 30) / (_copy_us(reps) * 1e-6), 2 * 8192**3 / (_matmul_us(reps) * 1e-6))
+
+
+def _copies(bytes_per_copy: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, -(-2 * l2 // bytes_per_copy) + 1)
+
+
+def _random_packed(k: int, n: int, g: int) -> tuple[torch.Tensor, ...]:
+    """Uniformly random words are uniformly random codes; drawn on the GPU (fast for 8192 x
+    28672), scales positive around 1e-2."""
+    def words(rows: int) -> torch.Tensor:
+        return torch.randint(-(2**31), 2**31 - 1, (rows, n // 8), dtype=torch.int32, device="cuda")
+
+    scales = (torch.rand(k // g, n, device="cuda") * 0.02 + 0.002).to(torch.float16)
+    return words(k), words(k // g), scales
+
+
+def _impls(k: int, n: int, g: int) -> dict[str, Callable[[torch.Tensor], list]]:
+    """name -> (x -> one closure per weight copy)."""
+    packed = [_random_packed(k, n, g) for _ in range(_copies(k * n // 2))]
+    fp16 = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02
+            for _ in range(_copies(2 * k * n))]
+    int4 = []
+    for _ in range(_copies(k * n // 2)):
+        w_u8 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+        scale_zero = (torch.rand(k // g, n, 2, device="cuda") * 0.02).to(torch.bfloat16)
+        int4.append((torch._convert_weight_to_int4pack(w_u8, 8), scale_zero))
+
+    def ours(kernel: str):
+        return lambda x: [lambda w=w: api.gemm(x, *w, g, kernel=kernel) for w in packed]
+
+    def int4pack(x: torch.Tensor) -> list:
+        xb = x.to(torch.bfloat16)  # converted once, outside the timed calls
+        return [lambda w=w: torch._weight_int4pack_mm(xb, w[0], g, w[1]) for w in int4]
+
+    return {
+        "awq": ours("auto"),
+        "awq[mma]": ours("mma"),
+        "fp16": lambda x: [lambda w=w: torch.matmul(x, w) for w in fp16],
+        "int4pack": int4pack,
+    }
+
+
+def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, reps: int
+                ) -> list[Row]:
+    impls = _impls(k, n, g)
+    rows: list[Row] = []
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        times: dict[str, tuple[float, float]] = {}
+        for name, make in impls.items():
+            if name == "awq[mma]" and 8 < m < 1024:
+                continue  # that is what "awq" runs at this M
+            fns = make(x)
+            try:
+                times[name] = (median_us(fns, reps), host_us(fns[0]))
+            except RuntimeError as err:  # e.g. a baseline op missing in this torch build
+                print(f"  {name} K={k} N={n} M={m}: {err}")
+        floor_s = max(awq_bytes(m, k, n, g) / ceil.hbm_bytes_per_s, 2 * m * k * n / ceil.tensor_flops)
+        fp16_us = times.get("fp16", (float("nan"),))[0]
+        for name, (us, h_us) in times.items():
+            rows.append(Row(k, n, m, name, us, h_us, awq_bytes(m, k, n, g) / (us * 1e3),
+                            fp16_us / us, 100 * floor_s / (us * 1e-6)))
+        del x
+    return rows
+
+
+def run(shapes=SHAPES, ms=MS, group_size: int = 128, reps: int = 50) -> dict:
+    ceil = measure_ceilings()
+    rows = []
+    for k, n in shapes:
+        rows += bench_shape(k, n, ms, group_size, ceil, reps)
+        torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "group_size": group_size, "reps": reps, "ceilings": asdict(ceil),
+            "rows": [asdict(r) for r in rows]}
+
+
+def markdown(result: dict) -> str:
+    c = result["ceilings"]
+    title = (f"{result['device']}, torch {result['torch']}, G = {result['group_size']}, median "
+             f"of {result['reps']}; measured HBM {c['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
+             f"fp16 tensor {c['tensor_flops'] / 1e12:.0f} TFLOP/s")
+    lines = [title, "",
+             "| K x N | M | impl | us | host us | GB/s | x fp16 | % floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['impl']} | {r['us']:.1f} | "
+                     f"{r['host_us']:.1f} | {r['gb_per_s']:.0f} | {r['speedup_vs_fp16']:.2f} | "
+                     f"{r['pct_of_floor']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> str:
+    """One line per (shape, M): every implementation's microseconds, awq's % of the floor."""
+    points: dict[tuple[int, int, int], dict[str, dict]] = {}
+    for r in result["rows"]:
+        points.setdefault((r["k"], r["n"], r["m"]), {})[r["impl"]] = r
+    lines = []
+    for (k, n, m), impls in points.items():
+        cells = " ".join(f"{name} {r['us']:8.1f}" for name, r in impls.items())
+        floor = impls["awq"]["pct_of_floor"] if "awq" in impls else float("nan")
+        lines.append(f"{k:>5}x{n:<5} M={m:<5} floor% {floor:5.1f} | us: {cells}")
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""Time awq_kernels.gemm against fp16 cuBLAS and torch's int4 kernel (PROTOCOL.md, kernel speed).
+
+    python tools/bench_gemm.py [--quick] [--group-size 128] [--reps 50] [--out out/bench_gemm]
+
+Writes <out>.json and <out>.md and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from awq_kernels import benchmark
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 shapes x 6 M instead of 7 x 11")
+    parser.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128))
+    parser.add_argument("--reps", type=int, default=50, help="timed calls per point (>= 50)")
+    parser.add_argument("--out", type=Path, default=Path("out/bench_gemm"), help="file stem")
+    args = parser.parse_args()
+    shapes, ms = ((benchmark.QUICK_SHAPES, benchmark.QUICK_MS) if args.quick
+                  else (benchmark.SHAPES, benchmark.MS))
+    result = benchmark.run(shapes, ms, args.group_size, args.reps)
+    table = benchmark.markdown(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
