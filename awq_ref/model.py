@@ -33,10 +33,11 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
 
     Llama-3 ("llama3") keeps high frequencies (wavelength < L/high_freq_factor), divides low
     frequencies (wavelength > L/low_freq_factor) by `factor`, and interpolates smoothly between,
-    where L = original_max_position_embeddings.
+    where L = original_max_position_embeddings. Always computed on the CPU in fp32 (also when
+    the model is built under a meta-device context).
     """
     dh = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.int64).float() / dh))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.int64, device="cpu").float() / dh))
     rs = config.rope_scaling
     if rs is None:
         return inv_freq  # (Dh/2,)

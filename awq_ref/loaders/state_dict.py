@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from awq_ref.config import LlamaConfig
-from awq_ref.model import Llama, rope_frequencies
+from awq_ref.model import Llama
 
 # Some exporters write these; the model recomputes them.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -18,8 +18,7 @@ def build_on_meta(config: LlamaConfig) -> Llama:
     """A Llama whose parameters take no memory; fill it with load_state_dict(assign=True)."""
     with torch.device("meta"):
         model = Llama(config)
-    # The RoPE table is not a parameter: compute it for real, on the CPU in fp32 as __init__ does.
-    model._inv_freq = rope_frequencies(config)
+    assert model._inv_freq.device.type == "cpu"  # the RoPE table is real, not meta
     return model
 
 
