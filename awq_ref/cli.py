@@ -67,6 +67,47 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _awq_result(args: argparse.Namespace, model, tok, spec):
+    """The AWQ search result: re-loaded with --result, else searched (and saved with --save-result)."""
+    from awq_ref.awq.calibration import calibration_tokens, sample_from_model
+    from awq_ref.awq.pipeline import AwqConfig, search_awq
+    from awq_ref.awq.result import AwqResult
+
+    if args.result:
+        return AwqResult.load(args.result)
+    if args.calib:
+        calib = calibration_tokens(tok, args.calib, args.n_samples, args.calib_seqlen, args.seed)
+    else:
+        print("no --calib text: sampling calibration windows from the model (data-free)",
+              file=sys.stderr)
+        calib = sample_from_model(model, args.n_samples, args.calib_seqlen, args.seed)
+    config = AwqConfig(n_grid=args.n_grid, duo_scaling=args.duo_scaling)
+    result = search_awq(model, calib, spec, config, device=args.device)
+    if args.save_result:
+        result.save(args.save_result)
+        print(f"search result saved to {args.save_result}", file=sys.stderr)
+    return result
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from awq_ref.api import quantize
+    from awq_ref.loaders import load_tokenizer
+    from awq_ref.quant.checkpoint import save_quantized
+    from awq_ref.quant.quantizer import QuantSpec
+
+    spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
+    tok, model = load_tokenizer(args.model), _load(args)
+    t0 = time.perf_counter()
+    extra = {"result": _awq_result(args, model, tok, spec)} if args.method == "awq" else {}
+    qmodel = quantize(model, method=args.method, w_bit=spec.bits, group_size=spec.group_size,
+                      zero_point=spec.zero_point, inplace=True, **extra)
+    seconds = time.perf_counter() - t0
+    save_quantized(qmodel, args.out, tokenizer=tok)
+    print(f"{args.method} W{spec.bits} g{spec.group_size} quantized in {seconds:.1f} s; "
+          f"checkpoint written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m awq_ref", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="also report KL and top-1 against this model")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_ppl)
+
+    q = sub.add_parser("quantize", help="quantize (RTN or AWQ) and write a packed AWQ checkpoint")
+    _add_model_args(q)
+    q.add_argument("--method", default="awq", choices=["awq", "rtn"])
+    q.add_argument("--w-bit", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128, help="-1 = one group per output channel")
+    q.add_argument("--no-zero-point", action="store_true", help="symmetric quantization")
+    q.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
+    q.add_argument("--calib", nargs="*", default=[], help="calibration text file(s) (AWQ)")
+    q.add_argument("--n-samples", type=int, default=128, help="calibration windows")
+    q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--n-grid", type=int, default=20, help="ratios tried by the scale search")
+    q.add_argument("--duo-scaling", action="store_true", help="s = mean|x|^a / mean|w|^(1-a)")
+    q.add_argument("--save-result", default=None, help="also save the AWQ search (safetensors)")
+    q.add_argument("--result", default=None, help="re-apply a saved AWQ search instead of searching")
+    q.set_defaults(func=cmd_quantize)
     return parser
 
 
