@@ -24,6 +24,12 @@ class RopeScaling:
     high_freq_factor: float
     original_max_position_embeddings: int
 
+    def __post_init__(self) -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"rope_scaling.{name} must be a positive finite number, got {value!r}")
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -45,15 +51,25 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.head_dim == 0:
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim",
                     "max_position_embeddings")
-        for name in positive:
+        for name in positive:  # head_dim checked after it is derived from checked values
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0 and (name != "head_dim" or value != 0):
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+            if self.head_dim == 0:
+                raise ValueError(f"LlamaConfig: hidden_size={self.hidden_size} is smaller than "
+                                 f"num_attention_heads={self.num_attention_heads}")
+        special = () if self.bos_token_id is None else (self.bos_token_id,)
+        if not all(_is_int(i) and i >= 0 for i in (*special, *self.eos_token_ids)):
+            raise ValueError(f"LlamaConfig: bos/eos token ids must be non-negative integers, got "
+                             f"{self.bos_token_id!r} and {self.eos_token_ids!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LlamaConfig.{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004 (a bad file)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -62,8 +78,17 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got {value!r}")
+
+    def weight_count(self) -> int:
+        """Elements of the weight matrices and norms (biases left out): a lower bound on what a
+        file holding this model stores, checked before anything of that size is built."""
+        d, f, dh = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_attention_heads * dh, self.num_key_value_heads * dh
+        layer = 2 * d + 2 * d * q + 2 * d * kv + 3 * d * f  # (N, K) of q, o, k, v, gate, up, down
+        heads = 1 if self.tie_word_embeddings else 2
+        return heads * self.vocab_size * d + self.num_hidden_layers * layer + d
 
     @property
     def n_rep(self) -> int:
@@ -86,6 +111,8 @@ class LlamaConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         archs = d.get("architectures") or []
+        if not isinstance(archs, list):
+            raise ValueError(f"{source}: architectures must be a list, got {archs!r}")  # noqa: TRY004 (a bad file)
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES or (archs and archs[0] not in SUPPORTED_ARCHITECTURES):
             raise ValueError(
@@ -115,9 +142,9 @@ class LlamaConfig:
                 rope_theta=theta,
                 rope_scaling=scaling,
                 max_position_embeddings=d.get("max_position_embeddings", 2048),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", False)),
-                mlp_bias=bool(d.get("mlp_bias", False)),
+                tie_word_embeddings=d.get("tie_word_embeddings", False),
+                attention_bias=d.get("attention_bias", False),
+                mlp_bias=d.get("mlp_bias", False),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
             )
@@ -164,3 +191,13 @@ def _read_rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | Non
         )
     except KeyError as e:
         raise ValueError(f"{source}: llama3 rope scaling lacks field {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -35,14 +35,16 @@ class Tokenizer:
     def __init__(self, backend: Backend, bos_id: int | None, eos_ids: Sequence[int],
                  add_bos: bool, source: str = ""):
         self.backend = backend
-        self.bos_id = bos_id
-        self.eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids))
-        self.add_bos = bool(add_bos)
         self.source = source
-        n = self.vocab_size
-        for name, ids in (("bos", () if bos_id is None else (bos_id,)), ("eos", self.eos_ids)):
-            if any(not 0 <= i < n for i in ids):
-                raise ValueError(f"{source}: {name} id(s) {ids} outside the vocabulary of {n}")
+        n = backend.vocab_size()
+        for name, ids in (("bos", () if bos_id is None else (bos_id,)), ("eos", tuple(eos_ids))):
+            if any(not _is_int(i) or not 0 <= i < n for i in ids):
+                raise ValueError(f"{source}: {name} id(s) {ids} are not token ids of the vocabulary of {n}")
+        if not isinstance(add_bos, bool):
+            raise ValueError(f"{source}: add_bos_token={add_bos!r} must be true or false")  # noqa: TRY004 (a bad file)
+        self.bos_id = bos_id
+        self.eos_ids = tuple(dict.fromkeys(eos_ids))
+        self.add_bos = add_bos
 
     @property
     def vocab_size(self) -> int:
@@ -93,6 +95,9 @@ class TokenizersBackend:
 
     def __init__(self, tk: Any):
         self.tk = tk
+        # Highest id + 1, not the entry count: a vocabulary listing one string twice (GGUF
+        # files may) has fewer entries than ids, and every id it can emit must count.
+        self._size = max(tk.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
@@ -101,7 +106,7 @@ class TokenizersBackend:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def vocab_size(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
+        return self._size
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
@@ -185,27 +190,46 @@ def _token_id(backend: Backend, token: Any) -> int | None:
     return backend.token_to_id(token) if isinstance(token, str) else None
 
 
-def _as_ids(value: Any) -> list[int]:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_ids(value: Any, source: Path) -> list[int]:
+    """A token id or a list of them, as the JSON files write them; ValueError naming `source`."""
     if value is None:
         return []
-    return [int(v) for v in (value if isinstance(value, list) else [value])]
+    ids = value if isinstance(value, list) else [value]
+    if not all(_is_int(i) and i >= 0 for i in ids):
+        raise ValueError(f"{source}: token id(s) {value!r} must be non-negative integers")
+    return ids
 
 
 def special_ids_from_folder(folder: Path, backend: Backend, default_bos: int | None = None,
                             default_eos: Sequence[int] = ()) -> tuple[int | None, list[int], bool | None]:
     """(bos_id, eos_ids, add_bos or None when unstated) from tokenizer_config.json, then
     generation_config.json / config.json for ids the tokenizer config does not give."""
-    tok_cfg = read_json(folder / CONFIG_FILE)
-    gen_cfg = read_json(folder / "generation_config.json")
-    model_cfg = read_json(folder / "config.json")
+    files = {name: (folder / name, read_json(folder / name))
+             for name in (CONFIG_FILE, "generation_config.json", "config.json")}
+    tok_path, tok_cfg = files[CONFIG_FILE]
     bos = tok_cfg.get("bos_token_id", _token_id(backend, tok_cfg.get("bos_token")))
-    eos = _as_ids(tok_cfg.get("eos_token_ids")) or _as_ids(_token_id(backend, tok_cfg.get("eos_token")))
-    eos += _as_ids(gen_cfg.get("eos_token_id"))
-    for cfg in (gen_cfg, model_cfg):
-        bos = cfg.get("bos_token_id") if bos is None else bos
-        eos = eos or _as_ids(cfg.get("eos_token_id"))
+    bos_source = tok_path
+    eos = (_as_ids(tok_cfg.get("eos_token_ids"), tok_path)
+           or _as_ids(_token_id(backend, tok_cfg.get("eos_token")), tok_path))
+    gen_path, gen_cfg = files["generation_config.json"]
+    eos += _as_ids(gen_cfg.get("eos_token_id"), gen_path)
+    for path, cfg in (files["generation_config.json"], files["config.json"]):
+        if bos is None:
+            bos, bos_source = cfg.get("bos_token_id"), path
+        eos = eos or _as_ids(cfg.get("eos_token_id"), path)
+    if bos is not None:
+        _as_ids(bos, bos_source)  # checks its type
+        if isinstance(bos, list):
+            raise ValueError(f"{bos_source}: bos_token_id={bos!r} must be one token id")
     bos = default_bos if bos is None else bos
-    return bos, eos or list(default_eos), tok_cfg.get("add_bos_token")
+    add_bos = tok_cfg.get("add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise ValueError(f"{tok_path}: add_bos_token={add_bos!r} must be true or false")
+    return bos, eos or list(default_eos), add_bos
 
 
 def tokenizer_from_folder(folder: Path) -> Tokenizer:

@@ -7,6 +7,8 @@ converter permuted q/k rows to interleaved RoPE pairs, which we undo. The config
 
 from __future__ import annotations
 
+import math
+import mmap
 import re
 import struct
 from pathlib import Path
@@ -41,6 +43,11 @@ NAME_MAP = {
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 # Smallest possible header entries, to bound the counts a header claims by the file size.
 _MIN_TENSOR_INFO, _MIN_KV = 8 + 4 + 4 + 8, 8 + 4 + 1
+# GGUF value type -> bytes of one scalar (uint8, int8, uint16, int16, uint32, int32, float32,
+# bool, uint64, int64, float64); 8 is a string (uint64 length + bytes), 9 an array.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 def is_gguf(path: Path) -> bool:
@@ -61,6 +68,67 @@ def _check_header(path: Path) -> None:
     if 24 + n_tensors * _MIN_TENSOR_INFO + n_kv * _MIN_KV > size:
         raise ValueError(f"{path}: corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata "
                          f"entries cannot fit in {size} bytes")
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        _walk_header(buf, n_tensors, n_kv, str(path))
+
+
+class _Cursor:
+    """Reads a GGUF header front to back; every length is checked against the file size before
+    it is used, so a claimed count or string length never drives a loop or an allocation."""
+
+    def __init__(self, buf: mmap.mmap, source: str):
+        self.buf, self.off, self.source = buf, 24, source
+
+    def need(self, n: int, what: str) -> None:
+        if n > len(self.buf) - self.off:
+            raise ValueError(f"{self.source}: corrupt GGUF header: {what} of {n} bytes at offset "
+                             f"{self.off} runs past the end of the file ({len(self.buf)} bytes)")
+
+    def skip(self, n: int, what: str) -> None:
+        self.need(n, what)
+        self.off += n
+
+    def uint(self, width: int, what: str) -> int:
+        start = self.off
+        self.skip(width, what)
+        return int.from_bytes(self.buf[start:self.off], "little")
+
+    def string(self, what: str) -> None:
+        self.skip(self.uint(8, f"{what} length"), what)
+
+    def value(self, vtype: int, what: str, in_array: bool = False) -> None:
+        if vtype in _SCALAR_BYTES:
+            self.skip(_SCALAR_BYTES[vtype], what)
+        elif vtype == _STRING:
+            self.string(what)
+        elif vtype == _ARRAY and not in_array:  # arrays of arrays: llama files have none
+            itype, count = self.uint(4, f"{what} item type"), self.uint(8, f"{what} count")
+            if itype in _SCALAR_BYTES:
+                self.skip(count * _SCALAR_BYTES[itype], f"{what} ({count} items)")
+                return
+            self.need(8 * count, f"{what} ({count} items of at least 8 bytes)")
+            for _ in range(count):  # strings; any other item type fails on the first
+                self.value(itype, what, in_array=True)
+        else:
+            raise ValueError(f"{self.source}: corrupt GGUF header: {what} has value type {vtype}")
+
+
+def _walk_header(buf: mmap.mmap, n_tensors: int, n_kv: int, source: str) -> None:
+    """Every metadata entry and tensor info must lie inside the file (see _Cursor)."""
+    cur = _Cursor(buf, source)
+    for i in range(n_kv):
+        cur.string(f"metadata key {i}")
+        cur.value(cur.uint(4, f"metadata entry {i} type"), f"metadata entry {i}")
+    for i in range(n_tensors):
+        cur.string(f"tensor info {i} name")
+        n_dims = cur.uint(4, f"tensor info {i} dimension count")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise ValueError(f"{source}: corrupt GGUF header: tensor info {i} has {n_dims} dimensions")
+        dims = [cur.uint(8, f"tensor info {i} shape") for _ in range(n_dims)]
+        if math.prod(dims) > len(buf) * 8:  # no GGML type stores more than 8 weights per byte
+            raise ValueError(f"{source}: corrupt GGUF header: tensor info {i} has shape {dims}, "
+                             f"more weights than a {len(buf)}-byte file can hold")
+        cur.skip(4 + 8, f"tensor info {i} type and offset")
 
 
 def open_gguf(path: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -90,6 +158,14 @@ def _get(meta: dict[str, Any], key: str, source: str, default: Any = None) -> An
     return default
 
 
+def _int(meta: dict[str, Any], key: str, source: str, default: Any = None) -> int:
+    """An integer metadata value (GGUF stores them as integers; a float or a string is corrupt)."""
+    value = _get(meta, key, source, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{source}: GGUF metadata {key}={value!r} is not an integer")  # noqa: TRY004 (a bad file)
+    return value
+
+
 def _f32(value: float) -> float:
     """A float32 metadata value as the shortest decimal that rounds to it (1e-5, not 9.99999e-6)."""
     return float(str(np.float32(value)))
@@ -107,33 +183,37 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) 
     if scaling != "none" or "rope_freqs.weight" in tensor_names:
         raise ValueError(f"{source}: rope scaling ({scaling!r}, rope_freqs tensor: "
                          f"{'rope_freqs.weight' in tensor_names}) is not supported for GGUF")
-    d, heads = _get(meta, "llama.embedding_length", source), _get(meta, "llama.attention.head_count", source)
-    head_dim = meta.get("llama.attention.key_length", d // heads)
-    for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
-        if meta.get(key, head_dim) != head_dim:
-            raise ValueError(f"{source}: {key}={meta[key]} differs from head_dim {head_dim}; unsupported")
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = meta.get("llama.vocab_size", len(tokens) if tokens else None)
-    if vocab is None:
-        raise ValueError(f"{source}: GGUF metadata gives no vocab size (llama.vocab_size or tokens)")
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    n_tokens = len(tokens) if isinstance(tokens, list) and tokens else None
+    eos = [_int(meta, k, source) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+           if k in meta]
+    bos = _int(meta, "tokenizer.ggml.bos_token_id", source) if "tokenizer.ggml.bos_token_id" in meta else None
+    heads = _int(meta, "llama.attention.head_count", source)
     try:
-        return LlamaConfig(
-            vocab_size=int(vocab), hidden_size=int(d),
-            intermediate_size=int(_get(meta, "llama.feed_forward_length", source)),
-            num_hidden_layers=int(_get(meta, "llama.block_count", source)),
-            num_attention_heads=int(heads),
-            num_key_value_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-            head_dim=int(head_dim),
+        config = LlamaConfig(
+            vocab_size=_int(meta, "llama.vocab_size", source, n_tokens),
+            hidden_size=_int(meta, "llama.embedding_length", source),
+            intermediate_size=_int(meta, "llama.feed_forward_length", source),
+            num_hidden_layers=_int(meta, "llama.block_count", source),
+            num_attention_heads=heads,
+            num_key_value_heads=_int(meta, "llama.attention.head_count_kv", source, heads),
+            head_dim=_int(meta, "llama.attention.key_length", source, 0),
             rms_norm_eps=_f32(_get(meta, "llama.attention.layer_norm_rms_epsilon", source)),
             rope_theta=_f32(meta.get("llama.rope.freq_base", 10000.0)),
-            max_position_embeddings=int(meta.get("llama.context_length", 2048)),
+            max_position_embeddings=_int(meta, "llama.context_length", source, 2048),
             tie_word_embeddings="output.weight" not in tensor_names,
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
+            bos_token_id=bos,
+            eos_token_ids=tuple(dict.fromkeys(eos)),
         )
     except (TypeError, ValueError) as e:
+        if source in str(e):
+            raise
         raise ValueError(f"{source}: {e}") from e
+    for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
+        if meta.get(key, config.head_dim) != config.head_dim:
+            raise ValueError(f"{source}: {key}={meta[key]} differs from head_dim {config.head_dim}; "
+                             "unsupported")
+    return config
 
 
 def hf_name(gguf_name: str) -> str:

@@ -123,17 +123,44 @@ def _add_special_tokens(tk: Any, meta: dict[str, Any], byte_level: bool) -> None
     tk.add_tokens(user)
 
 
+def _check_metadata(meta: dict[str, Any], source: str) -> None:
+    """Types and ranges of the `tokenizer.ggml.*` values we use, before any of them is used."""
+    lists = {"tokens": (str, "strings"), "merges": (str, "strings"),
+             "scores": ((int, float), "numbers"), "token_type": (int, "integers")}
+    for key, (kind, name) in lists.items():
+        value = meta.get(f"tokenizer.ggml.{key}", [])
+        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool)
+                                                  for v in value):
+            raise ValueError(f"{source}: tokenizer.ggml.{key} must be a list of {name}")
+    n = len(meta.get("tokenizer.ggml.tokens", []))
+    if n == 0:
+        raise ValueError(f"{source}: GGUF metadata has no tokenizer.ggml.tokens")
+    for key in ("bos_token_id", "eos_token_id", "eot_token_id", "unknown_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}", 0)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
+            raise ValueError(f"{source}: tokenizer.ggml.{key}={value!r} is not a token id (< {n})")
+    for key in ("add_bos_token", "add_space_prefix"):
+        if not isinstance(meta.get(f"tokenizer.ggml.{key}", True), bool):
+            raise ValueError(f"{source}: tokenizer.ggml.{key} must be a boolean")  # noqa: TRY004 (a bad file)
+    if not isinstance(meta.get("tokenizer.ggml.pre", ""), str):
+        raise ValueError(f"{source}: tokenizer.ggml.pre must be a string")  # noqa: TRY004 (a bad file)
+
+
 def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> Tokenizer:
     kind = meta.get("tokenizer.ggml.model")
-    if "tokenizer.ggml.tokens" not in meta:
-        raise ValueError(f"{source}: GGUF metadata has no tokenizer.ggml.tokens")
-    if kind == "gpt2":
-        tk = byte_level_bpe(meta, source)
-    elif kind == "llama":
-        tk = sentencepiece_bpe(meta, source)
-    else:
-        raise ValueError(f"{source}: tokenizer.ggml.model={kind!r} is not supported (gpt2, llama)")
-    _add_special_tokens(tk, meta, byte_level=kind == "gpt2")
+    _check_metadata(meta, source)
+    try:
+        if kind == "gpt2":
+            tk = byte_level_bpe(meta, source)
+        elif kind == "llama":
+            tk = sentencepiece_bpe(meta, source)
+        else:
+            raise ValueError(f"{source}: tokenizer.ggml.model={kind!r} is not supported (gpt2, llama)")
+        _add_special_tokens(tk, meta, byte_level=kind == "gpt2")
+    except Exception as e:  # tokenizers raises its own Exception subclass on a bad vocabulary
+        if isinstance(e, ValueError) and source in str(e):
+            raise
+        raise ValueError(f"{source}: the GGUF vocabulary does not form a tokenizer ({e})") from e
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
     # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
     add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")

@@ -45,11 +45,23 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, dh // 2, k).transpose(1, 2).reshape(out, k)
 
 
+def check_size_claim(config: LlamaConfig, stored: int, source: str, per_element: int = 1) -> None:
+    """A config must not claim far more weights than the file stores (`stored` elements holding
+    `per_element` weights each): checked before a model of its size is built, even on the meta
+    device (its RoPE table is real). Near misses (within 2x) are left to the per-tensor checks,
+    whose messages name the tensor."""
+    claimed = config.weight_count()
+    if claimed > 2 * stored * per_element:
+        raise ValueError(f"{source}: the config describes {claimed} weights, the file holds "
+                         f"{stored * per_element}: tensors do not match the config")
+
+
 def check_state_dict(config: LlamaConfig, tensors: dict[str, torch.Tensor],
                      source: str) -> dict[str, torch.Tensor]:
     """The tensors the model needs, after checking names and shapes; raises ValueError naming
     `source` and the first offending tensors. A tied lm_head.weight in the file is dropped."""
     tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
+    check_size_claim(config, sum(t.numel() for t in tensors.values()), source)
     expected = expected_shapes(config)
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         # Some tied checkpoints still store a copy; HF ignores it, and so do we.

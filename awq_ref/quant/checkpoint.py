@@ -28,15 +28,16 @@ from torch import nn
 
 from awq_ref.config import LlamaConfig
 from awq_ref.loaders.hf import read_safetensors_folder
-from awq_ref.loaders.state_dict import build_on_meta
+from awq_ref.loaders.state_dict import build_on_meta, check_size_claim
 from awq_ref.model import Llama
-from awq_ref.quant.packing import PACK_BITS, check_packed_shapes
+from awq_ref.quant.packing import PACK_BITS, PACK_NUM, check_packed_shapes
 from awq_ref.quant.qlinear import QuantLinear, replace_linears, skipped
 from awq_ref.quant.quantizer import QuantSpec
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's default "5GB"
 WEIGHTS_NAME = "model.safetensors"  # the names awq_ref.loaders.hf reads
 INDEX_NAME = "model.safetensors.index.json"
+PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales")  # stored as they are (int32, fp16)
 
 
 def quant_config_dict(spec: QuantSpec, modules_to_not_convert: Iterable[str] = ()) -> dict[str, Any]:
@@ -67,7 +68,10 @@ def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, 
     skip = d.get("modules_to_not_convert") or []
     if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
         raise ValueError(f"{source}: modules_to_not_convert must be a list of names, got {skip!r}")
-    return QuantSpec(bits, group, bool(d.get("zero_point", True))), tuple(skip)
+    zero_point = d.get("zero_point", True)
+    if not isinstance(zero_point, bool):
+        raise ValueError(f"{source}: zero_point={zero_point!r} must be true or false")  # noqa: TRY004 (a bad file)
+    return QuantSpec(bits, group, zero_point), tuple(skip)
 
 
 def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -221,6 +225,9 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], folder: P
         if tuple(tensors[key].shape) != tuple(t.shape):
             raise ValueError(f"{folder}: tensor {key} has shape {tuple(tensors[key].shape)}, "
                              f"config.json implies {tuple(t.shape)}")
+        if not key.endswith(PACKED_SUFFIXES) and not tensors[key].is_floating_point():
+            raise ValueError(f"{folder}: tensor {key} has dtype {tensors[key].dtype}, "
+                             "expected a float type")
 
 
 def load_quantized_model(folder: str | Path, device: torch.device | str = "cpu",
@@ -234,12 +241,18 @@ def load_quantized_model(folder: str | Path, device: torch.device | str = "cpu",
     folder = Path(folder)
     config, qc = _read_config(folder)
     spec, skip = parse_quant_config(qc, str(folder / "config.json"))
-    model = build_on_meta(config)
-    replace_linears(model, spec, skip, init_only=True)
     tensors = read_safetensors_folder(folder)
-    _check_tensors(model, tensors, folder)
-    packed = (".qweight", ".qzeros", ".scales")
-    state = {k: t.to(device) if k.endswith(packed) else t.to(device=device, dtype=dtype)
+    # A packed int32 element holds PACK_NUM 4-bit weights.
+    check_size_claim(config, sum(t.numel() for t in tensors.values()), str(folder), PACK_NUM)
+    try:
+        model = build_on_meta(config)
+        replace_linears(model, spec, skip, init_only=True)
+        _check_tensors(model, tensors, folder)
+    except ValueError as e:  # the layer-level checks name the layer; add the checkpoint
+        if str(folder) in str(e):
+            raise
+        raise ValueError(f"{folder}: {e}") from e
+    state = {k: t.to(device) if k.endswith(PACKED_SUFFIXES) else t.to(device=device, dtype=dtype)
              for k, t in tensors.items()}
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
