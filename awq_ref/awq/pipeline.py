@@ -10,7 +10,8 @@ For each block (one on the compute device at a time, as an fp32 working copy):
   4. next     - the next block's inputs: the block's output with the original fp weights
                 ("fp", as llm-awq / AutoAWQ do), with the scaled and clipped fp weights
                 ("awq"), or with the fake-quantized weights ("quantized").
-The model itself is not modified; `apply_awq(model, result)` folds the result in.
+`search_awq` leaves the model as it is and returns an AwqResult; `apply_awq(model, result)`
+folds it in; `run_awq` (what api.quantize calls) does both.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from awq_ref.awq.apply import apply_clip, apply_scale
+from awq_ref.awq.apply import apply_awq, apply_clip, apply_scale
+from awq_ref.awq.calibration import DEFAULT_SEQLEN, DEFAULT_WINDOWS, sample_from_model
 from awq_ref.awq.capture import InputStats, SubsetPlan, capture_block, check_finite, embed, \
     forward_block
 from awq_ref.awq.result import AwqResult
@@ -33,7 +37,9 @@ from awq_ref.awq.scaling_groups import LLAMA_CLIP_SKIP, LLAMA_GROUPS, ScalingGro
     input_group, reduce_kv
 from awq_ref.awq.search_clip import CLIP_MODES, search_clip
 from awq_ref.awq.search_scale import ScaleChoice, grid_search, gram_loss, module_loss, weight_mean
-from awq_ref.quant.quantizer import QuantSpec, fake_quantize
+from awq_ref.quant.qlinear import skipped
+from awq_ref.quant.quantizer import QuantSpec
+from awq_ref.quant.rtn import fake_quantize_weight
 
 log = logging.getLogger(__name__)
 PROPAGATE = ("fp", "awq", "quantized")
@@ -65,13 +71,19 @@ class AwqConfig:
                 raise ValueError(f"AwqConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
-def run_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
-            config: AwqConfig = AwqConfig(), device: str | torch.device | None = None) -> AwqResult:
-    """Search AWQ scales and clip ranges for `model` on calib_tokens (B, T); model unchanged."""
+def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
+               config: AwqConfig = AwqConfig(), device: str | torch.device | None = None,
+               modules_to_not_convert: Iterable[str] = ()) -> AwqResult:
+    """Search AWQ scales and clip ranges for `model` on calib_tokens (B, T); model unchanged.
+
+    Linears whose full name contains an entry of modules_to_not_convert stay fp in the losses
+    and are never clipped (their input channels are still scaled: that is exact).
+    """
     if calib_tokens.dim() != 2 or calib_tokens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"calib_tokens must be integer (B, T), got {calib_tokens.dtype} "
                          f"{tuple(calib_tokens.shape)}")
     device = torch.device(device) if device is not None else model.device
+    skip = tuple(modules_to_not_convert)
     result = AwqResult(spec=spec, info={"config": json.dumps(asdict(config))})
     start = time.perf_counter()
     with torch.no_grad():
@@ -80,19 +92,47 @@ def run_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
         blocks = model.model.layers
         bar = tqdm(total=len(blocks), desc="AWQ", unit="block", disable=not config.progress)
         for i, block in enumerate(blocks):
+            prefix = f"model.layers.{i}"
             work = copy.deepcopy(block).to(device, torch.float32)
-            search_block(work, f"model.layers.{i}", model.config, x, cos, sin, spec, config,
-                         result)
+            fp_names = {n for n, m in work.named_modules()
+                        if isinstance(m, nn.Linear) and skipped(f"{prefix}.{n}", skip)}
+            search_block(work, prefix, model.config, x, cos, sin, spec, config, result, fp_names)
             bar.update(1)
             del work
         bar.close()
     result.info["seconds"] = f"{time.perf_counter() - start:.1f}"
+    result.info["search"] = json.dumps(result.search)
     return result
 
 
+def run_awq(model: nn.Module, spec: QuantSpec, calib_tokens: torch.Tensor | None = None,
+            modules_to_not_convert: Iterable[str] = (), device: str | torch.device | None = None,
+            result: AwqResult | None = None, **config: Any) -> nn.Module:
+    """Search (unless `result` is given) and fold the result into `model`, in place; returns it.
+
+    This is `awq_ref.api.quantize(method="awq")`'s step before rounding. Without calib_tokens
+    the windows are sampled from the model itself (data-free; see calibration.sample_from_model).
+    Extra keyword arguments are AwqConfig fields (n_grid=..., duo_scaling=...).
+    """
+    if result is None:
+        if calib_tokens is None:
+            log.warning("no calibration tokens given: sampling %d x %d tokens from the model "
+                        "(data-free calibration)", DEFAULT_WINDOWS, DEFAULT_SEQLEN)
+            calib_tokens = sample_from_model(model)
+        result = search_awq(model, calib_tokens, spec, AwqConfig(**config), device,
+                            modules_to_not_convert)
+    elif config or calib_tokens is not None:
+        raise TypeError("run_awq: a given `result` takes no calibration tokens or search options")
+    apply_awq(model, result)
+    return model
+
+
 def search_block(block: nn.Module, prefix: str, cfg, x: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, spec: QuantSpec, config: AwqConfig, result: AwqResult) -> None:
-    """Steps 1-4 for one block: mutates `block` (the working copy) and x (now the next inputs)."""
+                 sin: torch.Tensor, spec: QuantSpec, config: AwqConfig, result: AwqResult,
+                 fp_names: set[str] = frozenset()) -> None:
+    """Steps 1-4 for one block: mutates `block` (the working copy) and x (now the next inputs).
+
+    fp_names: the block's linears that stay unquantized (not clipped, fp in the losses)."""
     chunk_seqs = max(1, config.chunk_tokens // x.shape[1])
     plan = SubsetPlan(seqs=config.loss_seqs, tokens=config.loss_tokens)
     stats = capture_block(block, x, cos, sin, LLAMA_GROUPS, plan, chunk_seqs, prefix,
@@ -100,25 +140,27 @@ def search_block(block: nn.Module, prefix: str, cfg, x: torch.Tensor, cos: torch
     s_in = {}
     for gi, group in enumerate(LLAMA_GROUPS):
         n_rep = cfg.n_rep if group.repeat_kv else 1
-        if n_rep > 1 and not config.scale_vo_gqa:
+        if (n_rep > 1 and not config.scale_vo_gqa) or set(group.linears) <= fp_names:
             continue
         choice = search_group(block, group, stats[gi], n_rep, cfg.head_dim, spec, config,
-                              (cos, sin), f"{prefix}.{group.prev}")
+                              (cos, sin), f"{prefix}.{group.prev}", fp_names)
         apply_scale(block.get_submodule(group.prev),
                     [block.get_submodule(n) for n in group.linears], choice.s, n_rep, cfg.head_dim)
         s_in[gi] = expand_kv(choice.s, n_rep, cfg.head_dim) if n_rep > 1 else choice.s
         result.scales[f"{prefix}.{group.prev}"] = choice.s.cpu()
+        result.search.append({"prev": f"{prefix}.{group.prev}", "ratio": choice.ratio,
+                              "loss": choice.loss, "loss0": choice.loss0})
     if config.clip:
-        clip_block(block, prefix, stats, s_in, spec, config, result)
+        clip_block(block, prefix, stats, s_in, spec, config, result, fp_names)
     if config.propagate == "awq":
         forward_block(block, x, cos, sin, chunk_seqs, prefix)
     elif config.propagate == "quantized":
-        forward_block(quantized_copy(block, spec), x, cos, sin, chunk_seqs, prefix)
+        forward_block(quantized_copy(block, spec, fp_names), x, cos, sin, chunk_seqs, prefix)
 
 
 def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: int,
                  head_dim: int, spec: QuantSpec, config: AwqConfig, rotary: tuple,
-                 where: str) -> ScaleChoice:
+                 where: str, fp_names: set[str]) -> ScaleChoice:
     """Grid-search the scale of one group (see search_scale for L(s)) and log the choice."""
     linears = [block.get_submodule(n) for n in group.linears]
     x_mean = st.mean_abs
@@ -135,11 +177,12 @@ def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: i
         inspect = block.get_submodule(group.inspect)
         extra = rotary if group.positional else ()
         inputs = torch.cat(st.subset)  # (S, T, D) or (tokens, D)
-        chunk = 1 if group.positional else config.chunk_tokens
+        chunk = max(1, config.chunk_tokens // inputs.shape[1]) if group.positional \
+            else config.chunk_tokens
         reference = torch.cat([inspect(inputs[i:i + chunk], *extra)
                                for i in range(0, inputs.shape[0], chunk)])
         weights = {n[len(group.inspect) + 1:] + ".weight": m.weight
-                   for n, m in zip(group.linears, linears)}
+                   for n, m in zip(group.linears, linears) if n not in fp_names}
         loss = module_loss(inspect, weights, spec, inputs, reference, extra, chunk)
     expand = (lambda s: expand_kv(s, n_rep, head_dim)) if n_rep > 1 else (lambda s: s)
     choice = grid_search(loss, x_mean, w_mean, config.n_grid, expand)
@@ -150,10 +193,10 @@ def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: i
 
 
 def clip_block(block: nn.Module, prefix: str, stats: list[InputStats], s_in: dict,
-               spec: QuantSpec, config: AwqConfig, result: AwqResult) -> None:
-    """Search and apply the clip box of every linear not in clip_skip (weights already scaled)."""
+               spec: QuantSpec, config: AwqConfig, result: AwqResult, fp_names: set[str]) -> None:
+    """Search and apply the clip box of every quantized linear not in clip_skip (scaled weights)."""
     for name, lin in block.named_modules():
-        if not isinstance(lin, nn.Linear) or name in config.clip_skip:
+        if not isinstance(lin, nn.Linear) or name in config.clip_skip or name in fp_names:
             continue
         gi = input_group(LLAMA_GROUPS, name)
         gram = stats[gi].gram
@@ -167,10 +210,10 @@ def clip_block(block: nn.Module, prefix: str, stats: list[InputStats], s_in: dic
         log.info("%s.%s: clip error %.4g -> %.4g", prefix, name, before, after)
 
 
-def quantized_copy(block: nn.Module, spec: QuantSpec) -> nn.Module:
-    """A copy of the block whose linears carry fake-quantized weights."""
+def quantized_copy(block: nn.Module, spec: QuantSpec, fp_names: set[str]) -> nn.Module:
+    """A copy of the block whose linears (but fp_names) carry fake-quantized weights."""
     q = copy.deepcopy(block)
     for name, lin in q.named_modules():
-        if isinstance(lin, nn.Linear):
-            lin.weight.data = fake_quantize(lin.weight.data, spec, name)
+        if isinstance(lin, nn.Linear) and name not in fp_names:
+            lin.weight.data = fake_quantize_weight(lin.weight.data, spec, name)
     return q

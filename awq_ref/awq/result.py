@@ -27,6 +27,7 @@ class AwqResult:
     scales: dict[str, torch.Tensor] = field(default_factory=dict)  # prev op name -> s (C,)
     clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (lo, hi)
     info: dict[str, str] = field(default_factory=dict)  # free-form provenance (config JSON, ...)
+    search: list[dict] = field(default_factory=list)  # per group: prev, ratio, loss, loss0
 
     def save(self, path: str | Path) -> None:
         tensors = {f"scale.{k}": v.detach().float().cpu().contiguous() for k, v in self.scales.items()}

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from awq_ref.quant.quantizer import QuantSpec, fake_quantize, grouped
+from awq_ref.quant.quantizer import QuantSpec, grouped
+from awq_ref.quant.rtn import fake_quantize_weight
 
 CLIP_MODES = ("range", "absmax")
 
@@ -66,7 +67,7 @@ def _search_rows(w: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec, g: int,
     for i in range(max(1, int(max_shrink * n_grid))):
         lo, hi = clip_box(wg, 1 - i / n_grid, mode, spec.zero_point)  # (N, K/G) each
         clipped = torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None])
-        e = grouped(fake_quantize(clipped.reshape(w.shape), spec), g) - wg  # (N, K/G, G)
+        e = grouped(fake_quantize_weight(clipped.reshape(w.shape), spec), g) - wg  # (N, K/G, G)
         err = (torch.einsum("ngi,gij->ngj", e, blocks) * e).sum(-1)  # (N, K/G)
         if best_err is None:
             best_err, best_lo, best_hi, err0 = err, lo, hi, err

@@ -10,7 +10,8 @@ for a = 0, 1/n_grid, ..., (n_grid-1)/n_grid, and the chosen s minimises
 
     L(s) = || f(x; W) - f(x; Q(W diag(s)) diag(s)^-1) ||^2 / numel
 
-where f is the output of the group's `inspect` module and Q the group-wise fake quantizer. Feeding
+where f is the output of the group's `inspect` module and Q the group-wise fake quantizer
+(the project's RTN, fp16-rounded scales included, so the search sees the final weights). Feeding
 x with the effective weights Q(W diag(s)) diag(s)^-1 equals feeding x/s with Q(W diag(s)).
 a = 0 gives s = 1, plain round-to-nearest, so the chosen loss never exceeds RTN's.
 
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from awq_ref.quant.quantizer import QuantSpec, fake_quantize
+from awq_ref.quant.quantizer import QuantSpec
+from awq_ref.quant.rtn import fake_quantize_weight
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def weight_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
 
 def effective_weight(w: torch.Tensor, s_in: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Q(W diag(s)) diag(s)^-1 (N, K): what x meets after scaling and quantization."""
-    return fake_quantize(w * s_in[None, :], spec) / s_in[None, :]
+    return fake_quantize_weight(w * s_in[None, :], spec) / s_in[None, :]
 
 
 def gram_loss(w: torch.Tensor, gram: torch.Tensor, count: int, s_in: torch.Tensor,

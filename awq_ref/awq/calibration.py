@@ -1,0 +1,78 @@
+"""Calibration windows: random token windows from text, or (data-free) sampled from the model.
+
+PROTOCOL.md: 128 windows of 512 tokens drawn at random (seed 0) from one token stream.
+The stream is the texts joined by blank lines and tokenized once; window starts are uniform
+over every position that leaves a full window (windows may overlap).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+DEFAULT_WINDOWS = 128
+DEFAULT_SEQLEN = 512
+
+
+def read_texts(paths: Sequence[str | Path]) -> list[str]:
+    """UTF-8 text files with CRLF turned into LF; ValueError naming a missing file."""
+    texts = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise ValueError(f"{p}: calibration text file not found")
+        texts.append(p.read_bytes().replace(b"\r\n", b"\n").decode("utf-8"))
+    return texts
+
+
+def random_windows(stream: torch.Tensor, n: int = DEFAULT_WINDOWS, seqlen: int = DEFAULT_SEQLEN,
+                   seed: int = 0) -> torch.Tensor:
+    """n windows (n, seqlen) int64 at random starts (torch.Generator seeded with `seed`)."""
+    stream = torch.as_tensor(stream, dtype=torch.int64).flatten()
+    if stream.numel() < seqlen:
+        raise ValueError(f"calibration data has {stream.numel()} tokens; one window needs "
+                         f"{seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seqlen + 1, (n,), generator=gen)  # (n,)
+    return stream[starts[:, None] + torch.arange(seqlen)]  # (n, seqlen)
+
+
+def calibration_tokens(tokenizer: Any, source: str | Path | Sequence[str | Path],
+                       n: int = DEFAULT_WINDOWS, seqlen: int = DEFAULT_SEQLEN, seed: int = 0
+                       ) -> torch.Tensor:
+    """(n, seqlen) windows from text: one file (str or Path), or a list of texts (str) and
+    files (Path). tokenizer.encode(text) -> list[int].
+    """
+    items = [Path(source)] if isinstance(source, (str, Path)) else list(source)
+    if not items:
+        raise ValueError("no calibration text given")
+    strings = [read_texts([t])[0] if isinstance(t, Path) else t for t in items]
+    stream = torch.tensor(tokenizer.encode("\n\n".join(strings)), dtype=torch.int64)
+    return random_windows(stream, n, seqlen, seed)
+
+
+@torch.no_grad()
+def sample_from_model(model: nn.Module, n: int = DEFAULT_WINDOWS, seqlen: int = DEFAULT_SEQLEN,
+                      seed: int = 0, batch: int = 32, temperature: float = 1.0) -> torch.Tensor:
+    """Data-free calibration: (n, seqlen) windows the model writes itself from BOS.
+
+    Each window starts with the BOS token (config.bos_token_id, else 1) and continues by sampling
+    softmax(logits / temperature) with a seeded generator. Costs one generation of n * seqlen
+    tokens, and the windows follow the model's own distribution, not a real domain.
+    """
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        toks = torch.full((b, seqlen), bos, dtype=torch.int64, device=model.device)  # (B, T)
+        cache = model.new_cache(b, seqlen)
+        for t in range(seqlen - 1):
+            logits = model(toks[:, t:t + 1], cache=cache)[:, -1].float()  # (B, V)
+            probs = torch.softmax(logits / temperature, dim=-1)
+            toks[:, t + 1] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        out.append(toks.cpu())
+    return torch.cat(out)

@@ -1,0 +1,53 @@
+"""Calibration windows from text (seeded), the too-little-text error, and data-free sampling."""
+
+import pytest
+import torch
+
+from awq_ref.awq.calibration import calibration_tokens, random_windows, sample_from_model
+from test_awq_search import tiny_llama
+
+
+class ByteTokenizer:
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def test_windows_are_seeded_and_inside_the_stream():
+    stream = torch.arange(1000)
+    a, b = random_windows(stream, 16, 50, seed=0), random_windows(stream, 16, 50, seed=0)
+    assert a.shape == (16, 50) and torch.equal(a, b)
+    assert not torch.equal(a, random_windows(stream, 16, 50, seed=1))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(16, 49, dtype=torch.int64))  # contiguous
+    assert int(a.max()) < 1000
+
+
+def test_too_little_text_says_how_many_tokens(tmp_path):
+    with pytest.raises(ValueError, match=r"has 11 tokens; one window needs 512"):
+        calibration_tokens(ByteTokenizer(), ["hello world"])
+
+
+def test_files_and_strings(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"one two three\r\n" * 40)
+    from_file = calibration_tokens(ByteTokenizer(), path, n=4, seqlen=64)
+    from_text = calibration_tokens(ByteTokenizer(), ["one two three\n" * 40], n=4, seqlen=64)
+    assert torch.equal(from_file, calibration_tokens(ByteTokenizer(), str(path), n=4, seqlen=64))
+    assert torch.equal(from_file, from_text)
+    with pytest.raises(ValueError, match="not found"):
+        calibration_tokens(ByteTokenizer(), [tmp_path / "missing.txt"])
+
+
+def test_data_free_windows_start_with_bos_and_repeat():
+    model = tiny_llama()
+    a = sample_from_model(model, n=3, seqlen=12, seed=0, batch=2)
+    assert a.shape == (3, 12) and (a[:, 0] == 1).all()
+    assert torch.equal(a, sample_from_model(model, n=3, seqlen=12, seed=0, batch=2))
+
+
+def test_tinystories_protocol_windows(shared_data):
+    from awq_ref.loaders import load_tokenizer
+
+    tok = load_tokenizer(shared_data / "stories260K" / "stories260K.bin")
+    path = shared_data / "text" / "tinystories" / "tinystories_val_prefix.txt"
+    w = calibration_tokens(tok, path, n=128, seqlen=512, seed=0)
+    assert w.shape == (128, 512) and torch.equal(w, calibration_tokens(tok, path, 128, 512, 0))

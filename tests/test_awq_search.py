@@ -1,0 +1,168 @@
+"""AWQ search: invariance of the folded scales, clipping, grid minimum, determinism, GQA, NaNs,
+and every fast path (Gram closed forms) against its direct reference."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from awq_ref.awq.apply import apply_awq, apply_scale
+from awq_ref.awq.capture import NonFiniteError
+from awq_ref.awq.pipeline import AwqConfig, search_awq
+from awq_ref.awq.scaling_groups import expand_kv
+from awq_ref.awq.search_clip import search_clip
+from awq_ref.awq.search_scale import effective_weight, gram_loss
+from awq_ref.config import LlamaConfig
+from awq_ref.model import Llama
+from awq_ref.quant.quantizer import QuantSpec, grouped
+from awq_ref.quant.rtn import fake_quantize_weight
+
+SPEC = QuantSpec(4, 16, True)
+FAST = AwqConfig(n_grid=10, loss_seqs=3, loss_tokens=96, chunk_tokens=64, progress=False)
+
+
+def tiny_llama(seed: int = 0, n_kv: int = 2) -> Llama:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=n_kv, bos_token_id=1)
+    model = Llama(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and a few outlier channels, as in trained models
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.copy_(torch.rand(64) + 0.5)
+                norm.weight[:3] *= 8
+    return model
+
+
+def calib(n: int = 6, t: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 97, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def block_io(model: Llama, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, output) of every block in fp32."""
+    x = model.model.embed_tokens(tokens)
+    cos, sin = model.rotary(0, tokens.shape[1], x.dtype)
+    out = []
+    for block in model.model.layers:
+        y = block(x, cos, sin)
+        out.append((x, y))
+        x = y
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@torch.no_grad()
+def test_scales_alone_leave_every_block_unchanged():
+    model = tiny_llama()
+    result = search_awq(model, calib(), SPEC, FAST)
+    assert len(result.scales) == 8  # 4 groups x 2 blocks, GQA v -> o included
+    scaled = copy.deepcopy(model)
+    apply_awq(scaled, result, clip=False)
+    cos, sin = model.rotary(0, 32, torch.float32)
+    for i, (x, y) in enumerate(block_io(model, calib(seed=1))):
+        assert rel_err(scaled.model.layers[i](x, cos, sin), y) <= 1e-5, f"block {i}"
+
+
+@torch.no_grad()
+def test_clipping_never_increases_magnitude():
+    model = tiny_llama()
+    result = search_awq(model, calib(), SPEC, FAST)
+    scaled, clipped = copy.deepcopy(model), copy.deepcopy(model)
+    apply_awq(scaled, result, clip=False)
+    apply_awq(clipped, result)
+    assert result.clips and all("q_proj" not in k and "k_proj" not in k for k in result.clips)
+    shrunk = 0
+    for (name, a), (_, b) in zip(scaled.named_parameters(), clipped.named_parameters()):
+        assert (b.abs() <= a.abs()).all(), name
+        shrunk += int((b != a).sum())
+    assert shrunk > 0
+
+
+def test_chosen_loss_at_most_ratio_zero():
+    result = search_awq(tiny_llama(), calib(), SPEC, FAST)
+    assert len(result.search) == 8
+    for rec in result.search:
+        assert rec["loss"] <= rec["loss0"], rec
+    assert any(rec["loss"] < rec["loss0"] for rec in result.search)
+
+
+def test_same_inputs_same_result():
+    a = search_awq(tiny_llama(), calib(), SPEC, FAST)
+    b = search_awq(tiny_llama(), calib(), SPEC, FAST)
+    assert a.scales.keys() == b.scales.keys() and a.clips.keys() == b.clips.keys()
+    assert all(torch.equal(a.scales[k], b.scales[k]) for k in a.scales)
+    assert all(torch.equal(a.clips[k][0], b.clips[k][0]) and torch.equal(a.clips[k][1], b.clips[k][1])
+               for k in a.clips)
+
+
+@pytest.mark.parametrize("propagate", ["awq", "quantized"])
+def test_propagation_variants_and_duo_run(propagate):
+    config = AwqConfig(n_grid=5, loss_seqs=2, loss_tokens=64, progress=False,
+                       propagate=propagate, duo_scaling=True, clip_mode="absmax")
+    result = search_awq(tiny_llama(), calib(), SPEC, config)
+    assert len(result.scales) == 8
+
+
+@torch.no_grad()
+def test_gqa_vo_folding_is_exact():
+    model = tiny_llama(n_kv=2)  # n_rep = 2
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, 16, 64)
+    cos, sin = model.rotary(0, 16, torch.float32)
+    ref = attn(x, cos, sin)
+    s = torch.rand(attn.v_proj.out_features) * 4 + 0.1  # one scale per v channel
+    apply_scale(attn.v_proj, [attn.o_proj], s, n_rep=2, head_dim=16)
+    assert rel_err(attn(x, cos, sin), ref) <= 1e-5
+
+
+def test_expand_kv_matches_repeat_kv():
+    s = torch.arange(2 * 3, dtype=torch.float32)  # Hkv = 2 heads of Dh = 3
+    # query head h reads KV head h // n_rep, as torch.repeat_interleave over heads does
+    want = s.view(2, 3).repeat_interleave(2, dim=0).reshape(-1)
+    assert torch.equal(expand_kv(s, 2, 3), want)
+
+
+def test_gram_loss_matches_direct_mse():
+    torch.manual_seed(0)
+    x = torch.randn(500, 64) * (torch.rand(64) * 3)  # (T, K)
+    w = torch.randn(32, 64)  # (N, K)
+    s = torch.rand(64) + 0.5
+    direct = (x @ effective_weight(w, s, SPEC).T - x @ w.T).pow(2).mean()
+    assert gram_loss(w, x.T @ x, 500, s, SPEC) == pytest.approx(float(direct), rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["range", "absmax"])
+def test_clip_error_matches_direct_group_error(mode):
+    torch.manual_seed(0)
+    x = torch.randn(400, 64)
+    w = torch.randn(24, 64)
+    lo, hi, before, after = search_clip(w, x.T @ x, SPEC, mode=mode)
+    clipped = torch.maximum(torch.minimum(grouped(w, 16), hi[..., None]), lo[..., None])
+    e = grouped(fake_quantize_weight(clipped.reshape(w.shape), SPEC), 16) - grouped(w, 16)
+    xg = x.view(400, 4, 16)  # (T, K/G, G)
+    direct = torch.einsum("tgi,ngi->tng", xg, e).pow(2).sum()  # sum over groups of ||X_g e_ng||^2
+    assert after == pytest.approx(float(direct), rel=1e-4)
+    assert after < before
+
+
+def test_nan_activation_names_block_and_layer():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1.*down_proj"):
+        search_awq(model, calib(), SPEC, FAST)
+
+
+def test_modules_to_not_convert_are_not_clipped():
+    result = search_awq(tiny_llama(), calib(), SPEC, FAST, modules_to_not_convert=["down_proj"])
+    assert result.clips and not any("down_proj" in k for k in result.clips)
+    assert not any(k.endswith("mlp.up_proj") for k in result.scales)  # its only linear is fp
+
+
+def test_bad_tokens_rejected():
+    with pytest.raises(ValueError, match="integer"):
+        search_awq(tiny_llama(), torch.rand(2, 8), SPEC, FAST)

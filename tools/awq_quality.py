@@ -1,0 +1,105 @@
+"""Quality of AWQ vs RTN vs fp on the PROTOCOL.md protocol, with AWQ's wall time and peak RSS.
+
+    PYTHONPATH=. .venv/bin/python tools/awq_quality.py --bits 4 3 --json awq_quality.json
+
+Calibration: --calib-windows x --seqlen random windows (seed 0) of --calib; evaluation: the first
+--eval-windows non-overlapping 2048-token windows of --eval. recovery = (ppl_RTN - ppl_AWQ) /
+(ppl_RTN - ppl_fp). Weights are fake-quantized (nn.Linear keeps w_hat), so any bit width runs.
+AWQ options: --set name=value for AwqConfig fields (e.g. --set duo_scaling=true).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import time
+from dataclasses import fields
+
+from awq_ref.api import quantize
+from awq_ref.awq.calibration import calibration_tokens
+from awq_ref.awq.pipeline import AwqConfig
+from awq_ref.eval import evaluate, load_wikitext_tokens
+from awq_ref.loaders import load_model, load_tokenizer
+
+DATA = "../shared/data/text"
+
+
+def parse_overrides(items: list[str]) -> dict:
+    types = {f.name: f.type for f in fields(AwqConfig)}
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in types:
+            raise SystemExit(f"--set {item}: AwqConfig has no field {name!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value  # a bare string such as propagate=awq
+        out[name] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--calib", default=f"{DATA}/tinystories/tinystories_val_prefix.txt")
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval", default=f"{DATA}/wikitext-2-raw/wiki.test.raw")
+    ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--eval-seqlen", type=int, default=2048)
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--methods", nargs="+", default=["awq", "rtn"])  # AWQ first: its RSS
+    ap.add_argument("--set", nargs="*", default=[], dest="overrides")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    overrides = parse_overrides(args.overrides)
+
+    fp = load_model(args.model)
+    tok = load_tokenizer(args.model)
+    calib = calibration_tokens(tok, args.calib, args.calib_windows, args.seqlen, seed=0)
+    evals = load_wikitext_tokens(tok, args.eval)
+    report = {"args": vars(args), "rows": []}
+
+    def score(name: str, model, bits, seconds=None, rss=None) -> None:
+        res = evaluate(model, evals, args.eval_seqlen, args.eval_windows,
+                       reference=None if model is fp else fp, progress=False)
+        row = {"method": name, "bits": bits, **res, "quant_s": seconds, "peak_rss_gb": rss}
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+
+    quantized = {}
+    for bits in args.bits:
+        for method in args.methods:
+            t = time.perf_counter()
+            extra = {"calib_tokens": calib, **overrides} if method == "awq" else {}
+            quantized[(method, bits)] = quantize(fp, method, bits, args.group, pack=False, **extra)
+            quantized[(method, bits)] = (quantized[(method, bits)], time.perf_counter() - t,
+                                         peak_rss_gb())
+            print(f"{method} W{bits} g{args.group}: {quantized[(method, bits)][1]:.1f} s, "
+                  f"peak RSS so far {quantized[(method, bits)][2]:.2f} GB", flush=True)
+    score("fp", fp, None)
+    for (method, bits), (model, seconds, rss) in quantized.items():
+        score(method, model, bits, seconds, rss)
+    rows = {(r["method"], r["bits"]): r for r in report["rows"]}
+    for bits in args.bits:
+        if ("rtn", bits) in rows and ("awq", bits) in rows:
+            p_fp, p_rtn, p_awq = (rows[k]["ppl"] for k in (("fp", None), ("rtn", bits),
+                                                           ("awq", bits)))
+            rows[("awq", bits)]["recovery"] = (p_rtn - p_awq) / (p_rtn - p_fp)
+            print(f"W{bits} g{args.group}: recovery {(p_rtn - p_awq) / (p_rtn - p_fp):.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
