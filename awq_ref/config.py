@@ -183,15 +183,15 @@ def _read_rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | Non
     if kind != "llama3":
         raise ValueError(f"{source}: rope scaling type {kind!r} is not supported (only 'llama3')")
     try:
-        return theta, RopeScaling(
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        return theta, RopeScaling(  # checked in RopeScaling.__post_init__
+            factor=scaling["factor"],
+            low_freq_factor=scaling["low_freq_factor"],
+            high_freq_factor=scaling["high_freq_factor"],
+            original_max_position_embeddings=scaling["original_max_position_embeddings"],
         )
     except KeyError as e:
         raise ValueError(f"{source}: llama3 rope scaling lacks field {e}") from None
-    except (TypeError, ValueError, OverflowError) as e:
+    except ValueError as e:
         raise ValueError(f"{source}: {e}") from e
 
 

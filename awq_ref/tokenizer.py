@@ -155,8 +155,16 @@ def load_tokenizers_file(path: Path) -> TokenizersBackend:
 
     try:
         return TokenizersBackend(HFTokenizer.from_file(str(path)))
-    except Exception as e:  # tokenizers raises its own Exception subclass for any bad file
-        raise ValueError(f"{path}: cannot read tokenizer.json ({e})") from e
+    except BaseException as e:
+        if not is_tokenizers_error(e):
+            raise
+        raise ValueError(f"{path}: cannot read tokenizer.json ({type(e).__name__}: {e})") from e
+
+
+def is_tokenizers_error(e: BaseException) -> bool:
+    """What `tokenizers` raises on a bad file: its own Exception subclass, or on some malformed
+    JSON a Rust panic, pyo3's PanicException (a BaseException, so `except Exception` misses it)."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
 def load_sentencepiece_file(path: Path) -> SentencePieceBackend:

@@ -10,7 +10,7 @@ values replaced by wrong types / NaN / huge numbers, tensors re-saved with wrong
 Every load runs in one worker subprocess whose address space is capped (RLIMIT_AS, baseline +
 WORKER_SLACK) and whose peak RSS is watched, with a per-load timeout: a MemoryError anywhere in
 the exception chain, RSS growth past RSS_LIMIT_MB, a timeout or a dead worker fail the case.
-Examples per target: AWQ_FUZZ_EXAMPLES (default 30; e.g. 1000 locally). Deterministic
+Examples per target: AWQ_FUZZ_EXAMPLES (default 100, about 45 s on 2 cores; e.g. 1000 locally). Deterministic
 (derandomize=True). Deterministic regression tests for each bug found are at the end.
 """
 
@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = int(os.environ.get("AWQ_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("AWQ_FUZZ_EXAMPLES", "100"))
 CALL_TIMEOUT_S = 20.0  # one load of a tiny file takes milliseconds; this means a hang
 WORKER_SLACK = 1 << 30  # address space a load may add to the worker's baseline
 RSS_LIMIT_MB = 300  # peak RSS growth of one load of a file of a few KB
@@ -103,7 +103,7 @@ def _run_case(kind: str, path: str) -> tuple[str, str]:
             return "allocation", traceback.format_exc()
         if CASE not in str(e):
             return "unnamed ValueError", traceback.format_exc()
-        outcome = ("ValueError", str(e)[:200])
+        outcome = ("ValueError", str(e)[:600])
     except BaseException as e:  # noqa: BLE001 (reporting any other exception is the point)
         what = "allocation" if _memory_failure(e) else f"crash ({type(e).__name__})"
         return what, traceback.format_exc()
@@ -346,8 +346,15 @@ def sentencepiece_model_bytes() -> bytes:
     return out.getvalue()
 
 
+class Files(dict):
+    """The base files; a short repr keeps hypothesis' failure reports readable."""
+
+    def __repr__(self) -> str:
+        return f"<base files: {', '.join(self)}>"
+
+
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict[str, object]:
+def base(tmp_path_factory) -> Files:
     """The valid files every target mutates (bytes / parsed objects)."""
     from awq_ref.api import quantize
     from awq_ref.quant.checkpoint import save_quantized
@@ -357,7 +364,7 @@ def base(tmp_path_factory) -> dict[str, object]:
     sp_model = tiny_model(len(sentencepiece_tokens()[0]), seed=1)
     hf = write_hf_folder(root / "hf", gpt2_model)
     q = save_quantized(quantize(tiny_model(64, seed=2), group_size=32), root / "quant")
-    return {
+    return Files({
         "config": json.loads((hf / "config.json").read_text()),
         "safetensors": (hf / "model.safetensors").read_bytes(),
         "gguf_gpt2": write_gguf(root / "a.gguf", gpt2_model, gguf_metadata(gpt2_model, "gpt2")).read_bytes(),
@@ -370,7 +377,7 @@ def base(tmp_path_factory) -> dict[str, object]:
         "quant_config": json.loads((q / "config.json").read_text()),
         "quant_tensors": load_file(str(q / "model.safetensors")),
         "quant_safetensors": (q / "model.safetensors").read_bytes(),
-    }
+    })
 
 
 @pytest.fixture
@@ -709,6 +716,151 @@ def test_fuzz_quantized_checkpoint(worker, base, case, data):
         content = raw if what == "config" else data.draw(safetensors_cases(raw))
         (folder / "model.safetensors").write_bytes(content)
     expect_clean(worker, f"quantized {what}", "model", folder)
+
+
+# ---------------------------------------------------------------- regressions (one per bug found)
+
+def expect_value_error(worker: Worker, kind: str, path: Path, *words: str) -> None:
+    outcome, detail = worker.call(kind, path)
+    assert outcome == "ValueError", f"{outcome}: {detail}"
+    for w in words:
+        assert w in detail, detail
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"num_attention_heads": 0}, ["num_attention_heads"]),  # was ZeroDivisionError
+    ({"architectures": 5}, ["architectures"]),  # was TypeError
+    ({"hidden_size": 2**40, "num_attention_heads": 1, "num_key_value_heads": 1}, ["weights"]),  # was a 4 TB RoPE table
+    ({"head_dim": 2**31}, ["weights"]),  # was an 8 GB RoPE table
+    ({"num_hidden_layers": 10**7}, ["weights"]),  # was minutes building meta layers
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": INF}},
+     ["original_max_position_embeddings"]),  # was OverflowError
+    ({"rope_scaling": {"rope_type": "llama3", "factor": NAN, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+     ["factor"]),  # was accepted: NaN frequencies
+    ({"tie_word_embeddings": "false"}, ["tie_word_embeddings"]),  # was read as true
+    ({"eos_token_id": "x"}, ["eos"]),  # was accepted into the config
+])
+def test_config_json_regressions(worker, base, case, changes, words):
+    folder = case()
+    (folder / "config.json").write_bytes(dump_json({**base["config"], **changes}))
+    (folder / "model.safetensors").write_bytes(base["safetensors"])
+    expect_value_error(worker, "model", folder, *words)
+
+
+@pytest.mark.parametrize(("name", "changes", "words"), [
+    ("tokenizer_config.json", {"bos_token_id": "x"}, ["tokenizer_config.json", "'x'"]),  # TypeError
+    ("tokenizer_config.json", {"eos_token_ids": ["a"]}, ["tokenizer_config.json"]),  # unnamed
+    ("tokenizer_config.json", {"eos_token_ids": [INF]}, ["tokenizer_config.json"]),  # OverflowError
+    ("tokenizer_config.json", {"add_bos_token": "no"}, ["add_bos_token"]),  # was read as true
+    ("config.json", {"eos_token_id": [1.5]}, ["config.json"]),  # was truncated to 1
+])
+def test_tokenizer_config_regressions(worker, base, case, name, changes, words):
+    folder = case()
+    write_hf_tokenizer(folder)
+    (folder / "config.json").write_text(json.dumps(base["config"]))
+    if name == "config.json":
+        (folder / "tokenizer_config.json").write_text("{}")
+    obj = json.loads((folder / name).read_text())
+    (folder / name).write_bytes(dump_json({**obj, **changes}))
+    expect_value_error(worker, "tokenizer", folder, *words)
+
+
+def test_tokenizer_json_panic_is_a_value_error(worker, case):
+    """This tokenizer.json makes `tokenizers` panic (pyo3's PanicException, a BaseException)."""
+    folder = case()
+    write_hf_tokenizer(folder)
+    obj = json.loads((folder / "tokenizer.json").read_text())
+    obj["model"]["continuing_subword_prefix"] = "00"
+    (folder / "tokenizer.json").write_bytes(dump_json(obj))
+    expect_value_error(worker, "tokenizer", folder, "tokenizer.json", "PanicException")
+
+
+def gguf_one_entry(value_type: int, payload: bytes) -> bytes:
+    """A GGUF with no tensors and one metadata entry "k" (padded to pass the count check)."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)
+    return head + struct.pack("<Q", 1) + b"k" + struct.pack("<I", value_type) + payload + bytes(64)
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    # uint8 array claiming 2^40 items: the reader looped 2^40 times (a hang)
+    (gguf_one_entry(9, struct.pack("<IQ", 0, 2**40)), ["2^40", "past the end"]),
+    # arrays nested 2000 deep: RecursionError in the reader
+    (gguf_one_entry(9, struct.pack("<IQ", 9, 1) * 2000), ["value type 9"]),
+    # a string claiming 2^63 bytes
+    (gguf_one_entry(8, struct.pack("<Q", 2**63)), ["past the end"]),
+])
+def test_gguf_header_regressions(worker, case, content, words):
+    path = case() / "m.gguf"
+    path.write_bytes(content)
+    words = [w.replace("2^40", str(2**40)) for w in words]
+    for kind in ("model", "tokenizer"):
+        expect_value_error(worker, kind, path, "corrupt GGUF header", *words)
+
+
+@pytest.mark.parametrize(("key", "value", "kind", "words"), [
+    ("tokenizer.ggml.unknown_token_id", 32767, "tokenizer", ["unknown_token_id"]),  # IndexError
+    ("tokenizer.ggml.tokens", 7, "tokenizer", ["tokenizer.ggml.tokens"]),  # TypeError
+    ("tokenizer.ggml.bos_token_id", "x", "tokenizer", ["bos_token_id"]),  # TypeError
+    ("tokenizer.ggml.add_bos_token", 2, "tokenizer", ["add_bos_token"]),  # was read as true
+    ("tokenizer.ggml.scores", ["a"], "tokenizer", ["scores"]),  # TypeError in sorting
+    ("llama.attention.head_count", 0, "model", ["num_attention_heads"]),  # ZeroDivisionError
+    ("llama.embedding_length", "x", "model", ["llama.embedding_length"]),  # TypeError
+    ("llama.block_count", 10**6, "model", ["weights"]),  # minutes building meta layers
+])
+def test_gguf_metadata_regressions(worker, base, case, key, value, kind, words):
+    model = base["gguf_model"]
+    t = gguf.GGUFValueType
+    vtype = {int: t.UINT32, str: t.STRING, list: t.ARRAY}[type(value)]
+    meta = {**gguf_metadata(model, "llama"), key: (value, vtype)}
+    path = write_gguf(case() / "m.gguf", model, meta)
+    expect_value_error(worker, kind, path, *words)
+
+
+def test_gguf_duplicate_token_ids_stay_in_vocabulary(worker, base, case):
+    """A token listed twice made the vocabulary size (unique strings) smaller than the ids the
+    tokenizer emits; encode gave ids >= vocab_size and decode of them failed."""
+    model = tiny_model(len(byte_level_tokens()[0]))
+    meta = gguf_metadata(model, "gpt2")
+    tokens = list(meta["tokenizer.ggml.tokens"][0])
+    tokens[100] = tokens[101]
+    meta["tokenizer.ggml.tokens"] = (tokens, gguf.GGUFValueType.ARRAY)
+    path = write_gguf(case() / "m.gguf", model, meta)
+    assert worker.call("tokenizer", path) == ("ok", "")
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"zero_point": "false"}, ["zero_point"]),  # was read as true
+    ({"group_size": 2**40}, ["group_size"]),  # ValueError did not name the checkpoint
+])
+def test_quantization_config_regressions(worker, base, case, changes, words):
+    folder = case()
+    config = base["quant_config"]
+    config = {**config, "quantization_config": {**config["quantization_config"], **changes}}
+    (folder / "config.json").write_bytes(dump_json(config))
+    (folder / "model.safetensors").write_bytes(base["quant_safetensors"])
+    expect_value_error(worker, "model", folder, *words)
+
+
+def test_quantized_checkpoint_rejects_int_embedding(worker, base, case):
+    """A non-packed tensor stored as integers was silently cast to float."""
+    folder = case()
+    tensors = dict(base["quant_tensors"])
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].to(torch.int32)
+    (folder / "config.json").write_bytes(dump_json(base["quant_config"]))
+    save_file(tensors, str(folder / "model.safetensors"))
+    expect_value_error(worker, "model", folder, "model.embed_tokens.weight", "dtype")
+
+
+def test_huge_claims_in_quantized_config(worker, base, case):
+    """hidden_size 2^40 in a quantized checkpoint's config: rejected before the meta build."""
+    folder = case()
+    config = {**base["quant_config"], "hidden_size": 2**40, "num_attention_heads": 1,
+              "num_key_value_heads": 1}
+    (folder / "config.json").write_bytes(dump_json(config))
+    (folder / "model.safetensors").write_bytes(base["quant_safetensors"])
+    expect_value_error(worker, "model", folder, "weights")
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
