@@ -48,6 +48,9 @@ _MIN_TENSOR_INFO, _MIN_KV = 8 + 4 + 4 + 8, 8 + 4 + 1
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4  # GGML_MAX_DIMS
+# gguf's reader keeps a numpy view (~100 bytes) per array item: cap the count well above real
+# vocabularies (262K tokens, ~500K merges) so a large file cannot make it build billions.
+_MAX_ARRAY_ITEMS = 1 << 22
 
 
 def is_gguf(path: Path) -> bool:
@@ -103,6 +106,9 @@ class _Cursor:
             self.string(what)
         elif vtype == _ARRAY and not in_array:  # arrays of arrays: llama files have none
             itype, count = self.uint(4, f"{what} item type"), self.uint(8, f"{what} count")
+            if count > _MAX_ARRAY_ITEMS:
+                raise ValueError(f"{self.source}: corrupt GGUF header: {what} claims {count} "
+                                 f"items; more than {_MAX_ARRAY_ITEMS} is not supported")
             if itype in _SCALAR_BYTES:
                 self.skip(count * _SCALAR_BYTES[itype], f"{what} ({count} items)")
                 return
