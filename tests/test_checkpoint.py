@@ -149,6 +149,18 @@ def test_existing_target_needs_overwrite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
+def test_fp16_storage_of_unquantized_tensors(tmp_path):
+    model = tiny_quantized(attention_bias=True)
+    out = save_quantized(model, tmp_path / "ckpt", dtype=torch.float16)
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float16
+    assert tensors["model.layers.0.self_attn.q_proj.bias"].dtype == torch.float16
+    assert tensors["model.layers.0.self_attn.q_proj.qweight"].dtype == torch.int32
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    model.half().float()  # the same rounding, in place (scales stay fp16)
+    assert torch.equal(logits(load_quantized_model(out)), logits(model))
+
+
 def test_tokenizer_files_written(tmp_path):
     class Tok:
         def save_pretrained(self, folder):

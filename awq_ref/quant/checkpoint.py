@@ -74,11 +74,13 @@ def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, 
     return QuantSpec(bits, group, zero_point), tuple(skip)
 
 
-def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+def _tensors_to_save(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """CPU tensors by name; unquantized float tensors cast to `dtype` (None: kept as they are)."""
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return {k: (v if dtype is None or k.endswith(PACKED_SUFFIXES) else v.to(dtype))
+            .detach().contiguous().cpu() for k, v in state.items()}
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -114,11 +116,12 @@ def _write_json(obj: Any, path: Path) -> None:
 
 
 def _write_folder(model: nn.Module, folder: Path, tokenizer: Any, quant_config: dict[str, Any],
-                  max_shard_bytes: int) -> None:
+                  max_shard_bytes: int, dtype: torch.dtype | None) -> None:
     """Everything the checkpoint holds, written into `folder` (which already exists)."""
-    _write_json({**model.config.to_hf_dict(), "quantization_config": quant_config},
-                folder / "config.json")
-    tensors = _tensors_to_save(model)
+    tensors = _tensors_to_save(model, dtype)
+    fp_dtype = tensors["model.embed_tokens.weight"].dtype
+    _write_json({**model.config.to_hf_dict(), "torch_dtype": str(fp_dtype).removeprefix("torch."),
+                 "quantization_config": quant_config}, folder / "config.json")
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         _write_shard(shards[0], folder / WEIGHTS_NAME)
@@ -139,10 +142,13 @@ def _write_folder(model: nn.Module, folder: Path, tokenizer: Any, quant_config: 
 
 def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
                    quant_config: dict[str, Any] | None = None,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                   dtype: torch.dtype | None = None) -> Path:
     """Write `model` (with QuantLinear layers) as a checkpoint folder; returns its path.
 
     quant_config defaults to `model.quantization_config` (set by `awq_ref.api.quantize`).
+    dtype (e.g. torch.float16, as AutoAWQ stores) casts the unquantized float tensors
+    (embeddings, norms, lm_head, biases); None keeps the model's.
     Atomic: everything goes into a temporary folder beside `out_dir`, is fsynced, then renamed,
     so a crash never leaves a partial checkpoint under `out_dir`. An existing `out_dir` is an
     error unless overwrite=True (then it is replaced by rename as well).
@@ -159,7 +165,7 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
-        _write_folder(model, tmp, tokenizer, quant_config, max_shard_bytes)
+        _write_folder(model, tmp, tokenizer, quant_config, max_shard_bytes, dtype)
         _fsync(tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
