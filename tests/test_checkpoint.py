@@ -277,3 +277,17 @@ def test_missing_weights_file(tmp_path):
     (out / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="no weights"):
         load_quantized_model(out)
+
+
+def test_checkpoint_files_are_readable_by_others(tmp_path):
+    out = save_quantized(tiny_quantized(), tmp_path / "q")
+    for p in out.iterdir():
+        assert p.stat().st_mode & 0o044 == 0o044, p.name
+
+
+def test_unpackable_width_names_the_layer():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=44, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match=r"mlp\.gate_proj: out_features 44 is not a multiple of 8"):
+        quantize(Llama(cfg), "rtn", 4, 4)
+    quantize(Llama(cfg), "rtn", 4, 4, pack=False)  # fake quantization has no such limit

@@ -107,6 +107,7 @@ def _fsync(path: Path) -> None:
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
+    os.chmod(path, 0o644)  # safetensors creates the file private (0600); a checkpoint is shared
     _fsync(path)
 
 
