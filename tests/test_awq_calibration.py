@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from test_awq_search import tiny_llama
 
 from awq_ref.awq.calibration import calibration_tokens, random_windows, sample_from_model
-from test_awq_search import tiny_llama
 
 
 class ByteTokenizer:

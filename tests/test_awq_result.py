@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from test_awq_search import FAST, SPEC, calib, tiny_llama
 
 from awq_ref.awq.apply import apply_awq
 from awq_ref.awq.pipeline import run_awq, search_awq
 from awq_ref.awq.result import AwqResult
 from awq_ref.quant.quantizer import QuantSpec
-from test_awq_search import FAST, SPEC, block_io, calib, tiny_llama
 
 
 def test_save_load_reapply_round_trip(tmp_path):
@@ -43,7 +43,7 @@ def test_api_quantize_awq_beats_rtn_on_block_outputs():
 
     model = tiny_llama()
     tokens = calib(seed=3)
-    kw = dict(w_bit=3, group_size=16, pack=False)
+    kw = {"w_bit": 3, "group_size": 16, "pack": False}
     rtn = quantize(model, "rtn", **kw)
     awq = quantize(model, "awq", calib_tokens=calib(n=8), **kw, **{
         k: getattr(FAST, k) for k in ("n_grid", "loss_seqs", "loss_tokens", "progress")})

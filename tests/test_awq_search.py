@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from awq_ref.awq.apply import apply_awq, apply_scale
 from awq_ref.awq.capture import NonFiniteError

@@ -44,10 +44,12 @@ def test_scales_leave_blocks_unchanged(setup):
 
 @pytest.mark.parametrize("bits", [4, 3])
 def test_awq_beats_rtn(setup, bits):
+    """KL to the fp model (sharper than perplexity, which at W4 per-channel moves by < 1%)."""
     model, calib, evals = setup
-    kw = dict(w_bit=bits, group_size=-1, pack=False)
-    ppl = {"fp": evaluate(model, evals, 512, 8, progress=False)["ppl"]}
-    ppl["rtn"] = evaluate(quantize(model, "rtn", **kw), evals, 512, 8, progress=False)["ppl"]
-    awq = quantize(model, "awq", calib_tokens=calib, progress=False, **kw)
-    ppl["awq"] = evaluate(awq, evals, 512, 8, progress=False)["ppl"]
-    assert ppl["awq"] < ppl["rtn"], ppl
+    kw = {"w_bit": bits, "group_size": -1, "pack": False}
+    rtn = evaluate(quantize(model, "rtn", **kw), evals, 512, 16, model, progress=False)
+    awq_model = quantize(model, "awq", calib_tokens=calib, progress=False, **kw)
+    awq = evaluate(awq_model, evals, 512, 16, model, progress=False)
+    assert awq["kl"] < rtn["kl"] and awq["top1"] > rtn["top1"], (awq, rtn)
+    if bits == 3:
+        assert awq["ppl"] < rtn["ppl"], (awq, rtn)

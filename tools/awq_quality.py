@@ -17,10 +17,12 @@ import resource
 import time
 from dataclasses import fields
 
+import torch
+
 from awq_ref.api import quantize
 from awq_ref.awq.calibration import calibration_tokens
 from awq_ref.awq.pipeline import AwqConfig
-from awq_ref.eval import evaluate, load_wikitext_tokens
+from awq_ref.eval import evaluate, load_wikitext_tokens, read_text
 from awq_ref.loaders import load_model, load_tokenizer
 
 DATA = "../shared/data/text"
@@ -58,6 +60,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--methods", nargs="+", default=["awq", "rtn"])  # AWQ first: its RSS
     ap.add_argument("--set", nargs="*", default=[], dest="overrides")
+    ap.add_argument("--half-split", action="store_true",
+                    help="calibrate on the first half of --calib, evaluate on its second half")
     ap.add_argument("--json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -65,8 +69,14 @@ def main() -> None:
 
     fp = load_model(args.model)
     tok = load_tokenizer(args.model)
-    calib = calibration_tokens(tok, args.calib, args.calib_windows, args.seqlen, seed=0)
-    evals = load_wikitext_tokens(tok, args.eval)
+    if args.half_split:
+        text = read_text(args.calib)
+        half = len(text) // 2
+        calib = calibration_tokens(tok, [text[:half]], args.calib_windows, args.seqlen, seed=0)
+        evals = torch.tensor(tok.encode(text[half:]), dtype=torch.int64)
+    else:
+        calib = calibration_tokens(tok, args.calib, args.calib_windows, args.seqlen, seed=0)
+        evals = load_wikitext_tokens(tok, args.eval)
     report = {"args": vars(args), "rows": []}
 
     def score(name: str, model, bits, seconds=None, rss=None) -> None:

@@ -40,7 +40,7 @@ def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor,
 @torch.no_grad()
 def apply_clip(linear: nn.Linear, lo: torch.Tensor, hi: torch.Tensor) -> None:
     """Clamp each group of the weight (N, K) to [lo, hi] (N, K/G); never increases |w|."""
-    n, k = linear.weight.shape
+    n, _k = linear.weight.shape
     w = linear.weight.view(n, lo.shape[1], -1)  # (N, K/G, G)
     w.copy_(torch.maximum(torch.minimum(w, hi.to(w)[..., None]), lo.to(w)[..., None]))
 

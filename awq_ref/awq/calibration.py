@@ -7,8 +7,9 @@ over every position that leaves a full window (windows may overlap).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn

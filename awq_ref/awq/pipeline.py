@@ -30,13 +30,25 @@ from tqdm.auto import tqdm
 
 from awq_ref.awq.apply import apply_awq, apply_clip, apply_scale
 from awq_ref.awq.calibration import DEFAULT_SEQLEN, DEFAULT_WINDOWS, sample_from_model
-from awq_ref.awq.capture import InputStats, SubsetPlan, capture_block, check_finite, embed, \
-    forward_block
+from awq_ref.awq.capture import (
+    InputStats,
+    SubsetPlan,
+    capture_block,
+    check_finite,
+    embed,
+    forward_block,
+)
 from awq_ref.awq.result import AwqResult
-from awq_ref.awq.scaling_groups import LLAMA_CLIP_SKIP, LLAMA_GROUPS, ScalingGroup, expand_kv, \
-    input_group, reduce_kv
+from awq_ref.awq.scaling_groups import (
+    LLAMA_CLIP_SKIP,
+    LLAMA_GROUPS,
+    ScalingGroup,
+    expand_kv,
+    input_group,
+    reduce_kv,
+)
 from awq_ref.awq.search_clip import CLIP_MODES, search_clip
-from awq_ref.awq.search_scale import ScaleChoice, grid_search, gram_loss, module_loss, weight_mean
+from awq_ref.awq.search_scale import ScaleChoice, gram_loss, grid_search, module_loss, weight_mean
 from awq_ref.quant.qlinear import skipped
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import fake_quantize_weight
@@ -55,8 +67,8 @@ class AwqConfig:
     clip_grid: int = 20
     max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink
     clip_mode: str = "range"  # see search_clip.CLIP_MODES
-    loss_seqs: int = 16  # whole sequences for the attention-output loss
-    loss_tokens: int = 8192  # tokens for the MLP-output loss
+    loss_seqs: int = 8  # whole sequences for the attention-output loss (subset, measured)
+    loss_tokens: int = 4096  # strided tokens for the MLP-output loss (subset, measured)
     propagate: str = "fp"  # next block's inputs; see PROPAGATE and the module docstring
     chunk_tokens: int = 8192  # tokens per block forward, to bound activation memory
     progress: bool = True

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from awq_ref.quant.quantizer import QuantSpec
 
@@ -40,7 +40,7 @@ class AwqResult:
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "AwqResult":
+    def load(cls, path: str | Path) -> AwqResult:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: AwqResult file not found")

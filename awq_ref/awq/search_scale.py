@@ -22,8 +22,8 @@ computed from the Gram matrix X^T X (K, K), which is accumulated once over all t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
