@@ -1,0 +1,112 @@
+"""tools/report.py's figure data on a random tiny Llama: shapes, agreement with search_awq, and
+the plots render (tools/figures.py)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from awq_ref.api import quantize
+from awq_ref.awq.pipeline import AwqConfig, search_awq
+from awq_ref.awq.result import AwqResult
+from awq_ref.config import LlamaConfig
+from awq_ref.model import Llama
+from awq_ref.quant.quantizer import QuantSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import report
+
+SPEC = QuantSpec(4, 16, True)
+FAST = AwqConfig(n_grid=10, loss_seqs=3, loss_tokens=96, chunk_tokens=64, progress=False)
+
+
+def tiny_llama() -> Llama:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1)
+    model = Llama(cfg).eval()
+    with torch.no_grad():  # a few outlier channels, as in trained models
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:3] *= 8
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama()
+    tokens = torch.randint(0, 97, (6, 32), generator=torch.Generator().manual_seed(0))
+    return model, tokens, search_awq(model, tokens, SPEC, FAST)
+
+
+def test_activation_means_per_block_and_group(setup):
+    model, tokens, _ = setup
+    means = report.activation_means(model, tokens, (0, 2))
+    assert {b for b, _ in means} == {0, 2}
+    assert means[(0, "q/k/v input")].shape == (64,)
+    assert means[(2, "down_proj input")].shape == (96,)
+    assert all((m >= 0).all() for m in means.values())
+    assert means[(0, "q/k/v input")][:3].mean() > means[(0, "q/k/v input")][3:].mean()
+
+
+def test_loss_curves_pick_what_search_awq_picked(setup):
+    model, tokens, result = setup
+    curves = report.loss_curves(model, tokens, SPEC, (1,), FAST)
+    assert [c["label"] for c in curves] == list(report.INPUT_LABELS.values())
+    ratios = report.chosen_ratios(result, 3)
+    for j, c in enumerate(curves):
+        assert len(c["losses"]) == FAST.n_grid
+        assert c["ratio"] == c["ratios"][int(np.argmin(c["losses"]))]
+        assert c["ratio"] == ratios[1, j]
+
+
+def test_chosen_ratios_survive_save_and_load(setup, tmp_path):
+    _, _, result = setup
+    result.save(tmp_path / "r.safetensors")
+    loaded = AwqResult.load(tmp_path / "r.safetensors")
+    np.testing.assert_array_equal(report.chosen_ratios(loaded, 3), report.chosen_ratios(result, 3))
+    assert report.chosen_ratios(result, 3).shape == (3, 4)
+    with pytest.raises(ValueError, match="search record"):
+        report.chosen_ratios(AwqResult(spec=SPEC), 3)
+
+
+def test_block_errors_zero_for_fp_and_awq_below_rtn_on_average(setup):
+    model, tokens, result = setup
+    errors = report.block_errors(model, tokens, {
+        "fp": model, "RTN W4": quantize(model, "rtn", 4, 16, pack=False),
+        "AWQ W4": quantize(model, "awq", 4, 16, pack=False, result=result)})
+    assert errors["fp"].tolist() == [0.0, 0.0, 0.0]
+    assert (errors["RTN W4"] > 0).all()
+    assert errors["AWQ W4"].mean() < errors["RTN W4"].mean()
+
+
+def test_quality_table_and_command():
+    args = {"model": "default", "bits": [4], "group": 64, "calib_windows": 128, "seqlen": 512,
+            "eval_windows": 20, "eval_seqlen": 2048, "overrides": []}
+    rows = [{"method": "fp", "bits": None, "ppl": 20.0, "quant_s": None},
+            {"method": "awq", "bits": 4, "ppl": 21.0, "kl": 0.05, "top1": 0.9, "quant_s": 60.0,
+             "recovery": 0.5},
+            {"method": "rtn", "bits": 3, "ppl": 30.0, "kl": 0.5, "top1": 0.7, "quant_s": 1.0}]
+    table = report.quality_table({"args": args, "rows": rows}, {"fp16": 2_000_000, "w4": 600_000})
+    lines = table.splitlines()
+    assert len(lines) == 5 and all(line.count("|") == 9 for line in lines)
+    assert "| AWQ | W4 g64 | 21.000 | 0.0500 | 0.9000 | 0.500 | 60.0 s | 0.6 MB |" in table
+    assert "n/a" in lines[4]
+    assert report.quality_command(args).startswith("tools/awq_quality.py --model default --bits 4")
+
+
+def test_figures_render(setup, tmp_path):
+    pytest.importorskip("matplotlib")
+    import figures
+
+    model, tokens, result = setup
+    figures.plot_activations(report.activation_means(model, tokens, (0,)), tmp_path / "a.png")
+    figures.plot_loss_curves(report.loss_curves(model, tokens, SPEC, (0,), FAST),
+                             tmp_path / "b.png")
+    figures.plot_ratios(report.chosen_ratios(result, 3), list(report.INPUT_LABELS.values()),
+                        tmp_path / "c.png")
+    figures.plot_block_errors({"RTN W4": np.array([0.1, 0.2, 0.3]),
+                               "AWQ W4": np.array([0.05, 0.1, 0.2])}, tmp_path / "d.png")
+    for name in "abcd":
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
