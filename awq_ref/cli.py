@@ -67,8 +67,22 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _awq_result(args: argparse.Namespace, model, tok, spec):
-    """The AWQ search result: re-loaded with --result, else searched (and saved with --save-result)."""
+def _progress(args: argparse.Namespace):
+    """The resumable search's work folder (--work-dir, default OUT.partial beside --out)."""
+    from pathlib import Path
+
+    from awq_ref.awq.resume import Progress
+
+    work_dir = Path(args.work_dir or f"{str(args.out).rstrip('/')}.partial")
+    model = args.model if args.model == "default" else str(Path(args.model).resolve())
+    return Progress(work_dir, identity={"model": model, "dtype": args.dtype})
+
+
+def _awq_result(args: argparse.Namespace, model, tok, spec, progress=None):
+    """The AWQ search result: re-loaded with --result, else searched (and saved with --save-result);
+    `progress` (awq.resume.Progress) makes the search save and resume its state per block."""
+    from pathlib import Path
+
     from awq_ref.awq.calibration import calibration_tokens, sample_from_model
     from awq_ref.awq.pipeline import AwqConfig, search_awq
     from awq_ref.awq.result import AwqResult
@@ -76,13 +90,14 @@ def _awq_result(args: argparse.Namespace, model, tok, spec):
     if args.result:
         return AwqResult.load(args.result)
     if args.calib:
-        calib = calibration_tokens(tok, args.calib, args.n_samples, args.calib_seqlen, args.seed)
+        files = [Path(p) for p in args.calib]  # Paths: a list of str would be read as texts
+        calib = calibration_tokens(tok, files, args.n_samples, args.calib_seqlen, args.seed)
     else:
         print("no --calib text: sampling calibration windows from the model (data-free)",
               file=sys.stderr)
         calib = sample_from_model(model, args.n_samples, args.calib_seqlen, args.seed)
     config = AwqConfig(n_grid=args.n_grid, duo_scaling=args.duo_scaling)
-    result = search_awq(model, calib, spec, config, device=args.device)
+    result = search_awq(model, calib, spec, config, device=args.device, progress=progress)
     if args.save_result:
         result.save(args.save_result)
         print(f"search result saved to {args.save_result}", file=sys.stderr)
@@ -98,11 +113,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
     tok, model = load_tokenizer(args.model), _load(args)
     t0 = time.perf_counter()
-    extra = {"result": _awq_result(args, model, tok, spec)} if args.method == "awq" else {}
+    progress = _progress(args) if args.method == "awq" and not args.result else None
+    extra = {"result": _awq_result(args, model, tok, spec, progress)} if args.method == "awq" else {}
     qmodel = quantize(model, method=args.method, w_bit=spec.bits, group_size=spec.group_size,
                       zero_point=spec.zero_point, inplace=True, **extra)
     seconds = time.perf_counter() - t0
     save_quantized(qmodel, args.out, tokenizer=tok)
+    if progress is not None:  # only now: a crash while saving can still resume
+        progress.remove()
     print(f"{args.method} W{spec.bits} g{spec.group_size} quantized in {seconds:.1f} s; "
           f"checkpoint written to {args.out}")
     return 0
@@ -145,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--duo-scaling", action="store_true", help="s = mean|x|^a / mean|w|^(1-a)")
     q.add_argument("--save-result", default=None, help="also save the AWQ search (safetensors)")
     q.add_argument("--result", default=None, help="re-apply a saved AWQ search instead of searching")
+    q.add_argument("--work-dir", default=None,
+                   help="AWQ progress saved after every block, resumed by rerunning the same "
+                        "command (default: OUT.partial; removed after success)")
     q.set_defaults(func=cmd_quantize)
     return parser
 

@@ -39,6 +39,7 @@ from awq_ref.awq.capture import (
     forward_block,
 )
 from awq_ref.awq.result import AwqResult
+from awq_ref.awq.resume import Progress, fingerprint
 from awq_ref.awq.scaling_groups import (
     LLAMA_CLIP_SKIP,
     LLAMA_GROUPS,
@@ -85,11 +86,13 @@ class AwqConfig:
 
 def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
                config: AwqConfig = AwqConfig(), device: str | torch.device | None = None,
-               modules_to_not_convert: Iterable[str] = ()) -> AwqResult:
+               modules_to_not_convert: Iterable[str] = (), progress: Progress | None = None
+               ) -> AwqResult:
     """Search AWQ scales and clip ranges for `model` on calib_tokens (B, T); model unchanged.
 
     Linears whose full name contains an entry of modules_to_not_convert stay fp in the losses
     and are never clipped (their input channels are still scaled: that is exact).
+    progress: save the state after every block and resume from it (see awq.resume).
     """
     if calib_tokens.dim() != 2 or calib_tokens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"calib_tokens must be integer (B, T), got {calib_tokens.dtype} "
@@ -102,8 +105,12 @@ def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
         x = embed(model, calib_tokens, device)  # (B, T, D)
         cos, sin = (t.to(device) for t in model.rotary(0, x.shape[1], torch.float32))
         blocks = model.model.layers
-        bar = tqdm(total=len(blocks), desc="AWQ", unit="block", disable=not config.progress)
+        first = _resume(progress, model, calib_tokens, spec, config, skip, device, result, x)
+        bar = tqdm(total=len(blocks), initial=first, desc="AWQ", unit="block",
+                   disable=not config.progress)
         for i, block in enumerate(blocks):
+            if i < first:
+                continue
             prefix = f"model.layers.{i}"
             work = copy.deepcopy(block).to(device, torch.float32)
             fp_names = {n for n, m in work.named_modules()
@@ -111,10 +118,29 @@ def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
             search_block(work, prefix, model.config, x, cos, sin, spec, config, result, fp_names)
             bar.update(1)
             del work
+            if progress is not None:
+                progress.save(i + 1, result, x)
         bar.close()
     result.info["seconds"] = f"{time.perf_counter() - start:.1f}"
     result.info["search"] = json.dumps(result.search)
     return result
+
+
+def _resume(progress: Progress | None, model: nn.Module, calib_tokens: torch.Tensor,
+            spec: QuantSpec, config: AwqConfig, skip: tuple[str, ...], device: torch.device,
+            result: AwqResult, x: torch.Tensor) -> int:
+    """The first block to search: 0, or where a saved state ends (result and x then restored)."""
+    if progress is None:
+        return 0
+    progress.bind(fingerprint(model.config, calib_tokens, spec, config, skip, device,
+                              progress.identity))
+    state = progress.restore(result)
+    if state is None:
+        return 0
+    first, hidden = state
+    x.copy_(hidden)
+    log.info("resuming the AWQ search at block %d from %s", first, progress.state_path)
+    return first
 
 
 def run_awq(model: nn.Module, spec: QuantSpec, calib_tokens: torch.Tensor | None = None,

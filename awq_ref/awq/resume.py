@@ -1,0 +1,110 @@
+"""Resumable AWQ search: the state after each finished block, saved in a work folder.
+
+    work_dir/state.safetensors     written after every block (temp file, fsync, rename)
+        hidden                     (B, T, D) fp32  the next block's calibration inputs
+        scale.* / clip_lo.* / clip_hi.*            the AwqResult so far (AwqResult's names)
+        metadata: format, fingerprint, next_block, search (JSON list), info (JSON)
+
+The fingerprint is a SHA-256 over everything that decides the search: the model's config,
+the calibration tokens, the QuantSpec, the AwqConfig (but its `progress` bar), the skipped
+modules, the device, and an `identity` the caller adds (the CLI: model path and dtype). A
+state with another fingerprint is refused with a ValueError, never silently reused. Restarting
+from block i reruns block i from the same fp32 inputs, so the result is bit-identical to an
+uninterrupted search on the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from awq_ref.awq.result import AwqResult
+from awq_ref.quant.quantizer import QuantSpec
+
+STATE_NAME = "state.safetensors"
+FORMAT = "awq_ref.AwqProgress/1"
+
+
+def fingerprint(model_config: Any, calib_tokens: torch.Tensor, spec: QuantSpec, config: Any,
+                skip: tuple[str, ...], device: torch.device, identity: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the search's inputs; see the module docstring."""
+    awq = {k: v for k, v in asdict(config).items() if k != "progress"}
+    tokens = calib_tokens.to(torch.int64).contiguous().cpu()
+    doc = {"model": model_config.to_hf_dict(), "spec": asdict(spec), "awq": awq,
+           "skip": list(skip), "device": str(device), "identity": identity,
+           "calib": [list(tokens.shape), hashlib.sha256(tokens.numpy().tobytes()).hexdigest()]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Progress:
+    """The work folder of one search. `identity`: extra JSON-able facts for the fingerprint."""
+
+    def __init__(self, work_dir: str | Path, identity: dict[str, Any] | None = None):
+        self.work_dir = Path(work_dir)
+        self.identity = dict(identity or {})
+        self.fingerprint = ""  # set by search_awq through bind()
+
+    @property
+    def state_path(self) -> Path:
+        return self.work_dir / STATE_NAME
+
+    def bind(self, fp: str) -> None:
+        self.fingerprint = fp
+
+    def restore(self, result: AwqResult) -> tuple[int, torch.Tensor] | None:
+        """(next block, its inputs (B, T, D) on cpu) and `result` filled in, or None if no state.
+
+        ValueError if the saved state was made with other inputs or settings."""
+        path = self.state_path
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: not an AWQ progress file (format={meta.get('format')!r})")
+            if meta.get("fingerprint") != self.fingerprint:
+                raise ValueError(
+                    f"{path}: saved progress was made with a different model, calibration data "
+                    f"or settings; delete {self.work_dir} to start over, or rerun with the "
+                    "original settings to resume")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        for key, t in tensors.items():
+            kind, _, name = key.partition(".")
+            if kind == "scale":
+                result.scales[name] = t
+            elif kind == "clip_lo":
+                result.clips[name] = (t, tensors[f"clip_hi.{name}"])
+        result.search[:] = json.loads(meta["search"])
+        return int(meta["next_block"]), tensors["hidden"]
+
+    def save(self, next_block: int, result: AwqResult, hidden: torch.Tensor) -> None:
+        """Atomically replace the state: the result so far and `hidden`, block next_block's inputs."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {"hidden": hidden.detach().float().cpu().contiguous()}
+        tensors.update({f"scale.{k}": v.float().cpu().contiguous() for k, v in result.scales.items()})
+        for k, (lo, hi) in result.clips.items():
+            tensors[f"clip_lo.{k}"] = lo.float().cpu().contiguous()
+            tensors[f"clip_hi.{k}"] = hi.float().cpu().contiguous()
+        meta = {"format": FORMAT, "fingerprint": self.fingerprint, "next_block": str(next_block),
+                "search": json.dumps(result.search)}
+        tmp = self.work_dir / f".{STATE_NAME}.tmp"
+        save_file(tensors, str(tmp), metadata=meta)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.state_path)
+
+    def remove(self) -> None:
+        """Delete the work folder (after the final checkpoint is safely written)."""
+        shutil.rmtree(self.work_dir, ignore_errors=True)

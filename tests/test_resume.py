@@ -1,0 +1,168 @@
+"""Resumable AWQ quantization: a CLI run killed with SIGKILL after block 2, then rerun with
+the same command, writes the same checkpoint bytes as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from awq_ref.awq.pipeline import AwqConfig, search_awq
+from awq_ref.awq.resume import STATE_NAME, Progress
+from awq_ref.config import LlamaConfig
+from awq_ref.model import Llama
+from awq_ref.quant.quantizer import QuantSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"vocab_size": 261, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer.json (256 bytes + 5 merges = 261 tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    merges = [("H", "e"), ("l", "l"), ("o", "r"), ("He", "ll"), ("\u0120", "w")]
+    vocab = {t: i for i, t in enumerate(sorted(alphabet) + ["".join(m) for m in merges])}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "!", "eos_token": "\"", "add_bos_token": True}))
+
+
+def write_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """An HF folder (config, safetensors, tokenizer) of a random 6-block Llama, hidden 64."""
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(**TINY)).eval()
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, str(folder / "model.safetensors"))
+    write_tokenizer(folder)
+    return folder
+
+
+def quantize_cmd(model: Path, out: Path, text: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "awq_ref", "quantize", "--model", str(model), "--out", str(out),
+            "--method", "awq", "--group-size", "32", "--calib", str(text), "--n-samples", "16",
+            "--calib-seqlen", "64", "--n-grid", "10", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    text = root / "calib.txt"
+    text.write_text("Hello world, the quick brown fox jumps over the lazy dog. " * 200)
+    return write_tiny_model(root / "model"), text, root
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def saved_block(state: Path) -> int:
+    """next_block of a progress file, 0 while there is none (the file is replaced atomically)."""
+    if not state.is_file():
+        return 0
+    with safe_open(str(state), framework="pt") as f:
+        return int(f.metadata()["next_block"])
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+def test_killed_run_resumes_to_identical_checkpoint(tiny_setup):
+    model, text, root = tiny_setup
+    ref, out = root / "ref", root / "out"
+    subprocess.run(quantize_cmd(model, ref, text), check=True, env=env(), capture_output=True)
+    assert not (root / "ref.partial").exists()  # removed after success
+
+    proc = subprocess.Popen(quantize_cmd(model, out, text), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = root / "out.partial" / STATE_NAME
+    try:
+        while proc.poll() is None and saved_block(state) < 2:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = saved_block(state)
+    assert 2 <= done < TINY["num_hidden_layers"] and not out.exists()
+
+    run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(), capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert folder_bytes(out) == folder_bytes(ref)
+    assert not (root / "out.partial").exists()
+
+
+def test_other_settings_refused(tiny_setup):
+    model, text, root = tiny_setup
+    out, work = root / "refused", root / "refused.partial"
+    work.mkdir()
+    Progress(work).save(3, _empty_result(), torch.zeros(1))  # a state with no/foreign fingerprint
+    run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(), capture_output=True,
+                         text=True)
+    assert run.returncode == 2
+    assert "different model, calibration data or settings" in run.stderr
+    assert str(work) in run.stderr and not out.exists()
+
+
+def _empty_result():
+    from awq_ref.awq.result import AwqResult
+
+    return AwqResult(spec=QuantSpec(group_size=32))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared machine: one thread is faster and steadier."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_resume_in_process_matches(tmp_path, one_thread):
+    """The API: a search stopped after 2 blocks and resumed equals an uninterrupted one."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**{**TINY, "num_hidden_layers": 4})).eval()
+    tokens = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(1))
+    spec, config = QuantSpec(group_size=32), AwqConfig(n_grid=5, progress=False)
+    full = search_awq(model, tokens, spec, config)
+
+    progress = Progress(tmp_path / "work")
+    blocks = model.model.layers
+    model.model.layers = blocks[:2]  # "killed" after block 2: its state is on disk
+    search_awq(model, tokens, spec, config, progress=progress)
+    model.model.layers = blocks
+    with pytest.raises(ValueError, match="different model, calibration data or settings"):
+        search_awq(model, tokens, spec, AwqConfig(n_grid=6, progress=False), progress=progress)
+    assert saved_block(progress.state_path) == 2
+    resumed = search_awq(model, tokens, spec, config, progress=progress)
+    assert resumed.search == full.search
+    assert sorted(resumed.scales) == sorted(full.scales)
+    for k in full.scales:
+        assert torch.equal(resumed.scales[k], full.scales[k])
+    for k in full.clips:
+        assert all(torch.equal(a, b) for a, b in zip(resumed.clips[k], full.clips[k]))
+
