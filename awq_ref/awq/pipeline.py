@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -224,7 +225,9 @@ def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: i
         loss = module_loss(inspect, weights, spec, inputs, reference, extra, chunk)
     expand = (lambda s: expand_kv(s, n_rep, head_dim)) if n_rep > 1 else (lambda s: s)
     choice = grid_search(loss, x_mean, w_mean, config.n_grid, expand)
-    check_finite(torch.tensor(choice.losses), f"{where} -> {','.join(group.linears)} scale loss")
+    # inf marks candidates that overflow fp16 (see grid_search); NaN or an inf choice is a bug.
+    check_finite(torch.tensor([choice.loss, *(v for v in choice.losses if v != math.inf)]),
+                 f"{where} -> {','.join(group.linears)} scale loss")
     log.info("%s -> %s: ratio %.2f loss %.4g (ratio 0: %.4g)", where, ",".join(group.linears),
              choice.ratio, choice.loss, choice.loss0)
     return choice

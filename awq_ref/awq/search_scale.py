@@ -22,6 +22,7 @@ computed from the Gram matrix X^T X (K, K), which is accumulated once over all t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from awq_ref.quant.packing import Fp16OverflowError
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import fake_quantize_weight
 
@@ -97,13 +99,18 @@ def grid_search(loss: Callable[[torch.Tensor], float], x_mean: torch.Tensor,
                 expand: Callable[[torch.Tensor], torch.Tensor] = lambda s: s) -> ScaleChoice:
     """Evaluate L(s(a)) for a = i / n_grid, i < n_grid; keep the first minimum.
 
+    A candidate whose scaled weights overflow fp16 (Fp16OverflowError) gets L = inf.
+
     expand maps a scale over prev's channels (C,) to the linears' inputs (K,) (GQA repeat).
     """
     losses, best = [], None
     for i in range(n_grid):
         ratio = i / n_grid
         s = candidate_scale(x_mean, ratio, w_mean)
-        value = loss(expand(s))
+        try:
+            value = loss(expand(s))
+        except Fp16OverflowError:  # s pushes a group's weights past fp16: not a candidate
+            value = math.inf
         losses.append(value)
         if best is None or value < best[2]:
             best = (s, ratio, value)

@@ -36,6 +36,12 @@ PACK_BITS = 4
 PACK_NUM = 32 // PACK_BITS  # codes per int32
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column ORDER[i]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column j sits in nibble REVERSE[j]
+FP16_MAX = 65504.0  # largest finite float16
+
+
+class Fp16OverflowError(ValueError):
+    """A group's scale or quantized weights exceed float16, which the format stores and its
+    kernels compute in; the AWQ search treats a scale candidate raising it as infeasible."""
 
 
 def check_packable(spec: QuantSpec, name: str = "weight") -> None:
@@ -84,13 +90,23 @@ def quantize_with_fp16_scales(w: torch.Tensor, spec: QuantSpec, name: str = "wei
     scales, zeros = compute_qparams(w32, spec, name)  # (N, K/G) each
     s16 = scales.to(torch.float16)
     if not torch.isfinite(s16).all():
-        raise ValueError(f"{name}: a group's range overflows the fp16 scales (max |w| = "
+        raise Fp16OverflowError(f"{name}: a group's range overflows the fp16 scales (max |w| = "
                          f"{w32.abs().max().item():.4g})")
     s = s16.to(torch.float32)
     if spec.zero_point:
         lo = grouped(w32, spec.group_for(w32.shape[1], name)).amin(dim=-1)  # (N, K/G)
         zeros = (-torch.round(lo / s)).clamp(0, spec.max_code).to(torch.int32)
     return quantize(w32, s, zeros, spec), zeros, s16
+
+
+def check_fp16_range(w_hat: torch.Tensor, name: str = "weight") -> None:
+    """Fp16OverflowError if a quantized weight exceeds fp16: fp16 scales hold groups up to
+    65504 * 15 wide, but the kernels dequantize into fp16, where |w| > 65504 becomes inf."""
+    w_max = w_hat.abs().max().item()
+    if w_max > FP16_MAX:
+        raise Fp16OverflowError(
+            f"{name}: quantized weights reach |w| = {w_max:.4g}, beyond fp16's {FP16_MAX:.0f} "
+            "(fp16 kernels would read inf); keep the layer unquantized (modules_to_not_convert)")
 
 
 def pack_weight(w: torch.Tensor, spec: QuantSpec, name: str = "weight"
@@ -102,6 +118,7 @@ def pack_weight(w: torch.Tensor, spec: QuantSpec, name: str = "weight"
     if n % PACK_NUM:
         raise ValueError(f"{name}: out_features {n} is not a multiple of {PACK_NUM}, cannot pack")
     q, z, s16 = quantize_with_fp16_scales(w, spec, name)  # (N, K), (N, K/G), (N, K/G)
+    check_fp16_range(dequantize(q, s16.to(torch.float32), z), name)
     return pack_int4(q.T), pack_int4(z.T), s16.T.contiguous()
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from awq_ref.quant.packing import quantize_with_fp16_scales
+from awq_ref.quant.packing import check_fp16_range, quantize_with_fp16_scales
 from awq_ref.quant.qlinear import decoder_linears, replace_linears
 from awq_ref.quant.quantizer import QuantSpec, dequantize
 
@@ -23,7 +23,9 @@ from awq_ref.quant.quantizer import QuantSpec, dequantize
 def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec, name: str = "weight") -> torch.Tensor:
     """w_hat (N, K) in w's dtype: dequantize(quantize(w)) with fp16-rounded scales, in fp32."""
     q, z, s16 = quantize_with_fp16_scales(w, spec, name)  # (N, K), (N, K/G), (N, K/G)
-    return dequantize(q, s16.to(torch.float32), z).to(w.dtype)
+    w_hat = dequantize(q, s16.to(torch.float32), z)
+    check_fp16_range(w_hat, name)
+    return w_hat.to(w.dtype)
 
 
 @torch.no_grad()
