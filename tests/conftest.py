@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -41,3 +42,13 @@ def default_gguf() -> Path:
         return default_gguf_path()
     except ValueError as e:  # no network and no cached copy
         pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: CPU reductions are split by thread (results depend on the count), and
+    tiny matmuls on a shared machine run faster and steadier on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from awq_ref.api import quantize
@@ -17,14 +16,6 @@ from awq_ref.quant.checkpoint import save_quantized
 TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2}
 
-
-@pytest.fixture
-def one_thread():
-    """Fixed thread count: CPU reductions are split by thread, so results depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def quantized_folder(out: Path, seed: int = 0) -> dict[str, bytes]:

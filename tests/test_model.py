@@ -14,10 +14,10 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 
 def tiny_hf_dict(n_kv: int = 4, tied: bool = False, rope_scaling=None) -> dict:
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=101,
-                hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=n_kv, rms_norm_eps=1e-5, rope_theta=500000.0,
-                max_position_embeddings=256, tie_word_embeddings=tied, rope_scaling=rope_scaling)
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 101,
+                "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": n_kv, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                "max_position_embeddings": 256, "tie_word_embeddings": tied, "rope_scaling": rope_scaling}
 
 
 def pair(d: dict, seed: int = 0):

@@ -133,14 +133,6 @@ def _empty_result():
     return AwqResult(spec=QuantSpec(group_size=32))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls on a shared machine: one thread is faster and steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_resume_in_process_matches(tmp_path, one_thread):
     """The API: a search stopped after 2 blocks and resumed equals an uninterrupted one."""
