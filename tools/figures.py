@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 COLORS = {"q/k/v input": "tab:blue", "o_proj input": "tab:orange", "gate/up input": "tab:green",
           "down_proj input": "tab:red"}
@@ -32,6 +33,7 @@ def plot_activations(means: dict[tuple[int, str], np.ndarray], path: str | Path,
             ax.plot(np.arange(m.size), m, lw=0.6, color="0.45")
             ax.scatter(idx, m[idx], s=14, color="crimson", zorder=3)
             ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"block {b}: {lbl} (K={m.size})\nmax / median = "
                          f"{m.max() / np.median(m):.0f}x", fontsize=9)
             ax.set_xlabel("input channel", fontsize=8)
@@ -69,7 +71,7 @@ def plot_loss_curves(curves: list[dict], path: str | Path) -> None:
     _save(fig, path)
 
 
-def plot_ratios(ratios: np.ndarray, labels: list[str], path: str | Path) -> None:
+def plot_ratios(ratios: np.ndarray, labels: list[str], path: str | Path, setting: str = "W4") -> None:
     """(c) the chosen a for every block (columns) and scaling group (rows), as numbers on a
     colour map; blank where no scale was searched."""
     fig = Figure(figsize=(13, 2.9), layout="constrained")
@@ -83,7 +85,7 @@ def plot_ratios(ratios: np.ndarray, labels: list[str], path: str | Path) -> None
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xticks(range(data.shape[1]), [str(i) for i in range(data.shape[1])], fontsize=7)
     ax.set_xlabel("block")
-    ax.set_title("chosen ratio a per block and scaling group (W4 g64; a = 0 means s = 1, "
+    ax.set_title(f"chosen ratio a per block and scaling group ({setting}; a = 0 means s = 1, "
                  "i.e. plain RTN)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
     _save(fig, path)

@@ -5,8 +5,10 @@
 The quality table (ppl, KL, top-1, recovery, quantization time) is read from the JSON written by
 `tools/awq_quality.py --json FILE`; the checkpoint sizes are measured here by packing the model.
 The figure data comes from the package's own functions on a small calibration set
-(--windows x --seqlen TinyStories windows, seed 0); every block sees the fp model's activations,
-as the search itself does (AwqConfig.propagate = "fp"):
+(--windows x --seqlen TinyStories windows, seed 0; the default 4 x 512 took 15 min on 2 busy
+cores, mostly the AWQ search; --reuse-figure-data re-plots from docs/figures/data.json and
+rewrites results.md in a minute). Every block sees the fp model's activations, as the search
+itself does (AwqConfig.propagate = "fp"):
   (a) mean|x| per input channel of each scaling group's input      (activation_means)
   (b) the scale-search loss L(s(a)) over the grid of a              (loss_curves)
   (c) the chosen a of every block and group                         (chosen_ratios, from AwqResult)
@@ -193,27 +195,28 @@ def machine() -> str:
     return f"{platform.system()} {cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
-def figure_data(model: nn.Module, calib: torch.Tensor, group: int) -> dict:
-    """Everything the four figures show, as JSON-ready lists (W4 for (b), (c); W4 and W3 for (d))."""
+def figure_data(model: nn.Module, calib: torch.Tensor, group: int, bits: tuple[int, ...]) -> dict:
+    """Everything the four figures show, as JSON-ready lists ((b), (c) at bits[0])."""
     n = model.config.num_hidden_layers
     mid = n // 2
     print("(a) activations", flush=True)
     act = activation_means(model, calib, (0, mid))
     print("(b) loss curves", flush=True)
-    curves = loss_curves(model, calib, QuantSpec(4, group), (0, mid, n - 1))
-    print("(c) AWQ search W4 and W3", flush=True)
+    curves = loss_curves(model, calib, QuantSpec(bits[0], group), (0, mid, n - 1))
+    print(f"(c) AWQ search at W{bits}", flush=True)
     results = {b: search_awq(model, calib, QuantSpec(b, group), AwqConfig(progress=False))
-               for b in (4, 3)}
+               for b in bits}
     print("(d) block errors", flush=True)
     quantized = {}
-    for b in (4, 3):
+    for b in bits:
         quantized[f"RTN W{b}"] = quantize(model, "rtn", b, group, pack=False)
         quantized[f"AWQ W{b}"] = quantize(model, "awq", b, group, pack=False, result=results[b])
     errors = block_errors(model, calib, quantized)
     return {"activations": [{"block": b, "label": lbl, "mean_abs": m.tolist()}
                             for (b, lbl), m in act.items()],
             "curves": curves, "labels": [INPUT_LABELS[g.prev] for g in LLAMA_GROUPS],
-            "ratios": {f"W{b}": chosen_ratios(r, n).tolist() for b, r in results.items()},
+            "setting": f"W{bits[0]} g{group}",
+            "ratios": chosen_ratios(results[bits[0]], n).tolist(),
             "search_seconds": {f"W{b}": float(r.info["seconds"]) for b, r in results.items()},
             "block_errors": {k: v.tolist() for k, v in errors.items()}}
 
@@ -224,8 +227,8 @@ def plot_all(data: dict, folder: Path) -> None:
     act = {(a["block"], a["label"]): np.array(a["mean_abs"]) for a in data["activations"]}
     plot_activations(act, folder / "activations.png")
     plot_loss_curves(data["curves"], folder / "loss_vs_ratio.png")
-    plot_ratios(np.array(data["ratios"]["W4"], dtype=float), data["labels"],
-                folder / "chosen_ratio.png")
+    plot_ratios(np.array(data["ratios"], dtype=float), data["labels"],
+                folder / "chosen_ratio.png", data["setting"])
     plot_block_errors({k: np.array(v) for k, v in data["block_errors"].items()},
                       folder / "block_error.png")
 
@@ -235,9 +238,10 @@ def main() -> None:
     ap.add_argument("--from-json", help="tools/awq_quality.py --json output (the quality table)")
     ap.add_argument("--json-machine", default=None,
                     help="where the JSON was produced (default: this machine)")
-    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--bits", type=int, nargs="+", default=[4], help="(b), (c) use the first")
     ap.add_argument("--reuse-figure-data", action="store_true",
                     help="re-plot from docs/figures/data.json instead of recomputing it")
     ap.add_argument("--out", default=str(REPO / "docs"))
@@ -249,13 +253,16 @@ def main() -> None:
         data = json.loads((folder / "data.json").read_text())
     else:
         calib = calibration_tokens(tok, CALIB, args.windows, args.seqlen, seed=0)
-        data = figure_data(model, calib, args.group)
+        data = figure_data(model, calib, args.group, tuple(args.bits))
         data["made_by"] = (f"`PYTHONPATH=. .venv/bin/python tools/report.py --windows "
-                           f"{args.windows} --seqlen {args.seqlen} --group {args.group}` on "
+                           f"{args.windows} --seqlen {args.seqlen} --group {args.group} --bits "
+                           f"{' '.join(map(str, args.bits))}` on "
                            f"{machine()} in {(time.perf_counter() - start) / 60:.1f} min")
         (folder / "data.json").write_text(json.dumps(data))
     plot_all(data, folder)
-    table, source = "(run tools/report.py with --from-json FILE for this table)", ""
+    table = ("Not filled in yet: run `tools/awq_quality.py --json FILE`, then "
+             "`tools/report.py --reuse-figure-data --from-json FILE`.")
+    source = ""
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
         table = quality_table(report, checkpoint_sizes(model, args.group))
@@ -269,13 +276,15 @@ def main() -> None:
 
 def results_markdown(table: str, source: str, data: dict) -> str:
     errors = {k: np.array(v) for k, v in data["block_errors"].items()}
-    gains = {b: float(np.mean(errors[f"AWQ {b}"] / errors[f"RTN {b}"])) for b in ("W4", "W3")}
-    ratios = np.array(data["ratios"]["W4"], dtype=float)
+    bits = [k.split()[1] for k in errors if k.startswith("AWQ")]
+    gains = ", ".join(f"{np.mean(errors[f'AWQ {b}'] / errors[f'RTN {b}']):.2f} at {b}"
+                      for b in bits)
+    seconds = ", ".join(f"{s:.0f} s ({b})" for b, s in data["search_seconds"].items())
+    ratios = np.array(data["ratios"], dtype=float)
     return RESULTS_TEMPLATE.format(
-        table=table, source=source, made_by=data["made_by"], gain4=gains["W4"],
-        gain3=gains["W3"], ratio_mean=np.nanmean(ratios), ratio_min=np.nanmin(ratios),
-        ratio_max=np.nanmax(ratios), search4=data["search_seconds"]["W4"],
-        search3=data["search_seconds"]["W3"])
+        table=table, source=source, made_by=data["made_by"], gains=gains, seconds=seconds,
+        setting=data["setting"], ratio_mean=np.nanmean(ratios), ratio_min=np.nanmin(ratios),
+        ratio_max=np.nanmax(ratios))
 
 
 RESULTS_TEMPLATE = """# Results: AWQ on SmolLM2-135M-Instruct
@@ -288,16 +297,17 @@ Written by `tools/report.py`; the algorithm behind the figures is explained step
 {table}
 
 {source}
+
 recovery = (ppl_RTN - ppl_AWQ) / (ppl_RTN - ppl_fp). W3 runs as fake quantization (weights
 rounded in place), so it has no packed checkpoint.
 
 ## Figures
 
-Figure data: {made_by}; stored in [figures/data.json](figures/data.json). The AWQ searches
-behind (c) and (d) took {search4:.0f} s (W4) and {search3:.0f} s (W3) on these windows.
+Figure data: {made_by} (the machine shared with other jobs); stored in
+[figures/data.json](figures/data.json). The AWQ search behind (c) and (d) took {seconds}.
 
 **(a) Salient input channels.** mean|x| per input channel of the four scaling-group inputs of
-block 0 and a middle block; a handful of channels carry activations 10-50x the median. Those are
+block 0 and a middle block; a handful of channels carry activations 10-55x the median. Those are
 the weights AWQ protects by scaling them up before rounding.
 
 ![activations](figures/activations.png)
@@ -308,14 +318,14 @@ first (protecting salient channels helps), then rise (large a squeezes the other
 
 ![loss vs ratio](figures/loss_vs_ratio.png)
 
-**(c) The chosen a per block and group** (W4 g64, from the AwqResult's search record): mean
+**(c) The chosen a per block and group** ({setting}, from the AwqResult's search record): mean
 {ratio_mean:.2f}, range {ratio_min:.2f} to {ratio_max:.2f}.
 
 ![chosen ratio](figures/chosen_ratio.png)
 
-**(d) Output error per block.** Each block run on the same fp input x, with RTN and with AWQ
-weights: ||B_q(x) - B(x)||^2 / ||B(x) - x||^2. Mean over blocks of AWQ / RTN:
-{gain4:.2f} at W4, {gain3:.2f} at W3.
+**(d) Output error per block.** Each block run on the same fp input x (the calibration windows
+themselves, so in-sample), with RTN and with AWQ weights: ||B_q(x) - B(x)||^2 / ||B(x) - x||^2.
+Mean over blocks of AWQ / RTN: {gains}.
 
 ![block error](figures/block_error.png)
 """
