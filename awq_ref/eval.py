@@ -76,7 +76,8 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048, windows
     for window in tqdm(batches, desc="eval windows", disable=not progress):
         x = window[None].to(model.device)  # (1, T)
         logits = model(x)[0, :-1]  # (T-1, V): position t predicts token t+1
-        ref_logits = reference(window[None].to(reference.device))[0, :-1] if reference else None
+        ref_logits = (reference(window[None].to(reference.device))[0, :-1]
+                      if reference is not None else None)
         targets = x[0, 1:]
         for a in range(0, logits.shape[0], _CHUNK):
             logp = torch.log_softmax(logits[a:a + _CHUNK].float(), -1)
