@@ -1,0 +1,300 @@
+"""Streaming quantization: an HF safetensors folder to an AWQ checkpoint, one block at a time.
+
+The model is never built whole. For each decoder block i:
+    read its tensors (plain file reads, loaders.lazy) -> fp32 working copy on `device`
+    -> AWQ: search_block (capture, scales, clipping; x becomes block i+1's inputs)
+    -> QuantLinear.from_linear packs each linear -> shard i of the output, written, released.
+Then the embeddings, final norm and lm_head are copied (in the checkpoint's dtype), with
+config.json (quantization_config as save_quantized writes it), the shard index and the
+tokenizer files. Peak memory: one block in fp32 plus the calibration activations (B, T, D).
+
+Resumable like the in-memory search (awq.resume): after every block its shard sits in
+`work_dir/shards/` and `work_dir/state.safetensors` holds the next block's inputs; the same
+call restarted continues at the next block, and a state made from other inputs (fingerprint)
+is refused. The checkpoint appears atomically (temporary folder, then rename) and is tensor for
+tensor what `load_model -> quantize -> save_quantized(dtype=<checkpoint dtype>)` writes.
+
+    work_dir/shards/model-0000i-of-0000n.safetensors   block i-1, quantized
+    work_dir/state.safetensors                         Progress: next block, hidden (B, T, D)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from awq_ref.awq.capture import embed
+from awq_ref.awq.pipeline import AwqConfig, search_block
+from awq_ref.awq.result import AwqResult
+from awq_ref.awq.resume import Progress, fingerprint
+from awq_ref.config import LlamaConfig
+from awq_ref.loaders.lazy import LazyTensors, index_safetensors_file
+from awq_ref.loaders.state_dict import build_on_meta, check_state_dict
+from awq_ref.model import Block
+from awq_ref.quant.checkpoint import (
+    INDEX_NAME,
+    PACKED_SUFFIXES,
+    _fsync,
+    _swap_in,
+    _write_json,
+    _write_shard,
+    quant_config_dict,
+)
+from awq_ref.quant.packing import PACK_NUM, check_packable
+from awq_ref.quant.qlinear import QuantLinear, skipped
+from awq_ref.quant.quantizer import QuantSpec
+
+METHODS = ("awq", "rtn")
+# Copied verbatim into the checkpoint when the source folder has them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.bin", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+EMPTY_TOKENS = torch.zeros(0, 0, dtype=torch.int64)  # RTN: no calibration
+
+
+@dataclass(frozen=True)
+class Source:
+    """An fp checkpoint folder: its config and its tensors, indexed and checked, not loaded."""
+
+    folder: Path
+    config: LlamaConfig
+    tensors: LazyTensors
+
+    @classmethod
+    def open(cls, folder: str | Path) -> Source:
+        folder = Path(folder).expanduser().resolve()
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"{config_path}: config file not found")
+        try:
+            raw = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+        if isinstance(raw, dict) and "quantization_config" in raw:
+            raise ValueError(f"{folder}: already quantized (config.json has quantization_config)")
+        config = LlamaConfig.from_hf_dict(raw, source=str(config_path))
+        tensors = LazyTensors(folder)
+        # Names, shapes and float dtypes against the config, on meta tensors: no data read.
+        check_state_dict(config, {k: v.meta() for k, v in tensors.index.items()}, str(folder))
+        return cls(folder, config, tensors)
+
+    def block(self, i: int, device: torch.device) -> Block:
+        """Block i as an fp32 working copy on `device`, read tensor by tensor."""
+        with torch.device("meta"):
+            block = Block(self.config, i)
+        state = {k: self.tensors.read(f"model.layers.{i}.{k}").to(device, torch.float32)
+                 for k in block.state_dict()}
+        block.load_state_dict(state, assign=True)
+        return block.eval()
+
+    def identity(self) -> dict[str, Any]:
+        """What names these inputs for the resume fingerprint: path, file sizes and times."""
+        files = sorted({info.path for info in self.tensors.index.values()}
+                       | {self.folder / "config.json"})
+        return {"source": str(self.folder),
+                "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def quantize_folder(src: str | Path, out_dir: str | Path, method: str = "awq", w_bit: int = 4,
+                    group_size: int = 128, zero_point: bool = True,
+                    calib_tokens: torch.Tensor | None = None,
+                    device: str | torch.device = "cpu", work_dir: str | Path | None = None,
+                    modules_to_not_convert: Iterable[str] = (), dtype: torch.dtype | None = None,
+                    overwrite: bool = False, progress: bool = True, **awq_options: Any) -> Path:
+    """Quantize the HF folder `src` into the packed checkpoint folder `out_dir`, block by block.
+
+    method "awq" needs calib_tokens (B, T) (the data-free sampling of `quantize` would need the
+    whole model); awq_options are AwqConfig fields (n_grid=..., clip=...). dtype: of the
+    unquantized tensors written (embeddings, norms, lm_head, biases, skipped linears); None =
+    the checkpoint's embedding dtype. work_dir (default OUT.partial beside out_dir) holds the
+    progress; it is removed once the checkpoint is in place. Returns out_dir.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
+    if method == "rtn" and awq_options:
+        raise TypeError(f"method 'rtn' takes no AWQ options, got {sorted(awq_options)}")
+    if method == "awq" and calib_tokens is None:
+        raise ValueError("streaming AWQ needs calib_tokens (B, T); sampling them from the model "
+                         "would need the whole model in memory")
+    spec = QuantSpec(bits=w_bit, group_size=group_size, zero_point=zero_point)
+    skip = tuple(modules_to_not_convert)
+    config = AwqConfig(**awq_options, progress=progress)
+    calib = _check_calib(calib_tokens) if method == "awq" else EMPTY_TOKENS
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    source = Source.open(src)
+    _check_layers_packable(source.config, spec, skip)
+    device = torch.device(device)
+    dtype = dtype or source.tensors.index["model.embed_tokens.weight"].dtype
+    work = Progress(work_dir or f"{str(out_dir).rstrip('/')}.partial",
+                    identity={**source.identity(), "method": method, "dtype": str(dtype),
+                              "stream": True})
+    work.bind(fingerprint(source.config, calib, spec, config, skip, device, work.identity))
+    with torch.no_grad():
+        _quantize_blocks(source, work, method, spec, calib, config, device, skip, dtype)
+    _finish(source, work.work_dir / "shards", out_dir, quant_config_dict(spec, skip), dtype)
+    work.remove()  # only now: a crash while finishing can still resume
+    return out_dir
+
+
+def _check_calib(tokens: torch.Tensor) -> torch.Tensor:
+    if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"calib_tokens must be integer (B, T), got {tokens.dtype} "
+                         f"{tuple(tokens.shape)}")
+    return tokens
+
+
+def _check_layers_packable(cfg: LlamaConfig, spec: QuantSpec, skip: tuple[str, ...]) -> None:
+    """Every quantized linear must pack (as api.quantize checks), before any work is done."""
+    check_packable(spec, "quantize_folder")
+    with torch.device("meta"):
+        block = Block(cfg, 0)
+    for i in range(cfg.num_hidden_layers):
+        for name, lin in block.named_modules():
+            full = f"model.layers.{i}.{name}"
+            if not isinstance(lin, nn.Linear) or skipped(full, skip):
+                continue
+            spec.group_for(lin.in_features, full)
+            if lin.out_features % PACK_NUM:
+                raise ValueError(f"{full}: out_features {lin.out_features} is not a multiple of "
+                                 f"{PACK_NUM}, so it cannot be packed")
+
+
+def shard_name(i: int, n: int) -> str:
+    """Shard i (0-based) of n: blocks 0..L-1 are shards 0..L-1, the rest is shard L."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _quantize_blocks(source: Source, work: Progress, method: str, spec: QuantSpec,
+                     calib: torch.Tensor, config: AwqConfig, device: torch.device,
+                     skip: tuple[str, ...], dtype: torch.dtype) -> None:
+    """Every block not yet in work_dir/shards: searched (AWQ), packed, written, released."""
+    cfg, n_blocks = source.config, source.config.num_hidden_layers
+    result = AwqResult(spec=spec)  # this block's scales and clips; `search` logs all blocks
+    x = cos = sin = None
+    if method == "awq":
+        x, cos, sin = _calibration_inputs(source, calib, device)  # (B, T, D), (T, Dh) x 2
+    state = work.restore(result)
+    first = 0 if state is None else state[0]
+    if state is not None and x is not None:
+        x.copy_(state[1])
+    shards = work.work_dir / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=n_blocks, initial=first, desc=f"{method} (streamed)", unit="block",
+               disable=not config.progress)
+    for i in range(first, n_blocks):
+        prefix = f"model.layers.{i}"
+        block = source.block(i, device)
+        if method == "awq":
+            fp_names = {n for n, m in block.named_modules()
+                        if isinstance(m, nn.Linear) and skipped(f"{prefix}.{n}", skip)}
+            search_block(block, prefix, cfg, x, cos, sin, spec, config, result, fp_names)
+        tensors = block_tensors(block, prefix, spec, skip, dtype)
+        del block
+        _write_atomic(tensors, shards / shard_name(i, n_blocks + 1))
+        del tensors
+        work.save(i + 1, result, x if x is not None else torch.zeros(0))
+        result.scales.clear()  # folded into the shard just written
+        result.clips.clear()
+        bar.update(1)
+    bar.close()
+
+
+def _calibration_inputs(source: Source, calib: torch.Tensor, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block 0's inputs x (B, T, D) fp32 and cos, sin (T, Dh), as search_awq computes them,
+    from a meta-built model that holds only its embedding table."""
+    shell = build_on_meta(source.config)
+    weight = source.tensors.read("model.embed_tokens.weight")  # (V, D)
+    shell.model.embed_tokens.load_state_dict({"weight": weight}, assign=True)
+    x = embed(shell, calib, device)
+    cos, sin = (t.to(device) for t in shell.rotary(0, x.shape[1], torch.float32))
+    return x, cos, sin
+
+
+def block_tensors(block: nn.Module, prefix: str, spec: QuantSpec, skip: tuple[str, ...],
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The block's checkpoint tensors: each quantized linear packed (QuantLinear.from_linear),
+    everything else (norms, biases, skipped linears) cast to `dtype`; on the CPU."""
+    for name, lin in list(block.named_modules()):
+        if isinstance(lin, nn.Linear) and not skipped(f"{prefix}.{name}", skip):
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent), child,
+                    QuantLinear.from_linear(lin, spec, f"{prefix}.{name}"))
+    return {f"{prefix}.{k}": (v if k.endswith(PACKED_SUFFIXES) else v.to(dtype))
+            .detach().contiguous().cpu() for k, v in block.state_dict().items()}
+
+
+def _write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A shard appears whole or not at all: written beside, fsynced, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_shard(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def _finish(source: Source, shards: Path, out_dir: Path, quant_config: dict[str, Any],
+            dtype: torch.dtype) -> None:
+    """The checkpoint folder, built in a temporary folder beside out_dir and renamed into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    try:
+        n = source.config.num_hidden_layers + 1
+        for i in range(n - 1):
+            _link_or_copy(shards / shard_name(i, n), tmp / shard_name(i, n))
+        _write_shard(_outer_tensors(source, dtype), tmp / shard_name(n - 1, n))
+        _write_index(tmp, [shard_name(i, n) for i in range(n)])
+        _write_json({**source.config.to_hf_dict(), "torch_dtype": str(dtype).removeprefix("torch."),
+                     "quantization_config": quant_config}, tmp / "config.json")
+        for name in TOKENIZER_FILES:
+            if (source.folder / name).is_file():
+                shutil.copyfile(source.folder / name, tmp / name)
+                _fsync(tmp / name)
+        _fsync(tmp)
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(out_dir.parent)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no copy; the work folder keeps its file until the swap succeeded), or a
+    copy where links are impossible (another file system)."""
+    if not src.is_file():
+        raise ValueError(f"{src}: a finished block's shard is missing from the work folder; "
+                         f"delete {src.parent.parent} to start over")
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+        os.chmod(dst, 0o644)
+        _fsync(dst)
+
+
+def _outer_tensors(source: Source, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Embeddings, final norm and lm_head (not stored when tied, HF's rule) in `dtype`."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not source.config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return {n: source.tensors.read(n).to(dtype).contiguous() for n in names}
+
+
+def _write_index(folder: Path, files: list[str]) -> None:
+    """model.safetensors.index.json from the written shards' headers."""
+    weight_map, total = {}, 0
+    for file in files:
+        for name, info in index_safetensors_file(folder / file).items():
+            weight_map[name] = file
+            total += info.nbytes
+    _write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / INDEX_NAME)
