@@ -6,6 +6,8 @@
     calib = awq_ref.calibration_tokens(tok, "stories.txt")  # (128, 512) windows
     qmodel = awq_ref.quantize(model, method="awq", w_bit=4, group_size=64, calib_tokens=calib)
     awq_ref.save_quantized(qmodel, "smollm2-awq", tokenizer=tok)
+    # larger than memory: HF folder in, checkpoint out, one block at a time
+    awq_ref.quantize_folder("llama-7b-hf", "llama-7b-awq", calib_tokens=calib, group_size=128)
 
 Importing the package loads PyTorch and nothing else: no compilation, no device probing.
 The CUDA kernels live in the separate package `awq_kernels` and are chosen by argument.
@@ -23,7 +25,8 @@ from awq_ref.loaders import load_model, load_tokenizer
 from awq_ref.model import Llama
 from awq_ref.quant.checkpoint import load_quantized_model, save_quantized
 from awq_ref.quant.quantizer import QuantSpec
+from awq_ref.stream import quantize_folder
 
 __all__ = ["AwqConfig", "AwqResult", "Llama", "LlamaConfig", "QuantSpec", "apply_awq",
            "calibration_tokens", "evaluate", "generate", "load_model", "load_quantized_model",
-           "load_tokenizer", "quantize", "save_quantized", "search_awq"]
+           "load_tokenizer", "quantize", "quantize_folder", "save_quantized", "search_awq"]

@@ -104,12 +104,42 @@ def _awq_result(args: argparse.Namespace, model, tok, spec, progress=None):
     return result
 
 
+def cmd_quantize_stream(args: argparse.Namespace) -> int:
+    """--stream: block by block from the safetensors files (awq_ref.stream), never whole."""
+    from pathlib import Path
+
+    from awq_ref.awq.calibration import calibration_tokens
+    from awq_ref.loaders import load_tokenizer
+    from awq_ref.stream import quantize_folder
+
+    if args.result or args.save_result:
+        raise ValueError("--stream does not take --result or --save-result")
+    calib, options = None, {}
+    if args.method == "awq":
+        if not args.calib:
+            raise ValueError("--stream with --method awq needs --calib text: sampling "
+                             "calibration windows from the model would load it whole")
+        files = [Path(p) for p in args.calib]
+        calib = calibration_tokens(load_tokenizer(args.model), files, args.n_samples,
+                                   args.calib_seqlen, args.seed)
+        options = {"n_grid": args.n_grid, "duo_scaling": args.duo_scaling}
+    t0 = time.perf_counter()
+    quantize_folder(args.model, args.out, method=args.method, w_bit=args.w_bit,
+                    group_size=args.group_size, zero_point=not args.no_zero_point,
+                    calib_tokens=calib, device=args.device, work_dir=args.work_dir, **options)
+    print(f"{args.method} W{args.w_bit} g{args.group_size} streamed in "
+          f"{time.perf_counter() - t0:.1f} s; checkpoint written to {args.out}")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from awq_ref.api import quantize
     from awq_ref.loaders import load_tokenizer
     from awq_ref.quant.checkpoint import save_quantized
     from awq_ref.quant.quantizer import QuantSpec
 
+    if args.stream:
+        return cmd_quantize_stream(args)
     spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
     tok, model = load_tokenizer(args.model), _load(args)
     t0 = time.perf_counter()
@@ -166,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--work-dir", default=None,
                    help="AWQ progress saved after every block, resumed by rerunning the same "
                         "command (default: OUT.partial; removed after success)")
+    q.add_argument("--stream", action="store_true",
+                   help="HF safetensors folder only: read, quantize and write one block at a "
+                        "time (models larger than memory); computes in fp32, keeps the "
+                        "checkpoint's dtype for unquantized tensors (--dtype is not used)")
     q.set_defaults(func=cmd_quantize)
     return parser
 

@@ -61,7 +61,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_siz
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if offsets[1] - offsets[0] != nbytes:
         raise ValueError(f"{where}: holds {offsets[1] - offsets[0]} bytes, shape {shape} "
-                         f"{entry['dtype']} needs {nbytes}")
+                         f"{entry['dtype']} needs {nbytes} bytes")
     return TensorInfo(path, data_start + offsets[0], nbytes, dtype, tuple(shape))
 
 

@@ -1,0 +1,303 @@
+"""Streaming quantization (awq_ref.stream): block by block from the safetensors files, tensor
+for tensor what the in-memory path writes; resumable; the lazy reader matches safetensors' own
+and refuses corrupt files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import awq_ref
+from awq_ref import stream
+from awq_ref.awq.resume import STATE_NAME, Progress
+from awq_ref.loaders import read_safetensors_file, read_safetensors_folder
+from awq_ref.loaders.lazy import LazyTensors, index_safetensors_file
+from awq_ref.quant.qlinear import QuantLinear
+from awq_ref.stream import quantize_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("make_random_checkpoint",
+                                               ROOT / "tools" / "make_random_checkpoint.py")
+mrc = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mrc)
+
+GROUP = 32
+AWQ = {"n_grid": 5, "clip_grid": 8}  # small grids: a fast test that still searches
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer.json (256 bytes + 1 merge) and its config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    merges = [("e", "r")]
+    vocab = {t: i for i, t in enumerate(sorted(ByteLevel.alphabet()) + ["er"])}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "!", "eos_token": "\"", "add_bos_token": True}))
+
+
+def make_source(folder: Path, layers: int = 4) -> Path:
+    """The `tiny` preset (hidden 128, GQA 4/2, fp16), sharded (1 MB shards), with a tokenizer."""
+    assert mrc.main(["--preset", "tiny", "--out", str(folder), "--max-shard-mb", "1",
+                     "--layers", str(layers)]) == 0
+    write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return make_source(tmp_path_factory.mktemp("stream") / "src")
+
+
+@pytest.fixture(scope="module")
+def calib() -> torch.Tensor:
+    return torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))  # (B, T)
+
+
+def in_memory(src: Path, out: Path, method: str, skip: tuple[str, ...] = (), **kwargs) -> Path:
+    """load_model -> quantize -> save_quantized in the checkpoint's dtype (fp16)."""
+    model = awq_ref.load_model(src)  # fp32
+    qmodel = awq_ref.quantize(model, method=method, group_size=GROUP,
+                              modules_to_not_convert=skip, **kwargs)
+    return awq_ref.save_quantized(qmodel, out, dtype=torch.float16)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> dict[str, torch.Tensor]:
+    ta, tb = read_safetensors_folder(a), read_safetensors_folder(b)
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype, name
+        assert torch.equal(ta[name], tb[name]), name
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    return ta
+
+
+@pytest.mark.parametrize("skip", [(), ("mlp.down_proj",)])
+def test_streamed_awq_matches_in_memory(src, calib, tmp_path, one_thread, skip):
+    ref = in_memory(src, tmp_path / "ref", "awq", skip, calib_tokens=calib, progress=False, **AWQ)
+    out = quantize_folder(src, tmp_path / "out", group_size=GROUP, calib_tokens=calib,
+                          modules_to_not_convert=skip, progress=False, **AWQ)
+    tensors = assert_same_checkpoint(ref, out)
+    n_quantized = 4 * (7 - len(skip))
+    assert sum(k.endswith(".qweight") for k in tensors) == n_quantized
+    assert ("model.layers.0.mlp.down_proj.weight" in tensors) == bool(skip)
+    # Not vacuous: the search changed the weights (AWQ packs differently from RTN).
+    rtn = quantize_folder(src, tmp_path / "rtn", method="rtn", group_size=GROUP,
+                          modules_to_not_convert=skip, progress=False)
+    rtn_tensors = read_safetensors_folder(rtn)
+    assert not torch.equal(tensors["model.layers.0.mlp.up_proj.scales"],
+                           rtn_tensors["model.layers.0.mlp.up_proj.scales"])
+    norms = [k for k in tensors if k.endswith("layernorm.weight")]
+    assert any(not torch.equal(tensors[k], rtn_tensors[k]) for k in norms)  # scales were folded
+    assert not (tmp_path / "out.partial").exists()  # the work folder is removed after success
+
+
+def test_streamed_rtn_matches_in_memory_and_loads(src, tmp_path, one_thread):
+    ref = in_memory(src, tmp_path / "ref", "rtn")
+    out = quantize_folder(src, tmp_path / "out", method="rtn", group_size=GROUP, progress=False)
+    tensors = assert_same_checkpoint(ref, out)
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float16
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f"model-{i:05d}-of-00005.safetensors"
+                                                 for i in range(1, 6)}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in tensors.values())
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    model = awq_ref.load_quantized_model(out)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 4 * 7
+    logits = model(torch.arange(16)[None])  # (1, T, V)
+    assert logits.shape == (1, 16, 512) and torch.isfinite(logits).all()
+
+
+def test_never_loads_the_whole_model(src, calib, tmp_path, monkeypatch, one_thread):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the streaming path loaded a whole checkpoint")
+
+    for target in ("awq_ref.loaders.hf.read_safetensors_folder",
+                   "awq_ref.loaders.hf.read_safetensors_file", "awq_ref.loaders.load_model"):
+        monkeypatch.setattr(target, refuse)
+    reads: list[str] = []
+    read = LazyTensors.read
+    monkeypatch.setattr(LazyTensors, "read", lambda self, name: reads.append(name) or read(self, name))
+    quantize_folder(src, tmp_path / "out", group_size=GROUP, calib_tokens=calib, progress=False,
+                    **AWQ)
+    assert len(reads) == len(LazyTensors(src).index) + 1  # each tensor once, the embedding twice
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_identical_files(src, calib, tmp_path, monkeypatch, one_thread):
+    def run(out: Path, **kw) -> Path:
+        return quantize_folder(src, out, group_size=GROUP, calib_tokens=calib, progress=False,
+                               **{**AWQ, **kw})
+
+    ref = run(tmp_path / "ref")
+    out, work = tmp_path / "out", tmp_path / "out.partial"
+    save = Progress.save
+
+    def save_then_stop(self, next_block, result, hidden):
+        save(self, next_block, result, hidden)
+        if next_block == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(Progress, "save", save_then_stop)
+    with pytest.raises(Interrupted):
+        run(out)
+    monkeypatch.setattr(Progress, "save", save)
+    assert not out.exists() and (work / STATE_NAME).is_file()
+    assert sorted(p.name for p in (work / "shards").iterdir()) == [
+        "model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors"]
+
+    with pytest.raises(ValueError, match="different model, calibration data or settings"):
+        run(out, n_grid=4)  # another setting never resumes this state
+
+    searched = []
+    search_block = stream.search_block
+    monkeypatch.setattr(stream, "search_block",
+                        lambda block, prefix, *a: searched.append(prefix) or search_block(block, prefix, *a))
+    run(out)
+    assert searched == ["model.layers.2", "model.layers.3"]  # blocks 0, 1 were not redone
+    assert folder_bytes(out) == folder_bytes(ref)
+    assert not work.exists()
+
+
+def quantize_cmd(model: Path, out: Path, text: Path) -> list[str]:
+    return [sys.executable, "-m", "awq_ref", "quantize", "--stream", "--model", str(model),
+            "--out", str(out), "--group-size", str(GROUP), "--calib", str(text),
+            "--n-samples", "16", "--calib-seqlen", "64", "--n-grid", "10"]
+
+
+def saved_block(state: Path) -> int:
+    if not state.is_file():
+        return 0
+    with safe_open(str(state), framework="pt") as f:
+        return int(f.metadata()["next_block"])
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+def test_cli_killed_run_resumes_and_matches_api(tmp_path):
+    model = make_source(tmp_path / "src8", layers=8)
+    text = tmp_path / "calib.txt"
+    text.write_text("Here the reader reads, and the writer writes every other letter. " * 200)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    subprocess.run(quantize_cmd(model, ref, text), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(quantize_cmd(model, out, text), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "out.partial" / STATE_NAME
+    try:
+        while proc.poll() is None and saved_block(state) < 2:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 2 <= saved_block(state) < 8 and not out.exists()
+    run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert folder_bytes(out) == folder_bytes(ref)
+
+    # The CLI is a thin layer over the API: the same call writes the same bytes.
+    tokens = awq_ref.calibration_tokens(awq_ref.load_tokenizer(model), [text], 16, 64, 0)
+    api = quantize_folder(model, tmp_path / "api", group_size=GROUP, calib_tokens=tokens,
+                          n_grid=10, progress=False)
+    assert folder_bytes(api) == folder_bytes(ref)
+
+
+def test_lazy_reader_matches_safetensors(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int32),
+               "c": torch.randn(4, 2).to(torch.bfloat16), "d": torch.zeros(0, 3, dtype=torch.float16),
+               "e": torch.tensor(2.5, dtype=torch.float64)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    lazy = LazyTensors(tmp_path)
+    assert sorted(lazy.index) == sorted(tensors)
+    for name, t in read_safetensors_file(tmp_path / "model.safetensors").items():
+        got = lazy.read(name)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+
+
+def rewrite_header(path: Path, edit) -> None:
+    """Apply edit(header dict) to a safetensors file's JSON header; the data stays."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda h: h["w"].update(data_offsets=[0, 10**6]), "outside the data section"),
+    (lambda h: h["w"].update(shape=[4, 5]), "needs 40 bytes"),
+    (lambda h: h["w"].update(dtype="F4"), "unknown dtype"),
+    (lambda h: h["w"].update(shape=[-1, 2]), "bad shape"),
+    (lambda h: h.update(w=[1, 2]), "not an object"),
+])
+def test_corrupt_header_named(tmp_path, edit, match):
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(4, 2, dtype=torch.float16), "v": torch.ones(3)}, str(path))
+    rewrite_header(path, edit)
+    with pytest.raises(ValueError, match=match) as e:
+        index_safetensors_file(path)
+    assert str(path) in str(e.value)
+
+
+def test_corrupt_source_refused_before_any_work(src, tmp_path, calib):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    with pytest.raises(ValueError, match="corrupt safetensors header"):
+        index_safetensors_file(truncated)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in src.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    shard = bad / index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    shard.write_bytes(shard.read_bytes()[:-100])  # cut into the last tensor's data
+    with pytest.raises(ValueError, match=f"{shard}.*outside the data section"):
+        quantize_folder(bad, tmp_path / "out", group_size=GROUP, calib_tokens=calib)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+    shard.write_bytes((src / shard.name).read_bytes())
+    cfg = json.loads((src / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 256}))
+    with pytest.raises(ValueError, match="has shape"):
+        quantize_folder(bad, tmp_path / "out", group_size=GROUP, calib_tokens=calib)
+
+
+def test_argument_errors(src, tmp_path, calib):
+    with pytest.raises(ValueError, match="needs calib_tokens"):
+        quantize_folder(src, tmp_path / "a")
+    with pytest.raises(TypeError, match="takes no AWQ options"):
+        quantize_folder(src, tmp_path / "a", method="rtn", n_grid=3)
+    with pytest.raises(ValueError, match="group_size 48 does not divide"):
+        quantize_folder(src, tmp_path / "a", method="rtn", group_size=48)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError):
+        quantize_folder(src, tmp_path / "exists", method="rtn")
