@@ -26,11 +26,33 @@ def _load(args: argparse.Namespace, path: str | None = None):
     return load_model(path or args.model, device=args.device, dtype=DTYPES[args.dtype])
 
 
+def _add_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="torch", choices=["torch", "cupy"],
+                   help="quantized layers: torch = dequantize + matmul (the reference), "
+                        "cupy = awq_kernels' int4 CUDA kernels (--device cuda, --dtype float16)")
+
+
+def _load_for_inference(args: argparse.Namespace):
+    """The --model with its QuantLinear layers on --backend (checked before loading)."""
+    from awq_ref.backend import backend_kernel
+    from awq_ref.quant.qlinear import apply_kernel
+
+    kernel = backend_kernel(args.backend, args.device, DTYPES[args.dtype])
+    model = _load(args)
+    if apply_kernel(model, kernel) == 0 and kernel is not None:
+        raise ValueError(f"--backend {args.backend}: {args.model} has no quantized (packed "
+                         "4-bit) layers; the backend only runs those (use --backend torch)")
+    return model
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from awq_ref.generate import generate
     from awq_ref.loaders import load_tokenizer
 
-    tok, model = load_tokenizer(args.model), _load(args)
+    if args.cuda_graph and torch.device(args.device).type != "cuda":
+        raise ValueError(f"--cuda-graph needs --device cuda (CUDA graphs), got --device {args.device}")
+    model = _load_for_inference(args)  # first: a backend that cannot run fails before any work
+    tok = load_tokenizer(args.model)
     ids = tok.encode(args.prompt)
     print(args.prompt, end="", flush=True)
     new: list[int] = []
@@ -43,7 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-             eos_ids=tok.eos_ids, seed=args.seed, on_token=stream)
+             eos_ids=tok.eos_ids, seed=args.seed, on_token=stream, cuda_graph=args.cuda_graph)
     dt = time.perf_counter() - t0
     print(f"\n[{len(new)} tokens in {dt:.2f} s, {len(new) / dt:.1f} tokens/s]", file=sys.stderr)
     return 0
@@ -53,7 +75,8 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from awq_ref.eval import evaluate, load_wikitext_tokens
     from awq_ref.loaders import load_tokenizer
 
-    tok, model = load_tokenizer(args.model), _load(args)
+    model = _load_for_inference(args)
+    tok = load_tokenizer(args.model)
     reference = _load(args, args.reference) if args.reference else None
     tokens = load_wikitext_tokens(tok, args.text)
     result = evaluate(model, tokens, seqlen=args.seqlen, windows=args.windows, reference=reference)
@@ -167,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    _add_backend_arg(g)
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="decode by replaying one captured CUDA graph per token (CUDA only)")
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ppl", help="perplexity on a text file (PROTOCOL.md)")
@@ -176,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
     p.add_argument("--reference", default=None, help="also report KL and top-1 against this model")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    _add_backend_arg(p)
     p.set_defaults(func=cmd_ppl)
 
     q = sub.add_parser("quantize", help="quantize (RTN or AWQ) and write a packed AWQ checkpoint")

@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from awq_ref.model import Llama
+from awq_ref.cuda_graph import CudaGraphDecoder
+from awq_ref.model import KVCache, Llama
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -24,30 +25,45 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def _eager_step(model: Llama, cache: KVCache) -> Callable[[int], torch.Tensor]:
+    """token id -> logits (V,) of the next position: Llama.forward with the KV cache."""
+    def step(token: int) -> torch.Tensor:
+        return model(torch.tensor([[token]], device=model.device), cache, last_only=True)[0, -1]
+    return step
+
+
 @torch.no_grad()
 def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
-             seed: int = 0, on_token: Callable[[int], None] | None = None) -> list[int]:
+             seed: int = 0, on_token: Callable[[int], None] | None = None,
+             cuda_graph: bool = False) -> list[int]:
     """Return up to max_new_tokens new token ids after prompt_ids; stops after an EOS id.
 
-    The prompt is prefilled in one forward; then one token per step reuses the KV cache.
-    `on_token` is called with each new id as it is produced (for streaming output).
+    The prompt is prefilled in one forward; then one token per step reuses the KV cache, eagerly
+    (the reference) or, with cuda_graph (CUDA models only), by replaying one captured decode
+    step (awq_ref.cuda_graph). `on_token` is called with each new id as it is produced.
     """
     if not prompt_ids:
         raise ValueError("generate: the prompt is empty (encode with a BOS token or give text)")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if cuda_graph and model.device.type != "cuda":
+        raise ValueError(f"generate: cuda_graph=True needs a model on a CUDA device, got "
+                         f"{model.device} (leave it off for eager decode)")
+    if max_new_tokens <= 0:
+        return []
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.tensor([list(prompt_ids)], device=model.device)  # (1, T)
+    prompt = torch.tensor([list(prompt_ids)], device=model.device)  # (1, T)
+    logits = model(prompt, cache, last_only=True)[0, -1]  # (V,)
+    step = CudaGraphDecoder(model, cache).step if cuda_graph else _eager_step(model, cache)
     out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(tokens, cache, last_only=True)[0, -1]  # (V,)
+    for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)
         out.append(nxt)
         if on_token is not None:
             on_token(nxt)
-        if nxt in eos_ids:
+        if nxt in eos_ids or i == max_new_tokens - 1:
             break
-        tokens = torch.tensor([[nxt]], device=model.device)  # (1, 1)
+        logits = step(nxt)  # (V,)
     return out

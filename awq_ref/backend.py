@@ -1,0 +1,48 @@
+"""The QuantLinear backend chosen by name: "torch" (the reference: dequantize, then matmul) or
+"cupy" (awq_kernels' int4 GEMM/GEMV, CUDA only).
+
+awq_kernels is imported here, inside the function, and only when "cupy" is asked for: the
+reference package never needs it to load, and choosing the backend is an argument.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from awq_ref.quant.qlinear import Kernel
+
+BACKENDS = ("torch", "cupy")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # the activations awq_kernels.gemm takes
+
+
+def check_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Raise ValueError saying what is missing when `name` cannot run on (device, dtype)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    if name == "torch":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError("backend 'cupy' runs the awq_kernels CUDA kernels and needs a CUDA "
+                         "device, but torch sees none (torch.cuda.is_available() is False); "
+                         "use the 'torch' backend on this machine")
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"backend 'cupy' needs the model on a CUDA device, got device "
+                         f"{str(device)!r} (pass --device cuda)")
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"backend 'cupy' needs float16 or bfloat16 activations, got {dtype} "
+                         "(pass --dtype float16)")
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"backend 'cupy' needs CuPy (pip install cupy-cuda13x): {e}") from e
+
+
+def backend_kernel(name: str, device: torch.device | str, dtype: torch.dtype) -> Kernel | None:
+    """The kernel to install with `apply_kernel`: None for "torch", awq_kernels.gemm for "cupy".
+    Checks first (see `check_backend`)."""
+    check_backend(name, device, dtype)
+    if name == "torch":
+        return None
+    import awq_kernels  # here, not at the top: see the module docstring
+
+    return awq_kernels.gemm

@@ -1,0 +1,113 @@
+"""Decode with a CUDA graph: one decode step is captured once, then replayed for every token.
+
+At batch 1 an eager decode step launches a few hundred small kernels from Python, and the GPU
+waits on the CPU between them. A CUDA graph records the step's kernels once and replays them
+with one launch. A graph replays fixed kernels with fixed arguments and addresses, so
+everything that changes from one token to the next lives in tensors allocated before capture:
+
+    token (1, 1)      the input token id
+    position (1,)     its position = the number of cached positions before it
+    KV cache          keys/values written at `position` (index_copy_), and attention reads all
+                      max_len slots under the mask slot <= position
+
+`static_decode_step` is that step written with tensors only (no Python ints that move); it runs
+on any device and is tested against the eager `Llama.forward` with the KV cache, which stays
+the reference. `CudaGraphDecoder` captures it on the GPU following torch's documented recipe:
+warm up on a side stream, capture with `torch.cuda.graph`, then fill the static inputs and
+`replay()`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from awq_ref.model import Attention, KVCache, Llama, apply_rotary
+
+
+def _attend(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            cache: KVCache, position: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Attention.forward for one token whose position is a tensor (see the module docstring)."""
+    b = x.shape[0]  # x (B, 1, D)
+    q = attn.q_proj(x).view(b, 1, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, 1, Dh)
+    k = attn.k_proj(x).view(b, 1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, 1, Dh)
+    v = attn.v_proj(x).view(b, 1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, 1, Dh)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    keys, values = cache.k[attn.layer], cache.v[attn.layer]  # (B, Hkv, S_max, Dh)
+    keys.index_copy_(2, position, k)
+    values.index_copy_(2, position, v)
+    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
+                                       enable_gqa=attn.n_heads != attn.n_kv_heads)  # (B, H, 1, Dh)
+    return attn.o_proj(y.transpose(1, 2).reshape(b, 1, attn.n_heads * attn.head_dim))
+
+
+def static_decode_step(model: Llama, cache: KVCache, token: torch.Tensor, position: torch.Tensor,
+                       inv_freq: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) for token (B, 1) at position (1,) int64; writes that slot of the cache.
+
+    Does not advance `cache.length` (the caller does). inv_freq (Dh/2,) fp32 on the model's
+    device (`model._inv_freq`, moved there once: a copy from the CPU cannot be captured).
+    """
+    x = model.model.embed_tokens(token)  # (B, 1, D)
+    freqs = position.to(torch.float32)[:, None] * inv_freq[None, :]  # (1, Dh/2), as Llama.rotary
+    emb = torch.cat((freqs, freqs), dim=-1)  # (1, Dh)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    # Slots after `position` hold zeros or stale keys from warm-up: never visible.
+    visible = (torch.arange(cache.max_len, device=x.device) <= position)[None, :]  # (1, S_max)
+    for block in model.model.layers:
+        x = x + _attend(block.self_attn, block.input_layernorm(x), cos, sin, cache, position, visible)
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    return model.lm_head(model.model.norm(x))[:, -1]  # (B, V)
+
+
+class CudaGraphDecoder:
+    """Decode steps for `model` with `cache` (already prefilled), replayed from one CUDA graph.
+
+    The constructor warms up and captures; `step(token)` runs one token and advances
+    `cache.length`, so eager steps (Llama.forward with the cache) may follow or precede.
+    """
+
+    def __init__(self, model: Llama, cache: KVCache, warmup_steps: int = 3):
+        if model.device.type != "cuda":
+            raise ValueError(f"CUDA-graph decode needs a model on a CUDA device, got "
+                             f"{model.device}; use eager decode (the default) there")
+        self.model, self.cache = model, cache
+        device = model.device
+        self.token = torch.zeros((cache.k[0].shape[0], 1), dtype=torch.long, device=device)  # (B, 1)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
+        self.inv_freq = model._inv_freq.to(device)  # (Dh/2,) fp32
+        self.graph = torch.cuda.CUDAGraph()
+        self.logits = self._capture(warmup_steps)  # (B, V), rewritten by every replay
+
+    def _run(self) -> torch.Tensor:
+        return static_decode_step(self.model, self.cache, self.token, self.position, self.inv_freq)
+
+    @torch.no_grad()
+    def _capture(self, warmup_steps: int) -> torch.Tensor:
+        # Warm-up steps run once eagerly so that lazy set-up (cuBLAS workspaces, kernels
+        # compiled on first use) happens before capture; they write the cache slot at
+        # `position` = cache.length, which the first real step overwrites before reading it.
+        self.position.fill_(self.cache.length)
+        current = torch.cuda.current_stream(self.model.device)
+        side = torch.cuda.Stream(self.model.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(warmup_steps):
+                self._run()
+        current.wait_stream(side)
+        with torch.cuda.graph(self.graph):
+            logits = self._run()
+        return logits
+
+    @torch.no_grad()
+    def step(self, token: int | torch.Tensor) -> torch.Tensor:
+        """Logits (V,) of the next token after `token` (an id, or a 0-dim tensor on the device).
+        The result is the graph's output buffer: read it before the next step."""
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"KV cache overflow: position {self.cache.length} >= max_len "
+                             f"{self.cache.max_len}")
+        self.token.fill_(token)
+        self.position.fill_(self.cache.length)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits[0]

@@ -1,0 +1,232 @@
+"""The quantized model end to end on the two backends, and CUDA-graph decode.
+
+On any machine: the static decode step (what the CUDA graph captures) equals the eager cached
+decode; the CUDA-graph path, `--backend cupy` and tools/bench_e2e.py refuse a machine without
+CUDA with a clear message. On a CUDA device with CuPy: the RTN W4 g64 packed model in fp16 gives
+the same logits on awq_kernels (cupy) as on the dequantize + matmul reference (torch), the same
+greedy tokens, and CUDA-graph decode gives the same tokens as eager decode.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from awq_ref import cli
+from awq_ref.backend import backend_kernel
+from awq_ref.config import LlamaConfig
+from awq_ref.cuda_graph import CudaGraphDecoder, static_decode_step
+from awq_ref.generate import generate
+from awq_ref.model import Llama
+from awq_ref.quant.qlinear import apply_kernel, replace_linears
+from awq_ref.quant.quantizer import QuantSpec
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+HAS_GPU_STACK = HAS_CUDA and importlib.util.find_spec("cupy") is not None
+needs_gpu = pytest.mark.skipif(not HAS_GPU_STACK, reason="needs a CUDA device and CuPy "
+                               "(torch.cuda.is_available() and import cupy)")
+needs_no_cuda = pytest.mark.skipif(HAS_CUDA, reason="checks the message on a machine without CUDA")
+
+REL_TOL_FP16 = 2e-3  # ||cupy - torch|| / ||torch|| on logits
+PROMPTS = ("The capital of France is", "Once upon a time, there was a little",
+           "def fibonacci(n):")
+GREEDY_TOKENS = 32
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(argv, check=False, capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
+
+
+def _tiny_llama(quantized: bool) -> Llama:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = Llama(cfg).eval()
+    return replace_linears(model, QuantSpec(4, 32)) if quantized else model
+
+
+# --- any machine ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_static_decode_step_equals_eager_cached_decode(quantized):
+    model = _tiny_llama(quantized)
+    prompt, steps = torch.tensor([[5, 17, 3, 88, 41]]), [7, 60, 2, 95]
+    eager, static = model.new_cache(1, 16), model.new_cache(1, 16)
+    with torch.no_grad():
+        model(prompt, eager)
+        model(prompt, static)
+        for token in steps:
+            position = torch.tensor([static.length])
+            got = static_decode_step(model, static, torch.tensor([[token]]), position,
+                                     model._inv_freq)  # (1, V)
+            static.length += 1
+            want = model(torch.tensor([[token]]), eager)[:, -1]  # (1, V)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    n = eager.length
+    for layer in range(len(model.model.layers)):
+        torch.testing.assert_close(static.k[layer][:, :, :n], eager.k[layer][:, :, :n])
+        torch.testing.assert_close(static.v[layer][:, :, :n], eager.v[layer][:, :, :n])
+
+
+def test_cuda_graph_refuses_a_cpu_model():
+    model = _tiny_llama(quantized=False)
+    with pytest.raises(ValueError, match="CUDA-graph decode needs a model on a CUDA device"):
+        CudaGraphDecoder(model, model.new_cache(1, 8))
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
+        generate(model, [1, 2, 3], 4, cuda_graph=True)
+
+
+def test_backend_names():
+    assert backend_kernel("torch", "cpu", torch.float32) is None
+    with pytest.raises(ValueError, match="unknown backend 'triton'"):
+        backend_kernel("triton", "cpu", torch.float16)
+
+
+@needs_no_cuda
+@pytest.mark.parametrize("command", ["generate", "ppl"])
+def test_cli_backend_cupy_without_cuda_says_so(command, capsys):
+    extra = ["--prompt", "hi"] if command == "generate" else ["--text", "absent.txt"]
+    argv = [command, "--model", "absent-model", "--backend", "cupy", "--device", "cuda",
+            "--dtype", "float16", *extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "backend 'cupy'" in err and "needs a CUDA device" in err
+
+
+@needs_no_cuda
+def test_cli_exits_cleanly_without_traceback():
+    done = _run([sys.executable, "-m", "awq_ref", "generate", "--model", "default",
+                 "--prompt", "hi", "--backend", "cupy"])
+    assert done.returncode == 2
+    assert "needs a CUDA device" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_cuda_graph_needs_cuda_device(capsys):
+    argv = ["generate", "--model", "absent-model", "--prompt", "hi", "--cuda-graph"]
+    assert cli.main(argv) == 2
+    assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
+
+
+@needs_no_cuda
+def test_bench_e2e_exits_2_without_cuda():
+    done = _run([sys.executable, "tools/bench_e2e.py", "--quick"])
+    assert done.returncode == 2
+    assert "needs a CUDA device" in done.stderr and "Traceback" not in done.stderr
+
+
+# --- a CUDA device with CuPy ------------------------------------------------------------------
+
+class _Backend:
+    """Context: every QuantLinear of `model` on the named backend, the reference afterwards."""
+
+    def __init__(self, model: Llama, name: str):
+        self.model, self.kernel = model, backend_kernel(name, model.device, torch.float16)
+
+    def __enter__(self) -> Llama:
+        assert apply_kernel(self.model, self.kernel) > 0
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        apply_kernel(self.model, None)
+
+
+@pytest.fixture(scope="module")
+def quantized_default(default_gguf):
+    """SmolLM2-135M-Instruct, RTN W4 g64 packed, fp16 on the GPU, and its tokenizer."""
+    if not HAS_GPU_STACK:
+        pytest.skip("needs a CUDA device and CuPy")
+    from awq_ref.api import quantize
+    from awq_ref.loaders import load_model, load_tokenizer
+
+    model = load_model(default_gguf, device="cuda", dtype=torch.float16)
+    return quantize(model, method="rtn", w_bit=4, group_size=64, inplace=True), \
+        load_tokenizer(default_gguf)
+
+
+@pytest.fixture(scope="module")
+def quantized_random():
+    """A SmolLM2-shaped model with random weights, RTN W4 g64 packed, fp16 on the GPU: runs
+    where the default model's file is absent (no network)."""
+    if not HAS_GPU_STACK:
+        pytest.skip("needs a CUDA device and CuPy")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                      rope_theta=100000.0, tie_word_embeddings=True)
+    model = replace_linears(Llama(cfg).eval(), QuantSpec(4, 64))
+    return model.to("cuda", torch.float16)
+
+
+def _logits(model: Llama, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefill logits (T, V), logits of one cached decode step (V,)) for ids (1, T)."""
+    with torch.no_grad():
+        cache = model.new_cache(1, ids.shape[1] + 1)
+        prefill = model(ids, cache)[0]
+        decode = model(ids[:, -1:], cache)[0, -1]
+    return prefill, decode
+
+
+def _check_backends_agree(model: Llama, ids: torch.Tensor) -> None:
+    with _Backend(model, "torch"):
+        want = _logits(model, ids)
+    with _Backend(model, "cupy"):
+        got = _logits(model, ids)
+    for what, a, b in zip(("prefill", "decode"), got, want):
+        err = _rel_err(a, b)
+        assert err <= REL_TOL_FP16, f"{what} logits: relative error {err:.2e} cupy vs torch"
+
+
+@needs_gpu
+def test_random_model_cupy_logits_match_torch(quantized_random):
+    ids = torch.randint(0, 49152, (1, 100), generator=torch.Generator().manual_seed(1))
+    _check_backends_agree(quantized_random, ids.cuda())
+
+
+@needs_gpu
+def test_random_model_cuda_graph_steps_match_eager(quantized_random):
+    model, tokens = quantized_random, [11, 4000, 123, 49151, 7, 7, 300, 2]
+    ids = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(2)).cuda()
+    with _Backend(model, "cupy"), torch.no_grad():
+        eager, graphed = model.new_cache(1, 32), model.new_cache(1, 32)
+        model(ids, eager)
+        model(ids, graphed)
+        decoder = CudaGraphDecoder(model, graphed)
+        for token in tokens:
+            want = model(torch.tensor([[token]], device="cuda"), eager)[0, -1]
+            got = decoder.step(token).clone()
+            assert _rel_err(got, want) <= 1e-3
+    assert graphed.length == eager.length
+
+
+@needs_gpu
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_default_model_cupy_logits_match_torch(quantized_default, prompt):
+    model, tok = quantized_default
+    _check_backends_agree(model, torch.tensor([tok.encode(prompt)], device="cuda"))
+
+
+@needs_gpu
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_default_model_greedy_tokens_match(quantized_default, prompt):
+    model, tok = quantized_default
+    ids = tok.encode(prompt)
+    with _Backend(model, "torch"):
+        want = generate(model, ids, GREEDY_TOKENS)
+    with _Backend(model, "cupy"):
+        got = generate(model, ids, GREEDY_TOKENS)
+        graphed = generate(model, ids, GREEDY_TOKENS, cuda_graph=True)
+    assert got == want, "cupy backend: greedy tokens differ from the torch reference"
+    assert graphed == got, "CUDA-graph decode: greedy tokens differ from eager decode"
