@@ -1,0 +1,263 @@
+"""End-to-end speed on a CUDA device, PROTOCOL.md "End-to-end speed", in one run:
+
+    PYTHONPATH=. python tools/bench_e2e.py --json out/bench_e2e.json [--quick] [--models ...]
+
+Models: SmolLM2-135M-Instruct (real weights via load_model("default"), RTN W4 g64; random weights
+of its shape when the file is unavailable, which the table says) and a Llama-3-8B-shaped model
+with random non-zero weights made directly on the GPU (W4 g128; no checkpoint file). Variants of
+each: fp16; 4-bit on awq_kernels ("w4 cupy"); 4-bit on the dequantize + matmul reference
+("w4 torch"). Per variant:
+
+- prefill tokens/s of one forward over 128 and over 2048 tokens (median of --repeats);
+- decode tokens/s: batch 1, 128-token prompt, 256 greedy tokens (the first comes from the
+  prefill, so 255 decode steps are timed), eager and replayed from a CUDA graph (not for the
+  reference backend); the next token stays on the GPU (argmax), so no host sync per token;
+- weights (memory allocated once built) and peak GPU memory (torch.cuda.max_memory_allocated,
+  reset after each variant is built).
+
+Times: torch.cuda.synchronize() around time.perf_counter(), after a warm-up call that compiles
+the kernels. Exits 2 with a message where there is no CUDA device or no CuPy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from awq_ref.backend import backend_kernel, check_backend
+from awq_ref.config import LlamaConfig
+from awq_ref.cuda_graph import CudaGraphDecoder
+from awq_ref.model import Llama
+from awq_ref.quant.qlinear import QuantLinear, apply_kernel, replace_linears
+from awq_ref.quant.quantizer import QuantSpec
+
+DEVICE, DTYPE = "cuda", torch.float16
+SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                      rope_theta=100000.0, tie_word_embeddings=True)
+# Llama-3-8B's shapes (its llama3 RoPE scaling is left out: it does not change the speed).
+LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        rope_theta=500000.0, max_position_embeddings=8192)
+GROUP_SIZE = {"smollm2-135m": 64, "llama3-8b": 128}
+
+
+@dataclass(frozen=True)
+class Settings:
+    prompt: int = 128
+    new_tokens: int = 256
+    long_prefill: int = 2048
+    repeats: int = 3
+
+
+QUICK = Settings(new_tokens=64, repeats=2)
+
+
+# --- models -----------------------------------------------------------------------------------
+
+def _random_packed(layer: QuantLinear, gen: torch.Generator) -> None:
+    """Random codes and zeros (any 4-bit value), scales making W's spread about 1/sqrt(K)."""
+    k, n, g = layer.in_features, layer.out_features, layer.group_size
+
+    def words(rows: int) -> torch.Tensor:  # (rows, N/8) int32 = 4 random bytes each
+        return torch.randint(0, 256, (rows, n // 2), dtype=torch.uint8, generator=gen,
+                             device=DEVICE).view(torch.int32)
+
+    layer.qweight, layer.qzeros = words(k), words(k // g)
+    spread = k**-0.5 / 6.5  # std of (q - z) for uniform q, z in 0..15 is about 6.5
+    scales = torch.rand((k // g, n), generator=gen, device=DEVICE) + 0.5  # (K/G, N)
+    layer.scales = (scales * spread).to(torch.float16)
+
+
+def _random_parameter(kind: str, p: nn.Parameter, gen: torch.Generator) -> nn.Parameter:
+    """Norm weights 1, embeddings ~ N(0, 1), linear weights (N, K) ~ N(0, 1/K)."""
+    if p.dim() == 1:
+        t = torch.ones(p.shape, dtype=DTYPE, device=DEVICE)
+    else:
+        std = 1.0 if kind == "embed" else p.shape[1] ** -0.5
+        t = torch.randn(p.shape, generator=gen, dtype=DTYPE, device=DEVICE) * std
+    return nn.Parameter(t, requires_grad=False)
+
+
+def random_llama(config: LlamaConfig, group_size: int | None, seed: int = 0) -> Llama:
+    """A Llama with random non-zero weights made on the GPU (fp16), its decoder linears packed
+    4-bit with `group_size` unless None. Built on the meta device first: nothing on the CPU."""
+    with torch.device("meta"):
+        model = Llama(config).eval()
+    if group_size is not None:
+        replace_linears(model, QuantSpec(4, group_size), init_only=True)
+    gen = torch.Generator(DEVICE).manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            _random_packed(module, gen)
+            continue
+        kind = "embed" if isinstance(module, nn.Embedding) else "weight"
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, _random_parameter(kind, p, gen))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def smollm2(quantized: bool) -> tuple[Llama, str]:
+    """The default model (fp16; RTN W4 g64 packed if `quantized`) and where its weights are from."""
+    from awq_ref.api import quantize
+    from awq_ref.loaders import load_model
+
+    try:
+        model = load_model("default", device=DEVICE, dtype=DTYPE)
+    except ValueError as e:  # no cached file and no network
+        print(f"default model unavailable ({e}); random SmolLM2-shaped weights instead",
+              file=sys.stderr)
+        return random_llama(SMOLLM2, GROUP_SIZE["smollm2-135m"] if quantized else None), "random"
+    if quantized:
+        model = quantize(model, method="rtn", w_bit=4, group_size=GROUP_SIZE["smollm2-135m"],
+                         inplace=True)
+    return model, "real"
+
+
+def build(name: str, quantized: bool) -> tuple[Llama, str]:
+    if name == "smollm2-135m":
+        return smollm2(quantized)
+    return random_llama(LLAMA3_8B, GROUP_SIZE[name] if quantized else None), "random"
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+def _seconds(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _prompt(model: Llama, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(n)
+    return torch.randint(0, model.config.vocab_size, (1, n), generator=gen).to(DEVICE)  # (1, T)
+
+
+@torch.no_grad()
+def prefill_tokens_per_s(model: Llama, n: int, repeats: int) -> float:
+    ids, cache = _prompt(model, n), model.new_cache(1, n)
+
+    def run() -> None:
+        cache.length = 0
+        model(ids, cache, last_only=True)
+
+    run()  # warm-up: kernels compiled, cuBLAS set up
+    return n / statistics.median(_seconds(run) for _ in range(repeats))
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: Llama, s: Settings, graph: bool) -> float:
+    """Greedy decode after an s.prompt-token prefill; s.new_tokens - 1 steps are timed."""
+    steps = s.new_tokens - 1
+    cache = model.new_cache(1, s.prompt + steps + 1)  # + 1: the warm-up step
+    token = model(_prompt(model, s.prompt), cache, last_only=True)[0, -1].argmax()  # 0-dim
+    if graph:
+        step = CudaGraphDecoder(model, cache).step
+    else:
+        def step(t: torch.Tensor) -> torch.Tensor:
+            return model(t.view(1, 1), cache, last_only=True)[0, -1]  # (V,)
+    token = step(token).argmax()  # warm-up: the M = 1 kernels compiled
+
+    def run() -> None:
+        t = token
+        for _ in range(steps):
+            t = step(t).argmax()
+
+    return steps / _seconds(run)
+
+
+def measure(model: Llama, s: Settings, graph: bool) -> dict[str, float | None]:
+    return {
+        f"prefill_{s.prompt}_tok_s": prefill_tokens_per_s(model, s.prompt, s.repeats),
+        f"prefill_{s.long_prefill}_tok_s": prefill_tokens_per_s(model, s.long_prefill, s.repeats),
+        "decode_eager_tok_s": decode_tokens_per_s(model, s, graph=False),
+        "decode_graph_tok_s": decode_tokens_per_s(model, s, graph=True) if graph else None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def _fresh_peak() -> float:
+    """Free what is unreferenced, restart the peak counter; returns GiB allocated now."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def bench_model(name: str, s: Settings) -> list[dict]:
+    """The three variants of one model, one after the other (never two models at once)."""
+    rows = []
+    model, source = build(name, quantized=False)
+    weights = _fresh_peak()
+    rows.append({"model": name, "weights": source, "variant": "fp16", "weights_gib": weights,
+                 **measure(model, s, graph=True)})
+    del model
+    _fresh_peak()
+    model, source = build(name, quantized=True)
+    for backend in ("cupy", "torch"):
+        apply_kernel(model, backend_kernel(backend, DEVICE, DTYPE))
+        weights = _fresh_peak()
+        rows.append({"model": name, "weights": source, "variant": f"w4 {backend}",
+                     "weights_gib": weights, **measure(model, s, graph=backend == "cupy")})
+    del model
+    _fresh_peak()
+    return rows
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def _cell(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
+    return str(v)
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(GROUP_SIZE), choices=list(GROUP_SIZE))
+    p.add_argument("--quick", action="store_true", help=f"{QUICK.new_tokens} new tokens, "
+                   f"{QUICK.repeats} prefill repeats (for tools/gpu_check.sh)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    try:
+        check_backend("cupy", DEVICE, DTYPE)
+    except ValueError as e:
+        print(f"bench_e2e.py needs a CUDA device with CuPy; nothing measured: {e}", file=sys.stderr)
+        return 2
+    s = QUICK if args.quick else Settings()
+    rows = [row for name in args.models for row in bench_model(name, s)]
+    print(markdown(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                         "torch": torch.__version__, "settings": asdict(s),
+                                         "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
