@@ -156,18 +156,24 @@ def quantized_default(default_gguf):
         load_tokenizer(default_gguf)
 
 
-@pytest.fixture(scope="module")
-def quantized_random():
-    """A SmolLM2-shaped model with random weights, RTN W4 g64 packed, fp16 on the GPU: runs
-    where the default model's file is absent (no network)."""
-    if not HAS_GPU_STACK:
-        pytest.skip("needs a CUDA device and CuPy")
+def _random_smollm2(quantized: bool) -> Llama:
+    """A SmolLM2-shaped model with random weights (RTN W4 g64 packed if `quantized`), fp16 on
+    the GPU: runs where the default model's file is absent (no network)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                       rope_theta=100000.0, tie_word_embeddings=True)
-    model = replace_linears(Llama(cfg).eval(), QuantSpec(4, 64))
+    model = Llama(cfg).eval()
+    if quantized:
+        replace_linears(model, QuantSpec(4, 64))
     return model.to("cuda", torch.float16)
+
+
+@pytest.fixture(scope="module")
+def quantized_random():
+    if not HAS_GPU_STACK:
+        pytest.skip("needs a CUDA device and CuPy")
+    return _random_smollm2(quantized=True)
 
 
 def _logits(model: Llama, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,22 +202,6 @@ def test_random_model_cupy_logits_match_torch(quantized_random):
 
 
 @needs_gpu
-def test_random_model_cuda_graph_steps_match_eager(quantized_random):
-    model, tokens = quantized_random, [11, 4000, 123, 49151, 7, 7, 300, 2]
-    ids = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(2)).cuda()
-    with _Backend(model, "cupy"), torch.no_grad():
-        eager, graphed = model.new_cache(1, 32), model.new_cache(1, 32)
-        model(ids, eager)
-        model(ids, graphed)
-        decoder = CudaGraphDecoder(model, graphed)
-        for token in tokens:
-            want = model(torch.tensor([[token]], device="cuda"), eager)[0, -1]
-            got = decoder.step(token).clone()
-            assert _rel_err(got, want) <= 1e-3
-    assert graphed.length == eager.length
-
-
-@needs_gpu
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_default_model_cupy_logits_match_torch(quantized_default, prompt):
     model, tok = quantized_default
@@ -230,3 +220,32 @@ def test_default_model_greedy_tokens_match(quantized_default, prompt):
         graphed = generate(model, ids, GREEDY_TOKENS, cuda_graph=True)
     assert got == want, "cupy backend: greedy tokens differ from the torch reference"
     assert graphed == got, "CUDA-graph decode: greedy tokens differ from eager decode"
+
+
+# Last in the file: a capture that fails might disturb the CUDA tests after it.
+@needs_gpu
+@pytest.mark.parametrize("variant", [
+    "fp16", "cupy",
+    pytest.param("torch", marks=pytest.mark.xfail(
+        strict=False, reason="the reference unpack indexes with a host list (a host-to-device "
+                             "copy), which CUDA-graph capture may refuse")),
+])
+def test_random_model_cuda_graph_steps_match_eager(quantized_random, variant):
+    model = _random_smollm2(quantized=False) if variant == "fp16" else quantized_random
+    tokens = [11, 4000, 123, 49151, 7, 7, 300, 2]
+    ids = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(2)).cuda()
+    if variant != "fp16":
+        apply_kernel(model, backend_kernel(variant, "cuda", torch.float16))
+    try:
+        with torch.no_grad():
+            eager, graphed = model.new_cache(1, 32), model.new_cache(1, 32)
+            model(ids, eager)
+            model(ids, graphed)
+            decoder = CudaGraphDecoder(model, graphed)
+            for token in tokens:
+                want = model(torch.tensor([[token]], device="cuda"), eager)[0, -1]
+                got = decoder.step(token).clone()
+                assert _rel_err(got, want) <= 1e-3
+    finally:
+        apply_kernel(model, None)
+    assert graphed.length == eager.length
