@@ -69,7 +69,7 @@ class LlamaConfig:
                              f"{self.bos_token_id!r} and {self.eos_token_ids!r}")
         for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LlamaConfig.{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004 (a bad file)
+                raise ValueError(f"LlamaConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -106,13 +106,13 @@ class LlamaConfig:
                 "hidden_act": "silu"}
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> LlamaConfig:
         """Read an HF config.json dict; raises ValueError naming `source` on anything we cannot run."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         archs = d.get("architectures") or []
         if not isinstance(archs, list):
-            raise ValueError(f"{source}: architectures must be a list, got {archs!r}")  # noqa: TRY004 (a bad file)
+            raise ValueError(f"{source}: architectures must be a list, got {archs!r}")
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES or (archs and archs[0] not in SUPPORTED_ARCHITECTURES):
             raise ValueError(
@@ -152,7 +152,7 @@ class LlamaConfig:
             raise ValueError(f"{source}: {e}") from e
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "LlamaConfig":
+    def from_json_file(cls, path: str | Path) -> LlamaConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text(encoding="utf-8"))

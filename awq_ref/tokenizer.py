@@ -41,7 +41,7 @@ class Tokenizer:
             if any(not _is_int(i) or not 0 <= i < n for i in ids):
                 raise ValueError(f"{source}: {name} id(s) {ids} are not token ids of the vocabulary of {n}")
         if not isinstance(add_bos, bool):
-            raise ValueError(f"{source}: add_bos_token={add_bos!r} must be true or false")  # noqa: TRY004 (a bad file)
+            raise ValueError(f"{source}: add_bos_token={add_bos!r} must be true or false")
         self.bos_id = bos_id
         self.eos_ids = tuple(dict.fromkeys(eos_ids))
         self.add_bos = add_bos

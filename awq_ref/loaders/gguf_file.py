@@ -168,7 +168,7 @@ def _int(meta: dict[str, Any], key: str, source: str, default: Any = None) -> in
     """An integer metadata value (GGUF stores them as integers; a float or a string is corrupt)."""
     value = _get(meta, key, source, default)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{source}: GGUF metadata {key}={value!r} is not an integer")  # noqa: TRY004 (a bad file)
+        raise ValueError(f"{source}: GGUF metadata {key}={value!r} is not an integer")
     return value
 
 

@@ -141,9 +141,9 @@ def _check_metadata(meta: dict[str, Any], source: str) -> None:
             raise ValueError(f"{source}: tokenizer.ggml.{key}={value!r} is not a token id (< {n})")
     for key in ("add_bos_token", "add_space_prefix"):
         if not isinstance(meta.get(f"tokenizer.ggml.{key}", True), bool):
-            raise ValueError(f"{source}: tokenizer.ggml.{key} must be a boolean")  # noqa: TRY004 (a bad file)
+            raise ValueError(f"{source}: tokenizer.ggml.{key} must be a boolean")
     if not isinstance(meta.get("tokenizer.ggml.pre", ""), str):
-        raise ValueError(f"{source}: tokenizer.ggml.pre must be a string")  # noqa: TRY004 (a bad file)
+        raise ValueError(f"{source}: tokenizer.ggml.pre must be a string")
 
 
 def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> Tokenizer:

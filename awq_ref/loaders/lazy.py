@@ -47,7 +47,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_siz
     """One header entry, checked; ValueError naming the file and the tensor."""
     where = f"{path}: tensor {name}"
     if not isinstance(entry, dict):
-        raise ValueError(f"{where}: header entry is not an object")  # noqa: TRY004 (a bad file)
+        raise ValueError(f"{where}: header entry is not an object")
     dtype = DTYPES.get(entry.get("dtype"))
     if dtype is None:
         raise ValueError(f"{where}: unknown dtype {entry.get('dtype')!r}")
@@ -80,7 +80,7 @@ def index_safetensors_file(path: str | Path) -> dict[str, TensorInfo]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")  # noqa: TRY004 (a bad file)
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     data_start = 8 + n
     return {name: _tensor_info(path, name, entry, data_start, size - data_start)

@@ -51,7 +51,7 @@ def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, 
     """(QuantSpec, modules_to_not_convert) from a quantization_config; ValueError on what we
     cannot read (not awq, not gemm, bits != 4, bad group size)."""
     if not isinstance(d, dict):  # a bad file, not a bad argument: ValueError like the rest
-        raise ValueError(  # noqa: TRY004
+        raise ValueError(
             f"{source}: quantization_config must be an object, got {d!r}")
     method = d.get("quant_method")
     if method != "awq":
@@ -70,7 +70,7 @@ def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, 
         raise ValueError(f"{source}: modules_to_not_convert must be a list of names, got {skip!r}")
     zero_point = d.get("zero_point", True)
     if not isinstance(zero_point, bool):
-        raise ValueError(f"{source}: zero_point={zero_point!r} must be true or false")  # noqa: TRY004 (a bad file)
+        raise ValueError(f"{source}: zero_point={zero_point!r} must be true or false")
     return QuantSpec(bits, group, zero_point), tuple(skip)
 
 
