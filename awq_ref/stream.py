@@ -20,7 +20,6 @@ tensor what `load_model -> quantize -> save_quantized(dtype=<checkpoint dtype>)`
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -38,6 +37,7 @@ from awq_ref.awq.pipeline import AwqConfig, search_block
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.resume import Progress, fingerprint
 from awq_ref.config import LlamaConfig
+from awq_ref.loaders.hf import read_config_json
 from awq_ref.loaders.lazy import LazyTensors, index_safetensors_file
 from awq_ref.loaders.state_dict import build_on_meta, check_state_dict
 from awq_ref.model import Block
@@ -73,12 +73,7 @@ class Source:
     def open(cls, folder: str | Path) -> Source:
         folder = Path(folder).expanduser().resolve()
         config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise ValueError(f"{config_path}: config file not found")
-        try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+        raw = read_config_json(folder)
         if isinstance(raw, dict) and "quantization_config" in raw:
             raise ValueError(f"{folder}: already quantized (config.json has quantization_config)")
         config = LlamaConfig.from_hf_dict(raw, source=str(config_path))

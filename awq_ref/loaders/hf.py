@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,17 +87,23 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_config_json(folder: Path) -> Any:
+    """The parsed config.json of an HF folder; ValueError if missing or not JSON."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{config_path}: config file not found")
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+
+
 def load_hf_model(folder: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> Llama:
     """A Llama from an HF folder; quantized checkpoints go to awq_ref.quant.checkpoint."""
     folder = Path(folder)
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{config_path}: config file not found")
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    raw = read_config_json(folder)
     if isinstance(raw, dict) and "quantization_config" in raw:
         from awq_ref.quant.checkpoint import load_quantized_model
 
