@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +44,9 @@ from awq_ref.quant.checkpoint import (
     INDEX_NAME,
     PACKED_SUFFIXES,
     _fsync,
-    _swap_in,
     _write_json,
     _write_shard,
+    atomic_folder,
     quant_config_dict,
 )
 from awq_ref.quant.packing import PACK_NUM, check_packable
@@ -240,10 +239,7 @@ def _write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _finish(source: Source, shards: Path, out_dir: Path, quant_config: dict[str, Any],
             dtype: torch.dtype) -> None:
     """The checkpoint folder, built in a temporary folder beside out_dir and renamed into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
-    try:
+    with atomic_folder(out_dir) as tmp:
         n = source.config.num_hidden_layers + 1
         for i in range(n - 1):
             _link_or_copy(shards / shard_name(i, n), tmp / shard_name(i, n))
@@ -255,12 +251,6 @@ def _finish(source: Source, shards: Path, out_dir: Path, quant_config: dict[str,
             if (source.folder / name).is_file():
                 shutil.copyfile(source.folder / name, tmp / name)
                 _fsync(tmp / name)
-        _fsync(tmp)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync(out_dir.parent)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -15,6 +16,7 @@ from awq_ref.config import LlamaConfig
 from awq_ref.loaders.state_dict import model_from_state_dict
 from awq_ref.model import Llama
 
+T = TypeVar("T")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -70,21 +72,26 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
 
     With an index, each shard must hold exactly the tensors the index assigns to it.
     """
-    folder = Path(folder)
+    return read_folder(Path(folder), read_safetensors_file)
+
+
+def read_folder(folder: Path, read_file: Callable[[Path], dict[str, T]]) -> dict[str, T]:
+    """read_file over the checkpoint's one file or every shard of its index, merged; each shard
+    must hold exactly the tensors the index assigns to it."""
     if (folder / SINGLE_FILE).is_file():
-        return read_safetensors_file(folder / SINGLE_FILE)
+        return read_file(folder / SINGLE_FILE)
     if not (folder / INDEX_FILE).is_file():
         raise ValueError(f"{folder}: no weights: expected {SINGLE_FILE} or {INDEX_FILE}")
-    tensors: dict[str, torch.Tensor] = {}
+    out: dict[str, T] = {}
     for file, names in _shard_map(folder).items():
-        shard = read_safetensors_file(folder / file)
+        shard = read_file(folder / file)
         if set(shard) != set(names):
             missing = sorted(set(names) - set(shard))[:5]
             extra = sorted(set(shard) - set(names))[:5]
             raise ValueError(f"{folder / file}: does not match {INDEX_FILE}: missing {missing}, "
                              f"not in the index {extra}")
-        tensors.update(shard)
-    return tensors
+        out.update(shard)
+    return out
 
 
 def read_config_json(folder: Path) -> Any:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from awq_ref.loaders.hf import INDEX_FILE, SINGLE_FILE, _check_header, _shard_map
+from awq_ref.loaders.hf import _check_header, read_folder
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -96,20 +96,7 @@ class LazyTensors:
 
     def _index_folder(self) -> dict[str, TensorInfo]:
         """Single file, or shards that must hold exactly the tensors the index assigns them."""
-        if (self.folder / SINGLE_FILE).is_file():
-            return index_safetensors_file(self.folder / SINGLE_FILE)
-        if not (self.folder / INDEX_FILE).is_file():
-            raise ValueError(f"{self.folder}: no weights: expected {SINGLE_FILE} or {INDEX_FILE}")
-        index: dict[str, TensorInfo] = {}
-        for file, names in _shard_map(self.folder).items():
-            shard = index_safetensors_file(self.folder / file)
-            if set(shard) != set(names):
-                missing = sorted(set(names) - set(shard))[:5]
-                extra = sorted(set(shard) - set(names))[:5]
-                raise ValueError(f"{self.folder / file}: does not match {INDEX_FILE}: missing "
-                                 f"{missing}, not in the index {extra}")
-            index.update(shard)
-        return index
+        return read_folder(self.folder, index_safetensors_file)
 
     def __contains__(self, name: str) -> bool:
         return name in self.index

@@ -18,7 +18,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,18 +163,26 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
     _check_layers(model, *parse_quant_config(quant_config, "quant_config"))
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    with atomic_folder(out_dir) as tmp:
+        _write_folder(model, tmp, tokenizer, quant_config, max_shard_bytes, dtype)
+    return out_dir
+
+
+@contextmanager
+def atomic_folder(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside out_dir; on success fsync it and rename it to out_dir
+    (replacing an existing one), on any error remove it: out_dir is never left half written."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
-        _write_folder(model, tmp, tokenizer, quant_config, max_shard_bytes, dtype)
+        yield tmp
         _fsync(tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync(out_dir.parent)
-    return out_dir
 
 
 def _check_layers(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...]) -> None:
