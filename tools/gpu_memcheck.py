@@ -1,0 +1,45 @@
+"""Every kernel path on small shapes, for compute-sanitizer (issue 5: memcheck clean).
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python tools/gpu_memcheck.py
+
+Small shapes keep the instrumented run short; they still cover partial M tiles, split-K with the
+fp32 reduce, every group size, fp16 and bf16. Prints one line per call and exits 1 on a wrong
+result (the sanitizer's own exit code reports memory errors).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import awq_kernels
+from awq_kernels import reference
+
+CASES = [  # (M, K, N, G, kernel)
+    (1, 576, 192, 64, "gemv"), (5, 160, 320, 32, "gemv"), (8, 1536, 576, 128, "gemv"),
+    (1, 576, 192, 64, "mma"), (17, 160, 320, 32, "mma"), (40, 1536, 576, 128, "mma"),
+    (300, 576, 192, 64, "dequant"), (33, 1536, 576, 32, "auto"),
+]
+
+
+def main() -> int:
+    failures = 0
+    for m, k, n, g, kernel in CASES:
+        for dtype in (torch.float16, torch.bfloat16):
+            qweight, qzeros, scales = reference.random_packed(k, n, g, seed=m, device="cuda")
+            w = reference.dequantize_like_kernel(qweight, qzeros, scales, g, dtype).float()
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            y = awq_kernels.gemm(x, qweight, qzeros, scales, g, kernel=kernel)
+            ref = x.float() @ w
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            ok = err <= 1e-2 and bool(torch.isfinite(y).all())
+            failures += not ok
+            print(f"M={m:<4} K={k:<5} N={n:<4} G={g:<3} {kernel:8s} {str(dtype):15s} "
+                  f"rel err {err:.1e} {'ok' if ok else 'WRONG'}")
+    torch.cuda.synchronize()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
