@@ -27,6 +27,7 @@ MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 QUICK_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 QUICK_MS = (1, 8, 16, 64, 256, 1024)
 SLEEP_CYCLES = 200_000  # ~100 us at ~2 GHz: longer than one launch from Python
+CYCLES_PER_US = 2_000   # SM clock of an H100/H200 under load, ~2 GHz
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,18 @@ def awq_bytes(m: int, k: int, n: int, g: int) -> float:
     return 2 * m * k + k * n / 2 + 2 * k * n / g + k * n / (2 * g) + 2 * m * n
 
 
-def median_us(fns: list[Callable[[], object]], reps: int, warmup: int = 5) -> float:
-    """Median GPU time of single calls, rotating over `fns` (one per weight copy)."""
+def median_us(fns: list[Callable[[], object]], reps: int, warmup: int = 5,
+              sleep_cycles: int = SLEEP_CYCLES) -> float:
+    """Median GPU time of single calls, rotating over `fns` (one per weight copy).
+
+    Before each call the GPU sleeps `sleep_cycles` so that the host has queued the call by the
+    time the start event fires: the events then time the kernels, not the host's launch cost."""
     for i in range(warmup):
         fns[i % len(fns)]()
     pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
              for _ in range(reps)]
     for i, (start, end) in enumerate(pairs):
-        torch.cuda._sleep(SLEEP_CYCLES)
+        torch.cuda._sleep(sleep_cycles)
         start.record()
         fns[i % len(fns)]()
         end.record()
@@ -156,7 +161,9 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
                 continue  # that is what "awq" runs at this M
             fns = make(x)
             try:
-                times[name] = (median_us(fns, reps), host_us(fns[0]))
+                h_us = host_us(fns[0])  # the GPU sleeps twice that before each timed call
+                sleep = max(SLEEP_CYCLES, int(2 * h_us * CYCLES_PER_US))
+                times[name] = (median_us(fns, reps, sleep_cycles=sleep), h_us)
             except RuntimeError as err:  # e.g. a baseline op missing in this torch build
                 print(f"  {name} K={k} N={n} M={m}: {err}")
         floor_s = max(awq_bytes(m, k, n, g) / ceil.hbm_bytes_per_s, 2 * m * k * n / ceil.tensor_flops)

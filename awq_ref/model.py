@@ -165,6 +165,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # fp32 on the CPU, kept outside the module's buffers so .to(float16) never rounds it.
         self._inv_freq = rope_frequencies(config)
+        self._inv_freq_on_device: torch.Tensor | None = None  # its copy where the model runs
 
     @property
     def device(self) -> torch.device:
@@ -173,8 +174,12 @@ class Llama(nn.Module):
     def rotary(self, start: int, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (T, Dh) for positions start..start+T-1, computed in fp32 then cast."""
         device = self.device
+        # Copied to the device once: a copy from pageable CPU memory waits for the GPU's queue to
+        # drain, so one per forward would stop the host from running ahead of the GPU.
+        if self._inv_freq_on_device is None or self._inv_freq_on_device.device != device:
+            self._inv_freq_on_device = self._inv_freq.to(device)
         pos = torch.arange(start, start + t, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self._inv_freq.to(device))  # (T, Dh/2)
+        freqs = torch.outer(pos, self._inv_freq_on_device)  # (T, Dh/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

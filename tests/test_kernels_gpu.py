@@ -117,7 +117,7 @@ def test_runs_on_torchs_current_stream():
 def test_bad_cuda_inputs_raise():
     qweight, qzeros, scales, _ = _weights(576, 192, 64)
     x = torch.randn(4, 576, device="cuda").half()
-    with pytest.raises(ValueError, match="one device"):
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
         awq_kernels.gemm(x, qweight.cpu(), qzeros, scales, 64)
     with pytest.raises(ValueError, match="contiguous"):
         awq_kernels.gemm(torch.randn(576, 4, device="cuda").half().t(), qweight, qzeros, scales, 64)

@@ -218,6 +218,41 @@ def bench_model(name: str, s: Settings) -> list[dict]:
     return rows
 
 
+# --- where the decode time goes ----------------------------------------------------------------
+
+@torch.no_grad()
+def profile_decode(name: str, steps: int = 4, rows: int = 14) -> str:
+    """torch.profiler's per-kernel device time over `steps` eager and CUDA-graph decode steps,
+    for fp16 and for W4 on awq_kernels (the tables name each kernel and its mean time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    for variant in ("fp16", "w4 cupy"):
+        model, _ = build(name, quantized=variant != "fp16")
+        if variant != "fp16":
+            apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
+        cache = model.new_cache(1, 128 + 3 * steps + 8)
+        token = model(_prompt(model, 128), cache, last_only=True)[0, -1].argmax()  # 0-dim
+        graph = CudaGraphDecoder(model, cache)
+
+        def eager(t: torch.Tensor, model=model, cache=cache) -> torch.Tensor:
+            return model(t.view(1, 1), cache, last_only=True)[0, -1]  # (V,)
+
+        for mode, step in (("eager", eager), ("graph", graph.step)):
+            step(token)  # warm-up
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t = token
+                for _ in range(steps):
+                    t = step(t).argmax()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows)
+            out.append(f"### {name} {variant}, {mode} decode, {steps} steps\n{table}")
+        del model, graph, cache
+        _fresh_peak()
+    return "\n".join(out)
+
+
 # --- report -----------------------------------------------------------------------------------
 
 def _cell(v: object) -> str:
@@ -242,12 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help=f"{QUICK.new_tokens} new tokens, "
                    f"{QUICK.repeats} prefill repeats (for tools/gpu_check.sh)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--profile", action="store_true", help="instead of timing, print where the "
+                   "decode time goes (torch.profiler kernel tables, fp16 and w4 cupy)")
     args = p.parse_args(argv)
     try:
         check_backend("cupy", DEVICE, DTYPE)
     except ValueError as e:
         print(f"bench_e2e.py needs a CUDA device with CuPy; nothing measured: {e}", file=sys.stderr)
         return 2
+    if args.profile:
+        for name in args.models:
+            print(profile_decode(name))
+        return 0
     s = QUICK if args.quick else Settings()
     rows = [row for name in args.models for row in bench_model(name, s)]
     print(markdown(rows))

@@ -38,6 +38,7 @@ step "kernel tests" tests.log 150 $PY -m pytest -q -p no:cacheprovider -rfs --tb
 step "kernel benchmark" bench_gemm.log 120 $PY tools/bench_gemm.py --out "$RESULTS/bench_gemm"
 step "e2e tests" tests.log 75 $PY -m pytest -q -p no:cacheprovider -rfs --tb=short tests/test_e2e_gpu.py
 step "e2e benchmark" bench_e2e.log 120 $PY tools/bench_e2e.py --quick --json "$RESULTS/bench_e2e.json"
+step "decode profile" bench_e2e.log 90 $PY tools/bench_e2e.py --profile --models llama3-8b
 step "sass" env.txt 30 $PY - <<'PYEOF'
 import re, subprocess, tempfile, torch
 from awq_kernels import build
@@ -47,8 +48,13 @@ for family in build.SOURCES:
     res = build.compile_nvrtc(family, arch)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(res.cubin); f.flush()
-        sass = subprocess.run(["cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
-    for fn in re.split(r"\n\s*Function : ", sass)[1:]:
+        proc = subprocess.run(["cuobjdump", "-sass", f.name], capture_output=True, text=True)
+    sass = proc.stdout
+    functions = re.split(r"\n\s*Function : ", sass)[1:]
+    if not functions:
+        print(f"{arch} {family}: no functions in cuobjdump's output (exit {proc.returncode}): "
+              f"{proc.stderr[:300]!r} {sass[:300]!r}")
+    for fn in functions:
         name = fn.split("\n", 1)[0].strip()
         counts = {op: len(re.findall(rf"\b{op}\b", fn)) for op in ("HMMA", "LDSM", "LDGSTS", "LOP3", "PRMT", "LDL", "STL")}
         print(f"{arch} {name[:60]:60s} " + " ".join(f"{k}={v}" for k, v in counts.items()))

@@ -28,14 +28,15 @@ def main() -> int:
     for m, k, n, g, kernel in CASES:
         for dtype in (torch.float16, torch.bfloat16):
             qweight, qzeros, scales = reference.random_packed(k, n, g, seed=m, device="cuda")
-            w = reference.dequantize_like_kernel(qweight, qzeros, scales, g, dtype).float()
+            w = reference.dequantize_like_kernel(qweight.cpu(), qzeros.cpu(), scales.cpu(), g,
+                                                 dtype).float().cuda()  # (K, N)
             x = torch.randn(m, k, device="cuda").to(dtype)
             y = awq_kernels.gemm(x, qweight, qzeros, scales, g, kernel=kernel)
             ref = x.float() @ w
             err = ((y.float() - ref).norm() / ref.norm()).item()
             ok = err <= 1e-2 and bool(torch.isfinite(y).all())
             failures += not ok
-            print(f"M={m:<4} K={k:<5} N={n:<4} G={g:<3} {kernel:8s} {str(dtype):15s} "
+            print(f"M={m:<4} K={k:<5} N={n:<4} G={g:<3} {kernel:8s} {dtype!s:15s} "
                   f"rel err {err:.1e} {'ok' if ok else 'WRONG'}")
     torch.cuda.synchronize()
     return 1 if failures else 0
