@@ -128,7 +128,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         scales:   [K/G, N] float16 (also for bfloat16 x; converted in the kernel).
         group_size: G in (32, 64, 128). Requires K % G == 0 and N % 64 == 0.
         out:      optional [..., N] tensor of x's dtype to write into (every element written).
-        kernel:   "auto" (by M = rows of x: <= 8 CUDA-core GEMV, < 1024 tensor-core GEMM,
+        kernel:   "auto" (by M = rows of x: <= 8 CUDA-core GEMV, < 32 tensor-core GEMM,
                   else dequantize + torch.matmul), or one of "gemv" (M <= 8), "mma", "dequant".
     Returns:
         y: [..., N] in x's dtype; fp32 accumulation, deterministic (no atomics).

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import api
+from .plan import DEQUANT_MIN_M, GEMV_MAX_M
 
 SHAPES = ((4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (8192, 28672),
           (28672, 8192), (5120, 13824))
@@ -157,7 +158,7 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         times: dict[str, tuple[float, float]] = {}
         for name, make in impls.items():
-            if name == "awq[mma]" and 8 < m < 1024:
+            if name == "awq[mma]" and GEMV_MAX_M < m < DEQUANT_MIN_M:
                 continue  # that is what "awq" runs at this M
             fns = make(x)
             try:

@@ -9,8 +9,9 @@
 //   * Block = 256 columns x one K range (split-K over gridDim.y so that every SM gets blocks
 //     even when N / 256 is small). Per stage the block copies a KC x 256 tile of packed
 //     weights (32 rows x 128 bytes = 4 KB) with one 16-byte cp.async per thread, plus the KC
-//     columns of x it needs and, at group starts, one row of scales and zeros. STAGES tiles
-//     are in flight per block.
+//     columns of x it needs and, at group starts, one row of scales and zeros. STAGES - 1
+//     tiles are in flight per block (with 4 stages the H200 streamed at ~1.2 TB/s: too few
+//     bytes in flight per SM to cover the memory latency).
 //   * Compute mapping: lane l owns packed word l (columns 8l .. 8l+7 of the block); warp w
 //     owns rows 4w .. 4w+3 of each stage tile. A warp's 32 four-byte shared loads of one row
 //     are consecutive words: conflict-free. Each lane keeps MT x 8 fp32 accumulators.
@@ -27,7 +28,7 @@ constexpr int GEMV_NT = 256;                               // columns per block
 constexpr int GEMV_NT_WORDS = GEMV_NT / 8;                 // 32 packed words: one per lane
 constexpr int GEMV_KC = 32;                                // k rows per stage (divides every G)
 constexpr int GEMV_ROWS_PER_WARP = GEMV_KC / GEMV_WARPS;   // 4
-constexpr int GEMV_STAGES = 4;
+constexpr int GEMV_STAGES = 8;  // 7 tiles (28 KB) in flight per block: loads, not math, bound decode
 constexpr int GEMV_W_CHUNKS = GEMV_KC * GEMV_NT_WORDS / 4; // 256 x 16 B: one per thread
 constexpr int GEMV_X_ROW_CHUNKS = GEMV_KC * 2 / 16;        // 4 x 16 B per x row
 constexpr int GEMV_S_CHUNKS = GEMV_NT * 2 / 16;            // 32 x 16 B of scales
@@ -39,8 +40,11 @@ template <int MT> struct GemvSmem {
   u32 x[GEMV_STAGES][MT * GEMV_KC / 2];
   u32 s[GEMV_STAGES][GEMV_NT / 2];
   u32 z[GEMV_STAGES][GEMV_NT_WORDS];
-  float red[GEMV_WARPS][GEMV_NT];  // cross-warp reduction, one output row at a time
 };
+// The cross-warp reduction (float [GEMV_WARPS][GEMV_NT], 8 KB) reuses sm.w once the K loop is
+// done, which keeps the block under the 48 KB of static shared memory.
+static_assert(GEMV_WARPS * GEMV_NT <= GEMV_STAGES * GEMV_KC * GEMV_NT_WORDS,
+              "the reduction buffer must fit in the weight stages");
 
 // Copies of stage tile `kc` (KC rows starting at kc * KC) into stage `st`.
 template <int MT>
@@ -162,18 +166,21 @@ awq_gemv(const u16* __restrict__ x, const u32* __restrict__ qweight,
   }
   cp_async_wait<0>();
 
-  // Cross-warp reduction, one output row m at a time; thread c owns column n0 + c.
+  // Cross-warp reduction, one output row m at a time; thread c owns column n0 + c. `red` aliases
+  // the weight stages: every cp.async has landed (wait<0> above) and the first __syncthreads
+  // below orders the last K iteration's reads of sm.w before the first write.
+  float (*red)[GEMV_NT] = reinterpret_cast<float (*)[GEMV_NT]>(&sm.w[0][0]);
   const bool partial = gridDim.y > 1;
   const int col = n0 + threadIdx.x;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     __syncthreads();  // previous row's reads of `red` are done
 #pragma unroll
-    for (int j = 0; j < 8; ++j) sm.red[warp][lane * 8 + j] = acc[m][j];
+    for (int j = 0; j < 8; ++j) red[warp][lane * 8 + j] = acc[m][j];
     __syncthreads();
     float sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < GEMV_WARPS; ++w) sum += sm.red[w][threadIdx.x];
+    for (int w = 0; w < GEMV_WARPS; ++w) sum += red[w][threadIdx.x];
     if (m < M && col < N) {
       if (partial)
         static_cast<float*>(out)[((size_t)blockIdx.y * M + m) * N + col] = sum;

@@ -20,7 +20,10 @@ GEMV_NT, GEMV_KC, GEMV_THREADS = 256, 32, 256
 DEQUANT_THREADS, REDUCE_THREADS = 256, 256
 
 GEMV_MAX_M = max(GEMV_ROWS)   # decode sizes go to the CUDA-core GEMV
-DEQUANT_MIN_M = 1024          # from here dequantize + cuBLAS; the dequant pass is < 1/M of the work
+# From here dequantize + cuBLAS. Measured on an H200 (tools/bench_gemm.py, 7 shapes): at M = 32
+# it beat the tensor-core kernel on 5 of 7 shapes (tied on 28672x8192, lost 20% on 8192x28672),
+# and at M = 64..256 on all but 8192x28672; the mma kernel is not yet competitive there.
+DEQUANT_MIN_M = 32
 MAX_SPLITS = 16               # bounds the fp32 partial-sum traffic of split-K
 MIN_K_TILES_PER_SPLIT = 4     # a split shorter than the pipeline mostly waits
 
@@ -72,10 +75,10 @@ def plan_mma(m: int, n: int, k: int, num_sms: int) -> Launch:
 
 
 def plan_gemv(m: int, n: int, k: int, num_sms: int) -> Launch:
-    """Smallest row capacity MT >= m; split K until about two blocks per SM."""
+    """Smallest row capacity MT >= m; split K until about four blocks per SM (bytes in flight)."""
     mt = next(r for r in GEMV_ROWS if r >= m)
     n_tiles = cdiv(n, GEMV_NT)
-    splits, per_split = _splits(n_tiles, k // GEMV_KC, 2 * num_sms)
+    splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms)
     return Launch("gemv", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits, per_split)
 
 

@@ -125,7 +125,7 @@ def test_bad_cuda_inputs_raise():
         buf = torch.randn(4 * 576 + 1, device="cuda").half()
         awq_kernels.gemm(buf[1:].view(4, 576), qweight, qzeros, scales, 64)
     with pytest.raises(ValueError, match="group_size"):
-        awq_kernels.gemm(x, qweight, qzeros, scales, 32)
+        awq_kernels.gemm(x, qweight, qzeros, scales, 48)
     with pytest.raises(TypeError, match="dtype"):
         awq_kernels.gemm(x.float(), qweight, qzeros, scales, 64)
 
