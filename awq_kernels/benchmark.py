@@ -74,7 +74,10 @@ def median_us(fns: list[Callable[[], object]], reps: int, warmup: int = 5,
 
 
 def host_us(fn: Callable[[], object], calls: int = 50) -> float:
-    """Wall time per call of back-to-back launches (includes the GPU time when that is longer)."""
+    """Wall time per call of back-to-back launches (includes the GPU time when that is longer),
+    after a few untimed calls (first-use set-up, GPU clocks ramping up from idle)."""
+    for _ in range(5):
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(calls):
