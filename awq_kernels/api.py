@@ -196,7 +196,7 @@ class _on_torch_stream:
 
         index = device.index if device.index is not None else torch.cuda.current_device()
         self._device = cupy.cuda.Device(index)
-        self._stream = _cupy_stream(torch.cuda.current_stream(index).cuda_stream, index)
+        self._stream = _cupy_stream(torch.cuda.current_stream(index), index)
         self._info = build.device_info(index)
 
     def __enter__(self) -> tuple[str, int]:
@@ -210,11 +210,14 @@ class _on_torch_stream:
 
 
 @functools.lru_cache(maxsize=64)
-def _cupy_stream(handle: int, device_index: int):
-    """CuPy's view of a torch stream (cached: creating one per call costs microseconds)."""
+def _cupy_stream(torch_stream: torch.cuda.Stream, device_index: int):
+    """CuPy's view of a torch stream, cached (torch streams hash and compare by handle and
+    device): building one per call costs host time on every launch."""
     import cupy
 
-    return cupy.cuda.ExternalStream(handle, device_index)
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(torch_stream, "__cuda_stream__"):
+        return cupy.cuda.Stream.from_external(torch_stream)
+    return cupy.cuda.ExternalStream(torch_stream.cuda_stream, device_index)  # older CuPy/torch
 
 
 def _i32(v: int):
