@@ -20,9 +20,10 @@ GEMV_NT, GEMV_KC, GEMV_THREADS = 256, 32, 256
 DEQUANT_THREADS, REDUCE_THREADS = 256, 256
 
 GEMV_MAX_M = max(GEMV_ROWS)   # decode sizes go to the CUDA-core GEMV
-# From here dequantize + cuBLAS. Measured on an H200 (tools/bench_gemm.py, 7 shapes): at M = 32
-# it beat the tensor-core kernel on 5 of 7 shapes (tied on 28672x8192, lost 20% on 8192x28672),
-# and at M = 64..256 on all but 8192x28672; the mma kernel is not yet competitive there.
+# From here dequantize + cuBLAS. Measured on an H200 (tools/bench_gemm.py, 7 shapes, G = 128;
+# docs/gpu/h200-2026-12-04): at M = 32 it beat the tensor-core kernel on 5 of 7 shapes (lost 6%
+# on 28672x8192, 26% on 8192x28672), at M = 64..256 on all but 8192x28672 at M = 64 and 128
+# (lost 14-16%), by up to 4.2x; the mma kernel is not yet competitive there.
 DEQUANT_MIN_M = 32
 MAX_SPLITS = 16               # bounds the fp32 partial-sum traffic of split-K
 MIN_K_TILES_PER_SPLIT = 4     # a split shorter than the pipeline mostly waits
