@@ -46,7 +46,7 @@ def static_decode_step(model: Llama, cache: KVCache, token: torch.Tensor, positi
     """Logits (B, V) for token (B, 1) at position (1,) int64; writes that slot of the cache.
 
     Does not advance `cache.length` (the caller does). inv_freq (Dh/2,) fp32 on the model's
-    device (`model._inv_freq`, moved there once: a copy from the CPU cannot be captured).
+    device (`model.inv_freq()`: a copy from the CPU cannot be captured).
     """
     x = model.model.embed_tokens(token)  # (B, 1, D)
     freqs = position.to(torch.float32)[:, None] * inv_freq[None, :]  # (1, Dh/2), as Llama.rotary
@@ -77,7 +77,7 @@ class CudaGraphDecoder:
         device = model.device
         self.token = torch.zeros((cache.k[0].shape[0], 1), dtype=torch.long, device=device)  # (B, 1)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
-        self.inv_freq = model._inv_freq.to(device)  # (Dh/2,) fp32
+        self.inv_freq = model.inv_freq()  # (Dh/2,) fp32 on the device
         self.graph = torch.cuda.CUDAGraph()
         self.logits = self._capture(warmup_steps)  # (B, V), rewritten by every replay
 

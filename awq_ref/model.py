@@ -171,15 +171,19 @@ class Llama(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def rotary(self, start: int, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, Dh) for positions start..start+T-1, computed in fp32 then cast."""
+    def inv_freq(self) -> torch.Tensor:
+        """The RoPE inverse frequencies (Dh/2,) fp32 on the model's device, copied there once: a
+        copy from pageable CPU memory waits for the GPU's queue to drain, so one per forward
+        would stop the host from running ahead of the GPU (and cannot be graph-captured)."""
         device = self.device
-        # Copied to the device once: a copy from pageable CPU memory waits for the GPU's queue to
-        # drain, so one per forward would stop the host from running ahead of the GPU.
         if self._inv_freq_on_device is None or self._inv_freq_on_device.device != device:
             self._inv_freq_on_device = self._inv_freq.to(device)
-        pos = torch.arange(start, start + t, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self._inv_freq_on_device)  # (T, Dh/2)
+        return self._inv_freq_on_device
+
+    def rotary(self, start: int, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, Dh) for positions start..start+T-1, computed in fp32 then cast."""
+        pos = torch.arange(start, start + t, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq())  # (T, Dh/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
