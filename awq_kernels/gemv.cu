@@ -10,8 +10,10 @@
 //     even when N / 256 is small). Per stage the block copies a KC x 256 tile of packed
 //     weights (32 rows x 128 bytes = 4 KB) with one 16-byte cp.async per thread, plus the KC
 //     columns of x it needs and, at group starts, one row of scales and zeros. STAGES - 1
-//     tiles are in flight per block (with 4 stages the H200 streamed at ~1.2 TB/s: too few
-//     bytes in flight per SM to cover the memory latency).
+//     tiles are in flight per block. Measured on an H200: 8 stages instead of 4 gained only
+//     5-25% (0.6-1.5 TB/s at M = 1), and time grows ~5 us per extra row of M on 4096x14336:
+//     the kernel is bound by its instructions (dequant, fp32 widening, one __syncthreads per
+//     4 KB stage), not by memory latency. See NOTES.md for what should replace it.
 //   * Compute mapping: lane l owns packed word l (columns 8l .. 8l+7 of the block); warp w
 //     owns rows 4w .. 4w+3 of each stage tile. A warp's 32 four-byte shared loads of one row
 //     are consecutive words: conflict-free. Each lane keeps MT x 8 fp32 accumulators.
@@ -28,7 +30,7 @@ constexpr int GEMV_NT = 256;                               // columns per block
 constexpr int GEMV_NT_WORDS = GEMV_NT / 8;                 // 32 packed words: one per lane
 constexpr int GEMV_KC = 32;                                // k rows per stage (divides every G)
 constexpr int GEMV_ROWS_PER_WARP = GEMV_KC / GEMV_WARPS;   // 4
-constexpr int GEMV_STAGES = 8;  // 7 tiles (28 KB) in flight per block: loads, not math, bound decode
+constexpr int GEMV_STAGES = 8;                            // 7 tiles (28 KB) in flight per block
 constexpr int GEMV_W_CHUNKS = GEMV_KC * GEMV_NT_WORDS / 4; // 256 x 16 B: one per thread
 constexpr int GEMV_X_ROW_CHUNKS = GEMV_KC * 2 / 16;        // 4 x 16 B per x row
 constexpr int GEMV_S_CHUNKS = GEMV_NT * 2 / 16;            // 32 x 16 B of scales
