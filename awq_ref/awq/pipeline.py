@@ -66,7 +66,7 @@ class AwqConfig:
     scale_vo_gqa: bool = True  # search v_proj -> o_proj also when Hkv < H (llm-awq skips it)
     clip: bool = True
     clip_skip: tuple[str, ...] = LLAMA_CLIP_SKIP
-    clip_grid: int = 20
+    clip_grid: int = 40  # measured: 40 beat 20 on ppl, KL and top-1 at the same search time
     max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink
     clip_mode: str = "range"  # see search_clip.CLIP_MODES
     loss_seqs: int = 8  # whole sequences for the attention-output loss (subset, measured)
