@@ -10,7 +10,7 @@ from awq_ref.awq.apply import apply_awq, apply_scale
 from awq_ref.awq.capture import NonFiniteError
 from awq_ref.awq.pipeline import AwqConfig, search_awq
 from awq_ref.awq.scaling_groups import expand_kv
-from awq_ref.awq.search_clip import search_clip
+from awq_ref.awq.search_clip import clamp_groups, clipper, search_clip
 from awq_ref.awq.search_scale import effective_weight, gram_loss
 from awq_ref.config import LlamaConfig
 from awq_ref.model import Llama
@@ -106,6 +106,27 @@ def test_propagation_variants_and_duo_run(propagate):
     assert len(result.scales) == 8
 
 
+def test_clip_aware_scale_search():
+    plain = search_awq(tiny_llama(), calib(), SPEC, FAST)
+    aware = search_awq(tiny_llama(), calib(), SPEC,
+                       AwqConfig(**{**FAST.__dict__, "scale_clip_grid": 4}))
+    assert aware.scales.keys() == plain.scales.keys()
+    for rec in aware.search:
+        assert rec["loss"] <= rec["loss0"], rec
+    # clipping inside the loss changes what each candidate costs
+    assert any(a["loss0"] != p["loss0"] for a, p in zip(aware.search, plain.search))
+
+
+def test_clipper_clamps_to_the_scaled_box():
+    torch.manual_seed(2)
+    x, w, s = torch.randn(300, 64), torch.randn(24, 64), torch.rand(64) + 0.5
+    gram = x.T @ x
+    clipped = clipper(gram, SPEC, 8, 0.5, "range")(w * s, s)
+    lo, hi, _, _ = search_clip(w * s, (x / s).T @ (x / s), SPEC, 8, 0.5, "range")
+    assert torch.allclose(clipped, clamp_groups(w * s, lo, hi))
+    assert (clipped.abs() <= (w * s).abs()).all() and not torch.equal(clipped, w * s)
+
+
 @torch.no_grad()
 def test_gqa_vo_folding_is_exact():
     model = tiny_llama(n_kv=2)  # n_rep = 2
@@ -134,7 +155,7 @@ def test_gram_loss_matches_direct_mse():
     assert gram_loss(w, x.T @ x, 500, s, SPEC) == pytest.approx(float(direct), rel=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["range", "absmax"])
+@pytest.mark.parametrize("mode", ["range", "absmax", "lohi"])
 def test_clip_error_matches_direct_group_error(mode):
     torch.manual_seed(0)
     x = torch.randn(400, 64)
@@ -146,6 +167,18 @@ def test_clip_error_matches_direct_group_error(mode):
     direct = torch.einsum("tgi,ngi->tng", xg, e).pow(2).sum()  # sum over groups of ||X_g e_ng||^2
     assert after == pytest.approx(float(direct), rel=1e-4)
     assert after < before
+
+
+def test_lohi_refines_the_range_box():
+    torch.manual_seed(1)
+    x = torch.randn(400, 64)
+    w = torch.randn(24, 64) + 0.3  # skewed groups: the two ends want different shrinks
+    lo_r, hi_r, before, after_range = search_clip(w, x.T @ x, SPEC, mode="range")
+    lo, hi, _, after = search_clip(w, x.T @ x, SPEC, mode="lohi")
+    assert after < after_range < before
+    wg = grouped(w, 16)
+    assert (lo >= wg.amin(-1)).all() and (hi <= wg.amax(-1)).all() and (lo <= hi).all()
+    assert not torch.equal(lo / wg.amin(-1), hi / wg.amax(-1))  # the ends moved apart
 
 
 def test_nan_activation_names_block_and_layer():

@@ -49,7 +49,7 @@ from awq_ref.awq.scaling_groups import (
     input_group,
     reduce_kv,
 )
-from awq_ref.awq.search_clip import CLIP_MODES, search_clip
+from awq_ref.awq.search_clip import CLIP_MODES, clipper, search_clip
 from awq_ref.awq.search_scale import ScaleChoice, gram_loss, grid_search, module_loss, weight_mean
 from awq_ref.quant.qlinear import skipped
 from awq_ref.quant.quantizer import QuantSpec
@@ -69,6 +69,7 @@ class AwqConfig:
     clip_grid: int = 40  # measured: 40 beat 20 on ppl, KL and top-1 at the same search time
     max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink
     clip_mode: str = "range"  # see search_clip.CLIP_MODES
+    scale_clip_grid: int = 0  # > 0: judge each scale candidate after a clip search on this grid
     loss_seqs: int = 8  # whole sequences for the attention-output loss (subset, measured)
     loss_tokens: int = 4096  # strided tokens for the MLP-output loss (subset, measured)
     propagate: str = "fp"  # next block's inputs; see PROPAGATE and the module docstring
@@ -83,6 +84,8 @@ class AwqConfig:
         for name in ("n_grid", "clip_grid", "loss_seqs", "loss_tokens", "chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AwqConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.scale_clip_grid < 0:
+            raise ValueError(f"AwqConfig.scale_clip_grid must be >= 0, got {self.scale_clip_grid}")
 
 
 def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
@@ -181,8 +184,12 @@ def search_block(block: nn.Module, prefix: str, cfg, x: torch.Tensor, cos: torch
         n_rep = cfg.n_rep if group.repeat_kv else 1
         if (n_rep > 1 and not config.scale_vo_gqa) or set(group.linears) <= fp_names:
             continue
+        clips = {n: clipper(stats[gi].gram, spec, config.scale_clip_grid, config.max_shrink,
+                            config.clip_mode, n)
+                 for n in group.linears if config.clip and config.scale_clip_grid > 0
+                 and n not in config.clip_skip and n not in fp_names}
         choice = search_group(block, group, stats[gi], n_rep, cfg.head_dim, spec, config,
-                              (cos, sin), f"{prefix}.{group.prev}", fp_names)
+                              (cos, sin), f"{prefix}.{group.prev}", fp_names, clips)
         apply_scale(block.get_submodule(group.prev),
                     [block.get_submodule(n) for n in group.linears], choice.s, n_rep, cfg.head_dim)
         s_in[gi] = expand_kv(choice.s, n_rep, cfg.head_dim) if n_rep > 1 else choice.s
@@ -199,8 +206,11 @@ def search_block(block: nn.Module, prefix: str, cfg, x: torch.Tensor, cos: torch
 
 def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: int,
                  head_dim: int, spec: QuantSpec, config: AwqConfig, rotary: tuple,
-                 where: str, fp_names: set[str]) -> ScaleChoice:
-    """Grid-search the scale of one group (see search_scale for L(s)) and log the choice."""
+                 where: str, fp_names: set[str], clips: dict | None = None) -> ScaleChoice:
+    """Grid-search the scale of one group (see search_scale for L(s)) and log the choice.
+
+    clips: linear name -> its clip (search_clip.clipper) applied to each candidate, if any."""
+    clips = clips or {}
     linears = [block.get_submodule(n) for n in group.linears]
     x_mean = st.mean_abs
     w_mean = weight_mean([m.weight for m in linears], spec) if config.duo_scaling else None
@@ -208,10 +218,10 @@ def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: i
         x_mean = reduce_kv(x_mean, n_rep, head_dim)
         w_mean = reduce_kv(w_mean, n_rep, head_dim) if w_mean is not None else None
     if group.closed_form:
-        w = linears[0].weight
+        w, clip = linears[0].weight, clips.get(group.linears[0])
 
         def loss(s_in: torch.Tensor) -> float:
-            return gram_loss(w, st.gram, st.count, s_in, spec)
+            return gram_loss(w, st.gram, st.count, s_in, spec, clip)
     else:
         inspect = block.get_submodule(group.inspect)
         extra = rotary if group.positional else ()
@@ -222,7 +232,8 @@ def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: i
                                for i in range(0, inputs.shape[0], chunk)])
         weights = {n[len(group.inspect) + 1:] + ".weight": m.weight
                    for n, m in zip(group.linears, linears) if n not in fp_names}
-        loss = module_loss(inspect, weights, spec, inputs, reference, extra, chunk)
+        clip_by_param = {n[len(group.inspect) + 1:] + ".weight": c for n, c in clips.items()}
+        loss = module_loss(inspect, weights, spec, inputs, reference, extra, chunk, clip_by_param)
     expand = (lambda s: expand_kv(s, n_rep, head_dim)) if n_rep > 1 else (lambda s: s)
     choice = grid_search(loss, x_mean, w_mean, config.n_grid, expand)
     # inf marks candidates that overflow fp16 (see grid_search); NaN or an inf choice is a bug.

@@ -15,6 +15,10 @@ where f is the output of the group's `inspect` module and Q the group-wise fake 
 x with the effective weights Q(W diag(s)) diag(s)^-1 equals feeding x/s with Q(W diag(s)).
 a = 0 gives s = 1, plain round-to-nearest, so the chosen loss never exceeds RTN's.
 
+Optionally (AwqConfig.scale_clip_grid > 0) each candidate is judged as it will finally be used:
+Q(clip_s(W diag(s))) diag(s)^-1, clip_s being the clip search of search_clip run on the scaled
+weights (a coarser grid keeps it affordable); the final clip search still runs after.
+
 When inspect is a single linear, L is quadratic in its weight error E = W_eff - W:
     L(s) = tr(E X^T X E^T) / (T N),
 computed from the Gram matrix X^T X (K, K), which is accumulated once over all tokens.
@@ -62,29 +66,40 @@ def weight_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
     return (wg / (wg.amax(-1, keepdim=True) + 1e-6)).view_as(w).mean(0)
 
 
-def effective_weight(w: torch.Tensor, s_in: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Q(W diag(s)) diag(s)^-1 (N, K): what x meets after scaling and quantization."""
-    return fake_quantize_weight(w * s_in[None, :], spec) / s_in[None, :]
+# clip(W diag(s) (N, K), s (K,)) -> the scaled weights clipped; see search_clip.clipper
+Clip = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def effective_weight(w: torch.Tensor, s_in: torch.Tensor, spec: QuantSpec,
+                     clip: Clip | None = None) -> torch.Tensor:
+    """Q(W diag(s)) diag(s)^-1 (N, K): what x meets after scaling (clipping) and quantization."""
+    ws = w * s_in[None, :]
+    if clip is not None:
+        ws = clip(ws, s_in)
+    return fake_quantize_weight(ws, spec) / s_in[None, :]
 
 
 def gram_loss(w: torch.Tensor, gram: torch.Tensor, count: int, s_in: torch.Tensor,
-              spec: QuantSpec) -> float:
+              spec: QuantSpec, clip: Clip | None = None) -> float:
     """L(s) = tr(E G E^T) / (T N), E = W_eff - W (N, K), G = X^T X (K, K) over T tokens."""
-    e = effective_weight(w, s_in, spec) - w  # (N, K)
+    e = effective_weight(w, s_in, spec, clip) - w  # (N, K)
     return float(((e @ gram) * e).sum()) / (count * w.shape[0])
 
 
 def module_loss(inspect: nn.Module, weights: dict[str, torch.Tensor], spec: QuantSpec,
                 inputs: torch.Tensor, reference: torch.Tensor, extra: tuple = (),
-                chunk: int = 16) -> Callable[[torch.Tensor], float]:
+                chunk: int = 16, clips: dict[str, Clip] | None = None
+                ) -> Callable[[torch.Tensor], float]:
     """L as a function of s_in, measured by running `inspect` with effective weights.
 
     weights: parameter name inside `inspect` -> original weight (N, K); inputs (B, ...) and
     reference (B, ...) are cut into chunks of `chunk` rows along dim 0; `extra` are further
-    forward arguments (cos, sin for attention).
+    forward arguments (cos, sin for attention); clips: parameter name -> its Clip, if any.
     """
+    clips = clips or {}
+
     def loss(s_in: torch.Tensor) -> float:
-        params = {k: effective_weight(w, s_in, spec) for k, w in weights.items()}
+        params = {k: effective_weight(w, s_in, spec, clips.get(k)) for k, w in weights.items()}
         total = 0.0
         for i in range(0, inputs.shape[0], chunk):
             out = functional_call(inspect, params, (inputs[i:i + chunk], *extra))
