@@ -173,7 +173,7 @@ def test_lohi_refines_the_range_box():
     torch.manual_seed(1)
     x = torch.randn(400, 64)
     w = torch.randn(24, 64) + 0.3  # skewed groups: the two ends want different shrinks
-    lo_r, hi_r, before, after_range = search_clip(w, x.T @ x, SPEC, mode="range")
+    _, _, before, after_range = search_clip(w, x.T @ x, SPEC, mode="range")
     lo, hi, _, after = search_clip(w, x.T @ x, SPEC, mode="lohi")
     assert after < after_range < before
     wg = grouped(w, 16)

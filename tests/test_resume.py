@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from kill_helpers import folder_bytes, kill_after_block, saved_block
 from safetensors.torch import save_file
 
 from awq_ref.awq.pipeline import AwqConfig, search_awq
@@ -74,16 +73,6 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def saved_block(state: Path) -> int:
-    """next_block of a progress file, 0 while there is none (the file is replaced atomically)."""
-    if not state.is_file():
-        return 0
-    with safe_open(str(state), framework="pt") as f:
-        return int(f.metadata()["next_block"])
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
@@ -93,19 +82,8 @@ def test_killed_run_resumes_to_identical_checkpoint(tiny_setup):
     subprocess.run(quantize_cmd(model, ref, text), check=True, env=env(), capture_output=True)
     assert not (root / "ref.partial").exists()  # removed after success
 
-    proc = subprocess.Popen(quantize_cmd(model, out, text), env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = root / "out.partial" / STATE_NAME
-    try:
-        while proc.poll() is None and saved_block(state) < 2:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done = saved_block(state)
+    done = kill_after_block(quantize_cmd(model, out, text), env(),
+                            root / "out.partial" / STATE_NAME, 2)
     assert 2 <= done < TINY["num_hidden_layers"] and not out.exists()
 
     run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(), capture_output=True,

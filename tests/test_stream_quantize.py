@@ -11,12 +11,11 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from kill_helpers import folder_bytes, kill_after_block
 from safetensors.torch import save_file
 
 import awq_ref
@@ -76,9 +75,6 @@ def in_memory(src: Path, out: Path, method: str, skip: tuple[str, ...] = (), **k
                               modules_to_not_convert=skip, **kwargs)
     return awq_ref.save_quantized(qmodel, out, dtype=torch.float16)
 
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def assert_same_checkpoint(a: Path, b: Path) -> dict[str, torch.Tensor]:
@@ -188,12 +184,6 @@ def quantize_cmd(model: Path, out: Path, text: Path) -> list[str]:
             "--n-samples", "16", "--calib-seqlen", "64", "--n-grid", "10"]
 
 
-def saved_block(state: Path) -> int:
-    if not state.is_file():
-        return 0
-    with safe_open(str(state), framework="pt") as f:
-        return int(f.metadata()["next_block"])
-
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 def test_cli_killed_run_resumes_and_matches_api(tmp_path):
@@ -204,19 +194,9 @@ def test_cli_killed_run_resumes_and_matches_api(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     subprocess.run(quantize_cmd(model, ref, text), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(quantize_cmd(model, out, text), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "out.partial" / STATE_NAME
-    try:
-        while proc.poll() is None and saved_block(state) < 2:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert 2 <= saved_block(state) < 8 and not out.exists()
+    done = kill_after_block(quantize_cmd(model, out, text), env,
+                            tmp_path / "out.partial" / STATE_NAME, 2)
+    assert 2 <= done < 8 and not out.exists()
     run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

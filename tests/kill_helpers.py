@@ -1,0 +1,40 @@
+"""Helpers of the crash tests (test_resume, test_stream_quantize): kill a CLI run with SIGKILL
+once its progress file says enough blocks are done, and compare checkpoint folders."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def saved_block(state: Path) -> int:
+    """next_block of a progress file, 0 while there is none (the file is replaced atomically)."""
+    if not state.is_file():
+        return 0
+    with safe_open(str(state), framework="pt") as f:
+        return int(f.metadata()["next_block"])
+
+
+def kill_after_block(cmd: list[str], env: dict[str, str], state: Path, block: int) -> int:
+    """Start cmd, SIGKILL it once `state` records >= block blocks; the blocks recorded then.
+
+    Fails the test if the run finished before it could be killed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and saved_block(state) < block:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return saved_block(state)
