@@ -11,7 +11,7 @@ from awq_ref.awq.capture import NonFiniteError
 from awq_ref.awq.pipeline import AwqConfig, search_awq
 from awq_ref.awq.scaling_groups import expand_kv
 from awq_ref.awq.search_clip import clamp_groups, clipper, search_clip
-from awq_ref.awq.search_scale import effective_weight, gram_loss
+from awq_ref.awq.search_scale import effective_weight, gram_loss, grid_search
 from awq_ref.config import LlamaConfig
 from awq_ref.model import Llama
 from awq_ref.quant.quantizer import QuantSpec, grouped
@@ -198,3 +198,22 @@ def test_modules_to_not_convert_are_not_clipped():
 def test_bad_tokens_rejected():
     with pytest.raises(ValueError, match="integer"):
         search_awq(tiny_llama(), torch.rand(2, 8), SPEC, FAST)
+
+
+def test_refinement_finds_the_finer_grid_minimum():
+    """L(a) = (a - 0.33)^2 through s(a): the coarse grid (step 0.1) picks 0.3; two halvings
+    reach 0.325, the best ratio of the step-0.025 grid, with 4 more losses instead of 30."""
+    x_mean = torch.linspace(0.5, 4.0, 16)
+    calls = []
+
+    def loss(s: torch.Tensor) -> float:
+        a = float(torch.log(s[-1] / s[0]) / torch.log(x_mean[-1] / x_mean[0]))  # recover a
+        calls.append(a)
+        return (a - 0.33) ** 2
+
+    coarse = grid_search(loss, x_mean, None, 10)
+    assert coarse.ratio == pytest.approx(0.3) and len(calls) == 10
+    calls.clear()
+    fine = grid_search(loss, x_mean, None, 10, n_refine=2)
+    assert fine.ratio == pytest.approx(0.325) and len(calls) == 14
+    assert fine.loss < coarse.loss and fine.losses == coarse.losses

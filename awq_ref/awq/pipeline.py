@@ -62,6 +62,7 @@ PROPAGATE = ("fp", "awq", "quantized")
 @dataclass(frozen=True)
 class AwqConfig:
     n_grid: int = 20  # ratios a = i / n_grid of the scale search
+    n_refine: int = 0  # then halve the step around the best ratio this many times (2 losses each)
     duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a
     scale_vo_gqa: bool = True  # search v_proj -> o_proj also when Hkv < H (llm-awq skips it)
     clip: bool = True
@@ -84,6 +85,8 @@ class AwqConfig:
         for name in ("n_grid", "clip_grid", "loss_seqs", "loss_tokens", "chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AwqConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_refine < 0:
+            raise ValueError(f"AwqConfig.n_refine must be >= 0, got {self.n_refine}")
         if self.scale_clip_grid < 0:
             raise ValueError(f"AwqConfig.scale_clip_grid must be >= 0, got {self.scale_clip_grid}")
 
@@ -235,7 +238,7 @@ def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: i
         clip_by_param = {n[len(group.inspect) + 1:] + ".weight": c for n, c in clips.items()}
         loss = module_loss(inspect, weights, spec, inputs, reference, extra, chunk, clip_by_param)
     expand = (lambda s: expand_kv(s, n_rep, head_dim)) if n_rep > 1 else (lambda s: s)
-    choice = grid_search(loss, x_mean, w_mean, config.n_grid, expand)
+    choice = grid_search(loss, x_mean, w_mean, config.n_grid, expand, config.n_refine)
     # inf marks candidates that overflow fp16 (see grid_search); NaN or an inf choice is a bug.
     check_finite(torch.tensor([choice.loss, *(v for v in choice.losses if v != math.inf)]),
                  f"{where} -> {','.join(group.linears)} scale loss")

@@ -111,23 +111,38 @@ def module_loss(inspect: nn.Module, weights: dict[str, torch.Tensor], spec: Quan
 
 def grid_search(loss: Callable[[torch.Tensor], float], x_mean: torch.Tensor,
                 w_mean: torch.Tensor | None, n_grid: int,
-                expand: Callable[[torch.Tensor], torch.Tensor] = lambda s: s) -> ScaleChoice:
+                expand: Callable[[torch.Tensor], torch.Tensor] = lambda s: s,
+                n_refine: int = 0) -> ScaleChoice:
     """Evaluate L(s(a)) for a = i / n_grid, i < n_grid; keep the first minimum.
 
+    Then n_refine times: halve the step and try the two ratios beside the best one (within
+    [0, 1]), 2 losses per level instead of doubling the grid. `losses` holds the coarse grid.
     A candidate whose scaled weights overflow fp16 (Fp16OverflowError) gets L = inf.
 
     expand maps a scale over prev's channels (C,) to the linears' inputs (K,) (GQA repeat).
     """
+    def value(ratio: float) -> tuple[torch.Tensor, float]:
+        s = candidate_scale(x_mean, ratio, w_mean)
+        try:
+            return s, loss(expand(s))
+        except Fp16OverflowError:  # s pushes a group's weights past fp16: not a candidate
+            return s, math.inf
+
     losses, best = [], None
     for i in range(n_grid):
         ratio = i / n_grid
-        s = candidate_scale(x_mean, ratio, w_mean)
-        try:
-            value = loss(expand(s))
-        except Fp16OverflowError:  # s pushes a group's weights past fp16: not a candidate
-            value = math.inf
-        losses.append(value)
-        if best is None or value < best[2]:
-            best = (s, ratio, value)
-    s, ratio, value = best
-    return ScaleChoice(s=s, ratio=ratio, loss=value, loss0=losses[0], losses=tuple(losses))
+        s, v = value(ratio)
+        losses.append(v)
+        if best is None or v < best[2]:
+            best = (s, ratio, v)
+    step = 1 / n_grid
+    for _ in range(n_refine):
+        step /= 2
+        center = best[1]
+        for ratio in (center - step, center + step):
+            if 0 <= ratio <= 1:
+                s, v = value(ratio)
+                if v < best[2]:
+                    best = (s, ratio, v)
+    s, ratio, v = best
+    return ScaleChoice(s=s, ratio=ratio, loss=v, loss0=losses[0], losses=tuple(losses))
