@@ -10,7 +10,7 @@ from awq_ref.awq.apply import apply_awq, apply_scale
 from awq_ref.awq.capture import NonFiniteError
 from awq_ref.awq.pipeline import AwqConfig, search_awq
 from awq_ref.awq.scaling_groups import expand_kv
-from awq_ref.awq.search_clip import clamp_groups, clipper, search_clip
+from awq_ref.awq.search_clip import clamp_groups, clip_box, clipper, search_clip
 from awq_ref.awq.search_scale import effective_weight, gram_loss, grid_search
 from awq_ref.config import LlamaConfig
 from awq_ref.model import Llama
@@ -117,6 +117,13 @@ def test_clip_aware_scale_search():
     assert any(a["loss0"] != p["loss0"] for a, p in zip(aware.search, plain.search))
 
 
+def test_joint_clip_in_the_pipeline():
+    plain = search_awq(tiny_llama(), calib(), SPEC, FAST)
+    joint = search_awq(tiny_llama(), calib(), SPEC, AwqConfig(**{**FAST.__dict__, "clip_joint": 2}))
+    assert joint.clips.keys() == plain.clips.keys()
+    assert any(not torch.equal(joint.clips[k][0], plain.clips[k][0]) for k in plain.clips)
+
+
 def test_clipper_clamps_to_the_scaled_box():
     torch.manual_seed(2)
     x, w, s = torch.randn(300, 64), torch.randn(24, 64), torch.rand(64) + 0.5
@@ -181,6 +188,27 @@ def test_lohi_refines_the_range_box():
     assert not torch.equal(lo / wg.amin(-1), hi / wg.amax(-1))  # the ends moved apart
 
 
+@pytest.mark.parametrize("mode", ["range", "lohi"])
+def test_joint_clip_lowers_the_whole_row_error(mode):
+    torch.manual_seed(2)
+    x = torch.randn(400, 64) + 2 * torch.randn(400, 1)  # a shared component couples the groups
+    w = torch.randn(24, 64)
+
+    def row_error(lo, hi):  # sum_n ||X (q_n - w_n)||^2, computed directly over the tokens
+        clipped = torch.maximum(torch.minimum(grouped(w, 16), hi[..., None]), lo[..., None])
+        e = fake_quantize_weight(clipped.reshape(w.shape), SPEC) - w
+        return float((x @ e.T).pow(2).sum())
+
+    lo0, hi0, _, _ = search_clip(w, x.T @ x, SPEC, mode=mode)
+    lo, hi, before, after = search_clip(w, x.T @ x, SPEC, mode=mode, joint=3)
+    assert after == pytest.approx(row_error(lo, hi), rel=1e-4)
+    assert before == pytest.approx(row_error(*clip_box(grouped(w, 16), 1.0, mode, True)),
+                                   rel=1e-4)
+    assert after < row_error(lo0, hi0)  # the cross-group terms were worth re-picking for
+    wg = grouped(w, 16)
+    assert (lo >= wg.amin(-1)).all() and (hi <= wg.amax(-1)).all()
+
+
 def test_nan_activation_names_block_and_layer():
     model = tiny_llama()
     with torch.no_grad():
@@ -217,3 +245,12 @@ def test_refinement_finds_the_finer_grid_minimum():
     fine = grid_search(loss, x_mean, None, 10, n_refine=2)
     assert fine.ratio == pytest.approx(0.325) and len(calls) == 14
     assert fine.loss < coarse.loss and fine.losses == coarse.losses
+
+
+@pytest.mark.parametrize("bad", [{"n_grid": 0}, {"clip_grid": 0}, {"n_refine": -1},
+                                 {"clip_joint": -1}, {"scale_clip_grid": -1},
+                                 {"clip_mode": "box"}, {"propagate": "int4"}])
+def test_bad_config_rejected(bad):
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=key):
+        AwqConfig(**bad)

@@ -70,6 +70,7 @@ class AwqConfig:
     clip_grid: int = 40  # measured: 40 beat 20 on ppl, KL and top-1 at the same search time
     max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink
     clip_mode: str = "range"  # see search_clip.CLIP_MODES
+    clip_joint: int = 0  # > 0: sweeps re-picking boxes by whole-row output error (search_clip)
     scale_clip_grid: int = 0  # > 0: judge each scale candidate after a clip search on this grid
     loss_seqs: int = 8  # whole sequences for the attention-output loss (subset, measured)
     loss_tokens: int = 4096  # strided tokens for the MLP-output loss (subset, measured)
@@ -87,6 +88,8 @@ class AwqConfig:
                 raise ValueError(f"AwqConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_refine < 0:
             raise ValueError(f"AwqConfig.n_refine must be >= 0, got {self.n_refine}")
+        if self.clip_joint < 0:
+            raise ValueError(f"AwqConfig.clip_joint must be >= 0, got {self.clip_joint}")
         if self.scale_clip_grid < 0:
             raise ValueError(f"AwqConfig.scale_clip_grid must be >= 0, got {self.scale_clip_grid}")
 
@@ -258,7 +261,8 @@ def clip_block(block: nn.Module, prefix: str, stats: list[InputStats], s_in: dic
         if gi in s_in:  # the input is now x / s: G -> diag(1/s) G diag(1/s)
             gram = gram / (s_in[gi][:, None] * s_in[gi][None, :])
         lo, hi, before, after = search_clip(lin.weight, gram, spec, config.clip_grid,
-                                            config.max_shrink, config.clip_mode, name)
+                                            config.max_shrink, config.clip_mode, name,
+                                            joint=config.clip_joint)
         check_finite(torch.tensor([before, after]), f"{prefix}.{name} clip loss")
         apply_clip(lin, lo, hi)
         result.clips[f"{prefix}.{name}"] = (lo.cpu(), hi.cpu())

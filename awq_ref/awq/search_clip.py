@@ -17,6 +17,16 @@ then fake-quantized (q), and the box with the least output error of that group i
 X_g (T, G) being the group's input channels. As in llm-awq each group is judged on its own
 partial output; the diagonal G x G blocks of the Gram matrix X^T X give it exactly over all
 calibration tokens. r = 1 is no clipping, so the chosen error never exceeds round-to-nearest's.
+
+Optionally (joint > 0 sweeps) the boxes are then judged by what the output channel really
+sees, the error of its whole output || X (q_n - w_n) ||^2 = e^T H e over all K inputs
+(H = X^T X), cross-group terms included. With the other groups' errors fixed, changing group g's
+error to e_g changes the row's error by a term of e_g alone,
+
+    L_ng = e_g^T H_gg e_g + 2 e_g^T c_g,   c_g = (H e)_g - H_gg e_g,
+
+so each sweep re-picks every group's box on the grid by L_ng (all groups at once, from the same
+e), and a row keeps the new boxes only if its whole error went down.
 """
 
 from __future__ import annotations
@@ -69,10 +79,12 @@ def clipper(gram: torch.Tensor, spec: QuantSpec, n_grid: int, max_shrink: float,
 
 def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: int = 20,
                 max_shrink: float = 0.5, mode: str = "range", name: str = "weight",
-                rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+                rows: int = 4096, joint: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Best box per (output channel, group) for w (N, K) given its input Gram X^T X (K, K).
 
-    Returns lo, hi (N, K/G) and the summed group errors sum_ng L_ng before (r = 1) and after.
+    Returns lo, hi (N, K/G) and the summed group errors sum_ng L_ng before (r = 1) and after
+    (with joint > 0: the summed whole-row errors sum_n e_n^T H e_n before and after).
     Output channels are processed `rows` at a time to bound memory.
     """
     if mode not in CLIP_MODES:
@@ -81,18 +93,33 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: in
     blocks = gram_blocks(gram, g)  # (K/G, G, G)
     out = [_search_rows(w[i:i + rows], blocks, spec, g, n_grid, max_shrink, mode)
            for i in range(0, w.shape[0], rows)]
+    if joint > 0:
+        out = [_joint_rows(w[i:i + rows], gram, blocks, spec, g, n_grid, max_shrink, mode,
+                           o[0], o[1], joint) for i, o in zip(range(0, w.shape[0], rows), out)]
     lo, hi = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
     return lo, hi, sum(o[2] for o in out), sum(o[3] for o in out)
+
+
+def _ratios(n_grid: int, max_shrink: float) -> list[float]:
+    """1, 1 - 1/n_grid, ... down to 1 - max_shrink (at least r = 1)."""
+    return [1 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))]
+
+
+def _quant_error(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
+                 g: int) -> torch.Tensor:
+    """e = Q(clamp(w, lo, hi)) - w (N, K/G, G) for grouped weights wg and boxes (N, K/G)."""
+    clipped = torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None])
+    n = wg.shape[0]
+    return grouped(fake_quantize_weight(clipped.reshape(n, -1), spec), g) - wg
 
 
 def _search_rows(w: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec, g: int, n_grid: int,
                  max_shrink: float, mode: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     wg = grouped(w, g)  # (N, K/G, G)
-    ratios = [1 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))]
+    ratios = _ratios(n_grid, max_shrink)
 
     def error(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # (N, K/G)
-        clipped = torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None])
-        e = grouped(fake_quantize_weight(clipped.reshape(w.shape), spec), g) - wg  # (N, K/G, G)
+        e = _quant_error(wg, lo, hi, spec, g)  # (N, K/G, G)
         return (torch.einsum("ngi,gij->ngj", e, blocks) * e).sum(-1)
 
     lo, hi = clip_box(wg, 1.0, mode, spec.zero_point)
@@ -115,3 +142,42 @@ def _search_rows(w: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec, g: int,
         for r in ratios:
             keep(torch.minimum(w_min * r, best_hi), best_hi)
     return best_lo, best_hi, float(err0.sum()), float(best_err.sum())
+
+
+def _joint_rows(w: torch.Tensor, gram: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec,
+                g: int, n_grid: int, max_shrink: float, mode: str, lo: torch.Tensor,
+                hi: torch.Tensor, sweeps: int
+                ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Re-pick the boxes lo, hi (N, K/G) by whole-row error; see the module docstring."""
+    wg = grouped(w, g)  # (N, K/G, G)
+
+    def row_error(e: torch.Tensor) -> torch.Tensor:  # e (N, K/G, G) -> e_n^T H e_n (N,)
+        flat = e.reshape(e.shape[0], -1)
+        return ((flat @ gram) * flat).sum(-1)
+
+    lo1, hi1 = clip_box(wg, 1.0, mode, spec.zero_point)
+    err0 = row_error(_quant_error(wg, lo1, hi1, spec, g))
+    e = _quant_error(wg, lo, hi, spec, g)
+    err = row_error(e)
+    for _ in range(sweeps):
+        own = torch.einsum("ngi,gij->ngj", e, blocks)  # H_gg e_g (N, K/G, G)
+        c = grouped(e.reshape(e.shape[0], -1) @ gram, g) - own  # c_g (N, K/G, G)
+        best = (own * e).sum(-1) + 2 * (c * e).sum(-1)  # L_ng of the current boxes
+        new_lo, new_hi = lo, hi
+        for r in _ratios(n_grid, max_shrink):
+            cand_lo, cand_hi = clip_box(wg, r, mode, spec.zero_point)
+            ec = _quant_error(wg, cand_lo, cand_hi, spec, g)
+            lc = (torch.einsum("ngi,gij->ngj", ec, blocks) * ec).sum(-1) + 2 * (c * ec).sum(-1)
+            better = lc < best
+            best = torch.where(better, lc, best)
+            new_lo = torch.where(better, cand_lo, new_lo)
+            new_hi = torch.where(better, cand_hi, new_hi)
+        new_e = _quant_error(wg, new_lo, new_hi, spec, g)
+        new_err = row_error(new_e)
+        keep = new_err < err  # (N,) rows whose whole error went down
+        if not bool(keep.any()):
+            break
+        lo, hi = torch.where(keep[:, None], new_lo, lo), torch.where(keep[:, None], new_hi, hi)
+        e = torch.where(keep[:, None, None], new_e, e)
+        err = torch.where(keep, new_err, err)
+    return lo, hi, float(err0.sum()), float(err.sum())
