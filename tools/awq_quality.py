@@ -2,9 +2,9 @@
 
     PYTHONPATH=. .venv/bin/python tools/awq_quality.py --bits 4 3 --json awq_quality.json
 
-Calibration: --calib-windows x --seqlen random windows (seed 0) of --calib; evaluation: the first
---eval-windows non-overlapping 2048-token windows of --eval. recovery = (ppl_RTN - ppl_AWQ) /
-(ppl_RTN - ppl_fp). Weights are fake-quantized (nn.Linear keeps w_hat), so any bit width runs.
+Calibration: --calib-windows x --seqlen random windows (--seed, default 0) of --calib;
+evaluation: the first --eval-windows non-overlapping 2048-token windows of --eval.
+recovery = (ppl_RTN - ppl_AWQ) / (ppl_RTN - ppl_fp). Weights are fake-quantized (nn.Linear keeps w_hat), so any bit width runs.
 AWQ options: --set name=value for AwqConfig fields (e.g. --set duo_scaling=true).
 """
 
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--calib", default=f"{DATA}/tinystories/tinystories_val_prefix.txt")
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0, help="calibration windows seed")
     ap.add_argument("--eval", default=f"{DATA}/wikitext-2-raw/wiki.test.raw")
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--eval-seqlen", type=int, default=2048)
@@ -72,10 +73,11 @@ def main() -> None:
     if args.half_split:
         text = read_text(args.calib)
         half = len(text) // 2
-        calib = calibration_tokens(tok, [text[:half]], args.calib_windows, args.seqlen, seed=0)
+        calib = calibration_tokens(tok, [text[:half]], args.calib_windows, args.seqlen,
+                                   seed=args.seed)
         evals = torch.tensor(tok.encode(text[half:]), dtype=torch.int64)
     else:
-        calib = calibration_tokens(tok, args.calib, args.calib_windows, args.seqlen, seed=0)
+        calib = calibration_tokens(tok, args.calib, args.calib_windows, args.seqlen, seed=args.seed)
         evals = load_wikitext_tokens(tok, args.eval)
     report = {"args": vars(args), "rows": []}
 
