@@ -4,7 +4,8 @@
 
 Calibration: --calib-windows x --seqlen random windows (--seed, default 0) of --calib;
 evaluation: the first --eval-windows non-overlapping 2048-token windows of --eval.
-recovery = (ppl_RTN - ppl_AWQ) / (ppl_RTN - ppl_fp). Weights are fake-quantized (nn.Linear keeps w_hat), so any bit width runs.
+recovery = (ppl_RTN - ppl_AWQ) / (ppl_RTN - ppl_fp). Weights are fake-quantized (nn.Linear keeps
+w_hat), so any bit width runs.
 AWQ options: --set name=value for AwqConfig fields (e.g. --set duo_scaling=true).
 """
 
