@@ -2,6 +2,7 @@
 and every fast path (Gram closed forms) against its direct reference."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -122,6 +123,24 @@ def test_joint_clip_in_the_pipeline():
     joint = search_awq(tiny_llama(), calib(), SPEC, AwqConfig(**{**FAST.__dict__, "clip_joint": 2}))
     assert joint.clips.keys() == plain.clips.keys()
     assert any(not torch.equal(joint.clips[k][0], plain.clips[k][0]) for k in plain.clips)
+
+
+def test_clip_damping_moves_toward_plain_weight_error():
+    plain = search_awq(tiny_llama(), calib(), SPEC, FAST)
+    damped = search_awq(tiny_llama(), calib(), SPEC,
+                        AwqConfig(**{**FAST.__dict__, "clip_damp": 1e6}))
+    assert damped.scales.keys() == plain.scales.keys()
+    # with a huge damping each box minimises sum (q - w)^2 of its group: the plain weight error
+    scaled = tiny_llama()
+    apply_awq(scaled, dataclasses.replace(damped, clips={}))
+    changed = 0
+    for name, (lo_d, hi_d) in damped.clips.items():
+        w = scaled.get_submodule(name).weight.detach()
+        lo, hi, _, _ = search_clip(w, torch.eye(w.shape[1]), SPEC, FAST.clip_grid,
+                                   FAST.max_shrink, FAST.clip_mode)
+        assert torch.equal(lo_d, lo) and torch.equal(hi_d, hi), name
+        changed += not torch.equal(lo_d, plain.clips[name][0])
+    assert changed  # and that differs from clipping on the calibration Gram
 
 
 def test_clipper_clamps_to_the_scaled_box():
@@ -248,7 +267,7 @@ def test_refinement_finds_the_finer_grid_minimum():
 
 
 @pytest.mark.parametrize("bad", [{"n_grid": 0}, {"clip_grid": 0}, {"n_refine": -1},
-                                 {"clip_joint": -1}, {"scale_clip_grid": -1},
+                                 {"clip_joint": -1}, {"scale_clip_grid": -1}, {"clip_damp": -1},
                                  {"clip_mode": "box"}, {"propagate": "int4"}])
 def test_bad_config_rejected(bad):
     key = next(iter(bad))

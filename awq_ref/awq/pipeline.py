@@ -71,6 +71,7 @@ class AwqConfig:
     max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink
     clip_mode: str = "range"  # see search_clip.CLIP_MODES
     clip_joint: int = 0  # > 0: sweeps re-picking boxes by whole-row output error (search_clip)
+    clip_damp: float = 0.0  # clip on X^T X + clip_damp * mean(diag) * I (less fit to calibration)
     scale_clip_grid: int = 0  # > 0: judge each scale candidate after a clip search on this grid
     loss_seqs: int = 8  # whole sequences for the attention-output loss (subset, measured)
     loss_tokens: int = 4096  # strided tokens for the MLP-output loss (subset, measured)
@@ -88,6 +89,8 @@ class AwqConfig:
                 raise ValueError(f"AwqConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_refine < 0:
             raise ValueError(f"AwqConfig.n_refine must be >= 0, got {self.n_refine}")
+        if self.clip_damp < 0:
+            raise ValueError(f"AwqConfig.clip_damp must be >= 0, got {self.clip_damp}")
         if self.clip_joint < 0:
             raise ValueError(f"AwqConfig.clip_joint must be >= 0, got {self.clip_joint}")
         if self.scale_clip_grid < 0:
@@ -260,6 +263,9 @@ def clip_block(block: nn.Module, prefix: str, stats: list[InputStats], s_in: dic
         gram = stats[gi].gram
         if gi in s_in:  # the input is now x / s: G -> diag(1/s) G diag(1/s)
             gram = gram / (s_in[gi][:, None] * s_in[gi][None, :])
+        if config.clip_damp > 0:  # part plain weight error: data-free, so no fit to calibration
+            gram = gram + config.clip_damp * gram.diagonal().mean() * torch.eye(
+                gram.shape[0], dtype=gram.dtype, device=gram.device)
         lo, hi, before, after = search_clip(lin.weight, gram, spec, config.clip_grid,
                                             config.max_shrink, config.clip_mode, name,
                                             joint=config.clip_joint)
