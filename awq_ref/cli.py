@@ -119,12 +119,20 @@ def _awq_result(args: argparse.Namespace, model, tok, spec, progress=None):
         print("no --calib text: sampling calibration windows from the model (data-free)",
               file=sys.stderr)
         calib = sample_from_model(model, args.n_samples, args.calib_seqlen, args.seed)
-    config = AwqConfig(n_grid=args.n_grid, duo_scaling=args.duo_scaling)
+    config = AwqConfig(**awq_options(args))
     result = search_awq(model, calib, spec, config, device=args.device, progress=progress)
     if args.save_result:
         result.save(args.save_result)
         print(f"search result saved to {args.save_result}", file=sys.stderr)
     return result
+
+
+def awq_options(args: argparse.Namespace) -> dict:
+    """The AwqConfig fields set on the command line (the others keep AwqConfig's defaults)."""
+    options = {"duo_scaling": args.duo_scaling}
+    if args.n_grid is not None:
+        options["n_grid"] = args.n_grid
+    return options
 
 
 def cmd_quantize_stream(args: argparse.Namespace) -> int:
@@ -145,7 +153,7 @@ def cmd_quantize_stream(args: argparse.Namespace) -> int:
         files = [Path(p) for p in args.calib]
         calib = calibration_tokens(load_tokenizer(args.model), files, args.n_samples,
                                    args.calib_seqlen, args.seed)
-        options = {"n_grid": args.n_grid, "duo_scaling": args.duo_scaling}
+        options = awq_options(args)
     t0 = time.perf_counter()
     quantize_folder(args.model, args.out, method=args.method, w_bit=args.w_bit,
                     group_size=args.group_size, zero_point=not args.no_zero_point,
@@ -216,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-samples", type=int, default=128, help="calibration windows")
     q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--n-grid", type=int, default=20, help="ratios tried by the scale search")
+    q.add_argument("--n-grid", type=int, default=None,
+                   help="ratios tried by the scale search (default: AwqConfig's, 40)")
     q.add_argument("--duo-scaling", action="store_true", help="s = mean|x|^a / mean|w|^(1-a)")
     q.add_argument("--save-result", default=None, help="also save the AWQ search (safetensors)")
     q.add_argument("--result", default=None, help="re-apply a saved AWQ search instead of searching")

@@ -119,7 +119,7 @@ def test_clip_aware_scale_search():
 
 
 def test_joint_clip_in_the_pipeline():
-    plain = search_awq(tiny_llama(), calib(), SPEC, FAST)
+    plain = search_awq(tiny_llama(), calib(), SPEC, AwqConfig(**{**FAST.__dict__, "clip_joint": 0}))
     joint = search_awq(tiny_llama(), calib(), SPEC, AwqConfig(**{**FAST.__dict__, "clip_joint": 2}))
     assert joint.clips.keys() == plain.clips.keys()
     assert any(not torch.equal(joint.clips[k][0], plain.clips[k][0]) for k in plain.clips)
@@ -137,7 +137,7 @@ def test_clip_damping_moves_toward_plain_weight_error():
     for name, (lo_d, hi_d) in damped.clips.items():
         w = scaled.get_submodule(name).weight.detach()
         lo, hi, _, _ = search_clip(w, torch.eye(w.shape[1]), SPEC, FAST.clip_grid,
-                                   FAST.max_shrink, FAST.clip_mode)
+                                   FAST.max_shrink, FAST.clip_mode, joint=FAST.clip_joint)
         assert torch.equal(lo_d, lo) and torch.equal(hi_d, hi), name
         changed += not torch.equal(lo_d, plain.clips[name][0])
     assert changed  # and that differs from clipping on the calibration Gram

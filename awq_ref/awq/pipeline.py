@@ -61,7 +61,7 @@ PROPAGATE = ("fp", "awq", "quantized")
 
 @dataclass(frozen=True)
 class AwqConfig:
-    n_grid: int = 20  # ratios a = i / n_grid of the scale search
+    n_grid: int = 40  # ratios a = i / n_grid of the scale search (measured: 40 beat 20)
     n_refine: int = 0  # then halve the step around the best ratio this many times (2 losses each)
     duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a
     scale_vo_gqa: bool = True  # search v_proj -> o_proj also when Hkv < H (llm-awq skips it)
@@ -69,8 +69,8 @@ class AwqConfig:
     clip_skip: tuple[str, ...] = LLAMA_CLIP_SKIP
     clip_grid: int = 40  # measured: 40 beat 20 on ppl, KL and top-1 at the same search time
     max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink
-    clip_mode: str = "range"  # see search_clip.CLIP_MODES
-    clip_joint: int = 0  # > 0: sweeps re-picking boxes by whole-row output error (search_clip)
+    clip_mode: str = "lohi"  # see search_clip.CLIP_MODES ("lohi" with the two below: measured)
+    clip_joint: int = 2  # > 0: sweeps re-picking boxes by whole-row output error (search_clip)
     clip_damp: float = 0.0  # clip on X^T X + clip_damp * mean(diag) * I (less fit to calibration)
     scale_clip_grid: int = 0  # > 0: judge each scale candidate after a clip search on this grid
     loss_seqs: int = 8  # whole sequences for the attention-output loss (subset, measured)
