@@ -218,6 +218,7 @@ def figure_data(model: nn.Module, calib: torch.Tensor, group: int, bits: tuple[i
             "setting": f"W{bits[0]} g{group}",
             "ratios": chosen_ratios(results[bits[0]], n).tolist(),
             "search_seconds": {f"W{b}": float(r.info["seconds"]) for b, r in results.items()},
+            "config": next(iter(results.values())).info["config"],
             "block_errors": {k: v.tolist() for k, v in errors.items()}}
 
 
@@ -283,6 +284,8 @@ def results_markdown(table: str, source: str, data: dict) -> str:
     ratios = np.array(data["ratios"], dtype=float)
     return RESULTS_TEMPLATE.format(
         table=table, source=source, made_by=data["made_by"], gains=gains, seconds=seconds,
+        config=data.get("config", "not recorded (data made before 2026-12-05, when the defaults "
+                        "were n_grid 20, clip_mode range, no clip_joint)"),
         setting=data["setting"], ratio_mean=np.nanmean(ratios), ratio_min=np.nanmin(ratios),
         ratio_max=np.nanmax(ratios))
 
@@ -304,7 +307,8 @@ rounded in place), so it has no packed checkpoint.
 ## Figures
 
 Figure data: {made_by} (the machine shared with other jobs); stored in
-[figures/data.json](figures/data.json). The AWQ search behind (c) and (d) took {seconds}.
+[figures/data.json](figures/data.json). The AWQ search behind (c) and (d) took {seconds};
+its AwqConfig: {config}.
 
 **(a) Salient input channels.** mean|x| per input channel of the four scaling-group inputs of
 block 0 and a middle block; a handful of channels carry activations 10-55x the median. Those are

@@ -69,8 +69,9 @@ class AwqConfig:
     clip_skip: tuple[str, ...] = LLAMA_CLIP_SKIP
     clip_grid: int = 40  # measured: 40 beat 20 on ppl, KL and top-1 at the same search time
     max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink
-    clip_mode: str = "lohi"  # see search_clip.CLIP_MODES ("lohi" with the two below: measured)
+    clip_mode: str = "lohi"  # see search_clip.CLIP_MODES
     clip_joint: int = 2  # > 0: sweeps re-picking boxes by whole-row output error (search_clip)
+    # n_grid 40, lohi and clip_joint 2 were measured together: docs/walkthrough.md section 8
     clip_damp: float = 0.0  # clip on X^T X + clip_damp * mean(diag) * I (less fit to calibration)
     scale_clip_grid: int = 0  # > 0: judge each scale candidate after a clip search on this grid
     loss_seqs: int = 8  # whole sequences for the attention-output loss (subset, measured)
