@@ -306,7 +306,7 @@ rounded in place), so it has no packed checkpoint.
 
 ## Figures
 
-Figure data: {made_by} (the machine shared with other jobs); stored in
+Figure data: {made_by}; stored in
 [figures/data.json](figures/data.json). The AWQ search behind (c) and (d) took {seconds};
 its AwqConfig: {config}.
 
