@@ -113,14 +113,18 @@ def _quant_error(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Qua
     return grouped(fake_quantize_weight(clipped.reshape(n, -1), spec), g) - wg
 
 
+def _group_errors(e: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """e_g^T H_gg e_g (N, K/G) for errors e (N, K/G, G) and the Gram's diagonal blocks."""
+    return (torch.einsum("ngi,gij->ngj", e, blocks) * e).sum(-1)
+
+
 def _search_rows(w: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec, g: int, n_grid: int,
                  max_shrink: float, mode: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     wg = grouped(w, g)  # (N, K/G, G)
     ratios = _ratios(n_grid, max_shrink)
 
     def error(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # (N, K/G)
-        e = _quant_error(wg, lo, hi, spec, g)  # (N, K/G, G)
-        return (torch.einsum("ngi,gij->ngj", e, blocks) * e).sum(-1)
+        return _group_errors(_quant_error(wg, lo, hi, spec, g), blocks)
 
     lo, hi = clip_box(wg, 1.0, mode, spec.zero_point)
     best_err = err0 = error(lo, hi)
@@ -167,7 +171,7 @@ def _joint_rows(w: torch.Tensor, gram: torch.Tensor, blocks: torch.Tensor, spec:
         for r in _ratios(n_grid, max_shrink):
             cand_lo, cand_hi = clip_box(wg, r, mode, spec.zero_point)
             ec = _quant_error(wg, cand_lo, cand_hi, spec, g)
-            lc = (torch.einsum("ngi,gij->ngj", ec, blocks) * ec).sum(-1) + 2 * (c * ec).sum(-1)
+            lc = _group_errors(ec, blocks) + 2 * (c * ec).sum(-1)
             better = lc < best
             best = torch.where(better, lc, best)
             new_lo = torch.where(better, cand_lo, new_lo)
