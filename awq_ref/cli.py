@@ -30,6 +30,9 @@ def _add_backend_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", choices=["torch", "cupy"],
                    help="quantized layers: torch = dequantize + matmul (the reference), "
                         "cupy = awq_kernels' int4 CUDA kernels (--device cuda, --dtype float16)")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="also hold the token table and lm_head in 4 bits (RTN, at load time; "
+                        "saves memory on large vocabularies, costs some quality)")
 
 
 def _load_for_inference(args: argparse.Namespace):
@@ -39,6 +42,10 @@ def _load_for_inference(args: argparse.Namespace):
 
     kernel = backend_kernel(args.backend, args.device, DTYPES[args.dtype])
     model = _load(args)
+    if args.quantize_embeddings:
+        from awq_ref.quant.embedding import quantize_embeddings
+
+        quantize_embeddings(model)
     if apply_kernel(model, kernel) == 0 and kernel is not None:
         raise ValueError(f"--backend {args.backend}: {args.model} has no quantized (packed "
                          "4-bit) layers; the backend only runs those (use --backend torch)")

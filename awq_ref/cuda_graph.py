@@ -66,7 +66,8 @@ class CudaGraphDecoder:
     The constructor warms up and captures; `step(token)` runs one token and advances
     `cache.length`, so eager steps (Llama.forward with the cache) may follow or precede.
     Everything in the step must be capturable: fp16 layers and awq_kernels are (tested on an
-    H200); the reference QuantLinear path indexes with a host list, which capture refuses.
+    H200). The reference QuantLinear path indexed with a host list, which capture refused (H200,
+    2026-12-04); its unpacking is now a view (not yet run on a GPU).
     """
 
     def __init__(self, model: Llama, cache: KVCache, warmup_steps: int = 3):

@@ -169,7 +169,7 @@ class Llama(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def inv_freq(self) -> torch.Tensor:
         """The RoPE inverse frequencies (Dh/2,) fp32 on the model's device, copied there once: a
@@ -202,4 +202,4 @@ class Llama(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.device, self.model.embed_tokens.weight.dtype)
+        return KVCache(self.config, batch, max_len, self.device, self.model.norm.weight.dtype)

@@ -6,7 +6,8 @@ Models: SmolLM2-135M-Instruct (real weights via load_model("default"), RTN W4 g6
 of its shape when the file is unavailable, which the table says) and a Llama-3-8B-shaped model
 with random non-zero weights made directly on the GPU (W4 g128; no checkpoint file). Variants of
 each: fp16; 4-bit on awq_kernels ("w4 cupy"); 4-bit on the dequantize + matmul reference
-("w4 torch"). Per variant:
+("w4 torch"); 4-bit on awq_kernels with the token table and lm_head in 4 bits too
+("w4 cupy +emb", awq_ref.quant.embedding, RTN at load time). Per variant:
 
 - prefill tokens/s of one forward over 128 and over 2048 tokens (median of --repeats);
 - decode tokens/s: batch 1, 128-token prompt, 256 greedy tokens (the first comes from the
@@ -17,6 +18,11 @@ each: fp16; 4-bit on awq_kernels ("w4 cupy"); 4-bit on the dequantize + matmul r
 
 Times: torch.cuda.synchronize() around time.perf_counter(), after a warm-up call that compiles
 the kernels. Exits 2 with a message where there is no CUDA device or no CuPy.
+
+    PYTHONPATH=. python tools/bench_e2e.py --count-weights
+
+counts (on the meta device, no GPU needed) the bytes each variant's weights take, as the
+allocator's "weights" column should find them on a GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from awq_ref.backend import backend_kernel, check_backend
 from awq_ref.config import LlamaConfig
 from awq_ref.cuda_graph import CudaGraphDecoder
 from awq_ref.model import Llama
+from awq_ref.quant.embedding import quantize_embeddings
 from awq_ref.quant.qlinear import QuantLinear, apply_kernel, replace_linears
 from awq_ref.quant.quantizer import QuantSpec
 
@@ -107,6 +114,27 @@ def random_llama(config: LlamaConfig, group_size: int | None, seed: int = 0) -> 
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def weight_gib(model: nn.Module) -> float:
+    """GiB of the model's parameters and buffers, each tensor counted once (tied ones too)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**30
+
+
+def count_weights() -> list[dict]:
+    """Weight GiB per model and variant, from shapes alone (meta device)."""
+    rows = []
+    for name, config in (("smollm2-135m", SMOLLM2), ("llama3-8b", LLAMA3_8B)):
+        with torch.device("meta"):
+            fp16 = weight_gib(Llama(config).to(DTYPE))
+            model = Llama(config).to(DTYPE)
+        replace_linears(model, QuantSpec(4, GROUP_SIZE[name]), init_only=True)
+        w4 = weight_gib(model)
+        w4_emb = weight_gib(quantize_embeddings(model, GROUP_SIZE[name], init_only=True))
+        rows += [{"model": name, "variant": v, "weights_gib": g, "of_fp16": g / fp16}
+                 for v, g in (("fp16", fp16), ("w4", w4), ("w4 +emb", w4_emb))]
+    return rows
 
 
 def smollm2(quantized: bool) -> tuple[Llama, str]:
@@ -213,6 +241,11 @@ def bench_model(name: str, s: Settings) -> list[dict]:
         weights = _fresh_peak()
         rows.append({"model": name, "weights": source, "variant": f"w4 {backend}",
                      "weights_gib": weights, **measure(model, s, graph=backend == "cupy")})
+    quantize_embeddings(model)  # RTN on the GPU; the fp16 tables are freed
+    apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
+    weights = _fresh_peak()
+    rows.append({"model": name, "weights": source, "variant": "w4 cupy +emb",
+                 "weights_gib": weights, **measure(model, s, graph=True)})
     del model
     _fresh_peak()
     return rows
@@ -279,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--profile", action="store_true", help="instead of timing, print where the "
                    "decode time goes (torch.profiler kernel tables, fp16 and w4 cupy)")
+    p.add_argument("--count-weights", action="store_true", help="only count each variant's "
+                   "weight bytes from the shapes (no GPU needed)")
     args = p.parse_args(argv)
+    if args.count_weights:
+        print(markdown(count_weights()))
+        return 0
     try:
         check_backend("cupy", DEVICE, DTYPE)
     except ValueError as e:

@@ -161,6 +161,10 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
         raise ValueError("save_quantized: no quant_config given and the model has no "
                          "quantization_config (quantize it with awq_ref.api.quantize)")
     _check_layers(model, *parse_quant_config(quant_config, "quant_config"))
+    if not isinstance(model.model.embed_tokens, nn.Embedding):
+        raise ValueError("save_quantized: the embeddings are held in 4 bits (quantize_embeddings), "
+                         "which the AWQ format does not store; save the model before quantizing "
+                         "its embeddings")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
     with atomic_folder(out_dir) as tmp:

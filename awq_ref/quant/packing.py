@@ -75,7 +75,11 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 32, PACK_BITS, device=packed.device, dtype=torch.int32)  # (8,)
     # Arithmetic right shift drags the sign bit along; the mask keeps only the 4 code bits.
     nib = (packed[..., None] >> shifts) & 0xF  # (R, N/8, 8), nibble i = column ORDER[i]
-    return nib[..., list(AWQ_REVERSE_ORDER)].reshape(r, c * PACK_NUM)
+    # Columns in order = nibbles REVERSE = (0, 4, 1, 5, 2, 6, 3, 7): the two halves of the
+    # nibbles interleaved, i.e. a (2, 4) -> (4, 2) transpose. A view, not an index list, so no
+    # host-to-device copy (CUDA-graph capture refuses those).
+    cols = nib.view(r, c, 2, PACK_NUM // 2).transpose(-1, -2)  # (R, N/8, 4, 2)
+    return cols.reshape(r, c * PACK_NUM)
 
 
 def quantize_with_fp16_scales(w: torch.Tensor, spec: QuantSpec, name: str = "weight"

@@ -1,0 +1,105 @@
+"""4-bit token embeddings and lm_head at run time: memory, not part of the checkpoint format.
+
+The AWQ checkpoint quantizes only the decoder's linears; the token table and lm_head stay in
+16 bits. On a large vocabulary they are a big share of the weights: Llama-3-8B's two tables are
+2 x 128256 x 4096 fp16 = 2 GiB of its 15 GiB, so a 4-bit decoder still weighs 36% of fp16.
+`quantize_embeddings` RTN-quantizes both tables after loading, into the same packed format as
+the decoder (FORMAT.md), with V = vocab size and D = hidden size:
+
+    lm_head:      QuantLinear(K = D, N = V), W [D, V] = lm_head.weight.T, groups of G along D
+    embed_tokens: QuantEmbedding; embedding row v = column v of such a packed W, dequantized
+                  for the looked-up tokens only: (q[:, v] - z[:, v]) * s[:, v]
+
+so each token's D values are quantized in groups of G, and lm_head runs on the same kernels as
+every other QuantLinear. A tied model (SmolLM2) keeps ONE packed table, shared by both modules
+(like the tied fp weight). The result is a run-time model: `save_quantized` refuses it, since
+readers of the AWQ format (vLLM, transformers) expect 16-bit embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from awq_ref.quant.packing import AWQ_REVERSE_ORDER, PACK_BITS, PACK_NUM
+from awq_ref.quant.qlinear import QuantLinear
+from awq_ref.quant.quantizer import QuantSpec
+
+
+class QuantEmbedding(nn.Module):
+    """nn.Embedding over a packed table: `packed` is a QuantLinear(K = D, N = V) whose column v is
+    token v's embedding; forward returns the dequantized rows in `dtype` (the model's)."""
+
+    def __init__(self, packed: QuantLinear, dtype: torch.dtype):
+        super().__init__()
+        self.packed = packed
+        self.num_embeddings, self.embedding_dim = packed.out_features, packed.in_features
+        device = packed.qweight.device
+        # A 0-element buffer carries the activation dtype and follows model.to(dtype).
+        self.register_buffer("dtype_ref", torch.empty(0, dtype=dtype, device=device),
+                             persistent=False)
+        # Nibble shift of column v is shifts[v % 8]; a buffer, so forward never copies from the
+        # host (CUDA-graph capturable).
+        shifts = torch.tensor(AWQ_REVERSE_ORDER, dtype=torch.int32) * PACK_BITS
+        self.register_buffer("shifts", shifts.to(device), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens (...) int -> (..., D)
+        p = self.packed
+        idx = tokens.reshape(-1)  # (T,)
+        shift = self.shifts[idx % PACK_NUM]  # (T,)
+        word = idx // PACK_NUM
+        q = (p.qweight[:, word] >> shift) & 0xF  # (D, T) codes
+        z = (p.qzeros[:, word] >> shift) & 0xF  # (D/G, T)
+        s = p.scales[:, idx].to(torch.float32)  # (D/G, T)
+        g = p.group_size
+        w = (q.view(-1, g, idx.numel()) - z[:, None]).to(torch.float32) * s[:, None]  # (D/G, G, T)
+        # fp32 then one cast, exactly as dequantize_packed: row v equals the lm_head's column v.
+        return w.reshape(p.in_features, -1).T.to(self.dtype_ref.dtype).reshape(*tokens.shape, -1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.packed.group_size}, "
+                f"dtype={self.dtype_ref.dtype}")
+
+
+def _pack_table(weight: torch.Tensor, group_size: int, name: str) -> QuantLinear:
+    """A (V, D) table -> QuantLinear(D, V), RTN 4-bit with zero points, groups of G along D."""
+    v, d = weight.shape
+    with torch.device("meta"):
+        lin = nn.Linear(d, v, bias=False)
+    lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return QuantLinear.from_linear(lin, QuantSpec(4, group_size), name)
+
+
+def quantize_embeddings(model: nn.Module, group_size: int | None = None,
+                        init_only: bool = False) -> nn.Module:
+    """Replace (in place) model.model.embed_tokens and model.lm_head by 4-bit RTN versions;
+    returns `model`. group_size None: that of the model's first QuantLinear, else the largest of
+    128, 64, 32 dividing the hidden size. Tied tables stay tied: one packed table for both.
+    With init_only the packed tables are only allocated (as `replace_linears` does)."""
+    if isinstance(model.model.embed_tokens, QuantEmbedding):
+        raise ValueError("quantize_embeddings: the embeddings are already quantized")
+    table = model.model.embed_tokens.weight  # (V, D)
+    v, d = table.shape
+    if group_size is None:
+        decoder = [m.group_size for m in model.modules() if isinstance(m, QuantLinear)]
+        group_size = decoder[0] if decoder else next((g for g in (128, 64, 32) if d % g == 0), 0)
+    if group_size <= 0 or d % group_size:
+        raise ValueError(f"quantize_embeddings: group_size {group_size} does not divide the "
+                         f"hidden size {d}")
+    if v % PACK_NUM:
+        raise ValueError(f"quantize_embeddings: vocab size {v} is not a multiple of {PACK_NUM}")
+    dtype = table.dtype
+    tied = model.lm_head.weight is table
+
+    def pack(weight: torch.Tensor, name: str) -> QuantLinear:
+        if init_only:
+            return QuantLinear(d, v, group_size, device=weight.device)
+        return _pack_table(weight, group_size, name)
+
+    embed = pack(table, "model.embed_tokens")
+    head = embed if tied else pack(model.lm_head.weight, "lm_head")
+    model.model.embed_tokens = QuantEmbedding(embed, dtype)
+    model.lm_head = head
+    return model
+

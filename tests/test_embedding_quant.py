@@ -1,0 +1,87 @@
+"""4-bit embeddings and lm_head (awq_ref.quant.embedding) against the plain packed format."""
+
+import pytest
+import torch
+
+from awq_ref.api import quantize
+from awq_ref.cli import main
+from awq_ref.quant.checkpoint import save_quantized
+from awq_ref.quant.embedding import QuantEmbedding, quantize_embeddings
+from awq_ref.quant.qlinear import QuantLinear
+from awq_ref.quant.quantizer import QuantSpec
+from awq_ref.quant.rtn import fake_quantize_weight
+from tests.test_qlinear import tiny_llama
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rows_are_the_heads_columns_and_the_rtn_table(tied, dtype):
+    model = tiny_llama(tie_word_embeddings=tied).to(dtype)
+    table = model.model.embed_tokens.weight.detach().clone()  # (V, D)
+    head = model.lm_head.weight.detach().clone()
+    quantize_embeddings(model, group_size=32)
+    emb, lm = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, QuantEmbedding) and isinstance(lm, QuantLinear)
+    assert (lm is emb.packed) == tied
+    tokens = torch.tensor([[0, 1, 7, 8, 95], [50, 9, 9, 63, 2]])  # (B, T), every nibble slot
+    rows = emb(tokens)  # (B, T, D)
+    assert rows.shape == (2, 5, 64) and rows.dtype == dtype
+    # Bit for bit: row v is column v of the packed table, dequantized as the format says.
+    w_emb = emb.packed.weight_kn(dtype)  # (D, V)
+    assert torch.equal(rows, w_emb[:, tokens].permute(1, 2, 0))
+    # ... and that table is the RTN (4 bits, zero point, groups of 32 along D) of the original.
+    expected = fake_quantize_weight(table.float(), QuantSpec(4, 32)).to(dtype)  # (V, D)
+    assert torch.allclose(w_emb.T.float(), expected.float(), rtol=0, atol=2e-3)
+    if not tied:  # the head has its own table, the RTN of the head's weight
+        got = lm.weight_kn(torch.float32).T
+        assert torch.allclose(got, fake_quantize_weight(head.float(), QuantSpec(4, 32)), atol=2e-3)
+
+
+def test_logits_stay_close_and_ties_survive_moves():
+    model = tiny_llama(tie_word_embeddings=True)
+    tokens = torch.randint(0, 96, (2, 12))
+    ref = model(tokens)
+    quantize_embeddings(model)  # no QuantLinear: the largest of 128/64/32 dividing D = 64
+    assert model.lm_head.group_size == 64
+    out = model(tokens)
+    assert (out - ref).norm() / ref.norm() < 0.2  # 4-bit table, random weights
+    assert not torch.equal(out, ref)
+    model.to(torch.bfloat16)
+    assert model.lm_head is model.model.embed_tokens.packed
+    assert model.lm_head.scales.dtype == torch.float16  # the format's scales stay fp16
+    assert model(tokens).dtype == torch.bfloat16
+
+
+def test_decoder_group_size_is_the_default():
+    model = quantize(tiny_llama(tie_word_embeddings=False), method="rtn", w_bit=4, group_size=32)
+    quantize_embeddings(model)
+    assert model.lm_head.group_size == 32 == model.model.embed_tokens.packed.group_size
+
+
+def test_bad_inputs_raise(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="group_size 48 does not divide the hidden size 64"):
+        quantize_embeddings(model, group_size=48)
+    with pytest.raises(ValueError, match="vocab size 90 is not a multiple of 8"):
+        quantize_embeddings(tiny_llama(vocab_size=90))
+    quantize_embeddings(model)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_embeddings(model)
+    q = quantize(tiny_llama(), method="rtn", w_bit=4, group_size=32)
+    quantize_embeddings(q)
+    with pytest.raises(ValueError, match="does not store"):
+        save_quantized(q, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_cli_ppl_with_quantized_embeddings(stories_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a little girl. She liked to play in the park. " * 8)
+    ckpt = str(stories_dir / "stories260K.bin")
+    base = ["ppl", "--model", ckpt, "--text", str(text), "--seqlen", "64"]
+    assert main(base) == 0
+    plain = float(capsys.readouterr().out.split()[1])
+    assert main(base + ["--quantize-embeddings", "--reference", ckpt]) == 0
+    out = capsys.readouterr().out.split()
+    ppl, kl = float(out[1]), float(out[out.index("KL") + 1].rstrip(","))
+    assert ppl != plain and 0 < kl < 0.5
