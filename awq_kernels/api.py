@@ -15,6 +15,7 @@ import torch
 
 from . import build
 from .plan import (
+    GEMV_DIRECT_MAX_M,
     GEMV_MAX_M,
     GROUP_SIZES,
     K_MULTIPLE,
@@ -23,6 +24,7 @@ from .plan import (
     choose_kernel,
     plan_dequant,
     plan_gemv,
+    plan_gemv_direct,
     plan_mma,
     plan_reduce,
 )
@@ -105,6 +107,9 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     m = x.numel() // k
     if kernel == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"kernel='gemv' handles at most {GEMV_MAX_M} rows, got M = {m}")
+    if kernel == "gemv_direct" and m > GEMV_DIRECT_MAX_M:
+        raise ValueError(f"kernel='gemv_direct' handles at most {GEMV_DIRECT_MAX_M} rows, "
+                         f"got M = {m}")
     tensors = {"x": x, "qweight": qweight, "qzeros": qzeros, "scales": scales}
     if out is not None:
         _require_tensor("out", out)
@@ -129,7 +134,9 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         group_size: G in (32, 64, 128). Requires K % G == 0 and N % 64 == 0.
         out:      optional [..., N] tensor of x's dtype to write into (every element written).
         kernel:   "auto" (by M = rows of x: <= 8 CUDA-core GEMV, < 32 tensor-core GEMM,
-                  else dequantize + torch.matmul), or one of "gemv" (M <= 8), "mma", "dequant".
+                  else dequantize + torch.matmul), or one of "gemv" (M <= 8), "gemv_direct"
+                  (M <= 4; registers instead of shared memory, 16-bit products; not yet
+                  timed on a GPU), "mma", "dequant".
     Returns:
         y: [..., N] in x's dtype; fp32 accumulation, deterministic (no atomics).
     """
@@ -174,6 +181,9 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
         if name == "gemv":
             launch = plan_gemv(m, n, k, num_sms)
             expr = build.gemv_expr(tag, launch.config)
+        elif name == "gemv_direct":
+            launch = plan_gemv_direct(m, n, k, num_sms)
+            expr = build.gemv_direct_expr(tag, launch.config)
         else:
             launch = plan_mma(m, n, k, num_sms)
             expr = build.mma_expr(tag, launch.config)

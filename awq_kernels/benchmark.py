@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import api
-from .plan import DEQUANT_MIN_M, GEMV_MAX_M
+from .plan import DEQUANT_MIN_M, GEMV_DIRECT_MAX_M, GEMV_MAX_M
 
 SHAPES = ((4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (8192, 28672),
           (28672, 8192), (5120, 13824))
@@ -131,7 +131,7 @@ def _impls(k: int, n: int, g: int) -> dict[str, Callable[[torch.Tensor], list]]:
         xb = x.to(torch.bfloat16)  # converted once, outside the timed calls
         return [lambda w=w: torch._weight_int4pack_mm(xb, w[0], g, w[1]) for w in int4]
 
-    impls = {"awq": ours("auto"), "awq[mma]": ours("mma"),
+    impls = {"awq": ours("auto"), "awq[mma]": ours("mma"), "awq[direct]": ours("gemv_direct"),
              "fp16": lambda x: [lambda w=w: torch.matmul(x, w) for w in fp16]}
     if int4:
         impls["int4pack"] = int4pack
@@ -163,6 +163,8 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
         for name, make in impls.items():
             if name == "awq[mma]" and GEMV_MAX_M < m < DEQUANT_MIN_M:
                 continue  # that is what "awq" runs at this M
+            if name == "awq[direct]" and m > GEMV_DIRECT_MAX_M:
+                continue
             fns = make(x)
             try:
                 h_us = host_us(fns[0])  # the GPU sleeps twice that before each timed call

@@ -24,6 +24,7 @@ _INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)
 SOURCES = {
     "mma": "gemm_mma.cu",
     "gemv": "gemv.cu",
+    "gemv_direct": "gemv_direct.cu",
     "dequant": "dequant.cu",
     "reduce": "splitk_reduce.cu",
 }
@@ -33,6 +34,8 @@ DTYPE_TAGS = ("F16", "BF16")
 MMA_CONFIGS = {16: 1, 32: 2, 64: 2, 128: 2}
 # Row capacities MT of the GEMV kernel (M <= MT rows per launch).
 GEMV_ROWS = (1, 2, 4, 8)
+# Row capacities MT of the direct-load GEMV (gemv_direct.cu).
+GEMV_DIRECT_ROWS = (1, 2, 4)
 COMPILE_OPTIONS = ("-std=c++17",)
 
 
@@ -58,6 +61,10 @@ def gemv_expr(tag: str, mt: int) -> str:
     return f"awq_gemv<{tag}, {mt}>"
 
 
+def gemv_direct_expr(tag: str, mt: int) -> str:
+    return f"awq_gemv_direct<{tag}, {mt}>"
+
+
 def dequant_expr(tag: str) -> str:
     return f"awq_dequant<{tag}>"
 
@@ -71,6 +78,7 @@ def instantiations(family: str) -> list[str]:
     per_tag = {
         "mma": lambda tag: [mma_expr(tag, bm) for bm in MMA_CONFIGS],
         "gemv": lambda tag: [gemv_expr(tag, mt) for mt in GEMV_ROWS],
+        "gemv_direct": lambda tag: [gemv_direct_expr(tag, mt) for mt in GEMV_DIRECT_ROWS],
         "dequant": lambda tag: [dequant_expr(tag)],
         "reduce": lambda tag: [reduce_expr(tag)],
     }[family]

@@ -4,7 +4,8 @@ No GPU here, so the CPU tests run the kernels' index math in NumPy, instruction 
 instruction where it matters: the cp.async copies into (swizzled, padded) shared memory,
 ldmatrix, the byte permutes, the lop3 / magic-number dequantization on 16-bit patterns, the
 mma.sync fragment layouts (PTX ISA, m16n8k16) and the output stores. Lanes are vectorized:
-per-lane registers are arrays of shape (32,). Mirrors gemm_mma.cu, gemv.cu and dequant.cu.
+per-lane registers are arrays of shape (32,). Mirrors gemm_mma.cu, gemv.cu, gemv_direct.cu and
+dequant.cu.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .build import MMA_CONFIGS
-from .plan import GEMV_KC, GEMV_NT, MMA_BK, MMA_BN, Launch
+from .plan import GEMV_DIRECT_FLUSH, GEMV_DIRECT_VEC, GEMV_KC, GEMV_NT, MMA_BK, MMA_BN, Launch
 
 U32 = np.uint32
 MAGIC2 = {"F16": U32(0x64006400), "BF16": U32(0x43004300)}
@@ -291,3 +292,81 @@ def emulate_dequant(tag, qweight, qzeros, scales16, g_size) -> np.ndarray:
         w2 = dequant_pair(tag, shr(qweight, 4 * p), zneg, scale_pair(tag, s[..., p]))
         out[..., 2 * p], out[..., 2 * p + 1] = lo(w2), hi(w2)
     return out.reshape(k, nw * 8)
+
+
+# ----------------------------------------------------------------------------- gemv_direct
+
+
+def emulate_gemv_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, record=None):
+    """fp32 partial sums (splits, M, N) of gemv_direct.cu, NaN where nothing is written,
+    including the 16-bit pair accumulators and their flush every U steps."""
+    m, k = x.shape
+    n = qweight.shape[1] * 8
+    nw = n // 8
+    mt = launch.config
+    vec = GEMV_DIRECT_VEC[mt]
+    lanes_per_row, flush = 32 // vec, GEMV_DIRECT_FLUSH[tag]
+    c, r = LANE % lanes_per_row, LANE // lanes_per_row
+    pairs = 4 * vec
+    out = np.full((launch.splits, m, n), np.nan, np.float32)
+    for by in range(launch.grid[1]):
+        k_begin = by * launch.k_per_split * GEMV_KC
+        rows = (min(k, k_begin + launch.k_per_split * GEMV_KC) - k_begin) // 8
+        steps = rows // vec
+        for bx in range(launch.grid[0]):
+            word0 = bx * (GEMV_NT // 8) + c * vec  # (32,)
+            col_ok = word0 < nw
+            acc = np.zeros((8, mt, 2 * pairs, 32), np.float32)  # (warp, m, column j, lane)
+            for warp in range(8):
+                kw = k_begin + warp * rows
+                zneg = sp = None
+                for s0 in range(0, steps, flush):
+                    h = np.zeros((mt, pairs, 32), U32)
+                    for u in range(flush):
+                        if s0 + u >= steps:
+                            continue
+                        row = kw + (s0 + u) * vec + r  # (32,)
+                        row0 = kw + (s0 + u) * vec
+                        if s0 + u == 0 or row0 % g_size == 0:
+                            grp = row0 // g_size
+                            zneg, sp = [], []
+                            for v in range(vec):
+                                wc = np.where(col_ok, word0 + v, 0)
+                                zw = np.where(col_ok, qzeros[grp, wc], U32(0))
+                                for p in range(4):
+                                    s_pair = pair(scales16[grp, 8 * wc + 2 * p],
+                                                  scales16[grp, 8 * wc + 2 * p + 1])
+                                    zneg.append(nibbles_to_magic_pair(tag, shr(zw, 4 * p)) ^ SIGN2)
+                                    sp.append(np.where(col_ok, scale_pair(tag, s_pair), U32(0)))
+                        x2 = [pair(x[mm, row], x[mm, row]) if mm < m else np.zeros(32, U32)
+                              for mm in range(mt)]
+                        for v in range(vec):
+                            word = np.where(col_ok, qweight[row, np.where(col_ok, word0 + v, 0)],
+                                            U32(0))
+                            for p in range(4):
+                                i = 4 * v + p
+                                wp = dequant_pair(tag, shr(word, 4 * p), zneg[i], sp[i])
+                                if record is not None:
+                                    col = 8 * (word0 + v) + 2 * p
+                                    record.append((row, col, lo(wp)))
+                                    record.append((row, col + 1, hi(wp)))
+                                for mm in range(mt):
+                                    h[mm, i] = fma2(tag, x2[mm], wp, h[mm, i])
+                    acc[warp, :, 0::2] += to_f32(tag, lo(h))  # fp32 adds, in the kernel's order
+                    acc[warp, :, 1::2] += to_f32(tag, hi(h))
+            off = lanes_per_row
+            while off < 32:  # butterfly over the lanes holding the same columns
+                acc = acc + acc[..., LANE ^ off]
+                off *= 2
+            red = np.zeros((8, mt, GEMV_NT), np.float32)
+            for warp in range(8):
+                for j in range(2 * pairs):
+                    red[warp][:, c[r == 0] * 8 * vec + j] = acc[warp][:, j][:, r == 0]
+            total = np.zeros((mt, GEMV_NT), np.float32)
+            for warp in range(8):  # fixed-order cross-warp sum
+                total += red[warp]
+            n0 = bx * GEMV_NT
+            n_ok = min(GEMV_NT, n - n0)
+            for mm in range(min(m, mt)):
+                out[by, mm, n0:n0 + n_ok] = total[mm, :n_ok]
+    return out

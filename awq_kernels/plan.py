@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .build import GEMV_ROWS, MMA_CONFIGS
+from .build import GEMV_DIRECT_ROWS, GEMV_ROWS, MMA_CONFIGS
 
-KERNELS = ("auto", "gemv", "mma", "dequant")
+KERNELS = ("auto", "gemv", "gemv_direct", "mma", "dequant")
 GROUP_SIZES = (32, 64, 128)
 N_MULTIPLE = 64           # WARP_N of gemm_mma.cu: a warp's 64 columns are all valid or all not
 K_MULTIPLE = 32           # BK of gemm_mma.cu and GEMV_KC of gemv.cu
@@ -20,6 +20,11 @@ GEMV_NT, GEMV_KC, GEMV_THREADS = 256, 32, 256
 DEQUANT_THREADS, REDUCE_THREADS = 256, 256
 
 GEMV_MAX_M = max(GEMV_ROWS)   # decode sizes go to the CUDA-core GEMV
+# gemv_direct.cu: packed words per lane load by row capacity MT (GdShape::VEC), and how many
+# steps its 16-bit accumulators run before a flush into fp32 (GdFlush::STEPS).
+GEMV_DIRECT_VEC = {1: 4, 2: 2, 4: 1}
+GEMV_DIRECT_FLUSH = {"F16": 8, "BF16": 4}
+GEMV_DIRECT_MAX_M = max(GEMV_DIRECT_ROWS)
 # From here dequantize + cuBLAS. Measured on an H200 (tools/bench_gemm.py, 7 shapes, G = 128;
 # docs/gpu/h200-2026-12-04): at M = 32 it beat the tensor-core kernel on 5 of 7 shapes (lost 6%
 # on 28672x8192, 26% on 8192x28672), at M = 64..256 on all but 8192x28672 at M = 64 and 128
@@ -81,6 +86,14 @@ def plan_gemv(m: int, n: int, k: int, num_sms: int) -> Launch:
     n_tiles = cdiv(n, GEMV_NT)
     splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms)
     return Launch("gemv", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits, per_split)
+
+
+def plan_gemv_direct(m: int, n: int, k: int, num_sms: int) -> Launch:
+    """As plan_gemv (same 256-column tiles, 32-row split units), for gemv_direct.cu."""
+    mt = next(r for r in GEMV_DIRECT_ROWS if r >= m)
+    n_tiles = cdiv(n, GEMV_NT)
+    splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms)
+    return Launch("gemv_direct", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits, per_split)
 
 
 def plan_dequant(k: int, n: int, num_sms: int) -> Launch:

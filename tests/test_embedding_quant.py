@@ -52,6 +52,20 @@ def test_logits_stay_close_and_ties_survive_moves():
     assert model(tokens).dtype == torch.bfloat16
 
 
+def test_one_part_only():
+    model = tiny_llama(tie_word_embeddings=True)
+    table = model.model.embed_tokens.weight  # (V, D)
+    quantize_embeddings(model, parts=("head",))
+    assert isinstance(model.lm_head, QuantLinear) and model.model.embed_tokens.weight is table
+    model = tiny_llama(tie_word_embeddings=True)
+    table = model.model.embed_tokens.weight
+    quantize_embeddings(model, parts=("embed",))
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    assert model.lm_head.weight is table  # the 16-bit table stays for the head
+    with pytest.raises(ValueError, match="parts must name"):
+        quantize_embeddings(tiny_llama(), parts=("embedding",))
+
+
 def test_decoder_group_size_is_the_default():
     model = quantize(tiny_llama(tie_word_embeddings=False), method="rtn", w_bit=4, group_size=32)
     quantize_embeddings(model)

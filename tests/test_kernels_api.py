@@ -20,6 +20,7 @@ from awq_kernels.plan import (
     choose_kernel,
     plan_dequant,
     plan_gemv,
+    plan_gemv_direct,
     plan_mma,
     plan_reduce,
 )
@@ -77,6 +78,19 @@ def test_layout():
 
 def test_gemv_refuses_large_m():
     _raises(ValueError, "kernel='gemv' handles at most 8 rows", *_args(m=9), kernel="gemv")
+    _raises(ValueError, "kernel='gemv_direct' handles at most 4 rows", *_args(m=5),
+            kernel="gemv_direct")
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (8192, 28672), (14336, 4096), (576, 192),
+                                 (160, 320)])
+def test_plan_gemv_direct_covers_output_and_k(m, k, n):
+    launch = plan_gemv_direct(m, n, k, num_sms=132)
+    assert launch.config >= m and launch.grid[0] * GEMV_NT >= n
+    steps, splits = k // GEMV_KC, launch.grid[1]
+    assert splits == launch.splits >= 1
+    assert (splits - 1) * launch.k_per_split < steps <= splits * launch.k_per_split
 
 
 def test_dequantize_validates():

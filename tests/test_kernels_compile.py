@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from awq_kernels import build, emulate, reference
-from awq_kernels.plan import GEMV_NT, MMA_BN, Launch, cdiv, plan_gemv
+from awq_kernels.plan import GEMV_NT, MMA_BN, Launch, cdiv, plan_gemv, plan_gemv_direct
 
 ARCHS = ("sm_80", "sm_90")
 STATIC_SMEM_LIMIT = 48 * 1024  # static __shared__ beyond this needs an opt-in the API never does
@@ -22,6 +22,8 @@ REQUIRED_PTX = {
             "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "cp.async.cg.shared.global",
             "cp.async.wait_group", "lop3.b32", "prmt.b32", "fma.rn.f16x2", "fma.rn.bf16x2"),
     "gemv": ("cp.async.cg.shared.global", "lop3.b32", "fma.rn.f16x2", "fma.rn.bf16x2"),
+    "gemv_direct": ("ld.global.nc.L1::no_allocate.L2::256B.v4.u32", "lop3.b32", "fma.rn.f16x2",
+                    "fma.rn.bf16x2", "shfl.sync.bfly"),
     "dequant": ("lop3.b32", "st.global.v4.b32"),
     "reduce": ("ld.global.nc.v4.f32",),
 }
@@ -118,15 +120,42 @@ def _check_records(records, w_bits: np.ndarray) -> set:
     return seen
 
 
-def _check_product(partials: np.ndarray, x: torch.Tensor, w: torch.Tensor, tag: str):
+def _check_product(partials: np.ndarray, x: torch.Tensor, w: torch.Tensor, tag: str,
+                   sum_tol: float = 1e-5) -> float:
+    """The summed partials vs x @ W in float64 (relative error < sum_tol: fp32 accumulation
+    only, unless the kernel forms products in 16 bits), and the rounded output within the GPU
+    tests' tolerance. Returns the output's relative error."""
     y = partials[0].copy()
     for s in range(1, partials.shape[0]):  # the reduce kernel's order
         y += partials[s]
     assert not np.isnan(y).any(), "some outputs were never written"
     ref = (x.double() @ w.double()).numpy()
-    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < sum_tol
     final = emulate.to_f32(tag, emulate.from_f64(tag, y))
-    assert np.linalg.norm(final - ref) / np.linalg.norm(ref) < (2e-3 if tag == "F16" else 1e-2)
+    err = np.linalg.norm(final - ref) / np.linalg.norm(ref)
+    assert err < (2e-3 if tag == "F16" else 1e-2)
+    return err
+
+
+# (M, K, N, G, SMs): every row capacity (1, 2, 4), a ragged column tile (N = 320), splits whose
+# rows start inside a group; the (1, 2048, 64) case gives each warp 16 steps (two flushes) and a
+# group reload every 8 steps.
+GEMV_DIRECT_CASES = [(1, 512, 320, 64, 2), (1, 2048, 64, 32, 1), (2, 256, 192, 32, 2),
+                     (3, 1024, 256, 128, 2), (4, 256, 320, 32, 2)]
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+@pytest.mark.parametrize("m,k,n,g,sms", GEMV_DIRECT_CASES)
+def test_emulated_gemv_direct_kernel_mapping(dtype, tag, m, k, n, g, sms):
+    x, w, args = _problem(m, k, n, g, dtype, seed=11 * m + k)
+    launch = plan_gemv_direct(m, n, k, num_sms=sms)  # few SMs -> split-K
+    assert launch.grid[0] == cdiv(n, GEMV_NT) and launch.splits > 1
+    records: list = []
+    partials = emulate.emulate_gemv_direct(tag, *args, launch, record=records)
+    assert len(_check_records(records, _bits16(w))) == k * n
+    # Products rounded to 16 bits, summed in 16 bits for U steps (gemv_direct.cu's header).
+    err = _check_product(partials, x, w, tag, sum_tol=1e-3 if tag == "F16" else 6e-3)
+    print(f"gemv_direct {tag} M={m} K={k} N={n} G={g}: output relative error {err:.1e}")
 
 
 @pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])

@@ -14,7 +14,7 @@ import torch
 
 import awq_kernels
 from awq_kernels import reference
-from awq_kernels.plan import GEMV_MAX_M
+from awq_kernels.plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -44,6 +44,8 @@ def _kernels_for(m: int) -> list[str]:
     kernels = ["auto", "mma"]
     if m <= GEMV_MAX_M:
         kernels.append("gemv")
+    if m <= GEMV_DIRECT_MAX_M:
+        kernels.append("gemv_direct")
     if m >= 256:
         kernels.append("dequant")
     return kernels

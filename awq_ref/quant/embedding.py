@@ -72,11 +72,16 @@ def _pack_table(weight: torch.Tensor, group_size: int, name: str) -> QuantLinear
 
 
 def quantize_embeddings(model: nn.Module, group_size: int | None = None,
+                        parts: tuple[str, ...] = ("embed", "head"),
                         init_only: bool = False) -> nn.Module:
     """Replace (in place) model.model.embed_tokens and model.lm_head by 4-bit RTN versions;
     returns `model`. group_size None: that of the model's first QuantLinear, else the largest of
     128, 64, 32 dividing the hidden size. Tied tables stay tied: one packed table for both.
-    With init_only the packed tables are only allocated (as `replace_linears` does)."""
+    `parts` picks the tables ("embed", "head"); a tied model quantized in one part only keeps
+    its 16-bit table for the other (so saves no memory). With init_only the packed tables are
+    only allocated (as `replace_linears` does)."""
+    if not parts or set(parts) - {"embed", "head"}:
+        raise ValueError(f"quantize_embeddings: parts must name 'embed' and/or 'head', got {parts!r}")
     if isinstance(model.model.embed_tokens, QuantEmbedding):
         raise ValueError("quantize_embeddings: the embeddings are already quantized")
     table = model.model.embed_tokens.weight  # (V, D)
@@ -97,9 +102,10 @@ def quantize_embeddings(model: nn.Module, group_size: int | None = None,
             return QuantLinear(d, v, group_size, device=weight.device)
         return _pack_table(weight, group_size, name)
 
-    embed = pack(table, "model.embed_tokens")
-    head = embed if tied else pack(model.lm_head.weight, "lm_head")
-    model.model.embed_tokens = QuantEmbedding(embed, dtype)
-    model.lm_head = head
+    embed = pack(table, "model.embed_tokens") if "embed" in parts else None
+    if "head" in parts:
+        model.lm_head = embed if tied and embed is not None else pack(model.lm_head.weight, "lm_head")
+    if embed is not None:
+        model.model.embed_tokens = QuantEmbedding(embed, dtype)
     return model
 

@@ -1,0 +1,195 @@
+// gemv_direct.cu -- decode products y[M, N] = x[M, K] @ W[K, N] for M <= MT <= 4, the weights
+// loaded straight from global memory into registers, the products formed in 16-bit pairs.
+//
+// Inputs and outputs as gemv.cu: x [M, K] T; qweight [K, N/8] int32; qzeros [K/G, N/8] int32;
+// scales [K/G, N] fp16; out [M, N] T, or fp32 partials [gridDim.y, M, N] when split over K.
+// Constraints (checked in Python): K % 32 == 0, G in {32, 64, 128}, N % 64 == 0, 16-byte
+// aligned pointers, M <= MT.
+//
+// Why a second GEMV: gemv.cu measured 0.6-1.5 TB/s at M = 1 on an H200, bound by instructions,
+// not memory (NOTES.md): ~5 instructions per weight (per pair: shift, lop3, two fma for the
+// dequant, two widenings to fp32, two fp32 fma) plus a cp.async + __syncthreads per 4 KB stage.
+// This kernel is written to issue fewer instructions per weight byte:
+//   * No shared-memory staging. Block = 256 columns x one K range (split-K over gridDim.y, as
+//     gemv.cu); warp w takes the w-th eighth of the block's rows, so each warp walks its own
+//     contiguous rows and no warp waits for another until the end. Per warp step, ROWS = VEC
+//     rows x 256 columns: lane (c, r) loads VEC packed words (8 * VEC columns) of row r with one
+//     16- (VEC = 4), 8- or 4-byte ld.global.nc that does not allocate in L1 (each byte is read
+//     once); a row's 32 words are one 128-byte line. U steps of loads are issued before any
+//     of them is used (U x 16 B per lane in flight for VEC = 4).
+//   * Per pair of columns (2p, 2p+1) of a word: shift, lop3 (magic number), fma (- zero), fma
+//     (x scale) as in common.cuh -- the weight rounded once, as the reference rounds it -- then
+//     ONE fma.x2 multiplies it by the row's x duplicated into both halves and adds it to a
+//     16-bit pair accumulator: 5 instructions per 2 weights and M rows <= 2.
+//   * The 16-bit accumulators are flushed into fp32 every U steps (U = 8 for fp16, 4 for bf16:
+//     each flush sums at most U rounded products, so the rounding stays within the tolerance:
+//     ~7e-4 relative for fp16, ~4e-3 for bf16, measured in the emulation tests).
+//   * Zeros and scales are loaded when the warp's row enters a new group (rows of one step never
+//     straddle a group: VEC divides G), i.e. every G / VEC steps.
+//   * At the end: the ROWS lanes holding the same columns add by shuffles (butterfly, fixed
+//     order), the 8 warps meet in shared memory and thread t adds column t over the warps in a
+//     fixed order. Deterministic; no atomics.
+#include "common.cuh"
+
+constexpr int GD_WARPS = 8;
+constexpr int GD_THREADS = 32 * GD_WARPS;
+constexpr int GD_NT = 256;                // columns per block
+constexpr int GD_NT_WORDS = GD_NT / 8;    // 32 packed words per row of the tile
+constexpr int GD_KC = 32;                 // split unit: rows per block = kc_per_split * GD_KC
+
+// Lane geometry for a row capacity MT: fewer words per lane as MT grows keeps the fp32
+// accumulators (MT x 8 * VEC per lane) at 32 registers.
+template <int MT> struct GdShape {
+  static constexpr int VEC = MT == 1 ? 4 : (MT == 2 ? 2 : 1);  // packed words per lane load
+  static constexpr int LANES_PER_ROW = GD_NT_WORDS / VEC;      // 8, 16, 32
+  static constexpr int ROWS = 32 / LANES_PER_ROW;              // rows per warp step (= VEC)
+  static constexpr int PAIRS = 4 * VEC;                        // column pairs per lane
+};
+static_assert(GD_KC % (GD_WARPS * 4) == 0, "every warp's share of a split unit is whole steps");
+
+template <typename T> struct GdFlush { static constexpr int STEPS = 8; };
+template <> struct GdFlush<BF16> { static constexpr int STEPS = 4; };
+
+// VEC consecutive words, read once: no L1 allocation, 256-byte L2 prefetch.
+template <int VEC> __device__ __forceinline__ void ld_stream(const u32* p, u32 (&w)[VEC]);
+template <> __device__ __forceinline__ void ld_stream<4>(const u32* p, u32 (&w)[4]) {
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+template <> __device__ __forceinline__ void ld_stream<2>(const u32* p, u32 (&w)[2]) {
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];"
+               : "=r"(w[0]), "=r"(w[1]) : "l"(p));
+}
+template <> __device__ __forceinline__ void ld_stream<1>(const u32* p, u32 (&w)[1]) {
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(w[0]) : "l"(p));
+}
+
+// Zeros and scales of group `grp` for the lane's VEC words, as column pairs (2p, 2p+1) of word
+// v at index 4v + p: -(MAGIC + z) and s.
+template <typename T, int VEC>
+__device__ __forceinline__ void gd_load_group(const u32* qzeros, const u16* scales, int grp,
+                                              int nw, int N, int word0, bool col_ok,
+                                              u32 (&zneg)[4 * VEC], u32 (&sp)[4 * VEC]) {
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    const u32 zw = col_ok ? __ldg(qzeros + (size_t)grp * nw + word0 + v) : 0u;
+    uint4 sv = make_uint4(0u, 0u, 0u, 0u);
+    if (col_ok) sv = __ldg(reinterpret_cast<const uint4*>(scales + (size_t)grp * N + 8 * (word0 + v)));
+    const u32 s4[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      zneg[4 * v + p] = nibbles_to_magic_pair<T>(zw >> (4 * p)) ^ SIGN2;
+      sp[4 * v + p] = scale_pair<T>(s4[p]);
+    }
+  }
+}
+
+// Grid: (N / 256 rounded up, splits); block: 256 threads.
+// Split y handles rows [y * kc_per_split * 32, min(K, (y + 1) * kc_per_split * 32)).
+template <typename T, int MT>
+__global__ void __launch_bounds__(GD_THREADS)
+awq_gemv_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
+                const u32* __restrict__ qzeros, const u16* __restrict__ scales,
+                void* __restrict__ out, int M, int N, int K, int group_size, int kc_per_split) {
+  using S = GdShape<MT>;
+  constexpr int VEC = S::VEC, PAIRS = S::PAIRS, U = GdFlush<T>::STEPS;
+  __shared__ float red[GD_WARPS][GD_NT];
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int c = lane % S::LANES_PER_ROW, r = lane / S::LANES_PER_ROW;
+  const int nw = N / 8;
+  const int word0 = blockIdx.x * GD_NT_WORDS + c * VEC;  // the lane's first packed word column
+  const bool col_ok = word0 < nw;  // VEC divides 8 and N/8 % 8 == 0: all VEC words or none
+  const int k_begin = blockIdx.y * kc_per_split * GD_KC;
+  const int rows = (min(K, k_begin + kc_per_split * GD_KC) - k_begin) / GD_WARPS;  // per warp
+  const int kw = k_begin + warp * rows;  // this warp's rows: [kw, kw + rows)
+  const int steps = rows / VEC;
+
+  float acc[MT][2 * PAIRS];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < 2 * PAIRS; ++j) acc[m][j] = 0.f;
+  u32 zneg[PAIRS], sp[PAIRS];
+
+  for (int s0 = 0; s0 < steps; s0 += U) {
+    // Issue every load of U steps first: weights (streamed) and x (tiny, L1/L2 hits).
+    u32 w[U][VEC];
+    u32 x2[U][MT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int row = kw + (s0 + u) * VEC + r;
+      const bool ok = s0 + u < steps;
+      if (ok && col_ok) {
+        ld_stream<VEC>(qweight + (size_t)row * nw + word0, w[u]);
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) w[u][v] = 0u;
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+        x2[u][m] = (ok && m < M) ? dup_lo(__ldg(x + (size_t)m * K + row)) : 0u;
+    }
+    u32 h[MT][PAIRS];  // 16-bit pair accumulators of these U steps
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int i = 0; i < PAIRS; ++i) h[m][i] = 0u;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (s0 + u < steps) {  // uniform across the warp
+        const int row0 = kw + (s0 + u) * VEC;
+        if (s0 + u == 0 || row0 % group_size == 0)
+          gd_load_group<T, VEC>(qzeros, scales, row0 / group_size, nw, N, word0, col_ok, zneg, sp);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v)
+#pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            const u32 wp = dequant_pair<T>(w[u][v] >> (4 * p), zneg[4 * v + p], sp[4 * v + p]);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) h[m][4 * v + p] = fma2<T>(x2[u][m], wp, h[m][4 * v + p]);
+          }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int i = 0; i < PAIRS; ++i) {
+        acc[m][2 * i] += to_float<T>((u16)(h[m][i] & 0xFFFFu));
+        acc[m][2 * i + 1] += to_float<T>((u16)(h[m][i] >> 16));
+      }
+  }
+
+  // Lanes (c, 0..ROWS-1) hold the same columns: butterfly over them (fixed order, and every
+  // lane ends with the same sum since a + b == b + a).
+#pragma unroll
+  for (int off = S::LANES_PER_ROW; off < 32; off *= 2)
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int j = 0; j < 2 * PAIRS; ++j)
+        acc[m][j] += __shfl_xor_sync(0xFFFFFFFFu, acc[m][j], off);
+
+  // Across warps, one output row m at a time; thread t owns column n0 + t. Column 2i (2i + 1)
+  // of the lane's 8 * VEC columns is acc[m][2i] (acc[m][2i + 1]), i = 4v + p.
+  const bool partial = gridDim.y > 1;
+  const int col = blockIdx.x * GD_NT + threadIdx.x;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    __syncthreads();  // the previous row's reads of `red` are done
+    if (r == 0) {
+#pragma unroll
+      for (int j = 0; j < 2 * PAIRS; ++j) red[warp][c * 8 * VEC + j] = acc[m][j];
+    }
+    __syncthreads();
+    float sum = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < GD_WARPS; ++wi) sum += red[wi][threadIdx.x];
+    if (m < M && col < N) {
+      if (partial)
+        static_cast<float*>(out)[((size_t)blockIdx.y * M + m) * N + col] = sum;
+      else
+        static_cast<u16*>(out)[(size_t)m * N + col] = (u16)(pack2<T>(sum, 0.f) & 0xFFFFu);
+    }
+  }
+}
