@@ -299,57 +299,54 @@ def emulate_dequant(tag, qweight, qzeros, scales16, g_size) -> np.ndarray:
 
 def emulate_gemv_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, record=None):
     """fp32 partial sums (splits, M, N) of gemv_direct.cu, NaN where nothing is written,
-    including the 16-bit pair accumulators and their flush every U steps."""
+    including the 16-bit pair accumulators and their flush after every chunk."""
     m, k = x.shape
     n = qweight.shape[1] * 8
     nw = n // 8
     mt = launch.config
     vec = GEMV_DIRECT_VEC[mt]
     lanes_per_row, flush = 32 // vec, GEMV_DIRECT_FLUSH[tag]
+    rows_per_chunk = flush * vec
     c, r = LANE % lanes_per_row, LANE // lanes_per_row
     pairs = 4 * vec
     out = np.full((launch.splits, m, n), np.nan, np.float32)
     for by in range(launch.grid[1]):
         k_begin = by * launch.k_per_split * GEMV_KC
-        rows = (min(k, k_begin + launch.k_per_split * GEMV_KC) - k_begin) // 8
-        steps = rows // vec
+        chunks = (min(k, k_begin + launch.k_per_split * GEMV_KC) - k_begin) // rows_per_chunk
         for bx in range(launch.grid[0]):
             word0 = bx * (GEMV_NT // 8) + c * vec  # (32,)
-            col_ok = word0 < nw
+            valid = word0 < nw
+            wcol = np.where(valid, word0, 0)  # lanes past N read column 0, never stored
             acc = np.zeros((8, mt, 2 * pairs, 32), np.float32)  # (warp, m, column j, lane)
             for warp in range(8):
-                kw = k_begin + warp * rows
-                zneg = sp = None
-                for s0 in range(0, steps, flush):
+                loaded_group, zneg, sp = -1, [], []
+                for q in range(warp, chunks, 8):
+                    row0 = k_begin + q * rows_per_chunk
+                    if row0 // g_size != loaded_group:
+                        loaded_group = row0 // g_size
+                        zneg, sp = [], []
+                        for v in range(vec):
+                            zw = qzeros[loaded_group, wcol + v]
+                            for p in range(4):
+                                cols = 8 * (wcol + v) + 2 * p
+                                s_pair = pair(scales16[loaded_group, cols],
+                                              scales16[loaded_group, cols + 1])
+                                zneg.append(nibbles_to_magic_pair(tag, shr(zw, 4 * p)) ^ SIGN2)
+                                sp.append(scale_pair(tag, s_pair))
                     h = np.zeros((mt, pairs, 32), U32)
                     for u in range(flush):
-                        if s0 + u >= steps:
-                            continue
-                        row = kw + (s0 + u) * vec + r  # (32,)
-                        row0 = kw + (s0 + u) * vec
-                        if s0 + u == 0 or row0 % g_size == 0:
-                            grp = row0 // g_size
-                            zneg, sp = [], []
-                            for v in range(vec):
-                                wc = np.where(col_ok, word0 + v, 0)
-                                zw = np.where(col_ok, qzeros[grp, wc], U32(0))
-                                for p in range(4):
-                                    s_pair = pair(scales16[grp, 8 * wc + 2 * p],
-                                                  scales16[grp, 8 * wc + 2 * p + 1])
-                                    zneg.append(nibbles_to_magic_pair(tag, shr(zw, 4 * p)) ^ SIGN2)
-                                    sp.append(np.where(col_ok, scale_pair(tag, s_pair), U32(0)))
-                        x2 = [pair(x[mm, row], x[mm, row]) if mm < m else np.zeros(32, U32)
+                        row = row0 + u * vec + r  # (32,)
+                        x2 = [pair(x[min(mm, m - 1), row], x[min(mm, m - 1), row])
                               for mm in range(mt)]
                         for v in range(vec):
-                            word = np.where(col_ok, qweight[row, np.where(col_ok, word0 + v, 0)],
-                                            U32(0))
+                            word = qweight[row, wcol + v]
                             for p in range(4):
                                 i = 4 * v + p
                                 wp = dequant_pair(tag, shr(word, 4 * p), zneg[i], sp[i])
                                 if record is not None:
                                     col = 8 * (word0 + v) + 2 * p
-                                    record.append((row, col, lo(wp)))
-                                    record.append((row, col + 1, hi(wp)))
+                                    record.append((row[valid], col[valid], lo(wp)[valid]))
+                                    record.append((row[valid], col[valid] + 1, hi(wp)[valid]))
                                 for mm in range(mt):
                                     h[mm, i] = fma2(tag, x2[mm], wp, h[mm, i])
                     acc[warp, :, 0::2] += to_f32(tag, lo(h))  # fp32 adds, in the kernel's order

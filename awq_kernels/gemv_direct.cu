@@ -11,21 +11,21 @@
 // dequant, two widenings to fp32, two fp32 fma) plus a cp.async + __syncthreads per 4 KB stage.
 // This kernel is written to issue fewer instructions per weight byte:
 //   * No shared-memory staging. Block = 256 columns x one K range (split-K over gridDim.y, as
-//     gemv.cu); warp w takes the w-th eighth of the block's rows, so each warp walks its own
-//     contiguous rows and no warp waits for another until the end. Per warp step, ROWS = VEC
-//     rows x 256 columns: lane (c, r) loads VEC packed words (8 * VEC columns) of row r with one
-//     16- (VEC = 4), 8- or 4-byte ld.global.nc that does not allocate in L1 (each byte is read
-//     once); a row's 32 words are one 128-byte line. U steps of loads are issued before any
-//     of them is used (U x 16 B per lane in flight for VEC = 4).
+//     gemv.cu), cut into chunks of CH = U * VEC rows dealt round-robin to the 8 warps, so each
+//     warp streams its own chunks and no warp waits for another until the end. A chunk is U
+//     steps of VEC rows x 256 columns: per step, lane (c, r) loads VEC packed words (8 * VEC
+//     columns) of row r with one 16- (VEC = 4), 8- or 4-byte ld.global.nc that does not allocate
+//     in L1 (each byte is read once); a row's 32 words are one 128-byte line. All U loads of a
+//     chunk are issued before any is used (U x 16 B per lane in flight for VEC = 4).
 //   * Per pair of columns (2p, 2p+1) of a word: shift, lop3 (magic number), fma (- zero), fma
 //     (x scale) as in common.cuh -- the weight rounded once, as the reference rounds it -- then
 //     ONE fma.x2 multiplies it by the row's x duplicated into both halves and adds it to a
 //     16-bit pair accumulator: 5 instructions per 2 weights and M rows <= 2.
-//   * The 16-bit accumulators are flushed into fp32 every U steps (U = 8 for fp16, 4 for bf16:
+//   * The 16-bit accumulators are flushed into fp32 after each chunk (U = 8 for fp16, 4 for bf16:
 //     each flush sums at most U rounded products, so the rounding stays within the tolerance:
 //     ~7e-4 relative for fp16, ~4e-3 for bf16, measured in the emulation tests).
-//   * Zeros and scales are loaded when the warp's row enters a new group (rows of one step never
-//     straddle a group: VEC divides G), i.e. every G / VEC steps.
+//   * Zeros and scales are loaded when a warp's chunk is in a new group (a chunk never straddles
+//     one: CH divides 32, which divides G): at most once per chunk, no per-step conditions.
 //   * At the end: the ROWS lanes holding the same columns add by shuffles (butterfly, fixed
 //     order), the 8 warps meet in shared memory and thread t adds column t over the warps in a
 //     fixed order. Deterministic; no atomics.
@@ -68,13 +68,12 @@ template <> __device__ __forceinline__ void ld_stream<1>(const u32* p, u32 (&w)[
 // v at index 4v + p: -(MAGIC + z) and s.
 template <typename T, int VEC>
 __device__ __forceinline__ void gd_load_group(const u32* qzeros, const u16* scales, int grp,
-                                              int nw, int N, int word0, bool col_ok,
+                                              int nw, int N, int word0,
                                               u32 (&zneg)[4 * VEC], u32 (&sp)[4 * VEC]) {
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    const u32 zw = col_ok ? __ldg(qzeros + (size_t)grp * nw + word0 + v) : 0u;
-    uint4 sv = make_uint4(0u, 0u, 0u, 0u);
-    if (col_ok) sv = __ldg(reinterpret_cast<const uint4*>(scales + (size_t)grp * N + 8 * (word0 + v)));
+    const u32 zw = __ldg(qzeros + (size_t)grp * nw + word0 + v);
+    const uint4 sv = __ldg(reinterpret_cast<const uint4*>(scales + (size_t)grp * N + 8 * (word0 + v)));
     const u32 s4[4] = {sv.x, sv.y, sv.z, sv.w};
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
@@ -85,25 +84,33 @@ __device__ __forceinline__ void gd_load_group(const u32* qzeros, const u16* scal
 }
 
 // Grid: (N / 256 rounded up, splits); block: 256 threads.
-// Split y handles rows [y * kc_per_split * 32, min(K, (y + 1) * kc_per_split * 32)).
+// Split y handles rows [y * kc_per_split * 32, min(K, (y + 1) * kc_per_split * 32)), cut into
+// chunks of CH = U * VEC rows; warp w takes chunks w, w + 8, w + 16, ... Since CH divides 32
+// (so every split is whole chunks) and G (so a chunk lies in one group), the loop has no
+// per-step conditions: one group check per chunk, then U steps of straight-line code.
 template <typename T, int MT>
-__global__ void __launch_bounds__(GD_THREADS)
+__global__ void __launch_bounds__(GD_THREADS, 2)
 awq_gemv_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
                 const u32* __restrict__ qzeros, const u16* __restrict__ scales,
                 void* __restrict__ out, int M, int N, int K, int group_size, int kc_per_split) {
   using S = GdShape<MT>;
-  constexpr int VEC = S::VEC, PAIRS = S::PAIRS, U = GdFlush<T>::STEPS;
+  constexpr int VEC = S::VEC, PAIRS = S::PAIRS, U = GdFlush<T>::STEPS, CH = U * VEC;
+  static_assert(GD_KC % CH == 0 && 32 % CH == 0, "chunks tile a split and fit in a group");
   __shared__ float red[GD_WARPS][GD_NT];
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int c = lane % S::LANES_PER_ROW, r = lane / S::LANES_PER_ROW;
   const int nw = N / 8;
   const int word0 = blockIdx.x * GD_NT_WORDS + c * VEC;  // the lane's first packed word column
-  const bool col_ok = word0 < nw;  // VEC divides 8 and N/8 % 8 == 0: all VEC words or none
+  // Lanes past N (VEC divides 8 and N/8 % 8 == 0: all VEC words or none) read column 0
+  // instead: valid memory, and their sums are never stored. Rows of x past M likewise read
+  // row M - 1. So no load needs a condition.
+  const int wcol = word0 < nw ? word0 : 0;
   const int k_begin = blockIdx.y * kc_per_split * GD_KC;
-  const int rows = (min(K, k_begin + kc_per_split * GD_KC) - k_begin) / GD_WARPS;  // per warp
-  const int kw = k_begin + warp * rows;  // this warp's rows: [kw, kw + rows)
-  const int steps = rows / VEC;
+  const int chunks = (min(K, k_begin + kc_per_split * GD_KC) - k_begin) / CH;
+  int xoff[MT];  // offsets of the x rows (M * K < 2^31: activations, not weights)
+#pragma unroll
+  for (int m = 0; m < MT; ++m) xoff[m] = min(m, M - 1) * K;
 
   float acc[MT][2 * PAIRS];
 #pragma unroll
@@ -111,46 +118,40 @@ awq_gemv_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
 #pragma unroll
     for (int j = 0; j < 2 * PAIRS; ++j) acc[m][j] = 0.f;
   u32 zneg[PAIRS], sp[PAIRS];
+  int loaded_group = -1;
 
-  for (int s0 = 0; s0 < steps; s0 += U) {
-    // Issue every load of U steps first: weights (streamed) and x (tiny, L1/L2 hits).
+  for (int q = warp; q < chunks; q += GD_WARPS) {
+    const int row0 = k_begin + q * CH;  // the chunk's first row; lane rows row0 + u * VEC + r
+    // Issue every load of the chunk first: weights (streamed) and x (tiny, L1/L2 hits).
+    const u32* wp = qweight + (size_t)(row0 + r) * nw + wcol;
     u32 w[U][VEC];
     u32 x2[U][MT];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int row = kw + (s0 + u) * VEC + r;
-      const bool ok = s0 + u < steps;
-      if (ok && col_ok) {
-        ld_stream<VEC>(qweight + (size_t)row * nw + word0, w[u]);
-      } else {
+      ld_stream<VEC>(wp + (size_t)u * VEC * nw, w[u]);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) w[u][v] = 0u;
-      }
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-        x2[u][m] = (ok && m < M) ? dup_lo(__ldg(x + (size_t)m * K + row)) : 0u;
+      for (int m = 0; m < MT; ++m) x2[u][m] = dup_lo(__ldg(x + xoff[m] + row0 + u * VEC + r));
     }
-    u32 h[MT][PAIRS];  // 16-bit pair accumulators of these U steps
+    const int group = row0 / group_size;
+    if (group != loaded_group) {  // uniform across the warp
+      gd_load_group<T, VEC>(qzeros, scales, group, nw, N, wcol, zneg, sp);
+      loaded_group = group;
+    }
+    u32 h[MT][PAIRS];  // 16-bit pair accumulators of this chunk
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
       for (int i = 0; i < PAIRS; ++i) h[m][i] = 0u;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (s0 + u < steps) {  // uniform across the warp
-        const int row0 = kw + (s0 + u) * VEC;
-        if (s0 + u == 0 || row0 % group_size == 0)
-          gd_load_group<T, VEC>(qzeros, scales, row0 / group_size, nw, N, word0, col_ok, zneg, sp);
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-        for (int v = 0; v < VEC; ++v)
+      for (int v = 0; v < VEC; ++v)
 #pragma unroll
-          for (int p = 0; p < 4; ++p) {
-            const u32 wp = dequant_pair<T>(w[u][v] >> (4 * p), zneg[4 * v + p], sp[4 * v + p]);
+        for (int p = 0; p < 4; ++p) {
+          const u32 wv = dequant_pair<T>(w[u][v] >> (4 * p), zneg[4 * v + p], sp[4 * v + p]);
 #pragma unroll
-            for (int m = 0; m < MT; ++m) h[m][4 * v + p] = fma2<T>(x2[u][m], wp, h[m][4 * v + p]);
-          }
-      }
-    }
+          for (int m = 0; m < MT; ++m) h[m][4 * v + p] = fma2<T>(x2[u][m], wv, h[m][4 * v + p]);
+        }
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
