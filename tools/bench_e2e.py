@@ -7,7 +7,8 @@ of its shape when the file is unavailable, which the table says) and a Llama-3-8
 with random non-zero weights made directly on the GPU (W4 g128; no checkpoint file). Variants of
 each: fp16; 4-bit on awq_kernels ("w4 cupy"); 4-bit on the dequantize + matmul reference
 ("w4 torch"); 4-bit on awq_kernels with the token table and lm_head in 4 bits too
-("w4 cupy +emb", awq_ref.quant.embedding, RTN at load time). Per variant:
+("w4 cupy +emb", awq_ref.quant.embedding, RTN at load time), and the same with gemv_direct.cu
+for the decode products ("w4 cupy[direct] +emb"). Per variant:
 
 - prefill tokens/s of one forward over 128 and over 2048 tokens (median of --repeats);
 - decode tokens/s: batch 1, 128-token prompt, 256 greedy tokens (the first comes from the
@@ -226,8 +227,20 @@ def _fresh_peak() -> float:
     return torch.cuda.memory_allocated() / 2**30
 
 
+def direct_kernel(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                  scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """awq_kernels.gemm with gemv_direct.cu for M <= 4 (decode), `auto` otherwise: that GEMV
+    is not yet `auto`'s choice (not timed on a GPU when written)."""
+    import awq_kernels
+    from awq_kernels.plan import GEMV_DIRECT_MAX_M
+
+    m = x.numel() // x.shape[-1]
+    kernel = "gemv_direct" if 0 < m <= GEMV_DIRECT_MAX_M else "auto"
+    return awq_kernels.gemm(x, qweight, qzeros, scales, group_size, kernel=kernel)
+
+
 def bench_model(name: str, s: Settings) -> list[dict]:
-    """The three variants of one model, one after the other (never two models at once)."""
+    """Every variant of one model, one after the other (never two models at once)."""
     rows = []
     model, source = build(name, quantized=False)
     weights = _fresh_peak()
@@ -242,10 +255,12 @@ def bench_model(name: str, s: Settings) -> list[dict]:
         rows.append({"model": name, "weights": source, "variant": f"w4 {backend}",
                      "weights_gib": weights, **measure(model, s, graph=backend == "cupy")})
     quantize_embeddings(model)  # RTN on the GPU; the fp16 tables are freed
-    apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
-    weights = _fresh_peak()
-    rows.append({"model": name, "weights": source, "variant": "w4 cupy +emb",
-                 "weights_gib": weights, **measure(model, s, graph=True)})
+    for variant, kernel in (("w4 cupy +emb", backend_kernel("cupy", DEVICE, DTYPE)),
+                            ("w4 cupy[direct] +emb", direct_kernel)):
+        apply_kernel(model, kernel)
+        weights = _fresh_peak()
+        rows.append({"model": name, "weights": source, "variant": variant,
+                     "weights_gib": weights, **measure(model, s, graph=True)})
     del model
     _fresh_peak()
     return rows
