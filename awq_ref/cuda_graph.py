@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from awq_ref.model import Attention, KVCache, Llama, apply_rotary
+from awq_ref.model import Attention, KVCache, Llama, apply_rotary, rotary_tables
 
 
 def _attend(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -50,8 +50,7 @@ def static_decode_step(model: Llama, cache: KVCache, token: torch.Tensor, positi
     """
     x = model.model.embed_tokens(token)  # (B, 1, D)
     freqs = position.to(torch.float32)[:, None] * inv_freq[None, :]  # (1, Dh/2), as Llama.rotary
-    emb = torch.cat((freqs, freqs), dim=-1)  # (1, Dh)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    cos, sin = rotary_tables(freqs, x.dtype)  # (1, Dh) each
     # Slots after `position` hold zeros or stale keys from warm-up: never visible.
     visible = (torch.arange(cache.max_len, device=x.device) <= position)[None, :]  # (1, S_max)
     for block in model.model.layers:
