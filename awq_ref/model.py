@@ -22,11 +22,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps), in fp32: the mean of squares overflows / loses precision in
-        # fp16. F.rms_norm is that formula (bit for bit on the CPU) as one fused kernel on CUDA,
-        # where a decode step is a few hundred tiny kernels.
-        x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * x32.to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) computed in fp32 (the mean of squares overflows / loses
+        # precision in fp16) and rounded to x's dtype, then times the weight, as HF does.
+        # F.rms_norm upcasts internally: the same bits on the CPU for fp32/fp16/bf16 as writing
+        # it out, and one fused kernel on CUDA, where a decode step is hundreds of tiny kernels.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -67,11 +67,12 @@ def rotary_tables(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """x rotated pairwise: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), x1 / x2 the halves.
 
-    Written as x * cos + roll(x) * sin_signed with roll(x) = (x2, x1): three kernels on CUDA
-    (mul, roll, addcmul) where HF's rotate_half form (chunk, neg, cat, two mul, add) takes five.
+    Written as x * cos + roll(x) * sin_signed with roll(x) = (x2, x1): the same bits as HF's
+    x * cos + rotate_half(x) * sin (negating is exact), in four kernels on CUDA (mul, roll, mul,
+    add) instead of six (chunk's copy-free, then neg, cat, two mul, add).
     x (B, H, T, Dh); cos, sin_signed (T, Dh) from `rotary_tables`.
     """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class KVCache:

@@ -5,7 +5,7 @@ import torch
 
 from awq_ref.config import LlamaConfig
 from awq_ref.generate import generate, sample_next
-from awq_ref.model import Llama
+from awq_ref.model import Llama, RMSNorm, apply_rotary, rotary_tables
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
 
@@ -104,3 +104,29 @@ def test_bad_configs_raise_value_error(patch, message):
     d = {**tiny_hf_dict(), **patch}
     with pytest.raises(ValueError, match=message):
         LlamaConfig.from_hf_dict(d, source="cfg.json")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rmsnorm_is_the_written_out_formula_bit_for_bit(dtype):
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576) + 0.5)
+    x = (torch.randn(3, 5, 576, generator=torch.Generator().manual_seed(0)) * 300).to(dtype)
+    x32 = x.float()  # 300^2 overflows fp16: the formula must run in fp32
+    want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    got = norm(x)
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+def test_apply_rotary_equals_the_rotate_half_form_bit_for_bit():
+    t, dh = 7, 64
+    freqs = torch.outer(torch.arange(3, 3 + t, dtype=torch.float32),
+                        1.0 / 10000 ** (torch.arange(0, dh, 2).float() / dh))  # (T, Dh/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    x = torch.randn(2, 4, t, dh)
+    for dtype in (torch.float32, torch.float16):
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        xd = x.to(dtype)
+        xd1, xd2 = xd.chunk(2, dim=-1)
+        want = xd * cos + torch.cat((-xd2, xd1), dim=-1) * sin  # HF's formula
+        assert torch.equal(apply_rotary(xd, *rotary_tables(freqs, dtype)), want)
