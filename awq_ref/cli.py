@@ -30,9 +30,11 @@ def _add_backend_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", choices=["torch", "cupy"],
                    help="quantized layers: torch = dequantize + matmul (the reference), "
                         "cupy = awq_kernels' int4 CUDA kernels (--device cuda, --dtype float16)")
-    p.add_argument("--quantize-embeddings", action="store_true",
-                   help="also hold the token table and lm_head in 4 bits (RTN, at load time; "
-                        "saves memory on large vocabularies, costs some quality)")
+    p.add_argument("--quantize-embeddings", nargs="?", const="both", default=None,
+                   choices=["embed", "head", "both"],
+                   help="also hold the token table (embed), lm_head (head) or both (the default "
+                        "when given alone) in 4 bits, RTN at load time: memory on large "
+                        "vocabularies; the head costs quality (see docs/quantize-your-model.md)")
 
 
 def _load_for_inference(args: argparse.Namespace):
@@ -45,7 +47,8 @@ def _load_for_inference(args: argparse.Namespace):
     if args.quantize_embeddings:
         from awq_ref.quant.embedding import quantize_embeddings
 
-        quantize_embeddings(model)
+        parts = {"embed": ("embed",), "head": ("head",), "both": ("embed", "head")}
+        quantize_embeddings(model, parts=parts[args.quantize_embeddings])
     if apply_kernel(model, kernel) == 0 and kernel is not None:
         raise ValueError(f"--backend {args.backend}: {args.model} has no quantized (packed "
                          "4-bit) layers; the backend only runs those (use --backend torch)")

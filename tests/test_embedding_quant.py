@@ -95,7 +95,13 @@ def test_cli_ppl_with_quantized_embeddings(stories_dir, tmp_path, capsys):
     base = ["ppl", "--model", ckpt, "--text", str(text), "--seqlen", "64"]
     assert main(base) == 0
     plain = float(capsys.readouterr().out.split()[1])
-    assert main(base + ["--quantize-embeddings", "--reference", ckpt]) == 0
-    out = capsys.readouterr().out.split()
-    ppl, kl = float(out[1]), float(out[out.index("KL") + 1].rstrip(","))
-    assert ppl != plain and 0 < kl < 0.5
+    kls = {}
+    for extra in (["--quantize-embeddings"], ["--quantize-embeddings", "embed"]):
+        assert main(base + extra + ["--reference", ckpt]) == 0
+        out = capsys.readouterr().out.split()
+        ppl, kl = float(out[1]), float(out[out.index("KL") + 1].rstrip(","))
+        assert ppl != plain and 0 < kl < 0.5
+        kls[len(extra)] = kl
+    assert kls[2] < kls[1]  # the token table alone changes less than table + head
+    with pytest.raises(SystemExit):
+        main(base + ["--quantize-embeddings", "all"])
