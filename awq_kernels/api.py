@@ -122,7 +122,7 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
 
 def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
          group_size: int, *, out: torch.Tensor | None = None,
-         kernel: str = "auto") -> torch.Tensor:
+         kernel: str = "auto", fuse_splitk: bool = True) -> torch.Tensor:
     """y = x @ W with W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n] (AWQ "gemm" format).
 
     Args (all CUDA, contiguous, 16-byte aligned, one device):
@@ -137,6 +137,8 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
                   else dequantize + torch.matmul), or one of "gemv" (M <= 8), "gemv_direct"
                   (M <= 4; registers instead of shared memory, 16-bit products; not yet
                   timed on a GPU), "mma", "dequant".
+        fuse_splitk: gemv_direct only: add the K splits in the same launch (the last block of
+                  each column tile does it; same bits) instead of a second kernel.
     Returns:
         y: [..., N] in x's dtype; fp32 accumulation, deterministic (no atomics).
     """
@@ -149,7 +151,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
     if name == "dequant":
         torch.matmul(x2, dequantize(qweight, qzeros, scales, group_size, dtype=x.dtype), out=y2)
     else:
-        _launch_product(name, x2, qweight, qzeros, scales, group_size, y2)
+        _launch_product(name, x2, qweight, qzeros, scales, group_size, y2, fuse_splitk)
     return y
 
 
@@ -173,8 +175,10 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 
 def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
-                    scales: torch.Tensor, group_size: int, y2: torch.Tensor) -> None:
-    """One gemv/mma launch into y2 (M, N), or into fp32 partials plus the split-K reduction."""
+                    scales: torch.Tensor, group_size: int, y2: torch.Tensor,
+                    fuse_splitk: bool = True) -> None:
+    """One gemv/mma launch into y2 (M, N), or into fp32 partials plus the split-K reduction
+    (in the same launch for gemv_direct when `fuse_splitk` and counters are at hand)."""
     (m, k), n = x2.shape, y2.shape[1]
     tag = ACTIVATION_DTYPES[x2.dtype]
     with _on_torch_stream(x2.device) as (arch, num_sms):
@@ -190,12 +194,40 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
         target = y2
         if launch.splits > 1:  # (splits, M, N) fp32 partial sums
             target = torch.empty((launch.splits, m, n), dtype=torch.float32, device=x2.device)
-        _run(launch, arch, expr, (x2, qweight, qzeros, scales, target, _i32(m), _i32(n), _i32(k),
-                                  _i32(group_size), _i32(launch.k_per_split)))
-        if launch.splits > 1:
+        args = (x2, qweight, qzeros, scales, target, _i32(m), _i32(n), _i32(k),
+                _i32(group_size), _i32(launch.k_per_split))
+        counters = None
+        if name == "gemv_direct":
+            if launch.splits > 1 and fuse_splitk:
+                counters = _splitk_counters(x2.device, launch.grid[0])
+            args += (None if counters is None else y2, counters)
+        _run(launch, arch, expr, args)
+        if launch.splits > 1 and counters is None:
             reduce = plan_reduce(m * n, launch.splits)
             _run(reduce, arch, build.reduce_expr(tag),
                  (target, y2, _i32(launch.splits), _i32(m * n)))
+
+
+# Fused split-K (gemv_direct.cu) needs, per column tile, an int32 counter that is zero when a
+# launch starts; each launch leaves its counters zero again. Launches on one stream never
+# overlap, so one set per (device, stream) is never used by two running kernels. A set is made
+# (zeroed) on a stream's first fused call. Not under CUDA-graph capture: a tensor zeroed there
+# is only zeroed when the graph replays; a capturing stream without a set falls back to the
+# reduction kernel (CudaGraphDecoder captures on the stream it warmed up, so it has one).
+SPLITK_COUNTER_SLOTS = 4096  # column tiles of 256: N up to 1,048,576
+_splitk_counter_sets: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _splitk_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    if tiles > SPLITK_COUNTER_SLOTS:
+        return None
+    stream = torch.cuda.current_stream(device)
+    key = (stream.device_index, stream.cuda_stream)
+    counters = _splitk_counter_sets.get(key)
+    if counters is None and not torch.cuda.is_current_stream_capturing():
+        counters = torch.zeros(SPLITK_COUNTER_SLOTS, dtype=torch.int32, device=device)
+        _splitk_counter_sets[key] = counters
+    return counters
 
 
 class _on_torch_stream:
@@ -241,6 +273,8 @@ def _arg(a):
     parameter holds), so no CuPy array is built per call; the kernels only see bits."""
     import numpy as np
 
+    if a is None:  # an optional pointer argument: nullptr
+        return np.uint64(0)
     return np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a
 
 

@@ -124,14 +124,16 @@ def _impls(k: int, n: int, g: int) -> dict[str, Callable[[torch.Tensor], list]]:
             for _ in range(_copies(2 * k * n))]
     int4 = _int4pack_weights(k, n, g)
 
-    def ours(kernel: str):
-        return lambda x: [lambda w=w: api.gemm(x, *w, g, kernel=kernel) for w in packed]
+    def ours(kernel: str, fuse_splitk: bool = True):
+        return lambda x: [lambda w=w: api.gemm(x, *w, g, kernel=kernel, fuse_splitk=fuse_splitk)
+                          for w in packed]
 
     def int4pack(x: torch.Tensor) -> list:
         xb = x.to(torch.bfloat16)  # converted once, outside the timed calls
         return [lambda w=w: torch._weight_int4pack_mm(xb, w[0], g, w[1]) for w in int4]
 
     impls = {"awq": ours("auto"), "awq[mma]": ours("mma"), "awq[direct]": ours("gemv_direct"),
+             "awq[direct,2 launches]": ours("gemv_direct", fuse_splitk=False),
              "fp16": lambda x: [lambda w=w: torch.matmul(x, w) for w in fp16]}
     if int4:
         impls["int4pack"] = int4pack
@@ -165,6 +167,8 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
                 continue  # that is what "awq" runs at this M
             if name == "awq[direct]" and m > GEMV_DIRECT_MAX_M:
                 continue
+            if name == "awq[direct,2 launches]" and m > 1:
+                continue  # the fused split-K's gain, measured at decode's M = 1 only
             fns = make(x)
             try:
                 h_us = host_us(fns[0])  # the GPU sleeps twice that before each timed call

@@ -28,7 +28,9 @@
 //     one: CH divides 32, which divides G): at most once per chunk, no per-step conditions.
 //   * At the end: the ROWS lanes holding the same columns add by shuffles (butterfly, fixed
 //     order), the 8 warps meet in shared memory and thread t adds column t over the warps in a
-//     fixed order. Deterministic; no atomics.
+//     fixed order. Split over K, the last block of each column tile also adds the splits (in
+//     split order) in the same launch, so no second kernel: one atomic per block only counts
+//     arrivals, it adds nothing, and the result is deterministic.
 #include "common.cuh"
 
 constexpr int GD_WARPS = 8;
@@ -88,11 +90,18 @@ __device__ __forceinline__ void gd_load_group(const u32* qzeros, const u16* scal
 // chunks of CH = U * VEC rows; warp w takes chunks w, w + 8, w + 16, ... Since CH divides 32
 // (so every split is whole chunks) and G (so a chunk lies in one group), the loop has no
 // per-step conditions: one group check per chunk, then U steps of straight-line code.
+//
+// Split-K in one launch (counters != nullptr and gridDim.y > 1): every block writes its fp32
+// partials to `out` [splits, M, N] as above, then counts itself done on its column tile; the
+// block that finishes a tile last adds the tile's partials in split order -- the same sums in
+// the same order as splitk_reduce.cu, so the same bits -- writes them to y [M, N] and sets the
+// tile's counter back to zero for the next launch (counters start zeroed; see api.py).
 template <typename T, int MT>
 __global__ void __launch_bounds__(GD_THREADS, 2)
 awq_gemv_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
                 const u32* __restrict__ qzeros, const u16* __restrict__ scales,
-                void* __restrict__ out, int M, int N, int K, int group_size, int kc_per_split) {
+                void* __restrict__ out, int M, int N, int K, int group_size, int kc_per_split,
+                u16* __restrict__ y, int* __restrict__ counters) {
   using S = GdShape<MT>;
   constexpr int VEC = S::VEC, PAIRS = S::PAIRS, U = GdFlush<T>::STEPS, CH = U * VEC;
   static_assert(GD_KC % CH == 0 && 32 % CH == 0, "chunks tile a split and fit in a group");
@@ -193,4 +202,24 @@ awq_gemv_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
         static_cast<u16*>(out)[(size_t)m * N + col] = (u16)(pack2<T>(sum, 0.f) & 0xFFFFu);
     }
   }
+  if (!partial || counters == nullptr) return;
+
+  __shared__ int last;
+  __threadfence();  // this thread's partials are visible device-wide before the block counts
+  __syncthreads();
+  if (threadIdx.x == 0)
+    last = atomicAdd(&counters[blockIdx.x], 1) == static_cast<int>(gridDim.y) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // pairs with the other blocks' fences: their partials are visible now
+  const float* partials = static_cast<const float*>(out);
+  if (col < N) {
+    for (int m = 0; m < M; ++m) {
+      float sum = __ldcg(partials + (size_t)m * N + col);  // split 0; L2 reads, not stale L1
+      for (int sp_i = 1; sp_i < static_cast<int>(gridDim.y); ++sp_i)
+        sum += __ldcg(partials + ((size_t)sp_i * M + m) * N + col);
+      y[(size_t)m * N + col] = (u16)(pack2<T>(sum, 0.f) & 0xFFFFu);
+    }
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }

@@ -87,7 +87,8 @@ class CudaGraphDecoder:
     @torch.no_grad()
     def _capture(self, warmup_steps: int) -> torch.Tensor:
         # Warm-up steps run once eagerly so that lazy set-up (cuBLAS workspaces, kernels
-        # compiled on first use) happens before capture; they write the cache slot at
+        # compiled on first use, per-stream scratch a backend keeps) happens before capture,
+        # on the stream that then captures; they write the cache slot at
         # `position` = cache.length, which the first real step overwrites before reading it.
         self.position.fill_(self.cache.length)
         current = torch.cuda.current_stream(self.model.device)
@@ -97,7 +98,7 @@ class CudaGraphDecoder:
             for _ in range(warmup_steps):
                 self._run()
         current.wait_stream(side)
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=side):
             logits = self._run()
         return logits
 

@@ -177,6 +177,14 @@ def quantized_random():
     return _random_smollm2(quantized=True)
 
 
+def _direct_kernel(x, qweight, qzeros, scales, group_size):
+    import awq_kernels
+
+    m = x.numel() // x.shape[-1]
+    kernel = "gemv_direct" if 0 < m <= 4 else "auto"
+    return awq_kernels.gemm(x, qweight, qzeros, scales, group_size, kernel=kernel)
+
+
 def _logits(model: Llama, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(prefill logits (T, V), logits of one cached decode step (V,)) for ids (1, T)."""
     with torch.no_grad():
@@ -244,7 +252,7 @@ def test_default_model_greedy_tokens_match(quantized_default, prompt):
 # Last in the file: a capture that fails might disturb the CUDA tests after it.
 @needs_gpu
 @pytest.mark.parametrize("variant", [
-    "fp16", "cupy",
+    "fp16", "cupy", "cupy-direct",
     pytest.param("torch", marks=pytest.mark.xfail(
         strict=False, reason="the reference unpack indexed with a host list (a host-to-device "
                              "copy), which CUDA-graph capture refused (H200, torch 2.11, "
@@ -254,7 +262,9 @@ def test_random_model_cuda_graph_steps_match_eager(quantized_random, variant):
     model = _random_smollm2(quantized=False) if variant == "fp16" else quantized_random
     tokens = [11, 4000, 123, 49151, 7, 7, 300, 2]
     ids = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(2)).cuda()
-    if variant != "fp16":
+    if variant == "cupy-direct":  # gemv_direct.cu with its split-K fused (counters per stream)
+        apply_kernel(model, _direct_kernel)
+    elif variant != "fp16":
         apply_kernel(model, backend_kernel(variant, "cuda", torch.float16))
     try:
         with torch.no_grad():

@@ -116,6 +116,47 @@ def test_runs_on_torchs_current_stream():
     assert ((z - ref).norm() / ref.norm()).item() <= 2e-3
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", (1, 2, 3, 4))
+def test_gemv_direct_fused_splitk_equals_two_launches(m, dtype):
+    """The last block of a tile adds the splits in the reduce kernel's order: same bits; and
+    it leaves the stream's counters at zero for the next launch."""
+    from awq_kernels import api
+
+    qweight, qzeros, scales, _ = _weights(14336, 4096, 64)  # K long enough to split
+    x = torch.randn(m, 14336, device="cuda").to(dtype)
+    two = awq_kernels.gemm(x, qweight, qzeros, scales, 64, kernel="gemv_direct", fuse_splitk=False)
+    for _ in range(3):  # counters reused across launches
+        one = awq_kernels.gemm(x, qweight, qzeros, scales, 64, kernel="gemv_direct")
+        assert torch.equal(one.view(torch.int16), two.view(torch.int16))
+    stream = torch.cuda.current_stream()
+    counters = api._splitk_counter_sets[(stream.device_index, stream.cuda_stream)]
+    assert int(counters.abs().sum()) == 0
+
+
+def test_gemv_direct_under_cuda_graph_capture():
+    """A capturing stream without counters falls back to the reduce kernel; one warmed up
+    eagerly first captures the fused launch. Both replay to the eager bits."""
+    qweight, qzeros, scales, _ = _weights(4096, 4096, 128)
+    x = torch.randn(1, 4096, device="cuda").half()
+    want = awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel="gemv_direct")
+    for warm_up in (False, True):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        if warm_up:
+            with torch.cuda.stream(side):
+                awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel="gemv_direct")
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            y = awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel="gemv_direct")
+        for _ in range(2):
+            y.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y.view(torch.int16), want.view(torch.int16)), f"warm_up={warm_up}"
+
+
 def test_bad_cuda_inputs_raise():
     qweight, qzeros, scales, _ = _weights(576, 192, 64)
     x = torch.randn(4, 576, device="cuda").half()
