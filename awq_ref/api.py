@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from awq_ref.fuse import is_fused
 from awq_ref.quant.checkpoint import quant_config_dict
 from awq_ref.quant.packing import PACK_NUM, check_packable
 from awq_ref.quant.qlinear import decoder_linears
@@ -36,6 +37,9 @@ def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: 
     if method == "rtn" and kwargs:
         raise TypeError(f"method 'rtn' takes no extra arguments, got {sorted(kwargs)}")
     spec = QuantSpec(bits=w_bit, group_size=group_size, zero_point=zero_point)
+    if is_fused(model):
+        raise ValueError("quantize: the model's projections are fused (awq_ref.fuse), a run-time "
+                         "form; quantize the model as loaded, then fuse")
     skip = tuple(modules_to_not_convert)
     # Check every layer before touching any, so a bad setting never leaves a half-quantized model.
     if pack:

@@ -29,9 +29,7 @@ def _attend(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
             cache: KVCache, position: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """Attention.forward for one token whose position is a tensor (see the module docstring)."""
     b = x.shape[0]  # x (B, 1, D)
-    q = attn.q_proj(x).view(b, 1, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, 1, Dh)
-    k = attn.k_proj(x).view(b, 1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, 1, Dh)
-    v = attn.v_proj(x).view(b, 1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, 1, Dh)
+    q, k, v = attn.heads(x)  # (B, H, 1, Dh), (B, Hkv, 1, Dh) x 2
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     keys, values = cache.k[attn.layer], cache.v[attn.layer]  # (B, Hkv, S_max, Dh)
     keys.index_copy_(2, position, k)

@@ -107,13 +107,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
+        self.qkv: nn.Module | None = None  # q, k, v as one linear (awq_ref.fuse, run time only)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q (B, H, T, Dh), k and v (B, Hkv, T, Dh), before RoPE."""
+        b, t, _ = x.shape
+        qkv = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        return tuple(y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in qkv)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, D)
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        q, k, v = self.heads(x)  # (B, H, T, Dh), (B, Hkv, T, Dh) x 2
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         past = 0
         if cache is not None:
@@ -140,9 +145,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=bias)
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
+        self.gate_up: nn.Module | None = None  # gate and up as one linear (awq_ref.fuse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):

@@ -17,6 +17,9 @@ for the decode products ("w4 cupy[direct] +emb"). Per variant:
 - weights (memory allocated once built) and peak GPU memory (torch.cuda.max_memory_allocated,
   reset after each variant is built).
 
+Every variant, fp16 included, runs with q/k/v and gate/up fused into one linear each
+(awq_ref.fuse; since 2026-12-05, after the H200 run of 2026-12-04, which had them apart).
+
 Times: torch.cuda.synchronize() around time.perf_counter(), after a warm-up call that compiles
 the kernels. Exits 2 with a message where there is no CUDA device or no CuPy.
 
@@ -44,6 +47,7 @@ from torch import nn
 from awq_ref.backend import backend_kernel, check_backend
 from awq_ref.config import LlamaConfig
 from awq_ref.cuda_graph import CudaGraphDecoder
+from awq_ref.fuse import fuse_projections
 from awq_ref.model import Llama
 from awq_ref.quant.embedding import quantize_embeddings
 from awq_ref.quant.qlinear import QuantLinear, apply_kernel, replace_linears
@@ -156,9 +160,13 @@ def smollm2(quantized: bool) -> tuple[Llama, str]:
 
 
 def build(name: str, quantized: bool) -> tuple[Llama, str]:
+    """The model, its q/k/v and gate/up fused (awq_ref.fuse) in every variant, fp16 included."""
     if name == "smollm2-135m":
-        return smollm2(quantized)
-    return random_llama(LLAMA3_8B, GROUP_SIZE[name] if quantized else None), "random"
+        model, source = smollm2(quantized)
+    else:
+        model, source = random_llama(LLAMA3_8B, GROUP_SIZE[name] if quantized else None), "random"
+    fuse_projections(model)
+    return model, source
 
 
 # --- timing -----------------------------------------------------------------------------------

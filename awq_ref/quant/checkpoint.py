@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from awq_ref.config import LlamaConfig
+from awq_ref.fuse import is_fused
 from awq_ref.loaders.hf import read_safetensors_folder
 from awq_ref.loaders.state_dict import build_on_meta, check_size_claim
 from awq_ref.model import Llama
@@ -161,6 +162,9 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
         raise ValueError("save_quantized: no quant_config given and the model has no "
                          "quantization_config (quantize it with awq_ref.api.quantize)")
     _check_layers(model, *parse_quant_config(quant_config, "quant_config"))
+    if is_fused(model):
+        raise ValueError("save_quantized: the model's projections are fused (awq_ref.fuse), "
+                         "which the AWQ format stores apart; save the model before fusing")
     if not isinstance(model.model.embed_tokens, nn.Embedding):
         raise ValueError("save_quantized: the embeddings are held in 4 bits (quantize_embeddings), "
                          "which the AWQ format does not store; save the model before quantizing "

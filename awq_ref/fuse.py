@@ -1,0 +1,89 @@
+"""Fuse the projections that read the same input into one linear each, at run time.
+
+q, k and v all read the attention's normed input; gate and up both read the MLP's. Stacking
+their weights along the output dimension turns 3 + 2 products into 1 + 1 per block, split on
+the way out:
+
+    [q | k | v] = x @ [Wq | Wk | Wv]        [gate | up] = x @ [Wg | Wu]
+
+Same numbers (each output column is still its own dot product), fewer and larger kernels: at
+decode time on a GPU a product of one row is a kernel launch, and Llama-3-8B's k and v
+(N = 1024) alone cannot fill a GPU. Works for nn.Linear (weights concatenated) and for the packed
+QuantLinear (qweight, qzeros and scales concatenated along N: the format packs columns
+independently, FORMAT.md). Run time only: AWQ and `save_quantized` need the separate layers and
+refuse a fused model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from awq_ref.quant.qlinear import QuantLinear
+
+
+class FusedProjections(nn.Module):
+    """One linear whose output is split into the named projections' outputs."""
+
+    def __init__(self, linear: nn.Module, sizes: tuple[int, ...]):
+        super().__init__()
+        self.linear, self.sizes = linear, sizes
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(x).split(self.sizes, dim=-1)  # views, no copies
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
+
+
+def _stack(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing all of `layers` (same input), or None when they cannot be stacked."""
+    if all(isinstance(m, QuantLinear) for m in layers):
+        if len({(m.in_features, m.group_size) for m in layers}) != 1:
+            return None
+        biases = [m.bias for m in layers]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            return None
+        fused = QuantLinear.from_packed(
+            torch.cat([m.qweight for m in layers], dim=1), torch.cat([m.qzeros for m in layers], dim=1),
+            torch.cat([m.scales for m in layers], dim=1), layers[0].group_size,
+            None if biases[0] is None else torch.cat(biases), name="fused")
+        fused.kernel = layers[0].kernel
+        return fused
+    if all(type(m) is nn.Linear for m in layers):
+        if len({(m.in_features, m.weight.dtype, m.bias is None) for m in layers}) != 1:
+            return None
+        first = layers[0]
+        with torch.device("meta"):
+            fused = nn.Linear(first.in_features, sum(m.out_features for m in layers),
+                              bias=first.bias is not None)
+        fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in layers]), requires_grad=False)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False)
+        return fused
+    return None  # a mix (e.g. one layer kept unquantized): leave them apart
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse (in place) q/k/v and gate/up of every block where their layers allow it; returns
+    how many groups were fused. The separate layers are removed (their memory is freed)."""
+    fused = 0
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if attn.qkv is None:
+            layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+            if (stacked := _stack(layers)) is not None:
+                attn.qkv = FusedProjections(stacked, tuple(m.out_features for m in layers))
+                attn.q_proj = attn.k_proj = attn.v_proj = None
+                fused += 1
+        if mlp.gate_up is None:
+            layers = [mlp.gate_proj, mlp.up_proj]
+            if (stacked := _stack(layers)) is not None:
+                mlp.gate_up = FusedProjections(stacked, tuple(m.out_features for m in layers))
+                mlp.gate_proj = mlp.up_proj = None
+                fused += 1
+    return fused
+
+
+def is_fused(model: nn.Module) -> bool:
+    return any(isinstance(m, FusedProjections) for m in model.modules())
