@@ -209,6 +209,11 @@ class Llama(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only."""
+        return self.lm_head(self.hidden(tokens, cache, last_only))
+
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None,
+               last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> the final norm's output (B, T, D), what lm_head reads."""
         x = self.model.embed_tokens(tokens)  # (B, T, D)
         start = cache.length if cache is not None else 0
         cos, sin = self.rotary(start, tokens.shape[1], x.dtype)
@@ -218,7 +223,7 @@ class Llama(nn.Module):
             cache.length += tokens.shape[1]
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.device, self.model.norm.weight.dtype)

@@ -105,3 +105,27 @@ def test_cli_ppl_with_quantized_embeddings(stories_dir, tmp_path, capsys):
     assert kls[2] < kls[1]  # the token table alone changes less than table + head
     with pytest.raises(SystemExit):
         main(base + ["--quantize-embeddings", "all"])
+
+
+def test_clipped_head_lowers_the_logit_error_on_calibration_tokens():
+    from awq_ref.awq.head import clipped_head, head_gram
+
+    model = tiny_llama(tie_word_embeddings=True)
+    calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(5))
+    w = model.lm_head.weight.detach().clone()
+    clipped = clipped_head(model, calib, group_size=32)
+    assert clipped.shape == w.shape and not torch.equal(clipped, w)
+    assert (clipped.abs() <= w.abs().amax(dim=1, keepdim=True)).all()  # only shrinks ranges
+    gram = head_gram(model, calib)
+
+    def logit_error(table):  # sum over tokens of ||h (q(W) - W)^T||^2 = sum_v e_v^T H e_v
+        e = fake_quantize_weight(table, QuantSpec(4, 32)) - w
+        return torch.einsum("vi,ij,vj->", e, gram, e).item()
+
+    assert logit_error(clipped) < logit_error(w)
+    quantize_embeddings(model, 32, head_weight=clipped)
+    got = model.lm_head.weight_kn(torch.float32).T
+    torch.testing.assert_close(got, fake_quantize_weight(clipped, QuantSpec(4, 32)), rtol=0, atol=2e-3)
+    assert model.lm_head is model.model.embed_tokens.packed  # tied: one clipped table
+    with pytest.raises(ValueError, match="head_weight has shape"):
+        quantize_embeddings(tiny_llama(), 32, head_weight=clipped[:8])

@@ -73,13 +73,16 @@ def _pack_table(weight: torch.Tensor, group_size: int, name: str) -> QuantLinear
 
 def quantize_embeddings(model: nn.Module, group_size: int | None = None,
                         parts: tuple[str, ...] = ("embed", "head"),
-                        init_only: bool = False) -> nn.Module:
+                        init_only: bool = False, head_weight: torch.Tensor | None = None
+                        ) -> nn.Module:
     """Replace (in place) model.model.embed_tokens and model.lm_head by 4-bit RTN versions;
     returns `model`. group_size None: that of the model's first QuantLinear, else the largest of
     128, 64, 32 dividing the hidden size. Tied tables stay tied: one packed table for both.
     `parts` picks the tables ("embed", "head"); a tied model quantized in one part only keeps
     its 16-bit table for the other (so saves no memory). With init_only the packed tables are
-    only allocated (as `replace_linears` does)."""
+    only allocated (as `replace_linears` does). head_weight (V, D), e.g. from
+    `awq_ref.awq.head.clipped_head`, is rounded in place of lm_head.weight (and of the token
+    table too when the two are tied)."""
     if not parts or set(parts) - {"embed", "head"}:
         raise ValueError(f"quantize_embeddings: parts must name 'embed' and/or 'head', got {parts!r}")
     if isinstance(model.model.embed_tokens, QuantEmbedding):
@@ -102,9 +105,13 @@ def quantize_embeddings(model: nn.Module, group_size: int | None = None,
             return QuantLinear(d, v, group_size, device=weight.device)
         return _pack_table(weight, group_size, name)
 
-    embed = pack(table, "model.embed_tokens") if "embed" in parts else None
+    if head_weight is not None and head_weight.shape != model.lm_head.weight.shape:
+        raise ValueError(f"quantize_embeddings: head_weight has shape {tuple(head_weight.shape)}, "
+                         f"lm_head.weight {tuple(model.lm_head.weight.shape)}")
+    head = model.lm_head.weight if head_weight is None else head_weight
+    embed = pack(head if tied else table, "model.embed_tokens") if "embed" in parts else None
     if "head" in parts:
-        model.lm_head = embed if tied and embed is not None else pack(model.lm_head.weight, "lm_head")
+        model.lm_head = embed if tied and embed is not None else pack(head, "lm_head")
     if embed is not None:
         model.model.embed_tokens = QuantEmbedding(embed, dtype)
     return model
