@@ -69,7 +69,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
 
     Written as x * cos + roll(x) * sin_signed with roll(x) = (x2, x1): the same bits as HF's
     x * cos + rotate_half(x) * sin (negating is exact), in four kernels on CUDA (mul, roll, mul,
-    add) instead of six (chunk's copy-free, then neg, cat, two mul, add).
+    add) instead of five (chunk is a view; then neg, cat, two mul, add).
     x (B, H, T, Dh); cos, sin_signed (T, Dh) from `rotary_tables`.
     """
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
