@@ -38,6 +38,25 @@ def _add_backend_arg(p: argparse.ArgumentParser) -> None:
                    help="also hold the token table (embed), lm_head (head) or both (the default "
                         "when given alone) in 4 bits, RTN at load time: memory on large "
                         "vocabularies; the head costs quality (see docs/quantize-your-model.md)")
+    p.add_argument("--head-calib", nargs="+", default=None, metavar="FILE",
+                   help="with --quantize-embeddings: clip the 4-bit lm_head's groups against the "
+                        "final hidden states of 128 x 512 tokens of these texts (awq_ref.awq.head;"
+                        " recovers much of the head's cost)")
+
+
+def _clipped_head(args: argparse.Namespace, model):
+    """The lm_head weight clipped against --head-calib texts, or None without them."""
+    if not args.head_calib:
+        return None
+    from pathlib import Path
+
+    from awq_ref.awq.calibration import calibration_tokens
+    from awq_ref.awq.head import clipped_head
+    from awq_ref.loaders import load_tokenizer
+    from awq_ref.quant.embedding import default_group_size
+
+    tokens = calibration_tokens(load_tokenizer(args.model), [Path(f) for f in args.head_calib])
+    return clipped_head(model, tokens, default_group_size(model))
 
 
 def _load_for_inference(args: argparse.Namespace):
@@ -51,7 +70,10 @@ def _load_for_inference(args: argparse.Namespace):
         from awq_ref.quant.embedding import quantize_embeddings
 
         parts = {"embed": ("embed",), "head": ("head",), "both": ("embed", "head")}
-        quantize_embeddings(model, parts=parts[args.quantize_embeddings])
+        quantize_embeddings(model, parts=parts[args.quantize_embeddings],
+                            head_weight=_clipped_head(args, model))
+    elif args.head_calib:
+        raise ValueError("--head-calib clips the 4-bit lm_head: it needs --quantize-embeddings")
     if args.fuse_projections:
         from awq_ref.fuse import fuse_projections
 

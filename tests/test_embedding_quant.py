@@ -129,3 +129,22 @@ def test_clipped_head_lowers_the_logit_error_on_calibration_tokens():
     assert model.lm_head is model.model.embed_tokens.packed  # tied: one clipped table
     with pytest.raises(ValueError, match="head_weight has shape"):
         quantize_embeddings(tiny_llama(), 32, head_weight=clipped[:8])
+
+
+def test_cli_head_calib_clips_the_head(stories_dir, shared_data, tmp_path, capsys):
+    stories = shared_data / "text" / "tinystories" / "tinystories_val_prefix.txt"
+    text = tmp_path / "t.txt"
+    text.write_text(stories.read_text()[-8000:])  # in-domain text, away from the start
+    ckpt = str(stories_dir / "stories260K.bin")
+    base = ["ppl", "--model", ckpt, "--text", str(text), "--seqlen", "256", "--reference", ckpt,
+            "--quantize-embeddings", "head"]
+    calib = tmp_path / "calib.txt"
+    calib.write_text(stories.read_text()[:150000])  # enough for 128 x 512 tokens of 512 ids
+    kls = []
+    for extra in ([], ["--head-calib", str(calib)]):
+        assert main(base + extra) == 0
+        out = capsys.readouterr().out.split()
+        kls.append(float(out[out.index("KL") + 1].rstrip(",")))
+    assert kls[1] < kls[0], kls
+    assert main(["ppl", "--model", ckpt, "--text", str(text), "--head-calib", str(calib)]) == 2
+    assert "needs --quantize-embeddings" in capsys.readouterr().err

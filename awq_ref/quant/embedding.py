@@ -71,13 +71,21 @@ def _pack_table(weight: torch.Tensor, group_size: int, name: str) -> QuantLinear
     return QuantLinear.from_linear(lin, QuantSpec(4, group_size), name)
 
 
+def default_group_size(model: nn.Module) -> int:
+    """The decoder's group size (its first QuantLinear's), else the largest of 128, 64, 32 that
+    divides the hidden size (0 if none does)."""
+    decoder = [m.group_size for m in model.modules() if isinstance(m, QuantLinear)]
+    d = model.config.hidden_size
+    return decoder[0] if decoder else next((g for g in (128, 64, 32) if d % g == 0), 0)
+
+
 def quantize_embeddings(model: nn.Module, group_size: int | None = None,
                         parts: tuple[str, ...] = ("embed", "head"),
                         init_only: bool = False, head_weight: torch.Tensor | None = None
                         ) -> nn.Module:
     """Replace (in place) model.model.embed_tokens and model.lm_head by 4-bit RTN versions;
-    returns `model`. group_size None: that of the model's first QuantLinear, else the largest of
-    128, 64, 32 dividing the hidden size. Tied tables stay tied: one packed table for both.
+    returns `model`. group_size None: `default_group_size`. Tied tables stay tied: one packed
+    table for both.
     `parts` picks the tables ("embed", "head"); a tied model quantized in one part only keeps
     its 16-bit table for the other (so saves no memory). With init_only the packed tables are
     only allocated (as `replace_linears` does). head_weight (V, D), e.g. from
@@ -89,9 +97,7 @@ def quantize_embeddings(model: nn.Module, group_size: int | None = None,
         raise ValueError("quantize_embeddings: the embeddings are already quantized")
     table = model.model.embed_tokens.weight  # (V, D)
     v, d = table.shape
-    if group_size is None:
-        decoder = [m.group_size for m in model.modules() if isinstance(m, QuantLinear)]
-        group_size = decoder[0] if decoder else next((g for g in (128, 64, 32) if d % g == 0), 0)
+    group_size = default_group_size(model) if group_size is None else group_size
     if group_size <= 0 or d % group_size:
         raise ValueError(f"quantize_embeddings: group_size {group_size} does not divide the "
                          f"hidden size {d}")
