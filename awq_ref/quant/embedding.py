@@ -14,8 +14,9 @@ so each token's D values are quantized in groups of G, and lm_head runs on the s
 every other QuantLinear. A tied model (SmolLM2) keeps ONE packed table, shared by both modules
 (like the tied fp weight). The token table rounds almost for free; the lm_head does not, and
 `awq_ref.awq.head.clipped_head` clips it against calibration activations first
-(`head_weight=`; measured in docs/quantize-your-model.md). The result is a run-time model: `save_quantized` refuses it, since
-readers of the AWQ format (vLLM, transformers) expect 16-bit embeddings.
+(`head_weight=`; measured in docs/quantize-your-model.md). The result is a run-time model:
+`save_quantized` refuses it, since readers of the AWQ format (vLLM, transformers) expect 16-bit
+embeddings.
 """
 
 from __future__ import annotations
