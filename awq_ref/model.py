@@ -6,6 +6,7 @@ S cached positions (past + current).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -190,7 +191,10 @@ class Llama(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.norm.weight.device
+        """Where the token table is (an nn.Embedding, or a packed one: awq_ref.quant.embedding);
+        the streaming quantizer's shell has only that table loaded when it asks."""
+        emb = self.model.embed_tokens
+        return next(itertools.chain(emb.parameters(), emb.buffers())).device
 
     def inv_freq(self) -> torch.Tensor:
         """The RoPE inverse frequencies (Dh/2,) fp32 on the model's device, copied there once: a
