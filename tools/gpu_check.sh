@@ -49,4 +49,7 @@ printf '%s\n' "${summary[@]}"
 grep -E "passed|failed|error" "$RESULTS/tests.log" | grep -E "^=|in [0-9.]+s" || true
 $PY -c "import json, sys; from awq_kernels import benchmark; print(benchmark.summary(json.load(open(sys.argv[1]))))" "$RESULTS/bench_gemm.json" 2>/dev/null
 grep '^|' "$RESULTS/bench_e2e.log"
+echo
+echo "=== issue 5 and 6 targets (tools/targets.py)"
+$PY tools/targets.py --gemm "$RESULTS/bench_gemm.json" --e2e "$RESULTS/bench_e2e.json" || true
 exit $status

@@ -1,0 +1,51 @@
+"""tools/targets.py: the issue 5 and 6 targets judged from benchmark JSON (no GPU needed)."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import targets
+
+
+def _gemm_row(k, n, m, impl, us, pct=50.0):
+    return {"k": k, "n": n, "m": m, "impl": impl, "us": us, "pct_of_floor": pct}
+
+
+def test_gemm_targets_take_the_worst_shape_and_the_best_of_ours():
+    rows = [_gemm_row(4096, 4096, 1, "awq", 10.0, pct=60.0),
+            _gemm_row(4096, 4096, 1, "awq[direct]", 6.0, pct=80.0),
+            _gemm_row(4096, 4096, 1, "fp16", 15.0), _gemm_row(4096, 4096, 1, "int4pack", 9.0),
+            _gemm_row(576, 192, 1, "awq", 5.0, pct=10.0),  # small shape: not in the M=1 target
+            _gemm_row(4096, 4096, 16, "awq", 10.0), _gemm_row(4096, 4096, 16, "fp16", 30.0),
+            _gemm_row(4096, 4096, 16, "int4pack", 40.0)]
+    got = {r["target"]: r for r in targets.gemm_targets({"rows": rows})}
+    m1 = got["M=1 >= 75% of floor (K, N >= 4096)"]
+    assert m1["auto"].startswith("60.00% at 4096x4096 M=1 (awq): NOT met")
+    assert m1["best of ours"].startswith("80.00% at 4096x4096 M=1 (awq[direct]): met")
+    assert got["M=16 >= 2.5x fp16"]["auto"] == "3.00x at 4096x4096 M=16 (awq): met"
+    assert got["M=64 >= 1.8x fp16"]["auto"] == "not measured"
+    int4 = got["faster than torch int4 at every M"]
+    assert int4["auto"].startswith("0.90x at 4096x4096 M=1 (awq): NOT met")
+    assert int4["best of ours"].startswith("1.50x at 4096x4096 M=1 (awq[direct]): met")
+
+
+def test_e2e_targets_and_the_cli(tmp_path, capsys):
+    def row(variant, decode, weights, prefill):
+        return {"model": "llama3-8b", "variant": variant, "decode_graph_tok_s": decode,
+                "weights_gib": weights, "prefill_2048_tok_s": prefill}
+    result = {"rows": [row("fp16", 100.0, 15.0, 1000.0), row("w4 cupy", 150.0, 5.4, 900.0),
+                       row("w4 cupy +emb", 260.0, 4.0, 910.0), row("w4 torch", None, 5.5, 200.0)]}
+    got = {r["target"]: r for r in targets.e2e_targets(result)}
+    decode = got["llama3-8b decode (graph) >= 2.5x fp16"]
+    assert decode["auto"].startswith("1.50x at w4 cupy: NOT met")
+    assert decode["best of ours"].startswith("2.60x at w4 cupy +emb: met")
+    weights = got["llama3-8b weights <= 30% of fp16"]
+    assert weights["best of ours"] == "0.27 at w4 cupy +emb: met"
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps(result))
+    assert targets.main(["--e2e", str(path)]) == 0
+    assert "| llama3-8b prefill 2048 >= 1.0x fp16 |" in capsys.readouterr().out
+    assert targets.main(["--e2e", str(tmp_path / "absent.json")]) == 2
+    assert targets.main([]) == 2

@@ -1,0 +1,149 @@
+"""The speed and memory targets of issues 5 and 6, checked against the benchmarks' JSON.
+
+    PYTHONPATH=. python tools/targets.py --gemm out/gpu_check/bench_gemm.json \
+        --e2e out/gpu_check/bench_e2e.json
+
+Issue 5 (tools/bench_gemm.py; per shape and M, "ours" = the best awq* implementation timed,
+"awq" = what `auto` dispatches to):
+  M = 1 at >= 75% of the roofline floor on shapes with K, N >= 4096; M = 16 >= 2.5x fp16 cuBLAS;
+  M = 64 >= 1.8x; M = 128 >= 1.0x; M >= 1024 >= 0.9x; faster than torch's int4 kernel at every M.
+Issue 6 (tools/bench_e2e.py, the Llama-3-8B shape; "w4" = the best "w4 cupy*" variant):
+  batch-1 decode (CUDA graph) >= 2.5x fp16 tokens/s; weights <= 30% of fp16; prefill of 2048
+  tokens >= 1.0x fp16.
+Prints one markdown row per target: the worst case over the shapes it covers, where that is,
+and whether the target is met, for `auto` and for the best of ours. Reads JSON only: no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+SPEEDUP_TARGETS = ((16, 2.5), (64, 1.8), (128, 1.0))  # (M, min speedup over fp16)
+LARGE_M, LARGE_M_SPEEDUP = 1024, 0.9
+FLOOR_PCT_AT_M1, FLOOR_MIN_DIM = 75.0, 4096
+E2E_MODEL = "llama3-8b"
+
+
+def _worst(points: Iterable[tuple[float, str]], higher_is_better: bool = True
+           ) -> tuple[float, str] | None:
+    points = list(points)
+    if not points:
+        return None
+    return min(points) if higher_is_better else max(points)
+
+
+def _row(target: str, threshold: float, auto: tuple[float, str] | None,
+         ours: tuple[float, str] | None, higher_is_better: bool = True, unit: str = "") -> dict:
+    def verdict(p):
+        if p is None:
+            return "not measured"
+        ok = p[0] >= threshold if higher_is_better else p[0] <= threshold
+        return f"{p[0]:.2f}{unit} at {p[1]}: {'met' if ok else 'NOT met'}"
+    return {"target": target, "auto": verdict(auto), "best of ours": verdict(ours)}
+
+
+def gemm_targets(result: dict) -> list[dict]:
+    by_point: dict[tuple[int, int, int], dict[str, dict]] = {}
+    for r in result["rows"]:
+        by_point.setdefault((r["k"], r["n"], r["m"]), {})[r["impl"]] = r
+    ours_names = [name for impls in by_point.values() for name in impls if name.startswith("awq")]
+
+    def best(impls: dict[str, dict]) -> dict | None:
+        mine = [impls[n] for n in dict.fromkeys(ours_names) if n in impls]
+        return min(mine, key=lambda r: r["us"]) if mine else None
+
+    def collect(select: Callable[[int, int, int], bool], value: Callable[[dict, dict], float],
+                which: str) -> list[tuple[float, str]]:
+        out = []
+        for (k, n, m), impls in by_point.items():
+            row = impls.get("awq") if which == "auto" else best(impls)
+            if select(k, n, m) and row is not None:
+                out.append((value(row, impls), f"{k}x{n} M={m} ({row['impl']})"))
+        return out
+
+    def pct(row: dict, impls: dict) -> float:
+        return row["pct_of_floor"]
+
+    def speedup(row: dict, impls: dict) -> float:
+        return impls["fp16"]["us"] / row["us"] if "fp16" in impls else float("nan")
+
+    def vs_int4(row: dict, impls: dict) -> float:
+        return impls["int4pack"]["us"] / row["us"]
+
+    rows = []
+    m1 = lambda k, n, m: m == 1 and k >= FLOOR_MIN_DIM and n >= FLOOR_MIN_DIM
+    rows.append(_row(f"M=1 >= {FLOOR_PCT_AT_M1:.0f}% of floor (K, N >= {FLOOR_MIN_DIM})",
+                     FLOOR_PCT_AT_M1, _worst(collect(m1, pct, "auto")),
+                     _worst(collect(m1, pct, "ours")), unit="%"))
+    for m_target, s in SPEEDUP_TARGETS:
+        sel = lambda k, n, m, mt=m_target: m == mt
+        rows.append(_row(f"M={m_target} >= {s}x fp16", s, _worst(collect(sel, speedup, "auto")),
+                         _worst(collect(sel, speedup, "ours")), unit="x"))
+    big = lambda k, n, m: m >= LARGE_M
+    rows.append(_row(f"M>={LARGE_M} >= {LARGE_M_SPEEDUP}x fp16", LARGE_M_SPEEDUP,
+                     _worst(collect(big, speedup, "auto")), _worst(collect(big, speedup, "ours")),
+                     unit="x"))
+    has_int4 = lambda k, n, m: "int4pack" in by_point[(k, n, m)]
+    rows.append(_row("faster than torch int4 at every M", 1.0,
+                     _worst(collect(has_int4, vs_int4, "auto")),
+                     _worst(collect(has_int4, vs_int4, "ours")), unit="x"))
+    return rows
+
+
+def e2e_targets(result: dict, model: str = E2E_MODEL) -> list[dict]:
+    rows = {r["variant"]: r for r in result["rows"] if r["model"] == model}
+    fp16 = rows.get("fp16")
+    ours = {v: r for v, r in rows.items() if v.startswith("w4 cupy")}
+    if fp16 is None or not ours:
+        return [{"target": f"{model} end to end", "auto": "not measured", "best of ours": "not measured"}]
+
+    def ratio(key: str, higher_is_better: bool = True) -> tuple[tuple[float, str] | None, ...]:
+        points = [(r[key] / fp16[key], v) for v, r in ours.items() if r.get(key) is not None]
+        auto = next(((x, v) for x, v in points if v == "w4 cupy"), None)
+        best = (max(points) if higher_is_better else min(points)) if points else None
+        return auto, best
+
+    out = []
+    auto, best = ratio("decode_graph_tok_s")
+    out.append(_row(f"{model} decode (graph) >= 2.5x fp16", 2.5, auto, best, unit="x"))
+    auto, best = ratio("weights_gib", higher_is_better=False)
+    out.append(_row(f"{model} weights <= 30% of fp16", 0.30, auto, best, higher_is_better=False))
+    auto, best = ratio("prefill_2048_tok_s")
+    out.append(_row(f"{model} prefill 2048 >= 1.0x fp16", 1.0, auto, best, unit="x"))
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gemm", type=Path, help="tools/bench_gemm.py's JSON")
+    p.add_argument("--e2e", type=Path, help="tools/bench_e2e.py's JSON")
+    args = p.parse_args(argv)
+    rows = []
+    try:
+        if args.gemm:
+            rows += gemm_targets(json.loads(args.gemm.read_text()))
+        if args.e2e:
+            rows += e2e_targets(json.loads(args.e2e.read_text()))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"targets.py: cannot read the benchmark results: {e!r}", file=sys.stderr)
+        return 2
+    if not rows:
+        print("targets.py: give --gemm and/or --e2e", file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
