@@ -22,15 +22,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from awq_ref.model import Attention, KVCache, Llama, apply_rotary, rotary_tables
+from awq_ref.model import Attention, KVCache, Llama, rotary_tables
 
 
 def _attend(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             cache: KVCache, position: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """Attention.forward for one token whose position is a tensor (see the module docstring)."""
     b = x.shape[0]  # x (B, 1, D)
-    q, k, v = attn.heads(x)  # (B, H, 1, Dh), (B, Hkv, 1, Dh) x 2
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q, k, v = attn.heads(x, cos, sin)  # (B, H, 1, Dh), (B, Hkv, 1, Dh) x 2, rotated
     keys, values = cache.k[attn.layer], cache.v[attn.layer]  # (B, Hkv, S_max, Dh)
     keys.index_copy_(2, position, k)
     values.index_copy_(2, position, v)

@@ -110,17 +110,26 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
         self.qkv: nn.Module | None = None  # q, k, v as one linear (awq_ref.fuse, run time only)
 
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> q (B, H, T, Dh), k and v (B, Hkv, T, Dh), before RoPE."""
+    def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q (B, H, T, Dh), k and v (B, Hkv, T, Dh), q and k rotated (RoPE)."""
         b, t, _ = x.shape
-        qkv = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        return tuple(y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in qkv)
+        if self.qkv is None:
+            q, k, v = (proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+                       for proj in (self.q_proj, self.k_proj, self.v_proj))
+            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        # Fused (awq_ref.fuse): q and k lie side by side in the one output, so one rotation
+        # covers both (the same elementwise ops: the same bits as rotating each).
+        nq, nk, nv = self.qkv.sizes
+        qk, v = self.qkv.linear(x).split([nq + nk, nv], dim=-1)
+        qk = apply_rotary(qk.view(b, t, -1, self.head_dim), cos[:, None], sin[:, None])  # (B, T, H+Hkv, Dh)
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, -1, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, D)
-        q, k, v = self.heads(x)  # (B, H, T, Dh), (B, Hkv, T, Dh) x 2
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.heads(x, cos, sin)  # (B, H, T, Dh), (B, Hkv, T, Dh) x 2
         past = 0
         if cache is not None:
             past = cache.length

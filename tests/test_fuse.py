@@ -67,3 +67,21 @@ def test_cli_ppl_fused_equals_unfused(stories_dir, tmp_path, capsys):
     assert main(base + ["--fuse-projections"]) == 0
     fused = float(capsys.readouterr().out.split()[1])
     assert fused == pytest.approx(plain, rel=1e-5)
+
+
+def test_fused_heads_rotate_q_and_k_together_with_the_same_bits():
+    from awq_ref.model import apply_rotary
+
+    model = tiny_llama()
+    fuse_projections(model)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 64)
+    cos, sin = model.rotary(3, 5, torch.float32)
+    with torch.no_grad():
+        q, k, v = attn.heads(x, cos, sin)
+        y = attn.qkv.linear(x)  # (B, T, Nq + Nk + Nv)
+        parts = [p.view(2, 5, -1, attn.head_dim).transpose(1, 2) for p in y.split(attn.qkv.sizes, -1)]
+    assert torch.equal(q, apply_rotary(parts[0], cos, sin))
+    assert torch.equal(k, apply_rotary(parts[1], cos, sin))
+    assert torch.equal(v, parts[2])
+    assert q.shape == (2, 4, 5, 16) and k.shape == v.shape == (2, 2, 5, 16)
