@@ -135,7 +135,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         out:      optional [..., N] tensor of x's dtype to write into (every element written).
         kernel:   "auto" (by M = rows of x: <= 8 CUDA-core GEMV, < 32 tensor-core GEMM,
                   else dequantize + torch.matmul), or one of "gemv" (M <= 8), "gemv_direct"
-                  (M <= 4; registers instead of shared memory, 16-bit products; not yet
+                  (M <= 8; registers instead of shared memory, 16-bit products; not yet
                   timed on a GPU), "mma", "dequant".
         fuse_splitk: gemv_direct only: add the K splits in the same launch (the last block of
                   each column tile does it; same bits) instead of a second kernel.

@@ -35,7 +35,7 @@ MMA_CONFIGS = {16: 1, 32: 2, 64: 2, 128: 2}
 # Row capacities MT of the GEMV kernel (M <= MT rows per launch).
 GEMV_ROWS = (1, 2, 4, 8)
 # Row capacities MT of the direct-load GEMV (gemv_direct.cu).
-GEMV_DIRECT_ROWS = (1, 2, 4)
+GEMV_DIRECT_ROWS = (1, 2, 4, 8)
 COMPILE_OPTIONS = ("-std=c++17",)
 
 

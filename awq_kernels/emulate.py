@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .build import MMA_CONFIGS
-from .plan import GEMV_DIRECT_FLUSH, GEMV_DIRECT_VEC, GEMV_KC, GEMV_NT, MMA_BK, MMA_BN, Launch
+from .plan import GEMV_DIRECT_VEC, GEMV_KC, GEMV_NT, MMA_BK, MMA_BN, Launch, gemv_direct_flush
 
 U32 = np.uint32
 MAGIC2 = {"F16": U32(0x64006400), "BF16": U32(0x43004300)}
@@ -305,7 +305,7 @@ def emulate_gemv_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launc
     nw = n // 8
     mt = launch.config
     vec = GEMV_DIRECT_VEC[mt]
-    lanes_per_row, flush = 32 // vec, GEMV_DIRECT_FLUSH[tag]
+    lanes_per_row, flush = 32 // vec, gemv_direct_flush(tag, mt)
     rows_per_chunk = flush * vec
     c, r = LANE % lanes_per_row, LANE // lanes_per_row
     pairs = 4 * vec

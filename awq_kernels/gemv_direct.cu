@@ -1,4 +1,4 @@
-// gemv_direct.cu -- decode products y[M, N] = x[M, K] @ W[K, N] for M <= MT <= 4, the weights
+// gemv_direct.cu -- decode products y[M, N] = x[M, K] @ W[K, N] for M <= MT <= 8, the weights
 // loaded straight from global memory into registers, the products formed in 16-bit pairs.
 //
 // Inputs and outputs as gemv.cu: x [M, K] T; qweight [K, N/8] int32; qzeros [K/G, N/8] int32;
@@ -40,7 +40,7 @@ constexpr int GD_NT_WORDS = GD_NT / 8;    // 32 packed words per row of the tile
 constexpr int GD_KC = 32;                 // split unit: rows per block = kc_per_split * GD_KC
 
 // Lane geometry for a row capacity MT: fewer words per lane as MT grows keeps the fp32
-// accumulators (MT x 8 * VEC per lane) at 32 registers.
+// accumulators (MT x 8 * VEC per lane) at 32 registers (64 for MT = 8).
 template <int MT> struct GdShape {
   static constexpr int VEC = MT == 1 ? 4 : (MT == 2 ? 2 : 1);  // packed words per lane load
   static constexpr int LANES_PER_ROW = GD_NT_WORDS / VEC;      // 8, 16, 32
@@ -49,8 +49,10 @@ template <int MT> struct GdShape {
 };
 static_assert(GD_KC % (GD_WARPS * 4) == 0, "every warp's share of a split unit is whole steps");
 
-template <typename T> struct GdFlush { static constexpr int STEPS = 8; };
-template <> struct GdFlush<BF16> { static constexpr int STEPS = 4; };
+// Steps per chunk (= per flush of the 16-bit accumulators): bf16 rounds 8x coarser than fp16,
+// and MT = 8 keeps U x MT x values in registers.
+template <typename T, int MT> struct GdFlush { static constexpr int STEPS = MT >= 8 ? 4 : 8; };
+template <int MT> struct GdFlush<BF16, MT> { static constexpr int STEPS = 4; };
 
 // VEC consecutive words, read once: no L1 allocation, 256-byte L2 prefetch.
 template <int VEC> __device__ __forceinline__ void ld_stream(const u32* p, u32 (&w)[VEC]);
@@ -97,13 +99,13 @@ __device__ __forceinline__ void gd_load_group(const u32* qzeros, const u16* scal
 // the same order as splitk_reduce.cu, so the same bits -- writes them to y [M, N] and sets the
 // tile's counter back to zero for the next launch (counters start zeroed; see api.py).
 template <typename T, int MT>
-__global__ void __launch_bounds__(GD_THREADS, 2)
+__global__ void __launch_bounds__(GD_THREADS, MT >= 8 ? 1 : 2)
 awq_gemv_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
                 const u32* __restrict__ qzeros, const u16* __restrict__ scales,
                 void* __restrict__ out, int M, int N, int K, int group_size, int kc_per_split,
                 u16* __restrict__ y, int* __restrict__ counters) {
   using S = GdShape<MT>;
-  constexpr int VEC = S::VEC, PAIRS = S::PAIRS, U = GdFlush<T>::STEPS, CH = U * VEC;
+  constexpr int VEC = S::VEC, PAIRS = S::PAIRS, U = GdFlush<T, MT>::STEPS, CH = U * VEC;
   static_assert(GD_KC % CH == 0 && 32 % CH == 0, "chunks tile a split and fit in a group");
   __shared__ float red[GD_WARPS][GD_NT];
 

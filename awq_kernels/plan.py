@@ -22,8 +22,14 @@ DEQUANT_THREADS, REDUCE_THREADS = 256, 256
 GEMV_MAX_M = max(GEMV_ROWS)   # decode sizes go to the CUDA-core GEMV
 # gemv_direct.cu: packed words per lane load by row capacity MT (GdShape::VEC), and how many
 # steps its 16-bit accumulators run before a flush into fp32 (GdFlush::STEPS).
-GEMV_DIRECT_VEC = {1: 4, 2: 2, 4: 1}
-GEMV_DIRECT_FLUSH = {"F16": 8, "BF16": 4}
+GEMV_DIRECT_VEC = {1: 4, 2: 2, 4: 1, 8: 1}
+
+
+def gemv_direct_flush(tag: str, mt: int) -> int:
+    """GdFlush<T, MT>::STEPS: steps per chunk of gemv_direct.cu."""
+    return 4 if tag == "BF16" or mt >= 8 else 8
+
+
 GEMV_DIRECT_MAX_M = max(GEMV_DIRECT_ROWS)
 # From here dequantize + cuBLAS. Measured on an H200 (tools/bench_gemm.py, 7 shapes, G = 128;
 # docs/gpu/h200-2026-12-04): at M = 32 it beat the tensor-core kernel on 5 of 7 shapes (lost 6%

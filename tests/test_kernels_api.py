@@ -78,11 +78,11 @@ def test_layout():
 
 def test_gemv_refuses_large_m():
     _raises(ValueError, "kernel='gemv' handles at most 8 rows", *_args(m=9), kernel="gemv")
-    _raises(ValueError, "kernel='gemv_direct' handles at most 4 rows", *_args(m=5),
+    _raises(ValueError, "kernel='gemv_direct' handles at most 8 rows", *_args(m=9),
             kernel="gemv_direct")
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("k,n", [(4096, 4096), (8192, 28672), (14336, 4096), (576, 192),
                                  (160, 320)])
 def test_plan_gemv_direct_covers_output_and_k(m, k, n):

@@ -137,11 +137,12 @@ def _check_product(partials: np.ndarray, x: torch.Tensor, w: torch.Tensor, tag: 
     return err
 
 
-# (M, K, N, G, SMs): every row capacity (1, 2, 4), a ragged column tile (N = 320), splits whose
+# (M, K, N, G, SMs): every row capacity (1, 2, 4, 8), a ragged column tile (N = 320), splits whose
 # rows start inside a group; the (1, 2048, 64) case gives each warp 16 steps (two flushes) and a
 # group reload every 8 steps.
 GEMV_DIRECT_CASES = [(1, 512, 320, 64, 2), (1, 2048, 64, 32, 1), (2, 256, 192, 32, 2),
-                     (3, 1024, 256, 128, 2), (4, 256, 320, 32, 2)]
+                     (3, 1024, 256, 128, 2), (4, 256, 320, 32, 2), (6, 256, 192, 64, 2),
+                     (8, 512, 64, 32, 1)]
 
 
 @pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])

@@ -237,7 +237,7 @@ def _fresh_peak() -> float:
 
 def direct_kernel(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                   scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """awq_kernels.gemm with gemv_direct.cu for M <= 4 (decode), `auto` otherwise: that GEMV
+    """awq_kernels.gemm with gemv_direct.cu for M <= 8 (decode), `auto` otherwise: that GEMV
     is not yet `auto`'s choice (not timed on a GPU when written)."""
     import awq_kernels
     from awq_kernels.plan import GEMV_DIRECT_MAX_M

@@ -19,7 +19,7 @@ from awq_kernels import reference
 CASES = [  # (M, K, N, G, kernel)
     (1, 576, 192, 64, "gemv"), (5, 160, 320, 32, "gemv"), (8, 1536, 576, 128, "gemv"),
     (1, 576, 192, 64, "gemv_direct"), (2, 160, 320, 32, "gemv_direct"),
-    (3, 1536, 576, 128, "gemv_direct"),
+    (3, 1536, 576, 128, "gemv_direct"), (7, 576, 192, 32, "gemv_direct"),
     (1, 576, 192, 64, "mma"), (17, 160, 320, 32, "mma"), (40, 1536, 576, 128, "mma"),
     (300, 576, 192, 64, "dequant"), (33, 1536, 576, 32, "auto"),
 ]

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from awq_kernels import build
-from awq_kernels.plan import GEMV_DIRECT_FLUSH, GEMV_DIRECT_VEC, GEMV_KC
+from awq_kernels.plan import GEMV_DIRECT_VEC, GEMV_KC, gemv_direct_flush
 
 _INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^\.(L_x_\d+):")
@@ -77,7 +77,7 @@ def weights_per_iteration(expr: str) -> int | None:
         return None
     if m[1] == "gemv":  # one word per lane on each of the warp's KC / 8 rows of a stage
         return 8 * GEMV_KC // 8
-    return 8 * GEMV_DIRECT_VEC[int(m[3])] * GEMV_DIRECT_FLUSH[m[2]]  # U steps of VEC words
+    return 8 * GEMV_DIRECT_VEC[int(m[3])] * gemv_direct_flush(m[2], int(m[3]))  # U steps of VEC words
 
 
 def main(argv: list[str] | None = None) -> int:
