@@ -47,7 +47,6 @@ template <int MT> struct GdShape {
   static constexpr int ROWS = 32 / LANES_PER_ROW;              // rows per warp step (= VEC)
   static constexpr int PAIRS = 4 * VEC;                        // column pairs per lane
 };
-static_assert(GD_KC % (GD_WARPS * 4) == 0, "every warp's share of a split unit is whole steps");
 
 // Steps per chunk (= per flush of the 16-bit accumulators): bf16 rounds 8x coarser than fp16,
 // and MT = 8 keeps U x MT x values in registers.
