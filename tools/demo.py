@@ -70,7 +70,9 @@ def main() -> None:
     print(f"AWQ took {awq_seconds:.1f} s")
 
     t = step(f"save the packed checkpoint to {ckpt} and load it back")
-    awq_ref.save_quantized(awq, ckpt, tokenizer=tok)
+    # The demo's own output: a second run replaces it (atomically) instead of failing after the
+    # search, as it did before 2026-12-05.
+    awq_ref.save_quantized(awq, ckpt, tokenizer=tok, overwrite=True)
     reloaded = awq_ref.load_model(ckpt)
     probe = calib[:1, :64]
     with torch.no_grad():

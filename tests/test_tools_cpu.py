@@ -1,0 +1,45 @@
+"""CPU parts of the GPU tools: weight bytes by shapes (bench_e2e --count-weights) and the SASS
+loop counter (sass_loops.py) on a hand-written listing."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import bench_e2e
+import sass_loops
+
+
+def test_count_weights_by_shapes():
+    rows = {(r["model"], r["variant"]): r for r in bench_e2e.count_weights()}
+    fp16 = rows[("llama3-8b", "fp16")]["weights_gib"]
+    assert 14.9 < fp16 < 15.0  # 8.03e9 parameters x 2 bytes
+    assert 0.35 < rows[("llama3-8b", "w4")]["of_fp16"] < 0.37  # fp16 tables: 2 GiB
+    assert rows[("llama3-8b", "w4 +emb")]["of_fp16"] < 0.30  # the issue 6 target
+    small = rows[("smollm2-135m", "w4 +emb")]["weights_gib"]
+    assert small < rows[("smollm2-135m", "w4")]["weights_gib"]
+
+
+LISTING = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   HFMA2 R8, R4, R5, R8 ;
+        /*0030*/                   HFMA2 R9, R4, R6, R9 ;
+        /*0040*/               @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0050*/                   FADD R10, R8, R9 ;
+        /*0060*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_sass_loops_counts_backward_branches_only():
+    found = sass_loops.loops(LISTING)
+    assert len(found) == 1  # the forward branch to .L_x_2 closes no loop
+    assert found[0] == {"LDG": 1, "HFMA2": 2, "BRA": 1}
+    assert sass_loops.weights_per_iteration("awq_gemv_direct<F16, 1>") == 8 * 4 * 8
+    assert sass_loops.weights_per_iteration("awq_gemv_direct<BF16, 8>") == 8 * 1 * 4
+    assert sass_loops.weights_per_iteration("awq_gemv<F16, 2>") == 32
+    assert sass_loops.weights_per_iteration("splitk_reduce<F16>") is None
