@@ -20,6 +20,7 @@ from .plan import (
     GROUP_SIZES,
     K_MULTIPLE,
     KERNELS,
+    MMA_SPLIT_BLOCKS_PER_SM,
     N_MULTIPLE,
     choose_kernel,
     plan_dequant,
@@ -136,7 +137,8 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         kernel:   "auto" (by M = rows of x: <= 8 CUDA-core GEMV, < 32 tensor-core GEMM,
                   else dequantize + torch.matmul), or one of "gemv" (M <= 8), "gemv_direct"
                   (M <= 8; registers instead of shared memory, 16-bit products; not yet
-                  timed on a GPU), "mma", "dequant".
+                  timed on a GPU), "mma", "mma_split" (the mma kernel split over K to ~4
+                  blocks per SM; not yet timed), "dequant".
         fuse_splitk: gemv_direct only: add the K splits in the same launch (the last block of
                   each column tile does it; same bits) instead of a second kernel.
     Returns:
@@ -189,7 +191,8 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
             launch = plan_gemv_direct(m, n, k, num_sms)
             expr = build.gemv_direct_expr(tag, launch.config)
         else:
-            launch = plan_mma(m, n, k, num_sms)
+            per_sm = MMA_SPLIT_BLOCKS_PER_SM if name == "mma_split" else 0
+            launch = plan_mma(m, n, k, num_sms, blocks_per_sm=per_sm)
             expr = build.mma_expr(tag, launch.config)
         target = y2
         if launch.splits > 1:  # (splits, M, N) fp32 partial sums

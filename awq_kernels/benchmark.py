@@ -134,6 +134,7 @@ def _impls(k: int, n: int, g: int) -> dict[str, Callable[[torch.Tensor], list]]:
 
     impls = {"awq": ours("auto"), "awq[mma]": ours("mma"), "awq[direct]": ours("gemv_direct"),
              "awq[direct,2 launches]": ours("gemv_direct", fuse_splitk=False),
+             "awq[mma,split]": ours("mma_split"),
              "fp16": lambda x: [lambda w=w: torch.matmul(x, w) for w in fp16]}
     if int4:
         impls["int4pack"] = int4pack
@@ -169,6 +170,8 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
                 continue
             if name == "awq[direct,2 launches]" and m > 1:
                 continue  # the fused split-K's gain, measured at decode's M = 1 only
+            if name == "awq[mma,split]" and not GEMV_MAX_M < m < 2 * DEQUANT_MIN_M:
+                continue  # the occupancy experiment: where the mma kernel runs or nearly
             fns = make(x)
             try:
                 h_us = host_us(fns[0])  # the GPU sleeps twice that before each timed call

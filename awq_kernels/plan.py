@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .build import GEMV_DIRECT_ROWS, GEMV_ROWS, MMA_CONFIGS
 
-KERNELS = ("auto", "gemv", "gemv_direct", "mma", "dequant")
+KERNELS = ("auto", "gemv", "gemv_direct", "mma", "mma_split", "dequant")
 GROUP_SIZES = (32, 64, 128)
 N_MULTIPLE = 64           # WARP_N of gemm_mma.cu: a warp's 64 columns are all valid or all not
 K_MULTIPLE = 32           # BK of gemm_mma.cu and GEMV_KC of gemv.cu
@@ -72,15 +72,22 @@ def _splits(tiles: int, k_steps: int, target_blocks: int) -> tuple[int, int]:
     return cdiv(k_steps, per_split), per_split
 
 
-def plan_mma(m: int, n: int, k: int, num_sms: int) -> Launch:
-    """Largest tile that still gives every SM a block; split K when far fewer tiles than SMs."""
+MMA_SPLIT_BLOCKS_PER_SM = 4  # "mma_split": split K up to this many blocks per SM (not yet timed)
+
+
+def plan_mma(m: int, n: int, k: int, num_sms: int, blocks_per_sm: int = 0) -> Launch:
+    """Largest tile that still gives every SM a block; split K when far fewer tiles than SMs,
+    or (blocks_per_sm > 0) until about blocks_per_sm blocks per SM: at M = 16 the tiles alone
+    give under 2 warps per SM (2 warps per block), too few to keep loads in flight."""
     n_tiles = cdiv(n, MMA_BN)
     bm = min(max(MMA_CONFIGS), max(min(MMA_CONFIGS), 1 << (m - 1).bit_length()))
     while bm > 32 and cdiv(m, bm) * n_tiles < num_sms:
         bm //= 2
     tiles = cdiv(m, bm) * n_tiles
     splits, per_split = (1, k // MMA_BK)
-    if 2 * tiles <= num_sms:  # under half a wave: the partial-sum traffic is worth it
+    if blocks_per_sm and tiles < blocks_per_sm * num_sms:
+        splits, per_split = _splits(tiles, k // MMA_BK, blocks_per_sm * num_sms)
+    elif 2 * tiles <= num_sms:  # under half a wave: the partial-sum traffic is worth it
         splits, per_split = _splits(tiles, k // MMA_BK, num_sms)
     threads = 32 * MMA_CONFIGS[bm] * MMA_WARPS_N
     return Launch("mma", bm, (n_tiles, cdiv(m, bm), splits), (threads, 1, 1), splits, per_split)

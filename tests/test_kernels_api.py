@@ -132,6 +132,17 @@ def test_choose_kernel():
     assert choose_kernel(4, "mma") == "mma"
 
 
+@pytest.mark.parametrize("m", [9, 16, 31, 64])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096), (576, 192)])
+def test_plan_mma_split_reaches_more_blocks_and_covers_k(m, k, n):
+    plain, split = plan_mma(m, n, k, 132), plan_mma(m, n, k, 132, blocks_per_sm=4)
+    steps = k // MMA_BK
+    assert split.grid[:2] == plain.grid[:2] and split.splits >= plain.splits
+    assert (split.splits - 1) * split.k_per_split < steps <= split.splits * split.k_per_split
+    blocks = split.grid[0] * split.grid[1] * split.splits
+    assert blocks >= 4 * 132 or split.splits == min(16, max(1, steps // 4))  # or K ran out
+
+
 def test_small_grids_split_k():
     assert plan_gemv(1, 4096, 4096, 132).grid[0] * plan_gemv(1, 4096, 4096, 132).splits >= 132
     assert plan_mma(16, 4096, 4096, 132).splits > 1

@@ -46,6 +46,8 @@ def _kernels_for(m: int) -> list[str]:
         kernels.append("gemv")
     if m <= GEMV_DIRECT_MAX_M:
         kernels.append("gemv_direct")
+    if GEMV_MAX_M < m <= 64:
+        kernels.append("mma_split")
     if m >= 256:
         kernels.append("dequant")
     return kernels
