@@ -279,14 +279,18 @@ def bench_model(name: str, s: Settings) -> list[dict]:
 @torch.no_grad()
 def profile_decode(name: str, steps: int = 4, rows: int = 14) -> str:
     """torch.profiler's per-kernel device time over `steps` eager and CUDA-graph decode steps,
-    for fp16 and for W4 on awq_kernels (the tables name each kernel and its mean time)."""
+    for fp16, W4 on awq_kernels (`auto`), and W4 with 4-bit tables on gemv_direct (the tables
+    name each kernel and its mean time)."""
     from torch.profiler import ProfilerActivity, profile
 
     out = []
-    for variant in ("fp16", "w4 cupy"):
+    for variant in ("fp16", "w4 cupy", "w4 cupy[direct] +emb"):
         model, _ = build(name, quantized=variant != "fp16")
-        if variant != "fp16":
+        if variant == "w4 cupy":
             apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
+        elif variant != "fp16":
+            quantize_embeddings(model)
+            apply_kernel(model, direct_kernel)
         cache = model.new_cache(1, 128 + 3 * steps + 8)
         token = model(_prompt(model, 128), cache, last_only=True)[0, -1].argmax()  # 0-dim
         graph = CudaGraphDecoder(model, cache)
