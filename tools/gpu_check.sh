@@ -2,6 +2,11 @@
 # Test and benchmark awq_kernels on a GPU machine in one call (no network needed).
 #
 #   tools/gpu_check.sh            # results under $OUT if set, else out/gpu_check
+#   GPU_CHECK_ONLY="kernel-tests kernel-benchmark" tools/gpu_check.sh   # some steps only
+#
+# The limits add up to more than one 600-second device call: if time is short, run
+# "environment kernel-tests kernel-benchmark" in one call and "e2e-tests e2e-benchmark
+# decode-profile memcheck" in the next (the machine stays warm between calls).
 #
 # Steps, most important first, each under its own time limit so one hang cannot eat the call:
 # environment; GPU correctness of the kernels (tests/test_kernels_gpu.py); the kernel benchmark
@@ -24,8 +29,10 @@ PY=${PYTHON:-python3}
 SCALE=${GPU_CHECK_TIME_SCALE:-1}  # multiplies every step's time limit
 status=0
 summary=()
+ONLY=${GPU_CHECK_ONLY:-}  # e.g. "kernel-tests kernel-benchmark": run only these steps
 step() {  # step NAME LOGFILE SECONDS CMD...: run under a time limit, tee the log, keep first failure
   local name=$1 log=$2 limit=$(( $3 * SCALE )); shift 3
+  if [[ -n $ONLY && " $ONLY " != *" ${name// /-} "* ]]; then return; fi
   local t0=$SECONDS
   echo "=== $name (limit ${limit}s)"
   timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$RESULTS/$log"
@@ -51,5 +58,8 @@ $PY -c "import json, sys; from awq_kernels import benchmark; print(benchmark.sum
 grep '^|' "$RESULTS/bench_e2e.log"
 echo
 echo "=== issue 5 and 6 targets (tools/targets.py)"
-$PY tools/targets.py --gemm "$RESULTS/bench_gemm.json" --e2e "$RESULTS/bench_e2e.json" || true
+targets_args=()  # the JSON files this run (or an earlier call into the same folder) wrote
+[[ -f "$RESULTS/bench_gemm.json" ]] && targets_args+=(--gemm "$RESULTS/bench_gemm.json")
+[[ -f "$RESULTS/bench_e2e.json" ]] && targets_args+=(--e2e "$RESULTS/bench_e2e.json")
+if (( ${#targets_args[@]} )); then $PY tools/targets.py "${targets_args[@]}" || true; fi
 exit $status
