@@ -76,6 +76,8 @@ def test_bad_inputs_raise(tmp_path):
     model = tiny_llama()
     with pytest.raises(ValueError, match="group_size 48 does not divide the hidden size 64"):
         quantize_embeddings(model, group_size=48)
+    with pytest.raises(ValueError, match="none of the group sizes"):
+        quantize_embeddings(tiny_llama(hidden_size=48, num_attention_heads=3, num_key_value_heads=1))
     with pytest.raises(ValueError, match="vocab size 90 is not a multiple of 8"):
         quantize_embeddings(tiny_llama(vocab_size=90))
     quantize_embeddings(model)

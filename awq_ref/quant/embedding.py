@@ -101,6 +101,9 @@ def quantize_embeddings(model: nn.Module, group_size: int | None = None,
     table = model.model.embed_tokens.weight  # (V, D)
     v, d = table.shape
     group_size = default_group_size(model) if group_size is None else group_size
+    if group_size == 0:
+        raise ValueError(f"quantize_embeddings: none of the group sizes 128, 64, 32 divides the "
+                         f"hidden size {d}; pass group_size")
     if group_size <= 0 or d % group_size:
         raise ValueError(f"quantize_embeddings: group_size {group_size} does not divide the "
                          f"hidden size {d}")
