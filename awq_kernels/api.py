@@ -135,7 +135,8 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         group_size: G in (32, 64, 128). Requires K % G == 0 and N % 64 == 0.
         out:      optional [..., N] tensor of x's dtype to write into (every element written).
         kernel:   "auto" (by M = rows of x: <= 8 CUDA-core GEMV, < 32 tensor-core GEMM,
-                  else dequantize + torch.matmul), or one of "gemv" (M <= 8), "gemv_direct"
+                  else dequantize + torch.matmul), "auto_direct" (the same with gemv_direct
+                  for M <= 8), or one of "gemv" (M <= 8), "gemv_direct"
                   (M <= 8; registers instead of shared memory, 16-bit products; not yet
                   timed on a GPU), "mma", "mma_split" (the mma kernel split over K to ~4
                   blocks per SM; not yet timed), "dequant".

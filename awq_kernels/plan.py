@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .build import GEMV_DIRECT_ROWS, GEMV_ROWS, MMA_CONFIGS
 
-KERNELS = ("auto", "gemv", "gemv_direct", "mma", "mma_split", "dequant")
+KERNELS = ("auto", "auto_direct", "gemv", "gemv_direct", "mma", "mma_split", "dequant")
 GROUP_SIZES = (32, 64, 128)
 N_MULTIPLE = 64           # WARP_N of gemm_mma.cu: a warp's 64 columns are all valid or all not
 K_MULTIPLE = 32           # BK of gemm_mma.cu and GEMV_KC of gemv.cu
@@ -57,6 +57,10 @@ class Launch:
 
 
 def choose_kernel(m: int, kernel: str = "auto") -> str:
+    """The kernel for M rows: `auto`'s measured rule; "auto_direct" is the same with
+    gemv_direct for decode sizes (what `auto` becomes if it times faster)."""
+    if kernel == "auto_direct":
+        return "gemv_direct" if m <= GEMV_DIRECT_MAX_M else choose_kernel(m)
     if kernel != "auto":
         return kernel
     if m <= GEMV_MAX_M:

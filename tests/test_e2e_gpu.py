@@ -180,9 +180,7 @@ def quantized_random():
 def _direct_kernel(x, qweight, qzeros, scales, group_size):
     import awq_kernels
 
-    m = x.numel() // x.shape[-1]
-    kernel = "gemv_direct" if 0 < m <= 4 else "auto"
-    return awq_kernels.gemm(x, qweight, qzeros, scales, group_size, kernel=kernel)
+    return awq_kernels.gemm(x, qweight, qzeros, scales, group_size, kernel="auto_direct")
 
 
 def _logits(model: Llama, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -130,6 +130,8 @@ def test_choose_kernel():
     assert [choose_kernel(m) for m in (1, 8, 9, 31, 32, 4096)] == [
         "gemv", "gemv", "mma", "mma", "dequant", "dequant"]
     assert choose_kernel(4, "mma") == "mma"
+    assert [choose_kernel(m, "auto_direct") for m in (1, 8, 9, 32)] == [
+        "gemv_direct", "gemv_direct", "mma", "dequant"]
 
 
 @pytest.mark.parametrize("m", [9, 16, 31, 64])

@@ -237,14 +237,11 @@ def _fresh_peak() -> float:
 
 def direct_kernel(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                   scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """awq_kernels.gemm with gemv_direct.cu for M <= 8 (decode), `auto` otherwise: that GEMV
-    is not yet `auto`'s choice (not timed on a GPU when written)."""
+    """awq_kernels.gemm(kernel="auto_direct"): gemv_direct.cu for decode rows, which `auto`
+    does not pick until it is timed on a GPU."""
     import awq_kernels
-    from awq_kernels.plan import GEMV_DIRECT_MAX_M
 
-    m = x.numel() // x.shape[-1]
-    kernel = "gemv_direct" if 0 < m <= GEMV_DIRECT_MAX_M else "auto"
-    return awq_kernels.gemm(x, qweight, qzeros, scales, group_size, kernel=kernel)
+    return awq_kernels.gemm(x, qweight, qzeros, scales, group_size, kernel="auto_direct")
 
 
 def bench_model(name: str, s: Settings) -> list[dict]:
