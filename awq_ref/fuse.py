@@ -44,6 +44,7 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
         biases = [m.bias for m in layers]
         if any(b is None for b in biases) and not all(b is None for b in biases):
             return None
+        # [K, N/8], [K/G, N/8] and [K/G, N] side by side: N = the sum of the layers' N
         fused = QuantLinear.from_packed(
             torch.cat([m.qweight for m in layers], dim=1), torch.cat([m.qzeros for m in layers], dim=1),
             torch.cat([m.scales for m in layers], dim=1), layers[0].group_size,
@@ -57,7 +58,8 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
         with torch.device("meta"):
             fused = nn.Linear(first.in_features, sum(m.out_features for m in layers),
                               bias=first.bias is not None)
-        fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in layers]), requires_grad=False)
+        weights = [m.weight.detach() for m in layers]  # (N_i, K) each
+        fused.weight = nn.Parameter(torch.cat(weights), requires_grad=False)  # (sum N_i, K)
         if first.bias is not None:
             fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False)
         return fused
