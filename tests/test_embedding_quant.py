@@ -83,6 +83,9 @@ def test_bad_inputs_raise(tmp_path):
     quantize_embeddings(model)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_embeddings(model)
+    for bad in ([[-1, 3]], [[5, 96]]):  # as nn.Embedding: no silent wrap-around
+        with pytest.raises(IndexError, match=r"token ids must be in \[0, 96\)"):
+            model.model.embed_tokens(torch.tensor(bad))
     q = quantize(tiny_llama(), method="rtn", w_bit=4, group_size=32)
     quantize_embeddings(q)
     with pytest.raises(ValueError, match="does not store"):

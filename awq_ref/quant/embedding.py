@@ -50,6 +50,12 @@ class QuantEmbedding(nn.Module):
         # tokens (...) int -> (..., D)
         p = self.packed
         idx = tokens.reshape(-1)  # (T,)
+        # nn.Embedding's check; indexing below would wrap negative ids silently. Checked where
+        # it costs no device sync (on the CPU); on a GPU an id past V still faults in the gather.
+        if idx.device.type == "cpu" and idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.num_embeddings:
+                raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got [{lo}, {hi}]")
         shift = self.shifts[idx % PACK_NUM]  # (T,)
         word = idx // PACK_NUM
         q = (p.qweight[:, word] >> shift) & 0xF  # (D, T) codes
