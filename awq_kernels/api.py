@@ -143,7 +143,8 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         fuse_splitk: gemv_direct only: add the K splits in the same launch (the last block of
                   each column tile does it; same bits) instead of a second kernel.
     Returns:
-        y: [..., N] in x's dtype; fp32 accumulation, deterministic (no atomics).
+        y: [..., N] in x's dtype; fp32 accumulation, deterministic (sums in a fixed order; the
+        fused split-K's one atomic per block only counts arrivals).
     """
     m, k, n = check_gemm_args(x, qweight, qzeros, scales, group_size, out, kernel)
     name = choose_kernel(m, kernel)
