@@ -3,33 +3,41 @@
 #
 # The device tool carries at most 64 MiB of ignored files per call, but a warm machine keeps
 # ignored files between calls. So:
-#   here:    bash tools/gpu_stage_model.sh split          # .devcarry/model.part0..2 + .sha256
-#   device:  call 1 carries .devcarry/model.part0 and .devcarry/model.sha256 (command: true),
-#            call 2 carries .devcarry/model.part1, call 3 .devcarry/model.part2 and runs
+#   here:    bash tools/gpu_stage_model.sh split   # .devcarry/model.part0..1, .sha256, .parts
+#   device:  call 1 carries .devcarry/model.part0, .devcarry/model.sha256 and
+#            .devcarry/model.parts (command: true),
+#            call 2 carries .devcarry/model.part1 and runs
 #            bash tools/gpu_stage_model.sh join && AWQ_REF_CACHE=$PWD/.devcarry/cache \
-#                bash tools/gpu_check.sh
+#                GPU_CHECK_ONLY=e2e-tests bash tools/gpu_check.sh
+# Two parts of 49 MB each (the tracked tree adds ~2 MB to a call); GPU_STAGE_PARTS=3 makes
+# three of 33 MB if a call ever needs more room.
 # `join` checks the SHA-256 of the whole file before it is used, so a part lost between calls
 # (the machine went back) gives a clear error, not a corrupt model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=.devcarry
 NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+PARTS=${GPU_STAGE_PARTS:-2}
 case "${1:-}" in
   split)
     py=${PYTHON:-python3}; [[ -x .venv/bin/python ]] && py=${PYTHON:-.venv/bin/python}
     src=$(PYTHONPATH=. $py -c 'from awq_ref.loaders import default_gguf_path; print(default_gguf_path())')
     mkdir -p "$STAGE"
     rm -f "$STAGE"/model.part*
-    split -n 3 -d -a 1 "$src" "$STAGE/model.part"
+    split -n "$PARTS" -d -a 1 "$src" "$STAGE/model.part"
     (cd "$(dirname "$src")" && sha256sum "$NAME") > "$STAGE/model.sha256"
+    echo "$PARTS" > "$STAGE/model.parts"
     ls -l "$STAGE"
     ;;
   join)
-    for i in 0 1 2; do
+    [[ -f $STAGE/model.parts ]] && PARTS=$(cat "$STAGE/model.parts")  # as split wrote them
+    parts=()
+    for (( i = 0; i < PARTS; i++ )); do
       [[ -f $STAGE/model.part$i ]] || { echo "missing $STAGE/model.part$i: carry it first" >&2; exit 2; }
+      parts+=("$STAGE/model.part$i")
     done
     mkdir -p "$STAGE/cache"
-    cat "$STAGE"/model.part0 "$STAGE"/model.part1 "$STAGE"/model.part2 > "$STAGE/cache/$NAME.part"
+    cat "${parts[@]}" > "$STAGE/cache/$NAME.part"
     mv "$STAGE/cache/$NAME.part" "$STAGE/cache/$NAME"
     (cd "$STAGE/cache" && sha256sum -c ../model.sha256)
     ;;
