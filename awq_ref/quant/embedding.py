@@ -26,7 +26,7 @@ from torch import nn
 
 from awq_ref.quant.packing import AWQ_REVERSE_ORDER, PACK_BITS, PACK_NUM
 from awq_ref.quant.qlinear import QuantLinear
-from awq_ref.quant.quantizer import QuantSpec
+from awq_ref.quant.quantizer import QuantSpec, dequantize
 
 
 class QuantEmbedding(nn.Module):
@@ -58,13 +58,13 @@ class QuantEmbedding(nn.Module):
                 raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got [{lo}, {hi}]")
         shift = self.shifts[idx % PACK_NUM]  # (T,)
         word = idx // PACK_NUM
-        q = (p.qweight[:, word] >> shift) & 0xF  # (D, T) codes
+        q = (p.qweight[:, word] >> shift) & 0xF  # (D, T) codes of the looked-up columns
         z = (p.qzeros[:, word] >> shift) & 0xF  # (D/G, T)
         s = p.scales[:, idx].to(torch.float32)  # (D/G, T)
-        g = p.group_size
-        w = (q.view(-1, g, idx.numel()) - z[:, None]).to(torch.float32) * s[:, None]  # (D/G, G, T)
-        # fp32 then one cast, exactly as dequantize_packed: row v equals the lm_head's column v.
-        return w.reshape(p.in_features, -1).T.to(self.dtype_ref.dtype).reshape(*tokens.shape, -1)
+        # The quantizer's formula in fp32 then one cast, as dequantize_packed: row v equals the
+        # lm_head's column v bit for bit.
+        w = dequantize(q.T, s.T, z.T)  # (T, D)
+        return w.to(self.dtype_ref.dtype).reshape(*tokens.shape, -1)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.packed.group_size}, "
