@@ -20,6 +20,7 @@ from .plan import (
     GROUP_SIZES,
     K_MULTIPLE,
     KERNELS,
+    MMA_DIRECT_MAX_M,
     MMA_SPLIT_BLOCKS_PER_SM,
     N_MULTIPLE,
     choose_kernel,
@@ -27,6 +28,7 @@ from .plan import (
     plan_gemv,
     plan_gemv_direct,
     plan_mma,
+    plan_mma_direct,
     plan_reduce,
 )
 
@@ -111,6 +113,9 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     if kernel == "gemv_direct" and m > GEMV_DIRECT_MAX_M:
         raise ValueError(f"kernel='gemv_direct' handles at most {GEMV_DIRECT_MAX_M} rows, "
                          f"got M = {m}")
+    if kernel == "mma_direct" and m > MMA_DIRECT_MAX_M:
+        raise ValueError(f"kernel='mma_direct' handles at most {MMA_DIRECT_MAX_M} rows, "
+                         f"got M = {m}")
     tensors = {"x": x, "qweight": qweight, "qzeros": qzeros, "scales": scales}
     if out is not None:
         _require_tensor("out", out)
@@ -135,13 +140,15 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         group_size: G in (32, 64, 128). Requires K % G == 0 and N % 64 == 0.
         out:      optional [..., N] tensor of x's dtype to write into (every element written).
         kernel:   "auto" (by M = rows of x: <= 8 CUDA-core GEMV, < 32 tensor-core GEMM,
-                  else dequantize + torch.matmul), "auto_direct" (the same with gemv_direct
-                  for M <= 8), or one of "gemv" (M <= 8), "gemv_direct"
-                  (M <= 8; registers instead of shared memory, 16-bit products; not yet
-                  timed on a GPU), "mma", "mma_split" (the mma kernel split over K to ~4
-                  blocks per SM; not yet timed), "dequant".
-        fuse_splitk: gemv_direct only: add the K splits in the same launch (the last block of
-                  each column tile does it; same bits) instead of a second kernel.
+                  else dequantize + torch.matmul), "auto_direct" (gemv_direct at M = 1,
+                  mma_direct for M <= 32, else as auto), or one of "gemv" (M <= 8),
+                  "gemv_direct" (M <= 8; registers instead of shared memory, 16-bit
+                  products), "mma", "mma_split" (the mma kernel split over K to ~4 blocks per
+                  SM), "mma_direct" (M <= 32; tensor cores fed from registers), "dequant".
+                  The direct kernels and mma_split are not yet timed on a GPU.
+        fuse_splitk: gemv_direct and mma_direct: add the K splits in the same launch (the
+                  last block of each column tile does it; same bits) instead of a second
+                  kernel.
     Returns:
         y: [..., N] in x's dtype; fp32 accumulation, deterministic (sums in a fixed order; the
         fused split-K's one atomic per block only counts arrivals).
@@ -192,6 +199,9 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
         elif name == "gemv_direct":
             launch = plan_gemv_direct(m, n, k, num_sms)
             expr = build.gemv_direct_expr(tag, launch.config)
+        elif name == "mma_direct":
+            launch = plan_mma_direct(m, n, k, num_sms)
+            expr = build.mma_direct_expr(tag, launch.config)
         else:
             per_sm = MMA_SPLIT_BLOCKS_PER_SM if name == "mma_split" else 0
             launch = plan_mma(m, n, k, num_sms, blocks_per_sm=per_sm)
@@ -202,7 +212,7 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
         args = (x2, qweight, qzeros, scales, target, _i32(m), _i32(n), _i32(k),
                 _i32(group_size), _i32(launch.k_per_split))
         counters = None
-        if name == "gemv_direct":
+        if name in ("gemv_direct", "mma_direct"):
             if launch.splits > 1 and fuse_splitk:
                 counters = _splitk_counters(x2.device, launch.grid[0])
             args += (None if counters is None else y2, counters)
@@ -213,7 +223,7 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
                  (target, y2, _i32(launch.splits), _i32(m * n)))
 
 
-# Fused split-K (gemv_direct.cu) needs, per column tile, an int32 counter that is zero when a
+# Fused split-K (splitk_fused.cuh) needs, per column tile, an int32 counter that is zero when a
 # launch starts; each launch leaves its counters zero again. Launches on one stream never
 # overlap, so one set per (device, stream) is never used by two running kernels. A set is made
 # (zeroed) on a stream's first fused call. Not under CUDA-graph capture: a tensor zeroed there

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import api
-from .plan import DEQUANT_MIN_M, GEMV_DIRECT_MAX_M, GEMV_MAX_M
+from .plan import DEQUANT_MIN_M, GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_MAX_M
 
 SHAPES = ((4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (8192, 28672),
           (28672, 8192), (5120, 13824))
@@ -134,7 +134,7 @@ def _impls(k: int, n: int, g: int) -> dict[str, Callable[[torch.Tensor], list]]:
 
     impls = {"awq": ours("auto"), "awq[mma]": ours("mma"), "awq[direct]": ours("gemv_direct"),
              "awq[direct,2 launches]": ours("gemv_direct", fuse_splitk=False),
-             "awq[mma,split]": ours("mma_split"),
+             "awq[mma,split]": ours("mma_split"), "awq[mma_direct]": ours("mma_direct"),
              "fp16": lambda x: [lambda w=w: torch.matmul(x, w) for w in fp16]}
     if int4:
         impls["int4pack"] = int4pack
@@ -167,6 +167,8 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
             if name == "awq[mma]" and GEMV_MAX_M < m < DEQUANT_MIN_M:
                 continue  # that is what "awq" runs at this M
             if name == "awq[direct]" and m > GEMV_DIRECT_MAX_M:
+                continue
+            if name == "awq[mma_direct]" and m > MMA_DIRECT_MAX_M:
                 continue
             if name == "awq[direct,2 launches]" and m > 1:
                 continue  # the fused split-K's gain, measured at decode's M = 1 only

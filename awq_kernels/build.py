@@ -25,6 +25,7 @@ SOURCES = {
     "mma": "gemm_mma.cu",
     "gemv": "gemv.cu",
     "gemv_direct": "gemv_direct.cu",
+    "mma_direct": "mma_direct.cu",
     "dequant": "dequant.cu",
     "reduce": "splitk_reduce.cu",
 }
@@ -36,6 +37,8 @@ MMA_CONFIGS = {16: 1, 32: 2, 64: 2, 128: 2}
 GEMV_ROWS = (1, 2, 4, 8)
 # Row capacities MT of the direct-load GEMV (gemv_direct.cu).
 GEMV_DIRECT_ROWS = (1, 2, 4, 8)
+# n8 tiles NT of the direct-load tensor-core kernel (mma_direct.cu): M <= 8 * NT rows.
+MMA_DIRECT_TILES = (1, 2, 4)
 COMPILE_OPTIONS = ("-std=c++17",)
 
 
@@ -65,6 +68,10 @@ def gemv_direct_expr(tag: str, mt: int) -> str:
     return f"awq_gemv_direct<{tag}, {mt}>"
 
 
+def mma_direct_expr(tag: str, nt: int) -> str:
+    return f"awq_mma_direct<{tag}, {nt}>"
+
+
 def dequant_expr(tag: str) -> str:
     return f"awq_dequant<{tag}>"
 
@@ -79,6 +86,7 @@ def instantiations(family: str) -> list[str]:
         "mma": lambda tag: [mma_expr(tag, bm) for bm in MMA_CONFIGS],
         "gemv": lambda tag: [gemv_expr(tag, mt) for mt in GEMV_ROWS],
         "gemv_direct": lambda tag: [gemv_direct_expr(tag, mt) for mt in GEMV_DIRECT_ROWS],
+        "mma_direct": lambda tag: [mma_direct_expr(tag, nt) for nt in MMA_DIRECT_TILES],
         "dequant": lambda tag: [dequant_expr(tag)],
         "reduce": lambda tag: [reduce_expr(tag)],
     }[family]

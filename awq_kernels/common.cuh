@@ -120,6 +120,47 @@ __device__ __forceinline__ u32 dequant_pair(u32 bits, u32 neg_magic_z, u32 s) {
   return fma2<T>(q_minus_z, s, NEG_ZERO2);
 }
 
+// Per-group constants of one packed word column as (k, k+1) broadcast pairs, column j = 0..7:
+// zb[j] = -(MAGIC + z_j) twice, sb[j] = s_j twice (converted to T), from the column's packed
+// zeros word and its 8 fp16 scales (4 pairs). The mma kernels' B (or A) fragments pair rows
+// k, k+1 of one column, hence the broadcast. Rebuilt once per group.
+template <typename T>
+__device__ __forceinline__ void group_pairs(u32 zw, uint4 sv, u32 (&zb)[8], u32 (&sb)[8]) {
+  const u32 s01[4] = {sv.x, sv.y, sv.z, sv.w};  // scale pairs of columns (2p, 2p+1)
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const u32 zp = nibbles_to_magic_pair<T>(zw >> (4 * p)) ^ SIGN2;  // columns 2p, 2p+1
+    zb[2 * p] = dup_lo(zp);
+    zb[2 * p + 1] = dup_hi(zp);
+    const u32 sp = scale_pair<T>(s01[p]);
+    sb[2 * p] = dup_lo(sp);
+    sb[2 * p + 1] = dup_hi(sp);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor cores.
+
+// d += a * b on the tensor cores, fp32 accumulation.
+template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4],
+                                                               const u32 (&b)[2]);
+template <> __device__ __forceinline__ void mma16816<F16>(float (&d)[4], const u32 (&a)[4],
+                                                          const u32 (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma16816<BF16>(float (&d)[4], const u32 (&a)[4],
+                                                           const u32 (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Asynchronous copies (sm_80+): global -> shared without a register round trip, so a multi-stage
 // pipeline keeps several tiles in flight per thread.
@@ -138,6 +179,21 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// VEC consecutive packed words, which a kernel reads exactly once: no L1 allocation, and a
+// 256-byte L2 prefetch (the neighbouring columns' warps read the rest of those lines next).
+template <int VEC> __device__ __forceinline__ void ld_stream(const u32* p, u32 (&w)[VEC]);
+template <> __device__ __forceinline__ void ld_stream<4>(const u32* p, u32 (&w)[4]) {
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+template <> __device__ __forceinline__ void ld_stream<2>(const u32* p, u32 (&w)[2]) {
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];"
+               : "=r"(w[0]), "=r"(w[1]) : "l"(p));
+}
+template <> __device__ __forceinline__ void ld_stream<1>(const u32* p, u32 (&w)[1]) {
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(w[0]) : "l"(p));
 }
 
 // 16-byte global store of 4 words (callers guarantee 16-byte alignment).

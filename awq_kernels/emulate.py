@@ -4,8 +4,8 @@ No GPU here, so the CPU tests run the kernels' index math in NumPy, instruction 
 instruction where it matters: the cp.async copies into (swizzled, padded) shared memory,
 ldmatrix, the byte permutes, the lop3 / magic-number dequantization on 16-bit patterns, the
 mma.sync fragment layouts (PTX ISA, m16n8k16) and the output stores. Lanes are vectorized:
-per-lane registers are arrays of shape (32,). Mirrors gemm_mma.cu, gemv.cu, gemv_direct.cu and
-dequant.cu.
+per-lane registers are arrays of shape (32,). Mirrors gemm_mma.cu, gemv.cu, gemv_direct.cu,
+mma_direct.cu and dequant.cu.
 """
 
 from __future__ import annotations
@@ -366,4 +366,79 @@ def emulate_gemv_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launc
             n_ok = min(GEMV_NT, n - n0)
             for mm in range(min(m, mt)):
                 out[by, mm, n0:n0 + n_ok] = total[mm, :n_ok]
+    return out
+
+
+# ----------------------------------------------------------------------------- mma_direct
+
+
+def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, record=None):
+    """fp32 partial sums (splits, M, N) of mma_direct.cu, NaN where nothing is written: the
+    weights as the A operand (A rows g, g + 8 of m16 tile i = columns 2i, 2i + 1 of the lane's
+    word), x as the B operand (n8 tile j = rows 8j..8j+7), two K warps per 64 columns."""
+    m, k = x.shape
+    n = qweight.shape[1] * 8
+    nw, nt = n // 8, launch.config
+    g, t = LANE // 4, LANE % 4
+    out = np.full((launch.splits, m, n), np.nan, np.float32)
+    for by in range(launch.grid[1]):
+        k_begin = by * launch.k_per_split * GEMV_KC
+        chunks = (min(k, k_begin + launch.k_per_split * GEMV_KC) - k_begin) // GEMV_KC
+        half = (chunks + 1) // 2
+        for bx in range(launch.grid[0]):
+            for wn in range(4):
+                word = bx * (GEMV_NT // 8) + wn * 8 + g  # (32,)
+                in_n = bool(word[0] < nw)  # N % 64 == 0: the whole warp or none
+                wcol = word if in_n else g
+                accs = []
+                for wk in range(2):
+                    acc = np.zeros((4, nt, 4, 32))
+                    q_begin = wk * half
+                    row_first = k_begin + q_begin * GEMV_KC
+                    for q in range(min(chunks, q_begin + half) - q_begin):
+                        row0 = row_first + q * GEMV_KC
+                        if q == 0 or row0 % g_size == 0:  # group_pairs
+                            grp = row0 // g_size
+                            zb, sb = [None] * 8, [None] * 8
+                            for p in range(4):
+                                zp = nibbles_to_magic_pair(tag, shr(qzeros[grp, wcol], 4 * p)) ^ SIGN2
+                                zb[2 * p], zb[2 * p + 1] = prmt(zp, zp, 0x1010), prmt(zp, zp, 0x3232)
+                                cols = 8 * wcol + 2 * p
+                                sp = scale_pair(tag, pair(scales16[grp, cols], scales16[grp, cols + 1]))
+                                sb[2 * p], sb[2 * p + 1] = prmt(sp, sp, 0x1010), prmt(sp, sp, 0x3232)
+                        for s in range(2):
+                            kk = row0 + 16 * s + 2 * t  # (32,)
+                            w0, w1 = qweight[kk, wcol], qweight[kk + 1, wcol]
+                            w8, w9 = qweight[kk + 8, wcol], qweight[kk + 9, wcol]
+                            even01, odd01 = prmt(w0, w1, 0x5410), prmt(w0, w1, 0x7632)
+                            even89, odd89 = prmt(w8, w9, 0x5410), prmt(w8, w9, 0x7632)
+                            b = []
+                            for j in range(nt):
+                                row = np.minimum(8 * j + g, m - 1)
+                                b.append([pair(x[row, kk], x[row, kk + 1]),
+                                          pair(x[row, kk + 8], x[row, kk + 9])])
+                            for i in range(4):
+                                a = [dequant_pair(tag, shr(even01, 4 * i), zb[2 * i], sb[2 * i]),
+                                     dequant_pair(tag, shr(odd01, 4 * i), zb[2 * i + 1], sb[2 * i + 1]),
+                                     dequant_pair(tag, shr(even89, 4 * i), zb[2 * i], sb[2 * i]),
+                                     dequant_pair(tag, shr(odd89, 4 * i), zb[2 * i + 1], sb[2 * i + 1])]
+                                if record is not None and in_n:
+                                    for reg, (dk, dc) in enumerate(((0, 0), (0, 1), (8, 0), (8, 1))):
+                                        col = 8 * word + 2 * i + dc
+                                        record.append((kk + dk, col, lo(a[reg])))
+                                        record.append((kk + dk + 1, col, hi(a[reg])))
+                                for j in range(nt):
+                                    mma16816(acc[i, j], a, b[j], tag)
+                    accs.append(acc.astype(np.float32))
+                if not in_n:
+                    continue
+                total = accs[0] + accs[1]  # wk = 0 adds wk = 1's sums
+                for j in range(nt):
+                    for h in range(2):  # c0/c2: row 8j + 2t, c1/c3: row 8j + 2t + 1
+                        row = 8 * j + 2 * t + h
+                        for lane in np.nonzero(row < m)[0]:
+                            for i in range(4):
+                                col = 8 * word[lane] + 2 * i
+                                out[by, row[lane], col] = total[i, j, h, lane]
+                                out[by, row[lane], col + 1] = total[i, j, 2 + h, lane]
     return out

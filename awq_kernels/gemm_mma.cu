@@ -70,43 +70,11 @@ __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const u32* p) {
                : "r"(smem_addr(p)));
 }
 
-// d += a * b on the tensor cores, fp32 accumulation.
-template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4],
-                                                               const u32 (&b)[2]);
-template <> __device__ __forceinline__ void mma16816<F16>(float (&d)[4], const u32 (&a)[4],
-                                                          const u32 (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <> __device__ __forceinline__ void mma16816<BF16>(float (&d)[4], const u32 (&a)[4],
-                                                           const u32 (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Per-group constants of one packed word column as (k, k+1) broadcast pairs, column j = 0..7:
-// zb[j] = -(MAGIC + z_j) twice, sb[j] = s_j twice (converted to T). Rebuilt once per group.
+// Per-group constants of the lane's packed word column, from shared memory (group_pairs).
 template <typename T>
 __device__ __forceinline__ void load_group(const u32* zrow, const u32* srow, int word,
                                            u32 (&zb)[8], u32 (&sb)[8]) {
-  const u32 zw = zrow[word];
-  const uint4 sv = *reinterpret_cast<const uint4*>(srow + word * 4);
-  const u32 s01[4] = {sv.x, sv.y, sv.z, sv.w};  // scale pairs of columns (2p, 2p+1)
-#pragma unroll
-  for (int p = 0; p < 4; ++p) {
-    const u32 zp = nibbles_to_magic_pair<T>(zw >> (4 * p)) ^ SIGN2;  // columns 2p, 2p+1
-    zb[2 * p] = dup_lo(zp);
-    zb[2 * p + 1] = dup_hi(zp);
-    const u32 sp = scale_pair<T>(s01[p]);
-    sb[2 * p] = dup_lo(sp);
-    sb[2 * p + 1] = dup_hi(sp);
-  }
+  group_pairs<T>(zrow[word], *reinterpret_cast<const uint4*>(srow + word * 4), zb, sb);
 }
 
 // One k16 step of the warp: A fragments via ldmatrix, then for each of the 8 n8 tiles its B

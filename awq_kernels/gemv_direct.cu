@@ -32,6 +32,7 @@
 //     split order) in the same launch, so no second kernel: one atomic per block only counts
 //     arrivals, it adds nothing, and the result is deterministic.
 #include "common.cuh"
+#include "splitk_fused.cuh"
 
 constexpr int GD_WARPS = 8;
 constexpr int GD_THREADS = 32 * GD_WARPS;
@@ -52,20 +53,6 @@ template <int MT> struct GdShape {
 // and MT = 8 keeps U x MT x values in registers.
 template <typename T, int MT> struct GdFlush { static constexpr int STEPS = MT >= 8 ? 4 : 8; };
 template <int MT> struct GdFlush<BF16, MT> { static constexpr int STEPS = 4; };
-
-// VEC consecutive words, read once: no L1 allocation, 256-byte L2 prefetch.
-template <int VEC> __device__ __forceinline__ void ld_stream(const u32* p, u32 (&w)[VEC]);
-template <> __device__ __forceinline__ void ld_stream<4>(const u32* p, u32 (&w)[4]) {
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
-}
-template <> __device__ __forceinline__ void ld_stream<2>(const u32* p, u32 (&w)[2]) {
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];"
-               : "=r"(w[0]), "=r"(w[1]) : "l"(p));
-}
-template <> __device__ __forceinline__ void ld_stream<1>(const u32* p, u32 (&w)[1]) {
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(w[0]) : "l"(p));
-}
 
 // Zeros and scales of group `grp` for the lane's VEC words, as column pairs (2p, 2p+1) of word
 // v at index 4v + p: -(MAGIC + z) and s.
@@ -203,24 +190,6 @@ awq_gemv_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
         static_cast<u16*>(out)[(size_t)m * N + col] = (u16)(pack2<T>(sum, 0.f) & 0xFFFFu);
     }
   }
-  if (!partial || counters == nullptr) return;
-
-  __shared__ int last;
-  __threadfence();  // this thread's partials are visible device-wide before the block counts
-  __syncthreads();
-  if (threadIdx.x == 0)
-    last = atomicAdd(&counters[blockIdx.x], 1) == static_cast<int>(gridDim.y) - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();  // pairs with the other blocks' fences: their partials are visible now
-  const float* partials = static_cast<const float*>(out);
-  if (col < N) {
-    for (int m = 0; m < M; ++m) {
-      float sum = __ldcg(partials + (size_t)m * N + col);  // split 0; L2 reads, not stale L1
-      for (int sp_i = 1; sp_i < static_cast<int>(gridDim.y); ++sp_i)
-        sum += __ldcg(partials + ((size_t)sp_i * M + m) * N + col);
-      y[(size_t)m * N + col] = (u16)(pack2<T>(sum, 0.f) & 0xFFFFu);
-    }
-  }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+  if (partial && counters != nullptr)
+    splitk_finish<T, GD_NT>(static_cast<const float*>(out), y, counters, M, N);
 }

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .build import GEMV_DIRECT_ROWS, GEMV_ROWS, MMA_CONFIGS
+from .build import GEMV_DIRECT_ROWS, GEMV_ROWS, MMA_CONFIGS, MMA_DIRECT_TILES
 
-KERNELS = ("auto", "auto_direct", "gemv", "gemv_direct", "mma", "mma_split", "dequant")
+KERNELS = ("auto", "auto_direct", "gemv", "gemv_direct", "mma", "mma_split", "mma_direct",
+           "dequant")
 GROUP_SIZES = (32, 64, 128)
 N_MULTIPLE = 64           # WARP_N of gemm_mma.cu: a warp's 64 columns are all valid or all not
 K_MULTIPLE = 32           # BK of gemm_mma.cu and GEMV_KC of gemv.cu
@@ -31,6 +32,9 @@ def gemv_direct_flush(tag: str, mt: int) -> int:
 
 
 GEMV_DIRECT_MAX_M = max(GEMV_DIRECT_ROWS)
+# mma_direct.cu: n8 tiles NT -> chunks in flight per warp (MdDepth); M <= 8 * NT.
+MMA_DIRECT_DEPTH = {1: 2, 2: 1, 4: 1}
+MMA_DIRECT_MAX_M = 8 * max(MMA_DIRECT_TILES)
 # From here dequantize + cuBLAS. Measured on an H200 (tools/bench_gemm.py, 7 shapes, G = 128;
 # docs/gpu/h200-2026-12-04): at M = 32 it beat the tensor-core kernel on 5 of 7 shapes (lost 6%
 # on 28672x8192, 26% on 8192x28672), at M = 64..256 on all but 8192x28672 at M = 64 and 128
@@ -48,8 +52,8 @@ def cdiv(a: int, b: int) -> int:
 class Launch:
     """One kernel launch: `expr` names the template instantiation (without dtype tag)."""
 
-    family: str                 # "mma", "gemv", "dequant" or "reduce"
-    config: int                 # BM for mma, MT for gemv, 0 otherwise
+    family: str                 # build.SOURCES key: "mma", "gemv", "mma_direct", ...
+    config: int                 # BM for mma, MT for gemv(_direct), NT for mma_direct, else 0
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     splits: int = 1             # > 1: the kernel writes fp32 partials, "reduce" follows
@@ -57,10 +61,13 @@ class Launch:
 
 
 def choose_kernel(m: int, kernel: str = "auto") -> str:
-    """The kernel for M rows: `auto`'s measured rule; "auto_direct" is the same with
-    gemv_direct for decode sizes (what `auto` becomes if it times faster)."""
+    """The kernel for M rows: `auto`'s measured rule; "auto_direct" uses the direct-load
+    kernels written after that measurement (gemv_direct at M = 1, mma_direct up to
+    MMA_DIRECT_MAX_M), what `auto` becomes where they time faster."""
     if kernel == "auto_direct":
-        return "gemv_direct" if m <= GEMV_DIRECT_MAX_M else choose_kernel(m)
+        if m == 1:
+            return "gemv_direct"
+        return "mma_direct" if m <= MMA_DIRECT_MAX_M else choose_kernel(m)
     if kernel != "auto":
         return kernel
     if m <= GEMV_MAX_M:
@@ -68,10 +75,11 @@ def choose_kernel(m: int, kernel: str = "auto") -> str:
     return "mma" if m < DEQUANT_MIN_M else "dequant"
 
 
-def _splits(tiles: int, k_steps: int, target_blocks: int) -> tuple[int, int]:
+def _splits(tiles: int, k_steps: int, target_blocks: int,
+            max_splits: int = MAX_SPLITS) -> tuple[int, int]:
     """(splits, k steps per split) so that tiles * splits reaches target_blocks, every split
     non-empty and at least MIN_K_TILES_PER_SPLIT long where K allows."""
-    want = min(cdiv(target_blocks, tiles), MAX_SPLITS, max(1, k_steps // MIN_K_TILES_PER_SPLIT))
+    want = min(cdiv(target_blocks, tiles), max_splits, max(1, k_steps // MIN_K_TILES_PER_SPLIT))
     per_split = cdiv(k_steps, max(want, 1))
     return cdiv(k_steps, per_split), per_split
 
@@ -111,6 +119,18 @@ def plan_gemv_direct(m: int, n: int, k: int, num_sms: int) -> Launch:
     n_tiles = cdiv(n, GEMV_NT)
     splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms)
     return Launch("gemv_direct", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits, per_split)
+
+
+def plan_mma_direct(m: int, n: int, k: int, num_sms: int) -> Launch:
+    """Smallest n8 tile count NT with 8 NT >= m; 256-column tiles split over K (32-row units)
+    toward four blocks per SM, but with the fp32 partials (splits x M x N x 4 bytes, written
+    and read back) at most half the packed weight bytes (K x N / 2): splits <= K / (16 M)."""
+    nt = next(t for t in MMA_DIRECT_TILES if 8 * t >= m)
+    n_tiles = cdiv(n, GEMV_NT)
+    splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms,
+                                max_splits=max(1, min(MAX_SPLITS, k // (16 * m))))
+    return Launch("mma_direct", nt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits,
+                  per_split)
 
 
 def plan_dequant(k: int, n: int, num_sms: int) -> Launch:

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from awq_kernels import build, emulate, reference
-from awq_kernels.plan import GEMV_NT, MMA_BN, Launch, cdiv, plan_gemv, plan_gemv_direct
+from awq_kernels.plan import (
+    GEMV_NT,
+    MMA_BN,
+    Launch,
+    cdiv,
+    plan_gemv,
+    plan_gemv_direct,
+    plan_mma_direct,
+)
 
 ARCHS = ("sm_80", "sm_90")
 STATIC_SMEM_LIMIT = 48 * 1024  # static __shared__ beyond this needs an opt-in the API never does
@@ -24,6 +32,10 @@ REQUIRED_PTX = {
     "gemv": ("cp.async.cg.shared.global", "lop3.b32", "fma.rn.f16x2", "fma.rn.bf16x2"),
     "gemv_direct": ("ld.global.nc.L1::no_allocate.L2::256B.v4.u32", "lop3.b32", "fma.rn.f16x2",
                     "fma.rn.bf16x2", "shfl.sync.bfly"),
+    "mma_direct": ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+                   "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                   "ld.global.nc.L1::no_allocate.L2::256B.u32", "prmt.b32", "lop3.b32",
+                   "atom.global.add.u32"),
     "dequant": ("lop3.b32", "st.global.v4.b32"),
     "reduce": ("ld.global.nc.v4.f32",),
 }
@@ -195,3 +207,24 @@ def test_emulated_gemv_kernel_mapping(dtype, tag, m, k, n, g):
     partials = emulate.emulate_gemv(tag, *args, launch, record=records)
     assert len(_check_records(records, _bits16(w))) == k * n
     _check_product(partials, x, w, tag)
+
+
+# (M, K, N, G, SMs): every n8 tile count (M <= 8, 16, 32), a ragged column tile (N = 320: one
+# of the second tile's four warps in range; N = 64: one warp), odd chunk counts (the two K warps
+# take 2 and 1 chunks), splits that start inside a group (K = 384, G = 128), no split (M = 17).
+MMA_DIRECT_CASES = [(1, 512, 320, 64, 2), (3, 384, 192, 128, 1), (8, 256, 64, 32, 1),
+                    (12, 512, 256, 128, 2), (17, 256, 320, 64, 1), (32, 1024, 128, 32, 1)]
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+@pytest.mark.parametrize("m,k,n,g,sms", MMA_DIRECT_CASES)
+def test_emulated_mma_direct_kernel_mapping(dtype, tag, m, k, n, g, sms):
+    x, w, args = _problem(m, k, n, g, dtype, seed=13 * m + n)
+    launch = plan_mma_direct(m, n, k, num_sms=sms)
+    assert launch.grid[0] == cdiv(n, GEMV_NT) and (launch.splits > 1) == (m != 17)
+    records: list = []
+    partials = emulate.emulate_mma_direct(tag, *args, launch, record=records)
+    assert len(_check_records(records, _bits16(w))) == k * n, "every weight in some A fragment"
+    err = _check_product(partials, x, w, tag)
+    print(f"mma_direct {tag} M={m} K={k} N={n} G={g} splits={launch.splits}: "
+          f"output relative error {err:.1e}")

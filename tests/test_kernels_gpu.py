@@ -14,7 +14,7 @@ import torch
 
 import awq_kernels
 from awq_kernels import reference
-from awq_kernels.plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M
+from awq_kernels.plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_MAX_M
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -46,6 +46,8 @@ def _kernels_for(m: int) -> list[str]:
         kernels.append("gemv")
     if m <= GEMV_DIRECT_MAX_M:
         kernels.append("gemv_direct")
+    if m <= MMA_DIRECT_MAX_M:
+        kernels.extend(["mma_direct", "auto_direct"])
     if GEMV_MAX_M < m <= 64:
         kernels.append("mma_split")
     if m >= 256:
@@ -119,39 +121,42 @@ def test_runs_on_torchs_current_stream():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("m", (1, 2, 3, 4))
-def test_gemv_direct_fused_splitk_equals_two_launches(m, dtype):
+@pytest.mark.parametrize("kernel,m", [("gemv_direct", 1), ("gemv_direct", 2), ("gemv_direct", 3),
+                                      ("gemv_direct", 4), ("mma_direct", 1),
+                                      ("mma_direct", 5), ("mma_direct", 16), ("mma_direct", 32)])
+def test_fused_splitk_equals_two_launches(kernel, m, dtype):
     """The last block of a tile adds the splits in the reduce kernel's order: same bits; and
     it leaves the stream's counters at zero for the next launch."""
     from awq_kernels import api
 
     qweight, qzeros, scales, _ = _weights(14336, 4096, 64)  # K long enough to split
     x = torch.randn(m, 14336, device="cuda").to(dtype)
-    two = awq_kernels.gemm(x, qweight, qzeros, scales, 64, kernel="gemv_direct", fuse_splitk=False)
+    two = awq_kernels.gemm(x, qweight, qzeros, scales, 64, kernel=kernel, fuse_splitk=False)
     for _ in range(3):  # counters reused across launches
-        one = awq_kernels.gemm(x, qweight, qzeros, scales, 64, kernel="gemv_direct")
+        one = awq_kernels.gemm(x, qweight, qzeros, scales, 64, kernel=kernel)
         assert torch.equal(one.view(torch.int16), two.view(torch.int16))
     stream = torch.cuda.current_stream()
     counters = api._splitk_counter_sets[(stream.device_index, stream.cuda_stream)]
     assert int(counters.abs().sum()) == 0
 
 
-def test_gemv_direct_under_cuda_graph_capture():
+@pytest.mark.parametrize("kernel,m", [("gemv_direct", 1), ("mma_direct", 4)])
+def test_direct_kernels_under_cuda_graph_capture(kernel, m):
     """A capturing stream without counters falls back to the reduce kernel; one warmed up
     eagerly first captures the fused launch. Both replay to the eager bits."""
     qweight, qzeros, scales, _ = _weights(4096, 4096, 128)
-    x = torch.randn(1, 4096, device="cuda").half()
-    want = awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel="gemv_direct")
+    x = torch.randn(m, 4096, device="cuda").half()
+    want = awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel=kernel)
     for warm_up in (False, True):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         if warm_up:
             with torch.cuda.stream(side):
-                awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel="gemv_direct")
+                awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel=kernel)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):
-            y = awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel="gemv_direct")
+            y = awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel=kernel)
         for _ in range(2):
             y.fill_(float("nan"))
             graph.replay()

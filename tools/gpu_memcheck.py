@@ -21,6 +21,8 @@ CASES = [  # (M, K, N, G, kernel)
     (1, 576, 192, 64, "gemv_direct"), (2, 160, 320, 32, "gemv_direct"),
     (3, 1536, 576, 128, "gemv_direct"), (7, 576, 192, 32, "gemv_direct"),
     (17, 1536, 576, 64, "mma_split"),
+    (1, 576, 192, 64, "mma_direct"), (6, 160, 320, 32, "mma_direct"),
+    (16, 1536, 576, 128, "mma_direct"), (29, 576, 192, 32, "mma_direct"),
     (1, 576, 192, 64, "mma"), (17, 160, 320, 32, "mma"), (40, 1536, 576, 128, "mma"),
     (300, 576, 192, 64, "dequant"), (33, 1536, 576, 32, "auto"),
 ]
@@ -39,7 +41,7 @@ def main() -> int:
             err = ((y.float() - ref).norm() / ref.norm()).item()
             ok = err <= 1e-2 and bool(torch.isfinite(y).all())
             failures += not ok
-            print(f"M={m:<4} K={k:<5} N={n:<4} G={g:<3} {kernel:8s} {dtype!s:15s} "
+            print(f"M={m:<4} K={k:<5} N={n:<4} G={g:<3} {kernel:11s} {dtype!s:15s} "
                   f"rel err {err:.1e} {'ok' if ok else 'WRONG'}")
     torch.cuda.synchronize()
     return 1 if failures else 0

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from awq_kernels import build
-from awq_kernels.plan import GEMV_DIRECT_VEC, GEMV_KC, gemv_direct_flush
+from awq_kernels.plan import GEMV_DIRECT_VEC, GEMV_KC, MMA_DIRECT_DEPTH, gemv_direct_flush
 
 _INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^\.(L_x_\d+):")
@@ -72,9 +72,11 @@ def loops(text: str) -> list[collections.Counter]:
 
 def weights_per_iteration(expr: str) -> int | None:
     """Packed weights one lane handles per K-loop iteration (GEMV kernels; None otherwise)."""
-    m = re.match(r"awq_(gemv|gemv_direct)<(\w+), (\d+)>", expr)
+    m = re.match(r"awq_(gemv|gemv_direct|mma_direct)<(\w+), (\d+)>", expr)
     if not m:
         return None
+    if m[1] == "mma_direct":  # the loop is unrolled over DEPTH + 1 chunks of 2 k16 steps x 4 words
+        return 8 * 4 * 2 * (MMA_DIRECT_DEPTH[int(m[3])] + 1)
     if m[1] == "gemv":  # one word per lane on each of the warp's KC / 8 rows of a stage
         return 8 * GEMV_KC // 8
     return 8 * GEMV_DIRECT_VEC[int(m[3])] * gemv_direct_flush(m[2], int(m[3]))  # U steps of VEC words
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="sm_90")
-    p.add_argument("--family", nargs="+", default=["gemv", "gemv_direct"],
+    p.add_argument("--family", nargs="+", default=["gemv", "gemv_direct", "mma_direct"],
                    choices=sorted(build.SOURCES))
     p.add_argument("--nvdisasm", default=shutil.which("nvdisasm"))
     args = p.parse_args(argv)
