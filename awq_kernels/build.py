@@ -28,6 +28,7 @@ SOURCES = {
     "mma_direct": "mma_direct.cu",
     "dequant": "dequant.cu",
     "reduce": "splitk_reduce.cu",
+    "elementwise": "elementwise.cu",
 }
 DTYPE_TAGS = ("F16", "BF16")
 
@@ -39,6 +40,8 @@ GEMV_ROWS = (1, 2, 4, 8)
 GEMV_DIRECT_ROWS = (1, 2, 4, 8)
 # n8 tiles NT of the direct-load tensor-core kernel (mma_direct.cu): M <= 8 * NT rows.
 MMA_DIRECT_TILES = (1, 2, 4)
+# Kernels of elementwise.cu (awq_kernels.ops), each templated on the dtype tag only.
+ELEMENTWISE_OPS = ("rms_norm", "silu_mul", "rotary")
 COMPILE_OPTIONS = ("-std=c++17",)
 
 
@@ -89,6 +92,7 @@ def instantiations(family: str) -> list[str]:
         "mma_direct": lambda tag: [mma_direct_expr(tag, nt) for nt in MMA_DIRECT_TILES],
         "dequant": lambda tag: [dequant_expr(tag)],
         "reduce": lambda tag: [reduce_expr(tag)],
+        "elementwise": lambda tag: [f"{op}<{tag}>" for op in ELEMENTWISE_OPS],
     }[family]
     return [expr for tag in DTYPE_TAGS for expr in per_tag(tag)]
 

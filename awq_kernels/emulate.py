@@ -442,3 +442,82 @@ def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch
                                 out[by, row[lane], col] = total[i, j, h, lane]
                                 out[by, row[lane], col + 1] = total[i, j, 2 + h, lane]
     return out
+
+
+# ----------------------------------------------------------------------------- elementwise.cu
+
+
+def _round(tag: str, f) -> np.ndarray:
+    """round_t: to the 16-bit type and back to float32."""
+    return to_f32(tag, from_f64(tag, np.asarray(f, np.float32)))
+
+
+def _gather8(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """load8 at each element offset: (units,) -> (units, 8) values of a flat 16-bit buffer."""
+    return flat[offsets[:, None] + np.arange(8)[None]]
+
+
+def emulate_rotary(tag, x_flat, x_offset, shape, strides, cos, sin):
+    """rotary<T>: x (B, T, H, Dh) at x_offset in the flat 16-bit buffer x_flat with element
+    strides (sb, st, sh, 1); cos, sin (T, Dh) 16-bit bits. Returns y (B, T, H, Dh) bits, each
+    unit of 8 placed by the kernel's own index arithmetic."""
+    b_len, t_len, h_len, dh = shape
+    sb, st, sh = strides
+    half = dh // 2
+    per_head = half // 8
+    i = np.arange(b_len * t_len * h_len * per_head)
+    c = (i % per_head) * 8
+    rest = i // per_head
+    h = rest % h_len
+    rest = rest // h_len
+    t = rest % t_len
+    b = rest // t_len
+    xp = x_offset + b * sb + t * st + h * sh + c
+    cp = t * dh + c
+    x1, x2 = to_f32(tag, _gather8(x_flat, xp)), to_f32(tag, _gather8(x_flat, xp + half))
+    cos_flat, sin_flat = cos.reshape(-1), sin.reshape(-1)
+    c1, c2 = to_f32(tag, _gather8(cos_flat, cp)), to_f32(tag, _gather8(cos_flat, cp + half))
+    s1, s2 = to_f32(tag, _gather8(sin_flat, cp)), to_f32(tag, _gather8(sin_flat, cp + half))
+    y1 = _round(tag, x1 * c1) + _round(tag, x2 * s1)  # float32 sums, as the kernel's
+    y2 = _round(tag, x2 * c2) + _round(tag, x1 * s2)
+    y = np.zeros(b_len * t_len * h_len * dh, np.uint16)
+    yp = ((b * t_len + t) * h_len + h) * dh + c
+    y[yp[:, None] + np.arange(8)[None]] = from_f64(tag, y1)
+    y[yp[:, None] + half + np.arange(8)[None]] = from_f64(tag, y2)
+    return y.reshape(shape)
+
+
+def emulate_silu_mul(tag, g_flat, g_offset, g_stride, u_flat, u_offset, u_stride, rows, f):
+    """silu_mul<T>: gate / up rows at the given offsets and row strides of flat 16-bit buffers;
+    y [rows, F] bits. expf is float64 here (the kernel's is within 2 ulp of it)."""
+    i = np.arange(rows * f // 8)
+    r, c = i // (f // 8), (i % (f // 8)) * 8
+    g = to_f32(tag, _gather8(g_flat, g_offset + r * g_stride + c))
+    u = to_f32(tag, _gather8(u_flat, u_offset + r * u_stride + c))
+    silu = (g / (1.0 + np.exp(-g.astype(np.float64)))).astype(np.float32)
+    y = np.zeros(rows * f, np.uint16)
+    y[(r * f + c)[:, None] + np.arange(8)[None]] = from_f64(tag, _round(tag, silu) * u)
+    return y.reshape(rows, f)
+
+
+def emulate_rms_norm(tag, x_flat, x_offset, x_stride, w, rows, d, eps, threads=256):
+    """rms_norm<T>: one block per row; thread k sums the squares of its 8-value chunks
+    k * 8, k * 8 + 8 * threads, ..., warps by butterfly, warps' sums in order. y [rows, D] bits."""
+    y = np.zeros((rows, d), np.uint16)
+    wf = to_f32(tag, w)
+    for row in range(rows):
+        x = to_f32(tag, x_flat[x_offset + row * x_stride:][:d])
+        per_thread = np.zeros(threads, np.float32)
+        for k in range(threads):
+            for c in range(k * 8, d, threads * 8):
+                for v in x[c:c + 8]:
+                    per_thread[k] = np.float32(v * v + per_thread[k])  # fmaf, exact here
+        sums = per_thread.reshape(-1, 32)
+        for off in (16, 8, 4, 2, 1):  # butterfly: lane l adds lane l ^ off
+            sums = sums + sums[:, np.arange(32) ^ off]
+        total = np.float32(0)
+        for s in sums[:, 0]:
+            total = np.float32(total + s)
+        inv = np.float32(1.0 / np.sqrt(np.float64(total / np.float32(d)) + eps))
+        y[row] = from_f64(tag, _round(tag, x * inv) * wf)
+    return y

@@ -46,3 +46,14 @@ def backend_kernel(name: str, device: torch.device | str, dtype: torch.dtype) ->
     import awq_kernels  # here, not at the top: see the module docstring
 
     return awq_kernels.gemm
+
+
+def backend_elementwise_ops(name: str, device: torch.device | str, dtype: torch.dtype):
+    """The element-wise kernels to install with `awq_ref.fuse.use_elementwise_kernels`: None for
+    "torch", awq_kernels.ops for "cupy". Checks first (see `check_backend`)."""
+    check_backend(name, device, dtype)
+    if name == "torch":
+        return None
+    import awq_kernels.ops  # here, not at the top: see the module docstring
+
+    return awq_kernels.ops

@@ -33,6 +33,9 @@ def _add_backend_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse-projections", action="store_true",
                    help="run q/k/v and gate/up as one linear each (same numbers, fewer and "
                         "larger products: faster decode on a GPU)")
+    p.add_argument("--fuse-elementwise", action="store_true",
+                   help="with --backend cupy: RMSNorm, silu(gate) * up and the rotary embedding "
+                        "as one CUDA kernel each (awq_kernels.ops; fewer kernels per decode step)")
     p.add_argument("--quantize-embeddings", nargs="?", const="both", default=None,
                    choices=["embed", "head", "both"],
                    help="also hold the token table (embed), lm_head (head) or both (the default "
@@ -81,6 +84,15 @@ def _load_for_inference(args: argparse.Namespace):
     if apply_kernel(model, kernel) == 0 and kernel is not None:
         raise ValueError(f"--backend {args.backend}: {args.model} has no quantized (packed "
                          "4-bit) layers; the backend only runs those (use --backend torch)")
+    if args.fuse_elementwise:
+        from awq_ref.backend import backend_elementwise_ops
+        from awq_ref.fuse import use_elementwise_kernels
+
+        if args.backend == "torch":
+            raise ValueError("--fuse-elementwise runs awq_kernels' CUDA kernels: it needs "
+                             "--backend cupy")
+        use_elementwise_kernels(model, backend_elementwise_ops(args.backend, args.device,
+                                                               DTYPES[args.dtype]))
     return model
 
 

@@ -12,13 +12,20 @@ decode time on a GPU a product of one row is a kernel launch, and Llama-3-8B's k
 QuantLinear (qweight, qzeros and scales concatenated along N: the format packs columns
 independently, FORMAT.md). Run time only: AWQ and `save_quantized` need the separate layers and
 refuse a fused model.
+
+`use_elementwise_kernels` is the same idea for the small element-wise steps: RMSNorm with its
+weight, silu(gate) * up and the rotary embedding each become one kernel of a backend (e.g.
+awq_kernels.ops) instead of 2, 2 and 4 torch kernels.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
+from awq_ref.model import MLP, Attention, RMSNorm
 from awq_ref.quant.qlinear import QuantLinear
 
 
@@ -89,3 +96,32 @@ def fuse_projections(model: nn.Module) -> int:
 
 def is_fused(model: nn.Module) -> bool:
     return any(isinstance(m, FusedProjections) for m in model.modules())
+
+
+class ElementwiseOps(Protocol):
+    """What `use_elementwise_kernels` installs; awq_kernels.ops is one. Each must compute what
+    the model's own code does (the docstrings of RMSNorm.forward, MLP.forward and rotate_heads),
+    up to rounding."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor: ...
+
+
+def use_elementwise_kernels(model: nn.Module, ops: ElementwiseOps | None) -> int:
+    """Run every RMSNorm, SwiGLU and rotary embedding of `model` on `ops` (None: back to the
+    model's torch code). Returns how many modules were set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.kernel = None if ops is None else ops.rms_norm
+        elif isinstance(module, MLP):
+            module.silu_mul = None if ops is None else ops.silu_mul
+        elif isinstance(module, Attention):
+            module.rotary = None if ops is None else ops.rotary
+        else:
+            continue
+        count += 1
+    return count

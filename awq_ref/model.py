@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # (x, weight, eps) -> the same as forward in one CUDA kernel (awq_ref.fuse, run time only)
+        self.kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps)
         # x * rsqrt(mean(x^2) + eps) computed in fp32 (the mean of squares overflows / loses
         # precision in fp16) and rounded to x's dtype, then times the weight, as HF does.
         # F.rms_norm upcasts internally: the same bits on the CPU for fp32/fp16/bf16 as writing
@@ -76,6 +81,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
+def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` for x (B, T, H, Dh) (heads not yet moved forward), cos, sin_signed (T, Dh)
+    shared by the heads: the signature of the one-kernel version (awq_kernels.ops.rotary)."""
+    return apply_rotary(x, cos[:, None], sin_signed[:, None])
+
+
 class KVCache:
     """Static per-layer key/value buffers, filled left to right; `length` positions are valid."""
 
@@ -109,20 +120,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
         self.qkv: nn.Module | None = None  # q, k, v as one linear (awq_ref.fuse, run time only)
+        self.rotary: Callable[..., torch.Tensor] | None = None  # rotate_heads in one kernel (ditto)
 
     def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q (B, H, T, Dh), k and v (B, Hkv, T, Dh), q and k rotated (RoPE)."""
         b, t, _ = x.shape
+        rotate = self.rotary or rotate_heads
         if self.qkv is None:
-            q, k, v = (proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+            q, k, v = (proj(x).view(b, t, -1, self.head_dim)  # (B, T, H or Hkv, Dh)
                        for proj in (self.q_proj, self.k_proj, self.v_proj))
-            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+            return (rotate(q, cos, sin).transpose(1, 2), rotate(k, cos, sin).transpose(1, 2),
+                    v.transpose(1, 2))
         # Fused (awq_ref.fuse): q and k lie side by side in the one output, so one rotation
         # covers both (the same elementwise ops: the same bits as rotating each).
         nq, nk, nv = self.qkv.sizes
         qk, v = self.qkv.linear(x).split([nq + nk, nv], dim=-1)
-        qk = apply_rotary(qk.view(b, t, -1, self.head_dim), cos[:, None], sin[:, None])  # (B, T, H+Hkv, Dh)
+        qk = rotate(qk.view(b, t, -1, self.head_dim), cos, sin)  # (B, T, H + Hkv, Dh)
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, -1, self.head_dim).transpose(1, 2)
 
@@ -156,10 +170,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
         self.gate_up: nn.Module | None = None  # gate and up as one linear (awq_ref.fuse)
+        self.silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # ditto
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+        act = self.silu_mul(gate, up) if self.silu_mul is not None else F.silu(gate) * up  # SwiGLU
+        return self.down_proj(act)
 
 
 class Block(nn.Module):

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from awq_ref import cli
-from awq_ref.backend import backend_kernel
+from awq_ref.backend import backend_elementwise_ops, backend_kernel
 from awq_ref.config import LlamaConfig
 from awq_ref.cuda_graph import CudaGraphDecoder, static_decode_step
+from awq_ref.fuse import fuse_projections, use_elementwise_kernels
 from awq_ref.generate import generate
 from awq_ref.model import Llama
 from awq_ref.quant.embedding import quantize_embeddings
@@ -227,6 +228,32 @@ def test_random_model_with_4bit_embeddings_cupy_matches_torch_and_graph():
 
 
 @needs_gpu
+@pytest.mark.parametrize("fused_projections", [False, True])
+def test_random_model_elementwise_kernels_match_torch_ops(fused_projections):
+    """awq_kernels.ops for RMSNorm, SwiGLU and the rotary embedding (--fuse-elementwise): the
+    same logits as the model's torch code within the backends' tolerance, eager and graphed."""
+    model = _random_smollm2(quantized=True)
+    if fused_projections:
+        fuse_projections(model)
+    ids = torch.randint(0, 49152, (1, 80), generator=torch.Generator().manual_seed(4)).cuda()
+    with _Backend(model, "cupy"):
+        want = _logits(model, ids)
+        use_elementwise_kernels(model, backend_elementwise_ops("cupy", "cuda", torch.float16))
+        got = _logits(model, ids)
+        for what, a, b in zip(("prefill", "decode"), got, want):
+            err = _rel_err(a, b)
+            assert err <= REL_TOL_FP16, f"{what} logits: relative error {err:.2e}"
+        with torch.no_grad():
+            eager, graphed = model.new_cache(1, 90), model.new_cache(1, 90)
+            model(ids, eager)
+            model(ids, graphed)
+            decoder = CudaGraphDecoder(model, graphed)
+            for token in (5, 49151, 800):
+                want_step = model(torch.tensor([[token]], device="cuda"), eager)[0, -1]
+                assert _rel_err(decoder.step(token).clone(), want_step) <= 1e-3
+
+
+@needs_gpu
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_default_model_cupy_logits_match_torch(quantized_default, prompt):
     model, tok = quantized_default
@@ -245,6 +272,22 @@ def test_default_model_greedy_tokens_match(quantized_default, prompt):
         graphed = generate(model, ids, GREEDY_TOKENS, cuda_graph=True)
     assert got == want, "cupy backend: greedy tokens differ from the torch reference"
     assert graphed == got, "CUDA-graph decode: greedy tokens differ from eager decode"
+
+
+@needs_gpu
+def test_default_model_elementwise_kernels_greedy_tokens(quantized_default):
+    """--fuse-elementwise on the real model: the same greedy tokens as the torch reference."""
+    model, tok = quantized_default
+    ids = tok.encode(PROMPTS[0])
+    with _Backend(model, "torch"):
+        want = generate(model, ids, GREEDY_TOKENS)
+    with _Backend(model, "cupy"):
+        use_elementwise_kernels(model, backend_elementwise_ops("cupy", "cuda", torch.float16))
+        try:
+            got = generate(model, ids, GREEDY_TOKENS, cuda_graph=True)
+        finally:
+            use_elementwise_kernels(model, None)
+    assert got == want
 
 
 # Last in the file: a capture that fails might disturb the CUDA tests after it.

@@ -5,7 +5,7 @@ import torch
 
 from awq_ref.api import quantize
 from awq_ref.cuda_graph import static_decode_step
-from awq_ref.fuse import FusedProjections, fuse_projections, is_fused
+from awq_ref.fuse import FusedProjections, fuse_projections, is_fused, use_elementwise_kernels
 from awq_ref.quant.checkpoint import save_quantized
 from awq_ref.quant.qlinear import QuantLinear
 from tests.test_qlinear import tiny_llama
@@ -40,6 +40,58 @@ def test_fused_model_gives_the_same_logits(packed, bias):
         # each output column is the same dot product; only BLAS blocking may differ
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert fuse_projections(model) == 0  # already fused
+
+
+class _TorchOps:
+    """The model's own expressions behind the ElementwiseOps interface, counting calls: what a
+    kernel backend (awq_kernels.ops) must compute, and where the model calls it."""
+
+    def __init__(self):
+        self.calls = {"rms_norm": 0, "silu_mul": 0, "rotary": 0}
+
+    def rms_norm(self, x, weight, eps):
+        self.calls["rms_norm"] += 1
+        return weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
+
+    def silu_mul(self, gate, up):
+        self.calls["silu_mul"] += 1
+        return torch.nn.functional.silu(gate) * up
+
+    def rotary(self, x, cos, sin):
+        from awq_ref.model import rotate_heads
+
+        assert x.dim() == 4 and cos.shape == (x.shape[1], x.shape[3])  # (B, T, H, Dh), (T, Dh)
+        self.calls["rotary"] += 1
+        return rotate_heads(x, cos, sin)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_elementwise_ops_are_used_everywhere_with_the_same_bits(fused):
+    """Every RMSNorm, SwiGLU and rotary call of the full forward, the cached decode and the
+    CUDA graph's static step goes through the installed ops; with the model's own expressions
+    installed, the logits keep their bits."""
+    model = tiny_llama()
+    if fused:
+        fuse_projections(model)
+    tokens = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(2))
+    want = _outputs(model, tokens)
+    ops = _TorchOps()
+    layers = len(model.model.layers)
+    assert use_elementwise_kernels(model, ops) == 2 * layers + 1 + layers + layers
+    got = _outputs(model, tokens)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    # 3 passes (full, cached prefill, static step): 2 norms per block + the final one; one
+    # SwiGLU per block; one rotary per block fused (q and k together), two apart
+    assert ops.calls == {"rms_norm": 3 * (2 * layers + 1), "silu_mul": 3 * layers,
+                         "rotary": 3 * layers * (1 if fused else 2)}
+    assert use_elementwise_kernels(model, None) == 4 * layers + 1
+    assert all(m.kernel is None for m in model.modules() if hasattr(m, "kernel")
+               and not isinstance(m, QuantLinear))
+    before = dict(ops.calls)
+    for a, b in zip(_outputs(model, tokens), want):
+        assert torch.equal(a, b)
+    assert ops.calls == before, "uninstalled ops were still called"
 
 
 def test_mixed_layers_stay_apart_and_fused_models_are_refused(tmp_path):

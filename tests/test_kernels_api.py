@@ -208,3 +208,39 @@ def test_benchmark_tables_and_bytes():
               "rows": [dict(row, impl="awq"), dict(row, impl="fp16", us=3.0)]}
     assert "| 64x64 | 1 | awq | 2.0 |" in benchmark.markdown(result)
     assert "floor%  50.0" in benchmark.summary(result)
+
+
+# ------------------------------------------------------------------ awq_kernels.ops (elementwise)
+
+def test_elementwise_ops_validate_before_touching_cuda():
+    from awq_kernels import ops
+
+    x = torch.randn(2, 3, 64).half()
+    w = torch.ones(64).half()
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        ops.rms_norm(x, w, 1e-5)
+    with pytest.raises(TypeError, match="weight must have dtype torch.float16"):
+        ops.rms_norm(x, w.bfloat16(), 1e-5)
+    with pytest.raises(ValueError, match=r"weight must have shape \[64\]"):
+        ops.rms_norm(x, torch.ones(32).half(), 1e-5)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        ops.rms_norm(x.float(), w, 1e-5)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ops.rms_norm(torch.randn(2, 60).half(), torch.ones(60).half(), 1e-5)
+    with pytest.raises(ValueError, match="contiguous in its last dimension"):
+        ops.silu_mul(x[..., ::2], x[..., ::2])
+    with pytest.raises(ValueError, match="gate and up must have one shape"):
+        ops.silu_mul(x, x[:, :2])
+    shifted = torch.randn(1, 72).half()[:, 4:68]  # starts 8 bytes into its storage
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        ops.silu_mul(shifted, shifted)
+    q = torch.randn(1, 5, 4, 32).half()
+    cos = torch.randn(5, 32).half()
+    with pytest.raises(ValueError, match=r"x must be \(B, T, H, Dh\)"):
+        ops.rotary(q[0], cos, cos)
+    with pytest.raises(ValueError, match=r"cos must be a contiguous \(5, 32\) table"):
+        ops.rotary(q, cos[:4], cos)
+    with pytest.raises(ValueError, match="Dh = 8 must be a multiple of 16"):
+        ops.rotary(torch.randn(1, 5, 4, 8).half(), cos[:, :8].contiguous(), cos[:, :8].contiguous())
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        ops.rotary(q, cos, cos)

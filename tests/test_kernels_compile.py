@@ -38,6 +38,8 @@ REQUIRED_PTX = {
                    "atom.global.add.u32"),
     "dequant": ("lop3.b32", "st.global.v4.b32"),
     "reduce": ("ld.global.nc.v4.f32",),
+    "elementwise": ("shfl.sync.bfly", "rsqrt.approx.f32", "ex2.approx", "st.global.v4.b32",
+                    "cvt.rn.f16x2.f32", "cvt.rn.bf16x2.f32"),
 }
 
 
@@ -228,3 +230,59 @@ def test_emulated_mma_direct_kernel_mapping(dtype, tag, m, k, n, g, sms):
     err = _check_product(partials, x, w, tag)
     print(f"mma_direct {tag} M={m} K={k} N={n} G={g} splits={launch.splits}: "
           f"output relative error {err:.1e}")
+
+
+# ------------------------------------------------------------------ elementwise.cu (awq_kernels.ops)
+
+def _flat_bits(parent: torch.Tensor) -> np.ndarray:
+    return _bits16(parent.reshape(-1))
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+@pytest.mark.parametrize("fused", [True, False])
+def test_emulated_rotary_gives_the_models_bits(dtype, tag, fused):
+    """The kernel's index math over a strided view (q and k inside a fused q/k/v output, or one
+    projection's output), and its roundings: the same bits as awq_ref's rotate_heads."""
+    from awq_ref.model import rotary_tables, rotate_heads
+
+    b, t, h, hkv, dh = 2, 3, 4, 2, 32
+    gen = torch.Generator().manual_seed(5)
+    parent = torch.randn(b, t, (h + 2 * hkv) * dh, generator=gen).to(dtype)  # a q/k/v output
+    x = (parent[..., :(h + hkv) * dh] if fused else parent).view(b, t, -1, dh)
+    freqs = torch.outer(torch.arange(7.0, 7.0 + t), 1.0 / 10000 ** (torch.arange(0, dh, 2) / dh))
+    cos, sin = rotary_tables(freqs, dtype)
+    got = emulate.emulate_rotary(tag, _flat_bits(parent), x.storage_offset(), tuple(x.shape),
+                                 x.stride()[:3], _bits16(cos), _bits16(sin))
+    np.testing.assert_array_equal(got, _bits16(rotate_heads(x, cos, sin)))
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+def test_emulated_silu_mul_matches_torch(dtype, tag):
+    """gate and up as the two halves of a fused gate/up output (row stride 2F)."""
+    rows, f = 3, 48
+    parent = (torch.randn(rows, 2 * f, generator=torch.Generator().manual_seed(6)) * 3).to(dtype)
+    gate, up = parent.split(f, dim=-1)
+    got = emulate.emulate_silu_mul(tag, _flat_bits(parent), 0, 2 * f, _flat_bits(parent), f,
+                                   2 * f, rows, f)
+    want = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(torch.from_numpy(emulate.to_f32(tag, got)), want.float(),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+@pytest.mark.parametrize("d", [64, 576, 4096 + 2048 + 8])
+def test_emulated_rms_norm_matches_the_model(dtype, tag, d):
+    """One block per row, the kernel's reduction order; within one rounding of RMSNorm."""
+    from awq_ref.model import RMSNorm
+
+    rows = 2
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(rows, d, generator=gen).to(dtype)
+    norm = RMSNorm(d, 1e-5)
+    norm.weight.data = (torch.rand(d, generator=gen) + 0.5).to(dtype)
+    got = emulate.emulate_rms_norm(tag, _flat_bits(x), 0, d, _bits16(norm.weight.data), rows, d,
+                                   1e-5)
+    want = norm(x)
+    torch.testing.assert_close(torch.from_numpy(emulate.to_f32(tag, got)), want.float(),
+                               **({"rtol": 2e-3, "atol": 1e-3} if tag == "F16" else
+                                  {"rtol": 1.6e-2, "atol": 1e-2}))

@@ -179,3 +179,34 @@ def test_bad_cuda_inputs_raise():
     with pytest.raises(TypeError, match="dtype"):
         awq_kernels.gemm(x.float(), qweight, qzeros, scales, 64)
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_elementwise_ops_match_torch(dtype):
+    """awq_kernels.ops against the model's torch expressions on Llama-3-8B shapes, on strided
+    views as the model passes them: the rotary embedding bit for bit (same roundings), SwiGLU
+    and RMSNorm within the dtype's tolerance (RMSNorm sums in another order)."""
+    import torch.nn.functional as F
+
+    from awq_kernels import ops
+    from awq_ref.model import rotary_tables, rotate_heads
+
+    b, t, h, hkv, dh = 2, 5, 32, 8, 128
+    parent = torch.randn(b, t, (h + 2 * hkv) * dh, device="cuda").to(dtype)  # a q/k/v output
+    qk = parent[..., :(h + hkv) * dh].view(b, t, -1, dh)  # strided: rows of the whole output
+    dims = torch.arange(0, dh, 2, device="cuda") / dh
+    freqs = torch.outer(torch.arange(100.0, 100.0 + t, device="cuda"), 1.0 / 500000.0 ** dims)
+    cos, sin = rotary_tables(freqs, dtype)
+    got = ops.rotary(qk, cos, sin)
+    assert torch.equal(got.view(torch.int16), rotate_heads(qk, cos, sin).contiguous().view(torch.int16))
+
+    gate_up = (torch.randn(3, 2 * 14336, device="cuda") * 3).to(dtype)
+    gate, up = gate_up.split(14336, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(gate, up), F.silu(gate) * up)
+
+    x = torch.randn(b, t, 4096, device="cuda").to(dtype)
+    w = (torch.rand(4096, device="cuda") + 0.5).to(dtype)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (4096,), eps=1e-5))
+    x = torch.randn(7, 576, device="cuda").to(dtype)  # SmolLM2's width: 72 of 256 threads work
+    w = torch.ones(576, device="cuda", dtype=dtype)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (576,), eps=1e-5))

@@ -7,8 +7,12 @@ of its shape when the file is unavailable, which the table says) and a Llama-3-8
 with random non-zero weights made directly on the GPU (W4 g128; no checkpoint file). Variants of
 each: fp16; 4-bit on awq_kernels ("w4 cupy"); 4-bit on the dequantize + matmul reference
 ("w4 torch"); 4-bit on awq_kernels with the token table and lm_head in 4 bits too
-("w4 cupy +emb", awq_ref.quant.embedding, RTN at load time), and the same with gemv_direct.cu
-for the decode products ("w4 cupy[direct] +emb"). Per variant:
+("w4 cupy +emb", awq_ref.quant.embedding, RTN at load time), and the same with the direct-load
+kernels (`kernel="auto_direct"`: gemv_direct.cu at M = 1, mma_direct.cu to M = 32) for the
+products ("w4 cupy[direct] +emb"). "+ops" variants also run RMSNorm, SwiGLU and the rotary
+embedding on awq_kernels.ops (one kernel each; awq_ref.fuse.use_elementwise_kernels): "fp16 +ops"
+and "w4 cupy[direct] +emb +ops", compared with each other (tools/targets.py); they are skipped
+with a message if the ops fail a quick check against torch. Per variant:
 
 - prefill tokens/s of one forward over 128 and over 2048 tokens (median of --repeats);
 - decode tokens/s: batch 1, 128-token prompt, 256 greedy tokens (the first comes from the
@@ -47,7 +51,7 @@ from torch import nn
 from awq_ref.backend import backend_kernel, check_backend
 from awq_ref.config import LlamaConfig
 from awq_ref.cuda_graph import CudaGraphDecoder
-from awq_ref.fuse import fuse_projections
+from awq_ref.fuse import fuse_projections, use_elementwise_kernels
 from awq_ref.model import Llama
 from awq_ref.quant.embedding import quantize_embeddings
 from awq_ref.quant.qlinear import QuantLinear, apply_kernel, replace_linears
@@ -237,20 +241,50 @@ def _fresh_peak() -> float:
 
 def direct_kernel(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                   scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """awq_kernels.gemm(kernel="auto_direct"): gemv_direct.cu for decode rows, which `auto`
-    does not pick until it is timed on a GPU."""
+    """awq_kernels.gemm(kernel="auto_direct"): gemv_direct.cu / mma_direct.cu for M <= 32,
+    which `auto` does not pick until they are timed on a GPU."""
     import awq_kernels
 
     return awq_kernels.gemm(x, qweight, qzeros, scales, group_size, kernel="auto_direct")
 
 
+def elementwise_ops():
+    """awq_kernels.ops after a quick check against the model's torch code on Llama-3-8B
+    widths, or None with a message (the "+ops" variants are then skipped, the others run)."""
+    import torch.nn.functional as F
+
+    from awq_ref.model import rotary_tables, rotate_heads
+
+    try:
+        from awq_kernels import ops
+
+        x = torch.randn(2, 3, 4096, device=DEVICE, dtype=DTYPE)
+        w = torch.rand(4096, device=DEVICE, dtype=DTYPE) + 0.5
+        torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (4096,), eps=1e-5))
+        gate, up = torch.randn(3, 2 * 1024, device=DEVICE, dtype=DTYPE).split(1024, dim=-1)
+        torch.testing.assert_close(ops.silu_mul(gate, up), F.silu(gate) * up)
+        qk = torch.randn(2, 3, 48 * 128, device=DEVICE, dtype=DTYPE)[..., :40 * 128].view(2, 3, 40, 128)
+        cos, sin = rotary_tables(torch.rand(3, 64, device=DEVICE) * 50, DTYPE)
+        torch.testing.assert_close(ops.rotary(qk, cos, sin), rotate_heads(qk, cos, sin), rtol=0, atol=0)
+        return ops
+    except Exception as e:  # noqa: BLE001 -- any failure (compile errors too) skips only these
+        print(f"awq_kernels.ops failed its check, skipping the +ops variants: {e!r}",
+              file=sys.stderr)
+        return None
+
+
 def bench_model(name: str, s: Settings) -> list[dict]:
     """Every variant of one model, one after the other (never two models at once)."""
     rows = []
+    ops = elementwise_ops()
     model, source = build(name, quantized=False)
     weights = _fresh_peak()
     rows.append({"model": name, "weights": source, "variant": "fp16", "weights_gib": weights,
                  **measure(model, s, graph=True)})
+    if ops is not None:
+        use_elementwise_kernels(model, ops)
+        rows.append({"model": name, "weights": source, "variant": "fp16 +ops",
+                     "weights_gib": weights, **measure(model, s, graph=True)})
     del model
     _fresh_peak()
     model, source = build(name, quantized=True)
@@ -266,6 +300,10 @@ def bench_model(name: str, s: Settings) -> list[dict]:
         weights = _fresh_peak()
         rows.append({"model": name, "weights": source, "variant": variant,
                      "weights_gib": weights, **measure(model, s, graph=True)})
+    if ops is not None:  # the direct kernels still installed
+        use_elementwise_kernels(model, ops)
+        rows.append({"model": name, "weights": source, "variant": "w4 cupy[direct] +emb +ops",
+                     "weights_gib": weights, **measure(model, s, graph=True)})
     del model
     _fresh_peak()
     return rows
@@ -276,18 +314,20 @@ def bench_model(name: str, s: Settings) -> list[dict]:
 @torch.no_grad()
 def profile_decode(name: str, steps: int = 4, rows: int = 14) -> str:
     """torch.profiler's per-kernel device time over `steps` eager and CUDA-graph decode steps,
-    for fp16, W4 on awq_kernels (`auto`), and W4 with 4-bit tables on gemv_direct (the tables
-    name each kernel and its mean time)."""
+    for fp16, W4 on awq_kernels (`auto`), and W4 with 4-bit tables on the direct kernels and
+    awq_kernels.ops (the tables name each kernel and its mean time)."""
     from torch.profiler import ProfilerActivity, profile
 
     out = []
-    for variant in ("fp16", "w4 cupy", "w4 cupy[direct] +emb"):
+    ops = elementwise_ops()
+    for variant in ("fp16", "w4 cupy", "w4 cupy[direct] +emb +ops"):
         model, _ = build(name, quantized=variant != "fp16")
         if variant == "w4 cupy":
             apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
         elif variant != "fp16":
             quantize_embeddings(model)
             apply_kernel(model, direct_kernel)
+            use_elementwise_kernels(model, ops)  # None (failed check): the torch code
         cache = model.new_cache(1, 128 + 3 * steps + 8)
         token = model(_prompt(model, 128), cache, last_only=True)[0, -1].argmax()  # 0-dim
         graph = CudaGraphDecoder(model, cache)

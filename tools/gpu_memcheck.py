@@ -43,8 +43,34 @@ def main() -> int:
             failures += not ok
             print(f"M={m:<4} K={k:<5} N={n:<4} G={g:<3} {kernel:11s} {dtype!s:15s} "
                   f"rel err {err:.1e} {'ok' if ok else 'WRONG'}")
+    failures += _elementwise_ops()
     torch.cuda.synchronize()
     return 1 if failures else 0
+
+
+def _elementwise_ops() -> int:
+    """awq_kernels.ops on strided views and ragged widths (SmolLM2's 576 = 72 chunks of 8)."""
+    import torch.nn.functional as F
+
+    from awq_kernels import ops
+    from awq_ref.model import rotary_tables, rotate_heads
+
+    failures = 0
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(3, 576, device="cuda").to(dtype)
+        w = torch.rand(576, device="cuda").to(dtype)
+        gate, up = torch.randn(3, 2 * 1536, device="cuda").to(dtype).split(1536, dim=-1)
+        qk = torch.randn(1, 5, 15 * 64, device="cuda").to(dtype)[..., :12 * 64].view(1, 5, 12, 64)
+        cos, sin = rotary_tables(torch.rand(5, 32, device="cuda") * 9, dtype)
+        checks = {"rms_norm": (ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (576,), eps=1e-5)),
+                  "silu_mul": (ops.silu_mul(gate, up), F.silu(gate) * up),
+                  "rotary": (ops.rotary(qk, cos, sin), rotate_heads(qk, cos, sin))}
+        for name, (got, want) in checks.items():
+            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            ok = err <= 1e-2 and bool(torch.isfinite(got).all())
+            failures += not ok
+            print(f"ops.{name:8s} {dtype!s:15s} rel err {err:.1e} {'ok' if ok else 'WRONG'}")
+    return failures
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+// elementwise.cu -- the decoder's small element-wise steps, one kernel each: RMSNorm with its
+// weight, SwiGLU's silu(gate) * up, and the rotary embedding of q and k.
+//
+// Why: in a decode step of a CUDA-graph replay every kernel costs ~1.5-2.5 us however little it
+// does; torch runs RMSNorm * weight as 2 kernels, silu(gate) * up as 2 and the rotary embedding as
+// 4 (mul, roll, mul, add), ~12 per decoder layer of ~17 besides the products (H200 profile,
+// 2026-12-04: 1.8-2.1 ms of a 6.3 ms Llama-3-8B-shaped token). These three kernels do the same
+// work in 4 per layer.
+//
+// Numbers: each kernel rounds where torch's ops round (torch computes a 16-bit op in fp32 and
+// rounds its result to the 16-bit type), so the rotary embedding and SwiGLU give torch's bits;
+// RMSNorm differs only in the order of its sum of squares.
+//
+// All three read and write 8 consecutive 16-bit values (16 bytes) per access: the last dimension
+// is contiguous and a multiple of 8 (16 for the rotary's half), row strides are multiples of 8
+// elements and base pointers 16-byte aligned (checked in Python, awq_kernels/ops.py).
+#include "common.cuh"
+
+constexpr int EW_THREADS = 256;
+
+// 8 consecutive 16-bit values <-> 8 floats (exact).
+template <typename T> __device__ __forceinline__ void load8(const u16* p, float (&v)[8]) {
+  const uint4 w = *reinterpret_cast<const uint4*>(p);
+  const u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = to_float<T>((u16)(ws[i] & 0xFFFFu));
+    v[2 * i + 1] = to_float<T>((u16)(ws[i] >> 16));
+  }
+}
+template <typename T> __device__ __forceinline__ void store8(u16* p, const float (&v)[8]) {
+  st_global16(p, pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
+              pack2<T>(v[6], v[7]));
+}
+
+// f rounded to T and widened back: what an op with a T result hands to the next op.
+template <typename T> __device__ __forceinline__ float round_t(float f) {
+  return to_float<T>((u16)(pack2<T>(f, 0.f) & 0xFFFFu));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+  return v;
+}
+
+// y[r] = w * rms_norm(x[r]) for each row r (one block per row): torch's
+// `weight * F.rms_norm(x, (D,), eps)`: the sum of squares in fp32, x * rsqrt(mean + eps) rounded
+// to T, then times w rounded to T. x rows `x_stride` elements apart; y [rows, D] contiguous.
+template <typename T>
+__global__ void __launch_bounds__(EW_THREADS)
+rms_norm(const u16* __restrict__ x, const u16* __restrict__ w, u16* __restrict__ y, int D,
+         int x_stride, float eps) {
+  __shared__ float partial[EW_THREADS / 32];
+  const u16* xr = x + (size_t)blockIdx.x * x_stride;
+  float ss = 0.f;
+  for (int c = threadIdx.x * 8; c < D; c += EW_THREADS * 8) {
+    float v[8];
+    load8<T>(xr + c, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
+  }
+  ss = warp_sum(ss);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < EW_THREADS / 32; ++i) total += partial[i];  // the same order everywhere
+  const float inv = rsqrtf(total / (float)D + eps);
+  u16* yr = y + (size_t)blockIdx.x * D;
+  for (int c = threadIdx.x * 8; c < D; c += EW_THREADS * 8) {
+    float v[8], g[8];
+    load8<T>(xr + c, v);
+    load8<T>(w + c, g);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = round_t<T>(v[i] * inv) * g[i];
+    store8<T>(yr + c, v);
+  }
+}
+
+// y = silu(gate) * up, [rows, F]: torch's `F.silu(gate) * up` (silu = g / (1 + exp(-g)) in fp32,
+// rounded to T, then the product rounded to T). gate and up rows `g_stride` / `u_stride`
+// elements apart (the two halves of a fused gate_up output); y contiguous. One thread per 8
+// values, grid-stride.
+template <typename T>
+__global__ void __launch_bounds__(EW_THREADS)
+silu_mul(const u16* __restrict__ gate, const u16* __restrict__ up, u16* __restrict__ y, int rows,
+         int F, int g_stride, int u_stride) {
+  const int per_row = F / 8;
+  for (size_t i = blockIdx.x * (size_t)EW_THREADS + threadIdx.x; i < (size_t)rows * per_row;
+       i += (size_t)gridDim.x * EW_THREADS) {
+    const int r = (int)(i / per_row), c = (int)(i % per_row) * 8;
+    float g[8], u[8];
+    load8<T>(gate + (size_t)r * g_stride + c, g);
+    load8<T>(up + (size_t)r * u_stride + c, u);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) g[j] = round_t<T>(g[j] / (1.0f + expf(-g[j]))) * u[j];
+    store8<T>(y + (size_t)r * F + c, g);
+  }
+}
+
+// Rotary embedding of x (B, T, H, Dh) -> y (B, T, H, Dh) contiguous, cos and sin_signed (T, Dh)
+// contiguous (awq_ref.model.rotary_tables: -sin in the first half, +sin in the second):
+// torch's `x * cos + roll(x, Dh / 2) * sin_signed`, i.e. with x = (x1, x2) halves
+//   y1 = x1 cos1 + x2 sin1,  y2 = x2 cos2 + x1 sin2,
+// each product rounded to T, then their sum. x strides (sb, st, sh) in elements, Dh contiguous.
+// One thread per 8 values of a first half and their 8 partners.
+template <typename T>
+__global__ void __launch_bounds__(EW_THREADS)
+rotary(const u16* __restrict__ x, const u16* __restrict__ cos, const u16* __restrict__ sin,
+       u16* __restrict__ y, int B, int T_len, int H, int Dh, int sb, int st, int sh) {
+  const int half = Dh / 2, per_head = half / 8;
+  const size_t units = (size_t)B * T_len * H * per_head;
+  for (size_t i = blockIdx.x * (size_t)EW_THREADS + threadIdx.x; i < units;
+       i += (size_t)gridDim.x * EW_THREADS) {
+    const int c = (int)(i % per_head) * 8;
+    size_t rest = i / per_head;
+    const int h = (int)(rest % H);
+    rest /= H;
+    const int t = (int)(rest % T_len);
+    const int b = (int)(rest / T_len);
+    const u16* xp = x + (size_t)b * sb + (size_t)t * st + (size_t)h * sh + c;
+    const u16* cp = cos + (size_t)t * Dh + c;
+    const u16* sp = sin + (size_t)t * Dh + c;
+    float x1[8], x2[8], c1[8], c2[8], s1[8], s2[8], y1[8], y2[8];
+    load8<T>(xp, x1);
+    load8<T>(xp + half, x2);
+    load8<T>(cp, c1);
+    load8<T>(cp + half, c2);
+    load8<T>(sp, s1);
+    load8<T>(sp + half, s2);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      y1[j] = round_t<T>(x1[j] * c1[j]) + round_t<T>(x2[j] * s1[j]);
+      y2[j] = round_t<T>(x2[j] * c2[j]) + round_t<T>(x1[j] * s2[j]);
+    }
+    u16* yp = y + (((size_t)b * T_len + t) * H + h) * Dh + c;
+    store8<T>(yp, y1);
+    store8<T>(yp + half, y2);
+  }
+}

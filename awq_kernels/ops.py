@@ -1,0 +1,144 @@
+"""The decoder's element-wise steps as one CUDA kernel each (elementwise.cu): RMSNorm with its
+weight, SwiGLU's silu(gate) * up, the rotary embedding.
+
+    y = ops.rms_norm(x, weight, eps)      # weight * F.rms_norm(x, (D,), eps=eps)
+    y = ops.silu_mul(gate, up)            # F.silu(gate) * up
+    y = ops.rotary(x, cos, sin_signed)    # x * cos + x.roll(Dh // 2, -1) * sin_signed
+
+Each equals the torch expression in the comment (the same roundings; rms_norm's sum of squares
+in another order), on fp16 or bf16 CUDA tensors, into a new contiguous tensor. awq_ref installs
+them with `awq_ref.fuse.use_elementwise_kernels(model, awq_kernels.ops)`. Checks run on
+metadata first, so wrong inputs raise the same errors on any machine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .api import ACTIVATION_DTYPES, ALIGNMENT, _i32, _on_torch_stream, _require_tensor, _run
+from .plan import Launch, cdiv
+
+THREADS = 256           # EW_THREADS of elementwise.cu
+VEC = 8                 # 16-bit values per 16-byte access
+MAX_BLOCKS_PER_SM = 32  # grid-stride loops beyond that
+
+
+def _check(name: str, t: object, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An fp16/bf16 tensor (of `dtype` if given) whose last dimension is contiguous, a multiple
+    of 8, and whose start and other strides allow 16-byte accesses (the device comes last)."""
+    t = _require_tensor(name, t)
+    if t.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} like the input, got {t.dtype}")
+    if t.dim() == 0 or t.shape[-1] % VEC:
+        raise ValueError(f"{name}'s last dimension must be a multiple of {VEC}, got shape "
+                         f"{list(t.shape)}")
+    if t.stride(-1) != 1 or any(s % VEC for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+        raise ValueError(f"{name} must be contiguous in its last dimension with the other "
+                         f"strides multiples of {VEC} elements, got strides {t.stride()}")
+    if t.data_ptr() % ALIGNMENT:
+        raise ValueError(f"{name} must start at a {ALIGNMENT}-byte aligned address")
+    return t
+
+
+def _require_cuda(**tensors: torch.Tensor) -> None:
+    """After every metadata check: all on one CUDA device."""
+    for name, t in tensors.items():
+        if not t.is_cuda:
+            raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _row_stride(name: str, t: torch.Tensor) -> int:
+    """Elements between consecutive rows of t viewed as [rows, last dim] (rows = the product of
+    the leading dimensions); raises unless the leading dimensions collapse into one stride."""
+    rows = t.numel() // t.shape[-1]
+    if rows <= 1:
+        return t.shape[-1]
+    try:
+        return t.view(rows, t.shape[-1]).stride(0)
+    except RuntimeError as err:
+        raise ValueError(f"{name}'s leading dimensions must collapse into one row stride "
+                         f"(shape {list(t.shape)}, strides {t.stride()})") from err
+
+
+def _grid_stride_launch(units: int, num_sms: int) -> Launch:
+    blocks = max(1, min(cdiv(units, THREADS), MAX_BLOCKS_PER_SM * num_sms))
+    return Launch("elementwise", 0, (blocks, 1, 1), (THREADS, 1, 1))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * F.rms_norm(x, (D,), eps=eps) for x [..., D], weight [D] of x's dtype."""
+    x, weight = _check("x", x), _check("weight", weight, x.dtype)
+    d = x.shape[-1]
+    if tuple(weight.shape) != (d,):
+        raise ValueError(f"weight must have shape [{d}], got {list(weight.shape)}")
+    stride = _row_stride("x", x)
+    _require_cuda(x=x, weight=weight)
+    rows = x.numel() // d
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return y
+    tag = ACTIVATION_DTYPES[x.dtype]
+    with _on_torch_stream(x.device) as (arch, _):
+        launch = Launch("elementwise", 0, (rows, 1, 1), (THREADS, 1, 1))
+        _run(launch, arch, f"rms_norm<{tag}>",
+             (x, weight, y, _i32(d), _i32(stride), _f32(eps)))
+    return y
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up for gate, up [..., F] of one shape and dtype (views allowed, e.g. the
+    halves of a fused gate/up output)."""
+    gate, up = _check("gate", gate), _check("up", up, gate.dtype)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have one shape, got {list(gate.shape)} and "
+                         f"{list(up.shape)}")
+    f = gate.shape[-1]
+    g_stride, u_stride = _row_stride("gate", gate), _row_stride("up", up)
+    _require_cuda(gate=gate, up=up)
+    rows = gate.numel() // f
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if rows == 0:
+        return y
+    tag = ACTIVATION_DTYPES[gate.dtype]
+    with _on_torch_stream(gate.device) as (arch, num_sms):
+        _run(_grid_stride_launch(rows * f // VEC, num_sms), arch, f"silu_mul<{tag}>",
+             (gate, up, y, _i32(rows), _i32(f), _i32(g_stride), _i32(u_stride)))
+    return y
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + x.roll(Dh // 2, -1) * sin_signed for x (B, T, H, Dh) (any strides, Dh
+    contiguous) and cos, sin_signed (T, Dh) broadcast over B and H; Dh a multiple of 16."""
+    x = _check("x", x)
+    cos, sin_signed = _check("cos", cos, x.dtype), _check("sin_signed", sin_signed, x.dtype)
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, T, H, Dh), got shape {list(x.shape)}")
+    b, t, h, dh = x.shape
+    if dh % (2 * VEC):
+        raise ValueError(f"Dh = {dh} must be a multiple of {2 * VEC}")
+    for name, table in (("cos", cos), ("sin_signed", sin_signed)):
+        if tuple(table.shape) != (t, dh) or not table.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous ({t}, {dh}) table, got shape "
+                             f"{list(table.shape)}, strides {table.stride()}")
+    _require_cuda(x=x, cos=cos, sin_signed=sin_signed)
+    y = torch.empty((b, t, h, dh), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    tag = ACTIVATION_DTYPES[x.dtype]
+    sb, st, sh, _ = x.stride()
+    with _on_torch_stream(x.device) as (arch, num_sms):
+        _run(_grid_stride_launch(b * t * h * dh // (2 * VEC), num_sms), arch, f"rotary<{tag}>",
+             (x, cos, sin_signed, y, _i32(b), _i32(t), _i32(h), _i32(dh), _i32(sb), _i32(st),
+              _i32(sh)))
+    return y
+
+
+def _f32(v: float):
+    import numpy as np
+
+    return np.float32(v)
