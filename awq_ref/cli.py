@@ -68,6 +68,9 @@ def _load_for_inference(args: argparse.Namespace):
     from awq_ref.quant.qlinear import apply_kernel
 
     kernel = backend_kernel(args.backend, args.device, DTYPES[args.dtype])
+    if args.fuse_elementwise and args.backend == "torch":
+        raise ValueError("--fuse-elementwise runs awq_kernels' CUDA kernels: it needs "
+                         "--backend cupy")
     model = _load(args)
     if args.quantize_embeddings:
         from awq_ref.quant.embedding import quantize_embeddings
@@ -88,9 +91,6 @@ def _load_for_inference(args: argparse.Namespace):
         from awq_ref.backend import backend_elementwise_ops
         from awq_ref.fuse import use_elementwise_kernels
 
-        if args.backend == "torch":
-            raise ValueError("--fuse-elementwise runs awq_kernels' CUDA kernels: it needs "
-                             "--backend cupy")
         use_elementwise_kernels(model, backend_elementwise_ops(args.backend, args.device,
                                                                DTYPES[args.dtype]))
     return model

@@ -116,6 +116,12 @@ def test_cli_exits_cleanly_without_traceback():
     assert "needs a CUDA device" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_cli_fuse_elementwise_needs_the_cupy_backend(capsys):
+    argv = ["generate", "--model", "absent-model", "--prompt", "hi", "--fuse-elementwise"]
+    assert cli.main(argv) == 2
+    assert "--fuse-elementwise runs awq_kernels' CUDA kernels" in capsys.readouterr().err
+
+
 def test_cli_cuda_graph_needs_cuda_device(capsys):
     argv = ["generate", "--model", "absent-model", "--prompt", "hi", "--cuda-graph"]
     assert cli.main(argv) == 2

@@ -4,8 +4,9 @@
 
 NVRTC (through CuPy) makes the PTX, the CUDA toolkit's ptxas assembles it for --arch, and
 nvdisasm prints the SASS; every backward branch closes a loop, whose instructions are counted by
-opcode. The K loop of a kernel is its longest loop: its length per weight is what bounds an
-issue-bound GEMV (awq_kernels/NOTES.md).
+opcode. The K loop of a kernel is the loop with the most 16-bit arithmetic (HFMA2, HMUL2, HADD2,
+HMMA; the fused split-K's sum over splits is a longer loop in some instantiations): its length
+per weight is what bounds an issue-bound GEMV (awq_kernels/NOTES.md).
 
 Needs ptxas (nvcc's toolkit) and nvdisasm, which the toolkit on this project's CPU machines
 lacks: `pip download nvidia-cuda-nvdisasm` and unzip the wheel, then pass --nvdisasm or put it
@@ -70,6 +71,11 @@ def loops(text: str) -> list[collections.Counter]:
     return sorted(found, key=lambda c: -sum(c.values()))
 
 
+# The K loop is the loop with the most 16-bit arithmetic (the dequantization's); a kernel's other
+# loops (the fused split-K's sum over splits) have little or none, and may be longer.
+K_LOOP_OPS = ("HFMA2", "HMUL2", "HADD2", "HMMA")
+
+
 def weights_per_iteration(expr: str) -> int | None:
     """Packed weights one lane handles per K-loop iteration (GEMV kernels; None otherwise)."""
     m = re.match(r"awq_(gemv|gemv_direct|mma_direct)<(\w+), (\d+)>", expr)
@@ -100,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             if not found:
                 print(f"{expr}: no loop")
                 continue
-            top = found[0]
+            top = max(found, key=lambda c: sum(c[op] for op in K_LOOP_OPS))
             total = sum(top.values())
             weights = weights_per_iteration(expr)
             per = f" = {total / weights:4.1f} per weight" if weights else ""
             ops = ", ".join(f"{op} {n}" for op, n in top.most_common(6))
-            print(f"{args.arch} {expr:26s} longest loop {total:4d} instructions{per}: {ops}")
+            print(f"{args.arch} {expr:26s} K loop {total:4d} instructions{per}: {ops}")
     return 0
 
 
