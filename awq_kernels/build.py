@@ -41,7 +41,7 @@ GEMV_DIRECT_ROWS = (1, 2, 4, 8)
 # n8 tiles NT of the direct-load tensor-core kernel (mma_direct.cu): M <= 8 * NT rows.
 MMA_DIRECT_TILES = (1, 2, 4)
 # Kernels of elementwise.cu (awq_kernels.ops), each templated on the dtype tag only.
-ELEMENTWISE_OPS = ("rms_norm", "silu_mul", "rotary")
+ELEMENTWISE_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary", "rotary_into_cache")
 COMPILE_OPTIONS = ("-std=c++17",)
 
 

@@ -139,3 +139,111 @@ rotary(const u16* __restrict__ x, const u16* __restrict__ cos, const u16* __rest
     store8<T>(yp + half, y2);
   }
 }
+
+// s = x + delta (rounded to T, as torch's add) and y = w * rms_norm(s), one block per row: the
+// residual add that precedes a norm, in the norm's kernel. x and delta rows x_stride /
+// d_stride elements apart; s and y [rows, D] contiguous.
+template <typename T>
+__global__ void __launch_bounds__(EW_THREADS)
+add_rms_norm(const u16* __restrict__ x, const u16* __restrict__ delta, const u16* __restrict__ w,
+             u16* __restrict__ s, u16* __restrict__ y, int D, int x_stride, int d_stride,
+             float eps) {
+  __shared__ float partial[EW_THREADS / 32];
+  const u16* xr = x + (size_t)blockIdx.x * x_stride;
+  const u16* dr = delta + (size_t)blockIdx.x * d_stride;
+  u16* sr = s + (size_t)blockIdx.x * D;
+  float ss = 0.f;
+  for (int c = threadIdx.x * 8; c < D; c += EW_THREADS * 8) {
+    float a[8], b[8];
+    load8<T>(xr + c, a);
+    load8<T>(dr + c, b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      a[i] = round_t<T>(a[i] + b[i]);
+      ss = fmaf(a[i], a[i], ss);
+    }
+    store8<T>(sr + c, a);  // read back below by this same thread only
+  }
+  ss = warp_sum(ss);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < EW_THREADS / 32; ++i) total += partial[i];
+  const float inv = rsqrtf(total / (float)D + eps);
+  u16* yr = y + (size_t)blockIdx.x * D;
+  for (int c = threadIdx.x * 8; c < D; c += EW_THREADS * 8) {
+    float v[8], g[8];
+    load8<T>(sr + c, v);
+    load8<T>(w + c, g);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = round_t<T>(v[i] * inv) * g[i];
+    store8<T>(yr + c, v);
+  }
+}
+
+// One decode or prefill step's q/k/v into attention form: q and k rotated (as `rotary`), the
+// rotated k and v written into the static KV cache at positions p0 .. p0 + T - 1 (p0 read from
+// the device, so a CUDA graph replays it for any position), rotated q returned. Replaces one
+// rotary kernel and two index_copy_ kernels.
+//   q (B, T, H, Dh), k and v (B, T, Hkv, Dh): any strides, Dh contiguous (views of a fused
+//   q/k/v output or separate projections); cos, sin (T, Dh); keys, values (B, Hkv, S, Dh)
+//   contiguous; q_out (B, T, H, Dh) contiguous. p0 + T <= S (checked by the caller).
+// Units of 8 values: first the rotations of the H + Hkv heads (8 of a first half and their
+// partners each), then the copies of v.
+template <typename T>
+__global__ void __launch_bounds__(EW_THREADS)
+rotary_into_cache(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                  const u16* __restrict__ cos, const u16* __restrict__ sin,
+                  u16* __restrict__ keys, u16* __restrict__ values, const long long* position,
+                  u16* __restrict__ q_out, int B, int T_len, int H, int Hkv, int Dh, int S,
+                  int qb, int qt, int qh, int kb, int kt, int kh, int vb, int vt, int vh) {
+  const int half = Dh / 2, per_head = half / 8, per_row = Dh / 8;
+  const long long p0 = *position;
+  const size_t rot_units = (size_t)B * T_len * (H + Hkv) * per_head;
+  const size_t v_units = (size_t)B * T_len * Hkv * per_row;
+  for (size_t i = blockIdx.x * (size_t)EW_THREADS + threadIdx.x; i < rot_units + v_units;
+       i += (size_t)gridDim.x * EW_THREADS) {
+    if (i < rot_units) {
+      const int c = (int)(i % per_head) * 8;
+      size_t rest = i / per_head;
+      const int h = (int)(rest % (H + Hkv));
+      rest /= H + Hkv;
+      const int t = (int)(rest % T_len);
+      const int b = (int)(rest / T_len);
+      const bool is_q = h < H;
+      const int hk = h - H;
+      const u16* xp = is_q ? q + (size_t)b * qb + (size_t)t * qt + (size_t)h * qh + c
+                           : k + (size_t)b * kb + (size_t)t * kt + (size_t)hk * kh + c;
+      const u16* cp = cos + (size_t)t * Dh + c;
+      const u16* sp = sin + (size_t)t * Dh + c;
+      float x1[8], x2[8], c1[8], c2[8], s1[8], s2[8], y1[8], y2[8];
+      load8<T>(xp, x1);
+      load8<T>(xp + half, x2);
+      load8<T>(cp, c1);
+      load8<T>(cp + half, c2);
+      load8<T>(sp, s1);
+      load8<T>(sp + half, s2);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        y1[j] = round_t<T>(x1[j] * c1[j]) + round_t<T>(x2[j] * s1[j]);
+        y2[j] = round_t<T>(x2[j] * c2[j]) + round_t<T>(x1[j] * s2[j]);
+      }
+      u16* yp = is_q ? q_out + (((size_t)b * T_len + t) * H + h) * Dh + c
+                     : keys + (((size_t)b * Hkv + hk) * S + (size_t)(p0 + t)) * Dh + c;
+      store8<T>(yp, y1);
+      store8<T>(yp + half, y2);
+    } else {
+      const size_t j = i - rot_units;
+      const int c = (int)(j % per_row) * 8;
+      size_t rest = j / per_row;
+      const int hk = (int)(rest % Hkv);
+      rest /= Hkv;
+      const int t = (int)(rest % T_len);
+      const int b = (int)(rest / T_len);
+      const uint4 val = *reinterpret_cast<const uint4*>(
+          v + (size_t)b * vb + (size_t)t * vt + (size_t)hk * vh + c);
+      *reinterpret_cast<uint4*>(values + (((size_t)b * Hkv + hk) * S + (size_t)(p0 + t)) * Dh + c) = val;
+    }
+  }
+}

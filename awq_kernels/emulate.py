@@ -521,3 +521,61 @@ def emulate_rms_norm(tag, x_flat, x_offset, x_stride, w, rows, d, eps, threads=2
         inv = np.float32(1.0 / np.sqrt(np.float64(total / np.float32(d)) + eps))
         y[row] = from_f64(tag, _round(tag, x * inv) * wf)
     return y
+
+
+def emulate_add_rms_norm(tag, x_flat, x_offset, x_stride, d_flat, d_offset, d_stride, w, rows, d,
+                         eps, threads=256):
+    """add_rms_norm<T>: (s, y) bits [rows, D]: s = x + delta rounded, y = rms_norm(s) * w."""
+    s = np.zeros((rows, d), np.uint16)
+    for row in range(rows):
+        a = to_f32(tag, x_flat[x_offset + row * x_stride:][:d])
+        b = to_f32(tag, d_flat[d_offset + row * d_stride:][:d])
+        s[row] = from_f64(tag, a + b)  # float32 sum, rounded once to T
+    return s, emulate_rms_norm(tag, s.reshape(-1), 0, d, w, rows, d, eps, threads)
+
+
+def emulate_rotary_into_cache(tag, flats, offsets, strides, shapes, cos, sin, keys, values, p0):
+    """rotary_into_cache<T>: q, k, v given as (flat 16-bit buffer, element offset, (sb, st, sh))
+    each; shapes = (B, T, H, Hkv, Dh); keys, values (B, Hkv, S, Dh) bits, written in place (a
+    copy is returned); returns (q_out bits (B, T, H, Dh), keys, values). The kernel's unit
+    decomposition: rotations of the H + Hkv heads first, then the copies of v."""
+    b_len, t_len, h_len, hkv, dh = shapes
+    keys, values = keys.copy(), values.copy()
+    s_len = keys.shape[2]
+    half, per_head, per_row = dh // 2, dh // 16, dh // 8
+    cos_flat, sin_flat = cos.reshape(-1), sin.reshape(-1)
+    q_out = np.zeros(b_len * t_len * h_len * dh, np.uint16)
+    k_flat, v_flat = keys.reshape(-1), values.reshape(-1)
+    rot_units = b_len * t_len * (h_len + hkv) * per_head
+    for i in range(rot_units):
+        c = (i % per_head) * 8
+        rest = i // per_head
+        h = rest % (h_len + hkv)
+        rest //= h_len + hkv
+        t, b = rest % t_len, rest // t_len
+        src = 0 if h < h_len else 1
+        head = h if h < h_len else h - h_len
+        sb, st, sh = strides[src]
+        xp = offsets[src] + b * sb + t * st + head * sh + c
+        x1, x2 = to_f32(tag, flats[src][xp:xp + 8]), to_f32(tag, flats[src][xp + half:xp + half + 8])
+        cp = t * dh + c
+        c1, c2 = to_f32(tag, cos_flat[cp:cp + 8]), to_f32(tag, cos_flat[cp + half:cp + half + 8])
+        s1, s2 = to_f32(tag, sin_flat[cp:cp + 8]), to_f32(tag, sin_flat[cp + half:cp + half + 8])
+        y1 = from_f64(tag, _round(tag, x1 * c1) + _round(tag, x2 * s1))
+        y2 = from_f64(tag, _round(tag, x2 * c2) + _round(tag, x1 * s2))
+        if src == 0:
+            out, yp = q_out, ((b * t_len + t) * h_len + head) * dh + c
+        else:
+            out, yp = k_flat, ((b * hkv + head) * s_len + p0 + t) * dh + c
+        out[yp:yp + 8], out[yp + half:yp + half + 8] = y1, y2
+    for j in range(b_len * t_len * hkv * per_row):
+        c = (j % per_row) * 8
+        rest = j // per_row
+        head = rest % hkv
+        rest //= hkv
+        t, b = rest % t_len, rest // t_len
+        sb, st, sh = strides[2]
+        vp = offsets[2] + b * sb + t * st + head * sh + c
+        yp = ((b * hkv + head) * s_len + p0 + t) * dh + c
+        v_flat[yp:yp + 8] = flats[2][vp:vp + 8]
+    return q_out.reshape(b_len, t_len, h_len, dh), keys, values

@@ -2,11 +2,14 @@
 weight, SwiGLU's silu(gate) * up, the rotary embedding.
 
     y = ops.rms_norm(x, weight, eps)      # weight * F.rms_norm(x, (D,), eps=eps)
+    s, y = ops.add_rms_norm(x, d, w, eps) # s = x + d; y = rms_norm of s as above
     y = ops.silu_mul(gate, up)            # F.silu(gate) * up
     y = ops.rotary(x, cos, sin_signed)    # x * cos + x.roll(Dh // 2, -1) * sin_signed
+    q = ops.rotary_into_cache(q, k, v, cos, sin_signed, keys, values, position)
+                                          # rotary of q and k; k, v written into the KV cache
 
-Each equals the torch expression in the comment (the same roundings; rms_norm's sum of squares
-in another order), on fp16 or bf16 CUDA tensors, into a new contiguous tensor. awq_ref installs
+Each equals the torch expression in the comment (the same roundings; the norms' sums of squares
+in another order), on fp16 or bf16 CUDA tensors, into new contiguous tensors. awq_ref installs
 them with `awq_ref.fuse.use_elementwise_kernels(model, awq_kernels.ops)`. Checks run on
 metadata first, so wrong inputs raise the same errors on any machine.
 """
@@ -90,6 +93,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, weight * F.rms_norm(s, (D,), eps=eps)) with s = x + delta, for x and delta [..., D]
+    of one shape and dtype, weight [D]: a residual add and the norm after it in one kernel."""
+    x, delta = _check("x", x), _check("delta", delta, x.dtype)
+    weight = _check("weight", weight, x.dtype)
+    d = x.shape[-1]
+    if delta.shape != x.shape:
+        raise ValueError(f"delta must have x's shape {list(x.shape)}, got {list(delta.shape)}")
+    if tuple(weight.shape) != (d,):
+        raise ValueError(f"weight must have shape [{d}], got {list(weight.shape)}")
+    x_stride, d_stride = _row_stride("x", x), _row_stride("delta", delta)
+    _require_cuda(x=x, delta=delta, weight=weight)
+    rows = x.numel() // d
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return s, y
+    tag = ACTIVATION_DTYPES[x.dtype]
+    with _on_torch_stream(x.device) as (arch, _):
+        launch = Launch("elementwise", 0, (rows, 1, 1), (THREADS, 1, 1))
+        _run(launch, arch, f"add_rms_norm<{tag}>",
+             (x, delta, weight, s, y, _i32(d), _i32(x_stride), _i32(d_stride), _f32(eps)))
+    return s, y
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """F.silu(gate) * up for gate, up [..., F] of one shape and dtype (views allowed, e.g. the
     halves of a fused gate/up output)."""
@@ -136,6 +165,63 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
              (x, cos, sin_signed, y, _i32(b), _i32(t), _i32(h), _i32(dh), _i32(sb), _i32(st),
               _i32(sh)))
     return y
+
+
+def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin_signed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      position: torch.Tensor) -> torch.Tensor:
+    """`rotary` of q and k, with the rotated k and v written into the static KV cache at
+    positions position .. position + T - 1 (keys[:, :, p] = rotary(k)[:, t] transposed, as
+    `keys.index_copy_(2, position + arange(T), ...)`); returns the rotated q (B, T, H, Dh).
+
+    q (B, T, H, Dh), k and v (B, T, Hkv, Dh): any strides with Dh contiguous; cos and
+    sin_signed (T, Dh) contiguous; keys and values (B, Hkv, S, Dh) contiguous; position a
+    1-element int64 tensor on the device (read there, so CUDA graphs replay it for any
+    position). The caller keeps position + T <= S: the kernel cannot raise.
+    """
+    q = _check("q", q)
+    k, v = _check("k", k, q.dtype), _check("v", v, q.dtype)
+    cos, sin_signed = _check("cos", cos, q.dtype), _check("sin_signed", sin_signed, q.dtype)
+    keys, values = _check("keys", keys, q.dtype), _check("values", values, q.dtype)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be (B, T, heads, Dh), got {list(q.shape)} and "
+                         f"{list(k.shape)}")
+    b, t, h, dh = q.shape
+    hkv = k.shape[2]
+    if k.shape != (b, t, hkv, dh) or v.shape != k.shape:
+        raise ValueError(f"k and v must be ({b}, {t}, Hkv, {dh}) like q, got {list(k.shape)} "
+                         f"and {list(v.shape)}")
+    if dh % (2 * VEC):
+        raise ValueError(f"Dh = {dh} must be a multiple of {2 * VEC}")
+    for name, table in (("cos", cos), ("sin_signed", sin_signed)):
+        if tuple(table.shape) != (t, dh) or not table.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous ({t}, {dh}) table, got shape "
+                             f"{list(table.shape)}, strides {table.stride()}")
+    for name, cache in (("keys", keys), ("values", values)):
+        if cache.dim() != 4 or cache.shape[:2] != (b, hkv) or cache.shape[3] != dh \
+                or not cache.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous ({b}, {hkv}, S, {dh}) cache, got "
+                             f"shape {list(cache.shape)}")
+    if keys.shape != values.shape:
+        raise ValueError(f"keys and values must have one shape, got {list(keys.shape)} and "
+                         f"{list(values.shape)}")
+    _require_tensor("position", position)
+    if position.dtype != torch.int64 or position.numel() != 1:
+        raise ValueError(f"position must be one int64 value, got {position.dtype} of shape "
+                         f"{list(position.shape)}")
+    _require_cuda(q=q, k=k, v=v, cos=cos, sin_signed=sin_signed, keys=keys, values=values,
+                  position=position)
+    q_out = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
+    units = b * t * (h + hkv) * dh // (2 * VEC) + b * t * hkv * dh // VEC
+    if units == 0:
+        return q_out
+    tag = ACTIVATION_DTYPES[q.dtype]
+    strides = [_i32(st) for tensor in (q, k, v) for st in tensor.stride()[:3]]
+    with _on_torch_stream(q.device) as (arch, num_sms):
+        _run(_grid_stride_launch(units, num_sms), arch, f"rotary_into_cache<{tag}>",
+             (q, k, v, cos, sin_signed, keys, values, position, q_out, _i32(b), _i32(t),
+              _i32(h), _i32(hkv), _i32(dh), _i32(keys.shape[2]), *strides))
+    return q_out
 
 
 def _f32(v: float):

@@ -29,10 +29,14 @@ def _attend(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
             cache: KVCache, position: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """Attention.forward for one token whose position is a tensor (see the module docstring)."""
     b = x.shape[0]  # x (B, 1, D)
-    q, k, v = attn.heads(x, cos, sin)  # (B, H, 1, Dh), (B, Hkv, 1, Dh) x 2, rotated
     keys, values = cache.k[attn.layer], cache.v[attn.layer]  # (B, Hkv, S_max, Dh)
-    keys.index_copy_(2, position, k)
-    values.index_copy_(2, position, v)
+    if attn.rotary_cache is not None:  # one kernel: rotate q and k, write k and v at `position`
+        q, k, v = attn.projections(x)  # (B, 1, H, Dh), (B, 1, Hkv, Dh) x 2
+        q = attn.rotary_cache(q, k, v, cos, sin, keys, values, position).transpose(1, 2)
+    else:
+        q, k, v = attn.heads(x, cos, sin)  # (B, H, 1, Dh), (B, Hkv, 1, Dh) x 2, rotated
+        keys.index_copy_(2, position, k)
+        values.index_copy_(2, position, v)
     y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
                                        enable_gqa=attn.n_heads != attn.n_kv_heads)  # (B, H, 1, Dh)
     return attn.o_proj(y.transpose(1, 2).reshape(b, 1, attn.n_heads * attn.head_dim))
@@ -50,9 +54,11 @@ def static_decode_step(model: Llama, cache: KVCache, token: torch.Tensor, positi
     cos, sin = rotary_tables(freqs, x.dtype)  # (1, Dh) each
     # Slots after `position` hold zeros or stale keys from warm-up: never visible.
     visible = (torch.arange(cache.max_len, device=x.device) <= position)[None, :]  # (1, S_max)
-    for block in model.model.layers:
-        x = x + _attend(block.self_attn, block.input_layernorm(x), cos, sin, cache, position, visible)
-        x = x + block.mlp(block.post_attention_layernorm(x))
+    for block in model.model.layers:  # Block.forward with a position tensor
+        attended = _attend(block.self_attn, block.input_layernorm(x), cos, sin, cache, position,
+                           visible)
+        x, h = block.post_attention_layernorm.add_and_norm(x, attended)
+        x = x + block.mlp(h)
     return model.lm_head(model.model.norm(x))[:, -1]  # (B, V)
 
 

@@ -14,8 +14,9 @@ independently, FORMAT.md). Run time only: AWQ and `save_quantized` need the sepa
 refuse a fused model.
 
 `use_elementwise_kernels` is the same idea for the small element-wise steps: RMSNorm with its
-weight, silu(gate) * up and the rotary embedding each become one kernel of a backend (e.g.
-awq_kernels.ops) instead of 2, 2 and 4 torch kernels.
+weight (and with the residual add before it), silu(gate) * up and the rotary embedding (and, in
+the CUDA-graph decode step, the KV-cache writes after it) each become one kernel of a backend
+(e.g. awq_kernels.ops) instead of 2 (3), 2 and 4 (6) torch kernels.
 """
 
 from __future__ import annotations
@@ -105,22 +106,32 @@ class ElementwiseOps(Protocol):
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor: ...
 
+    def rotary_into_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          cos: torch.Tensor, sin_signed: torch.Tensor, keys: torch.Tensor,
+                          values: torch.Tensor, position: torch.Tensor) -> torch.Tensor: ...
+
 
 def use_elementwise_kernels(model: nn.Module, ops: ElementwiseOps | None) -> int:
-    """Run every RMSNorm, SwiGLU and rotary embedding of `model` on `ops` (None: back to the
-    model's torch code). Returns how many modules were set."""
+    """Run every RMSNorm (and residual add + RMSNorm), SwiGLU and rotary embedding (and rotary +
+    KV-cache write) of `model` on `ops` (None: back to the model's torch code). Returns how many
+    modules were set."""
     count = 0
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.kernel = None if ops is None else ops.rms_norm
+            module.add_kernel = None if ops is None else ops.add_rms_norm
         elif isinstance(module, MLP):
             module.silu_mul = None if ops is None else ops.silu_mul
         elif isinstance(module, Attention):
             module.rotary = None if ops is None else ops.rotary
+            module.rotary_cache = None if ops is None else ops.rotary_into_cache
         else:
             continue
         count += 1

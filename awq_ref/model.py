@@ -22,8 +22,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        # (x, weight, eps) -> the same as forward in one CUDA kernel (awq_ref.fuse, run time only)
+        # One-kernel versions (awq_ref.fuse.use_elementwise_kernels, run time only):
+        # (x, weight, eps) -> forward(x); (x, delta, weight, eps) -> add_and_norm(x, delta)
         self.kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
+        self.add_kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
@@ -33,6 +35,13 @@ class RMSNorm(nn.Module):
         # F.rms_norm upcasts internally: the same bits on the CPU for fp32/fp16/bf16 as writing
         # it out, and one fused kernel on CUDA, where a decode step is hundreds of tiny kernels.
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)): a residual add and the norm that reads its result."""
+        if self.add_kernel is not None:
+            return self.add_kernel(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
 
 
 def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -121,6 +130,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
         self.qkv: nn.Module | None = None  # q, k, v as one linear (awq_ref.fuse, run time only)
         self.rotary: Callable[..., torch.Tensor] | None = None  # rotate_heads in one kernel (ditto)
+        # rotary of q and k + their KV-cache writes in one kernel (cuda_graph's decode step; ditto)
+        self.rotary_cache: Callable[..., torch.Tensor] | None = None
+
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> q (B, T, H, Dh), k and v (B, T, Hkv, Dh), not rotated (views)."""
+        b, t, _ = x.shape
+        if self.qkv is None:
+            return tuple(proj(x).view(b, t, -1, self.head_dim)
+                         for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.qkv(x)  # one product, split (awq_ref.fuse)
+        return (q.view(b, t, -1, self.head_dim), k.view(b, t, -1, self.head_dim),
+                v.view(b, t, -1, self.head_dim))
 
     def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,8 +149,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         rotate = self.rotary or rotate_heads
         if self.qkv is None:
-            q, k, v = (proj(x).view(b, t, -1, self.head_dim)  # (B, T, H or Hkv, Dh)
-                       for proj in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = self.projections(x)  # (B, T, H or Hkv, Dh)
             return (rotate(q, cos, sin).transpose(1, 2), rotate(k, cos, sin).transpose(1, 2),
                     v.transpose(1, 2))
         # Fused (awq_ref.fuse): q and k lie side by side in the one output, so one rotation
@@ -188,8 +208,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_and_norm(  # x + attention, and its norm
+            x, self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        return x + self.mlp(h)
 
 
 class LlamaBody(nn.Module):

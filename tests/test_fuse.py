@@ -47,11 +47,26 @@ class _TorchOps:
     kernel backend (awq_kernels.ops) must compute, and where the model calls it."""
 
     def __init__(self):
-        self.calls = {"rms_norm": 0, "silu_mul": 0, "rotary": 0}
+        self.calls = {"rms_norm": 0, "add_rms_norm": 0, "silu_mul": 0, "rotary": 0,
+                      "rotary_into_cache": 0}
 
     def rms_norm(self, x, weight, eps):
         self.calls["rms_norm"] += 1
         return weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
+
+    def add_rms_norm(self, x, delta, weight, eps):
+        self.calls["add_rms_norm"] += 1
+        s = x + delta
+        return s, weight * torch.nn.functional.rms_norm(s, (s.shape[-1],), eps=eps)
+
+    def rotary_into_cache(self, q, k, v, cos, sin, keys, values, position):
+        from awq_ref.model import rotate_heads
+
+        self.calls["rotary_into_cache"] += 1
+        slots = position + torch.arange(k.shape[1])  # T positions from `position`
+        keys.index_copy_(2, slots, rotate_heads(k, cos, sin).transpose(1, 2))
+        values.index_copy_(2, slots, v.transpose(1, 2))
+        return rotate_heads(q, cos, sin)
 
     def silu_mul(self, gate, up):
         self.calls["silu_mul"] += 1
@@ -67,9 +82,9 @@ class _TorchOps:
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_elementwise_ops_are_used_everywhere_with_the_same_bits(fused):
-    """Every RMSNorm, SwiGLU and rotary call of the full forward, the cached decode and the
-    CUDA graph's static step goes through the installed ops; with the model's own expressions
-    installed, the logits keep their bits."""
+    """Every RMSNorm (+ residual add), SwiGLU and rotary (+ cache write) of the full forward,
+    the cached prefill and the CUDA graph's static step goes through the installed ops; with the
+    model's own expressions installed, the logits keep their bits."""
     model = tiny_llama()
     if fused:
         fuse_projections(model)
@@ -81,10 +96,12 @@ def test_elementwise_ops_are_used_everywhere_with_the_same_bits(fused):
     got = _outputs(model, tokens)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-    # 3 passes (full, cached prefill, static step): 2 norms per block + the final one; one
-    # SwiGLU per block; one rotary per block fused (q and k together), two apart
-    assert ops.calls == {"rms_norm": 3 * (2 * layers + 1), "silu_mul": 3 * layers,
-                         "rotary": 3 * layers * (1 if fused else 2)}
+    # 3 passes (full, cached prefill, static step): per block one norm and one add + norm, and
+    # the final norm; one SwiGLU per block; the static step's rotary writes the cache, the
+    # others rotate q and k together when fused, apart when not
+    assert ops.calls == {"rms_norm": 3 * (layers + 1), "add_rms_norm": 3 * layers,
+                         "silu_mul": 3 * layers, "rotary": 2 * layers * (1 if fused else 2),
+                         "rotary_into_cache": layers}
     assert use_elementwise_kernels(model, None) == 4 * layers + 1
     assert all(m.kernel is None for m in model.modules() if hasattr(m, "kernel")
                and not isinstance(m, QuantLinear))

@@ -244,3 +244,29 @@ def test_elementwise_ops_validate_before_touching_cuda():
         ops.rotary(torch.randn(1, 5, 4, 8).half(), cos[:, :8].contiguous(), cos[:, :8].contiguous())
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         ops.rotary(q, cos, cos)
+
+
+def test_fused_elementwise_ops_validate_before_touching_cuda():
+    from awq_kernels import ops
+
+    x = torch.randn(2, 64).half()
+    w = torch.ones(64).half()
+    with pytest.raises(ValueError, match="delta must have x's shape"):
+        ops.add_rms_norm(x, x[:1], w, 1e-5)
+    with pytest.raises(TypeError, match="delta must have dtype torch.float16"):
+        ops.add_rms_norm(x, x.bfloat16(), w, 1e-5)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        ops.add_rms_norm(x, x, w, 1e-5)
+    q, k = torch.randn(1, 1, 4, 32).half(), torch.randn(1, 1, 2, 32).half()
+    cos = torch.randn(1, 32).half()
+    cache = torch.zeros(1, 2, 8, 32).half()
+    pos = torch.tensor([3])
+    args = (q, k, k, cos, cos, cache, cache.clone(), pos)
+    with pytest.raises(ValueError, match=r"k and v must be \(1, 1, Hkv, 32\)"):
+        ops.rotary_into_cache(q, k, q, *args[3:])
+    with pytest.raises(ValueError, match=r"keys must be a contiguous \(1, 2, S, 32\) cache"):
+        ops.rotary_into_cache(*args[:5], cache[:, :1], cache, pos)
+    with pytest.raises(ValueError, match="position must be one int64 value"):
+        ops.rotary_into_cache(*args[:7], pos.int())
+    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
+        ops.rotary_into_cache(*args)

@@ -286,3 +286,53 @@ def test_emulated_rms_norm_matches_the_model(dtype, tag, d):
     torch.testing.assert_close(torch.from_numpy(emulate.to_f32(tag, got)), want.float(),
                                **({"rtol": 2e-3, "atol": 1e-3} if tag == "F16" else
                                   {"rtol": 1.6e-2, "atol": 1e-2}))
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+def test_emulated_add_rms_norm_matches_the_model(dtype, tag):
+    """The residual sum bit for bit (x + delta in T), the norm within one rounding."""
+    from awq_ref.model import RMSNorm
+
+    rows, d = 3, 576
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(rows, d, generator=gen).to(dtype)
+    parent = torch.randn(rows, 2 * d, generator=gen).to(dtype)  # delta: a strided view
+    delta = parent[:, d:]
+    norm = RMSNorm(d, 1e-6)
+    norm.weight.data = (torch.rand(d, generator=gen) + 0.5).to(dtype)
+    s, y = emulate.emulate_add_rms_norm(tag, _flat_bits(x), 0, d, _flat_bits(parent), d, 2 * d,
+                                        _bits16(norm.weight.data), rows, d, 1e-6)
+    want_s, want_y = norm.add_and_norm(x, delta)
+    np.testing.assert_array_equal(s, _bits16(want_s))
+    torch.testing.assert_close(torch.from_numpy(emulate.to_f32(tag, y)), want_y.float(),
+                               **({"rtol": 2e-3, "atol": 1e-3} if tag == "F16" else
+                                  {"rtol": 1.6e-2, "atol": 1e-2}))
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+@pytest.mark.parametrize("t", [1, 3])
+def test_emulated_rotary_into_cache_gives_the_models_bits(dtype, tag, t):
+    """q, k, v as views of one fused q/k/v output; k and v land in the cache at positions
+    p0 .. p0 + T - 1 exactly as rotate_heads + index_copy_ put them, q comes back rotated."""
+    from awq_ref.model import rotary_tables, rotate_heads
+
+    b, h, hkv, dh, s_len, p0 = 2, 4, 2, 32, 8, 3
+    gen = torch.Generator().manual_seed(9 + t)
+    parent = torch.randn(b, t, (h + 2 * hkv) * dh, generator=gen).to(dtype)
+    q, k, v = (part.view(b, t, -1, dh) for part in parent.split([h * dh, hkv * dh, hkv * dh], -1))
+    freqs = torch.outer(torch.arange(p0, p0 + t, dtype=torch.float32),
+                        1.0 / 10000 ** (torch.arange(0, dh, 2) / dh))
+    cos, sin = rotary_tables(freqs, dtype)
+    keys = torch.randn(b, hkv, s_len, dh, generator=gen).to(dtype)
+    values = torch.randn(b, hkv, s_len, dh, generator=gen).to(dtype)
+    flat = _flat_bits(parent)
+    got_q, got_k, got_v = emulate.emulate_rotary_into_cache(
+        tag, (flat, flat, flat), (q.storage_offset(), k.storage_offset(), v.storage_offset()),
+        (q.stride()[:3], k.stride()[:3], v.stride()[:3]), (b, t, h, hkv, dh), _bits16(cos),
+        _bits16(sin), _bits16(keys), _bits16(values), p0)
+    slots = torch.arange(p0, p0 + t)
+    keys.index_copy_(2, slots, rotate_heads(k, cos, sin).transpose(1, 2))
+    values.index_copy_(2, slots, v.transpose(1, 2))
+    np.testing.assert_array_equal(got_q, _bits16(rotate_heads(q, cos, sin)))
+    np.testing.assert_array_equal(got_k, _bits16(keys))
+    np.testing.assert_array_equal(got_v, _bits16(values))

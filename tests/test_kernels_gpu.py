@@ -210,3 +210,42 @@ def test_elementwise_ops_match_torch(dtype):
     x = torch.randn(7, 576, device="cuda").to(dtype)  # SmolLM2's width: 72 of 256 threads work
     w = torch.ones(576, device="cuda", dtype=dtype)
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (576,), eps=1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_fused_elementwise_ops_match_torch(dtype):
+    """add_rms_norm: the residual sum bit for bit, the norm as rms_norm's; rotary_into_cache:
+    q rotated and the cache written bit for bit as rotate_heads + index_copy_ do, at a position
+    read from the device, and nothing else of the cache touched."""
+    import torch.nn.functional as F
+
+    from awq_kernels import ops
+    from awq_ref.model import rotary_tables, rotate_heads
+
+    x = torch.randn(2, 3, 4096, device="cuda").to(dtype)
+    delta = torch.randn(2, 3, 4096, device="cuda").to(dtype)
+    w = (torch.rand(4096, device="cuda") + 0.5).to(dtype)
+    s, y = ops.add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(s.view(torch.int16), (x + delta).view(torch.int16))
+    torch.testing.assert_close(y, w * F.rms_norm(x + delta, (4096,), eps=1e-5))
+
+    b, h, hkv, dh, s_len = 1, 32, 8, 128, 64
+    for t, p0 in ((1, 0), (1, 63), (5, 17)):
+        parent = torch.randn(b, t, (h + 2 * hkv) * dh, device="cuda").to(dtype)
+        q, k, v = (part.view(b, t, -1, dh)
+                   for part in parent.split([h * dh, hkv * dh, hkv * dh], dim=-1))
+        dims = torch.arange(0, dh, 2, device="cuda") / dh
+        freqs = torch.outer(torch.arange(p0, p0 + t, device="cuda", dtype=torch.float32),
+                            1.0 / 500000.0 ** dims)
+        cos, sin = rotary_tables(freqs, dtype)
+        keys = torch.randn(b, hkv, s_len, dh, device="cuda").to(dtype)
+        values = torch.randn(b, hkv, s_len, dh, device="cuda").to(dtype)
+        want_k, want_v = keys.clone(), values.clone()
+        slots = torch.arange(p0, p0 + t, device="cuda")
+        want_k.index_copy_(2, slots, rotate_heads(k, cos, sin).transpose(1, 2))
+        want_v.index_copy_(2, slots, v.transpose(1, 2))
+        got_q = ops.rotary_into_cache(q, k, v, cos, sin, keys, values,
+                                      torch.tensor([p0], device="cuda"))
+        assert torch.equal(got_q.view(torch.int16), rotate_heads(q, cos, sin).contiguous().view(torch.int16))
+        assert torch.equal(keys.view(torch.int16), want_k.view(torch.int16)), f"keys t={t} p0={p0}"
+        assert torch.equal(values.view(torch.int16), want_v.view(torch.int16)), f"values t={t}"

@@ -261,11 +261,23 @@ def elementwise_ops():
         x = torch.randn(2, 3, 4096, device=DEVICE, dtype=DTYPE)
         w = torch.rand(4096, device=DEVICE, dtype=DTYPE) + 0.5
         torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (4096,), eps=1e-5))
+        s, y = ops.add_rms_norm(x, x, w, 1e-5)
+        torch.testing.assert_close(s, x + x, rtol=0, atol=0)
+        torch.testing.assert_close(y, w * F.rms_norm(x + x, (4096,), eps=1e-5))
         gate, up = torch.randn(3, 2 * 1024, device=DEVICE, dtype=DTYPE).split(1024, dim=-1)
         torch.testing.assert_close(ops.silu_mul(gate, up), F.silu(gate) * up)
-        qk = torch.randn(2, 3, 48 * 128, device=DEVICE, dtype=DTYPE)[..., :40 * 128].view(2, 3, 40, 128)
+        qkv = torch.randn(1, 3, 48 * 128, device=DEVICE, dtype=DTYPE)
+        q, k, v = (p.view(1, 3, -1, 128) for p in qkv.split([32 * 128, 8 * 128, 8 * 128], -1))
         cos, sin = rotary_tables(torch.rand(3, 64, device=DEVICE) * 50, DTYPE)
+        qk = qkv[..., :40 * 128].view(1, 3, 40, 128)
         torch.testing.assert_close(ops.rotary(qk, cos, sin), rotate_heads(qk, cos, sin), rtol=0, atol=0)
+        keys, values = (torch.zeros(1, 8, 9, 128, device=DEVICE, dtype=DTYPE) for _ in range(2))
+        got_q = ops.rotary_into_cache(q, k, v, cos, sin, keys, values,
+                                      torch.tensor([6], device=DEVICE))
+        torch.testing.assert_close(got_q, rotate_heads(q, cos, sin), rtol=0, atol=0)
+        torch.testing.assert_close(keys[:, :, 6:], rotate_heads(k, cos, sin).transpose(1, 2),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(values[:, :, 6:], v.transpose(1, 2), rtol=0, atol=0)
         return ops
     except Exception as e:  # noqa: BLE001 -- any failure (compile errors too) skips only these
         print(f"awq_kernels.ops failed its check, skipping the +ops variants: {e!r}",

@@ -60,16 +60,26 @@ def _elementwise_ops() -> int:
         x = torch.randn(3, 576, device="cuda").to(dtype)
         w = torch.rand(576, device="cuda").to(dtype)
         gate, up = torch.randn(3, 2 * 1536, device="cuda").to(dtype).split(1536, dim=-1)
-        qk = torch.randn(1, 5, 15 * 64, device="cuda").to(dtype)[..., :12 * 64].view(1, 5, 12, 64)
+        qk_v = torch.randn(1, 5, 15 * 64, device="cuda").to(dtype)  # SmolLM2: 9 + 3 + 3 heads
+        qk = qk_v[..., :12 * 64].view(1, 5, 12, 64)
         cos, sin = rotary_tables(torch.rand(5, 32, device="cuda") * 9, dtype)
+        keys, values = (torch.zeros(1, 3, 9, 64, device="cuda", dtype=dtype) for _ in range(2))
+        q, k, v = (p.view(1, 5, -1, 64) for p in qk_v.split([9 * 64, 3 * 64, 3 * 64], dim=-1))
+        rotated = ops.rotary_into_cache(q, k, v, cos, sin, keys, values,
+                                        torch.tensor([4], device="cuda"))  # last slot: 8
         checks = {"rms_norm": (ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (576,), eps=1e-5)),
+                  "add_rms_norm": (ops.add_rms_norm(x, x, w, 1e-5)[1],
+                                   w * F.rms_norm(x + x, (576,), eps=1e-5)),
+                  "rotary_into_cache": (torch.cat([rotated.flatten(), keys[:, :, 4:].flatten()]),
+                                        torch.cat([rotate_heads(q, cos, sin).flatten(),
+                                                   rotate_heads(k, cos, sin).transpose(1, 2).flatten()])),
                   "silu_mul": (ops.silu_mul(gate, up), F.silu(gate) * up),
                   "rotary": (ops.rotary(qk, cos, sin), rotate_heads(qk, cos, sin))}
         for name, (got, want) in checks.items():
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             ok = err <= 1e-2 and bool(torch.isfinite(got).all())
             failures += not ok
-            print(f"ops.{name:8s} {dtype!s:15s} rel err {err:.1e} {'ok' if ok else 'WRONG'}")
+            print(f"ops.{name:17s} {dtype!s:15s} rel err {err:.1e} {'ok' if ok else 'WRONG'}")
     return failures
 
 
