@@ -28,9 +28,10 @@
 //   * Block = 8 warps = 256 columns (4 warps of 64, so every row's 128-byte line of packed words
 //     is read by one block at about the same time) x 2 warps along K. The block's K range is cut
 //     into chunks of 32 rows (2 k16 steps; 32 divides G, so a chunk lies in one group); warp
-//     (wn, wk) takes chunks wk, wk + 2, ... Each warp keeps DEPTH chunks of loads in flight
-//     (8 words + the x fragments + the group's zeros word and scales per chunk) while it
-//     computes one: no shared memory, no __syncthreads in the K loop, no per-step conditions.
+//     (wn, wk) takes the contiguous half wk of them. Each warp keeps DEPTH chunks of weight
+//     loads in flight (8 words + the group's zeros word and scales per chunk) while it computes
+//     one; x is loaded as each chunk is computed (L1 hits). No shared memory, no __syncthreads
+//     in the K loop, no per-step conditions.
 //   * Rows of x past M read row M - 1 and columns past N read word column g (valid memory; never
 //     stored), so no load needs a condition.
 //   * At the end the wk = 1 warp hands its accumulators to the wk = 0 warp of the same columns
@@ -44,40 +45,32 @@ constexpr int MD_THREADS = 32 * MD_WARPS_N * MD_WARPS_K;
 constexpr int MD_NT = 64 * MD_WARPS_N;              // 256 columns per block (= splitk tile)
 constexpr int MD_KC = 32;                           // rows per chunk and per split unit
 
-// Chunks a warp keeps in flight beyond the one it computes, by n8 tiles (registers: NT = 1
-// holds 17 words per chunk, NT = 4 holds 29 plus 64 accumulators).
-template <int NT> struct MdDepth { static constexpr int VALUE = NT == 1 ? 2 : 1; };
+// Chunks of weights a warp keeps in flight beyond the one it computes, by n8 tiles: bytes in
+// flight per SM = warps per SM x DEPTH x 1 KB, >= 32 KB for the HBM's latency (NT <= 2: two
+// blocks of 8 warps per SM within 128 registers; NT = 4: one block, 64 accumulators).
+template <int NT> struct MdDepth { static constexpr int VALUE = NT == 1 ? 3 : (NT == 2 ? 2 : 4); };
 
-// One chunk of a lane's loads.
-template <int NT> struct MdChunk {
+// One chunk of a lane's streamed loads (13 registers). The x fragments are loaded when the
+// chunk is computed instead (L1 hits: the block's 8 warps read the same rows of x), so that
+// registers go to weights in flight.
+struct MdChunk {
   u32 w[2][4];      // per k16 step: rows 2t, 2t+1, 2t+8, 2t+9 of the lane's word column
-  u32 b[2][NT][2];  // per k16 step and n8 tile j: x[8j + g][k + 2t, +1], x[8j + g][k + 2t + 8, +9]
   bool group_start; // the chunk starts a group (or the warp's work): zw, sv are loaded
   u32 zw;           // the group's packed zeros word of the lane's column
   uint4 sv;         // the group's 8 fp16 scales of the lane's column
 };
 
-// Where a lane's loads of chunk `q` (its first row: row0) come from. `wq` points at row
-// row0 + 2t of the lane's word column, `xq[j]` at x[8j + g][row0 + 2t]; `wrow` holds the word
-// offsets of rows 1, 8, 9, 16, 17, 24, 25 below that (loop-invariant), so each load costs one
-// address instruction.
-template <int NT>
-__device__ __forceinline__ void md_load(MdChunk<NT>& c, const u32* wq, const int (&wrow)[7],
-                                        const u16* const (&xq)[NT], bool group_start,
-                                        const u32* zq, const u16* sq) {
+// The weight loads of one chunk (first row row0). `wq` points at row row0 + 2t of the lane's
+// word column; `wrow` holds the word offsets of rows 1, 8, 9, 16, 17, 24, 25 below that
+// (loop-invariant), so each load costs one address instruction.
+__device__ __forceinline__ void md_load(MdChunk& c, const u32* wq, const int (&wrow)[7],
+                                        bool group_start, const u32* zq, const u16* sq) {
   u32 w1[1];
 #pragma unroll
   for (int r = 0; r < 8; ++r) {  // rows 0, 1, 8, 9 (step 0) and 16, 17, 24, 25 (step 1)
     ld_stream<1>(r == 0 ? wq : wq + wrow[r - 1], w1);
     c.w[r / 4][r % 4] = w1[0];
   }
-#pragma unroll
-  for (int s = 0; s < 2; ++s)
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {  // even element offsets: 4-byte aligned
-      c.b[s][j][0] = __ldg(reinterpret_cast<const u32*>(xq[j] + 16 * s));
-      c.b[s][j][1] = __ldg(reinterpret_cast<const u32*>(xq[j] + 16 * s + 8));
-    }
   c.group_start = group_start;
   if (group_start) {  // uniform across the warp
     c.zw = __ldg(zq);
@@ -85,11 +78,21 @@ __device__ __forceinline__ void md_load(MdChunk<NT>& c, const u32* wq, const int
   }
 }
 
-// The chunk's two k16 steps: dequantize the A fragments of the 4 m16 tiles, one mma per tile
-// and n8 tile each.
+// The chunk's two k16 steps: load the x fragments (B: per step and n8 tile j, x[8j + g] at
+// k + 2t, +1 and k + 2t + 8, +9, with `xq[j]` at the chunk's row + 2t), dequantize the A
+// fragments of the 4 m16 tiles, one mma per m16 and n8 tile.
 template <typename T, int NT>
-__device__ __forceinline__ void md_compute(const MdChunk<NT>& c, const u32 (&zb)[8],
-                                           const u32 (&sb)[8], float (&acc)[4][NT][4]) {
+__device__ __forceinline__ void md_compute(const MdChunk& c, const u16* const (&xq)[NT],
+                                           const u32 (&zb)[8], const u32 (&sb)[8],
+                                           float (&acc)[4][NT][4]) {
+  u32 b[2][NT][2];
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {  // even element offsets: 4-byte aligned
+      b[s][j][0] = __ldg(reinterpret_cast<const u32*>(xq[j] + 16 * s));
+      b[s][j][1] = __ldg(reinterpret_cast<const u32*>(xq[j] + 16 * s + 8));
+    }
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
     const u32 even01 = prmt(c.w[s][0], c.w[s][1], 0x5410u);
@@ -103,7 +106,7 @@ __device__ __forceinline__ void md_compute(const MdChunk<NT>& c, const u32 (&zb)
                         dequant_pair<T>(even89 >> (4 * i), zb[2 * i], sb[2 * i]),
                         dequant_pair<T>(odd89 >> (4 * i), zb[2 * i + 1], sb[2 * i + 1])};
 #pragma unroll
-      for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], a, c.b[s][j]);
+      for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], a, b[s][j]);
     }
   }
 }
@@ -153,20 +156,17 @@ awq_mma_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
   u32 zb[8], sb[8];
 
   // Chunk q of this warp (q < mine): rows row_first + 32 q ...; loads issued DEPTH ahead.
-  auto load = [&](MdChunk<NT>& c, int q) {
+  auto load = [&](MdChunk& c, int q) {
     const int row0 = row_first + q * MD_KC;
     const int grp = row0 >> group_shift;
-    const u16* xc[NT];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) xc[j] = xq[j] + q * MD_KC;
-    md_load<NT>(c, wq + q * w_chunk, wrow, xc, q == 0 || (row0 & (group_size - 1)) == 0,
-                qzeros + (size_t)grp * nw + wcol, scales + (size_t)grp * N + 8 * wcol);
+    md_load(c, wq + q * w_chunk, wrow, q == 0 || (row0 & (group_size - 1)) == 0,
+            qzeros + (size_t)grp * nw + wcol, scales + (size_t)grp * N + 8 * wcol);
   };
   // DEPTH + 1 register buffers used in rotation, unrolled so that every index is static (no
   // register moves): chunk q sits in buf[q % NBUF]; computing it, the warp first refills the
   // buffer of chunk q - 1 (just computed) with chunk q + DEPTH.
   constexpr int NBUF = DEPTH + 1;
-  MdChunk<NT> buf[NBUF];
+  MdChunk buf[NBUF];
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d)
     if (d < mine) load(buf[d], d);
@@ -176,7 +176,10 @@ awq_mma_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
       if (i + d < mine) {  // uniform across the warp
         if (i + d + DEPTH < mine) load(buf[(d + DEPTH) % NBUF], i + d + DEPTH);
         if (buf[d].group_start) group_pairs<T>(buf[d].zw, buf[d].sv, zb, sb);
-        md_compute<T, NT>(buf[d], zb, sb, acc);
+        const u16* xc[NT];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) xc[j] = xq[j] + (i + d) * MD_KC;
+        md_compute<T, NT>(buf[d], xc, zb, sb, acc);
       }
     }
   }

@@ -33,7 +33,7 @@ def gemv_direct_flush(tag: str, mt: int) -> int:
 
 GEMV_DIRECT_MAX_M = max(GEMV_DIRECT_ROWS)
 # mma_direct.cu: n8 tiles NT -> chunks in flight per warp (MdDepth); M <= 8 * NT.
-MMA_DIRECT_DEPTH = {1: 2, 2: 1, 4: 1}
+MMA_DIRECT_DEPTH = {1: 3, 2: 2, 4: 4}
 MMA_DIRECT_MAX_M = 8 * max(MMA_DIRECT_TILES)
 # From here dequantize + cuBLAS. Measured on an H200 (tools/bench_gemm.py, 7 shapes, G = 128;
 # docs/gpu/h200-2026-12-04): at M = 32 it beat the tensor-core kernel on 5 of 7 shapes (lost 6%
