@@ -141,10 +141,10 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         out:      optional [..., N] tensor of x's dtype to write into (every element written).
         kernel:   "auto" (by M = rows of x: <= 8 CUDA-core GEMV, < 32 tensor-core GEMM,
                   else dequantize + torch.matmul), "auto_direct" (gemv_direct at M = 1,
-                  mma_direct for M <= 32, else as auto), or one of "gemv" (M <= 8),
+                  mma_direct for M <= 64, else as auto), or one of "gemv" (M <= 8),
                   "gemv_direct" (M <= 8; registers instead of shared memory, 16-bit
                   products), "mma", "mma_split" (the mma kernel split over K to ~4 blocks per
-                  SM), "mma_direct" (M <= 32; tensor cores fed from registers), "dequant".
+                  SM), "mma_direct" (M <= 64; tensor cores fed from registers), "dequant".
                   The direct kernels and mma_split are not yet timed on a GPU.
         fuse_splitk: gemv_direct and mma_direct: add the K splits in the same launch (the
                   last block of each column tile does it; same bits) instead of a second

@@ -38,8 +38,9 @@ MMA_CONFIGS = {16: 1, 32: 2, 64: 2, 128: 2}
 GEMV_ROWS = (1, 2, 4, 8)
 # Row capacities MT of the direct-load GEMV (gemv_direct.cu).
 GEMV_DIRECT_ROWS = (1, 2, 4, 8)
-# n8 tiles NT of the direct-load tensor-core kernel (mma_direct.cu): M <= 8 * NT rows.
-MMA_DIRECT_TILES = (1, 2, 4)
+# Row capacities MT of the direct-load tensor-core kernel (mma_direct.cu) -> (NT, WM): n8 tiles
+# per warp and warps along M; MT = 8 NT WM.
+MMA_DIRECT_CONFIGS = {8: (1, 1), 16: (2, 1), 32: (4, 1), 64: (4, 2)}
 # Kernels of elementwise.cu (awq_kernels.ops), each templated on the dtype tag only.
 ELEMENTWISE_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary", "rotary_into_cache")
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -71,8 +72,9 @@ def gemv_direct_expr(tag: str, mt: int) -> str:
     return f"awq_gemv_direct<{tag}, {mt}>"
 
 
-def mma_direct_expr(tag: str, nt: int) -> str:
-    return f"awq_mma_direct<{tag}, {nt}>"
+def mma_direct_expr(tag: str, mt: int) -> str:
+    nt, wm = MMA_DIRECT_CONFIGS[mt]
+    return f"awq_mma_direct<{tag}, {nt}, {wm}>"
 
 
 def dequant_expr(tag: str) -> str:
@@ -89,7 +91,7 @@ def instantiations(family: str) -> list[str]:
         "mma": lambda tag: [mma_expr(tag, bm) for bm in MMA_CONFIGS],
         "gemv": lambda tag: [gemv_expr(tag, mt) for mt in GEMV_ROWS],
         "gemv_direct": lambda tag: [gemv_direct_expr(tag, mt) for mt in GEMV_DIRECT_ROWS],
-        "mma_direct": lambda tag: [mma_direct_expr(tag, nt) for nt in MMA_DIRECT_TILES],
+        "mma_direct": lambda tag: [mma_direct_expr(tag, mt) for mt in MMA_DIRECT_CONFIGS],
         "dequant": lambda tag: [dequant_expr(tag)],
         "reduce": lambda tag: [reduce_expr(tag)],
         "elementwise": lambda tag: [f"{op}<{tag}>" for op in ELEMENTWISE_OPS],

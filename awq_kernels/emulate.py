@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .build import MMA_CONFIGS
+from .build import MMA_CONFIGS, MMA_DIRECT_CONFIGS
 from .plan import GEMV_DIRECT_VEC, GEMV_KC, GEMV_NT, MMA_BK, MMA_BN, Launch, gemv_direct_flush
 
 U32 = np.uint32
@@ -375,23 +375,26 @@ def emulate_gemv_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launc
 def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, record=None):
     """fp32 partial sums (splits, M, N) of mma_direct.cu, NaN where nothing is written: the
     weights as the A operand (A rows g, g + 8 of m16 tile i = columns 2i, 2i + 1 of the lane's
-    word), x as the B operand (n8 tile j = rows 8j..8j+7), two K warps per 64 columns."""
+    word), x as the B operand (n8 tile j = rows 8j..8j+7); per 64 columns two warps, each
+    taking half of K (WM = 1) or all of K for its 8 NT rows (WM = 2)."""
     m, k = x.shape
     n = qweight.shape[1] * 8
-    nw, nt = n // 8, launch.config
+    nw = n // 8
+    nt, wm_count = MMA_DIRECT_CONFIGS[launch.config]
     g, t = LANE // 4, LANE % 4
     out = np.full((launch.splits, m, n), np.nan, np.float32)
     for by in range(launch.grid[1]):
         k_begin = by * launch.k_per_split * GEMV_KC
         chunks = (min(k, k_begin + launch.k_per_split * GEMV_KC) - k_begin) // GEMV_KC
-        half = (chunks + 1) // 2
+        half = (chunks + 1) // 2 if wm_count == 1 else chunks
         for bx in range(launch.grid[0]):
             for wn in range(4):
                 word = bx * (GEMV_NT // 8) + wn * 8 + g  # (32,)
                 in_n = bool(word[0] < nw)  # N % 64 == 0: the whole warp or none
                 wcol = word if in_n else g
                 accs = []
-                for wk in range(2):
+                for wr in range(2):  # the block's two rows of warps
+                    wk, m_base = (wr, 0) if wm_count == 1 else (0, wr * 8 * nt)
                     acc = np.zeros((4, nt, 4, 32))
                     q_begin = wk * half
                     row_first = k_begin + q_begin * GEMV_KC
@@ -414,7 +417,7 @@ def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch
                             even89, odd89 = prmt(w8, w9, 0x5410), prmt(w8, w9, 0x7632)
                             b = []
                             for j in range(nt):
-                                row = np.minimum(8 * j + g, m - 1)
+                                row = np.minimum(m_base + 8 * j + g, m - 1)
                                 b.append([pair(x[row, kk], x[row, kk + 1]),
                                           pair(x[row, kk + 8], x[row, kk + 9])])
                             for i in range(4):
@@ -432,15 +435,19 @@ def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch
                     accs.append(acc.astype(np.float32))
                 if not in_n:
                     continue
-                total = accs[0] + accs[1]  # wk = 0 adds wk = 1's sums
-                for j in range(nt):
-                    for h in range(2):  # c0/c2: row 8j + 2t, c1/c3: row 8j + 2t + 1
-                        row = 8 * j + 2 * t + h
-                        for lane in np.nonzero(row < m)[0]:
-                            for i in range(4):
-                                col = 8 * word[lane] + 2 * i
-                                out[by, row[lane], col] = total[i, j, h, lane]
-                                out[by, row[lane], col + 1] = total[i, j, 2 + h, lane]
+                if wm_count == 1:  # wk = 0 adds wk = 1's sums
+                    stores = [(0, accs[0] + accs[1])]
+                else:  # each row of warps its own rows
+                    stores = [(wr * 8 * nt, accs[wr]) for wr in range(2)]
+                for m_base, total in stores:
+                    for j in range(nt):
+                        for h in range(2):  # c0/c2: row 8j + 2t, c1/c3: row 8j + 2t + 1
+                            row = m_base + 8 * j + 2 * t + h
+                            for lane in np.nonzero(row < m)[0]:
+                                for i in range(4):
+                                    col = 8 * word[lane] + 2 * i
+                                    out[by, row[lane], col] = total[i, j, h, lane]
+                                    out[by, row[lane], col + 1] = total[i, j, 2 + h, lane]
     return out
 
 

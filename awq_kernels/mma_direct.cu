@@ -1,11 +1,11 @@
-// mma_direct.cu -- small-batch products y[M, N] = x[M, K] @ W[K, N] for M <= 8 * NT <= 32 on the
-// tensor cores, the weights loaded straight from global memory into the mma fragments.
+// mma_direct.cu -- small-batch products y[M, N] = x[M, K] @ W[K, N] for M <= 8 NT WM <= 64 on
+// the tensor cores, the weights loaded straight from global memory into the mma fragments.
 //
 // Inputs and outputs as gemv_direct.cu: x [M, K] T; qweight [K, N/8] int32; qzeros [K/G, N/8]
 // int32; scales [K/G, N] fp16; out [M, N] T, or fp32 partials [gridDim.y, M, N] when split over
 // K (summed in the same launch by splitk_fused.cuh when `counters` is given).
 // Constraints (checked in Python): K % 32 == 0, G in {32, 64, 128}, N % 64 == 0, 16-byte
-// aligned pointers, M <= 8 * NT.
+// aligned pointers, M <= 8 * NT * WM.
 //
 // Why: at M = 2..32 the CUDA-core GEMVs spend one fma per weight and row (gemv_direct at MT = 8:
 // 15 instructions per weight), and gemm_mma stages everything through shared memory with 2 warps
@@ -13,7 +13,7 @@
 // never touch shared memory:
 //   * Swapped operands: the mma computes y^T = W^T x^T, so the WEIGHTS are the m16 x k16 A
 //     operand and x the k16 x n8 B operand; n8 is 8 rows of x (M <= 8 uses one mma per 16
-//     columns and k16, M <= 32 four), instead of padding M to 16.
+//     columns and k16, M <= 32 four per warp), instead of padding M to 16.
 //   * A fragment from packed words, no re-layout (lane = 4g + t): A rows g and g + 8, k pairs
 //     (2t, 2t+1) and (2t+8, 2t+9). A lane loads 4 words of its word column 8 * word0 + ... --
 //     rows 2t, 2t+1, 2t+8, 2t+9 of the k16 step -- and the byte permutes of gemm_mma.cu give
@@ -113,7 +113,11 @@ __device__ __forceinline__ void md_compute(const MdChunk& c, const u16* const (&
 
 // Grid: (N / 256 rounded up, splits); block: 256 threads. Split y handles rows
 // [y * kc_per_split * 32, min(K, (y + 1) * kc_per_split * 32)).
-template <typename T, int NT>
+// WM = 1: the block's second row of 4 warps takes the second half of the split's K range
+// (M <= 8 NT). WM = 2: it takes rows 8 NT .. 16 NT - 1 of x over the whole range instead
+// (M <= 16 NT; each weight is loaded by two warps, the second time from L2), since 16 NT
+// accumulator rows no longer fit one warp's registers.
+template <typename T, int NT, int WM>
 __global__ void __launch_bounds__(MD_THREADS, NT >= 4 ? 1 : 2)
 awq_mma_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
                const u32* __restrict__ qzeros, const u16* __restrict__ scales,
@@ -121,20 +125,23 @@ awq_mma_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
                u16* __restrict__ y, int* __restrict__ counters) {
   constexpr int DEPTH = MdDepth<NT>::VALUE;
   constexpr int ACC = 4 * NT * 4;  // accumulators per lane
-  __shared__ float red[MD_WARPS_N][ACC][32];
+  static_assert(WM == 1 || WM == MD_WARPS_K, "the second row of warps splits K or M");
+  __shared__ float red[MD_WARPS_N][WM == 1 ? ACC : 1][32];
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
-  const int wn = warp % MD_WARPS_N, wk = warp / MD_WARPS_N;
+  const int wn = warp % MD_WARPS_N, wr = warp / MD_WARPS_N;
+  const int wk = WM == 1 ? wr : 0, m_base = WM == 1 ? 0 : wr * 8 * NT;
   const int nw = N / 8;
   const int word = blockIdx.x * (MD_NT / 8) + wn * 8 + g;  // the lane's packed word column
   const bool in_n = word < nw;  // the same for the whole warp (N % 64 == 0)
   const int wcol = in_n ? word : g;
   // The split's chunks of 32 rows, in two contiguous halves: warp wk takes half wk (a warp
-  // walks consecutive rows, so it reloads zeros and scales only at its groups' starts).
+  // walks consecutive rows, so it reloads zeros and scales only at its groups' starts); with
+  // WM = 2 every warp takes them all.
   const int k_begin = blockIdx.y * kc_per_split * MD_KC;
   const int chunks = (min(K, k_begin + kc_per_split * MD_KC) - k_begin) / MD_KC;
-  const int half = (chunks + 1) / 2;
+  const int half = WM == 1 ? (chunks + 1) / 2 : chunks;
   const int q_begin = wk * half, mine = min(chunks, q_begin + half) - q_begin;
   const int row_first = k_begin + q_begin * MD_KC;
   const int group_shift = 31 - __clz(group_size);  // G is a power of two
@@ -143,7 +150,8 @@ awq_mma_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
   const u32* wq = qweight + (size_t)(row_first + 2 * t) * nw + wcol;
   const u16* xq[NT];  // (M * K < 2^31: activations)
 #pragma unroll
-  for (int j = 0; j < NT; ++j) xq[j] = x + (size_t)min(8 * j + g, M - 1) * K + row_first + 2 * t;
+  for (int j = 0; j < NT; ++j)
+    xq[j] = x + (size_t)min(m_base + 8 * j + g, M - 1) * K + row_first + 2 * t;
   const size_t w_chunk = (size_t)MD_KC * nw;  // words from one chunk to the next
 
   float acc[4][NT][4];
@@ -184,30 +192,35 @@ awq_mma_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,
     }
   }
 
-  // The two K warps of the same columns meet in shared memory: wk = 0 adds wk = 1's sums.
-  if (wk == 1) {
+  // WM = 1: the two K warps of the same columns meet in shared memory, wk = 0 adds wk = 1's
+  // sums and stores them. WM = 2: every warp stores its own rows.
+  if (WM == 1) {
+    if (wk == 1) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) red[wn][(i * NT + j) * 4 + e][lane] = acc[i][j][e];
+          for (int e = 0; e < 4; ++e) red[wn][(i * NT + j) * 4 + e][lane] = acc[i][j][e];
+    }
+    __syncthreads();
+    if (wk == 0) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][j][e] += red[wn][(i * NT + j) * 4 + e][lane];
+    }
   }
-  __syncthreads();
   const bool partial = gridDim.y > 1;
   if (wk == 0 && in_n) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][j][e] += red[wn][(i * NT + j) * 4 + e][lane];
     // c0 = y[8j + 2t][column 2i], c1 = y[8j + 2t + 1][2i], c2, c3 the same rows at 2i + 1.
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int m = 8 * j + 2 * t + h;
+        const int m = m_base + 8 * j + 2 * t + h;
         if (m >= M) continue;
         float v[8];  // the 8 columns of the lane's word
 #pragma unroll

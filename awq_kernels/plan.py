@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .build import GEMV_DIRECT_ROWS, GEMV_ROWS, MMA_CONFIGS, MMA_DIRECT_TILES
+from .build import GEMV_DIRECT_ROWS, GEMV_ROWS, MMA_CONFIGS, MMA_DIRECT_CONFIGS
 
 KERNELS = ("auto", "auto_direct", "gemv", "gemv_direct", "mma", "mma_split", "mma_direct",
            "dequant")
@@ -32,9 +32,9 @@ def gemv_direct_flush(tag: str, mt: int) -> int:
 
 
 GEMV_DIRECT_MAX_M = max(GEMV_DIRECT_ROWS)
-# mma_direct.cu: n8 tiles NT -> chunks in flight per warp (MdDepth); M <= 8 * NT.
+# mma_direct.cu: n8 tiles NT -> chunks in flight per warp (MdDepth); row capacities in build.
 MMA_DIRECT_DEPTH = {1: 3, 2: 2, 4: 4}
-MMA_DIRECT_MAX_M = 8 * max(MMA_DIRECT_TILES)
+MMA_DIRECT_MAX_M = max(MMA_DIRECT_CONFIGS)
 # From here dequantize + cuBLAS. Measured on an H200 (tools/bench_gemm.py, 7 shapes, G = 128;
 # docs/gpu/h200-2026-12-04): at M = 32 it beat the tensor-core kernel on 5 of 7 shapes (lost 6%
 # on 28672x8192, 26% on 8192x28672), at M = 64..256 on all but 8192x28672 at M = 64 and 128
@@ -53,7 +53,7 @@ class Launch:
     """One kernel launch: `expr` names the template instantiation (without dtype tag)."""
 
     family: str                 # build.SOURCES key: "mma", "gemv", "mma_direct", ...
-    config: int                 # BM for mma, MT for gemv(_direct), NT for mma_direct, else 0
+    config: int                 # BM for mma, MT (row capacity) for the others, else 0
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     splits: int = 1             # > 1: the kernel writes fp32 partials, "reduce" follows
@@ -122,14 +122,15 @@ def plan_gemv_direct(m: int, n: int, k: int, num_sms: int) -> Launch:
 
 
 def plan_mma_direct(m: int, n: int, k: int, num_sms: int) -> Launch:
-    """Smallest n8 tile count NT with 8 NT >= m; 256-column tiles split over K (32-row units)
-    toward four blocks per SM, but with the fp32 partials (splits x M x N x 4 bytes, written
-    and read back) at most half the packed weight bytes (K x N / 2): splits <= K / (16 M)."""
-    nt = next(t for t in MMA_DIRECT_TILES if 8 * t >= m)
+    """Smallest row capacity MT >= m (build.MMA_DIRECT_CONFIGS); 256-column tiles split over K
+    (32-row units) toward four blocks per SM, but with the fp32 partials (splits x M x N x 4
+    bytes, written and read back) at most half the packed weight bytes (K x N / 2):
+    splits <= K / (16 M)."""
+    mt = next(r for r in MMA_DIRECT_CONFIGS if r >= m)
     n_tiles = cdiv(n, GEMV_NT)
     splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms,
                                 max_splits=max(1, min(MAX_SPLITS, k // (16 * m))))
-    return Launch("mma_direct", nt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits,
+    return Launch("mma_direct", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits,
                   per_split)
 
 

@@ -81,7 +81,7 @@ def test_gemv_refuses_large_m():
     _raises(ValueError, "kernel='gemv' handles at most 8 rows", *_args(m=9), kernel="gemv")
     _raises(ValueError, "kernel='gemv_direct' handles at most 8 rows", *_args(m=9),
             kernel="gemv_direct")
-    _raises(ValueError, "kernel='mma_direct' handles at most 32 rows", *_args(m=33),
+    _raises(ValueError, "kernel='mma_direct' handles at most 64 rows", *_args(m=65),
             kernel="mma_direct")
 
 
@@ -96,13 +96,13 @@ def test_plan_gemv_direct_covers_output_and_k(m, k, n):
     assert (splits - 1) * launch.k_per_split < steps <= splits * launch.k_per_split
 
 
-@pytest.mark.parametrize("m", [1, 2, 8, 9, 16, 17, 31, 32])
+@pytest.mark.parametrize("m", [1, 2, 8, 9, 16, 17, 31, 32, 33, 64])
 @pytest.mark.parametrize("k,n", [(4096, 4096), (8192, 28672), (14336, 4096), (576, 192),
                                  (160, 320), (4096, 128256)])
 def test_plan_mma_direct_covers_output_and_k(m, k, n):
     launch = plan_mma_direct(m, n, k, num_sms=132)
-    nt = launch.config  # the fewest n8 tiles that hold m rows
-    assert 8 * nt >= m and (nt == 1 or 8 * (nt // 2) < m)
+    mt = launch.config  # the smallest row capacity that holds m rows
+    assert mt >= m and (mt == 8 or mt // 2 < m)
     assert launch.grid[0] * GEMV_NT >= n > (launch.grid[0] - 1) * GEMV_NT
     steps, splits = k // GEMV_KC, launch.grid[1]
     assert splits == launch.splits >= 1
@@ -148,8 +148,9 @@ def test_choose_kernel():
     assert [choose_kernel(m) for m in (1, 8, 9, 31, 32, 4096)] == [
         "gemv", "gemv", "mma", "mma", "dequant", "dequant"]
     assert choose_kernel(4, "mma") == "mma"
-    assert [choose_kernel(m, "auto_direct") for m in (1, 2, 8, 9, 32, 33)] == [
-        "gemv_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct", "dequant"]
+    assert [choose_kernel(m, "auto_direct") for m in (1, 2, 8, 9, 32, 33, 64, 65)] == [
+        "gemv_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct",
+        "mma_direct", "dequant"]
 
 
 @pytest.mark.parametrize("m", [9, 16, 31, 64])

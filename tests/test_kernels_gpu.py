@@ -123,7 +123,8 @@ def test_runs_on_torchs_current_stream():
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kernel,m", [("gemv_direct", 1), ("gemv_direct", 2), ("gemv_direct", 3),
                                       ("gemv_direct", 4), ("mma_direct", 1),
-                                      ("mma_direct", 5), ("mma_direct", 16), ("mma_direct", 32)])
+                                      ("mma_direct", 5), ("mma_direct", 16), ("mma_direct", 32),
+                                      ("mma_direct", 64)])
 def test_fused_splitk_equals_two_launches(kernel, m, dtype):
     """The last block of a tile adds the splits in the reduce kernel's order: same bits; and
     it leaves the stream's counters at zero for the next launch."""

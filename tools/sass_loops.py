@@ -78,7 +78,7 @@ K_LOOP_OPS = ("HFMA2", "HMUL2", "HADD2", "HMMA")
 
 def weights_per_iteration(expr: str) -> int | None:
     """Packed weights one lane handles per K-loop iteration (GEMV kernels; None otherwise)."""
-    m = re.match(r"awq_(gemv|gemv_direct|mma_direct)<(\w+), (\d+)>", expr)
+    m = re.match(r"awq_(gemv|gemv_direct|mma_direct)<(\w+), (\d+)(?:, \d+)?>", expr)
     if not m:
         return None
     if m[1] == "mma_direct":  # the loop is unrolled over DEPTH + 1 chunks of 2 k16 steps x 4 words
