@@ -65,3 +65,17 @@ def test_e2e_ops_variants_are_compared_with_fp16_ops():
     decode = {r["target"]: r for r in targets.e2e_targets({"rows": without_base})}[
         "llama3-8b decode (graph) >= 2.5x fp16"]
     assert decode["best of ours"].startswith("3.12x at w4 cupy[direct] +emb +ops: met")
+
+
+def test_fastest_per_m_ranks_by_geometric_mean_over_shapes():
+    rows = [_gemm_row(4096, 4096, 1, "awq", 10.0), _gemm_row(4096, 4096, 1, "awq[direct]", 5.0),
+            _gemm_row(8192, 28672, 1, "awq", 40.0), _gemm_row(8192, 28672, 1, "awq[direct]", 80.0),
+            _gemm_row(4096, 4096, 1, "awq[direct,2 launches]", 1.0),  # a variant, not a kernel
+            _gemm_row(4096, 4096, 1, "fp16", 1.0),  # not ours
+            _gemm_row(4096, 4096, 16, "awq", 9.0), _gemm_row(4096, 4096, 16, "awq[mma_direct]", 3.0)]
+    got = {r["M"]: r for r in targets.fastest_per_m({"rows": rows})}
+    # M = 1: each is 2x off the best on one shape: a tie at sqrt(2)
+    assert got[1]["fastest (geo-mean time / best)"] in ("awq 1.41, awq[direct] 1.41",
+                                                        "awq[direct] 1.41, awq 1.41")
+    assert got[1]["shapes"] == 2
+    assert got[16]["fastest (geo-mean time / best)"] == "awq[mma_direct] 1.00, awq 3.00"

@@ -45,7 +45,7 @@ step() {  # step NAME LOGFILE SECONDS CMD...: run under a time limit, tee the lo
 step "environment" env.txt 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -1; $PY -c 'import torch, cupy; print(\"torch\", torch.__version__, \"cupy\", cupy.__version__, torch.cuda.get_device_name())'"
 step "kernel tests" tests.log 180 $PY -m pytest -q -p no:cacheprovider -rfs --tb=short --maxfail=30 tests/test_kernels_gpu.py
 step "kernel benchmark" bench_gemm.log 210 $PY tools/bench_gemm.py --out "$RESULTS/bench_gemm"
-step "e2e tests" tests.log 75 $PY -m pytest -q -p no:cacheprovider -rfs --tb=short tests/test_e2e_gpu.py
+step "e2e tests" tests.log 120 $PY -m pytest -q -p no:cacheprovider -rfs --tb=short tests/test_e2e_gpu.py
 step "e2e benchmark" bench_e2e.log 240 $PY tools/bench_e2e.py --quick --json "$RESULTS/bench_e2e.json"
 step "decode profile" bench_e2e.log 150 $PY tools/bench_e2e.py --profile --models llama3-8b
 step "memcheck" memcheck.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/gpu_memcheck.py

@@ -12,13 +12,15 @@ Issue 6 (tools/bench_e2e.py, the Llama-3-8B shape; "w4" = the best "w4 cupy*" va
   tokens >= 1.0x fp16. A "+ops" variant (awq_kernels.ops for the element-wise steps) is compared
   with "fp16 +ops", the same model code on fp16 weights, where that row exists.
 Prints one markdown row per target: the worst case over the shapes it covers, where that is,
-and whether the target is met, for `auto` and for the best of ours. Reads JSON only: no GPU.
+and whether the target is met, for `auto` and for the best of ours; then, per M, our
+implementations ranked by time (what `auto` should dispatch to). Reads JSON only: no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -95,6 +97,28 @@ def gemm_targets(result: dict) -> list[dict]:
     return rows
 
 
+def fastest_per_m(result: dict) -> list[dict]:
+    """Which of our implementations to dispatch to, per M: for each awq* timed at every shape
+    of that M, the geometric mean over shapes of its time over the best of ours there (1.00 =
+    fastest everywhere). The first is what plan.choose_kernel should pick at that M."""
+    by_m: dict[int, dict[tuple[int, int], dict[str, float]]] = {}
+    for r in result["rows"]:
+        if r["impl"].startswith("awq") and r["impl"] != "awq[direct,2 launches]":
+            by_m.setdefault(r["m"], {}).setdefault((r["k"], r["n"]), {})[r["impl"]] = r["us"]
+    out = []
+    for m in sorted(by_m):
+        shapes = by_m[m].values()
+        common = set.intersection(*(set(times) for times in shapes))
+        score = {}
+        for impl in common:
+            logs = [math.log(times[impl] / min(times.values())) for times in shapes]
+            score[impl] = math.exp(sum(logs) / len(logs))
+        ranked = sorted(score.items(), key=lambda kv: kv[1])
+        out.append({"M": m, "shapes": len(by_m[m]),
+                    "fastest (geo-mean time / best)": ", ".join(f"{i} {v:.2f}" for i, v in ranked)})
+    return out
+
+
 def e2e_targets(result: dict, model: str = E2E_MODEL) -> list[dict]:
     rows = {r["variant"]: r for r in result["rows"] if r["model"] == model}
     fp16 = rows.get("fp16")
@@ -133,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemm", type=Path, help="tools/bench_gemm.py's JSON")
     p.add_argument("--e2e", type=Path, help="tools/bench_e2e.py's JSON")
     args = p.parse_args(argv)
-    rows = []
+    rows, dispatch = [], []
     try:
         if args.gemm:
-            rows += gemm_targets(json.loads(args.gemm.read_text()))
+            gemm = json.loads(args.gemm.read_text())
+            rows += gemm_targets(gemm)
+            dispatch = fastest_per_m(gemm)
         if args.e2e:
             rows += e2e_targets(json.loads(args.e2e.read_text()))
     except (OSError, ValueError, KeyError) as e:
@@ -146,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         print("targets.py: give --gemm and/or --e2e", file=sys.stderr)
         return 2
     print(markdown(rows))
+    if dispatch:
+        print("\nOur implementations per M, fastest first:\n")
+        print(markdown(dispatch))
     return 0
 
 
