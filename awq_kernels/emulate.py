@@ -586,3 +586,50 @@ def emulate_rotary_into_cache(tag, flats, offsets, strides, shapes, cos, sin, ke
         yp = ((b * hkv + head) * s_len + p0 + t) * dh + c
         v_flat[yp:yp + 8] = flats[2][vp:vp + 8]
     return q_out.reshape(b_len, t_len, h_len, dh), keys, values
+
+
+def emulate_decode_attention(tag, q, keys, values, p, chunk=64, warps=4):
+    """decode_attention<T, Dh>: q bits (B, 1, H, Dh), keys / values bits (B, Hkv, S, Dh),
+    slots 0..p. Mirrors the kernel's split / warp / online-softmax structure and both merges
+    in float32. Returns y bits (B, 1, H, Dh)."""
+    b_len, _, h_len, dh = q.shape
+    hkv, s_len = keys.shape[1], keys.shape[2]
+    group, splits, per_warp = h_len // hkv, -(-s_len // chunk), chunk // warps
+    scale = np.float32(dh ** -0.5)
+    f32 = np.float32
+
+    def merge(parts):  # [(m, l, acc)] -> (m, l, acc), in order; m = -inf: empty
+        m_all = max(m for m, _, _ in parts)
+        l_all, a_all = f32(0), np.zeros(dh, f32)
+        for m, l_, a in parts:
+            f = f32(0) if m == -np.inf else f32(np.exp(f32(m - m_all)))
+            l_all = f32(l_all + l_ * f)
+            a_all = (a_all + a * f).astype(f32)
+        return m_all, l_all, a_all
+
+    y = np.zeros((b_len, 1, h_len, dh), np.uint16)
+    for b in range(b_len):
+        for hk in range(hkv):
+            kf = to_f32(tag, keys[b, hk])
+            vf = to_f32(tag, values[b, hk])
+            for h in range(group):
+                head = hk * group + h
+                qv = (to_f32(tag, q[b, 0, head]) * scale).astype(f32)
+                split_parts = []
+                for sp in range(splits):
+                    warp_parts = []
+                    for w in range(warps):
+                        m, l_, acc = f32(-np.inf), f32(0), np.zeros(dh, f32)
+                        s_begin = sp * chunk + w * per_warp
+                        for s in range(s_begin, min(s_begin + per_warp, p + 1)):
+                            dot = f32(np.dot(qv, kf[s]))
+                            m_new = max(m, dot)
+                            corr, pe = f32(np.exp(f32(m - m_new))), f32(np.exp(f32(dot - m_new)))
+                            l_ = f32(l_ * corr + pe)
+                            acc = (acc * corr + pe * vf[s]).astype(f32)
+                            m = m_new
+                        warp_parts.append((m, l_, acc))
+                    split_parts.append(merge(warp_parts))
+                _, l_all, a_all = merge(split_parts)
+                y[b, 0, head] = from_f64(tag, a_all / l_all)
+    return y

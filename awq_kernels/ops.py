@@ -7,6 +7,8 @@ weight, SwiGLU's silu(gate) * up, the rotary embedding.
     y = ops.rotary(x, cos, sin_signed)    # x * cos + x.roll(Dh // 2, -1) * sin_signed
     q = ops.rotary_into_cache(q, k, v, cos, sin_signed, keys, values, position)
                                           # rotary of q and k; k, v written into the KV cache
+    y = ops.decode_attention(q, keys, values, position)
+                                          # one token's attention over cache slots 0..position
 
 Each equals the torch expression in the comment (the same roundings; the norms' sums of squares
 in another order), on fp16 or bf16 CUDA tensors, into new contiguous tensors. awq_ref installs
@@ -18,7 +20,16 @@ from __future__ import annotations
 
 import torch
 
-from .api import ACTIVATION_DTYPES, ALIGNMENT, _i32, _on_torch_stream, _require_tensor, _run
+from .api import (
+    ACTIVATION_DTYPES,
+    ALIGNMENT,
+    _i32,
+    _on_torch_stream,
+    _require_tensor,
+    _run,
+    _splitk_counters,
+)
+from .build import ATTENTION_HEAD_DIMS
 from .plan import Launch, cdiv
 
 THREADS = 256           # EW_THREADS of elementwise.cu
@@ -222,6 +233,63 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
              (q, k, v, cos, sin_signed, keys, values, position, q_out, _i32(b), _i32(t),
               _i32(h), _i32(hkv), _i32(dh), _i32(keys.shape[2]), *strides))
     return q_out
+
+
+ATTENTION_CHUNK = 64   # AT_CHUNK of elementwise.cu: cache slots per block
+ATTENTION_MAX_GROUP = 8  # AT_GMAX: query heads per KV head
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     position: torch.Tensor) -> torch.Tensor:
+    """One new token's attention over the static KV cache, slots 0 .. position (inclusive):
+    F.scaled_dot_product_attention(q, keys, values, mask slot <= position, enable_gqa=True)
+    in fp32 with the result rounded to q's dtype, for q (B, 1, H, Dh) (Dh contiguous; e.g.
+    rotary_into_cache's output), keys and values (B, Hkv, S, Dh) contiguous, position a
+    1-element int64 tensor on the device (read there: CUDA graphs replay it). Returns
+    (B, 1, H, Dh) contiguous. Dh in ATTENTION_HEAD_DIMS, H / Hkv <= 8. Uses the stream's
+    split-K counters (api._splitk_counters): under CUDA-graph capture the stream must have
+    run one eager call first (CudaGraphDecoder's warm-up does).
+    """
+    q = _check("q", q)
+    keys, values = _check("keys", keys, q.dtype), _check("values", values, q.dtype)
+    if q.dim() != 4 or q.shape[1] != 1:
+        raise ValueError(f"q must be (B, 1, H, Dh): one new token, got {list(q.shape)}")
+    b, _, h, dh = q.shape
+    if dh not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"Dh = {dh} is not one of the compiled head dims {ATTENTION_HEAD_DIMS}")
+    if keys.dim() != 4 or keys.shape[0] != b or keys.shape[3] != dh or not keys.is_contiguous():
+        raise ValueError(f"keys must be a contiguous ({b}, Hkv, S, {dh}) cache, got shape "
+                         f"{list(keys.shape)}")
+    if values.shape != keys.shape or not values.is_contiguous():
+        raise ValueError(f"values must be contiguous with keys' shape {list(keys.shape)}, got "
+                         f"{list(values.shape)}")
+    hkv, s = keys.shape[1], keys.shape[2]
+    if h % hkv or h // hkv > ATTENTION_MAX_GROUP:
+        raise ValueError(f"H = {h} query heads must be a multiple of Hkv = {hkv}, at most "
+                         f"{ATTENTION_MAX_GROUP} per KV head")
+    _require_tensor("position", position)
+    if position.dtype != torch.int64 or position.numel() != 1:
+        raise ValueError(f"position must be one int64 value, got {position.dtype} of shape "
+                         f"{list(position.shape)}")
+    _require_cuda(q=q, keys=keys, values=values, position=position)
+    y = torch.empty((b, 1, h, dh), dtype=q.dtype, device=q.device)
+    if y.numel() == 0 or s == 0:
+        return y
+    counters = _splitk_counters(q.device, b * hkv)
+    if counters is None:
+        raise RuntimeError("decode_attention: no split counters for this stream (first call "
+                           "under CUDA-graph capture, or B * Hkv > 4096); run one call on the "
+                           "stream before capturing")
+    splits = cdiv(s, ATTENTION_CHUNK)
+    partials = torch.empty(b * hkv * splits * (h // hkv) * (2 + dh), dtype=torch.float32,
+                           device=q.device)
+    tag = ACTIVATION_DTYPES[q.dtype]
+    with _on_torch_stream(q.device) as (arch, _):
+        launch = Launch("elementwise", 0, (b * hkv, splits, 1), (128, 1, 1))
+        _run(launch, arch, f"decode_attention<{tag}, {dh}>",
+             (q, keys, values, position, partials, y, counters, _i32(h), _i32(hkv), _i32(s),
+              _i32(q.stride(0)), _i32(q.stride(2)), _f32(dh ** -0.5)))
+    return y
 
 
 def _f32(v: float):

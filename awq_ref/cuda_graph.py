@@ -27,19 +27,25 @@ from awq_ref.model import Attention, KVCache, Llama, rotary_tables
 
 def _attend(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             cache: KVCache, position: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Attention.forward for one token whose position is a tensor (see the module docstring)."""
+    """Attention.forward for one token whose position is a tensor (see the module docstring),
+    on the attention's one-kernel versions where installed (awq_ref.fuse)."""
     b = x.shape[0]  # x (B, 1, D)
     keys, values = cache.k[attn.layer], cache.v[attn.layer]  # (B, Hkv, S_max, Dh)
     if attn.rotary_cache is not None:  # one kernel: rotate q and k, write k and v at `position`
         q, k, v = attn.projections(x)  # (B, 1, H, Dh), (B, 1, Hkv, Dh) x 2
-        q = attn.rotary_cache(q, k, v, cos, sin, keys, values, position).transpose(1, 2)
+        q = attn.rotary_cache(q, k, v, cos, sin, keys, values, position)  # (B, 1, H, Dh)
     else:
         q, k, v = attn.heads(x, cos, sin)  # (B, H, 1, Dh), (B, Hkv, 1, Dh) x 2, rotated
         keys.index_copy_(2, position, k)
         values.index_copy_(2, position, v)
-    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
-                                       enable_gqa=attn.n_heads != attn.n_kv_heads)  # (B, H, 1, Dh)
-    return attn.o_proj(y.transpose(1, 2).reshape(b, 1, attn.n_heads * attn.head_dim))
+        q = q.transpose(1, 2)  # (B, 1, H, Dh)
+    if attn.decode_attention is not None:  # one kernel, over slots 0..position only
+        y = attn.decode_attention(q, keys, values, position)  # (B, 1, H, Dh)
+    else:
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible,
+                                           enable_gqa=attn.n_heads != attn.n_kv_heads
+                                           ).transpose(1, 2)  # (B, 1, H, Dh)
+    return attn.o_proj(y.reshape(b, 1, attn.n_heads * attn.head_dim))
 
 
 def static_decode_step(model: Llama, cache: KVCache, token: torch.Tensor, position: torch.Tensor,

@@ -16,7 +16,8 @@ refuse a fused model.
 `use_elementwise_kernels` is the same idea for the small element-wise steps: RMSNorm with its
 weight (and with the residual add before it), silu(gate) * up and the rotary embedding (and, in
 the CUDA-graph decode step, the KV-cache writes after it) each become one kernel of a backend
-(e.g. awq_kernels.ops) instead of 2 (3), 2 and 4 (6) torch kernels.
+(e.g. awq_kernels.ops) instead of 2 (3), 2 and 4 (6) torch kernels; and the decode step's
+attention one kernel over the filled cache slots instead of the masked SDPA over all.
 """
 
 from __future__ import annotations
@@ -117,11 +118,14 @@ class ElementwiseOps(Protocol):
                           cos: torch.Tensor, sin_signed: torch.Tensor, keys: torch.Tensor,
                           values: torch.Tensor, position: torch.Tensor) -> torch.Tensor: ...
 
+    def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         position: torch.Tensor) -> torch.Tensor: ...
+
 
 def use_elementwise_kernels(model: nn.Module, ops: ElementwiseOps | None) -> int:
     """Run every RMSNorm (and residual add + RMSNorm), SwiGLU and rotary embedding (and rotary +
-    KV-cache write) of `model` on `ops` (None: back to the model's torch code). Returns how many
-    modules were set."""
+    KV-cache write, and the decode step's attention) of `model` on `ops` (None: back to the
+    model's torch code). Returns how many modules were set."""
     count = 0
     for module in model.modules():
         if isinstance(module, RMSNorm):
@@ -132,6 +136,7 @@ def use_elementwise_kernels(model: nn.Module, ops: ElementwiseOps | None) -> int
         elif isinstance(module, Attention):
             module.rotary = None if ops is None else ops.rotary
             module.rotary_cache = None if ops is None else ops.rotary_into_cache
+            module.decode_attention = None if ops is None else ops.decode_attention
         else:
             continue
         count += 1

@@ -132,6 +132,8 @@ class Attention(nn.Module):
         self.rotary: Callable[..., torch.Tensor] | None = None  # rotate_heads in one kernel (ditto)
         # rotary of q and k + their KV-cache writes in one kernel (cuda_graph's decode step; ditto)
         self.rotary_cache: Callable[..., torch.Tensor] | None = None
+        # one token's attention over the cache in one kernel (cuda_graph's decode step; ditto)
+        self.decode_attention: Callable[..., torch.Tensor] | None = None
 
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q (B, T, H, Dh), k and v (B, T, Hkv, Dh), not rotated (views)."""

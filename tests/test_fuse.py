@@ -48,7 +48,7 @@ class _TorchOps:
 
     def __init__(self):
         self.calls = {"rms_norm": 0, "add_rms_norm": 0, "silu_mul": 0, "rotary": 0,
-                      "rotary_into_cache": 0}
+                      "rotary_into_cache": 0, "decode_attention": 0}
 
     def rms_norm(self, x, weight, eps):
         self.calls["rms_norm"] += 1
@@ -71,6 +71,13 @@ class _TorchOps:
     def silu_mul(self, gate, up):
         self.calls["silu_mul"] += 1
         return torch.nn.functional.silu(gate) * up
+
+    def decode_attention(self, q, keys, values, position):
+        self.calls["decode_attention"] += 1
+        visible = (torch.arange(keys.shape[2]) <= position)[None, :]
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=visible,
+            enable_gqa=q.shape[2] != keys.shape[1]).transpose(1, 2)
 
     def rotary(self, x, cos, sin):
         from awq_ref.model import rotate_heads
@@ -101,7 +108,7 @@ def test_elementwise_ops_are_used_everywhere_with_the_same_bits(fused):
     # others rotate q and k together when fused, apart when not
     assert ops.calls == {"rms_norm": 3 * (layers + 1), "add_rms_norm": 3 * layers,
                          "silu_mul": 3 * layers, "rotary": 2 * layers * (1 if fused else 2),
-                         "rotary_into_cache": layers}
+                         "rotary_into_cache": layers, "decode_attention": layers}
     assert use_elementwise_kernels(model, None) == 4 * layers + 1
     assert all(m.kernel is None for m in model.modules() if hasattr(m, "kernel")
                and not isinstance(m, QuantLinear))

@@ -271,3 +271,24 @@ def test_fused_elementwise_ops_validate_before_touching_cuda():
         ops.rotary_into_cache(*args[:7], pos.int())
     with pytest.raises(ValueError, match="q must be a CUDA tensor"):
         ops.rotary_into_cache(*args)
+
+
+def test_decode_attention_validates_before_touching_cuda():
+    from awq_kernels import ops
+
+    q = torch.randn(1, 1, 8, 64).half()
+    cache = torch.zeros(1, 2, 16, 64).half()
+    pos = torch.tensor([3])
+    with pytest.raises(ValueError, match=r"q must be \(B, 1, H, Dh\): one new token"):
+        ops.decode_attention(torch.randn(1, 2, 8, 64).half(), cache, cache, pos)
+    with pytest.raises(ValueError, match="Dh = 32 is not one of the compiled head dims"):
+        ops.decode_attention(q[..., :32], cache[..., :32].contiguous(), cache[..., :32].contiguous(), pos)
+    with pytest.raises(ValueError, match="must be a multiple of Hkv = 3"):
+        ops.decode_attention(q, torch.zeros(1, 3, 16, 64).half(), torch.zeros(1, 3, 16, 64).half(), pos)
+    with pytest.raises(ValueError, match="at most 8 per KV head"):
+        ops.decode_attention(torch.randn(1, 1, 16, 64).half(), cache[:, :1].contiguous(),
+                             cache[:, :1].contiguous(), pos)
+    with pytest.raises(ValueError, match="values must be contiguous with keys' shape"):
+        ops.decode_attention(q, cache, cache[:, :, :8].contiguous(), pos)
+    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
+        ops.decode_attention(q, cache, cache, pos)

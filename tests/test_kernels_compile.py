@@ -338,3 +338,23 @@ def test_emulated_rotary_into_cache_gives_the_models_bits(dtype, tag, t):
     np.testing.assert_array_equal(got_q, _bits16(rotate_heads(q, cos, sin)))
     np.testing.assert_array_equal(got_k, _bits16(keys))
     np.testing.assert_array_equal(got_v, _bits16(values))
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+@pytest.mark.parametrize("p,s_len,dh", [(0, 64, 64), (70, 130, 128), (129, 130, 64)])
+def test_emulated_decode_attention_matches_sdpa(dtype, tag, p, s_len, dh):
+    """Splits of 64 slots, 4 warps of 16, online softmax and both merges: softmax attention
+    over slots 0..p (GQA, 4 query heads per KV head), within the output's rounding."""
+    b, h, hkv = 2, 8, 2
+    gen = torch.Generator().manual_seed(p + dh)
+    q = torch.randn(b, 1, h, dh, generator=gen).to(dtype)
+    keys = (torch.randn(b, hkv, s_len, dh, generator=gen) * 2).to(dtype)
+    values = torch.randn(b, hkv, s_len, dh, generator=gen).to(dtype)
+    got = emulate.emulate_decode_attention(tag, _bits16(q), _bits16(keys), _bits16(values), p)
+    visible = (torch.arange(s_len) <= p)[None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double().transpose(1, 2), keys.double(), values.double(), attn_mask=visible,
+        enable_gqa=True).transpose(1, 2)  # (B, 1, H, Dh)
+    got_f = torch.from_numpy(emulate.to_f32(tag, got)).double()
+    err = ((got_f - want).norm() / want.norm()).item()
+    assert err < (1e-3 if tag == "F16" else 8e-3), err

@@ -250,3 +250,27 @@ def test_fused_elementwise_ops_match_torch(dtype):
         assert torch.equal(got_q.view(torch.int16), rotate_heads(q, cos, sin).contiguous().view(torch.int16))
         assert torch.equal(keys.view(torch.int16), want_k.view(torch.int16)), f"keys t={t} p0={p0}"
         assert torch.equal(values.view(torch.int16), want_v.view(torch.int16)), f"values t={t}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("h,hkv,dh", [(32, 8, 128), (9, 3, 64)], ids=["llama3-8b", "smollm2"])
+def test_decode_attention_matches_masked_sdpa(dtype, h, hkv, dh):
+    """One token over cache slots 0..p: the masked SDPA of the decode step, within the dtype's
+    tolerance, for p in the first slot, mid-split, the last slot; twice the same bits."""
+    import torch.nn.functional as F
+
+    from awq_kernels import ops
+
+    s_len = 200
+    keys = (torch.randn(2, hkv, s_len, dh, device="cuda") * 2).to(dtype)
+    values = torch.randn(2, hkv, s_len, dh, device="cuda").to(dtype)
+    q = torch.randn(2, 1, h, dh, device="cuda").to(dtype)
+    for p in (0, 100, s_len - 1):
+        position = torch.tensor([p], device="cuda")
+        got = ops.decode_attention(q, keys, values, position)
+        visible = (torch.arange(s_len, device="cuda") <= p)[None, :]
+        want = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible,
+                                              enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3 if dtype == torch.float16 else 2e-2)
+        again = ops.decode_attention(q, keys, values, position)
+        assert torch.equal(again.view(torch.int16), got.view(torch.int16))

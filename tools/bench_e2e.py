@@ -278,6 +278,12 @@ def elementwise_ops():
         torch.testing.assert_close(keys[:, :, 6:], rotate_heads(k, cos, sin).transpose(1, 2),
                                    rtol=0, atol=0)
         torch.testing.assert_close(values[:, :, 6:], v.transpose(1, 2), rtol=0, atol=0)
+        position = torch.tensor([7], device=DEVICE)
+        visible = (torch.arange(9, device=DEVICE) <= 7)[None, :]
+        want = F.scaled_dot_product_attention(got_q[:, :1].transpose(1, 2), keys, values,
+                                              attn_mask=visible, enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(ops.decode_attention(got_q[:, :1], keys, values, position), want,
+                                   atol=2e-3, rtol=2e-3)
         return ops
     except Exception as e:  # noqa: BLE001 -- any failure (compile errors too) skips only these
         print(f"awq_kernels.ops failed its check, skipping the +ops variants: {e!r}",

@@ -70,6 +70,12 @@ def _elementwise_ops() -> int:
         checks = {"rms_norm": (ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (576,), eps=1e-5)),
                   "add_rms_norm": (ops.add_rms_norm(x, x, w, 1e-5)[1],
                                    w * F.rms_norm(x + x, (576,), eps=1e-5)),
+                  "decode_attention": (ops.decode_attention(rotated[:, :1], keys, values,
+                                                            torch.tensor([6], device="cuda")),
+                                       F.scaled_dot_product_attention(
+                                           rotated[:, :1].transpose(1, 2), keys, values,
+                                           attn_mask=(torch.arange(9, device="cuda") <= 6)[None],
+                                           enable_gqa=True).transpose(1, 2)),
                   "rotary_into_cache": (torch.cat([rotated.flatten(), keys[:, :, 4:].flatten()]),
                                         torch.cat([rotate_heads(q, cos, sin).flatten(),
                                                    rotate_heads(k, cos, sin).transpose(1, 2).flatten()])),
