@@ -29,6 +29,7 @@ SOURCES = {
     "dequant": "dequant.cu",
     "reduce": "splitk_reduce.cu",
     "elementwise": "elementwise.cu",
+    "attention": "attention.cu",
 }
 DTYPE_TAGS = ("F16", "BF16")
 
@@ -43,7 +44,7 @@ GEMV_DIRECT_ROWS = (1, 2, 4, 8)
 MMA_DIRECT_CONFIGS = {8: (1, 1), 16: (2, 1), 32: (4, 1), 64: (4, 2)}
 # Kernels of elementwise.cu (awq_kernels.ops), each templated on the dtype tag only.
 ELEMENTWISE_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary", "rotary_into_cache")
-ATTENTION_HEAD_DIMS = (64, 128)  # decode_attention<T, Dh> (elementwise.cu)
+ATTENTION_HEAD_DIMS = (64, 128)  # decode_attention<T, Dh> (attention.cu)
 COMPILE_OPTIONS = ("-std=c++17",)
 
 
@@ -95,8 +96,8 @@ def instantiations(family: str) -> list[str]:
         "mma_direct": lambda tag: [mma_direct_expr(tag, mt) for mt in MMA_DIRECT_CONFIGS],
         "dequant": lambda tag: [dequant_expr(tag)],
         "reduce": lambda tag: [reduce_expr(tag)],
-        "elementwise": lambda tag: [f"{op}<{tag}>" for op in ELEMENTWISE_OPS]
-        + [f"decode_attention<{tag}, {dh}>" for dh in ATTENTION_HEAD_DIMS],
+        "elementwise": lambda tag: [f"{op}<{tag}>" for op in ELEMENTWISE_OPS],
+        "attention": lambda tag: [f"decode_attention<{tag}, {dh}>" for dh in ATTENTION_HEAD_DIMS],
     }[family]
     return [expr for tag in DTYPE_TAGS for expr in per_tag(tag)]
 

@@ -202,5 +202,12 @@ __device__ __forceinline__ void st_global16(void* p, u32 a, u32 b, u32 c, u32 d)
                ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
 
+// Sum over the 32 lanes of a warp (butterfly: every lane ends with the same total).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+  return v;
+}
+
 // Ceil division for split-K ranges.
 __host__ __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }

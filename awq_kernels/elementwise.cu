@@ -1,17 +1,19 @@
 // elementwise.cu -- the decoder's small element-wise steps, one kernel each: RMSNorm with its
-// weight, SwiGLU's silu(gate) * up, and the rotary embedding of q and k.
+// weight (rms_norm), the residual add and the RMSNorm after it (add_rms_norm), SwiGLU's
+// silu(gate) * up (silu_mul), the rotary embedding of q and k (rotary), and in the CUDA-graph
+// decode step the rotary embedding with the KV-cache writes of k and v (rotary_into_cache).
 //
 // Why: in a decode step of a CUDA-graph replay every kernel costs ~1.5-2.5 us however little it
 // does; torch runs RMSNorm * weight as 2 kernels, silu(gate) * up as 2 and the rotary embedding as
-// 4 (mul, roll, mul, add), ~12 per decoder layer of ~17 besides the products (H200 profile,
-// 2026-12-04: 1.8-2.1 ms of a 6.3 ms Llama-3-8B-shaped token). These three kernels do the same
-// work in 4 per layer.
+// 4 (mul, roll, mul, add), plus residual adds and two cache writes, ~12 per decoder layer of ~17
+// besides the products (H200 profile, 2026-12-04: 1.8-2.1 ms of a 6.3 ms Llama-3-8B-shaped
+// token). These kernels do the same work in 5 per layer (attention.cu: the attention in 1).
 //
 // Numbers: each kernel rounds where torch's ops round (torch computes a 16-bit op in fp32 and
-// rounds its result to the 16-bit type), so the rotary embedding and SwiGLU give torch's bits;
-// RMSNorm differs only in the order of its sum of squares.
+// rounds its result to the 16-bit type), so all but the norms give torch's bits; the norms differ
+// only in the order of their sums of squares.
 //
-// All three read and write 8 consecutive 16-bit values (16 bytes) per access: the last dimension
+// All of them read and write 8 consecutive 16-bit values (16 bytes) per access: the last dimension
 // is contiguous and a multiple of 8 (16 for the rotary's half), row strides are multiples of 8
 // elements and base pointers 16-byte aligned (checked in Python, awq_kernels/ops.py).
 #include "common.cuh"
@@ -36,12 +38,6 @@ template <typename T> __device__ __forceinline__ void store8(u16* p, const float
 // f rounded to T and widened back: what an op with a T result hands to the next op.
 template <typename T> __device__ __forceinline__ float round_t(float f) {
   return to_float<T>((u16)(pack2<T>(f, 0.f) & 0xFFFFu));
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
-  return v;
 }
 
 // y[r] = w * rms_norm(x[r]) for each row r (one block per row): torch's
@@ -246,152 +242,4 @@ rotary_into_cache(const u16* __restrict__ q, const u16* __restrict__ k, const u1
       *reinterpret_cast<uint4*>(values + (((size_t)b * Hkv + hk) * S + (size_t)(p0 + t)) * Dh + c) = val;
     }
   }
-}
-
-// Attention of one new token per sequence over the static KV cache (the CUDA-graph decode
-// step): y[b, h] = softmax(q[b, h] . keys[b, h / G, 0..p] * scale) @ values[b, h / G, 0..p],
-// p = *position, G = H / Hkv query heads per KV head; replaces the masked SDPA over all S slots
-// (which also launches kernels for the mask).
-// Flash-decoding: block (b * Hkv + hk, split) takes positions [split * 64, split * 64 + 64)
-// of one KV head for its G query heads, 16 per warp; lane l holds dims l * E .. l * E + E - 1
-// (E = Dh / 32). A warp keeps a running max m, sum l and weighted sum of values per head
-// (online softmax, fp32), the 4 warps combine in shared memory, and the block writes
-// (m, l, acc[Dh]) per head to `partials`; the last block of a KV head (one atomic counts
-// arrivals, as splitk_fused.cuh) combines the splits in split order and writes y. Blocks past p
-// write an empty partial (m = -inf). q (B, 1, H, Dh) with strides (q_sb, q_sh); keys and
-// values (B, Hkv, S, Dh) contiguous; y (B, 1, H, Dh) contiguous; G <= AT_GMAX.
-constexpr int AT_WARPS = 4, AT_CHUNK = 64, AT_GMAX = 8;
-#define AT_NEG_INF __int_as_float(0xff800000)  // -inf (no <math.h> under NVRTC here)
-
-template <int E> __device__ __forceinline__ void load_e(const u16* p, u32 (&w)[E / 2]);
-template <> __device__ __forceinline__ void load_e<2>(const u16* p, u32 (&w)[1]) {
-  w[0] = *reinterpret_cast<const u32*>(p);
-}
-template <> __device__ __forceinline__ void load_e<4>(const u16* p, u32 (&w)[2]) {
-  const uint2 v = *reinterpret_cast<const uint2*>(p);
-  w[0] = v.x;
-  w[1] = v.y;
-}
-
-// (m, l, acc) of two partial softmaxes -> their union (m = -inf: empty).
-__device__ __forceinline__ float merge_scale(float m_part, float m_total) {
-  return m_part == AT_NEG_INF ? 0.f : expf(m_part - m_total);
-}
-
-template <typename T, int DH>
-__global__ void __launch_bounds__(32 * AT_WARPS)
-decode_attention(const u16* __restrict__ q, const u16* __restrict__ keys,
-                 const u16* __restrict__ values, const long long* position,
-                 float* __restrict__ partials, u16* __restrict__ y, int* __restrict__ counters,
-                 int H, int Hkv, int S, int q_sb, int q_sh, float scale) {
-  constexpr int E = DH / 32;
-  constexpr int PART = 2 + DH;  // floats per head in a partial: m, l, acc[DH]
-  __shared__ float sm_m[AT_WARPS][AT_GMAX], sm_l[AT_WARPS][AT_GMAX];
-  __shared__ float sm_acc[AT_WARPS][AT_GMAX][DH];
-  __shared__ int last;
-
-  const int G = H / Hkv;
-  const int bh = blockIdx.x, b = bh / Hkv, hk = bh % Hkv;
-  const int split = blockIdx.y, splits = gridDim.y;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const long long p = *position;
-
-  float qv[AT_GMAX][E], m[AT_GMAX], l[AT_GMAX], acc[AT_GMAX][E];
-#pragma unroll
-  for (int h = 0; h < AT_GMAX; ++h) {
-    m[h] = AT_NEG_INF;
-    l[h] = 0.f;
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc[h][e] = qv[h][e] = 0.f;
-    if (h < G) {
-      u32 w[E / 2];
-      load_e<E>(q + (size_t)b * q_sb + (size_t)(hk * G + h) * q_sh + lane * E, w);
-#pragma unroll
-      for (int e = 0; e < E; ++e)
-        qv[h][e] = to_float<T>((u16)((e % 2 ? w[e / 2] >> 16 : w[e / 2]) & 0xFFFFu)) * scale;
-    }
-  }
-
-  const size_t kv_head = ((size_t)b * Hkv + hk) * S;
-  const int s_begin = split * AT_CHUNK + warp * (AT_CHUNK / AT_WARPS);
-  const int s_end = (int)min((long long)(s_begin + AT_CHUNK / AT_WARPS), p + 1);
-  for (int s = s_begin; s < s_end; ++s) {
-    u32 kw[E / 2], vw[E / 2];
-    load_e<E>(keys + (kv_head + s) * DH + lane * E, kw);
-    load_e<E>(values + (kv_head + s) * DH + lane * E, vw);
-    float kf[E], vf[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      kf[e] = to_float<T>((u16)((e % 2 ? kw[e / 2] >> 16 : kw[e / 2]) & 0xFFFFu));
-      vf[e] = to_float<T>((u16)((e % 2 ? vw[e / 2] >> 16 : vw[e / 2]) & 0xFFFFu));
-    }
-#pragma unroll
-    for (int h = 0; h < AT_GMAX; ++h) {
-      if (h >= G) break;
-      float dot = 0.f;
-#pragma unroll
-      for (int e = 0; e < E; ++e) dot = fmaf(qv[h][e], kf[e], dot);
-      dot = warp_sum(dot);
-      const float m_new = fmaxf(m[h], dot);
-      const float corr = expf(m[h] - m_new);  // m = -inf at first: 0
-      const float pe = expf(dot - m_new);
-      l[h] = l[h] * corr + pe;
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[h][e] = acc[h][e] * corr + pe * vf[e];
-      m[h] = m_new;
-    }
-  }
-
-  // The block's 4 warps -> one partial per head.
-#pragma unroll
-  for (int h = 0; h < AT_GMAX; ++h) {
-    if (h >= G) break;
-    if (lane == 0) {
-      sm_m[warp][h] = m[h];
-      sm_l[warp][h] = l[h];
-    }
-#pragma unroll
-    for (int e = 0; e < E; ++e) sm_acc[warp][h][lane * E + e] = acc[h][e];
-  }
-  __syncthreads();
-  float* part = partials + (size_t)(bh * splits + split) * G * PART;
-  for (int i = threadIdx.x; i < G * DH; i += 32 * AT_WARPS) {
-    const int h = i / DH, d = i % DH;
-    float m_all = AT_NEG_INF;
-    for (int w = 0; w < AT_WARPS; ++w) m_all = fmaxf(m_all, sm_m[w][h]);
-    float l_all = 0.f, a_all = 0.f;
-    for (int w = 0; w < AT_WARPS; ++w) {
-      const float f = merge_scale(sm_m[w][h], m_all);
-      l_all += sm_l[w][h] * f;
-      a_all += sm_acc[w][h][d] * f;
-    }
-    part[h * PART + 2 + d] = a_all;
-    if (d == 0) {
-      part[h * PART] = m_all;
-      part[h * PART + 1] = l_all;
-    }
-  }
-
-  // The last block of this KV head adds the splits (in split order) and writes y.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&counters[bh], 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const float* parts = partials + (size_t)bh * splits * G * PART;
-  for (int i = threadIdx.x; i < G * DH; i += 32 * AT_WARPS) {
-    const int h = i / DH, d = i % DH;
-    float m_all = AT_NEG_INF;
-    for (int sp = 0; sp < splits; ++sp) m_all = fmaxf(m_all, __ldcg(parts + (sp * G + h) * PART));
-    float l_all = 0.f, a_all = 0.f;
-    for (int sp = 0; sp < splits; ++sp) {
-      const float* ph = parts + (sp * G + h) * PART;
-      const float f = merge_scale(__ldcg(ph), m_all);
-      l_all += __ldcg(ph + 1) * f;
-      a_all += __ldcg(ph + 2 + d) * f;
-    }
-    y[((size_t)b * H + hk * G + h) * DH + d] = (u16)(pack2<T>(a_all / l_all, 0.f) & 0xFFFFu);
-  }
-  if (threadIdx.x == 0) counters[bh] = 0;
 }

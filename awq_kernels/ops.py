@@ -1,5 +1,5 @@
-"""The decoder's element-wise steps as one CUDA kernel each (elementwise.cu): RMSNorm with its
-weight, SwiGLU's silu(gate) * up, the rotary embedding.
+"""The decoder's small steps as one CUDA kernel each: RMSNorm with its weight, SwiGLU's
+silu(gate) * up, the rotary embedding (elementwise.cu), one token's attention (attention.cu).
 
     y = ops.rms_norm(x, weight, eps)      # weight * F.rms_norm(x, (D,), eps=eps)
     s, y = ops.add_rms_norm(x, d, w, eps) # s = x + d; y = rms_norm of s as above
@@ -235,7 +235,7 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     return q_out
 
 
-ATTENTION_CHUNK = 64   # AT_CHUNK of elementwise.cu: cache slots per block
+ATTENTION_CHUNK = 64   # AT_CHUNK of attention.cu: cache slots per block
 ATTENTION_MAX_GROUP = 8  # AT_GMAX: query heads per KV head
 
 
@@ -285,7 +285,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                            device=q.device)
     tag = ACTIVATION_DTYPES[q.dtype]
     with _on_torch_stream(q.device) as (arch, _):
-        launch = Launch("elementwise", 0, (b * hkv, splits, 1), (128, 1, 1))
+        launch = Launch("attention", 0, (b * hkv, splits, 1), (128, 1, 1))
         _run(launch, arch, f"decode_attention<{tag}, {dh}>",
              (q, keys, values, position, partials, y, counters, _i32(h), _i32(hkv), _i32(s),
               _i32(q.stride(0)), _i32(q.stride(2)), _f32(dh ** -0.5)))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from awq_kernels import build, emulate, reference
+from awq_kernels import build, emulate, emulate_direct, emulate_ops, reference
 from awq_kernels.plan import (
     GEMV_NT,
     MMA_BN,
@@ -40,6 +40,7 @@ REQUIRED_PTX = {
     "reduce": ("ld.global.nc.v4.f32",),
     "elementwise": ("shfl.sync.bfly", "rsqrt.approx.f32", "ex2.approx", "st.global.v4.b32",
                     "cvt.rn.f16x2.f32", "cvt.rn.bf16x2.f32"),
+    "attention": ("shfl.sync.bfly", "ex2.approx", "atom.global.add.u32", "ld.global.cg.f32"),
 }
 
 
@@ -166,7 +167,7 @@ def test_emulated_gemv_direct_kernel_mapping(dtype, tag, m, k, n, g, sms):
     launch = plan_gemv_direct(m, n, k, num_sms=sms)  # few SMs -> split-K
     assert launch.grid[0] == cdiv(n, GEMV_NT) and launch.splits > 1
     records: list = []
-    partials = emulate.emulate_gemv_direct(tag, *args, launch, record=records)
+    partials = emulate_direct.emulate_gemv_direct(tag, *args, launch, record=records)
     assert len(_check_records(records, _bits16(w))) == k * n
     # Products rounded to 16 bits, summed in 16 bits for U steps (gemv_direct.cu's header).
     err = _check_product(partials, x, w, tag, sum_tol=1e-3 if tag == "F16" else 6e-3)
@@ -227,7 +228,7 @@ def test_emulated_mma_direct_kernel_mapping(dtype, tag, m, k, n, g, sms):
     launch = plan_mma_direct(m, n, k, num_sms=sms)
     assert launch.grid[0] == cdiv(n, GEMV_NT) and (launch.splits > 1) == (m not in (17, 40))
     records: list = []
-    partials = emulate.emulate_mma_direct(tag, *args, launch, record=records)
+    partials = emulate_direct.emulate_mma_direct(tag, *args, launch, record=records)
     assert len(_check_records(records, _bits16(w))) == k * n, "every weight in some A fragment"
     err = _check_product(partials, x, w, tag)
     print(f"mma_direct {tag} M={m} K={k} N={n} G={g} splits={launch.splits}: "
@@ -253,7 +254,7 @@ def test_emulated_rotary_gives_the_models_bits(dtype, tag, fused):
     x = (parent[..., :(h + hkv) * dh] if fused else parent).view(b, t, -1, dh)
     freqs = torch.outer(torch.arange(7.0, 7.0 + t), 1.0 / 10000 ** (torch.arange(0, dh, 2) / dh))
     cos, sin = rotary_tables(freqs, dtype)
-    got = emulate.emulate_rotary(tag, _flat_bits(parent), x.storage_offset(), tuple(x.shape),
+    got = emulate_ops.emulate_rotary(tag, _flat_bits(parent), x.storage_offset(), tuple(x.shape),
                                  x.stride()[:3], _bits16(cos), _bits16(sin))
     np.testing.assert_array_equal(got, _bits16(rotate_heads(x, cos, sin)))
 
@@ -264,7 +265,7 @@ def test_emulated_silu_mul_matches_torch(dtype, tag):
     rows, f = 3, 48
     parent = (torch.randn(rows, 2 * f, generator=torch.Generator().manual_seed(6)) * 3).to(dtype)
     gate, up = parent.split(f, dim=-1)
-    got = emulate.emulate_silu_mul(tag, _flat_bits(parent), 0, 2 * f, _flat_bits(parent), f,
+    got = emulate_ops.emulate_silu_mul(tag, _flat_bits(parent), 0, 2 * f, _flat_bits(parent), f,
                                    2 * f, rows, f)
     want = torch.nn.functional.silu(gate) * up
     torch.testing.assert_close(torch.from_numpy(emulate.to_f32(tag, got)), want.float(),
@@ -282,7 +283,7 @@ def test_emulated_rms_norm_matches_the_model(dtype, tag, d):
     x = torch.randn(rows, d, generator=gen).to(dtype)
     norm = RMSNorm(d, 1e-5)
     norm.weight.data = (torch.rand(d, generator=gen) + 0.5).to(dtype)
-    got = emulate.emulate_rms_norm(tag, _flat_bits(x), 0, d, _bits16(norm.weight.data), rows, d,
+    got = emulate_ops.emulate_rms_norm(tag, _flat_bits(x), 0, d, _bits16(norm.weight.data), rows, d,
                                    1e-5)
     want = norm(x)
     torch.testing.assert_close(torch.from_numpy(emulate.to_f32(tag, got)), want.float(),
@@ -302,7 +303,7 @@ def test_emulated_add_rms_norm_matches_the_model(dtype, tag):
     delta = parent[:, d:]
     norm = RMSNorm(d, 1e-6)
     norm.weight.data = (torch.rand(d, generator=gen) + 0.5).to(dtype)
-    s, y = emulate.emulate_add_rms_norm(tag, _flat_bits(x), 0, d, _flat_bits(parent), d, 2 * d,
+    s, y = emulate_ops.emulate_add_rms_norm(tag, _flat_bits(x), 0, d, _flat_bits(parent), d, 2 * d,
                                         _bits16(norm.weight.data), rows, d, 1e-6)
     want_s, want_y = norm.add_and_norm(x, delta)
     np.testing.assert_array_equal(s, _bits16(want_s))
@@ -328,7 +329,7 @@ def test_emulated_rotary_into_cache_gives_the_models_bits(dtype, tag, t):
     keys = torch.randn(b, hkv, s_len, dh, generator=gen).to(dtype)
     values = torch.randn(b, hkv, s_len, dh, generator=gen).to(dtype)
     flat = _flat_bits(parent)
-    got_q, got_k, got_v = emulate.emulate_rotary_into_cache(
+    got_q, got_k, got_v = emulate_ops.emulate_rotary_into_cache(
         tag, (flat, flat, flat), (q.storage_offset(), k.storage_offset(), v.storage_offset()),
         (q.stride()[:3], k.stride()[:3], v.stride()[:3]), (b, t, h, hkv, dh), _bits16(cos),
         _bits16(sin), _bits16(keys), _bits16(values), p0)
@@ -350,7 +351,7 @@ def test_emulated_decode_attention_matches_sdpa(dtype, tag, p, s_len, dh):
     q = torch.randn(b, 1, h, dh, generator=gen).to(dtype)
     keys = (torch.randn(b, hkv, s_len, dh, generator=gen) * 2).to(dtype)
     values = torch.randn(b, hkv, s_len, dh, generator=gen).to(dtype)
-    got = emulate.emulate_decode_attention(tag, _bits16(q), _bits16(keys), _bits16(values), p)
+    got = emulate_ops.emulate_decode_attention(tag, _bits16(q), _bits16(keys), _bits16(values), p)
     visible = (torch.arange(s_len) <= p)[None, :]
     want = torch.nn.functional.scaled_dot_product_attention(
         q.double().transpose(1, 2), keys.double(), values.double(), attn_mask=visible,

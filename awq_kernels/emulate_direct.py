@@ -1,0 +1,182 @@
+"""NumPy emulation of the direct-load kernels, gemv_direct.cu and mma_direct.cu: their thread
+-> data mappings (no shared memory: each lane's loads straight from the packed tensors), their
+16-bit arithmetic and the order of every sum. Built on emulate.py's instruction helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .build import MMA_DIRECT_CONFIGS
+from .emulate import (
+    LANE,
+    SIGN2,
+    U32,
+    dequant_pair,
+    fma2,
+    hi,
+    lo,
+    mma16816,
+    nibbles_to_magic_pair,
+    pair,
+    prmt,
+    scale_pair,
+    shr,
+    to_f32,
+)
+from .plan import GEMV_DIRECT_VEC, GEMV_KC, GEMV_NT, Launch, gemv_direct_flush
+
+# ----------------------------------------------------------------------------- gemv_direct
+
+
+def emulate_gemv_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, record=None):
+    """fp32 partial sums (splits, M, N) of gemv_direct.cu, NaN where nothing is written,
+    including the 16-bit pair accumulators and their flush after every chunk."""
+    m, k = x.shape
+    n = qweight.shape[1] * 8
+    nw = n // 8
+    mt = launch.config
+    vec = GEMV_DIRECT_VEC[mt]
+    lanes_per_row, flush = 32 // vec, gemv_direct_flush(tag, mt)
+    rows_per_chunk = flush * vec
+    c, r = LANE % lanes_per_row, LANE // lanes_per_row
+    pairs = 4 * vec
+    out = np.full((launch.splits, m, n), np.nan, np.float32)
+    for by in range(launch.grid[1]):
+        k_begin = by * launch.k_per_split * GEMV_KC
+        chunks = (min(k, k_begin + launch.k_per_split * GEMV_KC) - k_begin) // rows_per_chunk
+        for bx in range(launch.grid[0]):
+            word0 = bx * (GEMV_NT // 8) + c * vec  # (32,)
+            valid = word0 < nw
+            wcol = np.where(valid, word0, 0)  # lanes past N read column 0, never stored
+            acc = np.zeros((8, mt, 2 * pairs, 32), np.float32)  # (warp, m, column j, lane)
+            for warp in range(8):
+                loaded_group, zneg, sp = -1, [], []
+                for q in range(warp, chunks, 8):
+                    row0 = k_begin + q * rows_per_chunk
+                    if row0 // g_size != loaded_group:
+                        loaded_group = row0 // g_size
+                        zneg, sp = [], []
+                        for v in range(vec):
+                            zw = qzeros[loaded_group, wcol + v]
+                            for p in range(4):
+                                cols = 8 * (wcol + v) + 2 * p
+                                s_pair = pair(scales16[loaded_group, cols],
+                                              scales16[loaded_group, cols + 1])
+                                zneg.append(nibbles_to_magic_pair(tag, shr(zw, 4 * p)) ^ SIGN2)
+                                sp.append(scale_pair(tag, s_pair))
+                    h = np.zeros((mt, pairs, 32), U32)
+                    for u in range(flush):
+                        row = row0 + u * vec + r  # (32,)
+                        x2 = [pair(x[min(mm, m - 1), row], x[min(mm, m - 1), row])
+                              for mm in range(mt)]
+                        for v in range(vec):
+                            word = qweight[row, wcol + v]
+                            for p in range(4):
+                                i = 4 * v + p
+                                wp = dequant_pair(tag, shr(word, 4 * p), zneg[i], sp[i])
+                                if record is not None:
+                                    col = 8 * (word0 + v) + 2 * p
+                                    record.append((row[valid], col[valid], lo(wp)[valid]))
+                                    record.append((row[valid], col[valid] + 1, hi(wp)[valid]))
+                                for mm in range(mt):
+                                    h[mm, i] = fma2(tag, x2[mm], wp, h[mm, i])
+                    acc[warp, :, 0::2] += to_f32(tag, lo(h))  # fp32 adds, in the kernel's order
+                    acc[warp, :, 1::2] += to_f32(tag, hi(h))
+            off = lanes_per_row
+            while off < 32:  # butterfly over the lanes holding the same columns
+                acc = acc + acc[..., LANE ^ off]
+                off *= 2
+            red = np.zeros((8, mt, GEMV_NT), np.float32)
+            for warp in range(8):
+                for j in range(2 * pairs):
+                    red[warp][:, c[r == 0] * 8 * vec + j] = acc[warp][:, j][:, r == 0]
+            total = np.zeros((mt, GEMV_NT), np.float32)
+            for warp in range(8):  # fixed-order cross-warp sum
+                total += red[warp]
+            n0 = bx * GEMV_NT
+            n_ok = min(GEMV_NT, n - n0)
+            for mm in range(min(m, mt)):
+                out[by, mm, n0:n0 + n_ok] = total[mm, :n_ok]
+    return out
+
+
+# ----------------------------------------------------------------------------- mma_direct
+
+
+def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, record=None):
+    """fp32 partial sums (splits, M, N) of mma_direct.cu, NaN where nothing is written: the
+    weights as the A operand (A rows g, g + 8 of m16 tile i = columns 2i, 2i + 1 of the lane's
+    word), x as the B operand (n8 tile j = rows 8j..8j+7); per 64 columns two warps, each
+    taking half of K (WM = 1) or all of K for its 8 NT rows (WM = 2)."""
+    m, k = x.shape
+    n = qweight.shape[1] * 8
+    nw = n // 8
+    nt, wm_count = MMA_DIRECT_CONFIGS[launch.config]
+    g, t = LANE // 4, LANE % 4
+    out = np.full((launch.splits, m, n), np.nan, np.float32)
+    for by in range(launch.grid[1]):
+        k_begin = by * launch.k_per_split * GEMV_KC
+        chunks = (min(k, k_begin + launch.k_per_split * GEMV_KC) - k_begin) // GEMV_KC
+        half = (chunks + 1) // 2 if wm_count == 1 else chunks
+        for bx in range(launch.grid[0]):
+            for wn in range(4):
+                word = bx * (GEMV_NT // 8) + wn * 8 + g  # (32,)
+                in_n = bool(word[0] < nw)  # N % 64 == 0: the whole warp or none
+                wcol = word if in_n else g
+                accs = []
+                for wr in range(2):  # the block's two rows of warps
+                    wk, m_base = (wr, 0) if wm_count == 1 else (0, wr * 8 * nt)
+                    acc = np.zeros((4, nt, 4, 32))
+                    q_begin = wk * half
+                    row_first = k_begin + q_begin * GEMV_KC
+                    for q in range(min(chunks, q_begin + half) - q_begin):
+                        row0 = row_first + q * GEMV_KC
+                        if q == 0 or row0 % g_size == 0:  # group_pairs
+                            grp = row0 // g_size
+                            zb, sb = [None] * 8, [None] * 8
+                            for p in range(4):
+                                zp = nibbles_to_magic_pair(tag, shr(qzeros[grp, wcol], 4 * p)) ^ SIGN2
+                                zb[2 * p], zb[2 * p + 1] = prmt(zp, zp, 0x1010), prmt(zp, zp, 0x3232)
+                                cols = 8 * wcol + 2 * p
+                                sp = scale_pair(tag, pair(scales16[grp, cols], scales16[grp, cols + 1]))
+                                sb[2 * p], sb[2 * p + 1] = prmt(sp, sp, 0x1010), prmt(sp, sp, 0x3232)
+                        for s in range(2):
+                            kk = row0 + 16 * s + 2 * t  # (32,)
+                            w0, w1 = qweight[kk, wcol], qweight[kk + 1, wcol]
+                            w8, w9 = qweight[kk + 8, wcol], qweight[kk + 9, wcol]
+                            even01, odd01 = prmt(w0, w1, 0x5410), prmt(w0, w1, 0x7632)
+                            even89, odd89 = prmt(w8, w9, 0x5410), prmt(w8, w9, 0x7632)
+                            b = []
+                            for j in range(nt):
+                                row = np.minimum(m_base + 8 * j + g, m - 1)
+                                b.append([pair(x[row, kk], x[row, kk + 1]),
+                                          pair(x[row, kk + 8], x[row, kk + 9])])
+                            for i in range(4):
+                                a = [dequant_pair(tag, shr(even01, 4 * i), zb[2 * i], sb[2 * i]),
+                                     dequant_pair(tag, shr(odd01, 4 * i), zb[2 * i + 1], sb[2 * i + 1]),
+                                     dequant_pair(tag, shr(even89, 4 * i), zb[2 * i], sb[2 * i]),
+                                     dequant_pair(tag, shr(odd89, 4 * i), zb[2 * i + 1], sb[2 * i + 1])]
+                                if record is not None and in_n:
+                                    for reg, (dk, dc) in enumerate(((0, 0), (0, 1), (8, 0), (8, 1))):
+                                        col = 8 * word + 2 * i + dc
+                                        record.append((kk + dk, col, lo(a[reg])))
+                                        record.append((kk + dk + 1, col, hi(a[reg])))
+                                for j in range(nt):
+                                    mma16816(acc[i, j], a, b[j], tag)
+                    accs.append(acc.astype(np.float32))
+                if not in_n:
+                    continue
+                if wm_count == 1:  # wk = 0 adds wk = 1's sums
+                    stores = [(0, accs[0] + accs[1])]
+                else:  # each row of warps its own rows
+                    stores = [(wr * 8 * nt, accs[wr]) for wr in range(2)]
+                for m_base, total in stores:
+                    for j in range(nt):
+                        for h in range(2):  # c0/c2: row 8j + 2t, c1/c3: row 8j + 2t + 1
+                            row = m_base + 8 * j + 2 * t + h
+                            for lane in np.nonzero(row < m)[0]:
+                                for i in range(4):
+                                    col = 8 * word[lane] + 2 * i
+                                    out[by, row[lane], col] = total[i, j, h, lane]
+                                    out[by, row[lane], col + 1] = total[i, j, 2 + h, lane]
+    return out
