@@ -235,6 +235,7 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     return q_out
 
 
+HEAD_DIMS = ATTENTION_HEAD_DIMS  # what a model needs for all of these (ElementwiseOps)
 ATTENTION_CHUNK = 64   # AT_CHUNK of attention.cu: cache slots per block
 ATTENTION_MAX_GROUP = 8  # AT_GMAX: query heads per KV head
 

@@ -103,7 +103,9 @@ def is_fused(model: nn.Module) -> bool:
 class ElementwiseOps(Protocol):
     """What `use_elementwise_kernels` installs; awq_kernels.ops is one. Each must compute what
     the model's own code does (the docstrings of RMSNorm.forward, MLP.forward and rotate_heads),
-    up to rounding."""
+    up to rounding, for models whose head dim is in HEAD_DIMS."""
+
+    HEAD_DIMS: tuple[int, ...]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
@@ -126,6 +128,9 @@ def use_elementwise_kernels(model: nn.Module, ops: ElementwiseOps | None) -> int
     """Run every RMSNorm (and residual add + RMSNorm), SwiGLU and rotary embedding (and rotary +
     KV-cache write, and the decode step's attention) of `model` on `ops` (None: back to the
     model's torch code). Returns how many modules were set."""
+    if ops is not None and model.config.head_dim not in ops.HEAD_DIMS:
+        raise ValueError(f"these kernels handle head dims {ops.HEAD_DIMS}; the model's is "
+                         f"{model.config.head_dim}: run it without them")
     count = 0
     for module in model.modules():
         if isinstance(module, RMSNorm):

@@ -46,6 +46,8 @@ class _TorchOps:
     """The model's own expressions behind the ElementwiseOps interface, counting calls: what a
     kernel backend (awq_kernels.ops) must compute, and where the model calls it."""
 
+    HEAD_DIMS = (16, 64, 128)  # tiny_llama's, and what the GPU tests' models have
+
     def __init__(self):
         self.calls = {"rms_norm": 0, "add_rms_norm": 0, "silu_mul": 0, "rotary": 0,
                       "rotary_into_cache": 0, "decode_attention": 0}
@@ -116,6 +118,13 @@ def test_elementwise_ops_are_used_everywhere_with_the_same_bits(fused):
     for a, b in zip(_outputs(model, tokens), want):
         assert torch.equal(a, b)
     assert ops.calls == before, "uninstalled ops were still called"
+
+
+def test_elementwise_ops_refuse_a_head_dim_they_lack():
+    ops = _TorchOps()
+    ops.HEAD_DIMS = (64, 128)
+    with pytest.raises(ValueError, match=r"head dims \(64, 128\); the model's is 16"):
+        use_elementwise_kernels(tiny_llama(), ops)
 
 
 def test_mixed_layers_stay_apart_and_fused_models_are_refused(tmp_path):
