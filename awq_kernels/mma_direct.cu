@@ -40,7 +40,7 @@
 #include "splitk_fused.cuh"
 
 constexpr int MD_WARPS_N = 4;                       // warps along N, 64 columns each
-constexpr int MD_WARPS_K = 2;                       // warps along K (chunks dealt round-robin)
+constexpr int MD_WARPS_K = 2;                       // warps along K (or along M: WM = 2)
 constexpr int MD_THREADS = 32 * MD_WARPS_N * MD_WARPS_K;
 constexpr int MD_NT = 64 * MD_WARPS_N;              // 256 columns per block (= splitk tile)
 constexpr int MD_KC = 32;                           // rows per chunk and per split unit
