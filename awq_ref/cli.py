@@ -34,8 +34,10 @@ def _add_backend_arg(p: argparse.ArgumentParser) -> None:
                    help="run q/k/v and gate/up as one linear each (same numbers, fewer and "
                         "larger products: faster decode on a GPU)")
     p.add_argument("--fuse-elementwise", action="store_true",
-                   help="with --backend cupy: RMSNorm, silu(gate) * up and the rotary embedding "
-                        "as one CUDA kernel each (awq_kernels.ops; fewer kernels per decode step)")
+                   help="with --backend cupy: RMSNorm (+ residual add), silu(gate) * up, the "
+                        "rotary embedding (+ KV-cache write) and the decode step's attention as "
+                        "one CUDA kernel each (awq_kernels.ops; 10 instead of 19 kernels per "
+                        "layer and decode step; head dim 64 or 128)")
     p.add_argument("--quantize-embeddings", nargs="?", const="both", default=None,
                    choices=["embed", "head", "both"],
                    help="also hold the token table (embed), lm_head (head) or both (the default "
