@@ -61,6 +61,10 @@ def _require_layout_and_device(tensors: dict[str, torch.Tensor]) -> None:
         if t.data_ptr() % ALIGNMENT:
             raise ValueError(f"{name} must start at a {ALIGNMENT}-byte aligned address "
                              f"(storage offset {t.storage_offset()})")
+    _require_one_cuda_device(tensors)
+
+
+def _require_one_cuda_device(tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if not t.is_cuda:
             raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")

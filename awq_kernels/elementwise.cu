@@ -40,30 +40,25 @@ template <typename T> __device__ __forceinline__ float round_t(float f) {
   return to_float<T>((u16)(pack2<T>(f, 0.f) & 0xFFFFu));
 }
 
-// y[r] = w * rms_norm(x[r]) for each row r (one block per row): torch's
-// `weight * F.rms_norm(x, (D,), eps)`: the sum of squares in fp32, x * rsqrt(mean + eps) rounded
-// to T, then times w rounded to T. x rows `x_stride` elements apart; y [rows, D] contiguous.
-template <typename T>
-__global__ void __launch_bounds__(EW_THREADS)
-rms_norm(const u16* __restrict__ x, const u16* __restrict__ w, u16* __restrict__ y, int D,
-         int x_stride, float eps) {
+// The sum of `v` over the block's threads, in one fixed order (warps by butterfly, then the
+// warps' sums in warp order), returned to every thread.
+__device__ __forceinline__ float block_sum(float v) {
   __shared__ float partial[EW_THREADS / 32];
-  const u16* xr = x + (size_t)blockIdx.x * x_stride;
-  float ss = 0.f;
-  for (int c = threadIdx.x * 8; c < D; c += EW_THREADS * 8) {
-    float v[8];
-    load8<T>(xr + c, v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
-  }
-  ss = warp_sum(ss);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
   __syncthreads();
   float total = 0.f;
 #pragma unroll
-  for (int i = 0; i < EW_THREADS / 32; ++i) total += partial[i];  // the same order everywhere
-  const float inv = rsqrtf(total / (float)D + eps);
-  u16* yr = y + (size_t)blockIdx.x * D;
+  for (int i = 0; i < EW_THREADS / 32; ++i) total += partial[i];
+  return total;
+}
+
+// yr = w * (xr * rsqrt(sum_sq / D + eps) rounded to T), rounded to T: the second half of
+// torch's `weight * F.rms_norm(x)` for one row whose sum of squares is known.
+template <typename T>
+__device__ __forceinline__ void normalize_row(const u16* xr, const u16* w, u16* yr, int D,
+                                              float sum_sq, float eps) {
+  const float inv = rsqrtf(sum_sq / (float)D + eps);
   for (int c = threadIdx.x * 8; c < D; c += EW_THREADS * 8) {
     float v[8], g[8];
     load8<T>(xr + c, v);
@@ -72,6 +67,24 @@ rms_norm(const u16* __restrict__ x, const u16* __restrict__ w, u16* __restrict__
     for (int i = 0; i < 8; ++i) v[i] = round_t<T>(v[i] * inv) * g[i];
     store8<T>(yr + c, v);
   }
+}
+
+// y[r] = w * rms_norm(x[r]) for each row r (one block per row): torch's
+// `weight * F.rms_norm(x, (D,), eps)`: the sum of squares in fp32, x * rsqrt(mean + eps) rounded
+// to T, then times w rounded to T. x rows `x_stride` elements apart; y [rows, D] contiguous.
+template <typename T>
+__global__ void __launch_bounds__(EW_THREADS)
+rms_norm(const u16* __restrict__ x, const u16* __restrict__ w, u16* __restrict__ y, int D,
+         int x_stride, float eps) {
+  const u16* xr = x + (size_t)blockIdx.x * x_stride;
+  float ss = 0.f;
+  for (int c = threadIdx.x * 8; c < D; c += EW_THREADS * 8) {
+    float v[8];
+    load8<T>(xr + c, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
+  }
+  normalize_row<T>(xr, w, y + (size_t)blockIdx.x * D, D, block_sum(ss), eps);
 }
 
 // y = silu(gate) * up, [rows, F]: torch's `F.silu(gate) * up` (silu = g / (1 + exp(-g)) in fp32,
@@ -144,7 +157,6 @@ __global__ void __launch_bounds__(EW_THREADS)
 add_rms_norm(const u16* __restrict__ x, const u16* __restrict__ delta, const u16* __restrict__ w,
              u16* __restrict__ s, u16* __restrict__ y, int D, int x_stride, int d_stride,
              float eps) {
-  __shared__ float partial[EW_THREADS / 32];
   const u16* xr = x + (size_t)blockIdx.x * x_stride;
   const u16* dr = delta + (size_t)blockIdx.x * d_stride;
   u16* sr = s + (size_t)blockIdx.x * D;
@@ -158,24 +170,9 @@ add_rms_norm(const u16* __restrict__ x, const u16* __restrict__ delta, const u16
       a[i] = round_t<T>(a[i] + b[i]);
       ss = fmaf(a[i], a[i], ss);
     }
-    store8<T>(sr + c, a);  // read back below by this same thread only
+    store8<T>(sr + c, a);  // read back by normalize_row in this same thread only
   }
-  ss = warp_sum(ss);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int i = 0; i < EW_THREADS / 32; ++i) total += partial[i];
-  const float inv = rsqrtf(total / (float)D + eps);
-  u16* yr = y + (size_t)blockIdx.x * D;
-  for (int c = threadIdx.x * 8; c < D; c += EW_THREADS * 8) {
-    float v[8], g[8];
-    load8<T>(sr + c, v);
-    load8<T>(w + c, g);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = round_t<T>(v[i] * inv) * g[i];
-    store8<T>(yr + c, v);
-  }
+  normalize_row<T>(sr, w, y + (size_t)blockIdx.x * D, D, block_sum(ss), eps);
 }
 
 // One decode or prefill step's q/k/v into attention form: q and k rotated (as `rotary`), the

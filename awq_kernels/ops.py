@@ -25,6 +25,7 @@ from .api import (
     ALIGNMENT,
     _i32,
     _on_torch_stream,
+    _require_one_cuda_device,
     _require_tensor,
     _run,
     _splitk_counters,
@@ -58,12 +59,12 @@ def _check(name: str, t: object, dtype: torch.dtype | None = None) -> torch.Tens
 
 def _require_cuda(**tensors: torch.Tensor) -> None:
     """After every metadata check: all on one CUDA device."""
-    for name, t in tensors.items():
-        if not t.is_cuda:
-            raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
-    devices = {t.device for t in tensors.values()}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    _require_one_cuda_device(tensors)
+
+
+def _check_weight(weight: torch.Tensor, d: int) -> None:
+    if tuple(weight.shape) != (d,):
+        raise ValueError(f"weight must have shape [{d}], got {list(weight.shape)}")
 
 
 def _row_stride(name: str, t: torch.Tensor) -> int:
@@ -88,8 +89,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * F.rms_norm(x, (D,), eps=eps) for x [..., D], weight [D] of x's dtype."""
     x, weight = _check("x", x), _check("weight", weight, x.dtype)
     d = x.shape[-1]
-    if tuple(weight.shape) != (d,):
-        raise ValueError(f"weight must have shape [{d}], got {list(weight.shape)}")
+    _check_weight(weight, d)
     stride = _row_stride("x", x)
     _require_cuda(x=x, weight=weight)
     rows = x.numel() // d
@@ -113,8 +113,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     d = x.shape[-1]
     if delta.shape != x.shape:
         raise ValueError(f"delta must have x's shape {list(x.shape)}, got {list(delta.shape)}")
-    if tuple(weight.shape) != (d,):
-        raise ValueError(f"weight must have shape [{d}], got {list(weight.shape)}")
+    _check_weight(weight, d)
     x_stride, d_stride = _row_stride("x", x), _row_stride("delta", delta)
     _require_cuda(x=x, delta=delta, weight=weight)
     rows = x.numel() // d
