@@ -108,6 +108,28 @@ silu_mul(const u16* __restrict__ gate, const u16* __restrict__ up, u16* __restri
   }
 }
 
+// 8 values of a head's first half (at xp) and their 8 partners half further, rotated with the
+// cos / sin_signed values at the same places of cp / sp: y1 = x1 cos1 + x2 sin1,
+// y2 = x2 cos2 + x1 sin2, each product rounded to T, then their sum; written to yp, yp + half.
+template <typename T>
+__device__ __forceinline__ void rotate8(const u16* xp, const u16* cp, const u16* sp, int half,
+                                        u16* yp) {
+  float x1[8], x2[8], c1[8], c2[8], s1[8], s2[8], y1[8], y2[8];
+  load8<T>(xp, x1);
+  load8<T>(xp + half, x2);
+  load8<T>(cp, c1);
+  load8<T>(cp + half, c2);
+  load8<T>(sp, s1);
+  load8<T>(sp + half, s2);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    y1[j] = round_t<T>(x1[j] * c1[j]) + round_t<T>(x2[j] * s1[j]);
+    y2[j] = round_t<T>(x2[j] * c2[j]) + round_t<T>(x1[j] * s2[j]);
+  }
+  store8<T>(yp, y1);
+  store8<T>(yp + half, y2);
+}
+
 // Rotary embedding of x (B, T, H, Dh) -> y (B, T, H, Dh) contiguous, cos and sin_signed (T, Dh)
 // contiguous (awq_ref.model.rotary_tables: -sin in the first half, +sin in the second):
 // torch's `x * cos + roll(x, Dh / 2) * sin_signed`, i.e. with x = (x1, x2) halves
@@ -118,7 +140,7 @@ template <typename T>
 __global__ void __launch_bounds__(EW_THREADS)
 rotary(const u16* __restrict__ x, const u16* __restrict__ cos, const u16* __restrict__ sin,
        u16* __restrict__ y, int B, int T_len, int H, int Dh, int sb, int st, int sh) {
-  const int half = Dh / 2, per_head = half / 8;
+  const int per_head = Dh / 16;
   const size_t units = (size_t)B * T_len * H * per_head;
   for (size_t i = blockIdx.x * (size_t)EW_THREADS + threadIdx.x; i < units;
        i += (size_t)gridDim.x * EW_THREADS) {
@@ -129,23 +151,8 @@ rotary(const u16* __restrict__ x, const u16* __restrict__ cos, const u16* __rest
     const int t = (int)(rest % T_len);
     const int b = (int)(rest / T_len);
     const u16* xp = x + (size_t)b * sb + (size_t)t * st + (size_t)h * sh + c;
-    const u16* cp = cos + (size_t)t * Dh + c;
-    const u16* sp = sin + (size_t)t * Dh + c;
-    float x1[8], x2[8], c1[8], c2[8], s1[8], s2[8], y1[8], y2[8];
-    load8<T>(xp, x1);
-    load8<T>(xp + half, x2);
-    load8<T>(cp, c1);
-    load8<T>(cp + half, c2);
-    load8<T>(sp, s1);
-    load8<T>(sp + half, s2);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      y1[j] = round_t<T>(x1[j] * c1[j]) + round_t<T>(x2[j] * s1[j]);
-      y2[j] = round_t<T>(x2[j] * c2[j]) + round_t<T>(x1[j] * s2[j]);
-    }
-    u16* yp = y + (((size_t)b * T_len + t) * H + h) * Dh + c;
-    store8<T>(yp, y1);
-    store8<T>(yp + half, y2);
+    rotate8<T>(xp, cos + (size_t)t * Dh + c, sin + (size_t)t * Dh + c, Dh / 2,
+               y + (((size_t)b * T_len + t) * H + h) * Dh + c);
   }
 }
 
@@ -191,7 +198,7 @@ rotary_into_cache(const u16* __restrict__ q, const u16* __restrict__ k, const u1
                   u16* __restrict__ keys, u16* __restrict__ values, const long long* position,
                   u16* __restrict__ q_out, int B, int T_len, int H, int Hkv, int Dh, int S,
                   int qb, int qt, int qh, int kb, int kt, int kh, int vb, int vt, int vh) {
-  const int half = Dh / 2, per_head = half / 8, per_row = Dh / 8;
+  const int per_head = Dh / 16, per_row = Dh / 8;
   const long long p0 = *position;
   const size_t rot_units = (size_t)B * T_len * (H + Hkv) * per_head;
   const size_t v_units = (size_t)B * T_len * Hkv * per_row;
@@ -208,24 +215,9 @@ rotary_into_cache(const u16* __restrict__ q, const u16* __restrict__ k, const u1
       const int hk = h - H;
       const u16* xp = is_q ? q + (size_t)b * qb + (size_t)t * qt + (size_t)h * qh + c
                            : k + (size_t)b * kb + (size_t)t * kt + (size_t)hk * kh + c;
-      const u16* cp = cos + (size_t)t * Dh + c;
-      const u16* sp = sin + (size_t)t * Dh + c;
-      float x1[8], x2[8], c1[8], c2[8], s1[8], s2[8], y1[8], y2[8];
-      load8<T>(xp, x1);
-      load8<T>(xp + half, x2);
-      load8<T>(cp, c1);
-      load8<T>(cp + half, c2);
-      load8<T>(sp, s1);
-      load8<T>(sp + half, s2);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        y1[j] = round_t<T>(x1[j] * c1[j]) + round_t<T>(x2[j] * s1[j]);
-        y2[j] = round_t<T>(x2[j] * c2[j]) + round_t<T>(x1[j] * s2[j]);
-      }
       u16* yp = is_q ? q_out + (((size_t)b * T_len + t) * H + h) * Dh + c
                      : keys + (((size_t)b * Hkv + hk) * S + (size_t)(p0 + t)) * Dh + c;
-      store8<T>(yp, y1);
-      store8<T>(yp + half, y2);
+      rotate8<T>(xp, cos + (size_t)t * Dh + c, sin + (size_t)t * Dh + c, Dh / 2, yp);
     } else {
       const size_t j = i - rot_units;
       const int c = (int)(j % per_row) * 8;
