@@ -3,7 +3,7 @@
     y = awq_kernels.gemm(x, qweight, qzeros, scales, group_size)
 
 Nothing is compiled and no device is probed at import time (CuPy is imported on first launch).
-Kernels: gemv.cu and gemv_direct.cu (M <= 8, CUDA cores), mma_direct.cu (M <= 64) and
+Kernels: gemv.cu and gemv_direct.cu (M <= 8, CUDA cores), mma_direct.cu (64 rows per launch) and
 gemm_mma.cu (tensor cores), dequant.cu (+ cuBLAS for large M), splitk_reduce.cu; and
 elementwise.cu behind `awq_kernels.ops` (RMSNorm, SwiGLU, rotary embedding for the model). See
 each file's header for layout and thread mapping, NOTES.md for what each is predicted to do and

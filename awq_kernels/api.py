@@ -20,10 +20,10 @@ from .plan import (
     GROUP_SIZES,
     K_MULTIPLE,
     KERNELS,
-    MMA_DIRECT_MAX_M,
     MMA_SPLIT_BLOCKS_PER_SM,
     N_MULTIPLE,
     choose_kernel,
+    mma_direct_row_chunks,
     plan_dequant,
     plan_gemv,
     plan_gemv_direct,
@@ -117,9 +117,6 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     if kernel == "gemv_direct" and m > GEMV_DIRECT_MAX_M:
         raise ValueError(f"kernel='gemv_direct' handles at most {GEMV_DIRECT_MAX_M} rows, "
                          f"got M = {m}")
-    if kernel == "mma_direct" and m > MMA_DIRECT_MAX_M:
-        raise ValueError(f"kernel='mma_direct' handles at most {MMA_DIRECT_MAX_M} rows, "
-                         f"got M = {m}")
     tensors = {"x": x, "qweight": qweight, "qzeros": qzeros, "scales": scales}
     if out is not None:
         _require_tensor("out", out)
@@ -145,10 +142,10 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         out:      optional [..., N] tensor of x's dtype to write into (every element written).
         kernel:   "auto" (by M = rows of x: <= 8 CUDA-core GEMV, < 32 tensor-core GEMM,
                   else dequantize + torch.matmul), "auto_direct" (gemv_direct at M = 1,
-                  mma_direct for M <= 64, else as auto), or one of "gemv" (M <= 8),
+                  mma_direct for M <= 128, else as auto), or one of "gemv" (M <= 8),
                   "gemv_direct" (M <= 8; registers instead of shared memory, 16-bit
                   products), "mma", "mma_split" (the mma kernel split over K to ~4 blocks per
-                  SM), "mma_direct" (M <= 64; tensor cores fed from registers), "dequant".
+                  SM), "mma_direct" (tensor cores fed from registers; launches of <= 64 rows), "dequant".
                   The direct kernels and mma_split are not yet timed on a GPU.
         fuse_splitk: gemv_direct and mma_direct: add the K splits in the same launch (the
                   last block of each column tile does it; same bits) instead of a second
@@ -195,6 +192,11 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
     """One gemv/mma launch into y2 (M, N), or into fp32 partials plus the split-K reduction
     (in the same launch for gemv_direct when `fuse_splitk` and counters are at hand)."""
     (m, k), n = x2.shape, y2.shape[1]
+    if name == "mma_direct" and len(chunks := mma_direct_row_chunks(m)) > 1:
+        for r0, rows in chunks:  # more rows than one launch holds
+            _launch_product(name, x2[r0:r0 + rows], qweight, qzeros, scales, group_size,
+                            y2[r0:r0 + rows], fuse_splitk)
+        return
     tag = ACTIVATION_DTYPES[x2.dtype]
     with _on_torch_stream(x2.device) as (arch, num_sms):
         if name == "gemv":

@@ -34,7 +34,10 @@ def gemv_direct_flush(tag: str, mt: int) -> int:
 GEMV_DIRECT_MAX_M = max(GEMV_DIRECT_ROWS)
 # mma_direct.cu: n8 tiles NT -> chunks in flight per warp (MdDepth); row capacities in build.
 MMA_DIRECT_DEPTH = {1: 3, 2: 2, 4: 4}
-MMA_DIRECT_MAX_M = max(MMA_DIRECT_CONFIGS)
+MMA_DIRECT_MAX_M = max(MMA_DIRECT_CONFIGS)  # rows per launch; more rows: one launch per 64
+# auto_direct's upper bound for mma_direct: predicted faster than dequantize + cuBLAS up to about
+# M = 128 (each extra 64 rows streams and dequantizes the weights again; NOTES.md), not timed.
+MMA_DIRECT_AUTO_MAX_M = 128
 # From here dequantize + cuBLAS. Measured on an H200 (tools/bench_gemm.py, 7 shapes, G = 128;
 # docs/gpu/h200-2026-12-04): at M = 32 it beat the tensor-core kernel on 5 of 7 shapes (lost 6%
 # on 28672x8192, 26% on 8192x28672), at M = 64..256 on all but 8192x28672 at M = 64 and 128
@@ -63,11 +66,11 @@ class Launch:
 def choose_kernel(m: int, kernel: str = "auto") -> str:
     """The kernel for M rows: `auto`'s measured rule; "auto_direct" uses the direct-load
     kernels written after that measurement (gemv_direct at M = 1, mma_direct up to
-    MMA_DIRECT_MAX_M), what `auto` becomes where they time faster."""
+    MMA_DIRECT_AUTO_MAX_M), what `auto` becomes where they time faster."""
     if kernel == "auto_direct":
         if m == 1:
             return "gemv_direct"
-        return "mma_direct" if m <= MMA_DIRECT_MAX_M else choose_kernel(m)
+        return "mma_direct" if m <= MMA_DIRECT_AUTO_MAX_M else choose_kernel(m)
     if kernel != "auto":
         return kernel
     if m <= GEMV_MAX_M:
@@ -132,6 +135,12 @@ def plan_mma_direct(m: int, n: int, k: int, num_sms: int) -> Launch:
                                 max_splits=max(1, min(MAX_SPLITS, k // (16 * m))))
     return Launch("mma_direct", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits,
                   per_split)
+
+
+def mma_direct_row_chunks(m: int) -> list[tuple[int, int]]:
+    """(first row, rows) of each mma_direct launch: M rows in launches of at most
+    MMA_DIRECT_MAX_M (the kernel's largest row capacity)."""
+    return [(r, min(MMA_DIRECT_MAX_M, m - r)) for r in range(0, m, MMA_DIRECT_MAX_M)]
 
 
 def plan_dequant(k: int, n: int, num_sms: int) -> Launch:

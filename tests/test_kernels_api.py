@@ -18,6 +18,7 @@ from awq_kernels.plan import (
     MMA_BN,
     cdiv,
     choose_kernel,
+    mma_direct_row_chunks,
     plan_dequant,
     plan_gemv,
     plan_gemv_direct,
@@ -81,8 +82,6 @@ def test_gemv_refuses_large_m():
     _raises(ValueError, "kernel='gemv' handles at most 8 rows", *_args(m=9), kernel="gemv")
     _raises(ValueError, "kernel='gemv_direct' handles at most 8 rows", *_args(m=9),
             kernel="gemv_direct")
-    _raises(ValueError, "kernel='mma_direct' handles at most 64 rows", *_args(m=65),
-            kernel="mma_direct")
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
@@ -109,6 +108,13 @@ def test_plan_mma_direct_covers_output_and_k(m, k, n):
     assert (splits - 1) * launch.k_per_split < steps <= splits * launch.k_per_split
     # the fp32 partials stay at most half the packed weight bytes
     assert splits == 1 or splits * m * n * 4 <= k * n / 2
+
+
+@pytest.mark.parametrize("m", [1, 63, 64, 65, 128, 129, 300])
+def test_mma_direct_row_chunks_cover_m(m):
+    chunks = mma_direct_row_chunks(m)
+    assert [r0 for r0, _ in chunks] == list(range(0, m, 64))
+    assert all(0 < rows <= 64 for _, rows in chunks) and sum(rows for _, rows in chunks) == m
 
 
 def test_dequantize_validates():
@@ -148,9 +154,9 @@ def test_choose_kernel():
     assert [choose_kernel(m) for m in (1, 8, 9, 31, 32, 4096)] == [
         "gemv", "gemv", "mma", "mma", "dequant", "dequant"]
     assert choose_kernel(4, "mma") == "mma"
-    assert [choose_kernel(m, "auto_direct") for m in (1, 2, 8, 9, 32, 33, 64, 65)] == [
+    assert [choose_kernel(m, "auto_direct") for m in (1, 2, 8, 9, 32, 33, 64, 65, 128, 129)] == [
         "gemv_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct",
-        "mma_direct", "dequant"]
+        "mma_direct", "mma_direct", "mma_direct", "dequant"]
 
 
 @pytest.mark.parametrize("m", [9, 16, 31, 64])

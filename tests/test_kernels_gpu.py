@@ -14,7 +14,7 @@ import torch
 
 import awq_kernels
 from awq_kernels import reference
-from awq_kernels.plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_MAX_M
+from awq_kernels.plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_AUTO_MAX_M
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -46,7 +46,7 @@ def _kernels_for(m: int) -> list[str]:
         kernels.append("gemv")
     if m <= GEMV_DIRECT_MAX_M:
         kernels.append("gemv_direct")
-    if m <= MMA_DIRECT_MAX_M:
+    if m <= 2 * MMA_DIRECT_AUTO_MAX_M:  # launches of 64 rows beyond 64 (127, 129, 255, 256)
         kernels.extend(["mma_direct", "auto_direct"])
     if GEMV_MAX_M < m <= 64:
         kernels.append("mma_split")

@@ -8,7 +8,7 @@ with random non-zero weights made directly on the GPU (W4 g128; no checkpoint fi
 each: fp16; 4-bit on awq_kernels ("w4 cupy"); 4-bit on the dequantize + matmul reference
 ("w4 torch"); 4-bit on awq_kernels with the token table and lm_head in 4 bits too
 ("w4 cupy +emb", awq_ref.quant.embedding, RTN at load time), and the same with the direct-load
-kernels (`kernel="auto_direct"`: gemv_direct.cu at M = 1, mma_direct.cu to M = 64) for the
+kernels (`kernel="auto_direct"`: gemv_direct.cu at M = 1, mma_direct.cu to M = 128) for the
 products ("w4 cupy[direct] +emb"). "+ops" variants also run RMSNorm, SwiGLU and the rotary
 embedding on awq_kernels.ops (one kernel each; awq_ref.fuse.use_elementwise_kernels): "fp16 +ops"
 and "w4 cupy[direct] +emb +ops", compared with each other (tools/targets.py); they are skipped
@@ -243,7 +243,7 @@ def _fresh_peak() -> float:
 
 def direct_kernel(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                   scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """awq_kernels.gemm(kernel="auto_direct"): gemv_direct.cu / mma_direct.cu for M <= 64,
+    """awq_kernels.gemm(kernel="auto_direct"): gemv_direct.cu / mma_direct.cu for M <= 128,
     which `auto` does not pick until they are timed on a GPU."""
     import awq_kernels
 
