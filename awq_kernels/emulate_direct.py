@@ -23,7 +23,7 @@ from .emulate import (
     shr,
     to_f32,
 )
-from .plan import GEMV_DIRECT_VEC, GEMV_KC, GEMV_NT, Launch, gemv_direct_flush
+from .plan import GEMV_DIRECT_VEC, GEMV_KC, GEMV_NT, MMA_DIRECT_DEPTH, Launch, gemv_direct_flush
 
 # ----------------------------------------------------------------------------- gemv_direct
 
@@ -103,6 +103,25 @@ def emulate_gemv_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launc
 # ----------------------------------------------------------------------------- mma_direct
 
 
+def rotation_order(mine: int, depth: int) -> list[int]:
+    """The chunks mma_direct's K loop computes, in order, following its DEPTH + 1 register
+    buffers: prologue loads chunks 0..DEPTH-1; step (i, d) refills buffer (d + DEPTH) % NBUF
+    with chunk i + d + DEPTH, then computes buffer d. Asserts no buffer is overwritten before
+    it is computed."""
+    nbuf = depth + 1
+    buf: list[int | None] = [d if d < mine else None for d in range(depth)] + [None]
+    order = []
+    for i in range(0, mine, nbuf):
+        for d in range(nbuf):
+            if i + d < mine:
+                if i + d + depth < mine:
+                    slot = (d + depth) % nbuf
+                    assert buf[slot] is None or buf[slot] in order, "overwritten before use"
+                    buf[slot] = i + d + depth
+                order.append(buf[d])
+    return order
+
+
 def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, record=None):
     """fp32 partial sums (splits, M, N) of mma_direct.cu, NaN where nothing is written: the
     weights as the A operand (A rows g, g + 8 of m16 tile i = columns 2i, 2i + 1 of the lane's
@@ -129,7 +148,8 @@ def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch
                     acc = np.zeros((4, nt, 4, 32))
                     q_begin = wk * half
                     row_first = k_begin + q_begin * GEMV_KC
-                    for q in range(min(chunks, q_begin + half) - q_begin):
+                    mine = min(chunks, q_begin + half) - q_begin
+                    for q in rotation_order(mine, MMA_DIRECT_DEPTH[nt]):
                         row0 = row_first + q * GEMV_KC
                         if q == 0 or row0 % g_size == 0:  # group_pairs
                             grp = row0 // g_size

@@ -359,3 +359,9 @@ def test_emulated_decode_attention_matches_sdpa(dtype, tag, p, s_len, dh):
     got_f = torch.from_numpy(emulate.to_f32(tag, got)).double()
     err = ((got_f - want).norm() / want.norm()).item()
     assert err < (1e-3 if tag == "F16" else 8e-3), err
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_mma_direct_buffer_rotation_computes_every_chunk_once_in_order(depth):
+    for mine in range(20):
+        assert emulate_direct.rotation_order(mine, depth) == list(range(mine))
