@@ -30,6 +30,7 @@ SOURCES = {
     "reduce": "splitk_reduce.cu",
     "elementwise": "elementwise.cu",
     "attention": "attention.cu",
+    "gemv_int8": "gemv_int8.cu",
 }
 DTYPE_TAGS = ("F16", "BF16")
 
@@ -98,6 +99,7 @@ def instantiations(family: str) -> list[str]:
         "reduce": lambda tag: [reduce_expr(tag)],
         "elementwise": lambda tag: [f"{op}<{tag}>" for op in ELEMENTWISE_OPS],
         "attention": lambda tag: [f"decode_attention<{tag}, {dh}>" for dh in ATTENTION_HEAD_DIMS],
+        "gemv_int8": lambda tag: [f"gemv_int8<{tag}, {mt}>" for mt in GEMV_ROWS],
     }[family]
     return [expr for tag in DTYPE_TAGS for expr in per_tag(tag)]
 

@@ -188,3 +188,24 @@ def emulate_decode_attention(tag, q, keys, values, p, chunk=64, warps=4):
                 _, l_all, a_all = merge(split_parts)
                 y[b, 0, head] = from_f64(tag, a_all / l_all)
     return y
+
+
+# ----------------------------------------------------------------------------- gemv_int8.cu
+
+
+def emulate_gemv_int8(tag, x, q, s):
+    """gemv_int8<T, MT>: x bits [M, K], q int8 [N, K], s fp32 [N] -> y bits [M, N]. Lane l of
+    row n's warp adds q * x over k = 16 l + 512 i (in k order, fp32 fma), the lanes' sums by
+    butterfly, then one multiply by s and one rounding."""
+    m, k = x.shape
+    xf = to_f32(tag, x)
+    qf = q.astype(np.float32)
+    lanes = np.zeros((m, q.shape[0], 32), np.float32)
+    for lane in range(32):
+        for k0 in range(16 * lane, k, 512):
+            for kk in range(k0, k0 + 16):
+                lanes[:, :, lane] = (lanes[:, :, lane]
+                                     + (xf[:, kk, None] * qf[None, :, kk]).astype(np.float32))
+    for off in (16, 8, 4, 2, 1):  # butterfly: lane l adds lane l ^ off
+        lanes = lanes + lanes[..., np.arange(32) ^ off]
+    return from_f64(tag, (lanes[..., 0] * s[None, :].astype(np.float32)).astype(np.float32))

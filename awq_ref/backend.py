@@ -48,6 +48,17 @@ def backend_kernel(name: str, device: torch.device | str, dtype: torch.dtype) ->
     return awq_kernels.gemm
 
 
+def backend_int8_kernel(name: str, device: torch.device | str, dtype: torch.dtype):
+    """The kernel to install with `awq_ref.quant.int8_head.apply_int8_kernel`: None for "torch",
+    awq_kernels.int8.gemm_int8 for "cupy". Checks first (see `check_backend`)."""
+    check_backend(name, device, dtype)
+    if name == "torch":
+        return None
+    import awq_kernels.int8  # here, not at the top: see the module docstring
+
+    return awq_kernels.int8.gemm_int8
+
+
 def backend_elementwise_ops(name: str, device: torch.device | str, dtype: torch.dtype):
     """The element-wise kernels to install with `awq_ref.fuse.use_elementwise_kernels`: None for
     "torch", awq_kernels.ops for "cupy". Checks first (see `check_backend`)."""

@@ -19,13 +19,14 @@ import pytest
 import torch
 
 from awq_ref import cli
-from awq_ref.backend import backend_elementwise_ops, backend_kernel
+from awq_ref.backend import backend_elementwise_ops, backend_int8_kernel, backend_kernel
 from awq_ref.config import LlamaConfig
 from awq_ref.cuda_graph import CudaGraphDecoder, static_decode_step
 from awq_ref.fuse import fuse_projections, use_elementwise_kernels
 from awq_ref.generate import generate
 from awq_ref.model import Llama
 from awq_ref.quant.embedding import quantize_embeddings
+from awq_ref.quant.int8_head import apply_int8_kernel, quantize_head_int8
 from awq_ref.quant.qlinear import apply_kernel, replace_linears
 from awq_ref.quant.quantizer import QuantSpec
 
@@ -231,6 +232,31 @@ def test_random_model_with_4bit_embeddings_cupy_matches_torch_and_graph():
         for token in (5, 49151, 800, 8):
             want = model(torch.tensor([[token]], device="cuda"), eager)[0, -1]
             assert _rel_err(decoder.step(token).clone(), want) <= 1e-3
+
+
+@needs_gpu
+def test_random_model_with_an_8bit_head_cupy_matches_torch_and_graph():
+    """The 4-bit token table with the 8-bit lm_head: gemv_int8.cu (decode) and its dequantize +
+    matmul path (prefill) against Int8Linear's reference, and under a CUDA graph."""
+    model = quantize_head_int8(_random_smollm2(quantized=True))
+    quantize_embeddings(model, parts=("embed",))
+    ids = torch.randint(0, 49152, (1, 60), generator=torch.Generator().manual_seed(5)).cuda()
+    with _Backend(model, "torch"):
+        want = _logits(model, ids)
+    apply_int8_kernel(model, backend_int8_kernel("cupy", "cuda", torch.float16))
+    with _Backend(model, "cupy"):
+        got = _logits(model, ids)
+        for what, a, b in zip(("prefill", "decode"), got, want):
+            err = _rel_err(a, b)
+            assert err <= REL_TOL_FP16, f"{what} logits: relative error {err:.2e}"
+        with torch.no_grad():
+            eager, graphed = model.new_cache(1, 70), model.new_cache(1, 70)
+            model(ids, eager)
+            model(ids, graphed)
+            decoder = CudaGraphDecoder(model, graphed)
+            for token in (5, 49151, 800):
+                want_step = model(torch.tensor([[token]], device="cuda"), eager)[0, -1]
+                assert _rel_err(decoder.step(token).clone(), want_step) <= 1e-3
 
 
 @needs_gpu

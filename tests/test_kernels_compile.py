@@ -41,6 +41,7 @@ REQUIRED_PTX = {
     "elementwise": ("shfl.sync.bfly", "rsqrt.approx.f32", "ex2.approx", "st.global.v4.b32",
                     "cvt.rn.f16x2.f32", "cvt.rn.bf16x2.f32"),
     "attention": ("shfl.sync.bfly", "ex2.approx", "atom.global.add.u32", "ld.global.cg.f32"),
+    "gemv_int8": ("ld.global.nc.L1::no_allocate.L2::256B.v4.u32", "shfl.sync.bfly"),
 }
 
 
@@ -365,3 +366,21 @@ def test_emulated_decode_attention_matches_sdpa(dtype, tag, p, s_len, dh):
 def test_mma_direct_buffer_rotation_computes_every_chunk_once_in_order(depth):
     for mine in range(20):
         assert emulate_direct.rotation_order(mine, depth) == list(range(mine))
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 40), (3, 1024, 24), (8, 16, 8)])
+def test_emulated_gemv_int8_matches_the_int8_head(dtype, tag, m, k, n):
+    """The kernel's lane mapping and fp32 sums against awq_ref's Int8Linear reference."""
+    from awq_ref.quant.int8_head import Int8Linear
+
+    gen = torch.Generator().manual_seed(k + n)
+    head = Int8Linear.from_weight(torch.randn(n, k, generator=gen))
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    got = emulate_ops.emulate_gemv_int8(tag, _bits16(x), head.qweight.numpy(), head.scales.numpy())
+    want = (x.double() @ head.qweight.double().T) * head.scales.double()
+    err = (torch.from_numpy(emulate.to_f32(tag, got)).double() - want).norm() / want.norm()
+    assert err < (1e-3 if tag == "F16" else 8e-3), err
+    ref = head(x.float()).to(dtype)  # the reference forward, in fp32 then rounded
+    torch.testing.assert_close(torch.from_numpy(emulate.to_f32(tag, got)), ref.float(),
+                               rtol=2e-3 if tag == "F16" else 1.6e-2, atol=1e-3)

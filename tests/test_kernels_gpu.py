@@ -274,3 +274,20 @@ def test_decode_attention_matches_masked_sdpa(dtype, h, hkv, dh):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3 if dtype == torch.float16 else 2e-2)
         again = ops.decode_attention(q, keys, values, position)
         assert torch.equal(again.view(torch.int16), got.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9])
+def test_int8_head_kernel_matches_its_reference(m, dtype):
+    """awq_kernels.int8.gemm_int8 (gemv_int8.cu for M <= 8, 16-bit dequant + matmul above)
+    against awq_ref's Int8Linear reference in fp32, Llama-3-8B's hidden size, a ragged N."""
+    from awq_kernels.int8 import gemm_int8
+    from awq_ref.quant.int8_head import Int8Linear
+
+    head = Int8Linear.from_weight(torch.randn(1000, 4096, device="cuda"))
+    x = torch.randn(m, 4096, device="cuda").to(dtype)
+    got = gemm_int8(x, head.qweight, head.scales)
+    want = head(x.float())
+    err = ((got.float() - want).norm() / want.norm()).item()
+    assert err <= TOLERANCE[dtype], f"relative error {err:.2e}"
+    assert torch.equal(gemm_int8(x, head.qweight, head.scales).view(torch.int16), got.view(torch.int16))

@@ -12,7 +12,9 @@ kernels (`kernel="auto_direct"`: gemv_direct.cu at M = 1, mma_direct.cu to M = 1
 products ("w4 cupy[direct] +emb"). "+ops" variants also run RMSNorm, SwiGLU and the rotary
 embedding on awq_kernels.ops (one kernel each; awq_ref.fuse.use_elementwise_kernels): "fp16 +ops"
 and "w4 cupy[direct] +emb +ops", compared with each other (tools/targets.py); they are skipped
-with a message if the ops fail a quick check against torch. Per variant:
+with a message if the ops fail a quick check against torch. "w4 cupy[direct] +emb4/head8 +ops"
+keeps the lm_head in 8 bits (awq_ref.quant.int8_head, gemv_int8.cu) with the 4-bit token
+table. Per variant:
 
 - prefill tokens/s of one forward over 128 and over 2048 tokens (median of --repeats);
 - decode tokens/s: batch 1, 128-token prompt, 256 greedy tokens (the first comes from the
@@ -48,12 +50,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from awq_ref.backend import backend_kernel, check_backend
+from awq_ref.backend import backend_int8_kernel, backend_kernel, check_backend
 from awq_ref.config import LlamaConfig
 from awq_ref.cuda_graph import CudaGraphDecoder
 from awq_ref.fuse import fuse_projections, use_elementwise_kernels
 from awq_ref.model import Llama
 from awq_ref.quant.embedding import quantize_embeddings
+from awq_ref.quant.int8_head import apply_int8_kernel, quantize_head_int8
 from awq_ref.quant.qlinear import QuantLinear, apply_kernel, replace_linears
 from awq_ref.quant.quantizer import QuantSpec
 
@@ -140,9 +143,14 @@ def count_weights() -> list[dict]:
             model = Llama(config).to(DTYPE)
         replace_linears(model, QuantSpec(4, GROUP_SIZE[name]), init_only=True)
         w4 = weight_gib(model)
+        with torch.device("meta"):
+            head8 = quantize_head_int8(Llama(config).to(DTYPE))
+        replace_linears(head8, QuantSpec(4, GROUP_SIZE[name]), init_only=True)
+        quantize_embeddings(head8, GROUP_SIZE[name], parts=("embed",), init_only=True)
         w4_emb = weight_gib(quantize_embeddings(model, GROUP_SIZE[name], init_only=True))
         rows += [{"model": name, "variant": v, "weights_gib": g, "of_fp16": g / fp16}
-                 for v, g in (("fp16", fp16), ("w4", w4), ("w4 +emb", w4_emb))]
+                 for v, g in (("fp16", fp16), ("w4", w4), ("w4 +emb", w4_emb),
+                              ("w4 +emb4/head8", weight_gib(head8)))]
     return rows
 
 
@@ -324,6 +332,19 @@ def bench_model(name: str, s: Settings) -> list[dict]:
         use_elementwise_kernels(model, ops)
         rows.append({"model": name, "weights": source, "variant": "w4 cupy[direct] +emb +ops",
                      "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
+    del model
+    _fresh_peak()
+    # The 4-bit token table with an 8-bit lm_head (a tenth of the 4-bit head's quality cost).
+    model, source = build(name, quantized=True)
+    quantize_head_int8(model)
+    quantize_embeddings(model, parts=("embed",))
+    apply_kernel(model, direct_kernel)
+    apply_int8_kernel(model, backend_int8_kernel("cupy", DEVICE, DTYPE))
+    use_elementwise_kernels(model, ops)  # None (failed check): the torch code
+    weights = _fresh_peak()
+    rows.append({"model": name, "weights": source,
+                 "variant": "w4 cupy[direct] +emb4/head8" + (" +ops" if ops else ""),
+                 "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
     del model
     _fresh_peak()
     return rows

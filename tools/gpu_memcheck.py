@@ -44,8 +44,28 @@ def main() -> int:
             print(f"M={m:<4} K={k:<5} N={n:<4} G={g:<3} {kernel:11s} {dtype!s:15s} "
                   f"rel err {err:.1e} {'ok' if ok else 'WRONG'}")
     failures += _elementwise_ops()
+    failures += _int8_head()
     torch.cuda.synchronize()
     return 1 if failures else 0
+
+
+def _int8_head() -> int:
+    """gemv_int8.cu at every row capacity, a ragged N (not a multiple of 8 rows per block)."""
+    from awq_kernels.int8 import gemm_int8
+    from awq_ref.quant.int8_head import Int8Linear
+
+    failures = 0
+    head = Int8Linear.from_weight(torch.randn(203, 576, device="cuda"))
+    for m in (1, 2, 3, 8):
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(m, 576, device="cuda").to(dtype)
+            want = head(x.float())
+            err = ((gemm_int8(x, head.qweight, head.scales).float() - want).norm()
+                   / want.norm()).item()
+            ok = err <= 1e-2
+            failures += not ok
+            print(f"int8 head M={m} {dtype!s:15s} rel err {err:.1e} {'ok' if ok else 'WRONG'}")
+    return failures
 
 
 def _elementwise_ops() -> int:

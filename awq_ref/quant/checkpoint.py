@@ -165,10 +165,11 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
     if is_fused(model):
         raise ValueError("save_quantized: the model's projections are fused (awq_ref.fuse), "
                          "which the AWQ format stores apart; save the model before fusing")
-    if not isinstance(model.model.embed_tokens, nn.Embedding):
-        raise ValueError("save_quantized: the embeddings are held in 4 bits (quantize_embeddings), "
-                         "which the AWQ format does not store; save the model before quantizing "
-                         "its embeddings")
+    if not isinstance(model.model.embed_tokens, nn.Embedding) or not isinstance(
+            model.lm_head, (nn.Linear, QuantLinear)):
+        raise ValueError("save_quantized: the embeddings or lm_head are held in 4 or 8 bits "
+                         "(quantize_embeddings, quantize_head_int8), which the AWQ format does not "
+                         "store; save the model before quantizing its embeddings")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
     with atomic_folder(out_dir) as tmp:

@@ -116,17 +116,20 @@ def quantize_embeddings(model: nn.Module, group_size: int | None = None,
     if v % PACK_NUM:
         raise ValueError(f"quantize_embeddings: vocab size {v} is not a multiple of {PACK_NUM}")
     dtype = table.dtype
-    tied = model.lm_head.weight is table
+    head_fp = getattr(model.lm_head, "weight", None)  # None: already quantized (e.g. 8-bit)
+    if "head" in parts and (head_fp is None or isinstance(model.lm_head, QuantLinear)):
+        raise ValueError("quantize_embeddings: the lm_head is already quantized")
+    tied = head_fp is table
 
     def pack(weight: torch.Tensor, name: str) -> QuantLinear:
         if init_only:
             return QuantLinear(d, v, group_size, device=weight.device)
         return _pack_table(weight, group_size, name)
 
-    if head_weight is not None and head_weight.shape != model.lm_head.weight.shape:
+    if head_weight is not None and head_weight.shape != table.shape:
         raise ValueError(f"quantize_embeddings: head_weight has shape {tuple(head_weight.shape)}, "
-                         f"lm_head.weight {tuple(model.lm_head.weight.shape)}")
-    head = model.lm_head.weight if head_weight is None else head_weight
+                         f"lm_head.weight {tuple(table.shape)}")
+    head = head_fp if head_weight is None else head_weight
     embed = pack(head if tied else table, "model.embed_tokens") if "embed" in parts else None
     if "head" in parts:
         model.lm_head = embed if tied and embed is not None else pack(head, "lm_head")
