@@ -58,6 +58,3 @@ def gemm_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
         _run(launch, arch, f"gemv_int8<{tag}, {mt}>",
              (x, qweight, scales, y, _i32(m), _i32(n), _i32(k)))
     return y
-
-
-

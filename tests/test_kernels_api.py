@@ -298,3 +298,23 @@ def test_decode_attention_validates_before_touching_cuda():
         ops.decode_attention(q, cache, cache[:, :, :8].contiguous(), pos)
     with pytest.raises(ValueError, match="q must be a CUDA tensor"):
         ops.decode_attention(q, cache, cache, pos)
+
+
+def test_gemm_int8_validates_before_touching_cuda():
+    from awq_kernels.int8 import gemm_int8
+
+    q = torch.zeros(24, 64, dtype=torch.int8)
+    s = torch.ones(24)
+    x = torch.randn(2, 64).half()
+    with pytest.raises(TypeError, match="qweight must have dtype torch.int8"):
+        gemm_int8(x, q.int(), s)
+    with pytest.raises(TypeError, match="scales must have dtype torch.float32"):
+        gemm_int8(x, q, s.half())
+    with pytest.raises(ValueError, match="K a multiple of 16"):
+        gemm_int8(x[:, :40], q[:, :40].contiguous(), s)
+    with pytest.raises(ValueError, match=r"scales must have shape \[24\]"):
+        gemm_int8(x, q, s[:8])
+    with pytest.raises(ValueError, match=r"x must have shape \[..., K = 64\]"):
+        gemm_int8(x[:, :32], q, s)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        gemm_int8(x, q, s)
