@@ -234,6 +234,22 @@ def test_random_model_with_4bit_embeddings_cupy_matches_torch_and_graph():
             assert _rel_err(decoder.step(token).clone(), want) <= 1e-3
 
 
+def _check_agree_then_graph(model: Llama, ids: torch.Tensor, want: tuple, got: tuple) -> None:
+    """`got` (prefill, decode) logits within the backends' tolerance of `want`; then CUDA-graph
+    decode steps of `model` as it is now against its eager steps."""
+    for what, a, b in zip(("prefill", "decode"), got, want):
+        err = _rel_err(a, b)
+        assert err <= REL_TOL_FP16, f"{what} logits: relative error {err:.2e}"
+    with torch.no_grad():
+        eager, graphed = (model.new_cache(1, ids.shape[1] + 10) for _ in range(2))
+        model(ids, eager)
+        model(ids, graphed)
+        decoder = CudaGraphDecoder(model, graphed)
+        for token in (5, 49151, 800):
+            want_step = model(torch.tensor([[token]], device="cuda"), eager)[0, -1]
+            assert _rel_err(decoder.step(token).clone(), want_step) <= 1e-3
+
+
 @needs_gpu
 def test_random_model_with_an_8bit_head_cupy_matches_torch_and_graph():
     """The 4-bit token table with the 8-bit lm_head: gemv_int8.cu (decode) and its dequantize +
@@ -246,17 +262,7 @@ def test_random_model_with_an_8bit_head_cupy_matches_torch_and_graph():
     apply_int8_kernel(model, backend_int8_kernel("cupy", "cuda", torch.float16))
     with _Backend(model, "cupy"):
         got = _logits(model, ids)
-        for what, a, b in zip(("prefill", "decode"), got, want):
-            err = _rel_err(a, b)
-            assert err <= REL_TOL_FP16, f"{what} logits: relative error {err:.2e}"
-        with torch.no_grad():
-            eager, graphed = model.new_cache(1, 70), model.new_cache(1, 70)
-            model(ids, eager)
-            model(ids, graphed)
-            decoder = CudaGraphDecoder(model, graphed)
-            for token in (5, 49151, 800):
-                want_step = model(torch.tensor([[token]], device="cuda"), eager)[0, -1]
-                assert _rel_err(decoder.step(token).clone(), want_step) <= 1e-3
+        _check_agree_then_graph(model, ids, want, got)
 
 
 @needs_gpu
@@ -272,17 +278,7 @@ def test_random_model_elementwise_kernels_match_torch_ops(fused_projections):
         want = _logits(model, ids)
         use_elementwise_kernels(model, backend_elementwise_ops("cupy", "cuda", torch.float16))
         got = _logits(model, ids)
-        for what, a, b in zip(("prefill", "decode"), got, want):
-            err = _rel_err(a, b)
-            assert err <= REL_TOL_FP16, f"{what} logits: relative error {err:.2e}"
-        with torch.no_grad():
-            eager, graphed = model.new_cache(1, 90), model.new_cache(1, 90)
-            model(ids, eager)
-            model(ids, graphed)
-            decoder = CudaGraphDecoder(model, graphed)
-            for token in (5, 49151, 800):
-                want_step = model(torch.tensor([[token]], device="cuda"), eager)[0, -1]
-                assert _rel_err(decoder.step(token).clone(), want_step) <= 1e-3
+        _check_agree_then_graph(model, ids, want, got)
 
 
 @needs_gpu
