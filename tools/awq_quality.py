@@ -24,6 +24,7 @@ from awq_ref.api import quantize
 from awq_ref.awq.calibration import calibration_tokens
 from awq_ref.awq.pipeline import AwqConfig
 from awq_ref.eval import evaluate, load_wikitext_tokens, read_text
+from awq_ref.files import atomic_write_text
 from awq_ref.loaders import load_model, load_tokenizer
 
 DATA = "../shared/data/text"
@@ -110,8 +111,7 @@ def main() -> None:
             rows[("awq", bits)]["recovery"] = (p_rtn - p_awq) / (p_rtn - p_fp)
             print(f"W{bits} g{args.group}: recovery {(p_rtn - p_awq) / (p_rtn - p_fp):.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        atomic_write_text(args.json, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from torch import nn
 from awq_ref.backend import backend_int8_kernel, backend_kernel, check_backend
 from awq_ref.config import LlamaConfig
 from awq_ref.cuda_graph import CudaGraphDecoder
+from awq_ref.files import atomic_write_text
 from awq_ref.fuse import fuse_projections, use_elementwise_kernels
 from awq_ref.model import Llama
 from awq_ref.quant.embedding import quantize_embeddings
@@ -436,10 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for name in args.models for row in bench_model(name, s)]
     print(markdown(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                         "torch": torch.__version__, "settings": asdict(s),
-                                         "rows": rows}, indent=1))
+        atomic_write_text(args.json, json.dumps({"device": torch.cuda.get_device_name(),
+                                                 "torch": torch.__version__,
+                                                 "settings": asdict(s), "rows": rows}, indent=1))
     return 0
 
 

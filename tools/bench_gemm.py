@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from awq_kernels import benchmark
+from awq_ref.files import atomic_write_text
 
 
 def main() -> None:
@@ -26,8 +27,8 @@ def main() -> None:
     result = benchmark.run(shapes, ms, args.group_size, args.reps)
     table = benchmark.markdown(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(table)
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=1))
+    atomic_write_text(args.out.with_suffix(".md"), table)
     print(table)
 
 

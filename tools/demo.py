@@ -22,6 +22,7 @@ import torch
 import awq_ref
 from awq_ref.awq.calibration import sample_from_model
 from awq_ref.eval import load_wikitext_tokens
+from awq_ref.files import atomic_write_text
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
 CALIB = SHARED / "tinystories" / "tinystories_val_prefix.txt"
@@ -95,7 +96,7 @@ def main() -> None:
 
     summary = {"source": source, "awq_seconds": awq_seconds, "checkpoint_bytes": size,
                "reload_identical": same, "eval": rows, "args": vars(args)}
-    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out / "demo.json", json.dumps(summary, indent=1))
     print(f"\nsummary written to {out / 'demo.json'}")
 
 

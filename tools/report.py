@@ -38,6 +38,7 @@ from awq_ref.awq.capture import SubsetPlan, capture_block, embed
 from awq_ref.awq.pipeline import AwqConfig, search_awq, search_group
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.scaling_groups import LLAMA_GROUPS
+from awq_ref.files import atomic_write_text
 from awq_ref.loaders import load_model, load_tokenizer
 from awq_ref.quant.checkpoint import save_quantized
 from awq_ref.quant.quantizer import QuantSpec
@@ -259,7 +260,7 @@ def main() -> None:
                            f"{args.windows} --seqlen {args.seqlen} --group {args.group} --bits "
                            f"{' '.join(map(str, args.bits))}` on "
                            f"{machine()} in {(time.perf_counter() - start) / 60:.1f} min")
-        (folder / "data.json").write_text(json.dumps(data))
+        atomic_write_text(folder / "data.json", json.dumps(data))
     plot_all(data, folder)
     table = ("Not filled in yet: run `tools/awq_quality.py --json FILE`, then "
              "`tools/report.py --reuse-figure-data --from-json FILE`.")
@@ -270,7 +271,7 @@ def main() -> None:
         source = (f"Numbers from `PYTHONPATH=. .venv/bin/python {quality_command(report['args'])}`"
                   f" on {args.json_machine or machine()}; checkpoint sizes measured by "
                   f"tools/report.py (save_quantized, fp16 embeddings and norms).")
-    (folder.parent / "results.md").write_text(results_markdown(table, source, data))
+    atomic_write_text(folder.parent / "results.md", results_markdown(table, source, data))
     print(f"wrote {folder.parent / 'results.md'} and {folder} in "
           f"{time.perf_counter() - start:.0f} s")
 
