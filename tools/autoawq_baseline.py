@@ -1,0 +1,95 @@
+"""AutoAWQ on the same model and calibration windows as ours: the published baseline.
+
+AutoAWQ (https://github.com/casper-hansen/AutoAWQ, 0.2.9, the last release; now archived) is the
+AWQ implementation most checkpoints on model hubs were made with. This script runs its own
+`quantize` on the default model with exactly the calibration windows PROTOCOL.md gives our
+search (128 x 512 TinyStories tokens, seed 0), on the CPU, and writes its packed checkpoint.
+The checkpoint is then scored with our evaluation, like ours:
+
+    python -m awq_ref ppl --model OUT --text ../shared/data/text/wikitext-2-raw/wiki.test.raw \
+        --windows 20 --reference default
+
+AutoAWQ pulls in transformers, so it runs in a virtual environment of its own (never ours):
+
+    python3.11 -m venv /tmp/autoawq-venv
+    /tmp/autoawq-venv/bin/pip install torch==2.13.0 transformers==4.51.3 accelerate datasets \
+        gguf sentencepiece zstandard
+    /tmp/autoawq-venv/bin/pip install --no-deps autoawq==0.2.9
+    PYTHONPATH=. /tmp/autoawq-venv/bin/python tools/autoawq_baseline.py --out out/autoawq-w4g64
+
+The HF folder AutoAWQ needs is made from the default model's GGUF by transformers' own GGUF
+reader (--hf-dir, reused when present). The model is loaded in fp32 (AutoAWQ's default fp16 is
+for GPUs; its search then runs in fp32 on the CPU, which can only help it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from awq_ref.awq.calibration import calibration_tokens
+from awq_ref.loaders import load_tokenizer
+from awq_ref.loaders.default_model import default_gguf_path
+
+DATA = "../shared/data/text"
+
+
+def make_hf_folder(gguf: Path, hf_dir: Path) -> None:
+    """The GGUF as an HF safetensors folder (fp32), through transformers' GGUF reader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 torch_dtype=torch.float32)
+    model.save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="AutoAWQ's checkpoint folder")
+    ap.add_argument("--hf-dir", default="out/smollm2-hf", help="HF folder of the default model")
+    ap.add_argument("--calib", default=f"{DATA}/tinystories/tinystories_val_prefix.txt")
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--w-bit", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--no-duo-scaling", action="store_true",
+                    help="s = mean|x|^a (AutoAWQ's default also divides by mean|w|^(1-a))")
+    ap.add_argument("--no-clip", action="store_true")
+    args = ap.parse_args()
+
+    from awq import AutoAWQForCausalLM  # AutoAWQ: only in its own environment
+
+    hf_dir = Path(args.hf_dir)
+    if not (hf_dir / "config.json").exists():
+        make_hf_folder(default_gguf_path(), hf_dir)
+    tokenizer = load_tokenizer("default")
+    windows = calibration_tokens(tokenizer, args.calib, args.calib_windows,
+                                 args.seqlen, seed=args.seed)  # (n, seqlen), as ours sees them
+
+    model = AutoAWQForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32)
+    config = {"zero_point": True, "q_group_size": args.group_size, "w_bit": args.w_bit,
+              "version": "GEMM"}
+    t0 = time.perf_counter()
+    # A list of token-id lists of length <= max_calib_seq_len is concatenated and cut back into
+    # windows of max_calib_seq_len: exactly our windows, in our order.
+    model.quantize(None, quant_config=config, calib_data=windows.tolist(),
+                   max_calib_samples=args.calib_windows, max_calib_seq_len=args.seqlen,
+                   duo_scaling=not args.no_duo_scaling, apply_clip=not args.no_clip)
+    seconds = time.perf_counter() - t0
+    model.save_quantized(args.out)
+    # Our tokenizer, not the one transformers converted from the GGUF: that one adds a BOS and
+    # splits 2 of WikiText-2's 301,948 tokens differently, and the evaluation must see ours.
+    tokenizer.save_pretrained(args.out)
+    print(json.dumps({"out": args.out, "quantize_s": round(seconds, 1), **config,
+                      "duo_scaling": not args.no_duo_scaling, "apply_clip": not args.no_clip}))
+
+
+if __name__ == "__main__":
+    main()
