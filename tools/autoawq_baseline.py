@@ -49,6 +49,32 @@ def make_hf_folder(gguf: Path, hf_dir: Path) -> None:
     tok.save_pretrained(hf_dir)
 
 
+def fix_cpu_aliasing() -> None:
+    """Make AutoAWQ 0.2.9's scale search restore the original weights on a CPU, as on a GPU.
+
+    `AwqQuantizer._compute_best_scale` saves `{k: v.cpu() for k, v in state_dict().items()}`
+    before trying each ratio, scales the weights in place (`fc.weight.mul_`) and reloads the
+    saved dict afterwards. On a GPU `.cpu()` copies; on a CPU it returns the same tensor, so the
+    "saved" weights are the scaled ones: every ratio after the first is tried on corrupted
+    weights and the block is left holding them (measured: block 0's output off by 56% instead
+    of 8%, perplexity 290,246). Giving the module a state_dict of copies during the search
+    restores AutoAWQ's GPU behaviour without touching its algorithm.
+    """
+    from awq.quantize.quantizer import AwqQuantizer
+
+    search = AwqQuantizer._compute_best_scale
+
+    def compute_best_scale(self, x, w_mean, x_mean, module2inspect, *args, **kwargs):
+        live = module2inspect.state_dict
+        module2inspect.state_dict = lambda *a, **k: {n: t.clone() for n, t in live(*a, **k).items()}
+        try:
+            return search(self, x, w_mean, x_mean, module2inspect, *args, **kwargs)
+        finally:
+            del module2inspect.state_dict  # the class's own method again
+
+    AwqQuantizer._compute_best_scale = compute_best_scale
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="AutoAWQ's checkpoint folder")
@@ -62,9 +88,14 @@ def main() -> None:
     ap.add_argument("--no-duo-scaling", action="store_true",
                     help="s = mean|x|^a (AutoAWQ's default also divides by mean|w|^(1-a))")
     ap.add_argument("--no-clip", action="store_true")
+    ap.add_argument("--keep-cpu-bug", action="store_true",
+                    help="run AutoAWQ unpatched (see fix_cpu_aliasing): a broken model on a CPU")
     args = ap.parse_args()
 
     from awq import AutoAWQForCausalLM  # AutoAWQ: only in its own environment
+
+    if not args.keep_cpu_bug:
+        fix_cpu_aliasing()
 
     hf_dir = Path(args.hf_dir)
     if not (hf_dir / "config.json").exists():
@@ -88,7 +119,8 @@ def main() -> None:
     # splits 2 of WikiText-2's 301,948 tokens differently, and the evaluation must see ours.
     tokenizer.save_pretrained(args.out)
     print(json.dumps({"out": args.out, "quantize_s": round(seconds, 1), **config,
-                      "duo_scaling": not args.no_duo_scaling, "apply_clip": not args.no_clip}))
+                      "duo_scaling": not args.no_duo_scaling, "apply_clip": not args.no_clip,
+                      "cpu_aliasing_fixed": not args.keep_cpu_bug}))
 
 
 if __name__ == "__main__":
