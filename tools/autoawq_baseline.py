@@ -19,7 +19,11 @@ AutoAWQ pulls in transformers, so it runs in a virtual environment of its own (n
 
 The HF folder AutoAWQ needs is made from the default model's GGUF by transformers' own GGUF
 reader (--hf-dir, reused when present). The model is loaded in fp32 (AutoAWQ's default fp16 is
-for GPUs; its search then runs in fp32 on the CPU, which can only help it).
+for GPUs; in fp32 its search rounds less). AutoAWQ 0.2.9 breaks the model on a CPU; the one
+patch that makes it behave as on a GPU is `fix_cpu_aliasing` below.
+
+Measured 2026-12-05 (README "Measured"): AutoAWQ W4 g64 25.003 ppl, KL 0.1612 against ours
+24.159, KL 0.1441.
 """
 
 from __future__ import annotations
