@@ -79,6 +79,25 @@ def fix_cpu_aliasing() -> None:
     AwqQuantizer._compute_best_scale = compute_best_scale
 
 
+def fake_quantize_blocks(quantizer) -> None:
+    """What AutoAWQ's packing step would store, as fp32 weights, for any bit width.
+
+    With `export_compatible=True` AutoAWQ scales and clips the weights but leaves them in
+    floating point; its `_apply_quant` would then cast each linear to fp16 and round it with
+    `pseudo_quantize_tensor` before packing. This does the same and keeps the rounded weights
+    (packing itself only knows 4 bits). The search is unchanged by the flag: each block's
+    inputs are taken before anything in it is quantized, either way.
+    """
+    from awq.utils.module import exclude_layers_to_not_quantize, get_named_linears
+
+    for block in quantizer.modules:
+        linears = exclude_layers_to_not_quantize(get_named_linears(block),
+                                                 quantizer.modules_to_not_convert)
+        for linear in linears.values():
+            w, _, _ = quantizer.pseudo_quantize_tensor(linear.weight.data.half())
+            linear.weight.data = w.to(linear.weight.dtype)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="AutoAWQ's checkpoint folder")
@@ -92,6 +111,9 @@ def main() -> None:
     ap.add_argument("--no-duo-scaling", action="store_true",
                     help="s = mean|x|^a (AutoAWQ's default also divides by mean|w|^(1-a))")
     ap.add_argument("--no-clip", action="store_true")
+    ap.add_argument("--fake-quant", action="store_true",
+                    help="write fake-quantized fp32 weights instead of a packed checkpoint: "
+                         "any --w-bit (AutoAWQ packs only 4 bits)")
     ap.add_argument("--keep-cpu-bug", action="store_true",
                     help="run AutoAWQ unpatched (see fix_cpu_aliasing): a broken model on a CPU")
     args = ap.parse_args()
@@ -116,14 +138,20 @@ def main() -> None:
     # windows of max_calib_seq_len: exactly our windows, in our order.
     model.quantize(None, quant_config=config, calib_data=windows.tolist(),
                    max_calib_samples=args.calib_windows, max_calib_seq_len=args.seqlen,
-                   duo_scaling=not args.no_duo_scaling, apply_clip=not args.no_clip)
+                   duo_scaling=not args.no_duo_scaling, apply_clip=not args.no_clip,
+                   export_compatible=args.fake_quant)
     seconds = time.perf_counter() - t0
-    model.save_quantized(args.out)
+    if args.fake_quant:
+        fake_quantize_blocks(model.quantizer)
+        model.model.save_pretrained(args.out)
+    else:
+        model.save_quantized(args.out)
     # Our tokenizer, not the one transformers converted from the GGUF: that one adds a BOS and
     # splits 2 of WikiText-2's 301,948 tokens differently, and the evaluation must see ours.
     tokenizer.save_pretrained(args.out)
     print(json.dumps({"out": args.out, "quantize_s": round(seconds, 1), **config,
                       "duo_scaling": not args.no_duo_scaling, "apply_clip": not args.no_clip,
+                      "fake_quant": args.fake_quant,
                       "cpu_aliasing_fixed": not args.keep_cpu_bug}))
 
 
