@@ -22,6 +22,9 @@ llm-compressor pulls in transformers 5, so it runs in a virtual environment of i
     PYTHONPATH=. /tmp/llmc-venv/bin/python tools/llmcompressor_baseline.py --out out/llmc-w4g64
 
 The HF folder is the one tools/autoawq_baseline.py makes from the GGUF (out/smollm2-hf).
+
+Measured 2026-12-05 (README "Measured"): W4 g64 24.961 ppl, KL 0.1593, top-1 0.7906 against
+ours 24.159, KL 0.1441, top-1 0.7938; 5899 s of search beside another job on the 2 cores.
 """
 
 from __future__ import annotations
