@@ -140,13 +140,13 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         scales:   [K/G, N] float16 (also for bfloat16 x; converted in the kernel).
         group_size: G in (32, 64, 128). Requires K % G == 0 and N % 64 == 0.
         out:      optional [..., N] tensor of x's dtype to write into (every element written).
-        kernel:   "auto" (by M = rows of x: <= 8 CUDA-core GEMV, < 32 tensor-core GEMM,
-                  else dequantize + torch.matmul), "auto_direct" (gemv_direct at M = 1,
-                  mma_direct for M <= 128, else as auto), or one of "gemv" (M <= 8),
+        kernel:   "auto" (by M = rows of x, the fastest measured on an H100: <= 2 gemv_direct,
+                  <= 8 mma_direct, <= 32 mma_split, else dequantize + torch.matmul),
+                  "auto_direct" (gemv_direct at M = 1, mma_direct for M <= 128, else as
+                  auto), or one of "gemv" (M <= 8),
                   "gemv_direct" (M <= 8; registers instead of shared memory, 16-bit
                   products), "mma", "mma_split" (the mma kernel split over K to ~4 blocks per
                   SM), "mma_direct" (tensor cores fed from registers; launches of <= 64 rows), "dequant".
-                  The direct kernels and mma_split are not yet timed on a GPU.
         fuse_splitk: gemv_direct and mma_direct: add the K splits in the same launch (the
                   last block of each column tile does it; same bits) instead of a second
                   kernel.

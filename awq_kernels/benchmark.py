@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import api
-from .plan import DEQUANT_MIN_M, GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_MAX_M
+from .plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_MAX_M
 
 SHAPES = ((4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (8192, 28672),
           (28672, 8192), (5120, 13824))
@@ -164,16 +164,14 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         times: dict[str, tuple[float, float]] = {}
         for name, make in impls.items():
-            if name == "awq[mma]" and GEMV_MAX_M < m < DEQUANT_MIN_M:
-                continue  # that is what "awq" runs at this M
             if name == "awq[direct]" and m > GEMV_DIRECT_MAX_M:
                 continue
             if name == "awq[mma_direct]" and m > 4 * MMA_DIRECT_MAX_M:
                 continue  # 64 rows per launch: far past where it could win
             if name == "awq[direct,2 launches]" and m > 1:
                 continue  # the fused split-K's gain, measured at decode's M = 1 only
-            if name == "awq[mma,split]" and not GEMV_MAX_M < m < 2 * DEQUANT_MIN_M:
-                continue  # the occupancy experiment: where the mma kernel runs or nearly
+            if name == "awq[mma,split]" and not GEMV_MAX_M < m <= 64:
+                continue  # where `auto` runs it (M 9..32) and the next measured M
             fns = make(x)
             try:
                 h_us = host_us(fns[0])  # the GPU sleeps twice that before each timed call

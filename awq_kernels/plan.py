@@ -38,11 +38,14 @@ MMA_DIRECT_MAX_M = max(MMA_DIRECT_CONFIGS)  # rows per launch; more rows: one la
 # auto_direct's upper bound for mma_direct: predicted faster than dequantize + cuBLAS up to about
 # M = 128 (each extra 64 rows streams and dequantizes the weights again; NOTES.md), not timed.
 MMA_DIRECT_AUTO_MAX_M = 128
-# From here dequantize + cuBLAS. Measured on an H200 (tools/bench_gemm.py, 7 shapes, G = 128;
-# docs/gpu/h200-2026-12-04): at M = 32 it beat the tensor-core kernel on 5 of 7 shapes (lost 6%
-# on 28672x8192, 26% on 8192x28672), at M = 64..256 on all but 8192x28672 at M = 64 and 128
-# (lost 14-16%), by up to 4.2x; the mma kernel is not yet competitive there.
-DEQUANT_MIN_M = 32
+# `auto`, from the fastest of our kernels per M measured on an H100 (tools/bench_gemm.py,
+# 7 shapes, fp16, G = 128, geometric mean over shapes; docs/gpu/h100-2026-12-05): gemv_direct
+# at M = 1, 2 (gemv 1.25x slower), mma_direct at 4, 8 (gemv 1.28-1.49x), mma_split at 16, 32
+# (mma_direct 1.31-1.45x, dequantize + cuBLAS 1.79-2.23x), dequantize + cuBLAS from 64 on
+# (mma 1.39x). Between measured M the boundary is the lower one's.
+AUTO_GEMV_DIRECT_MAX_M = 2
+AUTO_MMA_DIRECT_MAX_M = 8
+DEQUANT_MIN_M = 33
 MAX_SPLITS = 16               # bounds the fp32 partial-sum traffic of split-K
 MIN_K_TILES_PER_SPLIT = 4     # a split shorter than the pipeline mostly waits
 
@@ -64,18 +67,19 @@ class Launch:
 
 
 def choose_kernel(m: int, kernel: str = "auto") -> str:
-    """The kernel for M rows: `auto`'s measured rule; "auto_direct" uses the direct-load
-    kernels written after that measurement (gemv_direct at M = 1, mma_direct up to
-    MMA_DIRECT_AUTO_MAX_M), what `auto` becomes where they time faster."""
+    """The kernel for M rows: `auto`'s measured rule (above); "auto_direct" = gemv_direct at
+    M = 1 and mma_direct up to MMA_DIRECT_AUTO_MAX_M (the prediction before that measurement)."""
     if kernel == "auto_direct":
         if m == 1:
             return "gemv_direct"
         return "mma_direct" if m <= MMA_DIRECT_AUTO_MAX_M else choose_kernel(m)
     if kernel != "auto":
         return kernel
-    if m <= GEMV_MAX_M:
-        return "gemv"
-    return "mma" if m < DEQUANT_MIN_M else "dequant"
+    if m <= AUTO_GEMV_DIRECT_MAX_M:
+        return "gemv_direct"
+    if m <= AUTO_MMA_DIRECT_MAX_M:
+        return "mma_direct"
+    return "mma_split" if m < DEQUANT_MIN_M else "dequant"
 
 
 def _splits(tiles: int, k_steps: int, target_blocks: int,

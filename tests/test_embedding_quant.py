@@ -26,6 +26,7 @@ def test_rows_are_the_heads_columns_and_the_rtn_table(tied, dtype):
     tokens = torch.tensor([[0, 1, 7, 8, 95], [50, 9, 9, 63, 2]])  # (B, T), every nibble slot
     rows = emb(tokens)  # (B, T, D)
     assert rows.shape == (2, 5, 64) and rows.dtype == dtype
+    assert rows.is_contiguous()  # as nn.Embedding's: the elementwise CUDA kernels need that
     # Bit for bit: row v is column v of the packed table, dequantized as the format says.
     w_emb = emb.packed.weight_kn(dtype)  # (D, V)
     assert torch.equal(rows, w_emb[:, tokens].permute(1, 2, 0))

@@ -151,8 +151,9 @@ def test_plan_covers_output_and_k(m, k, n):
 
 
 def test_choose_kernel():
-    assert [choose_kernel(m) for m in (1, 8, 9, 31, 32, 4096)] == [
-        "gemv", "gemv", "mma", "mma", "dequant", "dequant"]
+    assert [choose_kernel(m) for m in (1, 2, 3, 8, 9, 31, 32, 33, 4096)] == [
+        "gemv_direct", "gemv_direct", "mma_direct", "mma_direct", "mma_split", "mma_split",
+        "mma_split", "dequant", "dequant"]
     assert choose_kernel(4, "mma") == "mma"
     assert [choose_kernel(m, "auto_direct") for m in (1, 2, 8, 9, 32, 33, 64, 65, 128, 129)] == [
         "gemv_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct",

@@ -63,8 +63,10 @@ class QuantEmbedding(nn.Module):
         s = p.scales[:, idx].to(torch.float32)  # (D/G, T)
         # The quantizer's formula in fp32 then one cast, as dequantize_packed: row v equals the
         # lm_head's column v bit for bit.
-        w = dequantize(q.T, s.T, z.T)  # (T, D)
-        return w.to(self.dtype_ref.dtype).reshape(*tokens.shape, -1)
+        w = dequantize(q.T, s.T, z.T)  # (T, D), a transposed view: made contiguous like
+        # nn.Embedding's output (the elementwise CUDA kernels require rows contiguous)
+        w = w.to(self.dtype_ref.dtype).contiguous()
+        return w.reshape(*tokens.shape, -1)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.packed.group_size}, "
