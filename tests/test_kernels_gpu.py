@@ -192,6 +192,7 @@ def test_elementwise_ops_match_torch(dtype):
     from awq_kernels import ops
     from awq_ref.model import rotary_tables, rotate_heads
 
+    torch.manual_seed(0)
     b, t, h, hkv, dh = 2, 5, 32, 8, 128
     parent = torch.randn(b, t, (h + 2 * hkv) * dh, device="cuda").to(dtype)  # a q/k/v output
     qk = parent[..., :(h + hkv) * dh].view(b, t, -1, dh)  # strided: rows of the whole output
@@ -207,10 +208,15 @@ def test_elementwise_ops_match_torch(dtype):
 
     x = torch.randn(b, t, 4096, device="cuda").to(dtype)
     w = (torch.rand(4096, device="cuda") + 0.5).to(dtype)
-    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (4096,), eps=1e-5))
+    # One rounding apart before the weight's product (the fp32 sums run in another order): up
+    # to ~1.5e-3 relative in fp16 (H100, 2026-12-05: unseeded inputs once gave 1.4e-3).
+    norm_tol = {"rtol": 2e-3, "atol": 1e-5} if dtype == torch.float16 else {}
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (4096,), eps=1e-5),
+                               **norm_tol)
     x = torch.randn(7, 576, device="cuda").to(dtype)  # SmolLM2's width: 72 of 256 threads work
     w = torch.ones(576, device="cuda", dtype=dtype)
-    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (576,), eps=1e-5))
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (576,), eps=1e-5),
+                               **norm_tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
