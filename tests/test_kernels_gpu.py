@@ -229,12 +229,14 @@ def test_fused_elementwise_ops_match_torch(dtype):
     from awq_kernels import ops
     from awq_ref.model import rotary_tables, rotate_heads
 
+    torch.manual_seed(0)
     x = torch.randn(2, 3, 4096, device="cuda").to(dtype)
     delta = torch.randn(2, 3, 4096, device="cuda").to(dtype)
     w = (torch.rand(4096, device="cuda") + 0.5).to(dtype)
     s, y = ops.add_rms_norm(x, delta, w, 1e-5)
     assert torch.equal(s.view(torch.int16), (x + delta).view(torch.int16))
-    torch.testing.assert_close(y, w * F.rms_norm(x + delta, (4096,), eps=1e-5))
+    norm_tol = {"rtol": 2e-3, "atol": 1e-5} if dtype == torch.float16 else {}  # as rms_norm's
+    torch.testing.assert_close(y, w * F.rms_norm(x + delta, (4096,), eps=1e-5), **norm_tol)
 
     b, h, hkv, dh, s_len = 1, 32, 8, 128, 64
     for t, p0 in ((1, 0), (1, 63), (5, 17)):
