@@ -41,6 +41,14 @@ REL_TOL_FP16 = 2e-3  # ||cupy - torch|| / ||torch|| on logits
 PROMPTS = ("The capital of France is", "Once upon a time, there was a little",
            "def fibonacci(n):")
 GREEDY_TOKENS = 32
+# The default model's logits: the fp16 model itself is 0.6-3% (relative) from the same weights in
+# fp32, and cupy and the torch reference round differently (2.2e-3 and 2.7e-3 apart on two of
+# the three prompts, H100, 2026-12-05). So both are measured against fp32: cupy must be about
+# as close to it as the fp16 reference is (measured: 1.01-1.11x its distance).
+FP32_DISTANCE_RATIO = 1.25
+# Greedy tokens with the elementwise kernels may part from the reference only where the
+# reference's own top two logits are this close (fp16 logits of 10-30 have steps of 0.008-0.016).
+NEAR_TIE = 0.1
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -152,17 +160,30 @@ class _Backend:
         apply_kernel(self.model, None)
 
 
+def _quantized_default(gguf: Path, dtype: torch.dtype) -> Llama:
+    from awq_ref.api import quantize
+    from awq_ref.loaders import load_model
+
+    model = load_model(gguf, device="cuda", dtype=dtype)
+    return quantize(model, method="rtn", w_bit=4, group_size=64, inplace=True)
+
+
 @pytest.fixture(scope="module")
 def quantized_default(default_gguf):
     """SmolLM2-135M-Instruct, RTN W4 g64 packed, fp16 on the GPU, and its tokenizer."""
     if not HAS_GPU_STACK:
         pytest.skip("needs a CUDA device and CuPy")
-    from awq_ref.api import quantize
-    from awq_ref.loaders import load_model, load_tokenizer
+    from awq_ref.loaders import load_tokenizer
 
-    model = load_model(default_gguf, device="cuda", dtype=torch.float16)
-    return quantize(model, method="rtn", w_bit=4, group_size=64, inplace=True), \
-        load_tokenizer(default_gguf)
+    return _quantized_default(default_gguf, torch.float16), load_tokenizer(default_gguf)
+
+
+@pytest.fixture(scope="module")
+def quantized_default_fp32(default_gguf):
+    """The same RTN W4 g64 weights in fp32 (torch reference): what both fp16 backends approximate."""
+    if not HAS_GPU_STACK:
+        pytest.skip("needs a CUDA device and CuPy")
+    return _quantized_default(default_gguf, torch.float32)
 
 
 def _random_smollm2(quantized: bool) -> Llama:
@@ -198,6 +219,21 @@ def _logits(model: Llama, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         prefill = model(ids, cache)[0]
         decode = model(ids[:, -1:], cache)[0, -1]
     return prefill, decode
+
+
+def _forced_logits(model: Llama, ids: list[int], tokens: list[int], graph: bool) -> torch.Tensor:
+    """(n, V) fp32 logits predicting tokens[i] after ids + tokens[:i] (teacher forcing):
+    cached decode steps, eager or replayed from a CUDA graph."""
+    with torch.no_grad():
+        cache = model.new_cache(1, len(ids) + len(tokens) + 1)
+        rows = [model(torch.tensor([ids], device="cuda"), cache)[0, -1].float()]
+        decoder = CudaGraphDecoder(model, cache) if graph else None
+        for token in tokens[:-1]:
+            if decoder is not None:
+                rows.append(decoder.step(token).float())  # a copy: the buffer is reused
+            else:
+                rows.append(model(torch.tensor([[token]], device="cuda"), cache)[0, -1].float())
+    return torch.stack(rows)
 
 
 def _check_backends_agree(model: Llama, ids: torch.Tensor) -> None:
@@ -287,9 +323,19 @@ def test_random_model_elementwise_kernels_match_torch_ops(fused_projections):
 
 @needs_gpu
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_default_model_cupy_logits_match_torch(quantized_default, prompt):
+def test_default_model_cupy_logits_match_torch(quantized_default, quantized_default_fp32, prompt):
+    """cupy's prefill and decode logits about as close to fp32 as the fp16 torch reference's."""
     model, tok = quantized_default
-    _check_backends_agree(model, torch.tensor([tok.encode(prompt)], device="cuda"))
+    ids = torch.tensor([tok.encode(prompt)], device="cuda")
+    exact = _logits(quantized_default_fp32, ids)
+    with _Backend(model, "torch"):
+        want = _logits(model, ids)
+    with _Backend(model, "cupy"):
+        got = _logits(model, ids)
+    for what, a, b, ref in zip(("prefill", "decode"), got, want, exact):
+        ours, theirs = _rel_err(a.float(), ref), _rel_err(b.float(), ref)
+        assert ours <= FP32_DISTANCE_RATIO * theirs, (
+            f"{what}: cupy {ours:.2e} from fp32, the torch reference {theirs:.2e}")
 
 
 @needs_gpu
@@ -308,18 +354,27 @@ def test_default_model_greedy_tokens_match(quantized_default, prompt):
 
 @needs_gpu
 def test_default_model_elementwise_kernels_greedy_tokens(quantized_default):
-    """--fuse-elementwise on the real model: the same greedy tokens as the torch reference."""
+    """--fuse-elementwise on the real model under a CUDA graph: the torch reference's greedy
+    tokens, except at near ties of the reference."""
     model, tok = quantized_default
     ids = tok.encode(PROMPTS[0])
     with _Backend(model, "torch"):
         want = generate(model, ids, GREEDY_TOKENS)
+        want_logits = _forced_logits(model, ids, want, graph=False)
     with _Backend(model, "cupy"):
         use_elementwise_kernels(model, backend_elementwise_ops("cupy", "cuda", torch.float16))
         try:
-            got = generate(model, ids, GREEDY_TOKENS, cuda_graph=True)
+            got_logits = _forced_logits(model, ids, want, graph=True)
         finally:
             use_elementwise_kernels(model, None)
-    assert got == want
+    # Fed the reference's tokens (so one near tie does not derail the rest), each step's choice
+    # is the reference's or a near tie there (measured: free-running, the tokens part at 25).
+    for i, (row, token) in enumerate(zip(want_logits, want)):
+        choice = int(got_logits[i].argmax())
+        gap = float(row[token] - row[choice])
+        if choice != token:
+            print(f"token {i}: {choice} instead of {token}, reference gap {gap:.4f}")
+        assert choice == token or gap <= NEAR_TIE, f"token {i}: {choice} != {token}, gap {gap:.3f}"
 
 
 # Last in the file: a capture that fails might disturb the CUDA tests after it.
