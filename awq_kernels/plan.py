@@ -36,7 +36,7 @@ GEMV_DIRECT_MAX_M = max(GEMV_DIRECT_ROWS)
 MMA_DIRECT_DEPTH = {1: 3, 2: 2, 4: 4}
 MMA_DIRECT_MAX_M = max(MMA_DIRECT_CONFIGS)  # rows per launch; more rows: one launch per 64
 # auto_direct's upper bound for mma_direct: predicted faster than dequantize + cuBLAS up to about
-# M = 128 (each extra 64 rows streams and dequantizes the weights again; NOTES.md), not timed.
+# M = 128; measured on an H100 it was not (1.45-2.7x slower from M = 32 on; see `auto` below).
 MMA_DIRECT_AUTO_MAX_M = 128
 # `auto`, from the fastest of our kernels per M measured on an H100 (tools/bench_gemm.py,
 # 7 shapes, fp16, G = 128, geometric mean over shapes; docs/gpu/h100-2026-12-05): gemv_direct
@@ -91,7 +91,7 @@ def _splits(tiles: int, k_steps: int, target_blocks: int,
     return cdiv(k_steps, per_split), per_split
 
 
-MMA_SPLIT_BLOCKS_PER_SM = 4  # "mma_split": split K up to this many blocks per SM (not yet timed)
+MMA_SPLIT_BLOCKS_PER_SM = 4  # "mma_split": split K up to this many blocks per SM (`auto` at M 9..32)
 
 
 def plan_mma(m: int, n: int, k: int, num_sms: int, blocks_per_sm: int = 0) -> Launch:

@@ -75,7 +75,7 @@ class CudaGraphDecoder:
     `cache.length`, so eager steps (Llama.forward with the cache) may follow or precede.
     Everything in the step must be capturable: fp16 layers and awq_kernels are (tested on an
     H200). The reference QuantLinear path indexed with a host list, which capture refused (H200,
-    2026-12-04); its unpacking is now a view (not yet run on a GPU).
+    2026-12-04); its unpacking is now a view, captured on an H100 (2026-12-05).
     """
 
     def __init__(self, model: Llama, cache: KVCache, warmup_steps: int = 3):
