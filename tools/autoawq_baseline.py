@@ -35,12 +35,9 @@ import time
 from pathlib import Path
 
 import torch
+from baseline_protocol import add_protocol_args, protocol_windows  # tools/, beside this script
 
-from awq_ref.awq.calibration import calibration_tokens
-from awq_ref.loaders import load_tokenizer
 from awq_ref.loaders.default_model import default_gguf_path
-
-DATA = "../shared/data/text"
 
 
 def make_hf_folder(gguf: Path, hf_dir: Path) -> None:
@@ -102,13 +99,7 @@ def fake_quantize_blocks(quantizer) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="AutoAWQ's checkpoint folder")
-    ap.add_argument("--hf-dir", default="out/smollm2-hf", help="HF folder of the default model")
-    ap.add_argument("--calib", default=f"{DATA}/tinystories/tinystories_val_prefix.txt")
-    ap.add_argument("--calib-windows", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--w-bit", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=64)
+    add_protocol_args(ap)
     ap.add_argument("--no-duo-scaling", action="store_true",
                     help="s = mean|x|^a (AutoAWQ's default also divides by mean|w|^(1-a))")
     ap.add_argument("--no-clip", action="store_true")
@@ -127,9 +118,7 @@ def main() -> None:
     hf_dir = Path(args.hf_dir)
     if not (hf_dir / "config.json").exists():
         make_hf_folder(default_gguf_path(), hf_dir)
-    tokenizer = load_tokenizer("default")
-    windows = calibration_tokens(tokenizer, args.calib, args.calib_windows,
-                                 args.seqlen, seed=args.seed)  # (n, seqlen), as ours sees them
+    tokenizer, windows = protocol_windows(args)  # windows (n, seqlen), as ours sees them
 
     model = AutoAWQForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32)
     config = {"zero_point": True, "q_group_size": args.group_size, "w_bit": args.w_bit,

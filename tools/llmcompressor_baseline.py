@@ -36,13 +36,9 @@ import time
 from pathlib import Path
 
 import torch
+from baseline_protocol import add_protocol_args, protocol_windows  # tools/, beside this script
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from awq_ref.awq.calibration import calibration_tokens
-from awq_ref.loaders import load_tokenizer
-
-DATA = "../shared/data/text"
 
 
 def skip_pinning_without_gpu() -> None:
@@ -86,13 +82,7 @@ def fake_quantized_state(model: torch.nn.Module, keys: list[str]) -> dict[str, t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for the fake-quantized HF checkpoint")
-    ap.add_argument("--hf-dir", default="out/smollm2-hf", help="HF folder of the default model")
-    ap.add_argument("--calib", default=f"{DATA}/tinystories/tinystories_val_prefix.txt")
-    ap.add_argument("--calib-windows", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--w-bit", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=64)
+    add_protocol_args(ap)
     ap.add_argument("--duo-scaling", default="true", choices=["true", "false", "both"])
     ap.add_argument("--n-grid", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16,
@@ -110,9 +100,7 @@ def main() -> None:
     hf_dir = Path(args.hf_dir)
     if not (hf_dir / "config.json").exists():
         raise SystemExit(f"{hf_dir}: no HF folder; tools/autoawq_baseline.py makes it")
-    tokenizer = load_tokenizer("default")
-    windows = calibration_tokens(tokenizer, args.calib, args.calib_windows,
-                                 args.seqlen, seed=args.seed)  # (n, seqlen), as ours sees them
+    tokenizer, windows = protocol_windows(args)  # windows (n, seqlen), as ours sees them
     n, seqlen = windows.shape
     dataset = Dataset.from_dict({"input_ids": windows.tolist(),
                                  "attention_mask": [[1] * seqlen] * n})
