@@ -36,7 +36,7 @@ GEMV_DIRECT_MAX_M = max(GEMV_DIRECT_ROWS)
 MMA_DIRECT_DEPTH = {1: 3, 2: 2, 4: 4}
 MMA_DIRECT_MAX_M = max(MMA_DIRECT_CONFIGS)  # rows per launch; more rows: one launch per 64
 # auto_direct's upper bound for mma_direct: predicted faster than dequantize + cuBLAS up to about
-# M = 128; measured on an H100 it was not (1.45-2.7x slower from M = 32 on; see `auto` below).
+# M = 128; measured on an H100 it was not (1.46-2.66x slower than the best from M = 32 on; see `auto`).
 MMA_DIRECT_AUTO_MAX_M = 128
 # `auto`, from the fastest of our kernels per M measured on an H100 (tools/bench_gemm.py,
 # 7 shapes, fp16, G = 128, geometric mean over shapes; docs/gpu/h100-2026-12-05): gemv_direct
