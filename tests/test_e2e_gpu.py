@@ -236,11 +236,17 @@ def _forced_logits(model: Llama, ids: list[int], tokens: list[int], graph: bool)
     return torch.stack(rows)
 
 
-def _check_backends_agree(model: Llama, ids: torch.Tensor) -> None:
+def _backend_logits(model: Llama, ids: torch.Tensor) -> tuple[tuple, tuple]:
+    """_logits on the torch reference, then on cupy: (want, got)."""
     with _Backend(model, "torch"):
         want = _logits(model, ids)
     with _Backend(model, "cupy"):
         got = _logits(model, ids)
+    return want, got
+
+
+def _check_backends_agree(model: Llama, ids: torch.Tensor) -> None:
+    want, got = _backend_logits(model, ids)
     for what, a, b in zip(("prefill", "decode"), got, want):
         err = _rel_err(a, b)
         assert err <= REL_TOL_FP16, f"{what} logits: relative error {err:.2e} cupy vs torch"
@@ -328,10 +334,7 @@ def test_default_model_cupy_logits_match_torch(quantized_default, quantized_defa
     model, tok = quantized_default
     ids = torch.tensor([tok.encode(prompt)], device="cuda")
     exact = _logits(quantized_default_fp32, ids)
-    with _Backend(model, "torch"):
-        want = _logits(model, ids)
-    with _Backend(model, "cupy"):
-        got = _logits(model, ids)
+    want, got = _backend_logits(model, ids)
     for what, a, b, ref in zip(("prefill", "decode"), got, want, exact):
         ours, theirs = _rel_err(a.float(), ref), _rel_err(b.float(), ref)
         assert ours <= FP32_DISTANCE_RATIO * theirs, (
