@@ -14,6 +14,7 @@ import functools
 import torch
 
 from . import build
+from .build import MmaTile
 from .plan import (
     GEMV_DIRECT_MAX_M,
     GEMV_MAX_M,
@@ -22,6 +23,7 @@ from .plan import (
     KERNELS,
     MMA_SPLIT_BLOCKS_PER_SM,
     N_MULTIPLE,
+    check_mma_tile,
     choose_kernel,
     mma_direct_row_chunks,
     plan_dequant,
@@ -102,7 +104,8 @@ def check_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
 
 def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                     scales: torch.Tensor, group_size: int, out: torch.Tensor | None = None,
-                    kernel: str = "auto") -> tuple[int, int, int]:
+                    kernel: str = "auto", mma_tile: MmaTile | None = None
+                    ) -> tuple[int, int, int]:
     """Validate everything `gemm` receives; return (M, K, N). Touches no device."""
     _require_tensor("x", x)
     _require_dtype("x", x, tuple(ACTIVATION_DTYPES))
@@ -112,6 +115,12 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x must have shape [..., K = {k}], got {list(x.shape)}")
     m = x.numel() // k
+    if mma_tile is not None:
+        if kernel not in ("mma", "mma_split"):
+            raise ValueError(f"mma_tile applies to kernel 'mma' or 'mma_split', not {kernel!r}")
+        if mma_tile not in build.MMA_TILES:
+            raise ValueError(f"mma_tile {mma_tile} is not compiled; build.MMA_TILES lists those")
+        check_mma_tile(mma_tile, group_size)
     if kernel == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"kernel='gemv' handles at most {GEMV_MAX_M} rows, got M = {m}")
     if kernel == "gemv_direct" and m > GEMV_DIRECT_MAX_M:
@@ -129,7 +138,8 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
 
 def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
          group_size: int, *, out: torch.Tensor | None = None,
-         kernel: str = "auto", fuse_splitk: bool = True) -> torch.Tensor:
+         kernel: str = "auto", fuse_splitk: bool = True,
+         mma_tile: MmaTile | None = None) -> torch.Tensor:
     """y = x @ W with W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n] (AWQ "gemm" format).
 
     Args (all CUDA, contiguous, 16-byte aligned, one device):
@@ -141,7 +151,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         group_size: G in (32, 64, 128). Requires K % G == 0 and N % 64 == 0.
         out:      optional [..., N] tensor of x's dtype to write into (every element written).
         kernel:   "auto" (by M = rows of x, the fastest measured on an H100: <= 2 gemv_direct,
-                  <= 8 mma_direct, <= 32 mma_split, else dequantize + torch.matmul),
+                  <= 8 mma_direct, <= 64 mma_split, else dequantize + torch.matmul),
                   "auto_direct" (gemv_direct at M = 1, mma_direct for M <= 128, else as
                   auto), or one of "gemv" (M <= 8),
                   "gemv_direct" (M <= 8; registers instead of shared memory, 16-bit
@@ -150,11 +160,13 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         fuse_splitk: gemv_direct and mma_direct: add the K splits in the same launch (the
                   last block of each column tile does it; same bits) instead of a second
                   kernel.
+        mma_tile: "mma"/"mma_split" only: this compiled block tile (build.MMA_TILES) instead
+                  of the one chosen by M; for the benchmark's tile sweep.
     Returns:
         y: [..., N] in x's dtype; fp32 accumulation, deterministic (sums in a fixed order; the
         fused split-K's one atomic per block only counts arrivals).
     """
-    m, k, n = check_gemm_args(x, qweight, qzeros, scales, group_size, out, kernel)
+    m, k, n = check_gemm_args(x, qweight, qzeros, scales, group_size, out, kernel, mma_tile)
     name = choose_kernel(m, kernel)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
@@ -163,7 +175,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
     if name == "dequant":
         torch.matmul(x2, dequantize(qweight, qzeros, scales, group_size, dtype=x.dtype), out=y2)
     else:
-        _launch_product(name, x2, qweight, qzeros, scales, group_size, y2, fuse_splitk)
+        _launch_product(name, x2, qweight, qzeros, scales, group_size, y2, fuse_splitk, mma_tile)
     return y
 
 
@@ -188,7 +200,7 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                     scales: torch.Tensor, group_size: int, y2: torch.Tensor,
-                    fuse_splitk: bool = True) -> None:
+                    fuse_splitk: bool = True, mma_tile: MmaTile | None = None) -> None:
     """One gemv/mma launch into y2 (M, N), or into fp32 partials plus the split-K reduction
     (in the same launch for gemv_direct when `fuse_splitk` and counters are at hand)."""
     (m, k), n = x2.shape, y2.shape[1]
@@ -210,8 +222,8 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
             expr = build.mma_direct_expr(tag, launch.config)
         else:
             per_sm = MMA_SPLIT_BLOCKS_PER_SM if name == "mma_split" else 0
-            launch = plan_mma(m, n, k, num_sms, blocks_per_sm=per_sm)
-            expr = build.mma_expr(tag, launch.config)
+            launch = plan_mma(m, n, k, num_sms, blocks_per_sm=per_sm, tile=mma_tile)
+            expr = build.mma_expr(tag, launch.tile)
         target = y2
         if launch.splits > 1:  # (splits, M, N) fp32 partial sums
             target = torch.empty((launch.splits, m, n), dtype=torch.float32, device=x2.device)

@@ -102,12 +102,12 @@ def measure_ceilings(reps: int = 20) -> Ceilings:
     return Ceilings(2 * (1 << 30) / (_copy_us(reps) * 1e-6), 2 * 8192**3 / (_matmul_us(reps) * 1e-6))
 
 
-def _copies(bytes_per_copy: int) -> int:
+def weight_copies(bytes_per_copy: int) -> int:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     return max(2, -(-2 * l2 // bytes_per_copy) + 1)
 
 
-def _random_packed(k: int, n: int, g: int) -> tuple[torch.Tensor, ...]:
+def random_packed(k: int, n: int, g: int) -> tuple[torch.Tensor, ...]:
     """Uniformly random words are uniformly random codes; drawn on the GPU (fast for 8192 x
     28672), scales positive around 1e-2."""
     def words(rows: int) -> torch.Tensor:
@@ -119,9 +119,9 @@ def _random_packed(k: int, n: int, g: int) -> tuple[torch.Tensor, ...]:
 
 def _impls(k: int, n: int, g: int) -> dict[str, Callable[[torch.Tensor], list]]:
     """name -> (x -> one closure per weight copy)."""
-    packed = [_random_packed(k, n, g) for _ in range(_copies(k * n // 2))]
+    packed = [random_packed(k, n, g) for _ in range(weight_copies(k * n // 2))]
     fp16 = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02
-            for _ in range(_copies(2 * k * n))]
+            for _ in range(weight_copies(2 * k * n))]
     int4 = _int4pack_weights(k, n, g)
 
     def ours(kernel: str, fuse_splitk: bool = True):
@@ -146,7 +146,7 @@ def _int4pack_weights(k: int, n: int, g: int) -> list[tuple[torch.Tensor, torch.
     Empty (baseline skipped) when this torch build lacks the op for the device."""
     weights = []
     try:
-        for _ in range(_copies(k * n // 2)):
+        for _ in range(weight_copies(k * n // 2)):
             w_u8 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
             scale_zero = (torch.rand(k // g, n, 2, device="cuda") * 0.02).to(torch.bfloat16)
             weights.append((torch._convert_weight_to_int4pack(w_u8, 8), scale_zero))

@@ -34,8 +34,49 @@ SOURCES = {
 }
 DTYPE_TAGS = ("F16", "BF16")
 
-# Compiled tile configs of the tensor-core kernel: BM -> WARPS_M (BN = 128, BK = 32 fixed).
-MMA_CONFIGS = {16: 1, 32: 2, 64: 2, 128: 2}
+
+
+@dataclass(frozen=True)
+class MmaTile:
+    """One compiled block tile of the tensor-core kernel (gemm_mma.cu's template parameters):
+    BM x BN output, BK k rows per pipeline stage, WARPS_M x WARPS_N warps of (BM / WARPS_M) x 64."""
+
+    bm: int
+    warps_m: int
+    warps_n: int
+    bk: int
+
+    @property
+    def bn(self) -> int:
+        return 64 * self.warps_n
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+    @property
+    def stage_bytes(self) -> int:  # x tile + padded weight tile + one row of scales and zeros
+        return 2 * self.bm * self.bk + 4 * self.bk * (self.bn // 8 + 4) + 2 * self.bn + self.bn // 2
+
+    @property
+    def stages(self) -> int:  # MmaTile::STAGES: 4, or what fits in 48 KB of static smem
+        return min(4, 48 * 1024 // self.stage_bytes)
+
+    def expr(self, tag: str) -> str:
+        return f"awq_gemm_mma<{tag}, {self.bm}, {self.warps_m}, {self.warps_n}, {self.bk}>"
+
+
+# The tiles `mma` and `mma_split` pick from by M (BM -> tile; BN = 128, BK = 32): what ran on
+# the H200 and H100.
+MMA_CONFIGS = {bm: MmaTile(bm, wm, 2, 32) for bm, wm in ((16, 1), (32, 2), (64, 2), (128, 2))}
+# Wider (BN = 256) and deeper (BK = 64, group sizes 64 and 128 only) tiles, compiled for the
+# tile sweep (benchmark.sweep_mma, `tools/bench_gemm.py --sweep-mma`) to measure against the
+# ladder; not used by `auto` until measured. (64, 1, 4, 32): one warp row, so each weight is
+# dequantized once for 64 rows (the ladder's BM = 64 dequantizes it twice).
+MMA_SWEEP_TILES = (MmaTile(16, 1, 2, 64), MmaTile(16, 1, 4, 32), MmaTile(16, 1, 4, 64),
+                   MmaTile(32, 1, 4, 32), MmaTile(32, 1, 4, 64), MmaTile(64, 1, 4, 32),
+                   MmaTile(64, 2, 4, 32), MmaTile(128, 2, 4, 32))
+MMA_TILES = (*MMA_CONFIGS.values(), *MMA_SWEEP_TILES)
 # Row capacities MT of the GEMV kernel (M <= MT rows per launch).
 GEMV_ROWS = (1, 2, 4, 8)
 # Row capacities MT of the direct-load GEMV (gemv_direct.cu).
@@ -63,8 +104,8 @@ def load_source(filename: str) -> str:
     return expand(filename)
 
 
-def mma_expr(tag: str, bm: int) -> str:
-    return f"awq_gemm_mma<{tag}, {bm}, {MMA_CONFIGS[bm]}>"
+def mma_expr(tag: str, tile: MmaTile) -> str:
+    return tile.expr(tag)
 
 
 def gemv_expr(tag: str, mt: int) -> str:
@@ -91,7 +132,7 @@ def reduce_expr(tag: str) -> str:
 def instantiations(family: str) -> list[str]:
     """Every template instantiation the API may launch from `family`."""
     per_tag = {
-        "mma": lambda tag: [mma_expr(tag, bm) for bm in MMA_CONFIGS],
+        "mma": lambda tag: [mma_expr(tag, tile) for tile in MMA_TILES],
         "gemv": lambda tag: [gemv_expr(tag, mt) for mt in GEMV_ROWS],
         "gemv_direct": lambda tag: [gemv_direct_expr(tag, mt) for mt in GEMV_DIRECT_ROWS],
         "mma_direct": lambda tag: [mma_direct_expr(tag, mt) for mt in MMA_DIRECT_CONFIGS],

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .build import MMA_CONFIGS
-from .plan import GEMV_KC, GEMV_NT, MMA_BK, MMA_BN, Launch
+from .plan import GEMV_KC, GEMV_NT, Launch
 
 U32 = np.uint32
 MAGIC2 = {"F16": U32(0x64006400), "BF16": U32(0x43004300)}
 ONE2 = {"F16": U32(0x3C003C00), "BF16": U32(0x3F803F80)}
 SIGN2 = NEG_ZERO2 = U32(0x80008000)
 NIBBLE_MASK2 = U32(0x000F000F)
-STAGES, B_STRIDE, A_ROW_WORDS, WARP_N, WARPS_N = 4, 20, 16, 64, 2
+WARP_N = 64
 LANE = np.arange(32)
 
 # ----------------------------------------------------------------------------- 16-bit values
@@ -118,28 +117,35 @@ def mma16816(acc: np.ndarray, a: list, b: list, tag: str) -> None:
 # ----------------------------------------------------------------------------- tensor-core GEMM
 
 
-def a_chunk_offset(r, c):
-    return r * A_ROW_WORDS + ((c ^ ((r >> 1) & 3)) << 2)
+def a_chunk_offset(r, c, bk=32):
+    """gemm_mma.cu's a_chunk_offset<BK>: word offset of x chunk c of row r, XOR-swizzled."""
+    swizzle = (r >> 1) & 3 if bk == 32 else r & 7
+    return r * (bk // 2) + ((c ^ swizzle) << 2)
 
 
-def _mma_load_stage(x, qweight, qzeros, scales16, g_size, bm, m0, n0, kt, group_start):
+def b_stride(tile) -> int:
+    return tile.bn // 8 + 4
+
+
+def _mma_load_stage(x, qweight, qzeros, scales16, g_size, tile, m0, n0, kt, group_start):
     """Shared memory of one stage after the cp.async copies of gemm_mma.cu's load_stage."""
     m = x.shape[0]
-    nw, n0w, k0 = qweight.shape[1], n0 // 8, kt * MMA_BK
-    a = np.zeros(bm * A_ROW_WORDS, U32)
-    for i in range(bm * 4):
-        r, c = divmod(i, 4)
+    bk, bn, stride = tile.bk, tile.bn, b_stride(tile)
+    nw, n0w, k0 = qweight.shape[1], n0 // 8, kt * bk
+    a = np.zeros(tile.bm * bk // 2, U32)
+    for i in range(tile.bm * bk // 8):
+        r, c = divmod(i, bk // 8)
         if m0 + r < m:
-            a[a_chunk_offset(r, c):][:4] = words_of_halves(x[m0 + r, k0 + 8 * c:k0 + 8 * c + 8])
-    b = np.zeros(MMA_BK * B_STRIDE, U32)
-    for i in range(MMA_BK * 4):
-        r, c = divmod(i, 4)
+            a[a_chunk_offset(r, c, bk):][:4] = words_of_halves(x[m0 + r, k0 + 8 * c:k0 + 8 * c + 8])
+    b = np.zeros(bk * stride, U32)
+    for i in range(bk * bn // 32):
+        r, c = divmod(i, bn // 32)
         if n0w + 4 * c < nw:
-            b[r * B_STRIDE + 4 * c:][:4] = qweight[k0 + r, n0w + 4 * c:n0w + 4 * c + 4]
-    s, z = np.zeros(MMA_BN // 2, U32), np.zeros(MMA_BN // 8, U32)
+            b[r * stride + 4 * c:][:4] = qweight[k0 + r, n0w + 4 * c:n0w + 4 * c + 4]
+    s, z = np.zeros(bn // 2, U32), np.zeros(bn // 8, U32)
     if group_start:
         grp = k0 // g_size
-        n_ok = min(MMA_BN, scales16.shape[1] - n0)
+        n_ok = min(bn, scales16.shape[1] - n0)
         s[:n_ok // 2] = words_of_halves(scales16[grp, n0:n0 + n_ok])
         z[:n_ok // 8] = qzeros[grp, n0w:n0w + n_ok // 8]
     return a, b, s, z
@@ -163,38 +169,39 @@ def emulate_mma(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, recor
     """
     m, k = x.shape
     n = qweight.shape[1] * 8
-    bm, warps_m = launch.config, MMA_CONFIGS[launch.config]
-    mi = bm // (16 * warps_m)
+    tile = launch.tile
+    bk, stride = tile.bk, b_stride(tile)
+    mi = tile.bm // (16 * tile.warps_m)
     out = np.full((launch.splits, m, n), np.nan, np.float32)
     g, t = LANE // 4, LANE % 4
     for bz in range(launch.grid[2]):
         kt_begin = bz * launch.k_per_split
-        kt_end = min(k // MMA_BK, kt_begin + launch.k_per_split)
+        kt_end = min(k // bk, kt_begin + launch.k_per_split)
         for by in range(launch.grid[1]):
             for bx in range(launch.grid[0]):
-                n0, m0 = bx * MMA_BN, by * bm
-                accs = {(wm, wn): np.zeros((mi, 8, 4, 32)) for wm in range(warps_m)
-                        for wn in range(WARPS_N)}
+                n0, m0 = bx * tile.bn, by * tile.bm
+                accs = {(wm, wn): np.zeros((mi, 8, 4, 32)) for wm in range(tile.warps_m)
+                        for wn in range(tile.warps_n)}
                 groups = {}
                 for kt in range(kt_begin, kt_end):
-                    start = kt == kt_begin or (kt * MMA_BK) % g_size == 0
+                    start = kt == kt_begin or (kt * bk) % g_size == 0
                     a_s, b_s, s_s, z_s = _mma_load_stage(x, qweight, qzeros, scales16, g_size,
-                                                         bm, m0, n0, kt, start)
+                                                         tile, m0, n0, kt, start)
                     for (wm, wn), acc in accs.items():
                         word = wn * 8 + g
                         if start:
                             groups[wm, wn] = _mma_load_group(tag, z_s, s_s, word)
                         zb, sb = groups[wm, wn]
-                        for ks in range(MMA_BK // 16):
+                        for ks in range(bk // 16):
                             a = []
                             for i in range(mi):
                                 r = (wm * mi + i) * 16 + LANE % 16
-                                addr = a_chunk_offset(r, ks * 2 + LANE // 16)
+                                addr = a_chunk_offset(r, ks * 2 + LANE // 16, bk)
                                 a.append([a_s[addr[8 * q + LANE // 4] + LANE % 4]
                                           for q in range(4)])  # ldmatrix.x4
-                            base = (ks * 16 + 2 * t) * B_STRIDE + word
-                            w0, w1 = b_s[base], b_s[base + B_STRIDE]
-                            w8, w9 = b_s[base + 8 * B_STRIDE], b_s[base + 9 * B_STRIDE]
+                            base = (ks * 16 + 2 * t) * stride + word
+                            w0, w1 = b_s[base], b_s[base + stride]
+                            w8, w9 = b_s[base + 8 * stride], b_s[base + 9 * stride]
                             even = (prmt(w0, w1, 0x5410), prmt(w8, w9, 0x5410))
                             odd = (prmt(w0, w1, 0x7632), prmt(w8, w9, 0x7632))
                             for p in range(4):
@@ -203,7 +210,7 @@ def emulate_mma(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, recor
                                          for h in range(2)]
                                     if record is not None:
                                         for h in range(2):
-                                            kk = kt * MMA_BK + ks * 16 + 2 * t + 8 * h
+                                            kk = kt * bk + ks * 16 + 2 * t + 8 * h
                                             nn = n0 + 8 * word + j
                                             record.append((kk, nn, lo(b[h])))
                                             record.append((kk + 1, nn, hi(b[h])))

@@ -7,15 +7,19 @@
 //   scales   [K/G, N] fp16 (even for T = BF16)              (u16 bits)
 //   out      [M, N] T when gridDim.z == 1, else fp32 partial sums [gridDim.z, M, N]
 //            (split-K; reduce.cu adds them in a fixed order, so results are deterministic).
-// Constraints (checked in Python): K % BK == 0, G in {32, 64, 128} (so one BK tile lies in one
-// group), N % WARP_N == 0, every pointer 16-byte aligned.
+// Constraints (checked in Python): K % BK == 0, G in {32, 64, 128} and G % BK == 0 (so one BK
+// tile lies in one group), N % WARP_N == 0, every pointer 16-byte aligned.
 //
 // Block tile BM x BN x BK, WARPS_M x WARPS_N warps, each warp owns (16*MI) x 64 of the output.
-// Compiled configs (build.MMA_CONFIGS): BM = 16, 32, 64, 128 with WARPS_M = 1, 2, 2, 2, so
-// MI = 1, 1, 2, 4; BN = 128, BK = 32, STAGES = 4 for all (static smem 15.6 / 19.7 / 27.9 /
-// 44.3 KB). plan.py picks BM by M and splits K when there are too few tiles for the SMs.
-// A STAGES-deep cp.async pipeline brings, per k tile: the x tile (BM x 32 halves), the packed
-// weight tile (32 rows x 16 words), and -- only when the tile starts a group -- one row of
+// The tile is a template parameter (build.MmaTile lists the compiled ones): the default ladder
+// is BM = 16, 32, 64, 128 with WARPS_M = 1, 2, 2, 2 (MI = 1, 1, 2, 4), WARPS_N = 2 (BN = 128),
+// BK = 32; wider tiles (WARPS_N = 4, BN = 256) and deeper ones (BK = 64, G >= 64 only) move
+// more bytes per __syncthreads and share one x tile among more warps, for the benchmark's
+// tile sweep to judge. STAGES (cp.async pipeline depth) is 4, or fewer where 4 stages would
+// pass the 48 KB of static shared memory. plan.py picks the tile by M and splits K when there
+// are too few tiles for the SMs.
+// A STAGES-deep cp.async pipeline brings, per k tile: the x tile (BM x BK halves), the packed
+// weight tile (BK rows x BN/8 words), and -- only when the tile starts a group -- one row of
 // scales and zeros. Out-of-range rows/columns are zero-filled.
 //
 // The data mapping that makes the packed words usable by mma.sync m16n8k16 WITHOUT any shared
@@ -31,36 +35,47 @@
 //   * mma C fragment: lane holds rows g and g+8, mma columns 2t and 2t+1, i.e. packed words 2t
 //     and 2t+1, i.e. 16 consecutive real columns 16t .. 16t+15 of the warp's 64: two 16-byte
 //     stores per row.
-//   * A comes from shared memory through ldmatrix.x4; 16-byte chunks of each 64-byte x row are
-//     XOR-swizzled (chunk ^ ((row >> 1) & 3)) so the 8 row addresses of one 8x8 matrix hit 8
-//     different bank groups.
-//   * B rows are padded to B_STRIDE = 20 words: the 4 rows 2t (t = 0..3) a warp reads at once
-//     then start 8 banks apart (2 * 20 = 40 = 8 mod 32), conflict-free with the 8 words g.
+//   * A comes from shared memory through ldmatrix.x4; the 16-byte chunks of each x row are
+//     XOR-swizzled so the 8 row addresses of one 8x8 matrix hit 8 different bank groups:
+//     BK = 32 (64-byte rows, two rows per 128 bytes): chunk ^ ((row >> 1) & 3);
+//     BK = 64 (128-byte rows): chunk ^ (row & 7).
+//   * B rows are padded to B_STRIDE = BN/8 + 4 words (20 or 36; = 4 mod 16): the 4 rows 2t
+//     (t = 0..3) a warp reads at once then start 8 banks apart (2 * B_STRIDE = 8 mod 32),
+//     conflict-free with the 8 words g.
 #include "common.cuh"
 
-constexpr int BK = 32;                          // k rows per stage (divides every G)
-constexpr int WARP_N = 64;                      // 8 packed words x 8 columns per warp
-constexpr int WARPS_N = 2;
-constexpr int BN = WARPS_N * WARP_N;            // 128 columns per block
-constexpr int BN_WORDS = BN / 8;                // 16 packed words per block row
-constexpr int STAGES = 4;                       // cp.async pipeline depth
-constexpr int A_ROW_WORDS = BK / 2;             // 16 words = 64 bytes per x row in smem
-constexpr int A_ROW_CHUNKS = A_ROW_WORDS / 4;   // 4 chunks of 16 bytes
-constexpr int B_STRIDE = BN_WORDS + 4;          // padded packed-weight row (see header)
-constexpr int B_ROW_CHUNKS = BN_WORDS / 4;      // 4 chunks of 16 bytes
-constexpr int S_CHUNKS = BN * 2 / 16;           // 16 chunks: one row of BN fp16 scales
-constexpr int Z_CHUNKS = BN_WORDS / 4;          // 4 chunks: one row of packed zeros
+constexpr int WARP_N = 64;  // 8 packed words x 8 columns per warp
+constexpr int SMEM_LIMIT = 48 * 1024;  // static shared memory without an opt-in
 
-template <int BM> struct MmaSmem {
-  u32 a[STAGES][BM * A_ROW_WORDS];
-  u32 b[STAGES][BK * B_STRIDE];
-  u32 s[STAGES][BN / 2];
-  u32 z[STAGES][BN_WORDS];
+// Tile geometry from the template parameters (mirrored by build.MmaTile).
+template <int BM, int WARPS_N, int BK> struct MmaTile {
+  static constexpr int BN = WARPS_N * WARP_N;           // columns per block
+  static constexpr int BN_WORDS = BN / 8;               // packed words per block row
+  static constexpr int A_ROW_WORDS = BK / 2;            // one x row of the tile in smem
+  static constexpr int A_ROW_CHUNKS = A_ROW_WORDS / 4;  // 16-byte chunks per x row: 4 or 8
+  static constexpr int B_STRIDE = BN_WORDS + 4;         // padded packed-weight row (header)
+  static constexpr int B_ROW_CHUNKS = BN_WORDS / 4;
+  static constexpr int S_CHUNKS = BN * 2 / 16;          // one row of BN fp16 scales
+  static constexpr int Z_CHUNKS = BN_WORDS / 4;         // one row of packed zeros
+  static constexpr int STAGE_BYTES = 4 * (BM * A_ROW_WORDS + BK * B_STRIDE + BN / 2 + BN_WORDS);
+  static constexpr int STAGES = SMEM_LIMIT / STAGE_BYTES < 4 ? SMEM_LIMIT / STAGE_BYTES : 4;
+  static_assert(BK == 32 || BK == 64, "BK is 32 or 64");
+  static_assert(STAGES >= 2, "a stage of this tile does not fit twice in shared memory");
 };
 
-// Word offset of 16-byte chunk `c` of x row `r` in the swizzled A tile.
-__device__ __forceinline__ int a_chunk_offset(int r, int c) {
-  return r * A_ROW_WORDS + ((c ^ ((r >> 1) & 3)) << 2);
+template <int BM, int WARPS_N, int BK> struct MmaSmem {
+  using Tile = MmaTile<BM, WARPS_N, BK>;
+  u32 a[Tile::STAGES][BM * Tile::A_ROW_WORDS];
+  u32 b[Tile::STAGES][BK * Tile::B_STRIDE];
+  u32 s[Tile::STAGES][Tile::BN / 2];
+  u32 z[Tile::STAGES][Tile::BN_WORDS];
+};
+
+// Word offset of 16-byte chunk `c` of x row `r` in the swizzled A tile (header).
+template <int BK> __device__ __forceinline__ int a_chunk_offset(int r, int c) {
+  constexpr int ROW_WORDS = BK / 2;
+  const int swizzle = BK == 32 ? (r >> 1) & 3 : r & 7;
+  return r * ROW_WORDS + ((c ^ swizzle) << 2);
 }
 
 // Four 8x8 b16 matrices from shared memory; lane L supplies the row address of matrix L / 8.
@@ -101,37 +116,39 @@ __device__ __forceinline__ void mma_k16(const u32 (&a)[MI][4], u32 w0, u32 w1, u
 }
 
 // A tile needs scales/zeros iff it starts the block's k range or a new group.
+template <int BK>
 __device__ __forceinline__ bool starts_group(int kt, int kt_begin, int group_size) {
   return kt == kt_begin || (kt * BK) % group_size == 0;
 }
 
 // Issue the cp.async copies of k tile `kt` into stage `st` (every thread takes a share).
-template <int BM, int THREADS>
-__device__ __forceinline__ void load_stage(MmaSmem<BM>& sm, int st, int kt, bool group_start,
-                                           const u16* x, const u32* qweight, const u32* qzeros,
-                                           const u16* scales, int M, int N, int K, int G,
-                                           int m0, int n0) {
+template <int BM, int WARPS_N, int BK, int THREADS>
+__device__ __forceinline__ void load_stage(MmaSmem<BM, WARPS_N, BK>& sm, int st, int kt,
+                                           bool group_start, const u16* x, const u32* qweight,
+                                           const u32* qzeros, const u16* scales, int M, int N,
+                                           int K, int G, int m0, int n0) {
+  using Tile = MmaTile<BM, WARPS_N, BK>;
   const int k0 = kt * BK, nw = N / 8, n0w = n0 / 8;
-  for (int i = threadIdx.x; i < BM * A_ROW_CHUNKS; i += THREADS) {
-    const int r = i / A_ROW_CHUNKS, c = i % A_ROW_CHUNKS;
+  for (int i = threadIdx.x; i < BM * Tile::A_ROW_CHUNKS; i += THREADS) {
+    const int r = i / Tile::A_ROW_CHUNKS, c = i % Tile::A_ROW_CHUNKS;
     const bool ok = m0 + r < M;
     const u16* src = x + (size_t)(ok ? m0 + r : 0) * K + k0 + c * 8;
-    cp_async16(&sm.a[st][a_chunk_offset(r, c)], src, ok);
+    cp_async16(&sm.a[st][a_chunk_offset<BK>(r, c)], src, ok);
   }
-  for (int i = threadIdx.x; i < BK * B_ROW_CHUNKS; i += THREADS) {
-    const int r = i / B_ROW_CHUNKS, c = i % B_ROW_CHUNKS;
+  for (int i = threadIdx.x; i < BK * Tile::B_ROW_CHUNKS; i += THREADS) {
+    const int r = i / Tile::B_ROW_CHUNKS, c = i % Tile::B_ROW_CHUNKS;
     const bool ok = n0w + c * 4 < nw;
     const u32* src = qweight + (size_t)(k0 + r) * nw + (ok ? n0w + c * 4 : 0);
-    cp_async16(&sm.b[st][r * B_STRIDE + c * 4], src, ok);
+    cp_async16(&sm.b[st][r * Tile::B_STRIDE + c * 4], src, ok);
   }
   if (group_start) {
     const int grp = k0 / G;
-    for (int i = threadIdx.x; i < S_CHUNKS + Z_CHUNKS; i += THREADS) {
-      if (i < S_CHUNKS) {
+    for (int i = threadIdx.x; i < Tile::S_CHUNKS + Tile::Z_CHUNKS; i += THREADS) {
+      if (i < Tile::S_CHUNKS) {
         const bool ok = n0 + i * 8 < N;
         cp_async16(&sm.s[st][i * 4], scales + (size_t)grp * N + (ok ? n0 + i * 8 : 0), ok);
       } else {
-        const int c = i - S_CHUNKS;
+        const int c = i - Tile::S_CHUNKS;
         const bool ok = n0w + c * 4 < nw;
         cp_async16(&sm.z[st][c * 4], qzeros + (size_t)grp * nw + (ok ? n0w + c * 4 : 0), ok);
       }
@@ -182,21 +199,23 @@ __host__ __device__ constexpr int mma_min_blocks(int mi, int warps) {
 
 // Grid: (N / BN rounded up, M / BM rounded up, splits); block: 32 * WARPS_M * WARPS_N threads.
 // Split z handles k tiles [z * k_tiles_per_split, min(K / BK, (z + 1) * k_tiles_per_split)).
-template <typename T, int BM, int WARPS_M>
+template <typename T, int BM, int WARPS_M, int WARPS_N, int BK>
 __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N,
                                   mma_min_blocks(BM / (16 * WARPS_M), WARPS_M * WARPS_N))
 awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
              const u32* __restrict__ qzeros, const u16* __restrict__ scales, void* __restrict__ out,
              int M, int N, int K, int group_size, int k_tiles_per_split) {
+  using Tile = MmaTile<BM, WARPS_N, BK>;
+  constexpr int STAGES = Tile::STAGES;
   constexpr int THREADS = 32 * WARPS_M * WARPS_N;
   constexpr int MI = BM / (16 * WARPS_M);  // m16 tiles per warp
   static_assert(MI * 16 * WARPS_M == BM, "BM must be a multiple of 16 * WARPS_M");
-  __shared__ __align__(16) MmaSmem<BM> sm;
+  __shared__ __align__(16) MmaSmem<BM, WARPS_N, BK> sm;
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
-  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+  const int n0 = blockIdx.x * Tile::BN, m0 = blockIdx.y * BM;
   const int kt_begin = blockIdx.z * k_tiles_per_split;
   const int kt_end = min(K / BK, kt_begin + k_tiles_per_split);
   const int nk = kt_end - kt_begin;
@@ -215,8 +234,9 @@ awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nk) {
       const int kt = kt_begin + s;
-      load_stage<BM, THREADS>(sm, s, kt, starts_group(kt, kt_begin, group_size), x, qweight,
-                              qzeros, scales, M, N, K, group_size, m0, n0);
+      load_stage<BM, WARPS_N, BK, THREADS>(sm, s, kt, starts_group<BK>(kt, kt_begin, group_size),
+                                           x, qweight, qzeros, scales, M, N, K, group_size, m0,
+                                           n0);
     }
     cp_async_commit();  // always commit: keeps the group count uniform for wait_group
   }
@@ -227,13 +247,14 @@ awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
     const int pre = it + STAGES - 1;
     if (pre < nk) {
       const int kt = kt_begin + pre;
-      load_stage<BM, THREADS>(sm, pre % STAGES, kt, starts_group(kt, kt_begin, group_size), x,
-                              qweight, qzeros, scales, M, N, K, group_size, m0, n0);
+      load_stage<BM, WARPS_N, BK, THREADS>(sm, pre % STAGES, kt,
+                                           starts_group<BK>(kt, kt_begin, group_size), x,
+                                           qweight, qzeros, scales, M, N, K, group_size, m0, n0);
     }
     cp_async_commit();
 
     const int st = it % STAGES;
-    if (starts_group(kt_begin + it, kt_begin, group_size))
+    if (starts_group<BK>(kt_begin + it, kt_begin, group_size))
       load_group<T>(sm.z[st], sm.s[st], word, zb, sb);
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
@@ -241,10 +262,11 @@ awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
 #pragma unroll
       for (int i = 0; i < MI; ++i) {
         const int r = (wm * MI + i) * 16 + (lane % 16);
-        ldmatrix_x4(a[i], &sm.a[st][a_chunk_offset(r, ks * 2 + lane / 16)]);
+        ldmatrix_x4(a[i], &sm.a[st][a_chunk_offset<BK>(r, ks * 2 + lane / 16)]);
       }
-      const u32* bw = &sm.b[st][(ks * 16 + 2 * t) * B_STRIDE + word];
-      mma_k16<T, MI>(a, bw[0], bw[B_STRIDE], bw[8 * B_STRIDE], bw[9 * B_STRIDE], zb, sb, acc);
+      const u32* bw = &sm.b[st][(ks * 16 + 2 * t) * Tile::B_STRIDE + word];
+      mma_k16<T, MI>(a, bw[0], bw[Tile::B_STRIDE], bw[8 * Tile::B_STRIDE],
+                     bw[9 * Tile::B_STRIDE], zb, sb, acc);
     }
   }
 

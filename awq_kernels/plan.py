@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .build import GEMV_DIRECT_ROWS, GEMV_ROWS, MMA_CONFIGS, MMA_DIRECT_CONFIGS
+from .build import GEMV_DIRECT_ROWS, GEMV_ROWS, MMA_CONFIGS, MMA_DIRECT_CONFIGS, MmaTile
 
 KERNELS = ("auto", "auto_direct", "gemv", "gemv_direct", "mma", "mma_split", "mma_direct",
            "dequant")
@@ -16,7 +16,7 @@ GROUP_SIZES = (32, 64, 128)
 N_MULTIPLE = 64           # WARP_N of gemm_mma.cu: a warp's 64 columns are all valid or all not
 K_MULTIPLE = 32           # BK of gemm_mma.cu and GEMV_KC of gemv.cu
 
-MMA_BK, MMA_BN, MMA_WARPS_N = 32, 128, 2
+MMA_BK, MMA_BN = 32, 128  # the ladder's tiles (build.MMA_CONFIGS); a sweep tile has its own
 GEMV_NT, GEMV_KC, GEMV_THREADS = 256, 32, 256
 DEQUANT_THREADS, REDUCE_THREADS = 256, 256
 
@@ -41,11 +41,12 @@ MMA_DIRECT_AUTO_MAX_M = 128
 # `auto`, from the fastest of our kernels per M measured on an H100 (tools/bench_gemm.py,
 # 7 shapes, fp16, G = 128, geometric mean over shapes; docs/gpu/h100-2026-12-05): gemv_direct
 # at M = 1, 2 (gemv 1.25x slower), mma_direct at 4, 8 (gemv 1.28-1.49x), mma_split at 16, 32
-# (mma_direct 1.31-1.45x, dequantize + cuBLAS 1.79-2.23x), dequantize + cuBLAS from 64 on
-# (mma 1.39x). Between measured M the boundary is the lower one's.
+# (mma_direct 1.31-1.45x, dequantize + cuBLAS 1.79-2.23x) and 64 (dequantize + cuBLAS 1.09x
+# slower: 0.89-1.12x on six shapes, 1.70x on 8192 x 28672),
+# dequantize + cuBLAS from 128 on (mma 1.39x). Between measured M the boundary is the lower one's.
 AUTO_GEMV_DIRECT_MAX_M = 2
 AUTO_MMA_DIRECT_MAX_M = 8
-DEQUANT_MIN_M = 33
+DEQUANT_MIN_M = 65
 MAX_SPLITS = 16               # bounds the fp32 partial-sum traffic of split-K
 MIN_K_TILES_PER_SPLIT = 4     # a split shorter than the pipeline mostly waits
 
@@ -64,6 +65,7 @@ class Launch:
     block: tuple[int, int, int]
     splits: int = 1             # > 1: the kernel writes fp32 partials, "reduce" follows
     k_per_split: int = 0        # k tiles (mma) or k chunks (gemv) per split
+    tile: MmaTile | None = None  # mma: the block tile (its BK is the k tile)
 
 
 def choose_kernel(m: int, kernel: str = "auto") -> str:
@@ -91,25 +93,38 @@ def _splits(tiles: int, k_steps: int, target_blocks: int,
     return cdiv(k_steps, per_split), per_split
 
 
-MMA_SPLIT_BLOCKS_PER_SM = 4  # "mma_split": split K up to this many blocks per SM (`auto` at M 9..32)
+MMA_SPLIT_BLOCKS_PER_SM = 4  # "mma_split": split K up to this many blocks per SM (`auto` at M 9..64)
 
 
-def plan_mma(m: int, n: int, k: int, num_sms: int, blocks_per_sm: int = 0) -> Launch:
-    """Largest tile that still gives every SM a block; split K when far fewer tiles than SMs,
-    or (blocks_per_sm > 0) until about blocks_per_sm blocks per SM: at M = 16 the tiles alone
-    give under 2 warps per SM (2 warps per block), too few to keep loads in flight."""
-    n_tiles = cdiv(n, MMA_BN)
-    bm = min(max(MMA_CONFIGS), max(min(MMA_CONFIGS), 1 << (m - 1).bit_length()))
-    while bm > 32 and cdiv(m, bm) * n_tiles < num_sms:
-        bm //= 2
-    tiles = cdiv(m, bm) * n_tiles
-    splits, per_split = (1, k // MMA_BK)
+def check_mma_tile(tile: MmaTile, group_size: int) -> None:
+    """A tile's k tile must lie in one group (gemm_mma.cu: G % BK == 0)."""
+    if group_size % tile.bk:
+        raise ValueError(f"mma tile {tile} needs group_size a multiple of BK = {tile.bk}, "
+                         f"got {group_size}")
+
+
+def plan_mma(m: int, n: int, k: int, num_sms: int, blocks_per_sm: int = 0,
+             tile: MmaTile | None = None) -> Launch:
+    """Largest ladder tile that still gives every SM a block (or the given `tile`); split K
+    when far fewer tiles than SMs, or (blocks_per_sm > 0) until about blocks_per_sm blocks per
+    SM: at M = 16 the tiles alone give under 2 warps per SM (2 warps per block), too few to
+    keep loads in flight."""
+    if tile is None:
+        n_tiles = cdiv(n, MMA_BN)
+        bm = min(max(MMA_CONFIGS), max(min(MMA_CONFIGS), 1 << (m - 1).bit_length()))
+        while bm > 32 and cdiv(m, bm) * n_tiles < num_sms:
+            bm //= 2
+        tile = MMA_CONFIGS[bm]
+    n_tiles = cdiv(n, tile.bn)
+    tiles = cdiv(m, tile.bm) * n_tiles
+    k_steps = k // tile.bk
+    splits, per_split = (1, k_steps)
     if blocks_per_sm and tiles < blocks_per_sm * num_sms:
-        splits, per_split = _splits(tiles, k // MMA_BK, blocks_per_sm * num_sms)
+        splits, per_split = _splits(tiles, k_steps, blocks_per_sm * num_sms)
     elif 2 * tiles <= num_sms:  # under half a wave: the partial-sum traffic is worth it
-        splits, per_split = _splits(tiles, k // MMA_BK, num_sms)
-    threads = 32 * MMA_CONFIGS[bm] * MMA_WARPS_N
-    return Launch("mma", bm, (n_tiles, cdiv(m, bm), splits), (threads, 1, 1), splits, per_split)
+        splits, per_split = _splits(tiles, k_steps, num_sms)
+    return Launch("mma", tile.bm, (n_tiles, cdiv(m, tile.bm), splits), (tile.threads, 1, 1),
+                  splits, per_split, tile)
 
 
 def plan_gemv(m: int, n: int, k: int, num_sms: int) -> Launch:

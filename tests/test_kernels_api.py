@@ -78,6 +78,48 @@ def test_layout():
     _raises(ValueError, "16-byte aligned", misaligned, qw, qz, s, g)
 
 
+def test_mma_tile_is_checked_before_cuda():
+    wide, deep = build.MmaTile(16, 1, 4, 32), build.MmaTile(16, 1, 4, 64)
+    _raises(ValueError, "mma_tile applies to kernel 'mma' or 'mma_split'", *_args(),
+            mma_tile=wide)
+    _raises(ValueError, "is not compiled", *_args(), kernel="mma",
+            mma_tile=build.MmaTile(16, 1, 8, 64))
+    _raises(ValueError, "multiple of BK = 64, got 32", *_args(g=32), kernel="mma_split",
+            mma_tile=deep)
+    _raises(ValueError, "x must be a CUDA tensor", *_args(), kernel="mma", mma_tile=deep)
+
+
+@pytest.mark.parametrize("tile", build.MMA_TILES, ids=str)
+@pytest.mark.parametrize("m,k,n", [(16, 4096, 4096), (64, 4096, 14336), (130, 576, 192),
+                                   (256, 14336, 4096)])
+@pytest.mark.parametrize("blocks_per_sm", [0, 4])
+def test_plan_mma_with_a_given_tile_covers_output_and_k(tile, m, k, n, blocks_per_sm):
+    launch = plan_mma(m, n, k, 132, blocks_per_sm=blocks_per_sm, tile=tile)
+    assert launch.tile == tile and launch.block == (tile.threads, 1, 1)
+    assert launch.grid[0] * tile.bn >= n > (launch.grid[0] - 1) * tile.bn
+    assert launch.grid[1] * tile.bm >= m > (launch.grid[1] - 1) * tile.bm
+    steps = k // tile.bk
+    assert launch.grid[2] == launch.splits
+    assert (launch.splits - 1) * launch.k_per_split < steps <= launch.splits * launch.k_per_split
+
+
+def test_sweep_ranking_and_tiles():
+    from awq_kernels import sweep
+
+    assert all(t.bk == 32 for t in sweep.valid_tiles(32))
+    assert len(sweep.valid_tiles(128)) == len(build.MMA_TILES) > len(sweep.valid_tiles(32))
+    rows = [{"k": k, "n": 64, "m": 16, "variant": v, "us": us, "vs_best": r,
+             "speedup_vs_fp16": 1.0}
+            for k, v, us, r in [(64, "a", 1.0, 1.0), (64, "b", 2.0, 2.0), (64, "fp16", 3, 3),
+                                (128, "a", 4.0, 2.0), (128, "b", 2.0, 1.0), (128, "c", 2, 1)]]
+    ranked = sweep.ranking({"rows": rows})
+    assert [name for name, _ in ranked[16]] == ["a", "b"]  # "c" lacks a shape; fp16 is no variant
+    assert ranked[16][0][1] == pytest.approx(2 ** 0.5)
+    text = sweep.markdown({"device": "GPU", "torch": "x", "group_size": 128, "reps": 50,
+                           "rows": rows})
+    assert "| 128x64 | 16 | b | 2.0 | 1.00 | 1.00 |" in text and "- M = 16: a 1.41, b 1.41" in text
+
+
 def test_gemv_refuses_large_m():
     _raises(ValueError, "kernel='gemv' handles at most 8 rows", *_args(m=9), kernel="gemv")
     _raises(ValueError, "kernel='gemv_direct' handles at most 8 rows", *_args(m=9),
@@ -151,9 +193,9 @@ def test_plan_covers_output_and_k(m, k, n):
 
 
 def test_choose_kernel():
-    assert [choose_kernel(m) for m in (1, 2, 3, 8, 9, 31, 32, 33, 4096)] == [
+    assert [choose_kernel(m) for m in (1, 2, 3, 8, 9, 31, 32, 33, 64, 65, 4096)] == [
         "gemv_direct", "gemv_direct", "mma_direct", "mma_direct", "mma_split", "mma_split",
-        "mma_split", "dequant", "dequant"]
+        "mma_split", "mma_split", "mma_split", "dequant", "dequant"]
     assert choose_kernel(4, "mma") == "mma"
     assert [choose_kernel(m, "auto_direct") for m in (1, 2, 8, 9, 32, 33, 64, 65, 128, 129)] == [
         "gemv_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct",

@@ -14,7 +14,6 @@ import torch
 from awq_kernels import build, emulate, emulate_direct, emulate_ops, reference
 from awq_kernels.plan import (
     GEMV_NT,
-    MMA_BN,
     Launch,
     cdiv,
     plan_gemv,
@@ -182,23 +181,56 @@ def test_emulated_dequant_kernel_is_bit_exact(dtype, tag, g):
     np.testing.assert_array_equal(emulate.emulate_dequant(tag, qw, qz, s, g), _bits16(w))
 
 
-# (M, K, N, G, BM, splits): ragged M and N tiles, split starts inside a group, every config.
-MMA_CASES = [(20, 256, 192, 64, 16, 3), (40, 128, 128, 32, 32, 1), (70, 256, 320, 128, 64, 2),
-             (130, 128, 128, 32, 128, 1)]
+# (M, K, N, G, tile, splits): ragged M and N tiles, split starts inside a group, every tile.
+MMA_CASES = [(20, 256, 192, 64, build.MMA_CONFIGS[16], 3), (40, 128, 128, 32, build.MMA_CONFIGS[32], 1),
+             (70, 256, 320, 128, build.MMA_CONFIGS[64], 2),
+             (130, 128, 128, 32, build.MMA_CONFIGS[128], 1)]
+# The sweep tiles, in build.MMA_SWEEP_TILES order: N = 320 or 576 leaves the last block of a
+# BN = 256 tile one valid warp of 4 (of a BN = 128 tile, 320: one of 2); splits start inside
+# groups.
+MMA_CASES += [(m, k, n, g, tile, splits) for (m, k, n, g, splits), tile in zip(
+    [(9, 384, 576, 128, 2), (20, 384, 320, 32, 3), (17, 256, 320, 64, 1), (33, 384, 576, 32, 2),
+     (40, 384, 320, 64, 3), (65, 256, 320, 128, 3), (70, 256, 576, 64, 2),
+     (130, 128, 320, 32, 1)], build.MMA_SWEEP_TILES, strict=True)]
 
 
 @pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
-@pytest.mark.parametrize("m,k,n,g,bm,splits", MMA_CASES)
-def test_emulated_mma_kernel_mapping(dtype, tag, m, k, n, g, bm, splits):
+@pytest.mark.parametrize("m,k,n,g,tile,splits", MMA_CASES, ids=lambda v: str(v) if not
+                         isinstance(v, build.MmaTile) else f"{v.bm}x{v.bn}x{v.bk}w{v.warps_m}")
+def test_emulated_mma_kernel_mapping(dtype, tag, m, k, n, g, tile, splits):
     x, w, args = _problem(m, k, n, g, dtype, seed=m + n)
-    per_split = cdiv(k // 32, splits)
-    launch = Launch("mma", bm, (cdiv(n, MMA_BN), cdiv(m, bm), splits), (0, 1, 1), splits,
-                    per_split)
+    per_split = cdiv(k // tile.bk, splits)
+    splits = cdiv(k // tile.bk, per_split)
+    launch = Launch("mma", tile.bm, (cdiv(n, tile.bn), cdiv(m, tile.bm), splits), (0, 1, 1),
+                    splits, per_split, tile)
     records: list = []
     partials = emulate.emulate_mma(tag, *args, launch, record=records)
     seen = _check_records(records, _bits16(w))
     assert len(seen) == k * n, "every weight must reach some B fragment"
     _check_product(partials, x, w, tag)
+
+
+@pytest.mark.parametrize("bk", [32, 64])
+def test_mma_x_tile_swizzle_is_bank_conflict_free(bk):
+    """Each 8x8 matrix of an ldmatrix.x4 reads 8 rows' 16-byte chunks at one logical chunk:
+    after the swizzle the 8 chunks must sit in 8 different 16-byte bank groups (of 8)."""
+    for row0 in range(0, 128, 8):
+        for c in range(bk // 8):
+            words = [emulate.a_chunk_offset(r, c, bk) for r in range(row0, row0 + 8)]
+            assert len({(w // 4) % 8 for w in words}) == 8, (row0, c)
+            assert all(w % 4 == 0 for w in words)
+
+
+@pytest.mark.parametrize("tile", build.MMA_TILES, ids=str)
+def test_mma_tiles_fit_and_b_rows_are_conflict_free(tile):
+    assert 2 <= tile.stages <= 4 and tile.stages * tile.stage_bytes <= STATIC_SMEM_LIMIT
+    stride = emulate.b_stride(tile)
+    for ks in range(tile.bk // 16):  # the lanes' four 4-byte loads bw[0] ... of one k16 step
+        for wn in range(tile.warps_n):
+            for dr in (0, 1, 8, 9):
+                banks = {((ks * 16 + 2 * t + dr) * stride + wn * 8 + g) % 32
+                         for t in range(4) for g in range(8)}
+                assert len(banks) == 32
 
 
 @pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import awq_kernels
-from awq_kernels import reference
+from awq_kernels import build, reference
 from awq_kernels.plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_AUTO_MAX_M
 
 pytestmark = pytest.mark.gpu
@@ -55,17 +55,17 @@ def _kernels_for(m: int) -> list[str]:
     return kernels
 
 
-def _check(x: torch.Tensor, k: int, n: int, g: int, kernel: str) -> None:
+def _check(x: torch.Tensor, k: int, n: int, g: int, kernel: str, **options) -> None:
     qweight, qzeros, scales, w32 = _weights(k, n, g)
     out = torch.full((*x.shape[:-1], n), float("nan"), dtype=x.dtype, device="cuda")
-    y = awq_kernels.gemm(x, qweight, qzeros, scales, g, out=out, kernel=kernel)
+    y = awq_kernels.gemm(x, qweight, qzeros, scales, g, out=out, kernel=kernel, **options)
     assert y is out
     assert torch.isfinite(y).all(), "NaN/inf in the output: unwritten elements or overflow"
     ref = x.float().reshape(-1, k) @ w32  # (M, N) fp32 reference
     err = ((y.float().reshape(-1, n) - ref).norm() / ref.norm()).item()
     assert err <= TOLERANCE[x.dtype], f"relative error {err:.2e} (kernel={kernel})"
     again = torch.full_like(out, float("nan"))
-    awq_kernels.gemm(x, qweight, qzeros, scales, g, out=again, kernel=kernel)
+    awq_kernels.gemm(x, qweight, qzeros, scales, g, out=again, kernel=kernel, **options)
     assert torch.equal(again.view(torch.int16), y.view(torch.int16)), "runs differ in bits"
 
 
@@ -85,6 +85,20 @@ def test_every_group_size(m, g, dtype):
     x = torch.randn(m, 1024, device="cuda").to(dtype)
     for kernel in _kernels_for(m):
         _check(x, 1024, 1280, g, kernel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("tile", build.MMA_SWEEP_TILES, ids=str)
+def test_every_mma_tile(tile, dtype):
+    """The tiles only the benchmark's sweep picks, plain and split over K, on every shape
+    their BK allows (ragged M and N tiles included)."""
+    for k, n, g in (*SHAPES, (1024, 1280, 64)):
+        if g % tile.bk:
+            continue
+        for m in (1, 16, 17, 64, 129):
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            for kernel in ("mma", "mma_split"):
+                _check(x, k, n, g, kernel, mma_tile=tile)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])

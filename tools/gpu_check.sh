@@ -11,8 +11,9 @@
 # Steps, most important first, each under its own time limit so one hang cannot eat the call:
 # environment; GPU correctness of the kernels (tests/test_kernels_gpu.py); the kernel benchmark
 # on PROTOCOL.md's shapes (tools/bench_gemm.py); the model end to end (tests/test_e2e_gpu.py);
-# end-to-end speed (tools/bench_e2e.py --quick); compute-sanitizer memcheck on small shapes
-# (tools/gpu_memcheck.py). The CPU-side checks (NVRTC compile, spills, emulation, validation)
+# the tile sweep of the mma kernel (tools/bench_gemm.py --sweep-mma: every compiled tile, plain
+# and split-K, M = 16..256 on 3 shapes); end-to-end speed (tools/bench_e2e.py --quick);
+# compute-sanitizer memcheck on small shapes (tools/gpu_memcheck.py). The CPU-side checks (NVRTC compile, spills, emulation, validation)
 # run in CI and are not repeated here; SASS instruction counts come from tools/sass_loops.py on
 # any machine (cuobjdump refused NVRTC's cubin on the H200).
 # Writes at most 8 files (the device tool's limit). Prints short tables last. Exit: first failure.
@@ -45,16 +46,18 @@ step() {  # step NAME LOGFILE SECONDS CMD...: run under a time limit, tee the lo
 step "environment" env.txt 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -1; $PY -c 'import torch, cupy; print(\"torch\", torch.__version__, \"cupy\", cupy.__version__, torch.cuda.get_device_name())'"
 step "kernel tests" tests.log 180 $PY -m pytest -q -p no:cacheprovider -rfs --tb=short --maxfail=30 tests/test_kernels_gpu.py
 step "kernel benchmark" bench_gemm.log 210 $PY tools/bench_gemm.py --out "$RESULTS/bench_gemm"
+step "mma sweep" bench_gemm.log 180 $PY tools/bench_gemm.py --sweep-mma --out "$RESULTS/sweep_mma"
 step "e2e tests" tests.log 120 $PY -m pytest -q -p no:cacheprovider -rfs --tb=short tests/test_e2e_gpu.py
 step "e2e benchmark" bench_e2e.log 240 $PY tools/bench_e2e.py --quick --json "$RESULTS/bench_e2e.json"
 step "decode profile" bench_e2e.log 150 $PY tools/bench_e2e.py --profile --models llama3-8b
-step "memcheck" memcheck.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/gpu_memcheck.py
+step "memcheck" tests.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/gpu_memcheck.py
 
 echo
 echo "=== summary (logs in $RESULTS)"
 printf '%s\n' "${summary[@]}"
 grep -E "passed|failed|error" "$RESULTS/tests.log" | grep -E "^=|in [0-9.]+s" || true
 $PY -c "import json, sys; from awq_kernels import benchmark; print(benchmark.summary(json.load(open(sys.argv[1]))))" "$RESULTS/bench_gemm.json" 2>/dev/null
+$PY -c "import json, sys; from awq_kernels import sweep; print(sweep.markdown(json.load(open(sys.argv[1]))).split('Geometric')[1])" "$RESULTS/sweep_mma.json" 2>/dev/null
 grep '^|' "$RESULTS/bench_e2e.log"
 echo
 echo "=== issue 5 and 6 targets (tools/targets.py)"

@@ -43,10 +43,32 @@ def main() -> int:
             failures += not ok
             print(f"M={m:<4} K={k:<5} N={n:<4} G={g:<3} {kernel:11s} {dtype!s:15s} "
                   f"rel err {err:.1e} {'ok' if ok else 'WRONG'}")
+    failures += _mma_tiles()
     failures += _elementwise_ops()
     failures += _int8_head()
     torch.cuda.synchronize()
     return 1 if failures else 0
+
+
+def _mma_tiles() -> int:
+    """Each sweep tile of gemm_mma.cu once, split over K, ragged M and N (N = 320 leaves a
+    256-column tile one warp of 64 columns)."""
+    from awq_kernels import build
+
+    failures = 0
+    for tile in build.MMA_SWEEP_TILES:
+        g = 64 if tile.bk == 64 else 32
+        qweight, qzeros, scales = reference.random_packed(256, 320, g, seed=tile.bm, device="cuda")
+        w = reference.dequantize_like_kernel(qweight.cpu(), qzeros.cpu(), scales.cpu(), g,
+                                             torch.float16).float().cuda()
+        x = torch.randn(tile.bm + 3, 256, device="cuda").half()
+        y = awq_kernels.gemm(x, qweight, qzeros, scales, g, kernel="mma_split", mma_tile=tile)
+        ref = x.float() @ w
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        ok = err <= 1e-2 and bool(torch.isfinite(y).all())
+        failures += not ok
+        print(f"mma tile {tile} rel err {err:.1e} {'ok' if ok else 'WRONG'}")
+    return failures
 
 
 def _int8_head() -> int:

@@ -1,0 +1,120 @@
+"""Tile sweep of the tensor-core kernel (gemm_mma.cu): every compiled block tile, with and
+without the wider split-K, timed per PROTOCOL.md like benchmark.py, to choose `auto`'s tiles
+from measurements rather than from predictions.
+
+Why: on the H100 (docs/gpu/h100-2026-12-05) the mma kernel ran at 10-40% of the floor at
+M = 16-128, which neither the register nor the instruction counts explain; the likely costs
+are per k tile (a __syncthreads, the copy address math) and per block (few warps share one x
+tile), and those are what the tiles vary: BN = 128 or 256 columns, BK = 32 or 64 rows per
+stage, one or two warp rows. Each (shape, M) point reports every variant's microseconds and
+its time over the fastest; `ranking` folds those into one geometric mean per M.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import api, benchmark, build
+from .plan import MMA_SPLIT_BLOCKS_PER_SM, check_mma_tile
+
+SWEEP_MS = (16, 32, 64, 128, 256)
+SPLIT_MODES = {"mma": 0, "mma_split": MMA_SPLIT_BLOCKS_PER_SM}
+
+
+@dataclass
+class SweepRow:
+    k: int
+    n: int
+    m: int
+    variant: str   # "<kernel> <BM>x<BN>x<BK> w<WARPS_M>x<WARPS_N>", or "fp16", "awq"
+    us: float
+    vs_best: float  # us / fastest of our variants at this point
+    speedup_vs_fp16: float
+
+
+def tile_name(tile: build.MmaTile) -> str:
+    return f"{tile.bm}x{tile.bn}x{tile.bk} w{tile.warps_m}x{tile.warps_n}"
+
+
+def valid_tiles(group_size: int) -> list[build.MmaTile]:
+    tiles = []
+    for tile in build.MMA_TILES:
+        try:
+            check_mma_tile(tile, group_size)
+        except ValueError:
+            continue
+        tiles.append(tile)
+    return tiles
+
+
+def _variants(x: torch.Tensor, packed: list, fp16: list, g: int) -> dict[str, list]:
+    """name -> one closure per weight copy: fp16 cuBLAS, `auto`, every tile x split mode."""
+    variants = {"fp16": [lambda w=w: torch.matmul(x, w) for w in fp16],
+                "awq": [lambda w=w: api.gemm(x, *w, g) for w in packed]}
+    for tile in valid_tiles(g):
+        for kernel in SPLIT_MODES:
+            variants[f"{kernel} {tile_name(tile)}"] = [
+                lambda w=w, kernel=kernel, tile=tile: api.gemm(x, *w, g, kernel=kernel,
+                                                               mma_tile=tile)
+                for w in packed]
+    return variants
+
+
+def sweep_shape(k: int, n: int, ms: tuple[int, ...], g: int, reps: int) -> list[SweepRow]:
+    packed = [benchmark.random_packed(k, n, g) for _ in range(benchmark.weight_copies(k * n // 2))]
+    fp16 = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02
+            for _ in range(benchmark.weight_copies(2 * k * n))]
+    rows: list[SweepRow] = []
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        times = {}
+        for name, fns in _variants(x, packed, fp16, g).items():
+            h_us = benchmark.host_us(fns[0])
+            sleep = max(benchmark.SLEEP_CYCLES, int(2 * h_us * benchmark.CYCLES_PER_US))
+            times[name] = benchmark.median_us(fns, reps, sleep_cycles=sleep)
+        best = min(us for name, us in times.items() if name != "fp16")
+        rows += [SweepRow(k, n, m, name, us, us / best, times["fp16"] / us)
+                 for name, us in times.items()]
+    return rows
+
+
+def run(shapes=benchmark.QUICK_SHAPES, ms=SWEEP_MS, group_size: int = 128, reps: int = 50
+        ) -> dict:
+    rows = []
+    for k, n in shapes:
+        rows += sweep_shape(k, n, ms, group_size, reps)
+        torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "group_size": group_size, "reps": reps, "rows": [asdict(r) for r in rows]}
+
+
+def ranking(result: dict) -> dict[int, list[tuple[str, float]]]:
+    """Per M: (variant, geometric mean over shapes of time / fastest), best first; variants
+    missing at some shape of that M are left out."""
+    per_m: dict[int, dict[str, list[float]]] = {}
+    shapes: dict[int, set] = {}
+    for r in result["rows"]:
+        if r["variant"] == "fp16":
+            continue
+        per_m.setdefault(r["m"], {}).setdefault(r["variant"], []).append(r["vs_best"])
+        shapes.setdefault(r["m"], set()).add((r["k"], r["n"]))
+    return {m: sorted(((name, math.exp(sum(map(math.log, v)) / len(v)))
+                       for name, v in variants.items() if len(v) == len(shapes[m])),
+                      key=lambda item: item[1])
+            for m, variants in sorted(per_m.items())}
+
+
+def markdown(result: dict, top: int = 6) -> str:
+    title = (f"{result['device']}, torch {result['torch']}, G = {result['group_size']}, "
+             f"median of {result['reps']}")
+    lines = [title, "",
+             "| K x N | M | variant | us | x best | x fp16 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['k']}x{r['n']} | {r['m']} | {r['variant']} | {r['us']:.1f} | "
+              f"{r['vs_best']:.2f} | {r['speedup_vs_fp16']:.2f} |" for r in result["rows"]]
+    lines += ["", f"Geometric mean of time / best over the shapes, the {top} best per M:", ""]
+    for m, ranked in ranking(result).items():
+        lines.append(f"- M = {m}: " + ", ".join(f"{name} {v:.2f}" for name, v in ranked[:top]))
+    return "\n".join(lines) + "\n"
