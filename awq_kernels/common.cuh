@@ -176,6 +176,12 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));
 }
+// The same with a shared address from smem_addr and the source byte count (16, or 0 to only
+// zero-fill), for kernels that work both out ahead of their copy loops.
+__device__ __forceinline__ void cp_async16_bytes(u32 smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               ::"r"(smem), "l"(gmem), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");

@@ -127,28 +127,64 @@ def b_stride(tile) -> int:
     return tile.bn // 8 + 4
 
 
-def _mma_load_stage(x, qweight, qzeros, scales16, g_size, tile, m0, n0, kt, group_start):
-    """Shared memory of one stage after the cp.async copies of gemm_mma.cu's load_stage."""
-    m = x.shape[0]
-    bk, bn, stride = tile.bk, tile.bn, b_stride(tile)
-    nw, n0w, k0 = qweight.shape[1], n0 // 8, kt * bk
-    a = np.zeros(tile.bm * bk // 2, U32)
-    for i in range(tile.bm * bk // 8):
-        r, c = divmod(i, bk // 8)
-        if m0 + r < m:
-            a[a_chunk_offset(r, c, bk):][:4] = words_of_halves(x[m0 + r, k0 + 8 * c:k0 + 8 * c + 8])
-    b = np.zeros(bk * stride, U32)
-    for i in range(bk * bn // 32):
-        r, c = divmod(i, bn // 32)
-        if n0w + 4 * c < nw:
-            b[r * stride + 4 * c:][:4] = qweight[k0 + r, n0w + 4 * c:n0w + 4 * c + 4]
-    s, z = np.zeros(bn // 2, U32), np.zeros(bn // 8, U32)
-    if group_start:
-        grp = k0 // g_size
-        n_ok = min(bn, scales16.shape[1] - n0)
-        s[:n_ok // 2] = words_of_halves(scales16[grp, n0:n0 + n_ok])
-        z[:n_ok // 8] = qzeros[grp, n0w:n0w + n_ok // 8]
-    return a, b, s, z
+class _StageCopies:
+    """gemm_mma.cu's StageCopies: each thread's copies worked out at the block's first k tile
+    (flat element offsets into x, qweight and the group rows; shared word offsets; byte
+    counts), then issued for the k tiles in order, every source advanced by a constant."""
+
+    def __init__(self, x, qweight, scales16, tile, threads, m0, n0, kt_begin):
+        m, k = x.shape
+        nw, n0w, k0 = qweight.shape[1], n0 // 8, kt_begin * tile.bk
+        n = scales16.shape[1]
+        a_row, b_row = tile.bk // 8, tile.bn // 32  # 16-byte chunks per x / weight row
+        self.tile, self.flat = tile, (x.reshape(-1), qweight.reshape(-1))
+        self.a, self.b, self.g = [], [], []  # [src offset, dst word, bytes] per copy
+        for i in range(tile.bm * a_row):
+            r, c = divmod(i, a_row)
+            ok = m0 + r < m
+            self.a.append([(m0 + r if ok else 0) * k + k0 + 8 * c, a_chunk_offset(r, c, tile.bk),
+                           16 if ok else 0])
+        for i in range(tile.bk * b_row):
+            r, c = divmod(i, b_row)
+            ok = n0w + 4 * c < nw
+            self.b.append([(k0 + r) * nw + (n0w + 4 * c if ok else 0),
+                           r * b_stride(tile) + 4 * c, 16 if ok else 0])
+        self.b_step = tile.bk * nw
+        for i in range(min(threads, tile.bn // 8 + tile.bn // 32)):
+            if i < tile.bn // 8:  # scale chunk i: (source, byte offset in it, row bytes, ...)
+                ok = n0 + 8 * i < n
+                self.g.append(("s", 2 * (n0 + 8 * i if ok else 0), 2 * n, 4 * i, 16 if ok else 0))
+            else:
+                c = i - tile.bn // 8
+                ok = n0w + 4 * c < nw
+                self.g.append(("z", 4 * (n0w + 4 * c if ok else 0), 4 * nw, 4 * c, 16 if ok else 0))
+
+    def issue(self, kt, group_start, g_size, qzeros, scales16):
+        """Shared memory of one stage after this tile's copies (k tile `kt`, the next in order)."""
+        tile, (x_flat, w_flat) = self.tile, self.flat
+        a = np.zeros(tile.bm * tile.bk // 2, U32)
+        for copy in self.a:
+            src, dst, nbytes = copy
+            if nbytes:
+                a[dst:dst + 4] = words_of_halves(x_flat[src:src + 8])
+            copy[0] += tile.bk
+        b = np.zeros(tile.bk * b_stride(tile), U32)
+        for copy in self.b:
+            src, dst, nbytes = copy
+            if nbytes:
+                b[dst:dst + 4] = w_flat[src:src + 4]
+            copy[0] += self.b_step
+        s, z = np.zeros(tile.bn // 2, U32), np.zeros(tile.bn // 8, U32)
+        if group_start:
+            grp = kt * tile.bk // g_size
+            raw = {"s": scales16.reshape(-1).astype(np.uint16).tobytes(),
+                   "z": qzeros.reshape(-1).astype(U32).tobytes()}
+            for which, offset, row_bytes, dst, nbytes in self.g:
+                if nbytes:
+                    start = grp * row_bytes + offset
+                    words = np.frombuffer(raw[which][start:start + 16], U32)
+                    (s if which == "s" else z)[dst:dst + 4] = words
+        return a, b, s, z
 
 
 def _mma_load_group(tag, z, s, word):
@@ -183,10 +219,10 @@ def emulate_mma(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, recor
                 accs = {(wm, wn): np.zeros((mi, 8, 4, 32)) for wm in range(tile.warps_m)
                         for wn in range(tile.warps_n)}
                 groups = {}
+                copies = _StageCopies(x, qweight, scales16, tile, tile.threads, m0, n0, kt_begin)
                 for kt in range(kt_begin, kt_end):
                     start = kt == kt_begin or (kt * bk) % g_size == 0
-                    a_s, b_s, s_s, z_s = _mma_load_stage(x, qweight, qzeros, scales16, g_size,
-                                                         tile, m0, n0, kt, start)
+                    a_s, b_s, s_s, z_s = copies.issue(kt, start, g_size, qzeros, scales16)
                     for (wm, wn), acc in accs.items():
                         word = wn * 8 + g
                         if start:

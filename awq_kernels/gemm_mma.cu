@@ -115,46 +115,107 @@ __device__ __forceinline__ void mma_k16(const u32 (&a)[MI][4], u32 w0, u32 w1, u
   }
 }
 
-// A tile needs scales/zeros iff it starts the block's k range or a new group.
+// A tile needs scales/zeros iff it starts the block's k range or a new group (G a power of 2).
 template <int BK>
 __device__ __forceinline__ bool starts_group(int kt, int kt_begin, int group_size) {
-  return kt == kt_begin || (kt * BK) % group_size == 0;
+  return kt == kt_begin || ((kt * BK) & (group_size - 1)) == 0;
 }
 
-// Issue the cp.async copies of k tile `kt` into stage `st` (every thread takes a share).
-template <int BM, int WARPS_N, int BK, int THREADS>
-__device__ __forceinline__ void load_stage(MmaSmem<BM, WARPS_N, BK>& sm, int st, int kt,
-                                           bool group_start, const u16* x, const u32* qweight,
-                                           const u32* qzeros, const u16* scales, int M, int N,
-                                           int K, int G, int m0, int n0) {
+// The cp.async copies one thread issues for each k tile. Which x rows, weight rows and 16-byte
+// chunks a thread copies is the same at every k tile; only k moves. So the addresses are
+// worked out once, before the K loop, and the k tiles, loaded in order, advance them by a
+// constant: a stage costs a pointer add and a cp.async per copy. (Recomputing row, column,
+// bounds and 64-bit address per copy and tile, as the first version did, made the K loop
+// ~840 SASS instructions per k tile of which ~200 dequantize and multiply: issue-bound at
+// 13 instructions per weight, tools/sass_loops.py.)
+// Thread i copies x chunk i (+ THREADS ...), weight chunk i (+ THREADS ...), and at group
+// starts scale chunk i (i < S_CHUNKS) or zero chunk i - S_CHUNKS (i < S_CHUNKS + Z_CHUNKS).
+template <int BM, int WARPS_N, int BK, int THREADS> struct StageCopies {
   using Tile = MmaTile<BM, WARPS_N, BK>;
-  const int k0 = kt * BK, nw = N / 8, n0w = n0 / 8;
-  for (int i = threadIdx.x; i < BM * Tile::A_ROW_CHUNKS; i += THREADS) {
-    const int r = i / Tile::A_ROW_CHUNKS, c = i % Tile::A_ROW_CHUNKS;
-    const bool ok = m0 + r < M;
-    const u16* src = x + (size_t)(ok ? m0 + r : 0) * K + k0 + c * 8;
-    cp_async16(&sm.a[st][a_chunk_offset<BK>(r, c)], src, ok);
-  }
-  for (int i = threadIdx.x; i < BK * Tile::B_ROW_CHUNKS; i += THREADS) {
-    const int r = i / Tile::B_ROW_CHUNKS, c = i % Tile::B_ROW_CHUNKS;
-    const bool ok = n0w + c * 4 < nw;
-    const u32* src = qweight + (size_t)(k0 + r) * nw + (ok ? n0w + c * 4 : 0);
-    cp_async16(&sm.b[st][r * Tile::B_STRIDE + c * 4], src, ok);
-  }
-  if (group_start) {
-    const int grp = k0 / G;
-    for (int i = threadIdx.x; i < Tile::S_CHUNKS + Tile::Z_CHUNKS; i += THREADS) {
-      if (i < Tile::S_CHUNKS) {
-        const bool ok = n0 + i * 8 < N;
-        cp_async16(&sm.s[st][i * 4], scales + (size_t)grp * N + (ok ? n0 + i * 8 : 0), ok);
-      } else {
-        const int c = i - Tile::S_CHUNKS;
-        const bool ok = n0w + c * 4 < nw;
-        cp_async16(&sm.z[st][c * 4], qzeros + (size_t)grp * nw + (ok ? n0w + c * 4 : 0), ok);
-      }
+  using Smem = MmaSmem<BM, WARPS_N, BK>;
+  static constexpr int A_CHUNKS = BM * Tile::A_ROW_CHUNKS, B_CHUNKS = BK * Tile::B_ROW_CHUNKS;
+  static constexpr int A_COPIES = (A_CHUNKS + THREADS - 1) / THREADS;
+  static constexpr int B_COPIES = (B_CHUNKS + THREADS - 1) / THREADS;
+  static_assert(Tile::S_CHUNKS + Tile::Z_CHUNKS <= THREADS, "one scale or zero copy per thread");
+
+  const u16* a_src[A_COPIES];  // x chunk at the next k tile (row 0 when past M: not read)
+  u32 a_dst[A_COPIES];         // its shared address in stage 0
+  int a_bytes[A_COPIES];       // 16, or 0 for a row past M (zero-filled)
+  const u32* b_src[B_COPIES];  // packed-weight chunk at the next k tile
+  u32 b_dst[B_COPIES];
+  int b_bytes[B_COPIES];       // 16, or 0 for words past N
+  const char* g_src;           // scale or zero chunk of group 0 (nullptr: none)
+  size_t g_row_bytes;          // one group row of scales (2N) or zeros (N / 2)
+  u32 g_dst, g_stage_bytes;
+  int g_bytes;
+  size_t b_step;               // words per k tile: BK * N / 8
+
+  __device__ __forceinline__ StageCopies(Smem& sm, const u16* x, const u32* qweight,
+                                         const u32* qzeros, const u16* scales, int M, int N,
+                                         int K, int m0, int n0, int kt_begin) {
+    const int nw = N / 8, n0w = n0 / 8, k0 = kt_begin * BK;
+#pragma unroll
+    for (int j = 0; j < A_COPIES; ++j) {
+      const int i = threadIdx.x + j * THREADS, r = i / Tile::A_ROW_CHUNKS;
+      const int c = i % Tile::A_ROW_CHUNKS;
+      const bool ok = m0 + r < M;
+      a_src[j] = x + (size_t)(ok ? m0 + r : 0) * K + k0 + c * 8;
+      a_dst[j] = smem_addr(&sm.a[0][a_chunk_offset<BK>(r, c)]);
+      a_bytes[j] = ok ? 16 : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < B_COPIES; ++j) {
+      const int i = threadIdx.x + j * THREADS, r = i / Tile::B_ROW_CHUNKS;
+      const int c = i % Tile::B_ROW_CHUNKS;
+      const bool ok = n0w + c * 4 < nw;
+      b_src[j] = qweight + (size_t)(k0 + r) * nw + (ok ? n0w + c * 4 : 0);
+      b_dst[j] = smem_addr(&sm.b[0][r * Tile::B_STRIDE + c * 4]);
+      b_bytes[j] = ok ? 16 : 0;
+    }
+    b_step = (size_t)BK * nw;
+    const int i = threadIdx.x;
+    g_src = nullptr;
+    g_row_bytes = 0;
+    g_dst = g_stage_bytes = 0;
+    g_bytes = 0;
+    if (i < Tile::S_CHUNKS) {
+      const bool ok = n0 + i * 8 < N;
+      g_src = reinterpret_cast<const char*>(scales + (ok ? n0 + i * 8 : 0));
+      g_row_bytes = (size_t)N * 2;
+      g_dst = smem_addr(&sm.s[0][i * 4]);
+      g_stage_bytes = sizeof(sm.s[0]);
+      g_bytes = ok ? 16 : 0;
+    } else if (i < Tile::S_CHUNKS + Tile::Z_CHUNKS) {
+      const int c = i - Tile::S_CHUNKS;
+      const bool ok = n0w + c * 4 < nw;
+      g_src = reinterpret_cast<const char*>(qzeros + (ok ? n0w + c * 4 : 0));
+      g_row_bytes = (size_t)nw * 4;
+      g_dst = smem_addr(&sm.z[0][c * 4]);
+      g_stage_bytes = sizeof(sm.z[0]);
+      g_bytes = ok ? 16 : 0;
     }
   }
-}
+
+  // Copies of the next k tile (`kt`, the tiles come in order) into stage `st`.
+  __device__ __forceinline__ void issue(int st, int kt, bool group_start, int group_size) {
+#pragma unroll
+    for (int j = 0; j < A_COPIES; ++j) {
+      if (A_CHUNKS % THREADS == 0 || threadIdx.x + j * THREADS < A_CHUNKS)
+        cp_async16_bytes(a_dst[j] + st * (u32)sizeof(Smem::a[0]), a_src[j], a_bytes[j]);
+      a_src[j] += BK;
+    }
+#pragma unroll
+    for (int j = 0; j < B_COPIES; ++j) {
+      if (B_CHUNKS % THREADS == 0 || threadIdx.x + j * THREADS < B_CHUNKS)
+        cp_async16_bytes(b_dst[j] + st * (u32)sizeof(Smem::b[0]), b_src[j], b_bytes[j]);
+      b_src[j] += b_step;
+    }
+    if (group_start && g_src != nullptr) {
+      const int grp = kt * BK / group_size;
+      cp_async16_bytes(g_dst + st * g_stage_bytes, g_src + grp * g_row_bytes, g_bytes);
+    }
+  }
+};
 
 // Write the warp's accumulators: per m16 tile, rows g and g+8, 16 consecutive columns each.
 template <typename T, int MI>
@@ -230,13 +291,13 @@ awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
   u32 zb[8], sb[8];
 
+  StageCopies<BM, WARPS_N, BK, THREADS> copies(sm, x, qweight, qzeros, scales, M, N, K, m0, n0,
+                                                kt_begin);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nk) {
       const int kt = kt_begin + s;
-      load_stage<BM, WARPS_N, BK, THREADS>(sm, s, kt, starts_group<BK>(kt, kt_begin, group_size),
-                                           x, qweight, qzeros, scales, M, N, K, group_size, m0,
-                                           n0);
+      copies.issue(s, kt, starts_group<BK>(kt, kt_begin, group_size), group_size);
     }
     cp_async_commit();  // always commit: keeps the group count uniform for wait_group
   }
@@ -247,9 +308,7 @@ awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
     const int pre = it + STAGES - 1;
     if (pre < nk) {
       const int kt = kt_begin + pre;
-      load_stage<BM, WARPS_N, BK, THREADS>(sm, pre % STAGES, kt,
-                                           starts_group<BK>(kt, kt_begin, group_size), x,
-                                           qweight, qzeros, scales, M, N, K, group_size, m0, n0);
+      copies.issue(pre % STAGES, kt, starts_group<BK>(kt, kt_begin, group_size), group_size);
     }
     cp_async_commit();
 

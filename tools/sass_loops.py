@@ -77,7 +77,9 @@ K_LOOP_OPS = ("HFMA2", "HMUL2", "HADD2", "HMMA")
 
 
 def weights_per_iteration(expr: str) -> int | None:
-    """Packed weights one lane handles per K-loop iteration (GEMV kernels; None otherwise)."""
+    """Packed weights one lane handles per K-loop iteration (None for kernels without one)."""
+    if m := re.match(r"awq_gemm_mma<\w+, \d+, \d+, \d+, (\d+)>", expr):
+        return 2 * int(m[1])  # per k16 step 4 words of 8; BK / 16 steps per k tile
     m = re.match(r"awq_(gemv|gemv_direct|mma_direct)<(\w+), (\d+)(?:, \d+)?>", expr)
     if not m:
         return None
