@@ -197,7 +197,8 @@ template <int BM, int WARPS_N, int BK, int THREADS> struct StageCopies {
   }
 
   // Copies of the next k tile (`kt`, the tiles come in order) into stage `st`.
-  __device__ __forceinline__ void issue(int st, int kt, bool group_start, int group_size) {
+  // group_shift = log2(G): the group index is a shift, not a division (G is a power of 2).
+  __device__ __forceinline__ void issue(int st, int kt, bool group_start, int group_shift) {
 #pragma unroll
     for (int j = 0; j < A_COPIES; ++j) {
       if (A_CHUNKS % THREADS == 0 || threadIdx.x + j * THREADS < A_CHUNKS)
@@ -211,7 +212,7 @@ template <int BM, int WARPS_N, int BK, int THREADS> struct StageCopies {
       b_src[j] += b_step;
     }
     if (group_start && g_src != nullptr) {
-      const int grp = kt * BK / group_size;
+      const int grp = (kt * BK) >> group_shift;
       cp_async16_bytes(g_dst + st * g_stage_bytes, g_src + grp * g_row_bytes, g_bytes);
     }
   }
@@ -293,11 +294,12 @@ awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
 
   StageCopies<BM, WARPS_N, BK, THREADS> copies(sm, x, qweight, qzeros, scales, M, N, K, m0, n0,
                                                 kt_begin);
+  const int group_shift = 31 - __clz(group_size);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nk) {
       const int kt = kt_begin + s;
-      copies.issue(s, kt, starts_group<BK>(kt, kt_begin, group_size), group_size);
+      copies.issue(s, kt, starts_group<BK>(kt, kt_begin, group_size), group_shift);
     }
     cp_async_commit();  // always commit: keeps the group count uniform for wait_group
   }
@@ -308,7 +310,7 @@ awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
     const int pre = it + STAGES - 1;
     if (pre < nk) {
       const int kt = kt_begin + pre;
-      copies.issue(pre % STAGES, kt, starts_group<BK>(kt, kt_begin, group_size), group_size);
+      copies.issue(pre % STAGES, kt, starts_group<BK>(kt, kt_begin, group_size), group_shift);
     }
     cp_async_commit();
 
