@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import api
-from .plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_MAX_M
+from .plan import GEMV_DIRECT_MAX_M, MMA_DIRECT_MAX_M
 
 SHAPES = ((4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (8192, 28672),
           (28672, 8192), (5120, 13824))
@@ -170,8 +170,9 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
                 continue  # 64 rows per launch: far past where it could win
             if name == "awq[direct,2 launches]" and m > 1:
                 continue  # the fused split-K's gain, measured at decode's M = 1 only
-            if name == "awq[mma,split]" and not GEMV_MAX_M < m <= 64:
-                continue  # where `auto` runs it (M 9..32) and the next measured M
+            if name == "awq[mma,split]" and m > 128:
+                continue  # `auto` runs it at M 9..64; since its K loop lost 2/3 of its
+                # instructions (2026-12-05) it may win at M <= 8 and 128 too
             fns = make(x)
             try:
                 h_us = host_us(fns[0])  # the GPU sleeps twice that before each timed call

@@ -20,7 +20,7 @@ import torch
 from . import api, benchmark, build
 from .plan import MMA_SPLIT_BLOCKS_PER_SM, check_mma_tile
 
-SWEEP_MS = (16, 32, 64, 128, 256)
+SWEEP_MS = (4, 8, 16, 32, 64, 128, 256)
 SPLIT_MODES = {"mma": 0, "mma_split": MMA_SPLIT_BLOCKS_PER_SM}
 
 
