@@ -23,10 +23,12 @@ typedef unsigned short u16;
 struct F16 {
   static constexpr u32 MAGIC2 = 0x64006400u;  // (1024.0, 1024.0)
   static constexpr u32 ONE2 = 0x3C003C00u;    // (1.0, 1.0)
+  static constexpr bool IN_PLACE_NIBBLES = true;  // see dequant_nibbles
 };
 struct BF16 {
   static constexpr u32 MAGIC2 = 0x43004300u;  // (128.0, 128.0)
   static constexpr u32 ONE2 = 0x3F803F80u;    // (1.0, 1.0)
+  static constexpr bool IN_PLACE_NIBBLES = false;
 };
 
 constexpr u32 SIGN2 = 0x80008000u;      // sign bits of both halves: xor negates a pair
@@ -120,8 +122,42 @@ __device__ __forceinline__ u32 dequant_pair(u32 bits, u32 neg_magic_z, u32 s) {
   return fma2<T>(q_minus_z, s, NEG_ZERO2);
 }
 
+// Nibble pair p (bits 4p..4p+3 and 16+4p..16+4p+3, p = 0..3) of a packed word w, as
+// (q - z) * s; `w8` = w >> 8, shifted once per word by the caller. For fp16 the pairs p = 1, 3
+// are masked in place instead of shifted down: MAGIC | (q << 4) = 1024 + 16 q, exact (fp16's unit
+// stays 1 below 2048), and fma(x, 1/16, -(64 + z)) = q - z, exact; so a word needs one shift
+// instead of three, and those pairs' zero constant is -(64 + z) (zero_nibbles). bf16 cannot:
+// with 7 mantissa bits 128 + 16 q passes 256, so it shifts every pair (w >> 4p) as before.
+constexpr u32 HIGH_NIBBLE_MASK2 = 0x00F000F0u;
+constexpr u32 SIXTEENTH2_F16 = 0x2C002C00u;  // (1/16, 1/16) in fp16
+constexpr u32 NINE_SIXTY2_F16 = 0x63806380u;  // (960, 960): 1024 + z - 960 = 64 + z
+
+// p is a compile-time constant wherever these are called (fully unrolled loops over p).
+template <typename T>
+__device__ __forceinline__ u32 dequant_nibbles(u32 w, u32 w8, int p, u32 zneg, u32 s) {
+  if constexpr (T::IN_PLACE_NIBBLES) {
+    const bool in_place = p % 2 == 1;
+    const u32 x = lop3_and_or(p < 2 ? w : w8, in_place ? HIGH_NIBBLE_MASK2 : NIBBLE_MASK2,
+                              T::MAGIC2);
+    const u32 q_minus_z = fma2<T>(x, in_place ? SIXTEENTH2_F16 : T::ONE2, zneg);
+    return fma2<T>(q_minus_z, s, NEG_ZERO2);
+  } else {
+    return dequant_pair<T>(w >> (4 * p), zneg, s);
+  }
+}
+
+// The zero constant dequant_nibbles expects for nibble pair p of the zeros word zw: -(MAGIC + z),
+// or for fp16's in-place pairs -(64 + z) = -(MAGIC + z) + 960 (exact).
+template <typename T> __device__ __forceinline__ u32 zero_nibbles(u32 zw, int p) {
+  const u32 neg_magic_z = nibbles_to_magic_pair<T>(zw >> (4 * p)) ^ SIGN2;
+  if constexpr (T::IN_PLACE_NIBBLES) {
+    if (p % 2 == 1) return fma2<T>(neg_magic_z, T::ONE2, NINE_SIXTY2_F16);
+  }
+  return neg_magic_z;
+}
+
 // Per-group constants of one packed word column as (k, k+1) broadcast pairs, column j = 0..7:
-// zb[j] = -(MAGIC + z_j) twice, sb[j] = s_j twice (converted to T), from the column's packed
+// zb[j] = zero_nibbles(zeros word, j / 2) (-(MAGIC + z_j); fp16, odd j / 2: -(64 + z_j)) twice, sb[j] = s_j twice (converted to T), from the column's packed
 // zeros word and its 8 fp16 scales (4 pairs). The mma kernels' B (or A) fragments pair rows
 // k, k+1 of one column, hence the broadcast. Rebuilt once per group.
 template <typename T>
@@ -129,7 +165,7 @@ __device__ __forceinline__ void group_pairs(u32 zw, uint4 sv, u32 (&zb)[8], u32 
   const u32 s01[4] = {sv.x, sv.y, sv.z, sv.w};  // scale pairs of columns (2p, 2p+1)
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
-    const u32 zp = nibbles_to_magic_pair<T>(zw >> (4 * p)) ^ SIGN2;  // columns 2p, 2p+1
+    const u32 zp = zero_nibbles<T>(zw, p);  // columns 2p, 2p+1
     zb[2 * p] = dup_lo(zp);
     zb[2 * p + 1] = dup_hi(zp);
     const u32 sp = scale_pair<T>(s01[p]);

@@ -88,6 +88,29 @@ def dequant_pair(tag: str, bits, neg_magic_z, s) -> np.ndarray:
     return fma2(tag, q_minus_z, s, NEG_ZERO2)
 
 
+HIGH_NIBBLE_MASK2, SIXTEENTH2_F16, NINE_SIXTY2_F16 = U32(0x00F000F0), U32(0x2C002C00), U32(0x63806380)
+
+
+def dequant_nibbles(tag: str, w, w8, p: int, zneg, s) -> np.ndarray:
+    """common.cuh's dequant_nibbles: fp16 masks pairs p = 1, 3 in place (1024 + 16 q) and
+    scales them by 1/16 while subtracting; bf16 shifts every pair down."""
+    if tag != "F16":
+        return dequant_pair(tag, shr(w, 4 * p), zneg, s)
+    in_place = p % 2 == 1
+    src = np.asarray(w if p < 2 else w8, dtype=U32)
+    x = (src & (HIGH_NIBBLE_MASK2 if in_place else NIBBLE_MASK2)) | MAGIC2[tag]
+    q_minus_z = fma2(tag, x, SIXTEENTH2_F16 if in_place else ONE2[tag], zneg)
+    return fma2(tag, q_minus_z, s, NEG_ZERO2)
+
+
+def zero_nibbles(tag: str, zw, p: int) -> np.ndarray:
+    """common.cuh's zero_nibbles: -(MAGIC + z), fp16's in-place pairs -(64 + z)."""
+    neg_magic_z = nibbles_to_magic_pair(tag, shr(zw, 4 * p)) ^ SIGN2
+    if tag == "F16" and p % 2 == 1:
+        return fma2(tag, neg_magic_z, ONE2[tag], NINE_SIXTY2_F16)
+    return neg_magic_z
+
+
 def scale_pair(tag: str, fp16_pair) -> np.ndarray:
     if tag == "F16":
         return np.asarray(fp16_pair, dtype=U32)
@@ -190,7 +213,7 @@ class _StageCopies:
 def _mma_load_group(tag, z, s, word):
     zw, zb, sb = z[word], [None] * 8, [None] * 8
     for p in range(4):
-        zp = nibbles_to_magic_pair(tag, shr(zw, 4 * p)) ^ SIGN2
+        zp = zero_nibbles(tag, zw, p)
         zb[2 * p], zb[2 * p + 1] = prmt(zp, zp, 0x1010), prmt(zp, zp, 0x3232)
         sp = scale_pair(tag, s[word * 4 + p])
         sb[2 * p], sb[2 * p + 1] = prmt(sp, sp, 0x1010), prmt(sp, sp, 0x3232)
@@ -242,8 +265,8 @@ def emulate_mma(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, recor
                             odd = (prmt(w0, w1, 0x7632), prmt(w8, w9, 0x7632))
                             for p in range(4):
                                 for j, src in ((2 * p, even), (2 * p + 1, odd)):
-                                    b = [dequant_pair(tag, shr(src[h], 4 * p), zb[j], sb[j])
-                                         for h in range(2)]
+                                    b = [dequant_nibbles(tag, src[h], shr(src[h], 8), p,
+                                                         zb[j], sb[j]) for h in range(2)]
                                     if record is not None:
                                         for h in range(2):
                                             kk = kt * bk + ks * 16 + 2 * t + 8 * h

@@ -11,6 +11,7 @@ from .emulate import (
     LANE,
     SIGN2,
     U32,
+    dequant_nibbles,
     dequant_pair,
     fma2,
     hi,
@@ -22,6 +23,7 @@ from .emulate import (
     scale_pair,
     shr,
     to_f32,
+    zero_nibbles,
 )
 from .plan import GEMV_DIRECT_VEC, GEMV_KC, GEMV_NT, MMA_DIRECT_DEPTH, Launch, gemv_direct_flush
 
@@ -155,7 +157,7 @@ def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch
                             grp = row0 // g_size
                             zb, sb = [None] * 8, [None] * 8
                             for p in range(4):
-                                zp = nibbles_to_magic_pair(tag, shr(qzeros[grp, wcol], 4 * p)) ^ SIGN2
+                                zp = zero_nibbles(tag, qzeros[grp, wcol], p)
                                 zb[2 * p], zb[2 * p + 1] = prmt(zp, zp, 0x1010), prmt(zp, zp, 0x3232)
                                 cols = 8 * wcol + 2 * p
                                 sp = scale_pair(tag, pair(scales16[grp, cols], scales16[grp, cols + 1]))
@@ -172,10 +174,9 @@ def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch
                                 b.append([pair(x[row, kk], x[row, kk + 1]),
                                           pair(x[row, kk + 8], x[row, kk + 9])])
                             for i in range(4):
-                                a = [dequant_pair(tag, shr(even01, 4 * i), zb[2 * i], sb[2 * i]),
-                                     dequant_pair(tag, shr(odd01, 4 * i), zb[2 * i + 1], sb[2 * i + 1]),
-                                     dequant_pair(tag, shr(even89, 4 * i), zb[2 * i], sb[2 * i]),
-                                     dequant_pair(tag, shr(odd89, 4 * i), zb[2 * i + 1], sb[2 * i + 1])]
+                                a = [dequant_nibbles(tag, v, shr(v, 8), i, zb[2 * i + h % 2],
+                                                     sb[2 * i + h % 2])
+                                     for h, v in enumerate((even01, odd01, even89, odd89))]
                                 if record is not None and in_n:
                                     for reg, (dk, dc) in enumerate(((0, 0), (0, 1), (8, 0), (8, 1))):
                                         col = 8 * word + 2 * i + dc

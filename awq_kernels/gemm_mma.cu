@@ -102,14 +102,16 @@ __device__ __forceinline__ void mma_k16(const u32 (&a)[MI][4], u32 w0, u32 w1, u
                                         float (&acc)[MI][8][4]) {
   const u32 even01 = prmt(w0, w1, 0x5410u), odd01 = prmt(w0, w1, 0x7632u);
   const u32 even89 = prmt(w8, w9, 0x5410u), odd89 = prmt(w8, w9, 0x7632u);
+  const u32 even01_8 = even01 >> 8, odd01_8 = odd01 >> 8;  // for dequant_nibbles
+  const u32 even89_8 = even89 >> 8, odd89_8 = odd89 >> 8;
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
-    const u32 b_even[2] = {dequant_pair<T>(even01 >> (4 * p), zb[2 * p], sb[2 * p]),
-                           dequant_pair<T>(even89 >> (4 * p), zb[2 * p], sb[2 * p])};
+    const u32 b_even[2] = {dequant_nibbles<T>(even01, even01_8, p, zb[2 * p], sb[2 * p]),
+                           dequant_nibbles<T>(even89, even89_8, p, zb[2 * p], sb[2 * p])};
 #pragma unroll
     for (int i = 0; i < MI; ++i) mma16816<T>(acc[i][2 * p], a[i], b_even);
-    const u32 b_odd[2] = {dequant_pair<T>(odd01 >> (4 * p), zb[2 * p + 1], sb[2 * p + 1]),
-                          dequant_pair<T>(odd89 >> (4 * p), zb[2 * p + 1], sb[2 * p + 1])};
+    const u32 b_odd[2] = {dequant_nibbles<T>(odd01, odd01_8, p, zb[2 * p + 1], sb[2 * p + 1]),
+                          dequant_nibbles<T>(odd89, odd89_8, p, zb[2 * p + 1], sb[2 * p + 1])};
 #pragma unroll
     for (int i = 0; i < MI; ++i) mma16816<T>(acc[i][2 * p + 1], a[i], b_odd);
   }

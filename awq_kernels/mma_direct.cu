@@ -99,12 +99,14 @@ __device__ __forceinline__ void md_compute(const MdChunk& c, const u16* const (&
     const u32 odd01 = prmt(c.w[s][0], c.w[s][1], 0x7632u);
     const u32 even89 = prmt(c.w[s][2], c.w[s][3], 0x5410u);
     const u32 odd89 = prmt(c.w[s][2], c.w[s][3], 0x7632u);
+    const u32 even01_8 = even01 >> 8, odd01_8 = odd01 >> 8;  // for dequant_nibbles
+    const u32 even89_8 = even89 >> 8, odd89_8 = odd89 >> 8;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // m16 tile i: A rows g, g + 8 = columns 2i, 2i + 1
-      const u32 a[4] = {dequant_pair<T>(even01 >> (4 * i), zb[2 * i], sb[2 * i]),
-                        dequant_pair<T>(odd01 >> (4 * i), zb[2 * i + 1], sb[2 * i + 1]),
-                        dequant_pair<T>(even89 >> (4 * i), zb[2 * i], sb[2 * i]),
-                        dequant_pair<T>(odd89 >> (4 * i), zb[2 * i + 1], sb[2 * i + 1])};
+      const u32 a[4] = {dequant_nibbles<T>(even01, even01_8, i, zb[2 * i], sb[2 * i]),
+                        dequant_nibbles<T>(odd01, odd01_8, i, zb[2 * i + 1], sb[2 * i + 1]),
+                        dequant_nibbles<T>(even89, even89_8, i, zb[2 * i], sb[2 * i]),
+                        dequant_nibbles<T>(odd89, odd89_8, i, zb[2 * i + 1], sb[2 * i + 1])};
 #pragma unroll
       for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], a, b[s][j]);
     }

@@ -103,6 +103,23 @@ def test_sources_are_self_contained_after_inlining():
         assert text.count("struct F16 {") == 1  # common.cuh inlined exactly once
 
 
+def test_cuda_constants_match_the_emulation_and_their_values():
+    """The emulation mirrors common.cuh's bit patterns; both must be the numbers they claim."""
+    text = (build.KERNEL_DIR / "common.cuh").read_text()
+
+    def const(name: str) -> int:
+        return int(re.search(rf"{name} = (0x[0-9A-Fa-f]+)u;", text)[1], 16)
+
+    fp16 = {"MAGIC2": 1024.0, "ONE2": 1.0, "SIXTEENTH2_F16": 1 / 16, "NINE_SIXTY2_F16": 960.0}
+    for name, value in fp16.items():
+        half = int(np.float16(value).view(np.uint16))
+        assert const(name) == half | half << 16, name
+    assert const("SIXTEENTH2_F16") == emulate.SIXTEENTH2_F16
+    assert const("NINE_SIXTY2_F16") == emulate.NINE_SIXTY2_F16
+    assert const("HIGH_NIBBLE_MASK2") == emulate.HIGH_NIBBLE_MASK2 == 0x00F000F0
+    assert const("NIBBLE_MASK2") == emulate.NIBBLE_MASK2
+
+
 # ------------------------------------------------------------------ NumPy emulation of the index math
 
 def _bits16(t: torch.Tensor) -> np.ndarray:
