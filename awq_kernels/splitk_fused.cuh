@@ -10,6 +10,8 @@
 #pragma once
 #include "common.cuh"
 
+constexpr int SPLITK_FINISH_MAX = 16;  // plan.MAX_SPLITS: the splits the planners ever make
+
 template <typename T, int TILE>
 __device__ __forceinline__ void splitk_finish(const float* partials, u16* y, int* counters,
                                               int M, int N) {
@@ -22,11 +24,27 @@ __device__ __forceinline__ void splitk_finish(const float* partials, u16* y, int
   if (!last) return;
   __threadfence();  // pairs with the other blocks' fences: their partials are visible now
   const int col = blockIdx.x * TILE + threadIdx.x;  // thread t adds column t of the tile
+  const int splits = static_cast<int>(gridDim.y);
   if (col < N) {
     for (int m = 0; m < M; ++m) {
-      float sum = __ldcg(partials + (size_t)m * N + col);  // split 0; L2 reads, not stale L1
-      for (int s = 1; s < static_cast<int>(gridDim.y); ++s)
-        sum += __ldcg(partials + ((size_t)s * M + m) * N + col);
+      const float* p = partials + (size_t)m * N + col;  // split s at p + s * M * N
+      float sum;
+      if (splits <= SPLITK_FINISH_MAX) {
+        // Every split's load issued before the first add: one L2 round trip on the block's
+        // critical path instead of one per few splits (the loop below, unrolled by the
+        // compiler, waits per group of loads). Added in split order: the same bits.
+        float part[SPLITK_FINISH_MAX];
+#pragma unroll
+        for (int s = 0; s < SPLITK_FINISH_MAX; ++s)
+          part[s] = s < splits ? __ldcg(p + (size_t)s * M * N) : 0.f;  // L2, not stale L1
+        sum = part[0];
+#pragma unroll
+        for (int s = 1; s < SPLITK_FINISH_MAX; ++s)
+          if (s < splits) sum += part[s];
+      } else {
+        sum = __ldcg(p);
+        for (int s = 1; s < splits; ++s) sum += __ldcg(p + (size_t)s * M * N);
+      }
       y[(size_t)m * N + col] = (u16)(pack2<T>(sum, 0.f) & 0xFFFFu);
     }
   }

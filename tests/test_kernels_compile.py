@@ -14,6 +14,7 @@ import torch
 from awq_kernels import build, emulate, emulate_direct, emulate_ops, reference
 from awq_kernels.plan import (
     GEMV_NT,
+    MAX_SPLITS,
     Launch,
     cdiv,
     plan_gemv,
@@ -118,6 +119,11 @@ def test_cuda_constants_match_the_emulation_and_their_values():
     assert const("NINE_SIXTY2_F16") == emulate.NINE_SIXTY2_F16
     assert const("HIGH_NIBBLE_MASK2") == emulate.HIGH_NIBBLE_MASK2 == 0x00F000F0
     assert const("NIBBLE_MASK2") == emulate.NIBBLE_MASK2
+
+
+def test_fused_splitk_covers_every_planned_split_count():
+    text = (build.KERNEL_DIR / "splitk_fused.cuh").read_text()
+    assert int(re.search(r"SPLITK_FINISH_MAX = (\d+);", text)[1]) == MAX_SPLITS
 
 
 # ------------------------------------------------------------------ NumPy emulation of the index math
