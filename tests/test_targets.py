@@ -57,14 +57,14 @@ def test_e2e_ops_variants_are_compared_with_fp16_ops():
         return {"model": "llama3-8b", "variant": variant, "decode_graph_tok_s": decode,
                 "weights_gib": 4.0, "prefill_2048_tok_s": 900.0}
     rows = [row("fp16", 100.0), row("w4 cupy", 150.0), row("fp16 +ops", 130.0),
-            row("w4 cupy[direct] +emb +ops", 312.0)]
+            row("w4 cupy +emb +ops", 312.0)]
     decode = {r["target"]: r for r in targets.e2e_targets({"rows": rows})}[
         "llama3-8b decode (graph) >= 2.5x fp16"]
-    assert decode["best of ours"].startswith("2.40x at w4 cupy[direct] +emb +ops: NOT met")
+    assert decode["best of ours"].startswith("2.40x at w4 cupy +emb +ops: NOT met")
     without_base = [r for r in rows if r["variant"] != "fp16 +ops"]
     decode = {r["target"]: r for r in targets.e2e_targets({"rows": without_base})}[
         "llama3-8b decode (graph) >= 2.5x fp16"]
-    assert decode["best of ours"].startswith("3.12x at w4 cupy[direct] +emb +ops: met")
+    assert decode["best of ours"].startswith("3.12x at w4 cupy +emb +ops: met")
 
 
 def test_fastest_per_m_ranks_by_geometric_mean_over_shapes():

@@ -44,3 +44,6 @@ def test_sass_loops_counts_backward_branches_only():
     assert sass_loops.weights_per_iteration("awq_gemv_direct<BF16, 8>") == 8 * 1 * 4
     assert sass_loops.weights_per_iteration("awq_gemv<F16, 2>") == 32
     assert sass_loops.weights_per_iteration("splitk_reduce<F16>") is None
+    # gemm_mma: a lane dequantizes 4 words of 8 per k16 step, BK / 16 steps per k tile
+    assert sass_loops.weights_per_iteration("awq_gemm_mma<F16, 16, 1, 2, 32>") == 64
+    assert sass_loops.weights_per_iteration("awq_gemm_mma<BF16, 16, 1, 4, 64>") == 128

@@ -7,14 +7,14 @@ of its shape when the file is unavailable, which the table says) and a Llama-3-8
 with random non-zero weights made directly on the GPU (W4 g128; no checkpoint file). Variants of
 each: fp16; 4-bit on awq_kernels ("w4 cupy"); 4-bit on the dequantize + matmul reference
 ("w4 torch"); 4-bit on awq_kernels with the token table and lm_head in 4 bits too
-("w4 cupy +emb", awq_ref.quant.embedding, RTN at load time), and the same with the direct-load
-kernels (`kernel="auto_direct"`: gemv_direct.cu at M = 1, mma_direct.cu to M = 128) for the
-products ("w4 cupy[direct] +emb"). "+ops" variants also run RMSNorm, SwiGLU and the rotary
-embedding on awq_kernels.ops (one kernel each; awq_ref.fuse.use_elementwise_kernels): "fp16 +ops"
-and "w4 cupy[direct] +emb +ops", compared with each other (tools/targets.py); they are skipped
-with a message if the ops fail a quick check against torch. "w4 cupy[direct] +emb4/head8 +ops"
-keeps the lm_head in 8 bits (awq_ref.quant.int8_head, gemv_int8.cu) with the 4-bit token
-table. Per variant:
+("w4 cupy +emb", awq_ref.quant.embedding, RTN at load time). "+ops" variants also run RMSNorm,
+SwiGLU and the rotary embedding on awq_kernels.ops (one kernel each;
+awq_ref.fuse.use_elementwise_kernels): "fp16 +ops" and "w4 cupy +emb +ops", compared with each
+other (tools/targets.py); they are skipped with a message if the ops fail a quick check against
+torch. "w4 cupy +emb4/head8 +ops" keeps the lm_head in 8 bits (awq_ref.quant.int8_head,
+gemv_int8.cu) with the 4-bit token table. (Until 2026-12-05 "[direct]" variants also ran
+`kernel="auto_direct"`; `auto` now takes the direct kernels where the H100 measured them
+fastest, so they were dropped.) Per variant:
 
 - prefill tokens/s of one forward over 128 and over 2048 tokens (median of --repeats);
 - decode tokens/s: batch 1, 128-token prompt, 256 greedy tokens (the first comes from the
@@ -250,15 +250,6 @@ def _fresh_peak() -> float:
     return torch.cuda.memory_allocated() / 2**30
 
 
-def direct_kernel(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
-                  scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """awq_kernels.gemm(kernel="auto_direct"): gemv_direct.cu / mma_direct.cu for M <= 128,
-    which `auto` does not pick until they are timed on a GPU."""
-    import awq_kernels
-
-    return awq_kernels.gemm(x, qweight, qzeros, scales, group_size, kernel="auto_direct")
-
-
 def elementwise_ops():
     """awq_kernels.ops after a quick check against the model's torch code on Llama-3-8B
     widths, or None with a message (the "+ops" variants are then skipped, the others run)."""
@@ -327,15 +318,13 @@ def bench_model(name: str, s: Settings) -> list[dict]:
         rows.append({"model": name, "weights": source, "variant": f"w4 {backend}",
                      "weights_gib": weights, **measure(model, s, graph=backend == "cupy")})
     quantize_embeddings(model)  # RTN on the GPU; the fp16 tables are freed
-    for variant, kernel in (("w4 cupy +emb", backend_kernel("cupy", DEVICE, DTYPE)),
-                            ("w4 cupy[direct] +emb", direct_kernel)):
-        apply_kernel(model, kernel)
-        weights = _fresh_peak()
-        rows.append({"model": name, "weights": source, "variant": variant,
-                     "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
-    if ops is not None:  # the direct kernels still installed
+    apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
+    weights = _fresh_peak()
+    rows.append({"model": name, "weights": source, "variant": "w4 cupy +emb",
+                 "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
+    if ops is not None:
         use_elementwise_kernels(model, ops)
-        rows.append({"model": name, "weights": source, "variant": "w4 cupy[direct] +emb +ops",
+        rows.append({"model": name, "weights": source, "variant": "w4 cupy +emb +ops",
                      "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
     del model
     _fresh_peak()
@@ -343,12 +332,12 @@ def bench_model(name: str, s: Settings) -> list[dict]:
     model, source = build(name, quantized=True)
     quantize_head_int8(model)
     quantize_embeddings(model, parts=("embed",))
-    apply_kernel(model, direct_kernel)
+    apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
     apply_int8_kernel(model, backend_int8_kernel("cupy", DEVICE, DTYPE))
     use_elementwise_kernels(model, ops)  # None (failed check): the torch code
     weights = _fresh_peak()
     rows.append({"model": name, "weights": source,
-                 "variant": "w4 cupy[direct] +emb4/head8" + (" +ops" if ops else ""),
+                 "variant": "w4 cupy +emb4/head8" + (" +ops" if ops else ""),
                  "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
     del model
     _fresh_peak()
@@ -360,19 +349,18 @@ def bench_model(name: str, s: Settings) -> list[dict]:
 @torch.no_grad()
 def profile_decode(name: str, steps: int = 4, rows: int = 14) -> str:
     """torch.profiler's per-kernel device time over `steps` eager and CUDA-graph decode steps,
-    for fp16, W4 on awq_kernels (`auto`), and W4 with 4-bit tables on the direct kernels and
+    for fp16, W4 on awq_kernels (`auto`), and W4 with 4-bit tables on awq_kernels and
     awq_kernels.ops (the tables name each kernel and its mean time)."""
     from torch.profiler import ProfilerActivity, profile
 
     out = []
     ops = elementwise_ops()
-    for variant in ("fp16", "w4 cupy", "w4 cupy[direct] +emb +ops"):
+    for variant in ("fp16", "w4 cupy", "w4 cupy +emb +ops"):
         model, _ = build(name, quantized=variant != "fp16")
-        if variant == "w4 cupy":
+        if variant != "fp16":
             apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
-        elif variant != "fp16":
+        if variant == "w4 cupy +emb +ops":
             quantize_embeddings(model)
-            apply_kernel(model, direct_kernel)
             use_elementwise_kernels(model, ops)  # None (failed check): the torch code
         cache = model.new_cache(1, 128 + 3 * steps + 8)
         token = model(_prompt(model, 128), cache, last_only=True)[0, -1].argmax()  # 0-dim

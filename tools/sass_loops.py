@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="sm_90")
-    p.add_argument("--family", nargs="+", default=["gemv", "gemv_direct", "mma_direct"],
+    p.add_argument("--family", nargs="+", default=["gemv", "gemv_direct", "mma_direct", "mma"],
                    choices=sorted(build.SOURCES))
     p.add_argument("--nvdisasm", default=shutil.which("nvdisasm"))
     args = p.parse_args(argv)
