@@ -21,6 +21,7 @@ from .plan import (
     GROUP_SIZES,
     K_MULTIPLE,
     KERNELS,
+    MAX_SPLITS,
     MMA_SPLIT_BLOCKS_PER_SM,
     N_MULTIPLE,
     check_mma_tile,
@@ -104,8 +105,8 @@ def check_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
 
 def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                     scales: torch.Tensor, group_size: int, out: torch.Tensor | None = None,
-                    kernel: str = "auto", mma_tile: MmaTile | None = None
-                    ) -> tuple[int, int, int]:
+                    kernel: str = "auto", mma_tile: MmaTile | None = None,
+                    max_splits: int = MAX_SPLITS) -> tuple[int, int, int]:
     """Validate everything `gemm` receives; return (M, K, N). Touches no device."""
     _require_tensor("x", x)
     _require_dtype("x", x, tuple(ACTIVATION_DTYPES))
@@ -115,6 +116,10 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x must have shape [..., K = {k}], got {list(x.shape)}")
     m = x.numel() // k
+    if isinstance(max_splits, bool) or not isinstance(max_splits, int):
+        raise TypeError(f"max_splits must be an int, got {type(max_splits).__name__}")
+    if not 1 <= max_splits <= MAX_SPLITS:
+        raise ValueError(f"max_splits must be in 1..{MAX_SPLITS}, got {max_splits}")
     if mma_tile is not None:
         if kernel not in ("mma", "mma_split"):
             raise ValueError(f"mma_tile applies to kernel 'mma' or 'mma_split', not {kernel!r}")
@@ -139,7 +144,7 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
 def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
          group_size: int, *, out: torch.Tensor | None = None,
          kernel: str = "auto", fuse_splitk: bool = True,
-         mma_tile: MmaTile | None = None) -> torch.Tensor:
+         mma_tile: MmaTile | None = None, max_splits: int = MAX_SPLITS) -> torch.Tensor:
     """y = x @ W with W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n] (AWQ "gemm" format).
 
     Args (all CUDA, contiguous, 16-byte aligned, one device):
@@ -162,11 +167,14 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
                   kernel.
         mma_tile: "mma"/"mma_split" only: this compiled block tile (build.MMA_TILES) instead
                   of the one chosen by M; for the benchmark's tile sweep.
+        max_splits: at most this many K splits (1..16; 1: none) for every kernel that splits
+                  K (all but dequant); the planners' choice is kept below it. For the sweep.
     Returns:
         y: [..., N] in x's dtype; fp32 accumulation, deterministic (sums in a fixed order; the
         fused split-K's one atomic per block only counts arrivals).
     """
-    m, k, n = check_gemm_args(x, qweight, qzeros, scales, group_size, out, kernel, mma_tile)
+    m, k, n = check_gemm_args(x, qweight, qzeros, scales, group_size, out, kernel, mma_tile,
+                              max_splits)
     name = choose_kernel(m, kernel)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
@@ -175,7 +183,8 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
     if name == "dequant":
         torch.matmul(x2, dequantize(qweight, qzeros, scales, group_size, dtype=x.dtype), out=y2)
     else:
-        _launch_product(name, x2, qweight, qzeros, scales, group_size, y2, fuse_splitk, mma_tile)
+        _launch_product(name, x2, qweight, qzeros, scales, group_size, y2, fuse_splitk, mma_tile,
+                        max_splits)
     return y
 
 
@@ -200,29 +209,31 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                     scales: torch.Tensor, group_size: int, y2: torch.Tensor,
-                    fuse_splitk: bool = True, mma_tile: MmaTile | None = None) -> None:
+                    fuse_splitk: bool = True, mma_tile: MmaTile | None = None,
+                    max_splits: int = MAX_SPLITS) -> None:
     """One gemv/mma launch into y2 (M, N), or into fp32 partials plus the split-K reduction
     (in the same launch for gemv_direct when `fuse_splitk` and counters are at hand)."""
     (m, k), n = x2.shape, y2.shape[1]
     if name == "mma_direct" and len(chunks := mma_direct_row_chunks(m)) > 1:
         for r0, rows in chunks:  # more rows than one launch holds
             _launch_product(name, x2[r0:r0 + rows], qweight, qzeros, scales, group_size,
-                            y2[r0:r0 + rows], fuse_splitk)
+                            y2[r0:r0 + rows], fuse_splitk, max_splits=max_splits)
         return
     tag = ACTIVATION_DTYPES[x2.dtype]
     with _on_torch_stream(x2.device) as (arch, num_sms):
         if name == "gemv":
-            launch = plan_gemv(m, n, k, num_sms)
+            launch = plan_gemv(m, n, k, num_sms, max_splits)
             expr = build.gemv_expr(tag, launch.config)
         elif name == "gemv_direct":
-            launch = plan_gemv_direct(m, n, k, num_sms)
+            launch = plan_gemv_direct(m, n, k, num_sms, max_splits)
             expr = build.gemv_direct_expr(tag, launch.config)
         elif name == "mma_direct":
-            launch = plan_mma_direct(m, n, k, num_sms)
+            launch = plan_mma_direct(m, n, k, num_sms, max_splits)
             expr = build.mma_direct_expr(tag, launch.config)
         else:
             per_sm = MMA_SPLIT_BLOCKS_PER_SM if name == "mma_split" else 0
-            launch = plan_mma(m, n, k, num_sms, blocks_per_sm=per_sm, tile=mma_tile)
+            launch = plan_mma(m, n, k, num_sms, blocks_per_sm=per_sm, tile=mma_tile,
+                              max_splits=max_splits)
             expr = build.mma_expr(tag, launch.tile)
         target = y2
         if launch.splits > 1:  # (splits, M, N) fp32 partial sums

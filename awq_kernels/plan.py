@@ -104,7 +104,7 @@ def check_mma_tile(tile: MmaTile, group_size: int) -> None:
 
 
 def plan_mma(m: int, n: int, k: int, num_sms: int, blocks_per_sm: int = 0,
-             tile: MmaTile | None = None) -> Launch:
+             tile: MmaTile | None = None, max_splits: int = MAX_SPLITS) -> Launch:
     """Largest ladder tile that still gives every SM a block (or the given `tile`); split K
     when far fewer tiles than SMs, or (blocks_per_sm > 0) until about blocks_per_sm blocks per
     SM: at M = 16 the tiles alone give under 2 warps per SM (2 warps per block), too few to
@@ -120,30 +120,32 @@ def plan_mma(m: int, n: int, k: int, num_sms: int, blocks_per_sm: int = 0,
     k_steps = k // tile.bk
     splits, per_split = (1, k_steps)
     if blocks_per_sm and tiles < blocks_per_sm * num_sms:
-        splits, per_split = _splits(tiles, k_steps, blocks_per_sm * num_sms)
+        splits, per_split = _splits(tiles, k_steps, blocks_per_sm * num_sms, max_splits)
     elif 2 * tiles <= num_sms:  # under half a wave: the partial-sum traffic is worth it
-        splits, per_split = _splits(tiles, k_steps, num_sms)
+        splits, per_split = _splits(tiles, k_steps, num_sms, max_splits)
     return Launch("mma", tile.bm, (n_tiles, cdiv(m, tile.bm), splits), (tile.threads, 1, 1),
                   splits, per_split, tile)
 
 
-def plan_gemv(m: int, n: int, k: int, num_sms: int) -> Launch:
+def plan_gemv(m: int, n: int, k: int, num_sms: int, max_splits: int = MAX_SPLITS) -> Launch:
     """Smallest row capacity MT >= m; split K until about four blocks per SM (bytes in flight)."""
     mt = next(r for r in GEMV_ROWS if r >= m)
     n_tiles = cdiv(n, GEMV_NT)
-    splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms)
+    splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms, max_splits)
     return Launch("gemv", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits, per_split)
 
 
-def plan_gemv_direct(m: int, n: int, k: int, num_sms: int) -> Launch:
+def plan_gemv_direct(m: int, n: int, k: int, num_sms: int, max_splits: int = MAX_SPLITS
+                     ) -> Launch:
     """As plan_gemv (same 256-column tiles, 32-row split units), for gemv_direct.cu."""
     mt = next(r for r in GEMV_DIRECT_ROWS if r >= m)
     n_tiles = cdiv(n, GEMV_NT)
-    splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms)
+    splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms, max_splits)
     return Launch("gemv_direct", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits, per_split)
 
 
-def plan_mma_direct(m: int, n: int, k: int, num_sms: int) -> Launch:
+def plan_mma_direct(m: int, n: int, k: int, num_sms: int, max_splits: int = MAX_SPLITS
+                    ) -> Launch:
     """Smallest row capacity MT >= m (build.MMA_DIRECT_CONFIGS); 256-column tiles split over K
     (32-row units) toward four blocks per SM, but with the fp32 partials (splits x M x N x 4
     bytes, written and read back) at most half the packed weight bytes (K x N / 2):
@@ -151,7 +153,7 @@ def plan_mma_direct(m: int, n: int, k: int, num_sms: int) -> Launch:
     mt = next(r for r in MMA_DIRECT_CONFIGS if r >= m)
     n_tiles = cdiv(n, GEMV_NT)
     splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms,
-                                max_splits=max(1, min(MAX_SPLITS, k // (16 * m))))
+                                max_splits=max(1, min(max_splits, k // (16 * m))))
     return Launch("mma_direct", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits,
                   per_split)
 

@@ -1,13 +1,16 @@
-"""Tile sweep of the tensor-core kernel (gemm_mma.cu): every compiled block tile, with and
-without the wider split-K, timed per PROTOCOL.md like benchmark.py, to choose `auto`'s tiles
-from measurements rather than from predictions.
+"""Sweep of the kernels' launch choices, timed per PROTOCOL.md like benchmark.py, to choose
+`auto`'s from measurements rather than from predictions: every compiled block tile of the
+tensor-core kernel (gemm_mma.cu), plain and with the wider split-K, at M >= 4; and the split-K
+factor of the decode kernels (gemv_direct at M <= 2, mma_direct at 2 <= M <= 8).
 
 Why: on the H100 (docs/gpu/h100-2026-12-05) the mma kernel ran at 10-40% of the floor at
-M = 16-128, which neither the register nor the instruction counts explain; the likely costs
-are per k tile (a __syncthreads, the copy address math) and per block (few warps share one x
-tile), and those are what the tiles vary: BN = 128 or 256 columns, BK = 32 or 64 rows per
-stage, one or two warp rows. Each (shape, M) point reports every variant's microseconds and
-its time over the fastest; `ranking` folds those into one geometric mean per M.
+M = 16-128 (issue-bound on its copy address math, since rewritten: NOTES.md), and the decode
+kernels at 22-50% on the 4096-wide shapes, where each launch ends in a split-K tail (partials,
+a fence, an atomic, the last block's sum) whose cost against the parallelism it buys was
+never measured. The tiles vary what costs per k tile and per block: BN = 128 or 256 columns,
+BK = 32 or 64 rows per stage, one or two warp rows. Each (shape, M) point reports every
+variant's microseconds and its time over the fastest; `ranking` folds those into one geometric
+mean per M.
 """
 
 from __future__ import annotations
@@ -18,10 +21,19 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import api, benchmark, build
-from .plan import MMA_SPLIT_BLOCKS_PER_SM, check_mma_tile
+from .plan import (
+    AUTO_GEMV_DIRECT_MAX_M,
+    AUTO_MMA_DIRECT_MAX_M,
+    MMA_SPLIT_BLOCKS_PER_SM,
+    check_mma_tile,
+)
 
-SWEEP_MS = (4, 8, 16, 32, 64, 128, 256)
+SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SPLIT_MODES = {"mma": 0, "mma_split": MMA_SPLIT_BLOCKS_PER_SM}
+SPLIT_CAPS = (1, 2, 4, 8, 16)  # max_splits of the decode kernels' variants
+# The decode kernels' rows in the sweep: where `auto` runs them (plan.py), and the M next to it.
+DECODE_KERNELS = {"gemv_direct": range(1, AUTO_GEMV_DIRECT_MAX_M + 1),
+                  "mma_direct": range(AUTO_GEMV_DIRECT_MAX_M, AUTO_MMA_DIRECT_MAX_M + 1)}
 
 
 @dataclass
@@ -51,10 +63,18 @@ def valid_tiles(group_size: int) -> list[build.MmaTile]:
 
 
 def _variants(x: torch.Tensor, packed: list, fp16: list, g: int) -> dict[str, list]:
-    """name -> one closure per weight copy: fp16 cuBLAS, `auto`, every tile x split mode."""
+    """name -> one closure per weight copy: fp16 cuBLAS, `auto`, the decode kernels under each
+    split cap (M <= 8), every tile x split mode (M >= 4)."""
+    m = x.shape[0]
     variants = {"fp16": [lambda w=w: torch.matmul(x, w) for w in fp16],
                 "awq": [lambda w=w: api.gemm(x, *w, g) for w in packed]}
-    for tile in valid_tiles(g):
+    for kernel in (name for name, ms in DECODE_KERNELS.items() if m in ms):
+        for cap in SPLIT_CAPS:
+            variants[f"{kernel} splits<={cap}"] = [
+                lambda w=w, kernel=kernel, cap=cap: api.gemm(x, *w, g, kernel=kernel,
+                                                             max_splits=cap)
+                for w in packed]
+    for tile in valid_tiles(g) if m >= 4 else ():
         for kernel in SPLIT_MODES:
             variants[f"{kernel} {tile_name(tile)}"] = [
                 lambda w=w, kernel=kernel, tile=tile: api.gemm(x, *w, g, kernel=kernel,

@@ -89,6 +89,30 @@ def test_mma_tile_is_checked_before_cuda():
     _raises(ValueError, "x must be a CUDA tensor", *_args(), kernel="mma", mma_tile=deep)
 
 
+def test_max_splits_is_checked_before_cuda():
+    _raises(TypeError, "max_splits must be an int", *_args(), max_splits=2.0)
+    _raises(ValueError, "max_splits must be in 1..16, got 0", *_args(), max_splits=0)
+    _raises(ValueError, "max_splits must be in 1..16, got 17", *_args(), max_splits=17)
+    _raises(ValueError, "x must be a CUDA tensor", *_args(), max_splits=1)
+
+
+@pytest.mark.parametrize("cap", [1, 2, 5, 16])
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (2, 14336, 4096), (8, 4096, 14336),
+                                   (16, 576, 192)])
+def test_split_caps_bound_every_planner(cap, m, k, n):
+    launches = [plan_mma(m, n, k, 132, blocks_per_sm=4, max_splits=cap),
+                plan_mma(m, n, k, 132, max_splits=cap)]
+    if m <= 8:
+        launches += [plan_gemv(m, n, k, 132, cap), plan_gemv_direct(m, n, k, 132, cap),
+                     plan_mma_direct(m, n, k, 132, cap)]
+    for launch in launches:
+        steps = k // (launch.tile.bk if launch.tile else 32)
+        assert 1 <= launch.splits <= cap
+        assert (launch.splits - 1) * launch.k_per_split < steps <= launch.splits * launch.k_per_split
+    if cap == 16 and m <= 8:  # the default: the planners' own choice
+        assert plan_gemv_direct(m, n, k, 132, cap) == plan_gemv_direct(m, n, k, 132)
+
+
 @pytest.mark.parametrize("tile", build.MMA_TILES, ids=str)
 @pytest.mark.parametrize("m,k,n", [(16, 4096, 4096), (64, 4096, 14336), (130, 576, 192),
                                    (256, 14336, 4096)])
@@ -107,6 +131,8 @@ def test_sweep_ranking_and_tiles():
     from awq_kernels import sweep
 
     assert all(t.bk == 32 for t in sweep.valid_tiles(32))
+    assert [m for m in sweep.SWEEP_MS if m in sweep.DECODE_KERNELS["gemv_direct"]] == [1, 2]
+    assert [m for m in sweep.SWEEP_MS if m in sweep.DECODE_KERNELS["mma_direct"]] == [2, 4, 8]
     assert len(sweep.valid_tiles(128)) == len(build.MMA_TILES) > len(sweep.valid_tiles(32))
     rows = [{"k": k, "n": 64, "m": 16, "variant": v, "us": us, "vs_best": r,
              "speedup_vs_fp16": 1.0}

@@ -101,6 +101,16 @@ def test_every_mma_tile(tile, dtype):
                 _check(x, k, n, g, kernel, mma_tile=tile)
 
 
+@pytest.mark.parametrize("cap", (1, 2, 5))
+@pytest.mark.parametrize("kernel,m", [("gemv_direct", 1), ("gemv_direct", 2), ("mma_direct", 5),
+                                      ("mma_split", 16), ("gemv", 3)])
+def test_split_caps(kernel, m, cap):
+    """The sweep's split caps (1: no split-K at all) on shapes that split 16 ways uncapped."""
+    for k, n, g in ((4096, 4096, 128), (1536, 576, 32)):
+        x = torch.randn(m, k, device="cuda").half()
+        _check(x, k, n, g, kernel, max_splits=cap)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_dequantize_is_bit_exact(dtype):
     for k, n, g in SHAPES:
