@@ -1,6 +1,6 @@
 """Sweep of the kernels' launch choices, timed per PROTOCOL.md like benchmark.py, to choose
 `auto`'s from measurements rather than from predictions: every compiled block tile of the
-tensor-core kernel (gemm_mma.cu), plain and with the wider split-K, at M >= 4; and the split-K
+tensor-core kernel (gemm_mma.cu), plain and with the wider split-K; and the split-K
 factor of the decode kernels (gemv_direct at M <= 2, mma_direct at 2 <= M <= 8).
 
 Why: on the H100 (docs/gpu/h100-2026-12-05) the mma kernel ran at 10-40% of the floor at
@@ -64,7 +64,8 @@ def valid_tiles(group_size: int) -> list[build.MmaTile]:
 
 def _variants(x: torch.Tensor, packed: list, fp16: list, g: int) -> dict[str, list]:
     """name -> one closure per weight copy: fp16 cuBLAS, `auto`, the decode kernels under each
-    split cap (M <= 8), every tile x split mode (M >= 4)."""
+    split cap (M <= 8), every tile x split mode (the tensor-core kernel at every M: with 2/3 of
+    its K loop gone it may compete at decode sizes too)."""
     m = x.shape[0]
     variants = {"fp16": [lambda w=w: torch.matmul(x, w) for w in fp16],
                 "awq": [lambda w=w: api.gemm(x, *w, g) for w in packed]}
@@ -74,7 +75,7 @@ def _variants(x: torch.Tensor, packed: list, fp16: list, g: int) -> dict[str, li
                 lambda w=w, kernel=kernel, cap=cap: api.gemm(x, *w, g, kernel=kernel,
                                                              max_splits=cap)
                 for w in packed]
-    for tile in valid_tiles(g) if m >= 4 else ():
+    for tile in valid_tiles(g):
         for kernel in SPLIT_MODES:
             variants[f"{kernel} {tile_name(tile)}"] = [
                 lambda w=w, kernel=kernel, tile=tile: api.gemm(x, *w, g, kernel=kernel,

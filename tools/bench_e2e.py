@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from ops_check import elementwise_ops  # tools/, beside this script
 from torch import nn
 
 from awq_ref.backend import backend_int8_kernel, backend_kernel, check_backend
@@ -248,53 +249,6 @@ def _fresh_peak() -> float:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return torch.cuda.memory_allocated() / 2**30
-
-
-def elementwise_ops():
-    """awq_kernels.ops after a quick check against the model's torch code on Llama-3-8B
-    widths, or None with a message (the "+ops" variants are then skipped, the others run)."""
-    import torch.nn.functional as F
-
-    from awq_ref.model import rotary_tables, rotate_heads
-
-    try:
-        from awq_kernels import ops
-
-        x = torch.randn(2, 3, 4096, device=DEVICE, dtype=DTYPE)
-        w = torch.rand(4096, device=DEVICE, dtype=DTYPE) + 0.5
-        # The norms may differ from torch by one rounding before the weight's product (their
-        # fp32 sums run in another order): up to ~1.5e-3 relative in fp16 (H100, 2026-12-05).
-        norm_tol = {"rtol": 2e-3, "atol": 1e-5}
-        torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (4096,), eps=1e-5),
-                                   **norm_tol)
-        s, y = ops.add_rms_norm(x, x, w, 1e-5)
-        torch.testing.assert_close(s, x + x, rtol=0, atol=0)
-        torch.testing.assert_close(y, w * F.rms_norm(x + x, (4096,), eps=1e-5), **norm_tol)
-        gate, up = torch.randn(3, 2 * 1024, device=DEVICE, dtype=DTYPE).split(1024, dim=-1)
-        torch.testing.assert_close(ops.silu_mul(gate, up), F.silu(gate) * up)
-        qkv = torch.randn(1, 3, 48 * 128, device=DEVICE, dtype=DTYPE)
-        q, k, v = (p.view(1, 3, -1, 128) for p in qkv.split([32 * 128, 8 * 128, 8 * 128], -1))
-        cos, sin = rotary_tables(torch.rand(3, 64, device=DEVICE) * 50, DTYPE)
-        qk = qkv[..., :40 * 128].view(1, 3, 40, 128)
-        torch.testing.assert_close(ops.rotary(qk, cos, sin), rotate_heads(qk, cos, sin), rtol=0, atol=0)
-        keys, values = (torch.zeros(1, 8, 9, 128, device=DEVICE, dtype=DTYPE) for _ in range(2))
-        got_q = ops.rotary_into_cache(q, k, v, cos, sin, keys, values,
-                                      torch.tensor([6], device=DEVICE))
-        torch.testing.assert_close(got_q, rotate_heads(q, cos, sin), rtol=0, atol=0)
-        torch.testing.assert_close(keys[:, :, 6:], rotate_heads(k, cos, sin).transpose(1, 2),
-                                   rtol=0, atol=0)
-        torch.testing.assert_close(values[:, :, 6:], v.transpose(1, 2), rtol=0, atol=0)
-        position = torch.tensor([7], device=DEVICE)
-        visible = (torch.arange(9, device=DEVICE) <= 7)[None, :]
-        want = F.scaled_dot_product_attention(got_q[:, :1].transpose(1, 2), keys, values,
-                                              attn_mask=visible, enable_gqa=True).transpose(1, 2)
-        torch.testing.assert_close(ops.decode_attention(got_q[:, :1], keys, values, position), want,
-                                   atol=2e-3, rtol=2e-3)
-        return ops
-    except Exception as e:  # noqa: BLE001 -- any failure (compile errors too) skips only these
-        print(f"awq_kernels.ops failed its check, skipping the +ops variants: {e!r}",
-              file=sys.stderr)
-        return None
 
 
 def bench_model(name: str, s: Settings) -> list[dict]:
