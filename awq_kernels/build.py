@@ -86,7 +86,8 @@ GEMV_DIRECT_ROWS = (1, 2, 4, 8)
 MMA_DIRECT_CONFIGS = {8: (1, 1), 16: (2, 1), 32: (4, 1), 64: (4, 2)}
 # Kernels of elementwise.cu (awq_kernels.ops), each templated on the dtype tag only.
 ELEMENTWISE_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary", "rotary_into_cache")
-ATTENTION_HEAD_DIMS = (64, 128)  # decode_attention<T, Dh> (attention.cu)
+ATTENTION_HEAD_DIMS = (64, 128)  # decode_attention<T, Dh, GM> (attention.cu)
+ATTENTION_GROUPS = (4, 8)  # GM: query heads per KV head held in registers (>= the model's)
 COMPILE_OPTIONS = ("-std=c++17",)
 
 
@@ -121,6 +122,10 @@ def mma_direct_expr(tag: str, mt: int) -> str:
     return f"awq_mma_direct<{tag}, {nt}, {wm}>"
 
 
+def attention_expr(tag: str, dh: int, gm: int) -> str:
+    return f"decode_attention<{tag}, {dh}, {gm}>"
+
+
 def dequant_expr(tag: str) -> str:
     return f"awq_dequant<{tag}>"
 
@@ -139,7 +144,8 @@ def instantiations(family: str) -> list[str]:
         "dequant": lambda tag: [dequant_expr(tag)],
         "reduce": lambda tag: [reduce_expr(tag)],
         "elementwise": lambda tag: [f"{op}<{tag}>" for op in ELEMENTWISE_OPS],
-        "attention": lambda tag: [f"decode_attention<{tag}, {dh}>" for dh in ATTENTION_HEAD_DIMS],
+        "attention": lambda tag: [attention_expr(tag, dh, gm) for dh in ATTENTION_HEAD_DIMS
+                                  for gm in ATTENTION_GROUPS],
         "gemv_int8": lambda tag: [f"gemv_int8<{tag}, {mt}>" for mt in GEMV_ROWS],
     }[family]
     return [expr for tag in DTYPE_TAGS for expr in per_tag(tag)]

@@ -30,7 +30,7 @@ from .api import (
     _run,
     _splitk_counters,
 )
-from .build import ATTENTION_HEAD_DIMS
+from .build import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, attention_expr
 from .plan import Launch, cdiv
 
 THREADS = 256           # EW_THREADS of elementwise.cu
@@ -236,7 +236,7 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
 
 HEAD_DIMS = ATTENTION_HEAD_DIMS  # what a model needs for all of these (ElementwiseOps)
 ATTENTION_CHUNK = 64   # AT_CHUNK of attention.cu: cache slots per block
-ATTENTION_MAX_GROUP = 8  # AT_GMAX: query heads per KV head
+ATTENTION_MAX_GROUP = max(ATTENTION_GROUPS)  # AT_GMAX: query heads per KV head
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -286,7 +286,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     tag = ACTIVATION_DTYPES[q.dtype]
     with _on_torch_stream(q.device) as (arch, _):
         launch = Launch("attention", 0, (b * hkv, splits, 1), (128, 1, 1))
-        _run(launch, arch, f"decode_attention<{tag}, {dh}>",
+        gm = next(g for g in ATTENTION_GROUPS if g >= h // hkv)
+        _run(launch, arch, attention_expr(tag, dh, gm),
              (q, keys, values, position, partials, y, counters, _i32(h), _i32(hkv), _i32(s),
               _i32(q.stride(0)), _i32(q.stride(2)), _f32(dh ** -0.5)))
     return y

@@ -289,7 +289,8 @@ def test_fused_elementwise_ops_match_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("h,hkv,dh", [(32, 8, 128), (9, 3, 64)], ids=["llama3-8b", "smollm2"])
+@pytest.mark.parametrize("h,hkv,dh", [(32, 8, 128), (9, 3, 64), (32, 4, 128), (8, 8, 64)],
+                         ids=["llama3-8b", "smollm2", "group8", "mha"])
 def test_decode_attention_matches_masked_sdpa(dtype, h, hkv, dh):
     """One token over cache slots 0..p: the masked SDPA of the decode step, within the dtype's
     tolerance, for p in the first slot, mid-split, the last slot; twice the same bits."""
