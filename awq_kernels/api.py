@@ -162,9 +162,9 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
                   "gemv_direct" (M <= 8; registers instead of shared memory, 16-bit
                   products), "mma", "mma_split" (the mma kernel split over K to ~4 blocks per
                   SM), "mma_direct" (tensor cores fed from registers; launches of <= 64 rows), "dequant".
-        fuse_splitk: gemv_direct and mma_direct: add the K splits in the same launch (the
-                  last block of each column tile does it; same bits) instead of a second
-                  kernel.
+        fuse_splitk: every kernel but gemv and dequant: add the K splits in the same launch
+                  (the last block of each output tile does it; same bits) instead of a
+                  second kernel.
         mma_tile: "mma"/"mma_split" only: this compiled block tile (build.MMA_TILES) instead
                   of the one chosen by M; for the benchmark's tile sweep.
         max_splits: at most this many K splits (1..16; 1: none) for every kernel that splits
@@ -241,9 +241,10 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
         args = (x2, qweight, qzeros, scales, target, _i32(m), _i32(n), _i32(k),
                 _i32(group_size), _i32(launch.k_per_split))
         counters = None
-        if name in ("gemv_direct", "mma_direct"):
-            if launch.splits > 1 and fuse_splitk:
-                counters = _splitk_counters(x2.device, launch.grid[0])
+        if name != "gemv":  # the kernels with the fused split-K (splitk_fused.cuh)
+            if launch.splits > 1 and fuse_splitk:  # one counter per output tile
+                tiles = launch.grid[0] * (launch.grid[1] if launch.family == "mma" else 1)
+                counters = _splitk_counters(x2.device, tiles)
             args += (None if counters is None else y2, counters)
         _run(launch, arch, expr, args)
         if launch.splits > 1 and counters is None:

@@ -6,7 +6,9 @@
 //   qzeros   [K/G, N/8] int32, packed like qweight          (u32)
 //   scales   [K/G, N] fp16 (even for T = BF16)              (u16 bits)
 //   out      [M, N] T when gridDim.z == 1, else fp32 partial sums [gridDim.z, M, N]
-//            (split-K; reduce.cu adds them in a fixed order, so results are deterministic).
+//            (split-K; reduce.cu adds them in a fixed order, so results are deterministic;
+//            or, when `counters` is given, the last block of each output tile adds them in the
+//            same order and writes y [M, N]: splitk_fused.cuh).
 // Constraints (checked in Python): K % BK == 0, G in {32, 64, 128} and G % BK == 0 (so one BK
 // tile lies in one group), N % WARP_N == 0, every pointer 16-byte aligned.
 //
@@ -43,6 +45,7 @@
 //     (t = 0..3) a warp reads at once then start 8 banks apart (2 * B_STRIDE = 8 mod 32),
 //     conflict-free with the 8 words g.
 #include "common.cuh"
+#include "splitk_fused.cuh"
 
 constexpr int WARP_N = 64;  // 8 packed words x 8 columns per warp
 constexpr int SMEM_LIMIT = 48 * 1024;  // static shared memory without an opt-in
@@ -268,7 +271,8 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N,
                                   mma_min_blocks(BM / (16 * WARPS_M), WARPS_M * WARPS_N))
 awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
              const u32* __restrict__ qzeros, const u16* __restrict__ scales, void* __restrict__ out,
-             int M, int N, int K, int group_size, int k_tiles_per_split) {
+             int M, int N, int K, int group_size, int k_tiles_per_split,
+             u16* __restrict__ y, int* __restrict__ counters) {
   using Tile = MmaTile<BM, WARPS_N, BK>;
   constexpr int STAGES = Tile::STAGES;
   constexpr int THREADS = 32 * WARPS_M * WARPS_N;
@@ -336,4 +340,7 @@ awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
   const int col0 = n0 + wn * WARP_N + 16 * t;
   if (n0 + wn * WARP_N < N)  // N % WARP_N == 0: a warp's 64 columns are all in or all out
     store_tile<T, MI>(acc, out, M, N, m0 + wm * MI * 16 + g, col0, gridDim.z > 1);
+  if (gridDim.z > 1 && counters != nullptr)  // split-K summed in this launch (splitk_fused.cuh)
+    splitk_finish_tile<T, BM, Tile::BN, THREADS>(static_cast<const float*>(out), y, counters, M,
+                                                 N, m0, n0);
 }

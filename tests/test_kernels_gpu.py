@@ -148,7 +148,8 @@ def test_runs_on_torchs_current_stream():
 @pytest.mark.parametrize("kernel,m", [("gemv_direct", 1), ("gemv_direct", 2), ("gemv_direct", 3),
                                       ("gemv_direct", 4), ("mma_direct", 1),
                                       ("mma_direct", 5), ("mma_direct", 16), ("mma_direct", 32),
-                                      ("mma_direct", 64)])
+                                      ("mma_direct", 64), ("mma_split", 9), ("mma_split", 40),
+                                      ("mma_split", 130), ("mma", 16)])
 def test_fused_splitk_equals_two_launches(kernel, m, dtype):
     """The last block of a tile adds the splits in the reduce kernel's order: same bits; and
     it leaves the stream's counters at zero for the next launch."""
@@ -165,7 +166,7 @@ def test_fused_splitk_equals_two_launches(kernel, m, dtype):
     assert int(counters.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("kernel,m", [("gemv_direct", 1), ("mma_direct", 4)])
+@pytest.mark.parametrize("kernel,m", [("gemv_direct", 1), ("mma_direct", 4), ("mma_split", 16)])
 def test_direct_kernels_under_cuda_graph_capture(kernel, m):
     """A capturing stream without counters falls back to the reduce kernel; one warmed up
     eagerly first captures the fused launch. Both replay to the eager bits."""
