@@ -13,6 +13,25 @@
 
 constexpr int SPLITK_FINISH_MAX = 16;  // plan.MAX_SPLITS: the splits the planners ever make
 
+// Sum of the `splits` partials p[0], p[stride], ... in split order (the reduce kernel's order).
+// Up to SPLITK_FINISH_MAX every load is issued before the first add: one L2 round trip on the
+// finishing block's critical path instead of one per few splits. __ldcg: L2, not a stale L1.
+__device__ __forceinline__ float sum_splits(const float* p, int splits, size_t stride) {
+  if (splits > SPLITK_FINISH_MAX) {
+    float sum = __ldcg(p);
+    for (int s = 1; s < splits; ++s) sum += __ldcg(p + s * stride);
+    return sum;
+  }
+  float part[SPLITK_FINISH_MAX];
+#pragma unroll
+  for (int s = 0; s < SPLITK_FINISH_MAX; ++s) part[s] = s < splits ? __ldcg(p + s * stride) : 0.f;
+  float sum = part[0];
+#pragma unroll
+  for (int s = 1; s < SPLITK_FINISH_MAX; ++s)
+    if (s < splits) sum += part[s];
+  return sum;
+}
+
 template <typename T, int TILE>
 __device__ __forceinline__ void splitk_finish(const float* partials, u16* y, int* counters,
                                               int M, int N) {
@@ -28,24 +47,7 @@ __device__ __forceinline__ void splitk_finish(const float* partials, u16* y, int
   const int splits = static_cast<int>(gridDim.y);
   if (col < N) {
     for (int m = 0; m < M; ++m) {
-      const float* p = partials + (size_t)m * N + col;  // split s at p + s * M * N
-      float sum;
-      if (splits <= SPLITK_FINISH_MAX) {
-        // Every split's load issued before the first add: one L2 round trip on the block's
-        // critical path instead of one per few splits (the loop below, unrolled by the
-        // compiler, waits per group of loads). Added in split order: the same bits.
-        float part[SPLITK_FINISH_MAX];
-#pragma unroll
-        for (int s = 0; s < SPLITK_FINISH_MAX; ++s)
-          part[s] = s < splits ? __ldcg(p + (size_t)s * M * N) : 0.f;  // L2, not stale L1
-        sum = part[0];
-#pragma unroll
-        for (int s = 1; s < SPLITK_FINISH_MAX; ++s)
-          if (s < splits) sum += part[s];
-      } else {
-        sum = __ldcg(p);
-        for (int s = 1; s < splits; ++s) sum += __ldcg(p + (size_t)s * M * N);
-      }
+      const float sum = sum_splits(partials + (size_t)m * N + col, splits, (size_t)M * N);
       y[(size_t)m * N + col] = (u16)(pack2<T>(sum, 0.f) & 0xFFFFu);
     }
   }
@@ -70,21 +72,7 @@ __device__ __forceinline__ void splitk_finish_tile(const float* partials, u16* y
   for (int i = threadIdx.x; i < TILE_M * TILE_N; i += THREADS) {
     const int row = m0 + i / TILE_N, col = n0 + i % TILE_N;
     if (row >= M || col >= N) continue;
-    const float* p = partials + (size_t)row * N + col;  // split s at p + s * M * N
-    float sum;
-    if (splits <= SPLITK_FINISH_MAX) {  // every load first (splitk_finish)
-      float part[SPLITK_FINISH_MAX];
-#pragma unroll
-      for (int s = 0; s < SPLITK_FINISH_MAX; ++s)
-        part[s] = s < splits ? __ldcg(p + (size_t)s * M * N) : 0.f;
-      sum = part[0];
-#pragma unroll
-      for (int s = 1; s < SPLITK_FINISH_MAX; ++s)
-        if (s < splits) sum += part[s];
-    } else {
-      sum = __ldcg(p);
-      for (int s = 1; s < splits; ++s) sum += __ldcg(p + (size_t)s * M * N);
-    }
+    const float sum = sum_splits(partials + (size_t)row * N + col, splits, (size_t)M * N);
     y[(size_t)row * N + col] = (u16)(pack2<T>(sum, 0.f) & 0xFFFFu);
   }
   if (threadIdx.x == 0) counters[tile] = 0;
