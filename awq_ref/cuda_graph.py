@@ -26,7 +26,8 @@ from awq_ref.model import Attention, KVCache, Llama, rotary_tables
 
 
 def _attend(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            cache: KVCache, position: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+            cache: KVCache, position: torch.Tensor, visible: torch.Tensor | None
+            ) -> torch.Tensor:
     """Attention.forward for one token whose position is a tensor (see the module docstring),
     on the attention's one-kernel versions where installed (awq_ref.fuse)."""
     b = x.shape[0]  # x (B, 1, D)
@@ -58,8 +59,11 @@ def static_decode_step(model: Llama, cache: KVCache, token: torch.Tensor, positi
     x = model.model.embed_tokens(token)  # (B, 1, D)
     freqs = position.to(torch.float32)[:, None] * inv_freq[None, :]  # (1, Dh/2), as Llama.rotary
     cos, sin = rotary_tables(freqs, x.dtype)  # (1, Dh) each
-    # Slots after `position` hold zeros or stale keys from warm-up: never visible.
-    visible = (torch.arange(cache.max_len, device=x.device) <= position)[None, :]  # (1, S_max)
+    # Slots after `position` hold zeros or stale keys from warm-up: never visible. (The
+    # one-kernel attention reads slots 0..position only: no mask to build for it.)
+    visible = None
+    if any(block.self_attn.decode_attention is None for block in model.model.layers):
+        visible = (torch.arange(cache.max_len, device=x.device) <= position)[None, :]  # (1, S_max)
     for block in model.model.layers:  # Block.forward with a position tensor
         attended = _attend(block.self_attn, block.input_layernorm(x), cos, sin, cache, position,
                            visible)
