@@ -4,11 +4,14 @@
 # The device tool carries at most 64 MiB of ignored files per call, but a warm machine keeps
 # ignored files between calls. So:
 #   here:    bash tools/gpu_stage_model.sh split   # .devcarry/model.part0..1, .sha256, .parts
-#   device:  call 1 carries .devcarry/model.part0, .devcarry/model.sha256 and
-#            .devcarry/model.parts (command: true),
+#   device:  call 1 carries .devcarry/model.part0, .devcarry/model.sha256,
+#            .devcarry/model.parts and .devcarry/py (command: true),
 #            call 2 carries .devcarry/model.part1 and runs
-#            bash tools/gpu_stage_model.sh join && AWQ_REF_CACHE=$PWD/.devcarry/cache \
-#                GPU_CHECK_ONLY=e2e-tests bash tools/gpu_check.sh
+#            bash tools/gpu_stage_model.sh join && PYTHONPATH=$PWD/.devcarry/py \
+#                AWQ_REF_CACHE=$PWD/.devcarry/cache GPU_CHECK_ONLY=e2e-tests bash tools/gpu_check.sh
+# .devcarry/py holds the pure-Python packages the GGUF loader needs and the device's Python
+# lacked on 2026-12-05 (gguf, yaml -- its C extension is skipped there --, tqdm), copied from
+# this machine's .venv by `split`.
 # Two parts of 49 MB each (the tracked tree adds ~2 MB to a call); GPU_STAGE_PARTS=3 makes
 # three of 33 MB if a call ever needs more room.
 # `join` checks the SHA-256 of the whole file before it is used, so a part lost between calls
@@ -27,7 +30,11 @@ case "${1:-}" in
     split -n "$PARTS" -d -a 1 "$src" "$STAGE/model.part"
     (cd "$(dirname "$src")" && sha256sum "$NAME") > "$STAGE/model.sha256"
     echo "$PARTS" > "$STAGE/model.parts"
-    ls -l "$STAGE"
+    site=$($py -c 'import gguf, os; print(os.path.dirname(os.path.dirname(gguf.__file__)))')
+    rm -rf "$STAGE/py" && mkdir -p "$STAGE/py"
+    for pkg in gguf yaml tqdm; do cp -r "$site/$pkg" "$STAGE/py/"; done
+    find "$STAGE/py" -name __pycache__ -prune -exec rm -rf {} +
+    ls -l "$STAGE" && du -sh "$STAGE/py"
     ;;
   join)
     [[ -f $STAGE/model.parts ]] && PARTS=$(cat "$STAGE/model.parts")  # as split wrote them
