@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +126,29 @@ def test_cuda_constants_match_the_emulation_and_their_values():
 def test_fused_splitk_covers_every_planned_split_count():
     text = (build.KERNEL_DIR / "splitk_fused.cuh").read_text()
     assert int(re.search(r"SPLITK_FINISH_MAX = (\d+);", text)[1]) == MAX_SPLITS
+
+
+@pytest.mark.parametrize("tile", build.MMA_TILES, ids=str)
+def test_mma_k_loop_is_lean(tile):
+    """The tensor-core kernel's K loop, counted in PTX: per weight a lane handles, at most 5
+    instructions besides the mma.sync themselves (memory-bound on an H100 needs <= ~5.5 in all
+    at full issue, NOTES.md; the mma count, MI / 4 per weight, only grows with the tile's rows,
+    where the kernel is compute-bound anyway). It was 12.2 (PTX; 13.2 in SASS) while every copy
+    recomputed its address per k tile (H100: 10-40% of the floor at M = 16-128); the per-block
+    copy plan brought it to ~3-4.6."""
+    _nvrtc()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import sass_loops
+
+    expr = tile.expr("F16")
+    result = _compiled("mma", "sm_90")
+    loops = sass_loops.ptx_loops(result.ptx, result.lowered[expr])
+    k_loop = max(loops, key=lambda body: sum("mma.sync" in ins for ins in body))
+    other = sum("mma.sync" not in ins for ins in k_loop)
+    per_weight = other / sass_loops.weights_per_iteration(expr)
+    print(f"{expr}: {len(k_loop)} PTX instructions per k tile, {per_weight:.2f} per weight "
+          "besides mma.sync")
+    assert per_weight <= 5.0
 
 
 # ------------------------------------------------------------------ NumPy emulation of the index math

@@ -47,3 +47,26 @@ def test_sass_loops_counts_backward_branches_only():
     # gemm_mma: a lane dequantizes 4 words of 8 per k16 step, BK / 16 steps per k tile
     assert sass_loops.weights_per_iteration("awq_gemm_mma<F16, 16, 1, 2, 32>") == 64
     assert sass_loops.weights_per_iteration("awq_gemm_mma<BF16, 16, 1, 4, 64>") == 128
+
+
+PTX = """
+.visible .entry k(
+\t.param .u64 k_param_0
+)
+{
+\tmov.u32 \t%r1, 0;
+$L__BB0_1:
+\tadd.s32 \t%r1, %r1, 1;
+\tsetp.lt.s32 \t%p1, %r1, 8;
+\t@%p1 bra \t$L__BB0_1;
+\tbra.uni \t$L__BB0_3;
+$L__BB0_3:
+\tret;
+}
+"""
+
+
+def test_ptx_loops_counts_backward_branches_only():
+    loops = sass_loops.ptx_loops(PTX, "k")
+    assert loops == [["add.s32 \t%r1, %r1, 1;", "setp.lt.s32 \t%p1, %r1, 8;",
+                      "@%p1 bra \t$L__BB0_1;"]]  # the forward bra.uni closes no loop
