@@ -212,7 +212,7 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
                     fuse_splitk: bool = True, mma_tile: MmaTile | None = None,
                     max_splits: int = MAX_SPLITS) -> None:
     """One gemv/mma launch into y2 (M, N), or into fp32 partials plus the split-K reduction
-    (in the same launch for gemv_direct when `fuse_splitk` and counters are at hand)."""
+    (in the same launch, except for gemv.cu, when `fuse_splitk` and counters are at hand)."""
     (m, k), n = x2.shape, y2.shape[1]
     if name == "mma_direct" and len(chunks := mma_direct_row_chunks(m)) > 1:
         for r0, rows in chunks:  # more rows than one launch holds
