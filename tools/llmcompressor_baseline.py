@@ -25,6 +25,7 @@ The HF folder is the one tools/autoawq_baseline.py makes from the GGUF (out/smol
 
 Measured 2026-12-05 (README "Measured"): W4 g64 24.961 ppl, KL 0.1593, top-1 0.7906 against
 ours 24.159, KL 0.1441, top-1 0.7938; 5899 s of search beside another job on the 2 cores.
+W3 g64 (`--w-bit 3`): 53.233, KL 0.9161, top-1 0.5201 against ours 45.747, 0.724, 0.568; 2689 s.
 """
 
 from __future__ import annotations
