@@ -210,9 +210,11 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                     scales: torch.Tensor, group_size: int, y2: torch.Tensor,
                     fuse_splitk: bool = True, mma_tile: MmaTile | None = None,
-                    max_splits: int = MAX_SPLITS) -> None:
+                    max_splits: int = MAX_SPLITS, sum_splits: bool = True) -> None:
     """One gemv/mma launch into y2 (M, N), or into fp32 partials plus the split-K reduction
-    (in the same launch, except for gemv.cu, when `fuse_splitk` and counters are at hand)."""
+    (in the same launch, except for gemv.cu, when `fuse_splitk` and counters are at hand).
+    sum_splits=False (benchmark.py only) stops after the partials, leaving y2 unwritten: the
+    time the split-K sum costs is then measurable as a difference."""
     (m, k), n = x2.shape, y2.shape[1]
     if name == "mma_direct" and len(chunks := mma_direct_row_chunks(m)) > 1:
         for r0, rows in chunks:  # more rows than one launch holds
@@ -242,12 +244,12 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
                 _i32(group_size), _i32(launch.k_per_split))
         counters = None
         if name != "gemv":  # the kernels with the fused split-K (splitk_fused.cuh)
-            if launch.splits > 1 and fuse_splitk:  # one counter per output tile
+            if launch.splits > 1 and fuse_splitk and sum_splits:  # one counter per output tile
                 tiles = launch.grid[0] * (launch.grid[1] if launch.family == "mma" else 1)
                 counters = _splitk_counters(x2.device, tiles)
             args += (None if counters is None else y2, counters)
         _run(launch, arch, expr, args)
-        if launch.splits > 1 and counters is None:
+        if launch.splits > 1 and counters is None and sum_splits:
             reduce = plan_reduce(m * n, launch.splits)
             _run(reduce, arch, build.reduce_expr(tag),
                  (target, y2, _i32(launch.splits), _i32(m * n)))

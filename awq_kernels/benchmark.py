@@ -132,8 +132,17 @@ def _impls(k: int, n: int, g: int) -> dict[str, Callable[[torch.Tensor], list]]:
         xb = x.to(torch.bfloat16)  # converted once, outside the timed calls
         return [lambda w=w: torch._weight_int4pack_mm(xb, w[0], g, w[1]) for w in int4]
 
+    def partials_only(kernel: str):  # the kernel without its split-K sum (y left unwritten)
+        def make(x: torch.Tensor) -> list:
+            y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+            return [lambda w=w: api._launch_product(kernel, x, *w, g, y, sum_splits=False)
+                    for w in packed]
+        return make
+
     impls = {"awq": ours("auto"), "awq[mma]": ours("mma"), "awq[direct]": ours("gemv_direct"),
              "awq[direct,2 launches]": ours("gemv_direct", fuse_splitk=False),
+             "awq[direct,no sum]": partials_only("gemv_direct"),
+             "awq[mma,split,no sum]": partials_only("mma_split"),
              "awq[mma,split]": ours("mma_split"), "awq[mma_direct]": ours("mma_direct"),
              "fp16": lambda x: [lambda w=w: torch.matmul(x, w) for w in fp16]}
     if int4:
@@ -168,8 +177,10 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
                 continue
             if name == "awq[mma_direct]" and m > 4 * MMA_DIRECT_MAX_M:
                 continue  # 64 rows per launch: far past where it could win
-            if name == "awq[direct,2 launches]" and m > 1:
-                continue  # the fused split-K's gain, measured at decode's M = 1 only
+            if name in ("awq[direct,2 launches]", "awq[direct,no sum]") and m > 1:
+                continue  # the split-K sum's cost (fused, 2 launches, none), at decode's M = 1
+            if name == "awq[mma,split,no sum]" and m != 16:
+                continue  # the same for mma_split, at M = 16
             if name == "awq[mma,split]" and m > 128:
                 continue  # `auto` runs it at M 9..64; since its K loop lost 2/3 of its
                 # instructions (2026-12-05) it may win at M <= 8 and 128 too

@@ -16,6 +16,7 @@ def _gemm_row(k, n, m, impl, us, pct=50.0):
 def test_gemm_targets_take_the_worst_shape_and_the_best_of_ours():
     rows = [_gemm_row(4096, 4096, 1, "awq", 10.0, pct=60.0),
             _gemm_row(4096, 4096, 1, "awq[direct]", 6.0, pct=80.0),
+            _gemm_row(4096, 4096, 1, "awq[direct,no sum]", 4.0, pct=99.0),  # no product: not ours
             _gemm_row(4096, 4096, 1, "fp16", 15.0), _gemm_row(4096, 4096, 1, "int4pack", 9.0),
             _gemm_row(576, 192, 1, "awq", 5.0, pct=10.0),  # small shape: not in the M=1 target
             _gemm_row(4096, 4096, 16, "awq", 10.0), _gemm_row(4096, 4096, 16, "fp16", 30.0),

@@ -53,7 +53,7 @@ def gemm_targets(result: dict) -> list[dict]:
     by_point: dict[tuple[int, int, int], dict[str, dict]] = {}
     for r in result["rows"]:
         by_point.setdefault((r["k"], r["n"], r["m"]), {})[r["impl"]] = r
-    ours_names = [name for impls in by_point.values() for name in impls if name.startswith("awq")]
+    ours_names = [name for impls in by_point.values() for name in impls if is_ours(name)]
 
     def best(impls: dict[str, dict]) -> dict | None:
         mine = [impls[n] for n in dict.fromkeys(ours_names) if n in impls]
@@ -97,13 +97,19 @@ def gemm_targets(result: dict) -> list[dict]:
     return rows
 
 
+def is_ours(impl: str) -> bool:
+    """An implementation of ours that computes the product: the benchmark's "no sum" rows time
+    a kernel without its split-K sum (output unwritten), for the difference only."""
+    return impl.startswith("awq") and "no sum" not in impl
+
+
 def fastest_per_m(result: dict) -> list[dict]:
     """Which of our implementations to dispatch to, per M: for each awq* timed at every shape
     of that M, the geometric mean over shapes of its time over the best of ours there (1.00 =
     fastest everywhere). The first is what plan.choose_kernel should pick at that M."""
     by_m: dict[int, dict[tuple[int, int], dict[str, float]]] = {}
     for r in result["rows"]:
-        if r["impl"].startswith("awq") and r["impl"] != "awq[direct,2 launches]":
+        if is_ours(r["impl"]) and r["impl"] != "awq[direct,2 launches]":
             by_m.setdefault(r["m"], {}).setdefault((r["k"], r["n"]), {})[r["impl"]] = r["us"]
     out = []
     for m in sorted(by_m):
