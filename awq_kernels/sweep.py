@@ -31,9 +31,11 @@ from .plan import (
 SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SPLIT_MODES = {"mma": 0, "mma_split": MMA_SPLIT_BLOCKS_PER_SM}
 SPLIT_CAPS = (1, 2, 4, 8, 16)  # max_splits of the decode kernels' variants
-# The decode kernels' rows in the sweep: where `auto` runs them (plan.py), and the M next to it.
+# The decode kernels' rows in the sweep: where `auto` runs them (plan.py), and the M next to it;
+# mma_direct also at M = 1, where its fixed cost per call was the lowest of ours on the H100
+# (8.5 us against gemv_direct's 12.1; tools/targets.py's line fit) at a lower streaming rate.
 DECODE_KERNELS = {"gemv_direct": range(1, AUTO_GEMV_DIRECT_MAX_M + 1),
-                  "mma_direct": range(AUTO_GEMV_DIRECT_MAX_M, AUTO_MMA_DIRECT_MAX_M + 1)}
+                  "mma_direct": range(1, AUTO_MMA_DIRECT_MAX_M + 1)}
 
 
 @dataclass

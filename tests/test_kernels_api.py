@@ -132,7 +132,7 @@ def test_sweep_ranking_and_tiles():
 
     assert all(t.bk == 32 for t in sweep.valid_tiles(32))
     assert [m for m in sweep.SWEEP_MS if m in sweep.DECODE_KERNELS["gemv_direct"]] == [1, 2]
-    assert [m for m in sweep.SWEEP_MS if m in sweep.DECODE_KERNELS["mma_direct"]] == [2, 4, 8]
+    assert [m for m in sweep.SWEEP_MS if m in sweep.DECODE_KERNELS["mma_direct"]] == [1, 2, 4, 8]
     assert len(sweep.valid_tiles(128)) == len(build.MMA_TILES) > len(sweep.valid_tiles(32))
     rows = [{"k": k, "n": 64, "m": 16, "variant": v, "us": us, "vs_best": r,
              "speedup_vs_fp16": 1.0}

@@ -80,3 +80,15 @@ def test_fastest_per_m_ranks_by_geometric_mean_over_shapes():
                                                         "awq[direct] 1.41, awq 1.41")
     assert got[1]["shapes"] == 2
     assert got[16]["fastest (geo-mean time / best)"] == "awq[mma_direct] 1.00, awq 3.00"
+
+
+def test_fixed_cost_and_rate_recovers_a_line():
+    """Times made as 5 us + bytes / 2 TB/s over three shapes come back as that line."""
+    shapes = [(4096, 4096), (4096, 14336), (8192, 28672)]
+    rows = []
+    for k, n in shapes:
+        nbytes = targets._bytes("awq", 1, k, n, 128)
+        rows.append(_gemm_row(k, n, 1, "awq", 5.0 + nbytes / 2e12 * 1e6))
+    rows.append(_gemm_row(4096, 4096, 16, "awq", 9.0))  # one shape only: no line
+    got = targets.fixed_cost_and_rate({"group_size": 128, "rows": rows})
+    assert got == [{"M": 1, "impl": "awq", "fixed us": "5.0", "rate": "2.00 TB/s", "shapes": 3}]

@@ -13,7 +13,8 @@ Issue 6 (tools/bench_e2e.py, the Llama-3-8B shape; "w4" = the best "w4 cupy*" va
   with "fp16 +ops", the same model code on fp16 weights, where that row exists.
 Prints one markdown row per target: the worst case over the shapes it covers, where that is,
 and whether the target is met, for `auto` and for the best of ours; then, per M, our
-implementations ranked by time (what `auto` should dispatch to). Reads JSON only: no GPU.
+implementations ranked by time (what `auto` should dispatch to), and each implementation's
+fixed cost per call and streaming rate (a line fitted over the shapes). Reads JSON only: no GPU.
 """
 
 from __future__ import annotations
@@ -157,18 +158,53 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows])
 
 
+def _bytes(impl: str, m: int, k: int, n: int, g: int) -> float:
+    """Bytes an implementation must move: fp16 weights for cuBLAS, PROTOCOL.md's formula for
+    the 4-bit ones (torch's int4 kernel's format is within a few percent of it)."""
+    if impl == "fp16":
+        return 2 * (k * n + m * k + m * n)
+    return 2 * m * k + k * n / 2 + 2 * k * n / g + k * n / (2 * g) + 2 * m * n
+
+
+def fixed_cost_and_rate(result: dict, min_shapes: int = 3) -> list[dict]:
+    """Per implementation and M, the least-squares line time = fixed + bytes / rate over the
+    shapes timed: what a call costs whatever its size, and how fast it streams. On the H100
+    (2026-12-05) this showed M = 1 lost on fixed cost (ours 12.3 us, cuBLAS 6.0, torch's int4
+    5.8) while our rate led (2.79 TB/s against int4's 2.06)."""
+    points: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for r in result["rows"]:
+        key = (r["impl"], r["m"])
+        nbytes = _bytes(r["impl"], r["m"], r["k"], r["n"], result.get("group_size", 128))
+        points.setdefault(key, []).append((nbytes, r["us"]))
+    out = []
+    for (impl, m), xy in sorted(points.items(), key=lambda item: (item[0][1], item[0][0])):
+        if len(xy) < min_shapes:
+            continue
+        mx = sum(x for x, _ in xy) / len(xy)
+        my = sum(y for _, y in xy) / len(xy)
+        sxx = sum((x - mx) ** 2 for x, _ in xy)
+        if sxx == 0:
+            continue
+        slope = sum((x - mx) * (y - my) for x, y in xy) / sxx  # us per byte
+        rate = f"{1e-6 / slope:.2f} TB/s" if slope > 0 else "-"
+        out.append({"M": m, "impl": impl, "fixed us": f"{my - slope * mx:.1f}",
+                    "rate": rate, "shapes": len(xy)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gemm", type=Path, help="tools/bench_gemm.py's JSON")
     p.add_argument("--e2e", type=Path, help="tools/bench_e2e.py's JSON")
     args = p.parse_args(argv)
-    rows, dispatch = [], []
+    rows, dispatch, lines = [], [], []
     try:
         if args.gemm:
             gemm = json.loads(args.gemm.read_text())
             rows += gemm_targets(gemm)
             dispatch = fastest_per_m(gemm)
+            lines = fixed_cost_and_rate(gemm)
         if args.e2e:
             rows += e2e_targets(json.loads(args.e2e.read_text()))
     except (OSError, ValueError, KeyError) as e:
@@ -181,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     if dispatch:
         print("\nOur implementations per M, fastest first:\n")
         print(markdown(dispatch))
+    if lines:
+        print("\nFixed cost and streaming rate per implementation and M (least squares over"
+              " the shapes: time = fixed + bytes / rate):\n")
+        print(markdown(lines))
     return 0
 
 
