@@ -155,12 +155,14 @@ class _StageCopies:
     (flat element offsets into x, qweight and the group rows; shared word offsets; byte
     counts), then issued for the k tiles in order, every source advanced by a constant."""
 
-    def __init__(self, x, qweight, scales16, tile, threads, m0, n0, kt_begin):
+    def __init__(self, x, qweight, qzeros, scales16, tile, threads, m0, n0, kt_begin):
         m, k = x.shape
         nw, n0w, k0 = qweight.shape[1], n0 // 8, kt_begin * tile.bk
         n = scales16.shape[1]
         a_row, b_row = tile.bk // 8, tile.bn // 32  # 16-byte chunks per x / weight row
         self.tile, self.flat = tile, (x.reshape(-1), qweight.reshape(-1))
+        self.raw = {"s": scales16.reshape(-1).astype(np.uint16).tobytes(),  # the group rows
+                    "z": qzeros.reshape(-1).astype(U32).tobytes()}
         self.a, self.b, self.g = [], [], []  # [src offset, dst word, bytes] per copy
         for i in range(tile.bm * a_row):
             r, c = divmod(i, a_row)
@@ -182,7 +184,7 @@ class _StageCopies:
                 ok = n0w + 4 * c < nw
                 self.g.append(("z", 4 * (n0w + 4 * c if ok else 0), 4 * nw, 4 * c, 16 if ok else 0))
 
-    def issue(self, kt, group_start, g_size, qzeros, scales16):
+    def issue(self, kt, group_start, g_size):
         """Shared memory of one stage after this tile's copies (k tile `kt`, the next in order)."""
         tile, (x_flat, w_flat) = self.tile, self.flat
         a = np.zeros(tile.bm * tile.bk // 2, U32)
@@ -200,12 +202,10 @@ class _StageCopies:
         s, z = np.zeros(tile.bn // 2, U32), np.zeros(tile.bn // 8, U32)
         if group_start:
             grp = kt * tile.bk // g_size
-            raw = {"s": scales16.reshape(-1).astype(np.uint16).tobytes(),
-                   "z": qzeros.reshape(-1).astype(U32).tobytes()}
             for which, offset, row_bytes, dst, nbytes in self.g:
                 if nbytes:
                     start = grp * row_bytes + offset
-                    words = np.frombuffer(raw[which][start:start + 16], U32)
+                    words = np.frombuffer(self.raw[which][start:start + 16], U32)
                     (s if which == "s" else z)[dst:dst + 4] = words
         return a, b, s, z
 
@@ -242,10 +242,11 @@ def emulate_mma(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, recor
                 accs = {(wm, wn): np.zeros((mi, 8, 4, 32)) for wm in range(tile.warps_m)
                         for wn in range(tile.warps_n)}
                 groups = {}
-                copies = _StageCopies(x, qweight, scales16, tile, tile.threads, m0, n0, kt_begin)
+                copies = _StageCopies(x, qweight, qzeros, scales16, tile, tile.threads, m0, n0,
+                                      kt_begin)
                 for kt in range(kt_begin, kt_end):
                     start = kt == kt_begin or (kt * bk) % g_size == 0
-                    a_s, b_s, s_s, z_s = copies.issue(kt, start, g_size, qzeros, scales16)
+                    a_s, b_s, s_s, z_s = copies.issue(kt, start, g_size)
                     for (wm, wn), acc in accs.items():
                         word = wn * 8 + g
                         if start:
