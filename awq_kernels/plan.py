@@ -50,6 +50,13 @@ DEQUANT_MIN_M = 65
 MAX_SPLITS = 16               # bounds the fp32 partial-sum traffic of split-K
 MIN_K_TILES_PER_SPLIT = 4     # a split shorter than the pipeline mostly waits
 
+# Blocks of gemv_direct.cu / mma_direct.cu resident on one SM, by row capacity: 256 threads at
+# the registers ptxas gives them for sm_90 (65,536 per SM; tests/test_kernels_compile.py checks
+# these against its report, tests/test_kernels_gpu.py against the driver's occupancy). Their
+# split-K fills exactly one wave of such blocks (see `_splits_in_one_wave`).
+GEMV_DIRECT_BLOCKS_PER_SM = {1: 2, 2: 2, 4: 2, 8: 1}     # 121-128 registers; MT = 8: 156-166
+MMA_DIRECT_BLOCKS_PER_SM = {8: 2, 16: 2, 32: 1, 64: 1}   # 128 registers; NT = 4: 222
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -88,8 +95,29 @@ def _splits(tiles: int, k_steps: int, target_blocks: int,
             max_splits: int = MAX_SPLITS) -> tuple[int, int]:
     """(splits, k steps per split) so that tiles * splits reaches target_blocks, every split
     non-empty and at least MIN_K_TILES_PER_SPLIT long where K allows."""
-    want = min(cdiv(target_blocks, tiles), max_splits, max(1, k_steps // MIN_K_TILES_PER_SPLIT))
-    per_split = cdiv(k_steps, max(want, 1))
+    return _cut_k(k_steps, min(cdiv(target_blocks, tiles), max_splits))
+
+
+def _splits_in_one_wave(tiles: int, k_steps: int, slots: int,
+                        max_splits: int = MAX_SPLITS) -> tuple[int, int]:
+    """The most splits whose blocks (tiles x splits) still fit in one wave of `slots` resident
+    blocks (one split if the tiles alone fill it), as `_splits` otherwise.
+
+    Why not more: a block of the direct kernels is one short latency chain (its loads, its
+    sums, the split-K tail), so blocks past one wave wait for a whole chain and then run with
+    the GPU nearly idle. Measured on the H100 at M = 1 (docs/gpu/h100-2026-12-05, 264 slots,
+    splits then chosen for 4 blocks per SM): the one-wave shapes fit 9.8 us + bytes / 2.97 TB/s
+    (4096x4096, 14336x4096), and the others ran 2.4-12 us over it: 4096x6144 (1.45 waves),
+    4096x14336 (2.12), 5120x13824 (2.05), 8192x28672 (2.12); 14336x4096 took 20.1 us and
+    4096x14336, the same bytes, 26.6 (torch's int4 kernel: 20.9 and 20.2)."""
+    return _cut_k(k_steps, min(max(1, slots // tiles), max_splits))
+
+
+def _cut_k(k_steps: int, want: int) -> tuple[int, int]:
+    """(splits, k steps per split) for at most `want` splits, all non-empty and at least
+    MIN_K_TILES_PER_SPLIT long where K allows."""
+    want = max(1, min(want, k_steps // MIN_K_TILES_PER_SPLIT))
+    per_split = cdiv(k_steps, want)
     return cdiv(k_steps, per_split), per_split
 
 
@@ -137,23 +165,26 @@ def plan_gemv(m: int, n: int, k: int, num_sms: int, max_splits: int = MAX_SPLITS
 
 def plan_gemv_direct(m: int, n: int, k: int, num_sms: int, max_splits: int = MAX_SPLITS
                      ) -> Launch:
-    """As plan_gemv (same 256-column tiles, 32-row split units), for gemv_direct.cu."""
+    """Smallest row capacity MT >= m; 256-column tiles (as plan_gemv), split over K (32-row
+    units) to fill one wave of resident blocks."""
     mt = next(r for r in GEMV_DIRECT_ROWS if r >= m)
     n_tiles = cdiv(n, GEMV_NT)
-    splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms, max_splits)
+    splits, per_split = _splits_in_one_wave(n_tiles, k // GEMV_KC,
+                                            GEMV_DIRECT_BLOCKS_PER_SM[mt] * num_sms, max_splits)
     return Launch("gemv_direct", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits, per_split)
 
 
 def plan_mma_direct(m: int, n: int, k: int, num_sms: int, max_splits: int = MAX_SPLITS
                     ) -> Launch:
     """Smallest row capacity MT >= m (build.MMA_DIRECT_CONFIGS); 256-column tiles split over K
-    (32-row units) toward four blocks per SM, but with the fp32 partials (splits x M x N x 4
-    bytes, written and read back) at most half the packed weight bytes (K x N / 2):
+    (32-row units) to fill one wave of resident blocks, but with the fp32 partials (splits x M
+    x N x 4 bytes, written and read back) at most half the packed weight bytes (K x N / 2):
     splits <= K / (16 M)."""
     mt = next(r for r in MMA_DIRECT_CONFIGS if r >= m)
     n_tiles = cdiv(n, GEMV_NT)
-    splits, per_split = _splits(n_tiles, k // GEMV_KC, 4 * num_sms,
-                                max_splits=max(1, min(max_splits, k // (16 * m))))
+    splits, per_split = _splits_in_one_wave(n_tiles, k // GEMV_KC,
+                                            MMA_DIRECT_BLOCKS_PER_SM[mt] * num_sms,
+                                            max_splits=max(1, min(max_splits, k // (16 * m))))
     return Launch("mma_direct", mt, (n_tiles, splits, 1), (GEMV_THREADS, 1, 1), splits,
                   per_split)
 

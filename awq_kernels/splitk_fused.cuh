@@ -13,25 +13,49 @@
 
 constexpr int SPLITK_FINISH_MAX = 16;  // plan.MAX_SPLITS: the splits the planners ever make
 
-// Sum of the `splits` partials p[0], p[stride], ... in split order (the reduce kernel's order).
-// Up to SPLITK_FINISH_MAX every load is issued before the first add: one L2 round trip on the
-// finishing block's critical path instead of one per few splits. __ldcg: L2, not a stale L1.
-__device__ __forceinline__ float sum_splits(const float* p, int splits, size_t stride) {
+// Sum of the `splits` partials of four consecutive columns, p[0..3], p[stride..], ... in split
+// order (the reduce kernel's sums). Up to SPLITK_FINISH_MAX every 16-byte load is issued before
+// the first add: one L2 round trip on the finishing block's critical path instead of one per few
+// splits. __ldcg: L2, not a stale L1. p and stride are multiples of 4 floats (N % 64 == 0).
+__device__ __forceinline__ float4 sum_splits4(const float* p, int splits, size_t stride) {
+  const float4* q = reinterpret_cast<const float4*>(p);
+  const size_t step = stride / 4;
+  float4 sum;
   if (splits > SPLITK_FINISH_MAX) {
-    float sum = __ldcg(p);
-    for (int s = 1; s < splits; ++s) sum += __ldcg(p + s * stride);
+    sum = __ldcg(q);
+    for (int s = 1; s < splits; ++s) {
+      const float4 v = __ldcg(q + s * step);
+      sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+    }
     return sum;
   }
-  float part[SPLITK_FINISH_MAX];
+  float4 part[SPLITK_FINISH_MAX];
 #pragma unroll
-  for (int s = 0; s < SPLITK_FINISH_MAX; ++s) part[s] = s < splits ? __ldcg(p + s * stride) : 0.f;
-  float sum = part[0];
+  for (int s = 0; s < SPLITK_FINISH_MAX; ++s)
+    part[s] = s < splits ? __ldcg(q + s * step) : make_float4(0.f, 0.f, 0.f, 0.f);
+  sum = part[0];
 #pragma unroll
   for (int s = 1; s < SPLITK_FINISH_MAX; ++s)
-    if (s < splits) sum += part[s];
+    if (s < splits) {
+      sum.x += part[s].x; sum.y += part[s].y; sum.z += part[s].z; sum.w += part[s].w;
+    }
   return sum;
 }
 
+// y[row, col .. col + 3] = the sums of their splits (one 8-byte store).
+template <typename T>
+__device__ __forceinline__ void finish_quad(const float* partials, u16* y, int splits, int M,
+                                            int N, int row, int col) {
+  const float4 sum = sum_splits4(partials + (size_t)row * N + col, splits, (size_t)M * N);
+  uint2 packed;
+  packed.x = pack2<T>(sum.x, sum.y);
+  packed.y = pack2<T>(sum.z, sum.w);
+  *reinterpret_cast<uint2*>(y + (size_t)row * N + col) = packed;
+}
+
+// Column tiles of TILE columns, TILE threads per block. The last block of a tile sums its
+// M x TILE outputs as M x TILE / 4 quads of columns, thread t taking quads t, t + TILE, ...: one
+// round trip per TILE / 4 rows (2 at M = 8), where one thread per column took one per row.
 template <typename T, int TILE>
 __device__ __forceinline__ void splitk_finish(const float* partials, u16* y, int* counters,
                                               int M, int N) {
@@ -43,13 +67,11 @@ __device__ __forceinline__ void splitk_finish(const float* partials, u16* y, int
   __syncthreads();
   if (!last) return;
   __threadfence();  // pairs with the other blocks' fences: their partials are visible now
-  const int col = blockIdx.x * TILE + threadIdx.x;  // thread t adds column t of the tile
+  constexpr int QUADS = TILE / 4;  // column quads per row of the tile
   const int splits = static_cast<int>(gridDim.y);
-  if (col < N) {
-    for (int m = 0; m < M; ++m) {
-      const float sum = sum_splits(partials + (size_t)m * N + col, splits, (size_t)M * N);
-      y[(size_t)m * N + col] = (u16)(pack2<T>(sum, 0.f) & 0xFFFFu);
-    }
+  for (int i = threadIdx.x; i < M * QUADS; i += TILE) {
+    const int row = i / QUADS, col = blockIdx.x * TILE + 4 * (i % QUADS);
+    if (col < N) finish_quad<T>(partials, y, splits, M, N, row, col);
   }
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
@@ -57,7 +79,8 @@ __device__ __forceinline__ void splitk_finish(const float* partials, u16* y, int
 // The same for a 2-D grid of output tiles split over blockIdx.z (gemm_mma.cu): the block of
 // tile (blockIdx.x, blockIdx.y), rows m0 .. m0 + TILE_M - 1 and columns n0 .. n0 + TILE_N - 1,
 // THREADS threads; its counter is counters[blockIdx.y * gridDim.x + blockIdx.x]. The last block
-// of the tile adds its splits in split order (the reduce kernel's sums: the same bits).
+// of the tile adds its splits in split order (the reduce kernel's sums: the same bits), a quad
+// of columns per thread at a time.
 template <typename T, int TILE_M, int TILE_N, int THREADS>
 __device__ __forceinline__ void splitk_finish_tile(const float* partials, u16* y, int* counters,
                                                    int M, int N, int m0, int n0) {
@@ -69,12 +92,10 @@ __device__ __forceinline__ void splitk_finish_tile(const float* partials, u16* y
   __syncthreads();
   if (!last) return;
   __threadfence();  // pairs with the other blocks' fences: their partials are visible now
-  for (int i = threadIdx.x; i < TILE_M * TILE_N; i += THREADS) {
-    const int row = m0 + i / TILE_N, col = n0 + i % TILE_N;
-    if (row >= M || col >= N) continue;
-    const float sum = sum_splits(partials + (size_t)row * N + col, splits, (size_t)M * N);
-    y[(size_t)row * N + col] = (u16)(pack2<T>(sum, 0.f) & 0xFFFFu);
+  constexpr int QUADS = TILE_N / 4;
+  for (int i = threadIdx.x; i < TILE_M * QUADS; i += THREADS) {
+    const int row = m0 + i / QUADS, col = n0 + 4 * (i % QUADS);
+    if (row < M && col < N) finish_quad<T>(partials, y, splits, M, N, row, col);
   }
   if (threadIdx.x == 0) counters[tile] = 0;
 }
-

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from awq_kernels import build, emulate
-from awq_kernels.plan import MAX_SPLITS
+from awq_kernels.plan import GEMV_DIRECT_BLOCKS_PER_SM, MAX_SPLITS, MMA_DIRECT_BLOCKS_PER_SM
 
 ARCHS = ("sm_80", "sm_90")
 STATIC_SMEM_LIMIT = 48 * 1024  # static __shared__ beyond this needs an opt-in the API never does
@@ -113,6 +113,30 @@ def test_cuda_constants_match_the_emulation_and_their_values():
     assert const("NINE_SIXTY2_F16") == emulate.NINE_SIXTY2_F16
     assert const("HIGH_NIBBLE_MASK2") == emulate.HIGH_NIBBLE_MASK2 == 0x00F000F0
     assert const("NIBBLE_MASK2") == emulate.NIBBLE_MASK2
+
+
+def _blocks_per_sm(registers: int, smem: int, threads: int = 256) -> int:
+    """Resident blocks on an sm_90 SM (the CUDA occupancy calculator's rules): 65,536
+    registers allocated per warp in units of 256, 64 warps, 228 KB of shared memory with 1 KB
+    reserved per block, 32 blocks."""
+    warps = threads // 32
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(65536 // per_warp // warps, 64 // warps, 228 * 1024 // (smem + 1024), 32)
+
+
+@pytest.mark.parametrize("family,table,expr", [
+    ("gemv_direct", GEMV_DIRECT_BLOCKS_PER_SM, build.gemv_direct_expr),
+    ("mma_direct", MMA_DIRECT_BLOCKS_PER_SM, build.mma_direct_expr)])
+def test_split_planners_know_the_resident_blocks(family, table, expr):
+    """plan.py splits these kernels to fill exactly one wave of resident blocks: its table must
+    be what ptxas's registers and shared memory give on sm_90, for both dtypes."""
+    _nvrtc()
+    result = _compiled(family, "sm_90")
+    reports = _function_reports(result.log)
+    for mt, blocks in table.items():
+        for tag in build.DTYPE_TAGS:
+            rep = reports[result.lowered[expr(tag, mt)]]
+            assert _blocks_per_sm(rep["registers"], rep["smem"]) == blocks, (family, tag, mt, rep)
 
 
 def test_fused_splitk_covers_every_planned_split_count():

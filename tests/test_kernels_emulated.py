@@ -68,11 +68,11 @@ def _check_product(partials: np.ndarray, x: torch.Tensor, w: torch.Tensor, tag: 
 
 
 # (M, K, N, G, SMs): every row capacity (1, 2, 4, 8), a ragged column tile (N = 320), splits whose
-# rows start inside a group; the (1, 2048, 64) case gives each warp 16 steps (two flushes) and a
+# rows start inside a group; the (1, 2048, 64) case gives each warp 32 steps (four flushes) and a
 # group reload every 8 steps.
 GEMV_DIRECT_CASES = [(1, 512, 320, 64, 2), (1, 2048, 64, 32, 1), (2, 256, 192, 32, 2),
                      (3, 1024, 256, 128, 2), (4, 256, 320, 32, 2), (6, 256, 192, 64, 2),
-                     (8, 512, 64, 32, 1)]
+                     (8, 512, 64, 32, 2)]
 
 
 @pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
@@ -153,8 +153,8 @@ def test_emulated_gemv_kernel_mapping(dtype, tag, m, k, n, g):
 # chunk counts (the two K warps take 2 and 1 chunks), splits that start inside a group
 # (K = 384, G = 128), no split (M = 17, M = 40), rows past M in the second row of warps.
 MMA_DIRECT_CASES = [(1, 512, 320, 64, 2), (3, 384, 192, 128, 1), (8, 256, 64, 32, 1),
-                    (12, 512, 256, 128, 2), (17, 256, 320, 64, 1), (32, 1024, 128, 32, 1),
-                    (40, 256, 320, 64, 1), (64, 2048, 64, 128, 1)]
+                    (12, 512, 256, 128, 2), (17, 256, 320, 64, 1), (32, 1024, 128, 32, 2),
+                    (40, 256, 320, 64, 1), (64, 2048, 64, 128, 2)]
 
 
 @pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])

@@ -111,6 +111,24 @@ def test_split_caps(kernel, m, cap):
         _check(x, k, n, g, kernel, max_splits=cap)
 
 
+
+def test_split_planners_know_the_resident_blocks():
+    """plan.py's resident-block tables (checked on CPU against ptxas for sm_90) against the
+    driver's occupancy on this device: the planners fill one wave with them."""
+    from cupy.cuda import driver
+
+    from awq_kernels.plan import GEMV_DIRECT_BLOCKS_PER_SM, MMA_DIRECT_BLOCKS_PER_SM
+
+    arch, _ = build.device_info(torch.cuda.current_device())
+    for family, table, expr in (("gemv_direct", GEMV_DIRECT_BLOCKS_PER_SM, build.gemv_direct_expr),
+                                ("mma_direct", MMA_DIRECT_BLOCKS_PER_SM, build.mma_direct_expr)):
+        for mt, blocks in table.items():
+            for tag in build.DTYPE_TAGS:
+                kernel = build.get_kernel(family, arch, expr(tag, mt))
+                got = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, 256, 0)
+                assert got == blocks or arch != "90", (family, tag, mt, got)
+                assert got >= 1
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_dequantize_is_bit_exact(dtype):
     for k, n, g in SHAPES:
