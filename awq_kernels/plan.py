@@ -106,9 +106,10 @@ def _splits_in_one_wave(tiles: int, k_steps: int, slots: int,
     Why not more: a block of the direct kernels is one short latency chain (its loads, its
     sums, the split-K tail), so blocks past one wave wait for a whole chain and then run with
     the GPU nearly idle. Measured on the H100 at M = 1 (docs/gpu/h100-2026-12-05, 264 slots,
-    splits then chosen for 4 blocks per SM): the one-wave shapes fit 9.8 us + bytes / 2.97 TB/s
-    (4096x4096, 14336x4096), and the others ran 2.4-12 us over it: 4096x6144 (1.45 waves),
-    4096x14336 (2.12), 5120x13824 (2.05), 8192x28672 (2.12); 14336x4096 took 20.1 us and
+    splits then chosen for 4 blocks per SM): the line through the two one-wave shapes
+    (4096x4096, 14336x4096) is 9.8 us + bytes / 2.97 TB/s, and the others ran over it by
+    2.4 us (4096x6144, 1.45 waves), 6.5 (4096x14336, 2.12), 5.7 (5120x13824, 2.05) and 8.5
+    (8192x28672, 2.12), but 0.4 (28672x8192, 1.94: two full waves); 14336x4096 took 20.1 us and
     4096x14336, the same bytes, 26.6 (torch's int4 kernel: 20.9 and 20.2)."""
     return _cut_k(k_steps, min(max(1, slots // tiles), max_splits))
 
