@@ -11,11 +11,11 @@ from awq_ref.awq.apply import apply_awq, apply_scale
 from awq_ref.awq.capture import NonFiniteError
 from awq_ref.awq.pipeline import AwqConfig, search_awq
 from awq_ref.awq.scaling_groups import expand_kv
-from awq_ref.awq.search_clip import clamp_groups, clip_box, clipper, search_clip
+from awq_ref.awq.search_clip import clip_box, clipper, search_clip
 from awq_ref.awq.search_scale import effective_weight, gram_loss, grid_search
 from awq_ref.config import LlamaConfig
 from awq_ref.model import Llama
-from awq_ref.quant.quantizer import QuantSpec, grouped
+from awq_ref.quant.quantizer import QuantSpec, clamp_groups, grouped
 from awq_ref.quant.rtn import fake_quantize_weight
 
 SPEC = QuantSpec(4, 16, True)

@@ -14,6 +14,7 @@ from torch import nn
 
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.scaling_groups import LLAMA_GROUPS, expand_kv
+from awq_ref.quant.quantizer import clamp_groups
 
 
 @torch.no_grad()
@@ -40,9 +41,8 @@ def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor,
 @torch.no_grad()
 def apply_clip(linear: nn.Linear, lo: torch.Tensor, hi: torch.Tensor) -> None:
     """Clamp each group of the weight (N, K) to [lo, hi] (N, K/G); never increases |w|."""
-    n, _k = linear.weight.shape
-    w = linear.weight.view(n, lo.shape[1], -1)  # (N, K/G, G)
-    w.copy_(torch.maximum(torch.minimum(w, hi.to(w)[..., None]), lo.to(w)[..., None]))
+    w = linear.weight
+    w.copy_(clamp_groups(w, lo.to(w), hi.to(w)))
 
 
 def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True) -> None:

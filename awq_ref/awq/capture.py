@@ -33,7 +33,9 @@ class InputStats:
 
     abs_sum: torch.Tensor  # (K,)
     gram: torch.Tensor | None  # (K, K), None when not requested
-    count: int = 0
+    count: int = 0  # T: tokens seen
+    # inputs kept for module losses: positional groups [(c, T, K) chunks]; token-wise groups one
+    # (<= plan.tokens, K) tensor after capture_block; closed-form groups none
     subset: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -68,10 +70,12 @@ def forward_block(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: tor
 @torch.no_grad()
 def capture_block(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   groups: tuple[ScalingGroup, ...], plan: SubsetPlan, chunk_seqs: int,
-                  where: str, gram: bool = True, propagate: bool = False) -> list[InputStats]:
+                  where: str, gram: bool = True, write_outputs: bool = False
+                  ) -> list[InputStats]:
     """Run the block over x (B, T, D) and return one InputStats per group.
 
-    With propagate=True, x is overwritten in place by the block's output (fp weights as given).
+    With write_outputs=True, x is overwritten in place by the block's output (fp weights as
+    given): the next block's inputs from the same forward (pipeline's propagate="fp").
     """
     b, t, _ = x.shape
     stride = max(1, b * t // max(1, plan.tokens))
@@ -110,7 +114,7 @@ def capture_block(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: tor
             pos[0] = i
             y = block(x[i:i + chunk_seqs], cos, sin)
             check_finite(y, f"{where} output")
-            if propagate:
+            if write_outputs:
                 x[i:i + chunk_seqs] = y
     finally:
         for h in handles:

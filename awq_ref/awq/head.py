@@ -4,8 +4,9 @@ The lm_head maps the final norm's output h (T, D) to the logits h W^T, W (V, D).
 moves every logit, and plain round-to-nearest costs SmolLM2 about as much KL as its whole W4
 decoder. AWQ's clip search (awq_ref.awq.search_clip) applies as it does to any linear: per
 (vocab row, group of G hidden dims) it picks the box whose rounding least changes that row's
-logit over calibration tokens, e^T H e with e = q - w and H = h^T h (D x D), the same settings
-as the decoder's (AwqConfig: clip_grid, max_shrink, clip_mode, clip_joint). No scaling: a
+logit over calibration tokens, e^T H e with e = q - w and H = h^T h (D x D), with the decoder's
+clip settings (AwqConfig: clip_grid, max_shrink, clip_mode, clip_joint; not clip_damp) and 4
+bits whatever the decoder's width (the 4-bit table holds it). No scaling: a
 scale on the head's inputs would have to be folded into the final norm, and for a tied table
 it would rescale the token embeddings too.
 """
@@ -15,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from awq_ref.awq.pipeline import AwqConfig
-from awq_ref.awq.search_clip import clamp_groups, search_clip
+from awq_ref.awq.search_clip import search_clip
 from awq_ref.model import Llama
-from awq_ref.quant.quantizer import QuantSpec
+from awq_ref.quant.quantizer import QuantSpec, clamp_groups
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
-"""run_awq: the AWQ search, block by block, in the paper's order.
+"""search_awq: the AWQ search, block by block, in the paper's order (search_block: one block).
 
 For each block (one on the compute device at a time, as an fp32 working copy):
   1. capture  - run the block over the calibration inputs; per scaling group gather mean|x|,
-                the Gram matrix X^T X and a subset of inputs for module losses;
+                the Gram matrix X^T X and a subset of inputs for module losses (with the
+                default propagate="fp" this same forward also gives step 4's outputs);
   2. scales   - for each group of LLAMA_GROUPS, grid-search s (search_scale) and fold it into
                 the working copy (apply_scale);
   3. clipping - for each linear not in clip_skip, search the per-group clip box on the scaled
@@ -51,6 +52,7 @@ from awq_ref.awq.scaling_groups import (
 )
 from awq_ref.awq.search_clip import CLIP_MODES, clipper, search_clip
 from awq_ref.awq.search_scale import ScaleChoice, gram_loss, grid_search, module_loss, weight_mean
+from awq_ref.config import LlamaConfig
 from awq_ref.quant.qlinear import skipped
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import fake_quantize_weight
@@ -68,7 +70,7 @@ class AwqConfig:
     clip: bool = True
     clip_skip: tuple[str, ...] = LLAMA_CLIP_SKIP
     clip_grid: int = 40  # measured: 40 beat 20 on ppl, KL and top-1 at the same search time
-    max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink
+    max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ..., > 1 - max_shrink
     clip_mode: str = "lohi"  # see search_clip.CLIP_MODES
     clip_joint: int = 2  # > 0: sweeps re-picking boxes by whole-row output error (search_clip)
     # n_grid 40, lohi and clip_joint 2 were measured together: docs/walkthrough.md section 8
@@ -105,7 +107,8 @@ def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
     """Search AWQ scales and clip ranges for `model` on calib_tokens (B, T); model unchanged.
 
     Linears whose full name contains an entry of modules_to_not_convert stay fp in the losses
-    and are never clipped (their input channels are still scaled: that is exact).
+    and are never clipped; their input channels are still scaled (that is exact) when their
+    scaling group also holds a quantized linear; a group of only such linears is not searched.
     progress: save the state after every block and resume from it (see awq.resume).
     """
     if calib_tokens.dim() != 2 or calib_tokens.dtype not in (torch.int32, torch.int64):
@@ -179,7 +182,8 @@ def run_awq(model: nn.Module, spec: QuantSpec, calib_tokens: torch.Tensor | None
     return model
 
 
-def search_block(block: nn.Module, prefix: str, cfg, x: torch.Tensor, cos: torch.Tensor,
+def search_block(block: nn.Module, prefix: str, model_cfg: LlamaConfig, x: torch.Tensor,
+                 cos: torch.Tensor,
                  sin: torch.Tensor, spec: QuantSpec, config: AwqConfig, result: AwqResult,
                  fp_names: set[str] = frozenset()) -> None:
     """Steps 1-4 for one block: mutates `block` (the working copy) and x (now the next inputs).
@@ -187,27 +191,31 @@ def search_block(block: nn.Module, prefix: str, cfg, x: torch.Tensor, cos: torch
     fp_names: the block's linears that stay unquantized (not clipped, fp in the losses)."""
     chunk_seqs = max(1, config.chunk_tokens // x.shape[1])
     plan = SubsetPlan(seqs=config.loss_seqs, tokens=config.loss_tokens)
+    # Step 1; with propagate="fp" the same forward also writes step 4's outputs into x.
     stats = capture_block(block, x, cos, sin, LLAMA_GROUPS, plan, chunk_seqs, prefix,
-                          propagate=config.propagate == "fp")
-    s_in = {}
+                          write_outputs=config.propagate == "fp")
+    s_in_by_group = {}  # group index -> the (K,) scale its linears' inputs are divided by
     for gi, group in enumerate(LLAMA_GROUPS):
-        n_rep = cfg.n_rep if group.repeat_kv else 1
+        n_rep = model_cfg.n_rep if group.repeat_kv else 1
         if (n_rep > 1 and not config.scale_vo_gqa) or set(group.linears) <= fp_names:
             continue
         clips = {n: clipper(stats[gi].gram, spec, config.scale_clip_grid, config.max_shrink,
                             config.clip_mode, n)
                  for n in group.linears if config.clip and config.scale_clip_grid > 0
                  and n not in config.clip_skip and n not in fp_names}
-        choice = search_group(block, group, stats[gi], n_rep, cfg.head_dim, spec, config,
+        choice = search_group(block, group, stats[gi], n_rep, model_cfg.head_dim, spec, config,
                               (cos, sin), f"{prefix}.{group.prev}", fp_names, clips)
         apply_scale(block.get_submodule(group.prev),
-                    [block.get_submodule(n) for n in group.linears], choice.s, n_rep, cfg.head_dim)
-        s_in[gi] = expand_kv(choice.s, n_rep, cfg.head_dim) if n_rep > 1 else choice.s
+                    [block.get_submodule(n) for n in group.linears], choice.s, n_rep,
+                    model_cfg.head_dim)
+        s_in_by_group[gi] = (expand_kv(choice.s, n_rep, model_cfg.head_dim) if n_rep > 1
+                             else choice.s)
         result.scales[f"{prefix}.{group.prev}"] = choice.s.cpu()
         result.search.append({"prev": f"{prefix}.{group.prev}", "ratio": choice.ratio,
                               "loss": choice.loss, "loss0": choice.loss0})
     if config.clip:
-        clip_block(block, prefix, stats, s_in, spec, config, result, fp_names)
+        clip_block(block, prefix, stats, s_in_by_group, spec, config, result, fp_names)
+    # Step 4 ("fp" was done in step 1).
     if config.propagate == "awq":
         forward_block(block, x, cos, sin, chunk_seqs, prefix)
     elif config.propagate == "quantized":
@@ -235,7 +243,7 @@ def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: i
     else:
         inspect = block.get_submodule(group.inspect)
         extra = rotary if group.positional else ()
-        inputs = torch.cat(st.subset)  # (S, T, D) or (tokens, D)
+        inputs = torch.cat(st.subset)  # (S, T, K) or (tokens, K)
         chunk = max(1, config.chunk_tokens // inputs.shape[1]) if group.positional \
             else config.chunk_tokens
         reference = torch.cat([inspect(inputs[i:i + chunk], *extra)
@@ -254,16 +262,19 @@ def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: i
     return choice
 
 
-def clip_block(block: nn.Module, prefix: str, stats: list[InputStats], s_in: dict,
-               spec: QuantSpec, config: AwqConfig, result: AwqResult, fp_names: set[str]) -> None:
-    """Search and apply the clip box of every quantized linear not in clip_skip (scaled weights)."""
+def clip_block(block: nn.Module, prefix: str, stats: list[InputStats],
+               s_in_by_group: dict[int, torch.Tensor], spec: QuantSpec, config: AwqConfig,
+               result: AwqResult, fp_names: set[str]) -> None:
+    """Search and apply the clip box of every quantized linear not in clip_skip (scaled weights;
+    s_in_by_group: group index -> the scale (K,) its inputs are now divided by)."""
     for name, lin in block.named_modules():
         if not isinstance(lin, nn.Linear) or name in config.clip_skip or name in fp_names:
             continue
         gi = input_group(LLAMA_GROUPS, name)
         gram = stats[gi].gram
-        if gi in s_in:  # the input is now x / s: G -> diag(1/s) G diag(1/s)
-            gram = gram / (s_in[gi][:, None] * s_in[gi][None, :])
+        if gi in s_in_by_group:  # the input is now x / s: H -> diag(1/s) H diag(1/s)
+            s = s_in_by_group[gi]
+            gram = gram / (s[:, None] * s[None, :])
         if config.clip_damp > 0:  # part plain weight error: data-free, so no fit to calibration
             gram = gram + config.clip_damp * gram.diagonal().mean() * torch.eye(
                 gram.shape[0], dtype=gram.dtype, device=gram.device)

@@ -29,11 +29,31 @@ class AwqResult:
     info: dict[str, str] = field(default_factory=dict)  # free-form provenance (config JSON, ...)
     search: list[dict] = field(default_factory=list)  # per group: prev, ratio, loss, loss0
 
-    def save(self, path: str | Path) -> None:
-        tensors = {f"scale.{k}": v.detach().float().cpu().contiguous() for k, v in self.scales.items()}
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The scales and clip boxes under the file's tensor names (fp32, CPU, contiguous)."""
+        def fp32(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().float().cpu().contiguous()
+
+        tensors = {f"scale.{k}": fp32(v) for k, v in self.scales.items()}
         for k, (lo, hi) in self.clips.items():
-            tensors[f"clip_lo.{k}"] = lo.detach().float().cpu().contiguous()
-            tensors[f"clip_hi.{k}"] = hi.detach().float().cpu().contiguous()
+            tensors[f"clip_lo.{k}"], tensors[f"clip_hi.{k}"] = fp32(lo), fp32(hi)
+        return tensors
+
+    def add_tensors(self, tensors: dict[str, torch.Tensor], where: str,
+                    ignore: tuple[str, ...] = ()) -> None:
+        """Read scales and clip boxes back from `to_tensors` names; any other name but those in
+        `ignore` is an error (`where` names the file in it)."""
+        for key, t in tensors.items():
+            kind, _, name = key.partition(".")
+            if kind == "scale":
+                self.scales[name] = t
+            elif kind == "clip_lo" and f"clip_hi.{name}" in tensors:
+                self.clips[name] = (t, tensors[f"clip_hi.{name}"])
+            elif not (kind == "clip_hi" and f"clip_lo.{name}" in tensors) and key not in ignore:
+                raise ValueError(f"{where}: unexpected tensor {key!r}")
+
+    def save(self, path: str | Path) -> None:
+        tensors = self.to_tensors()
         meta = {"format": "awq_ref.AwqResult/1", "bits": str(self.spec.bits),
                 "group_size": str(self.spec.group_size),
                 "zero_point": json.dumps(self.spec.zero_point), "info": json.dumps(self.info)}
@@ -49,14 +69,6 @@ class AwqResult:
         if meta.get("format") != "awq_ref.AwqResult/1":
             raise ValueError(f"{path}: not an AwqResult file (metadata format={meta.get('format')!r})")
         spec = QuantSpec(int(meta["bits"]), int(meta["group_size"]), json.loads(meta["zero_point"]))
-        tensors = load_file(str(path))
         result = cls(spec=spec, info=json.loads(meta.get("info", "{}")))
-        for key, t in tensors.items():
-            kind, name = key.split(".", 1)
-            if kind == "scale":
-                result.scales[name] = t
-            elif kind == "clip_lo":
-                result.clips[name] = (t, tensors[f"clip_hi.{name}"])
-            elif kind != "clip_hi":
-                raise ValueError(f"{path}: unexpected tensor {key!r}")
+        result.add_tensors(load_file(str(path)), str(path))
         return result

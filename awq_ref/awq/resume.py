@@ -3,7 +3,7 @@
     work_dir/state.safetensors     written after every block (temp file, fsync, rename)
         hidden                     (B, T, D) fp32  the next block's calibration inputs
         scale.* / clip_lo.* / clip_hi.*            the AwqResult so far (AwqResult's names)
-        metadata: format, fingerprint, next_block, search (JSON list), info (JSON)
+        metadata: format, fingerprint, next_block, search (JSON list)
 
 The fingerprint is a SHA-256 over everything that decides the search: the model's config,
 the calibration tokens, the QuantSpec, the AwqConfig (but its `progress` bar), the skipped
@@ -77,23 +77,14 @@ class Progress:
                     f"or settings; delete {self.work_dir} to start over, or rerun with the "
                     "original settings to resume")
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        for key, t in tensors.items():
-            kind, _, name = key.partition(".")
-            if kind == "scale":
-                result.scales[name] = t
-            elif kind == "clip_lo":
-                result.clips[name] = (t, tensors[f"clip_hi.{name}"])
+        result.add_tensors(tensors, str(path), ignore=("hidden",))
         result.search[:] = json.loads(meta["search"])
         return int(meta["next_block"]), tensors["hidden"]
 
     def save(self, next_block: int, result: AwqResult, hidden: torch.Tensor) -> None:
         """Atomically replace the state: the result so far and `hidden`, block next_block's inputs."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {"hidden": hidden.detach().float().cpu().contiguous()}
-        tensors.update({f"scale.{k}": v.float().cpu().contiguous() for k, v in result.scales.items()})
-        for k, (lo, hi) in result.clips.items():
-            tensors[f"clip_lo.{k}"] = lo.float().cpu().contiguous()
-            tensors[f"clip_hi.{k}"] = hi.float().cpu().contiguous()
+        tensors = {"hidden": hidden.detach().float().cpu().contiguous(), **result.to_tensors()}
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "next_block": str(next_block),
                 "search": json.dumps(result.search)}
         tmp = self.work_dir / f".{STATE_NAME}.tmp"

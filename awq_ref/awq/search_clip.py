@@ -1,14 +1,16 @@
 """Search the clipping range of each (output channel, group) of a linear.
 
 Shrinking a group's range before quantization trades a larger error on the few extreme weights
-for a finer step on all others. For a ratio r on the grid 1, 1 - 1/n_grid, ..., (down to
-1 - max_shrink), the group's weights w (G,) are clamped to the box
+for a finer step on all others. For a ratio r on the grid 1, 1 - 1/n_grid, ..., down to
+1 - max_shrink + 1/n_grid (1 - max_shrink itself excluded, as in llm-awq), the group's weights
+w (G,) are clamped to the box
 
     mode "range":     [r * min(w), r * max(w)]       (both ends of the asymmetric range), or
     mode "absmax":    [-r * max|w|, r * max|w|]      (llm-awq's box),
     mode "lohi":      "range", then each end refined on its own: [lo, t * max(w)] over the
                       grid with the best lo kept, then [t * min(w), hi] (coordinate descent;
-                      3x the evaluations of "range"),
+                      3x the evaluations of "range");
+    symmetric quantization (zero_point=False) uses the "absmax" box in every mode,
 
 then fake-quantized (q), and the box with the least output error of that group is kept:
 
@@ -35,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from awq_ref.quant.quantizer import QuantSpec, grouped
+from awq_ref.quant.quantizer import QuantSpec, clamp_groups, grouped
 from awq_ref.quant.rtn import fake_quantize_weight
 
 CLIP_MODES = ("range", "absmax", "lohi")
@@ -55,12 +57,6 @@ def clip_box(wg: torch.Tensor, ratio: float, mode: str, zero_point: bool
         return wg.amin(-1) * ratio, wg.amax(-1) * ratio
     m = wg.abs().amax(-1) * ratio
     return -m, m
-
-
-def clamp_groups(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """w (N, K) with each group clamped to [lo, hi] (N, K/G)."""
-    wg = w.view(w.shape[0], lo.shape[1], -1)  # (N, K/G, G)
-    return torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None]).view_as(w)
 
 
 def clipper(gram: torch.Tensor, spec: QuantSpec, n_grid: int, max_shrink: float, mode: str,
@@ -101,16 +97,15 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: in
 
 
 def _ratios(n_grid: int, max_shrink: float) -> list[float]:
-    """1, 1 - 1/n_grid, ... down to 1 - max_shrink (at least r = 1)."""
+    """1, 1 - 1/n_grid, ... down to 1 - max_shrink + 1/n_grid (llm-awq's grid; at least r = 1)."""
     return [1 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))]
 
 
 def _quant_error(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
                  g: int) -> torch.Tensor:
     """e = Q(clamp(w, lo, hi)) - w (N, K/G, G) for grouped weights wg and boxes (N, K/G)."""
-    clipped = torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None])
-    n = wg.shape[0]
-    return grouped(fake_quantize_weight(clipped.reshape(n, -1), spec), g) - wg
+    clipped = clamp_groups(wg.reshape(wg.shape[0], -1), lo, hi)  # (N, K)
+    return grouped(fake_quantize_weight(clipped, spec), g) - wg
 
 
 def _group_errors(e: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

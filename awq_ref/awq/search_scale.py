@@ -13,15 +13,16 @@ for a = 0, 1/n_grid, ..., (n_grid-1)/n_grid, and the chosen s minimises
 where f is the output of the group's `inspect` module and Q the group-wise fake quantizer
 (the project's RTN, fp16-rounded scales included, so the search sees the final weights). Feeding
 x with the effective weights Q(W diag(s)) diag(s)^-1 equals feeding x/s with Q(W diag(s)).
-a = 0 gives s = 1, plain round-to-nearest, so the chosen loss never exceeds RTN's.
+For plain AWQ (no duo scaling, no scale_clip_grid) a = 0 gives s = 1, plain round-to-nearest,
+so the chosen loss never exceeds RTN's.
 
 Optionally (AwqConfig.scale_clip_grid > 0) each candidate is judged as it will finally be used:
 Q(clip_s(W diag(s))) diag(s)^-1, clip_s being the clip search of search_clip run on the scaled
 weights (a coarser grid keeps it affordable); the final clip search still runs after.
 
 When inspect is a single linear, L is quadratic in its weight error E = W_eff - W:
-    L(s) = tr(E X^T X E^T) / (T N),
-computed from the Gram matrix X^T X (K, K), which is accumulated once over all tokens.
+    L(s) = tr(E H E^T) / (T N),   H = X^T X (K, K),
+the Gram matrix H accumulated once over all tokens.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def effective_weight(w: torch.Tensor, s_in: torch.Tensor, spec: QuantSpec,
 
 def gram_loss(w: torch.Tensor, gram: torch.Tensor, count: int, s_in: torch.Tensor,
               spec: QuantSpec, clip: Clip | None = None) -> float:
-    """L(s) = tr(E G E^T) / (T N), E = W_eff - W (N, K), G = X^T X (K, K) over T tokens."""
+    """L(s) = tr(E H E^T) / (T N), E = W_eff - W (N, K), H = X^T X (K, K) over T tokens."""
     e = effective_weight(w, s_in, spec, clip) - w  # (N, K)
     return float(((e @ gram) * e).sum()) / (count * w.shape[0])
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from awq_ref.quant.quantizer import QuantSpec, compute_qparams, dequantize, grouped, quantize
+from awq_ref.quant.quantizer import QuantSpec, compute_qparams, dequantize, quantize
 
 PACK_BITS = 4
 PACK_NUM = 32 // PACK_BITS  # codes per int32
@@ -91,15 +91,11 @@ def quantize_with_fp16_scales(w: torch.Tensor, spec: QuantSpec, name: str = "wei
     s16 (N, K/G) float16.
     """
     w32 = w.detach().to(torch.float32)
-    scales, zeros = compute_qparams(w32, spec, name)  # (N, K/G) each
-    s16 = scales.to(torch.float16)
+    s, zeros = compute_qparams(w32, spec, name, scale_dtype=torch.float16)  # (N, K/G) each
+    s16 = s.to(torch.float16)
     if not torch.isfinite(s16).all():
         raise Fp16OverflowError(f"{name}: a group's range overflows the fp16 scales (max |w| = "
                          f"{w32.abs().max().item():.4g})")
-    s = s16.to(torch.float32)
-    if spec.zero_point:
-        lo = grouped(w32, spec.group_for(w32.shape[1], name)).amin(dim=-1)  # (N, K/G)
-        zeros = (-torch.round(lo / s)).clamp(0, spec.max_code).to(torch.int32)
     return quantize(w32, s, zeros, spec), zeros, s16
 
 
@@ -123,15 +119,15 @@ def pack_weight(w: torch.Tensor, spec: QuantSpec, name: str = "weight"
         raise ValueError(f"{name}: out_features {n} is not a multiple of {PACK_NUM}, cannot pack")
     q, z, s16 = quantize_with_fp16_scales(w, spec, name)  # (N, K), (N, K/G), (N, K/G)
     check_fp16_range(dequantize(q, s16.to(torch.float32), z), name)
-    return pack_int4(q.T), pack_int4(z.T), s16.T.contiguous()
+    return pack_codes(q, z, s16)
 
 
 def pack_codes(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantizer-layout codes q (N, K), zeros (N, K/G), scales (N, K/G) -> packed tensors.
 
-    For callers with their own codes (e.g. AWQ after clipping); scales must already be the
-    fp16 values the codes were computed with, or the packed weight will differ from theirs.
+    The scales must already be the fp16 values the codes were computed with, or the packed
+    weight will differ from theirs.
     """
     return pack_int4(q.T), pack_int4(zeros.T), scales.T.to(torch.float16).contiguous()
 

@@ -10,7 +10,8 @@ of G input channels; each (output channel, group) pair gets its own scale s and 
     dequantize:                    w_hat = (q - z) * s
 
 Codes are unsigned in both variants (symmetric stores the fixed z = 2^(b-1)), so one packed
-layout serves both. Round-to-nearest (RTN) is exactly this with no search. G = -1 means one
+layout serves both. Round-to-nearest (RTN, rtn.py) is this with no search, the scales rounded
+to fp16 first as a checkpoint stores them (compute_qparams' scale_dtype). G = -1 means one
 group spanning all of K (per-output-channel quantization).
 """
 
@@ -51,16 +52,29 @@ def grouped(w: torch.Tensor, g: int) -> torch.Tensor:
     return w.reshape(n, k // g, g)
 
 
-def compute_qparams(w: torch.Tensor, spec: QuantSpec, name: str = "weight"
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales (N, K/G) in w's dtype and integer zero points (N, K/G) (int32) for w (N, K)."""
+def clamp_groups(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """w (N, K) with each (output channel, group) clamped to its box [lo, hi] (N, K/G)."""
+    wg = grouped(w, w.shape[1] // lo.shape[1])  # (N, K/G, G)
+    return torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None]).view_as(w)
+
+
+def compute_qparams(w: torch.Tensor, spec: QuantSpec, name: str = "weight",
+                    scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (N, K/G) in w's dtype and integer zero points (N, K/G) (int32) for w (N, K).
+
+    scale_dtype (e.g. torch.float16): the scales are first rounded to it (their values then
+    exact in w's dtype) and the zero points computed from the rounded scales."""
     wg = grouped(w, spec.group_for(w.shape[1], name))  # (N, K/G, G)
     if spec.zero_point:
         lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
         scales = (hi - lo).clamp(min=1e-5) / spec.max_code
+        if scale_dtype is not None:
+            scales = scales.to(scale_dtype).to(w.dtype)
         zeros = (-torch.round(lo / scales)).clamp(0, spec.max_code)
     else:
         scales = wg.abs().amax(dim=-1).clamp(min=1e-5) / (2 ** (spec.bits - 1) - 1)
+        if scale_dtype is not None:
+            scales = scales.to(scale_dtype).to(w.dtype)
         zeros = torch.full_like(scales, 2 ** (spec.bits - 1))
     return scales, zeros.to(torch.int32)
 
@@ -81,6 +95,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> to
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, name: str = "weight") -> torch.Tensor:
-    """Quantize then dequantize: the weight the quantized model will really use, in w's dtype."""
+    """Quantize then dequantize with unrounded scales, in w's dtype (the packed model's weights,
+    with fp16-rounded scales, are rtn.fake_quantize_weight's)."""
     scales, zeros = compute_qparams(w, spec, name)
     return dequantize(quantize(w, scales, zeros, spec), scales, zeros).to(w.dtype)
