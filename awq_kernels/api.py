@@ -219,7 +219,8 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
     if name == "mma_direct" and len(chunks := mma_direct_row_chunks(m)) > 1:
         for r0, rows in chunks:  # more rows than one launch holds
             _launch_product(name, x2[r0:r0 + rows], qweight, qzeros, scales, group_size,
-                            y2[r0:r0 + rows], fuse_splitk, max_splits=max_splits)
+                            y2[r0:r0 + rows], fuse_splitk, max_splits=max_splits,
+                            sum_splits=sum_splits)
         return
     tag = ACTIVATION_DTYPES[x2.dtype]
     with _on_torch_stream(x2.device) as (arch, num_sms):
@@ -255,13 +256,13 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
                  (target, y2, _i32(launch.splits), _i32(m * n)))
 
 
-# Fused split-K (splitk_fused.cuh) needs, per column tile, an int32 counter that is zero when a
-# launch starts; each launch leaves its counters zero again. Launches on one stream never
+# Fused split-K (splitk_fused.cuh) needs, per output tile (a column tile of the direct kernels,
+# a BM x BN tile of gemm_mma), an int32 counter that is zero when a launch starts; each launch leaves its counters zero again. Launches on one stream never
 # overlap, so one set per (device, stream) is never used by two running kernels. A set is made
 # (zeroed) on a stream's first fused call. Not under CUDA-graph capture: a tensor zeroed there
 # is only zeroed when the graph replays; a capturing stream without a set falls back to the
 # reduction kernel (CudaGraphDecoder captures on the stream it warmed up, so it has one).
-SPLITK_COUNTER_SLOTS = 4096  # column tiles of 256: N up to 1,048,576
+SPLITK_COUNTER_SLOTS = 4096  # output tiles per launch; more: the reduction kernel instead
 _splitk_counter_sets: dict[tuple[int, int], torch.Tensor] = {}
 
 

@@ -6,11 +6,14 @@
 // on them. Skipping the big fp16/bf16 headers keeps NVRTC compiles fast (the CPU CI compiles
 // every kernel) and makes the bit-level tricks explicit.
 //
-// Element types are tag structs (F16, BF16) with a traits block:
-//   MAGIC   bits of the 16-bit float 2^e at which one unit of the mantissa equals 1.0,
+// Element types are tag structs (F16, BF16) with a traits block (constants as pairs: the same
+// 16-bit value in both halves):
+//   MAGIC2  bits of the 16-bit float 2^e at which one unit of the mantissa equals 1.0,
 //           so MAGIC | q (q < 16 in the low mantissa bits) is exactly the number 2^e + q.
 //           fp16: 0x6400 = 1024.0 (10 mantissa bits); bf16: 0x4300 = 128.0 (7 mantissa bits).
-//   ONE     bits of 1.0 (used to express a subtraction as one fused multiply-add).
+//   ONE2    bits of 1.0 (used to express a subtraction as one fused multiply-add).
+//   IN_PLACE_NIBBLES  whether the odd nibble pairs can be dequantized where they lie
+//           (1024 + 16 q, fp16 only; see dequant_nibbles).
 //
 // The packed AWQ word (FORMAT.md): nibble i (bits 4i..4i+3) holds column ORDER[i] of an 8-column
 // group, ORDER = [0, 2, 4, 6, 1, 3, 5, 7]. So bits 0..15 hold the even columns (0, 2, 4, 6) and
@@ -157,8 +160,9 @@ template <typename T> __device__ __forceinline__ u32 zero_nibbles(u32 zw, int p)
 }
 
 // Per-group constants of one packed word column as (k, k+1) broadcast pairs, column j = 0..7:
-// zb[j] = zero_nibbles(zeros word, j / 2) (-(MAGIC + z_j); fp16, odd j / 2: -(64 + z_j)) twice, sb[j] = s_j twice (converted to T), from the column's packed
-// zeros word and its 8 fp16 scales (4 pairs). The mma kernels' B (or A) fragments pair rows
+// zb[j] = zero_nibbles(zeros word, j / 2) twice (-(MAGIC + z_j); fp16, odd j / 2: -(64 + z_j)),
+// sb[j] = s_j twice (converted to T), from the column's packed zeros word and its 8 fp16
+// scales (4 pairs). The mma kernels' B (or A) fragments pair rows
 // k, k+1 of one column, hence the broadcast. Rebuilt once per group.
 template <typename T>
 __device__ __forceinline__ void group_pairs(u32 zw, uint4 sv, u32 (&zb)[8], u32 (&sb)[8]) {
@@ -251,5 +255,3 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Ceil division for split-K ranges.
-__host__ __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }

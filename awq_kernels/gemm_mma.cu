@@ -6,7 +6,7 @@
 //   qzeros   [K/G, N/8] int32, packed like qweight          (u32)
 //   scales   [K/G, N] fp16 (even for T = BF16)              (u16 bits)
 //   out      [M, N] T when gridDim.z == 1, else fp32 partial sums [gridDim.z, M, N]
-//            (split-K; reduce.cu adds them in a fixed order, so results are deterministic;
+//            (split-K; splitk_reduce.cu adds them in a fixed order, so results are deterministic;
 //            or, when `counters` is given, the last block of each output tile adds them in the
 //            same order and writes y [M, N]: splitk_fused.cuh).
 // Constraints (checked in Python): K % BK == 0, G in {32, 64, 128} and G % BK == 0 (so one BK
@@ -98,7 +98,7 @@ __device__ __forceinline__ void load_group(const u32* zrow, const u32* srow, int
 // One k16 step of the warp: A fragments via ldmatrix, then for each of the 8 n8 tiles its B
 // fragment is dequantized from the 4 packed words (w0, w1 = rows 2t, 2t+1; w8, w9 = rows 2t+8,
 // 2t+9 of the lane's word column) right before its mma, so only one B fragment is live at a
-// time (keeps MI = 2 under 128 registers).
+// time (keeps MI = 2 within its 168-register budget, below).
 template <typename T, int MI>
 __device__ __forceinline__ void mma_k16(const u32 (&a)[MI][4], u32 w0, u32 w1, u32 w8, u32 w9,
                                         const u32 (&zb)[8], const u32 (&sb)[8],

@@ -15,7 +15,7 @@
 //     operand and x the k16 x n8 B operand; n8 is 8 rows of x (M <= 8 uses one mma per 16
 //     columns and k16, M <= 32 four per warp), instead of padding M to 16.
 //   * A fragment from packed words, no re-layout (lane = 4g + t): A rows g and g + 8, k pairs
-//     (2t, 2t+1) and (2t+8, 2t+9). A lane loads 4 words of its word column 8 * word0 + ... --
+//     (2t, 2t+1) and (2t+8, 2t+9). A lane loads 4 words of its packed word column `word` --
 //     rows 2t, 2t+1, 2t+8, 2t+9 of the k16 step -- and the byte permutes of gemm_mma.cu give
 //     (row k, row k+1) nibble pairs of one column: even columns from prmt 0x5410, odd from
 //     0x7632. m16 tile i takes A row g = column 2i and A row g + 8 = column 2i + 1 of the
@@ -50,7 +50,7 @@ constexpr int MD_KC = 32;                           // rows per chunk and per sp
 // blocks of 8 warps per SM within 128 registers; NT = 4: one block, 64 accumulators).
 template <int NT> struct MdDepth { static constexpr int VALUE = NT == 1 ? 3 : (NT == 2 ? 2 : 4); };
 
-// One chunk of a lane's streamed loads (13 registers). The x fragments are loaded when the
+// One chunk of a lane's streamed loads (13 registers and a flag). The x fragments are loaded when the
 // chunk is computed instead (L1 hits: the block's 8 warps read the same rows of x), so that
 // registers go to weights in flight.
 struct MdChunk {

@@ -43,7 +43,8 @@ MMA_DIRECT_AUTO_MAX_M = 128
 # at M = 1, 2 (gemv 1.25x slower), mma_direct at 4, 8 (gemv 1.28-1.49x), mma_split at 16, 32
 # (mma_direct 1.31-1.45x, dequantize + cuBLAS 1.79-2.23x) and 64 (dequantize + cuBLAS 1.09x
 # slower: 0.89-1.12x on six shapes, 1.70x on 8192 x 28672),
-# dequantize + cuBLAS from 128 on (mma 1.39x). Between measured M the boundary is the lower one's.
+# dequantize + cuBLAS from 128 on (mma 1.39x). An M between two measured sizes gets the larger
+# one's kernel.
 AUTO_GEMV_DIRECT_MAX_M = 2
 AUTO_MMA_DIRECT_MAX_M = 8
 DEQUANT_MIN_M = 65

@@ -1,7 +1,7 @@
 """Sweep of the kernels' launch choices, timed per PROTOCOL.md like benchmark.py, to choose
 `auto`'s from measurements rather than from predictions: every compiled block tile of the
 tensor-core kernel (gemm_mma.cu), plain and with the wider split-K; and the split-K
-factor of the decode kernels (gemv_direct at M <= 2, mma_direct at 2 <= M <= 8).
+factor of the decode kernels (gemv_direct at M <= 2, mma_direct at M <= 8).
 
 Why: on the H100 (docs/gpu/h100-2026-12-05) the mma kernel ran at 10-40% of the floor at
 M = 16-128 (issue-bound on its copy address math, since rewritten: NOTES.md), and the decode
@@ -43,7 +43,8 @@ class SweepRow:
     k: int
     n: int
     m: int
-    variant: str   # "<kernel> <BM>x<BN>x<BK> w<WARPS_M>x<WARPS_N>", or "fp16", "awq"
+    variant: str   # "<kernel> <BM>x<BN>x<BK> w<WARPS_M>x<WARPS_N>", "<kernel> splits<=cap",
+                   # or "fp16", "awq"
     us: float
     vs_best: float  # us / fastest of our variants at this point
     speedup_vs_fp16: float

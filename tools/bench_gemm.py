@@ -23,7 +23,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=50, help="timed calls per point (>= 50)")
     parser.add_argument("--sweep-mma", action="store_true",
                         help="time every compiled mma tile, plain and split-K, at M = "
-                             f"{', '.join(map(str, sweep.SWEEP_MS))} on the quick shapes")
+                             f"{', '.join(map(str, sweep.SWEEP_MS))}, and the decode kernels' "
+                             "split caps, on the quick shapes")
     parser.add_argument("--out", type=Path, default=None,
                         help="file stem (default out/bench_gemm, or out/sweep_mma)")
     args = parser.parse_args()
