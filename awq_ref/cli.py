@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF folder, .gguf file, llama2.c .bin, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and activations")
+
+
+def check_device(device: str) -> None:
+    """--device names a CPU or CUDA device torch has here (a clear error instead of torch's)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: only cpu and cuda devices are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device here (a CPU-only torch "
+                         "build, or no driver)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
+
+
+def _positive(name: str, value: int | None, least: int = 1) -> None:
+    if value is not None and value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value}")
 
 
 def _load(args: argparse.Namespace, path: str | None = None):
@@ -57,7 +79,6 @@ def _clipped_head(args: argparse.Namespace, model):
     """The lm_head weight clipped against --head-calib texts, or None without them."""
     if not args.head_calib:
         return None
-    from pathlib import Path
 
     from awq_ref.awq.calibration import calibration_tokens
     from awq_ref.awq.head import clipped_head
@@ -95,6 +116,9 @@ def _load_for_inference(args: argparse.Namespace):
     if args.fuse_elementwise and args.backend == "torch":
         raise ValueError("--fuse-elementwise runs awq_kernels' CUDA kernels: it needs "
                          "--backend cupy")
+    if args.quantize_embeddings == "embed" and (args.head_calib or args.head_bits != 4):
+        raise ValueError("--head-calib and --head-bits shape the quantized lm_head: "
+                         "--quantize-embeddings embed leaves it as it is (use head or both)")
     model = _load(args)
     if args.quantize_embeddings:
         _quantize_tables(args, model)
@@ -128,6 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         raise ValueError(f"--cuda-graph needs --device cuda (CUDA graphs), got --device {args.device}")
+    _positive("--max-new-tokens", args.max_new_tokens, least=0)
     model = _load_for_inference(args)  # first: a backend that cannot run fails before any work
     tok = load_tokenizer(args.model)
     ids = tok.encode(args.prompt)
@@ -152,6 +177,8 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from awq_ref.eval import evaluate, load_wikitext_tokens
     from awq_ref.loaders import load_tokenizer
 
+    _positive("--seqlen", args.seqlen, least=2)
+    _positive("--windows", args.windows)
     model = _load_for_inference(args)
     tok = load_tokenizer(args.model)
     reference = _load(args, args.reference) if args.reference else None
@@ -169,7 +196,6 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 def _progress(args: argparse.Namespace):
     """The resumable search's work folder (--work-dir, default OUT.partial beside --out)."""
-    from pathlib import Path
 
     from awq_ref.awq.resume import Progress
 
@@ -181,7 +207,6 @@ def _progress(args: argparse.Namespace):
 def _awq_result(args: argparse.Namespace, model, tok, spec, progress=None):
     """The AWQ search result: re-loaded with --result, else searched (and saved with --save-result);
     `progress` (awq.resume.Progress) makes the search save and resume its state per block."""
-    from pathlib import Path
 
     from awq_ref.awq.calibration import calibration_tokens, sample_from_model
     from awq_ref.awq.pipeline import AwqConfig, search_awq
@@ -214,7 +239,6 @@ def awq_options(args: argparse.Namespace) -> dict:
 
 def cmd_quantize_stream(args: argparse.Namespace) -> int:
     """--stream: block by block from the safetensors files (awq_ref.stream), never whole."""
-    from pathlib import Path
 
     from awq_ref.awq.calibration import calibration_tokens
     from awq_ref.loaders import load_tokenizer
@@ -222,6 +246,8 @@ def cmd_quantize_stream(args: argparse.Namespace) -> int:
 
     if args.result or args.save_result:
         raise ValueError("--stream does not take --result or --save-result")
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--stream reads an HF safetensors folder; {args.model!r} is not a folder")
     calib, options = None, {}
     if args.method == "awq":
         if not args.calib:
@@ -246,6 +272,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from awq_ref.quant.checkpoint import save_quantized
     from awq_ref.quant.quantizer import QuantSpec
 
+    check_quantize_args(args)
     if args.stream:
         return cmd_quantize_stream(args)
     spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
@@ -262,6 +289,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"{args.method} W{spec.bits} g{spec.group_size} quantized in {seconds:.1f} s; "
           f"checkpoint written to {args.out}")
     return 0
+
+
+def check_quantize_args(args: argparse.Namespace) -> None:
+    """What `quantize` can refuse before loading anything (the search would otherwise run for
+    minutes and fail at the end)."""
+
+    from awq_ref.awq.pipeline import AwqConfig
+    from awq_ref.quant.quantizer import QuantSpec
+
+    if Path(args.out).exists():
+        raise ValueError(f"--out {args.out} already exists: remove it or choose another folder")
+    QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
+    _positive("--n-samples", args.n_samples)
+    _positive("--calib-seqlen", args.calib_seqlen)
+    if args.method == "rtn" and (args.result or args.save_result or args.calib):
+        raise ValueError("--result, --save-result and --calib belong to --method awq; rtn "
+                         "searches nothing")
+    if args.method == "awq":
+        AwqConfig(**awq_options(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_device(args.device)
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a disk full, a path not readable, ...
         print(f"error: {e}", file=sys.stderr)
         return 2

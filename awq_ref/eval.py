@@ -30,6 +30,8 @@ def read_text(path: str | Path) -> str:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ValueError(f"{path}: text file not found") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise ValueError(f"{path}: cannot read the text file ({e.strerror or e})") from None
     try:
         return raw.replace(b"\r\n", b"\n").decode("utf-8")
     except UnicodeDecodeError as e:
@@ -43,6 +45,8 @@ def load_wikitext_tokens(tokenizer: Any, path: str | Path) -> torch.Tensor:
 
 def windows_of(tokens: torch.Tensor, seqlen: int, windows: int | None) -> torch.Tensor:
     """(n, seqlen) non-overlapping windows from the start of a 1-D stream; the tail is dropped."""
+    if seqlen < 2:
+        raise ValueError(f"a window needs at least 2 tokens (one to predict), got seqlen {seqlen}")
     available = tokens.numel() // seqlen
     if available == 0:
         raise ValueError(f"need at least {seqlen} tokens for one window, the text has {tokens.numel()}")

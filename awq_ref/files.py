@@ -1,28 +1,36 @@
-"""Result files written whole or not at all: a crash mid-write never leaves half a file."""
+"""Files written whole or not at all: a crash mid-write never leaves half a file."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` (UTF-8) to a temporary file beside `path`, fsync it, rename it over `path`.
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Let `write(tmp)` fill a temporary file beside `path`, fsync it, rename it over `path`.
 
-    The rename is atomic on POSIX: a reader sees the old file or the new one, never a torn one.
+    The rename is atomic on POSIX: a reader sees the old file or the new one, never a torn one;
+    the fsync before it means a power loss cannot leave the new name on unwritten data.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result file is an ordinary file
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary shared files
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`text` (UTF-8) written to `path` with atomic_write."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

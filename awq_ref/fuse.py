@@ -102,7 +102,7 @@ def is_fused(model: nn.Module) -> bool:
 
 class ElementwiseOps(Protocol):
     """What `use_elementwise_kernels` installs; awq_kernels.ops is one. Each must compute what
-    the model's own code does (the docstrings of RMSNorm.forward, MLP.forward and rotate_heads),
+    the model's own code does (RMSNorm.forward and its comment, MLP.forward, rotate_heads),
     up to rounding, for models whose head dim is in HEAD_DIMS."""
 
     HEAD_DIMS: tuple[int, ...]

@@ -265,7 +265,8 @@ class Llama(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None,
                last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) -> the final norm's output (B, T, D), what lm_head reads."""
+        """tokens (B, T) -> the final norm's output (B, T, D), what lm_head reads; (B, 1, D),
+        the last position only, with last_only."""
         x = self.model.embed_tokens(tokens)  # (B, T, D)
         start = cache.length if cache is not None else 0
         cos, sin = self.rotary(start, tokens.shape[1], x.dtype)

@@ -31,11 +31,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from awq_ref.api import METHODS
 from awq_ref.awq.capture import embed
 from awq_ref.awq.pipeline import AwqConfig, search_block
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.resume import Progress, fingerprint
 from awq_ref.config import LlamaConfig
+from awq_ref.files import atomic_write
 from awq_ref.loaders.hf import read_config_json
 from awq_ref.loaders.lazy import LazyTensors, index_safetensors_file
 from awq_ref.loaders.state_dict import build_on_meta, check_state_dict
@@ -43,17 +45,16 @@ from awq_ref.model import Block
 from awq_ref.quant.checkpoint import (
     INDEX_NAME,
     PACKED_SUFFIXES,
-    _fsync,
-    _write_json,
-    _write_shard,
     atomic_folder,
+    fsync_path,
     quant_config_dict,
+    write_json,
+    write_shard,
 )
 from awq_ref.quant.packing import PACK_NUM, check_packable
 from awq_ref.quant.qlinear import QuantLinear, skipped
 from awq_ref.quant.quantizer import QuantSpec
 
-METHODS = ("awq", "rtn")
 # Copied verbatim into the checkpoint when the source folder has them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.bin", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
@@ -231,9 +232,7 @@ def block_tensors(block: nn.Module, prefix: str, spec: QuantSpec, skip: tuple[st
 
 def _write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A shard appears whole or not at all: written beside, fsynced, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    _write_shard(tensors, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: write_shard(tensors, tmp))
 
 
 def _finish(source: Source, shards: Path, out_dir: Path, quant_config: dict[str, Any],
@@ -243,14 +242,14 @@ def _finish(source: Source, shards: Path, out_dir: Path, quant_config: dict[str,
         n = source.config.num_hidden_layers + 1
         for i in range(n - 1):
             _link_or_copy(shards / shard_name(i, n), tmp / shard_name(i, n))
-        _write_shard(_outer_tensors(source, dtype), tmp / shard_name(n - 1, n))
+        write_shard(_outer_tensors(source, dtype), tmp / shard_name(n - 1, n))
         _write_index(tmp, [shard_name(i, n) for i in range(n)])
-        _write_json({**source.config.to_hf_dict(), "torch_dtype": str(dtype).removeprefix("torch."),
+        write_json({**source.config.to_hf_dict(), "torch_dtype": str(dtype).removeprefix("torch."),
                      "quantization_config": quant_config}, tmp / "config.json")
         for name in TOKENIZER_FILES:
             if (source.folder / name).is_file():
                 shutil.copyfile(source.folder / name, tmp / name)
-                _fsync(tmp / name)
+                fsync_path(tmp / name)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -264,7 +263,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, dst)
         os.chmod(dst, 0o644)
-        _fsync(dst)
+        fsync_path(dst)
 
 
 def _outer_tensors(source: Source, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -282,4 +281,4 @@ def _write_index(folder: Path, files: list[str]) -> None:
         for name, info in index_safetensors_file(folder / file).items():
             weight_map[name] = file
             total += info.nbytes
-    _write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / INDEX_NAME)
+    write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / INDEX_NAME)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from awq_ref.files import atomic_write, atomic_write_text
+
 CONFIG_FILE = "tokenizer_config.json"
 
 
@@ -67,10 +69,10 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write the backend's file and tokenizer_config.json into `folder` (created if needed)."""
+        """Write the backend's file and tokenizer_config.json into `folder` (created if needed),
+        each atomically."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.backend.save(folder / self.backend.file_name)
+        atomic_write(folder / self.backend.file_name, self.backend.save)
         token = self.backend.id_to_token
         config = {
             "bos_token": None if self.bos_id is None else token(self.bos_id),
@@ -80,8 +82,7 @@ class Tokenizer:
             "bos_token_id": self.bos_id,
             "eos_token_ids": list(self.eos_ids),
         }
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                          encoding="utf-8")
+        atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def __repr__(self) -> str:
         return (f"Tokenizer({type(self.backend).__name__}, vocab_size={self.vocab_size}, "
@@ -156,14 +157,15 @@ def load_tokenizers_file(path: Path) -> TokenizersBackend:
     try:
         return TokenizersBackend(HFTokenizer.from_file(str(path)))
     except BaseException as e:
-        if not is_tokenizers_error(e):
+        if not is_error_or_rust_panic(e):
             raise
         raise ValueError(f"{path}: cannot read tokenizer.json ({type(e).__name__}: {e})") from e
 
 
-def is_tokenizers_error(e: BaseException) -> bool:
-    """What `tokenizers` raises on a bad file: its own Exception subclass, or on some malformed
-    JSON a Rust panic, pyo3's PanicException (a BaseException, so `except Exception` misses it)."""
+def is_error_or_rust_panic(e: BaseException) -> bool:
+    """Any Exception, or a Rust panic: pyo3's PanicException, what `tokenizers` raises on some
+    malformed input, is a BaseException (so `except Exception` misses it) but no
+    KeyboardInterrupt or SystemExit, which must pass. Callers wrap a call on file data with it."""
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
@@ -214,8 +216,9 @@ def _as_ids(value: Any, source: Path) -> list[int]:
 
 def special_ids_from_folder(folder: Path, backend: Backend, default_bos: int | None = None,
                             default_eos: Sequence[int] = ()) -> tuple[int | None, list[int], bool | None]:
-    """(bos_id, eos_ids, add_bos or None when unstated) from tokenizer_config.json, then
-    generation_config.json / config.json for ids the tokenizer config does not give."""
+    """(bos_id, eos_ids, add_bos or None when unstated). BOS: tokenizer_config.json's, else
+    generation_config.json's, else config.json's, else default_bos. EOS: tokenizer_config's
+    plus generation_config's; config.json's only if neither gives one; else default_eos."""
     files = {name: (folder / name, read_json(folder / name))
              for name in (CONFIG_FILE, "generation_config.json", "config.json")}
     tok_path, tok_cfg = files[CONFIG_FILE]
@@ -240,20 +243,29 @@ def special_ids_from_folder(folder: Path, backend: Backend, default_bos: int | N
     return bos, eos or list(default_eos), add_bos
 
 
-def tokenizer_from_folder(folder: Path) -> Tokenizer:
-    """tokenizer.json (preferred) or tokenizer.model in `folder`, with its special-token files."""
-    if (folder / "tokenizer.json").is_file():
-        backend = load_tokenizers_file(folder / "tokenizer.json")
+def tokenizer_from_file(path: Path, source: str | None = None) -> Tokenizer:
+    """A tokenizer.json or SentencePiece .model file with the special-token files beside it
+    (special_ids_from_folder), the same whether the file or its folder is named."""
+    folder = path.parent
+    if path.suffix == ".json":
+        backend = load_tokenizers_file(path)
         bos, eos, add_bos = special_ids_from_folder(folder, backend)
         if add_bos is None:
             add_bos = backend.adds_bos(bos)
-        return Tokenizer(backend, bos, eos, add_bos, source=str(folder))
-    if (folder / "tokenizer.model").is_file():
-        sp_backend = load_sentencepiece_file(folder / "tokenizer.model")
-        sp = sp_backend.sp
-        bos, eos, add_bos = special_ids_from_folder(
-            folder, sp_backend, default_bos=sp.bos_id() if sp.bos_id() >= 0 else None,
-            default_eos=[sp.eos_id()] if sp.eos_id() >= 0 else [])
-        # Llama's SentencePiece convention: BOS first unless the config says otherwise.
-        return Tokenizer(sp_backend, bos, eos, True if add_bos is None else add_bos, str(folder))
+        return Tokenizer(backend, bos, eos, add_bos, source=source or str(path))
+    sp_backend = load_sentencepiece_file(path)
+    sp = sp_backend.sp
+    bos, eos, add_bos = special_ids_from_folder(
+        folder, sp_backend, default_bos=sp.bos_id() if sp.bos_id() >= 0 else None,
+        default_eos=[sp.eos_id()] if sp.eos_id() >= 0 else [])
+    # Llama's SentencePiece convention: BOS first unless the config says otherwise.
+    return Tokenizer(sp_backend, bos, eos, True if add_bos is None else add_bos,
+                     source=source or str(path))
+
+
+def tokenizer_from_folder(folder: Path) -> Tokenizer:
+    """tokenizer.json (preferred) or tokenizer.model in `folder`, with its special-token files."""
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (folder / name).is_file():
+            return tokenizer_from_file(folder / name, source=str(folder))
     raise ValueError(f"{folder}: no tokenizer.json, tokenizer.model or tokenizer.bin in this folder")

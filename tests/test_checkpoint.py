@@ -110,12 +110,12 @@ from awq_ref.config import LlamaConfig
 from awq_ref.model import Llama
 torch.manual_seed(0)
 model = quantize(Llama(LlamaConfig(**{tiny!r})), group_size=32)
-write_shard = ck._write_shard
+write_shard = ck.write_shard
 def slow_write_shard(tensors, path):
     write_shard(tensors, path)
     print("one shard written", flush=True)
     time.sleep(120)
-ck._write_shard = slow_write_shard
+ck.write_shard = slow_write_shard
 ck.save_quantized(model, sys.argv[1], max_shard_bytes=20_000)
 """
 
@@ -170,14 +170,16 @@ def test_tokenizer_files_written(tmp_path):
     assert (out / "tokenizer.json").read_text() == "{}"
 
 
-def test_load_dtype_and_device(tmp_path):
+def test_load_in_bfloat16(tmp_path):
+    """Loaded in bf16 (packed tensors as stored), the logits stay within bf16's rounding of the
+    fp32 model's: measured max 0.012 on logits of std ~0.56; 0.025 allows twice that."""
     model = tiny_quantized()
     out = save_quantized(model, tmp_path / "ckpt")
     loaded = load_quantized_model(out, device="cpu", dtype=torch.bfloat16)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     ql = loaded.model.layers[0].mlp.up_proj
     assert ql.scales.dtype == torch.float16 and ql.qweight.dtype == torch.int32
-    torch.testing.assert_close(logits(loaded).float(), logits(model), rtol=0.1, atol=0.1)
+    torch.testing.assert_close(logits(loaded).float(), logits(model), rtol=0, atol=0.025)
 
 
 def test_save_refuses_unquantized_model(tmp_path):

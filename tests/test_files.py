@@ -1,4 +1,4 @@
-"""atomic_write_text: the whole new text or the old file, never a torn one."""
+"""atomic_write(_text): the whole new file or the old one, never a torn one."""
 
 import os
 
@@ -23,3 +23,26 @@ def test_failed_write_keeps_old_file_and_leaves_no_temporary(tmp_path):
         atomic_write_text(path, b"not text")  # fails inside the write
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.md"]
+
+
+def test_writers_of_other_files_go_through_it(tmp_path):
+    """An AwqResult and a tokenizer are written with atomic_write: a failing writer keeps the
+    old file and leaves no temporary."""
+    import torch
+
+    from awq_ref.awq.result import AwqResult
+    from awq_ref.files import atomic_write
+    from awq_ref.quant.quantizer import QuantSpec
+
+    path = tmp_path / "r.safetensors"
+    AwqResult(QuantSpec(4, 32), scales={"a": torch.ones(4)}).save(path)
+    assert AwqResult.load(path).scales["a"].tolist() == [1.0] * 4
+
+    def broken(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert AwqResult.load(path).scales["a"].tolist() == [1.0] * 4
+    assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]

@@ -16,6 +16,7 @@ from awq_kernels.plan import (
     GEMV_NT,
     MMA_BK,
     MMA_BN,
+    MMA_SPLIT_BLOCKS_PER_SM,
     cdiv,
     choose_kernel,
     mma_direct_row_chunks,
@@ -204,18 +205,28 @@ def test_import_compiles_nothing_and_imports_no_cupy():
 @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096), (576, 192),
                                  (128, 64)])
 def test_plan_covers_output_and_k(m, k, n):
+    """The plan `auto` launches for M rows (none for dequantize + cuBLAS), and the forced mma
+    kernel's, cover the output and split K into non-empty ranges that add up to K."""
     kernel = choose_kernel(m)
-    if kernel == "gemv":
-        launch = plan_gemv(m, n, k, num_sms=132)
-        assert launch.config >= m and launch.grid[0] * GEMV_NT >= n
-        steps, splits = k // GEMV_KC, launch.grid[1]
+    launches = [(plan_mma(m, n, k, num_sms=132), "mma")]
+    if kernel == "gemv_direct":
+        launches.append((plan_gemv_direct(m, n, k, num_sms=132), "direct"))
+    elif kernel == "mma_direct":
+        launches.append((plan_mma_direct(m, n, k, num_sms=132), "direct"))
+    elif kernel == "mma_split":
+        launches.append((plan_mma(m, n, k, 132, blocks_per_sm=MMA_SPLIT_BLOCKS_PER_SM), "mma"))
     else:
-        launch = plan_mma(m, n, k, num_sms=132)
-        assert launch.grid[0] * MMA_BN >= n and launch.grid[1] * launch.config >= m
-        steps, splits = k // MMA_BK, launch.grid[2]
-    assert splits == launch.splits >= 1
-    # every split non-empty, together exactly the k range
-    assert (splits - 1) * launch.k_per_split < steps <= splits * launch.k_per_split
+        assert kernel == "dequant" and m >= 65
+    for launch, kind in launches:
+        if kind == "direct":
+            assert launch.config >= m and launch.grid[0] * GEMV_NT >= n
+            steps, splits = k // GEMV_KC, launch.grid[1]
+        else:
+            assert launch.grid[0] * MMA_BN >= n and launch.grid[1] * launch.config >= m
+            steps, splits = k // MMA_BK, launch.grid[2]
+        assert splits == launch.splits >= 1
+        # every split non-empty, together exactly the k range
+        assert (splits - 1) * launch.k_per_split < steps <= splits * launch.k_per_split
 
 
 def test_choose_kernel():

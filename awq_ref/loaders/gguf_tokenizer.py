@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from awq_ref.tokenizer import Tokenizer, TokenizersBackend, is_tokenizers_error
+from awq_ref.tokenizer import Tokenizer, TokenizersBackend, is_error_or_rust_panic
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 _LLAMA3_SPLIT = (
@@ -158,7 +158,7 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> Tokenizer
             raise ValueError(f"{source}: tokenizer.ggml.model={kind!r} is not supported (gpt2, llama)")
         _add_special_tokens(tk, meta, byte_level=kind == "gpt2")
     except BaseException as e:
-        if not is_tokenizers_error(e) or isinstance(e, ValueError) and source in str(e):
+        if not is_error_or_rust_panic(e) or isinstance(e, ValueError) and source in str(e):
             raise
         raise ValueError(f"{source}: the GGUF vocabulary does not form a tokenizer ({e})") from e
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]

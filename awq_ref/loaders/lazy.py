@@ -98,9 +98,6 @@ class LazyTensors:
         """Single file, or shards that must hold exactly the tensors the index assigns them."""
         return read_folder(self.folder, index_safetensors_file)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.index
-
     def read(self, name: str) -> torch.Tensor:
         """The tensor `name` on the CPU, freshly allocated and filled by plain reads."""
         info = self.index[name]
@@ -116,6 +113,3 @@ class LazyTensors:
                     raise ValueError(f"{info.path}: tensor {name} is truncated")
                 done += got
         return buf.view(info.dtype).reshape(info.shape)
-
-    def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
-        return {n: self.read(n) for n in names}

@@ -4,7 +4,8 @@ Header: dim D, hidden_dim F, n_layers L, n_heads H, n_kv_heads Hkv, vocab_size V
 classifier is stored separately, not tied), seq_len. Arrays, in order (each [out, in] like
 nn.Linear): tok_emb[V,D]; rms_att[L,D]; wq[L,H*Dh,D]; wk[L,Hkv*Dh,D]; wv[L,Hkv*Dh,D];
 wo[L,D,H*Dh]; rms_ffn[L,D]; w1(gate)[L,F,D]; w2(down)[L,D,F]; w3(up)[L,F,D]; rms_final[D];
-freq_cis_real[seq_len,Dh/2]; freq_cis_imag[seq_len,Dh/2] (unused); wcls[V,D] if untied.
+freq_cis_real[seq_len,Dh/2]; freq_cis_imag[seq_len,Dh/2] (both read and dropped: the RoPE
+tables are recomputed); wcls[V,D] if untied.
 RoPE rotates interleaved pairs, so q/k rows are permuted to HF's rotate-half order at load.
 """
 

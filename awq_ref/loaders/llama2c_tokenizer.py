@@ -53,7 +53,7 @@ class Llama2cBackend:
 
     def __init__(self, data: bytes, source: str):
         self.data = data
-        self.max_len, self.tokens, self.scores = parse_llama2c_vocab(data, source)
+        _, self.tokens, self.scores = parse_llama2c_vocab(data, source)
         self.ids = {}
         for i, t in enumerate(self.tokens):
             self.ids.setdefault(t, i)  # llama2.c's binary search finds one of equal strings

@@ -99,7 +99,7 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -107,15 +107,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
     os.chmod(path, 0o644)  # safetensors creates the file private (0600); a checkpoint is shared
-    _fsync(path)
+    fsync_path(path)
 
 
-def _write_json(obj: Any, path: Path) -> None:
+def write_json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    _fsync(path)
+    fsync_path(path)
 
 
 def _write_folder(model: nn.Module, folder: Path, tokenizer: Any, quant_config: dict[str, Any],
@@ -123,24 +123,24 @@ def _write_folder(model: nn.Module, folder: Path, tokenizer: Any, quant_config: 
     """Everything the checkpoint holds, written into `folder` (which already exists)."""
     tensors = _tensors_to_save(model, dtype)
     fp_dtype = tensors["model.embed_tokens.weight"].dtype
-    _write_json({**model.config.to_hf_dict(), "torch_dtype": str(fp_dtype).removeprefix("torch."),
+    write_json({**model.config.to_hf_dict(), "torch_dtype": str(fp_dtype).removeprefix("torch."),
                  "quantization_config": quant_config}, folder / "config.json")
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
-        _write_shard(shards[0], folder / WEIGHTS_NAME)
+        write_shard(shards[0], folder / WEIGHTS_NAME)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _write_shard(shard, folder / fname)
+            write_shard(shard, folder / fname)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
+        write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
                     folder / INDEX_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
         for p in folder.iterdir():
-            _fsync(p)
+            fsync_path(p)
 
 
 def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
@@ -186,12 +186,12 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
         yield tmp
-        _fsync(tmp)
+        fsync_path(tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(out_dir.parent)
+    fsync_path(out_dir.parent)
 
 
 def _check_layers(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...]) -> None:
