@@ -1,9 +1,10 @@
 # Two commands do all set-up from a fresh clone:
 #   make demo   - the main job on the default model (SmolLM2-135M-Instruct)
 #   make test   - the test suite
-# Both create .venv on first use. On a machine without an NVIDIA driver the set-up pins the
-# CPU wheel torch==2.13.0 so pip never pulls a multi-GB CUDA build; with a GPU, the package's
-# own range (torch>=2.5) applies and your installed torch is kept.
+# Both create .venv on first use. On a machine without an NVIDIA driver the set-up pins
+# torch==2.13.0, a CPU wheel from local disk on this project's machines (elsewhere set
+# PIP_INDEX_URL=https://download.pytorch.org/whl/cpu, or pip may pull the multi-GB CUDA build);
+# with a GPU, the package's own range (torch>=2.5) applies and your installed torch is kept.
 
 PYTHON ?= python3
 VENV := .venv
