@@ -10,7 +10,7 @@ from torch import nn
 
 from awq_ref.fuse import is_fused
 from awq_ref.quant.checkpoint import quant_config_dict
-from awq_ref.quant.packing import PACK_NUM, check_packable
+from awq_ref.quant.packing import check_linear, check_packable
 from awq_ref.quant.qlinear import decoder_linears
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import apply_rtn
@@ -45,10 +45,8 @@ def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: 
     if pack:
         check_packable(spec, "quantize")
     for name, lin in decoder_linears(model, skip):
-        spec.group_for(lin.in_features, name)
-        if pack and lin.out_features % PACK_NUM:
-            raise ValueError(f"{name}: out_features {lin.out_features} is not a multiple of "
-                             f"{PACK_NUM}, so it cannot be packed; use pack=False (fake quantization)")
+        check_linear(spec, name, lin.in_features, lin.out_features, pack,
+                     hint="; use pack=False (fake quantization)")
     if not inplace:
         model = copy.deepcopy(model)
     if method == "awq":

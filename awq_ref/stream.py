@@ -51,7 +51,7 @@ from awq_ref.quant.checkpoint import (
     write_json,
     write_shard,
 )
-from awq_ref.quant.packing import PACK_NUM, check_packable
+from awq_ref.quant.packing import check_linear, check_packable
 from awq_ref.quant.qlinear import QuantLinear, skipped
 from awq_ref.quant.quantizer import QuantSpec
 
@@ -150,7 +150,8 @@ def _check_calib(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _check_layers_packable(cfg: LlamaConfig, spec: QuantSpec, skip: tuple[str, ...]) -> None:
-    """Every quantized linear must pack (as api.quantize checks), before any work is done."""
+    """Every quantized linear must pack (packing.check_linear, as api.quantize), before any
+    work is done."""
     check_packable(spec, "quantize_folder")
     with torch.device("meta"):
         block = Block(cfg, 0)
@@ -159,10 +160,7 @@ def _check_layers_packable(cfg: LlamaConfig, spec: QuantSpec, skip: tuple[str, .
             full = f"model.layers.{i}.{name}"
             if not isinstance(lin, nn.Linear) or skipped(full, skip):
                 continue
-            spec.group_for(lin.in_features, full)
-            if lin.out_features % PACK_NUM:
-                raise ValueError(f"{full}: out_features {lin.out_features} is not a multiple of "
-                                 f"{PACK_NUM}, so it cannot be packed")
+            check_linear(spec, full, lin.in_features, lin.out_features)
 
 
 def shard_name(i: int, n: int) -> str:

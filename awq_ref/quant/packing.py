@@ -52,6 +52,16 @@ def check_packable(spec: QuantSpec, name: str = "weight") -> None:
             f"fake quantization (pack=False) supports 2..8 bits")
 
 
+def check_linear(spec: QuantSpec, name: str, in_features: int, out_features: int,
+                 pack: bool = True, hint: str = "") -> None:
+    """Raise ValueError unless the linear `name` can be quantized with `spec`: G divides its
+    in_features and, packed, its out_features are whole words of PACK_NUM codes."""
+    spec.group_for(in_features, name)
+    if pack and out_features % PACK_NUM:
+        raise ValueError(f"{name}: out_features {out_features} is not a multiple of {PACK_NUM}, "
+                         f"so it cannot be packed{hint}")
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Codes [R, N] with values in 0..15 -> int32 [R, N/8], AWQ nibble order along N."""
     r, n = codes.shape
