@@ -196,7 +196,6 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 def _progress(args: argparse.Namespace):
     """The resumable search's work folder (--work-dir, default OUT.partial beside --out)."""
-
     from awq_ref.awq.resume import Progress
 
     work_dir = Path(args.work_dir or f"{str(args.out).rstrip('/')}.partial")
@@ -207,7 +206,6 @@ def _progress(args: argparse.Namespace):
 def _awq_result(args: argparse.Namespace, model, tok, spec, progress=None):
     """The AWQ search result: re-loaded with --result, else searched (and saved with --save-result);
     `progress` (awq.resume.Progress) makes the search save and resume its state per block."""
-
     from awq_ref.awq.calibration import calibration_tokens, sample_from_model
     from awq_ref.awq.pipeline import AwqConfig, search_awq
     from awq_ref.awq.result import AwqResult
@@ -239,7 +237,6 @@ def awq_options(args: argparse.Namespace) -> dict:
 
 def cmd_quantize_stream(args: argparse.Namespace) -> int:
     """--stream: block by block from the safetensors files (awq_ref.stream), never whole."""
-
     from awq_ref.awq.calibration import calibration_tokens
     from awq_ref.loaders import load_tokenizer
     from awq_ref.stream import quantize_folder
@@ -294,7 +291,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def check_quantize_args(args: argparse.Namespace) -> None:
     """What `quantize` can refuse before loading anything (the search would otherwise run for
     minutes and fail at the end)."""
-
     from awq_ref.awq.pipeline import AwqConfig
     from awq_ref.quant.quantizer import QuantSpec
 
