@@ -124,8 +124,8 @@ def test_split_planners_know_the_resident_blocks():
                                 ("mma_direct", MMA_DIRECT_BLOCKS_PER_SM, build.mma_direct_expr)):
         for mt, blocks in table.items():
             for tag in build.DTYPE_TAGS:
-                kernel = build.get_kernel(family, arch, expr(tag, mt))
-                got = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, 256, 0)
+                kernel = build.get_kernel(family, arch, expr(tag, mt))  # a cupy.RawKernel
+                got = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, 256, 0)
                 assert got == blocks or arch != "90", (family, tag, mt, got)
                 assert got >= 1
 
@@ -191,6 +191,8 @@ def test_direct_kernels_under_cuda_graph_capture(kernel, m):
     qweight, qzeros, scales, _ = _weights(4096, 4096, 128)
     x = torch.randn(m, 4096, device="cuda").half()
     want = awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel=kernel)
+    # the reduce kernel compiled before any capture (compiling inside one would fail)
+    awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel=kernel, fuse_splitk=False)
     for warm_up in (False, True):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
