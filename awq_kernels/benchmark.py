@@ -97,7 +97,7 @@ def _matmul_us(reps: int) -> float:
     return median_us([lambda: a @ b], reps)
 
 
-def measure_ceilings(reps: int = 20) -> Ceilings:
+def measure_ceilings(reps: int = 50) -> Ceilings:
     """HBM bytes/s of a 1 GiB copy (read + write) and FLOP/s of an 8192^3 fp16 matmul."""
     return Ceilings(2 * (1 << 30) / (_copy_us(reps) * 1e-6), 2 * 8192**3 / (_matmul_us(reps) * 1e-6))
 
