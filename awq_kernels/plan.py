@@ -57,6 +57,15 @@ MIN_K_TILES_PER_SPLIT = 4     # a split shorter than the pipeline mostly waits
 # split-K fills exactly one wave of such blocks (see `_splits_in_one_wave`).
 GEMV_DIRECT_BLOCKS_PER_SM = {1: 2, 2: 2, 4: 2, 8: 1}     # 121-128 registers; MT = 8: 156-166
 MMA_DIRECT_BLOCKS_PER_SM = {8: 2, 16: 2, 32: 1, 64: 1}   # 128 registers; NT = 4: 222
+# The same for gemm_mma.cu by block tile (BM, WARPS_M, WARPS_N, BK), the lower of fp16 and
+# bf16: its split-K never plans past one wave of them either (plan_mma).
+MMA_BLOCKS_PER_SM = {(16, 1, 2, 32): 9, (32, 2, 2, 32): 5, (64, 2, 2, 32): 3, (128, 2, 2, 32): 2,
+                     (16, 1, 2, 64): 7, (16, 1, 4, 32): 4, (16, 1, 4, 64): 4, (32, 1, 4, 32): 3,
+                     (32, 1, 4, 64): 3, (64, 1, 4, 32): 2, (64, 2, 4, 32): 1, (128, 2, 4, 32): 1}
+
+
+def mma_blocks_per_sm(tile: MmaTile) -> int:
+    return MMA_BLOCKS_PER_SM[(tile.bm, tile.warps_m, tile.warps_n, tile.bk)]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -138,7 +147,8 @@ def plan_mma(m: int, n: int, k: int, num_sms: int, blocks_per_sm: int = 0,
     """Largest ladder tile that still gives every SM a block (or the given `tile`); split K
     when far fewer tiles than SMs, or (blocks_per_sm > 0) until about blocks_per_sm blocks per
     SM: at M = 16 the tiles alone give under 2 warps per SM (2 warps per block), too few to
-    keep loads in flight."""
+    keep loads in flight. Never past one wave of the tile's resident blocks (a tile with 1-3 of
+    them per SM would otherwise run 1.3-4 waves, and the sweep would rank it on that)."""
     if tile is None:
         n_tiles = cdiv(n, MMA_BN)
         bm = min(max(MMA_CONFIGS), max(min(MMA_CONFIGS), 1 << (m - 1).bit_length()))
@@ -149,10 +159,11 @@ def plan_mma(m: int, n: int, k: int, num_sms: int, blocks_per_sm: int = 0,
     tiles = cdiv(m, tile.bm) * n_tiles
     k_steps = k // tile.bk
     splits, per_split = (1, k_steps)
+    one_wave = min(max_splits, max(1, mma_blocks_per_sm(tile) * num_sms // tiles))
     if blocks_per_sm and tiles < blocks_per_sm * num_sms:
-        splits, per_split = _splits(tiles, k_steps, blocks_per_sm * num_sms, max_splits)
+        splits, per_split = _splits(tiles, k_steps, blocks_per_sm * num_sms, one_wave)
     elif 2 * tiles <= num_sms:  # under half a wave: the partial-sum traffic is worth it
-        splits, per_split = _splits(tiles, k_steps, num_sms, max_splits)
+        splits, per_split = _splits(tiles, k_steps, num_sms, one_wave)
     return Launch("mma", tile.bm, (n_tiles, cdiv(m, tile.bm), splits), (tile.threads, 1, 1),
                   splits, per_split, tile)
 

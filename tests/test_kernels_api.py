@@ -19,6 +19,7 @@ from awq_kernels.plan import (
     MMA_SPLIT_BLOCKS_PER_SM,
     cdiv,
     choose_kernel,
+    mma_blocks_per_sm,
     mma_direct_row_chunks,
     plan_dequant,
     plan_gemv,
@@ -126,6 +127,16 @@ def test_plan_mma_with_a_given_tile_covers_output_and_k(tile, m, k, n, blocks_pe
     steps = k // tile.bk
     assert launch.grid[2] == launch.splits
     assert (launch.splits - 1) * launch.k_per_split < steps <= launch.splits * launch.k_per_split
+
+
+@pytest.mark.parametrize("tile", build.MMA_TILES, ids=str)
+def test_mma_split_plans_fit_one_wave(tile):
+    for m, k, n in [(16, 4096, 4096), (16, 4096, 14336), (64, 8192, 28672), (128, 4096, 4096),
+                    (256, 14336, 4096), (32, 576, 1536)]:
+        for per_sm in (0, 4):
+            launch = plan_mma(m, n, k, 132, blocks_per_sm=per_sm, tile=tile)
+            blocks = launch.grid[0] * launch.grid[1] * launch.grid[2]
+            assert launch.splits == 1 or blocks <= mma_blocks_per_sm(tile) * 132, (m, k, n)
 
 
 def test_sweep_ranking_and_tiles():
@@ -247,7 +258,9 @@ def test_plan_mma_split_reaches_more_blocks_and_covers_k(m, k, n):
     assert split.grid[:2] == plain.grid[:2] and split.splits >= plain.splits
     assert (split.splits - 1) * split.k_per_split < steps <= split.splits * split.k_per_split
     blocks = split.grid[0] * split.grid[1] * split.splits
-    assert blocks >= 4 * 132 or split.splits == min(16, max(1, steps // 4))  # or K ran out
+    one_wave = max(1, mma_blocks_per_sm(split.tile) * 132 // (split.grid[0] * split.grid[1]))
+    # or K ran out, or one more split would pass one wave of the tile's resident blocks
+    assert blocks >= 4 * 132 or split.splits in (min(16, max(1, steps // 4)), one_wave)
 
 
 def test_small_grids_split_k():

@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from awq_kernels import build, emulate
-from awq_kernels.plan import GEMV_DIRECT_BLOCKS_PER_SM, MAX_SPLITS, MMA_DIRECT_BLOCKS_PER_SM
+from awq_kernels.plan import (
+    GEMV_DIRECT_BLOCKS_PER_SM,
+    MAX_SPLITS,
+    MMA_BLOCKS_PER_SM,
+    MMA_DIRECT_BLOCKS_PER_SM,
+    mma_blocks_per_sm,
+)
 
 ARCHS = ("sm_80", "sm_90")
 STATIC_SMEM_LIMIT = 48 * 1024  # static __shared__ beyond this needs an opt-in the API never does
@@ -137,6 +143,19 @@ def test_split_planners_know_the_resident_blocks(family, table, expr):
         for tag in build.DTYPE_TAGS:
             rep = reports[result.lowered[expr(tag, mt)]]
             assert _blocks_per_sm(rep["registers"], rep["smem"]) == blocks, (family, tag, mt, rep)
+
+
+def test_mma_planner_knows_each_tiles_resident_blocks():
+    """plan_mma never splits past one wave of the tile's resident blocks: the table holds, per
+    compiled tile, the lower of fp16's and bf16's count on sm_90 (from ptxas), and no other."""
+    _nvrtc()
+    result = _compiled("mma", "sm_90")
+    reports = _function_reports(result.log)
+    assert len(MMA_BLOCKS_PER_SM) == len(build.MMA_TILES)
+    for tile in build.MMA_TILES:
+        counts = [_blocks_per_sm(rep["registers"], rep["smem"], tile.threads)
+                  for rep in (reports[result.lowered[tile.expr(tag)]] for tag in build.DTYPE_TAGS)]
+        assert mma_blocks_per_sm(tile) == min(counts), (tile, counts)
 
 
 def test_fused_splitk_covers_every_planned_split_count():

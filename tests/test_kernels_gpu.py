@@ -117,9 +117,20 @@ def test_split_planners_know_the_resident_blocks():
     driver's occupancy on this device: the planners fill one wave with them."""
     from cupy.cuda import driver
 
-    from awq_kernels.plan import GEMV_DIRECT_BLOCKS_PER_SM, MMA_DIRECT_BLOCKS_PER_SM
+    from awq_kernels.plan import (
+        GEMV_DIRECT_BLOCKS_PER_SM,
+        MMA_DIRECT_BLOCKS_PER_SM,
+        mma_blocks_per_sm,
+    )
 
     arch, _ = build.device_info(torch.cuda.current_device())
+    for tile in build.MMA_TILES:
+        counts = []
+        for tag in build.DTYPE_TAGS:
+            kernel = build.get_kernel("mma", arch, tile.expr(tag))
+            counts.append(driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                kernel.kernel.ptr, tile.threads, 0))
+        assert min(counts) == mma_blocks_per_sm(tile) or arch != "90", (tile, counts)
     for family, table, expr in (("gemv_direct", GEMV_DIRECT_BLOCKS_PER_SM, build.gemv_direct_expr),
                                 ("mma_direct", MMA_DIRECT_BLOCKS_PER_SM, build.mma_direct_expr)):
         for mt, blocks in table.items():
