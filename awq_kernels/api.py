@@ -257,8 +257,8 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
 
 
 # Fused split-K (splitk_fused.cuh) needs, per output tile (a column tile of the direct kernels,
-# a BM x BN tile of gemm_mma), an int32 counter that is zero when a launch starts; each launch leaves its counters zero again. Launches on one stream never
-# overlap, so one set per (device, stream) is never used by two running kernels. A set is made
+# a BM x BN tile of gemm_mma), an int32 counter that is zero when a launch starts; each launch
+# leaves its counters zero again. Launches on one stream never overlap, so one set per (device, stream) is never used by two running kernels. A set is made
 # (zeroed) on a stream's first fused call. Not under CUDA-graph capture: a tensor zeroed there
 # is only zeroed when the graph replays; a capturing stream without a set falls back to the
 # reduction kernel (CudaGraphDecoder captures on the stream it warmed up, so it has one).

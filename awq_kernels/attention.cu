@@ -14,6 +14,7 @@
 // Layouts: q (B, 1, H, Dh) with strides (q_sb, q_sh), Dh contiguous; keys and values
 // (B, Hkv, S, Dh) contiguous; y (B, 1, H, Dh) contiguous; G <= AT_GMAX; p < S (the caller's).
 #include "common.cuh"
+#include "splitk_fused.cuh"
 
 constexpr int AT_WARPS = 4, AT_CHUNK = 64, AT_GMAX = 8;
 constexpr int AT_THREADS = 32 * AT_WARPS;
@@ -129,7 +130,6 @@ decode_attention(const u16* __restrict__ q, const u16* __restrict__ keys,
   constexpr int PART = 2 + DH;  // floats per head in a partial: m, l, acc[DH]
   static_assert(GM <= AT_GMAX, "at most AT_GMAX query heads per KV head");
   __shared__ float warp_parts[GM][AT_WARPS][PART];  // the block's 4 warps, per head
-  __shared__ int last;
 
   const int G = H / Hkv;
   const int bh = blockIdx.x, b = bh / Hkv, hk = bh % Hkv;
@@ -172,12 +172,7 @@ decode_attention(const u16* __restrict__ q, const u16* __restrict__ keys,
     at_merge<false>(&warp_parts[i / DH][0][0], AT_WARPS, PART, i % DH, part + (i / DH) * PART);
 
   // The last block of this KV head merges the splits (in split order) and writes y.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&counters[bh], 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!splitk_last_arrival(&counters[bh], splits)) return;
   const float* parts = partials + (size_t)bh * splits * G * PART;
   for (int i = threadIdx.x; i < G * DH; i += AT_THREADS) {
     const int h = i / DH, d = i % DH;

@@ -1,5 +1,5 @@
 // splitk_fused.cuh -- split-K summed in the same launch (gemv_direct.cu, mma_direct.cu;
-// gemm_mma.cu through splitk_finish_tile).
+// gemm_mma.cu through splitk_finish_tile; attention.cu's split merge uses splitk_last_arrival).
 //
 // A kernel split over K (gridDim.y splits of its K range, gridDim.x column tiles of TILE
 // columns, TILE threads per block) first writes its fp32 partial sums to partials [splits, M, N];
@@ -35,6 +35,18 @@ __device__ __forceinline__ float4 sum_splits4(const float* p, int splits, size_t
   return sum;
 }
 
+// Counts this block as done on its output tile; true in the block that finishes the tile last,
+// which may then read every split's partials. Called by every thread of the block.
+__device__ __forceinline__ bool splitk_last_arrival(int* counter, int splits) {
+  __shared__ int last;
+  __threadfence();  // this thread's partials are visible device-wide before the block counts
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1) == splits - 1;
+  __syncthreads();
+  if (last) __threadfence();  // pairs with the other blocks' fences: their partials are visible
+  return last;
+}
+
 // y[row, col .. col + 3] = the sums of their splits (one 8-byte store).
 template <typename T>
 __device__ __forceinline__ void finish_quad(const float* partials, u16* y, int splits, int M,
@@ -52,16 +64,9 @@ __device__ __forceinline__ void finish_quad(const float* partials, u16* y, int s
 template <typename T, int TILE>
 __device__ __forceinline__ void splitk_finish(const float* partials, u16* y, int* counters,
                                               int M, int N) {
-  __shared__ int last;
-  __threadfence();  // this thread's partials are visible device-wide before the block counts
-  __syncthreads();
-  if (threadIdx.x == 0)
-    last = atomicAdd(&counters[blockIdx.x], 1) == static_cast<int>(gridDim.y) - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();  // pairs with the other blocks' fences: their partials are visible now
-  constexpr int QUADS = TILE / 4;  // column quads per row of the tile
   const int splits = static_cast<int>(gridDim.y);
+  if (!splitk_last_arrival(&counters[blockIdx.x], splits)) return;
+  constexpr int QUADS = TILE / 4;  // column quads per row of the tile
   for (int i = threadIdx.x; i < M * QUADS; i += TILE) {
     const int row = i / QUADS, col = blockIdx.x * TILE + 4 * (i % QUADS);
     if (col < N) finish_quad<T>(partials, y, splits, M, N, row, col);
@@ -77,14 +82,8 @@ __device__ __forceinline__ void splitk_finish(const float* partials, u16* y, int
 template <typename T, int TILE_M, int TILE_N, int THREADS>
 __device__ __forceinline__ void splitk_finish_tile(const float* partials, u16* y, int* counters,
                                                    int M, int N, int m0, int n0) {
-  __shared__ int last;
   const int tile = blockIdx.y * gridDim.x + blockIdx.x, splits = static_cast<int>(gridDim.z);
-  __threadfence();  // this thread's partials are visible device-wide before the block counts
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&counters[tile], 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();  // pairs with the other blocks' fences: their partials are visible now
+  if (!splitk_last_arrival(&counters[tile], splits)) return;
   constexpr int QUADS = TILE_N / 4;
   for (int i = threadIdx.x; i < TILE_M * QUADS; i += THREADS) {
     const int row = m0 + i / QUADS, col = n0 + 4 * (i % QUADS);
