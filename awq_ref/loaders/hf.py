@@ -21,7 +21,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def _check_header(path: Path) -> None:
+def check_safetensors_header(path: Path) -> None:
     """The 8-byte header length must fit in the file before safetensors reads the JSON header."""
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -41,7 +41,7 @@ def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: weights file not found")
-    _check_header(path)
+    check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from awq_ref.loaders.hf import _check_header, read_folder
+from awq_ref.loaders.hf import check_safetensors_header, read_folder
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -70,7 +70,7 @@ def index_safetensors_file(path: str | Path) -> dict[str, TensorInfo]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: weights file not found")
-    _check_header(path)
+    check_safetensors_header(path)
     size = path.stat().st_size
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
