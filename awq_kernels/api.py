@@ -2,14 +2,13 @@
 
 Every call runs check -> allocate -> launch. All checks run on tensor metadata before anything
 touches CUDA, so wrong inputs raise the same TypeError/ValueError on any machine. Kernels are
-compiled on first use (build.get_kernel) and launched through CuPy on torch's current stream,
-with tensors passed as raw device addresses (zero copy, and no per-call DLPack wrapping, which
-dominated the host time of a call; ordering is right because all runs on torch's stream).
+compiled on first use (build.get_kernel) and launched through CuPy on torch's current stream
+(runtime.py), with tensors passed as raw device addresses (zero copy, and no per-call DLPack
+wrapping, which dominated the host time of a call; ordering is right because all runs on
+torch's stream).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -34,58 +33,29 @@ from .plan import (
     plan_mma_direct,
     plan_reduce,
 )
-
-ACTIVATION_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16"}
-ALIGNMENT = 16  # bytes; every tensor is read or written with 16-byte vector accesses
-
-
-def _require_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
-def _require_dtype(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
-
-
-def _require_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-
-
-def _require_layout_and_device(tensors: dict[str, torch.Tensor]) -> None:
-    """Contiguous, 16-byte aligned, all on one CUDA device (checked in that order)."""
-    for name, t in tensors.items():
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (strides {t.stride()})")
-    for name, t in tensors.items():
-        if t.data_ptr() % ALIGNMENT:
-            raise ValueError(f"{name} must start at a {ALIGNMENT}-byte aligned address "
-                             f"(storage offset {t.storage_offset()})")
-    _require_one_cuda_device(tensors)
-
-
-def _require_one_cuda_device(tensors: dict[str, torch.Tensor]) -> None:
-    for name, t in tensors.items():
-        if not t.is_cuda:
-            raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
-    devices = {t.device for t in tensors.values()}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+from .runtime import (
+    ACTIVATION_DTYPES,
+    i32,
+    on_torch_stream,
+    require_dtype,
+    require_int,
+    require_layout_and_device,
+    require_shape,
+    require_tensor,
+    run,
+    splitk_counters,
+)
 
 
 def check_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  group_size: int) -> tuple[int, int]:
     """Validate the packed-format tensors' types and shapes; return (K, N)."""
     for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
-        _require_tensor(name, t)
-    _require_dtype("qweight", qweight, (torch.int32,))
-    _require_dtype("qzeros", qzeros, (torch.int32,))
-    _require_dtype("scales", scales, (torch.float16,))
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        require_tensor(name, t)
+    require_dtype("qweight", qweight, (torch.int32,))
+    require_dtype("qzeros", qzeros, (torch.int32,))
+    require_dtype("scales", scales, (torch.float16,))
+    group_size = require_int("group_size", group_size)
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
     if qweight.dim() != 2:
@@ -98,8 +68,8 @@ def check_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
         raise ValueError(f"N = {n} (8 * qweight columns) must be a positive multiple of "
                          f"{N_MULTIPLE}")
     assert k % K_MULTIPLE == 0  # every supported group size is a multiple of the k tile
-    _require_shape("qzeros", qzeros, (k // group_size, n // 8))
-    _require_shape("scales", scales, (k // group_size, n))
+    require_shape("qzeros", qzeros, (k // group_size, n // 8))
+    require_shape("scales", scales, (k // group_size, n))
     return k, n
 
 
@@ -108,16 +78,15 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
                     kernel: str = "auto", mma_tile: MmaTile | None = None,
                     max_splits: int = MAX_SPLITS) -> tuple[int, int, int]:
     """Validate everything `gemm` receives; return (M, K, N). Touches no device."""
-    _require_tensor("x", x)
-    _require_dtype("x", x, tuple(ACTIVATION_DTYPES))
+    require_tensor("x", x)
+    require_dtype("x", x, tuple(ACTIVATION_DTYPES))
     k, n = check_packed(qweight, qzeros, scales, group_size)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x must have shape [..., K = {k}], got {list(x.shape)}")
     m = x.numel() // k
-    if isinstance(max_splits, bool) or not isinstance(max_splits, int):
-        raise TypeError(f"max_splits must be an int, got {type(max_splits).__name__}")
+    max_splits = require_int("max_splits", max_splits)
     if not 1 <= max_splits <= MAX_SPLITS:
         raise ValueError(f"max_splits must be in 1..{MAX_SPLITS}, got {max_splits}")
     if mma_tile is not None:
@@ -133,11 +102,11 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
                          f"got M = {m}")
     tensors = {"x": x, "qweight": qweight, "qzeros": qzeros, "scales": scales}
     if out is not None:
-        _require_tensor("out", out)
-        _require_dtype("out", out, (x.dtype,))
-        _require_shape("out", out, (*x.shape[:-1], n))
+        require_tensor("out", out)
+        require_dtype("out", out, (x.dtype,))
+        require_shape("out", out, (*x.shape[:-1], n))
         tensors["out"] = out
-    _require_layout_and_device(tensors)
+    require_layout_and_device(tensors)
     return m, k, n
 
 
@@ -197,13 +166,13 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     k, n = check_packed(qweight, qzeros, scales, group_size)
     if dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
-    _require_layout_and_device({"qweight": qweight, "qzeros": qzeros, "scales": scales})
+    require_layout_and_device({"qweight": qweight, "qzeros": qzeros, "scales": scales})
     w = torch.empty((k, n), dtype=dtype, device=qweight.device)
     tag = ACTIVATION_DTYPES[dtype]
-    with _on_torch_stream(qweight.device) as (arch, num_sms):
+    with on_torch_stream(qweight.device) as (arch, num_sms):
         launch = plan_dequant(k, n, num_sms)
-        _run(launch, arch, build.dequant_expr(tag),
-             (qweight, qzeros, scales, w, _i32(k), _i32(n), _i32(group_size)))
+        run(launch, arch, build.dequant_expr(tag),
+             (qweight, qzeros, scales, w, i32(k), i32(n), i32(group_size)))
     return w
 
 
@@ -223,7 +192,7 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
                             sum_splits=sum_splits)
         return
     tag = ACTIVATION_DTYPES[x2.dtype]
-    with _on_torch_stream(x2.device) as (arch, num_sms):
+    with on_torch_stream(x2.device) as (arch, num_sms):
         if name == "gemv":
             launch = plan_gemv(m, n, k, num_sms, max_splits)
             expr = build.gemv_expr(tag, launch.config)
@@ -241,91 +210,16 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
         target = y2
         if launch.splits > 1:  # (splits, M, N) fp32 partial sums
             target = torch.empty((launch.splits, m, n), dtype=torch.float32, device=x2.device)
-        args = (x2, qweight, qzeros, scales, target, _i32(m), _i32(n), _i32(k),
-                _i32(group_size), _i32(launch.k_per_split))
+        args = (x2, qweight, qzeros, scales, target, i32(m), i32(n), i32(k),
+                i32(group_size), i32(launch.k_per_split))
         counters = None
         if name != "gemv":  # the kernels with the fused split-K (splitk_fused.cuh)
             if launch.splits > 1 and fuse_splitk and sum_splits:  # one counter per output tile
                 tiles = launch.grid[0] * (launch.grid[1] if launch.family == "mma" else 1)
-                counters = _splitk_counters(x2.device, tiles)
+                counters = splitk_counters(x2.device, tiles)
             args += (None if counters is None else y2, counters)
-        _run(launch, arch, expr, args)
+        run(launch, arch, expr, args)
         if launch.splits > 1 and counters is None and sum_splits:
             reduce = plan_reduce(m * n, launch.splits)
-            _run(reduce, arch, build.reduce_expr(tag),
-                 (target, y2, _i32(launch.splits), _i32(m * n)))
-
-
-# Fused split-K (splitk_fused.cuh) needs, per output tile (a column tile of the direct kernels,
-# a BM x BN tile of gemm_mma), an int32 counter that is zero when a launch starts; each launch
-# leaves its counters zero again. Launches on one stream never overlap, so one set per (device, stream) is never used by two running kernels. A set is made
-# (zeroed) on a stream's first fused call. Not under CUDA-graph capture: a tensor zeroed there
-# is only zeroed when the graph replays; a capturing stream without a set falls back to the
-# reduction kernel (CudaGraphDecoder captures on the stream it warmed up, so it has one).
-SPLITK_COUNTER_SLOTS = 4096  # output tiles per launch; more: the reduction kernel instead
-_splitk_counter_sets: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _splitk_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    if tiles > SPLITK_COUNTER_SLOTS:
-        return None
-    stream = torch.cuda.current_stream(device)
-    key = (stream.device_index, stream.cuda_stream)
-    counters = _splitk_counter_sets.get(key)
-    if counters is None and not torch.cuda.is_current_stream_capturing():
-        counters = torch.zeros(SPLITK_COUNTER_SLOTS, dtype=torch.int32, device=device)
-        _splitk_counter_sets[key] = counters
-    return counters
-
-
-class _on_torch_stream:
-    """Context: CuPy on the tensor's device and torch's current stream; yields device info."""
-
-    def __init__(self, device: torch.device):
-        import cupy
-
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        self._device = cupy.cuda.Device(index)
-        self._stream = _cupy_stream(torch.cuda.current_stream(index), index)
-        self._info = build.device_info(index)
-
-    def __enter__(self) -> tuple[str, int]:
-        self._device.__enter__()
-        self._stream.__enter__()
-        return self._info
-
-    def __exit__(self, *exc) -> None:
-        self._stream.__exit__(*exc)
-        self._device.__exit__(*exc)
-
-
-@functools.lru_cache(maxsize=64)
-def _cupy_stream(torch_stream: torch.cuda.Stream, device_index: int):
-    """CuPy's view of a torch stream, cached (torch streams hash and compare by handle and
-    device): building one per call costs host time on every launch."""
-    import cupy
-
-    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(torch_stream, "__cuda_stream__"):
-        return cupy.cuda.Stream.from_external(torch_stream)
-    return cupy.cuda.ExternalStream(torch_stream.cuda_stream, device_index)  # older CuPy/torch
-
-
-def _i32(v: int):
-    import numpy as np
-
-    return np.int32(v)
-
-
-def _arg(a):
-    """Kernel argument: a tensor goes as its device address (a 64-bit value, what a pointer
-    parameter holds), so no CuPy array is built per call; the kernels only see bits."""
-    import numpy as np
-
-    if a is None:  # an optional pointer argument: nullptr
-        return np.uint64(0)
-    return np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a
-
-
-def _run(launch, arch: str, expr: str, args: tuple) -> None:
-    kernel = build.get_kernel(launch.family, arch, expr)
-    kernel(launch.grid, launch.block, tuple(_arg(a) for a in args))
+            run(reduce, arch, build.reduce_expr(tag),
+                 (target, y2, i32(launch.splits), i32(m * n)))

@@ -107,8 +107,9 @@ def weight_copies(bytes_per_copy: int) -> int:
     return max(2, -(-2 * l2 // bytes_per_copy) + 1)
 
 
-def random_packed(k: int, n: int, g: int) -> tuple[torch.Tensor, ...]:
-    """Uniformly random words are uniformly random codes; drawn on the GPU (fast for 8192 x
+def random_packed_cuda(k: int, n: int, g: int) -> tuple[torch.Tensor, ...]:
+    """Timing inputs (reference.random_packed makes seeded ones for checks on any device):
+    uniformly random words are uniformly random codes; drawn on the GPU (fast for 8192 x
     28672), scales positive around 1e-2."""
     def words(rows: int) -> torch.Tensor:
         return torch.randint(-(2**31), 2**31 - 1, (rows, n // 8), dtype=torch.int32, device="cuda")
@@ -119,7 +120,7 @@ def random_packed(k: int, n: int, g: int) -> tuple[torch.Tensor, ...]:
 
 def _impls(k: int, n: int, g: int) -> dict[str, Callable[[torch.Tensor], list]]:
     """name -> (x -> one closure per weight copy)."""
-    packed = [random_packed(k, n, g) for _ in range(weight_copies(k * n // 2))]
+    packed = [random_packed_cuda(k, n, g) for _ in range(weight_copies(k * n // 2))]
     fp16 = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02
             for _ in range(weight_copies(2 * k * n))]
     int4 = _int4pack_weights(k, n, g)

@@ -84,6 +84,8 @@ GEMV_DIRECT_ROWS = (1, 2, 4, 8)
 # Row capacities MT of the direct-load tensor-core kernel (mma_direct.cu) -> (NT, WM): n8 tiles
 # per warp and warps along M; MT = 8 NT WM.
 MMA_DIRECT_CONFIGS = {8: (1, 1), 16: (2, 1), 32: (4, 1), 64: (4, 2)}
+# Row capacities MT of the 8-bit lm_head GEMV (gemv_int8.cu, awq_kernels.int8).
+GEMV_INT8_ROWS = (1, 2, 4, 8)
 # Kernels of elementwise.cu (awq_kernels.ops), each templated on the dtype tag only.
 ELEMENTWISE_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary", "rotary_into_cache")
 ATTENTION_HEAD_DIMS = (64, 128)  # decode_attention<T, Dh, GM> (attention.cu)
@@ -126,6 +128,14 @@ def attention_expr(tag: str, dh: int, gm: int) -> str:
     return f"decode_attention<{tag}, {dh}, {gm}>"
 
 
+def elementwise_expr(op: str, tag: str) -> str:
+    return f"{op}<{tag}>"
+
+
+def gemv_int8_expr(tag: str, mt: int) -> str:
+    return f"gemv_int8<{tag}, {mt}>"
+
+
 def dequant_expr(tag: str) -> str:
     return f"awq_dequant<{tag}>"
 
@@ -143,10 +153,10 @@ def instantiations(family: str) -> list[str]:
         "mma_direct": lambda tag: [mma_direct_expr(tag, mt) for mt in MMA_DIRECT_CONFIGS],
         "dequant": lambda tag: [dequant_expr(tag)],
         "reduce": lambda tag: [reduce_expr(tag)],
-        "elementwise": lambda tag: [f"{op}<{tag}>" for op in ELEMENTWISE_OPS],
+        "elementwise": lambda tag: [elementwise_expr(op, tag) for op in ELEMENTWISE_OPS],
         "attention": lambda tag: [attention_expr(tag, dh, gm) for dh in ATTENTION_HEAD_DIMS
                                   for gm in ATTENTION_GROUPS],
-        "gemv_int8": lambda tag: [f"gemv_int8<{tag}, {mt}>" for mt in GEMV_ROWS],
+        "gemv_int8": lambda tag: [gemv_int8_expr(tag, mt) for mt in GEMV_INT8_ROWS],
     }[family]
     return [expr for tag in DTYPE_TAGS for expr in per_tag(tag)]
 

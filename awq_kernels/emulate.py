@@ -210,7 +210,10 @@ class _StageCopies:
         return a, b, s, z
 
 
-def _mma_load_group(tag, z, s, word):
+def group_pairs(tag, z, s, word):
+    """A group's zero and scale pairs of packed word column `word` (common.cuh group_pairs):
+    z the group's packed zeros words, s its scales as words of two halves; (zb, sb), 8 pairs
+    each, entry j both halves column 8 word + j's value."""
     zw, zb, sb = z[word], [None] * 8, [None] * 8
     for p in range(4):
         zp = zero_nibbles(tag, zw, p)
@@ -250,7 +253,7 @@ def emulate_mma(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, recor
                     for (wm, wn), acc in accs.items():
                         word = wn * 8 + g
                         if start:
-                            groups[wm, wn] = _mma_load_group(tag, z_s, s_s, word)
+                            groups[wm, wn] = group_pairs(tag, z_s, s_s, word)
                         zb, sb = groups[wm, wn]
                         for ks in range(bk // 16):
                             a = []

@@ -14,6 +14,7 @@ from .emulate import (
     dequant_nibbles,
     dequant_pair,
     fma2,
+    group_pairs,
     hi,
     lo,
     mma16816,
@@ -23,7 +24,7 @@ from .emulate import (
     scale_pair,
     shr,
     to_f32,
-    zero_nibbles,
+    words_of_halves,
 )
 from .plan import GEMV_DIRECT_VEC, GEMV_KC, GEMV_NT, MMA_DIRECT_DEPTH, Launch, gemv_direct_flush
 
@@ -133,7 +134,7 @@ def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch
     n = qweight.shape[1] * 8
     nw = n // 8
     nt, wm_count = MMA_DIRECT_CONFIGS[launch.config]
-    g, t = LANE // 4, LANE % 4
+    g = LANE // 4
     out = np.full((launch.splits, m, n), np.nan, np.float32)
     for by in range(launch.grid[1]):
         k_begin = by * launch.k_per_split * GEMV_KC
@@ -155,35 +156,11 @@ def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch
                         row0 = row_first + q * GEMV_KC
                         if q == 0 or row0 % g_size == 0:  # group_pairs
                             grp = row0 // g_size
-                            zb, sb = [None] * 8, [None] * 8
-                            for p in range(4):
-                                zp = zero_nibbles(tag, qzeros[grp, wcol], p)
-                                zb[2 * p], zb[2 * p + 1] = prmt(zp, zp, 0x1010), prmt(zp, zp, 0x3232)
-                                cols = 8 * wcol + 2 * p
-                                sp = scale_pair(tag, pair(scales16[grp, cols], scales16[grp, cols + 1]))
-                                sb[2 * p], sb[2 * p + 1] = prmt(sp, sp, 0x1010), prmt(sp, sp, 0x3232)
+                            zb, sb = group_pairs(tag, qzeros[grp], words_of_halves(scales16[grp]),
+                                                     wcol)
                         for s in range(2):
-                            kk = row0 + 16 * s + 2 * t  # (32,)
-                            w0, w1 = qweight[kk, wcol], qweight[kk + 1, wcol]
-                            w8, w9 = qweight[kk + 8, wcol], qweight[kk + 9, wcol]
-                            even01, odd01 = prmt(w0, w1, 0x5410), prmt(w0, w1, 0x7632)
-                            even89, odd89 = prmt(w8, w9, 0x5410), prmt(w8, w9, 0x7632)
-                            b = []
-                            for j in range(nt):
-                                row = np.minimum(m_base + 8 * j + g, m - 1)
-                                b.append([pair(x[row, kk], x[row, kk + 1]),
-                                          pair(x[row, kk + 8], x[row, kk + 9])])
-                            for i in range(4):
-                                a = [dequant_nibbles(tag, v, shr(v, 8), i, zb[2 * i + h % 2],
-                                                     sb[2 * i + h % 2])
-                                     for h, v in enumerate((even01, odd01, even89, odd89))]
-                                if record is not None and in_n:
-                                    for reg, (dk, dc) in enumerate(((0, 0), (0, 1), (8, 0), (8, 1))):
-                                        col = 8 * word + 2 * i + dc
-                                        record.append((kk + dk, col, lo(a[reg])))
-                                        record.append((kk + dk + 1, col, hi(a[reg])))
-                                for j in range(nt):
-                                    mma16816(acc[i, j], a, b[j], tag)
+                            _md_k16_step(tag, x, qweight, row0 + 16 * s, wcol, m_base, nt, zb, sb,
+                                         acc, record if in_n else None, word)
                     accs.append(acc.astype(np.float32))
                 if not in_n:
                     continue
@@ -192,12 +169,46 @@ def emulate_mma_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launch
                 else:  # each row of warps its own rows
                     stores = [(wr * 8 * nt, accs[wr]) for wr in range(2)]
                 for m_base, total in stores:
-                    for j in range(nt):
-                        for h in range(2):  # c0/c2: row 8j + 2t, c1/c3: row 8j + 2t + 1
-                            row = m_base + 8 * j + 2 * t + h
-                            for lane in np.nonzero(row < m)[0]:
-                                for i in range(4):
-                                    col = 8 * word[lane] + 2 * i
-                                    out[by, row[lane], col] = total[i, j, h, lane]
-                                    out[by, row[lane], col + 1] = total[i, j, 2 + h, lane]
+                    _md_store(out[by], total, m_base, word)
     return out
+
+
+def _md_k16_step(tag, x, qweight, k0, wcol, m_base, nt, zb, sb, acc, record, word):
+    """One k16 step of a warp (rows k0 .. k0 + 15): the lanes' 4 packed words, their A
+    fragments for the 4 m16 tiles (dequantized), x's B fragments, 4 NT mma into acc."""
+    m = x.shape[0]
+    g, t = LANE // 4, LANE % 4
+    kk = k0 + 2 * t  # (32,)
+    w0, w1 = qweight[kk, wcol], qweight[kk + 1, wcol]
+    w8, w9 = qweight[kk + 8, wcol], qweight[kk + 9, wcol]
+    even01, odd01 = prmt(w0, w1, 0x5410), prmt(w0, w1, 0x7632)
+    even89, odd89 = prmt(w8, w9, 0x5410), prmt(w8, w9, 0x7632)
+    b = []
+    for j in range(nt):  # rows past M read row M - 1 (never stored)
+        row = np.minimum(m_base + 8 * j + g, m - 1)
+        b.append([pair(x[row, kk], x[row, kk + 1]), pair(x[row, kk + 8], x[row, kk + 9])])
+    for i in range(4):
+        a = [dequant_nibbles(tag, v, shr(v, 8), i, zb[2 * i + h % 2], sb[2 * i + h % 2])
+             for h, v in enumerate((even01, odd01, even89, odd89))]
+        if record is not None:
+            for reg, (dk, dc) in enumerate(((0, 0), (0, 1), (8, 0), (8, 1))):
+                col = 8 * word + 2 * i + dc
+                record.append((kk + dk, col, lo(a[reg])))
+                record.append((kk + dk + 1, col, hi(a[reg])))
+        for j in range(nt):
+            mma16816(acc[i, j], a, b[j], tag)
+
+
+def _md_store(out, total, m_base, word):
+    """The C fragments: lane (g, t) holds rows 8j + 2t (c0, c2) and 8j + 2t + 1 (c1, c3) of
+    n8 tile j, columns 2i, 2i + 1 of its word for m16 tile i; rows past M are not stored."""
+    m = out.shape[0]
+    t = LANE % 4
+    for j in range(total.shape[1]):
+        for h in range(2):
+            row = m_base + 8 * j + 2 * t + h
+            for lane in np.nonzero(row < m)[0]:
+                for i in range(4):
+                    col = 8 * word[lane] + 2 * i
+                    out[row[lane], col] = total[i, j, h, lane]
+                    out[row[lane], col + 1] = total[i, j, 2 + h, lane]

@@ -83,7 +83,7 @@ __device__ __forceinline__ void gd_load_group(const u32* qzeros, const u16* scal
 // partials to `out` [splits, M, N] as above, then counts itself done on its column tile; the
 // block that finishes a tile last adds the tile's partials in split order -- the same sums in
 // the same order as splitk_reduce.cu, so the same bits -- writes them to y [M, N] and sets the
-// tile's counter back to zero for the next launch (counters start zeroed; see api.py).
+// tile's counter back to zero for the next launch (counters start zeroed; see runtime.py).
 template <typename T, int MT>
 __global__ void __launch_bounds__(GD_THREADS, MT >= 8 ? 1 : 2)
 awq_gemv_direct(const u16* __restrict__ x, const u32* __restrict__ qweight,

@@ -12,49 +12,52 @@ from __future__ import annotations
 
 import torch
 
-from .api import (
-    ACTIVATION_DTYPES,
-    _i32,
-    _on_torch_stream,
-    _require_dtype,
-    _require_layout_and_device,
-    _require_tensor,
-    _run,
-)
+from .build import GEMV_INT8_ROWS, gemv_int8_expr
 from .plan import Launch, cdiv
+from .runtime import (
+    ACTIVATION_DTYPES,
+    i32,
+    on_torch_stream,
+    require_dtype,
+    require_layout_and_device,
+    require_tensor,
+    run,
+)
 
-ROWS = (1, 2, 4, 8)   # row capacities MT of gemv_int8<T, MT>
 ROWS_PER_BLOCK = 8    # G8_WARPS: one warp per output row
 K_MULTIPLE = 16       # one 16-byte load of int8 per lane
 
 
 def gemm_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y [..., N] of x's dtype = (x @ qweight^T) * scales, for x [..., K] fp16/bf16, qweight
+    [N, K] int8 and scales [N] fp32 (the module docstring's layout); ValueError / TypeError on
+    anything else, before any CUDA call."""
     for name, t in (("x", x), ("qweight", qweight), ("scales", scales)):
-        _require_tensor(name, t)
-    _require_dtype("x", x, tuple(ACTIVATION_DTYPES))
-    _require_dtype("qweight", qweight, (torch.int8,))
-    _require_dtype("scales", scales, (torch.float32,))
-    if qweight.dim() != 2 or qweight.shape[1] % K_MULTIPLE:
-        raise ValueError(f"qweight must be [N, K] with K a multiple of {K_MULTIPLE}, got "
+        require_tensor(name, t)
+    require_dtype("x", x, tuple(ACTIVATION_DTYPES))
+    require_dtype("qweight", qweight, (torch.int8,))
+    require_dtype("scales", scales, (torch.float32,))
+    if qweight.dim() != 2 or qweight.shape[1] == 0 or qweight.shape[1] % K_MULTIPLE:
+        raise ValueError(f"qweight must be [N, K] with K a positive multiple of {K_MULTIPLE}, got "
                          f"{list(qweight.shape)}")
     n, k = qweight.shape
     if scales.shape != (n,):
         raise ValueError(f"scales must have shape [{n}], got {list(scales.shape)}")
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x must have shape [..., K = {k}], got {list(x.shape)}")
-    _require_layout_and_device({"x": x, "qweight": qweight, "scales": scales})
+    require_layout_and_device({"x": x, "qweight": qweight, "scales": scales})
     m = x.numel() // k
-    if m > max(ROWS):  # prefill / evaluation: a 16-bit copy of the weights, then one matmul
+    if m > max(GEMV_INT8_ROWS):  # prefill / evaluation: a 16-bit copy of the weights, then one matmul
         w = (qweight.to(torch.float32) * scales[:, None]).to(x.dtype)  # (N, K)
         return x @ w.T
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    mt = next(r for r in ROWS if r >= m)
+    mt = next(r for r in GEMV_INT8_ROWS if r >= m)
     tag = ACTIVATION_DTYPES[x.dtype]
-    with _on_torch_stream(x.device) as (arch, _):
+    with on_torch_stream(x.device) as (arch, _):
         launch = Launch("gemv_int8", mt, (cdiv(n, ROWS_PER_BLOCK), 1, 1),
                         (32 * ROWS_PER_BLOCK, 1, 1))
-        _run(launch, arch, f"gemv_int8<{tag}, {mt}>",
-             (x, qweight, scales, y, _i32(m), _i32(n), _i32(k)))
+        run(launch, arch, gemv_int8_expr(tag, mt),
+             (x, qweight, scales, y, i32(m), i32(n), i32(k)))
     return y

@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import torch
 
-from .api import (
+from .build import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, attention_expr, elementwise_expr
+from .plan import Launch, cdiv
+from .runtime import (
     ACTIVATION_DTYPES,
     ALIGNMENT,
-    _i32,
-    _on_torch_stream,
-    _require_one_cuda_device,
-    _require_tensor,
-    _run,
-    _splitk_counters,
+    i32,
+    on_torch_stream,
+    require_one_cuda_device,
+    require_tensor,
+    run,
+    splitk_counters,
 )
-from .build import ATTENTION_GROUPS, ATTENTION_HEAD_DIMS, attention_expr
-from .plan import Launch, cdiv
 
 THREADS = 256           # EW_THREADS of elementwise.cu
 VEC = 8                 # 16-bit values per 16-byte access
@@ -41,7 +41,7 @@ MAX_BLOCKS_PER_SM = 32  # grid-stride loops beyond that
 def _check(name: str, t: object, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An fp16/bf16 tensor (of `dtype` if given) whose last dimension is contiguous, a multiple
     of 8, and whose start and other strides allow 16-byte accesses (the device comes last)."""
-    t = _require_tensor(name, t)
+    t = require_tensor(name, t)
     if t.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
     if dtype is not None and t.dtype != dtype:
@@ -59,7 +59,30 @@ def _check(name: str, t: object, dtype: torch.dtype | None = None) -> torch.Tens
 
 def _require_cuda(**tensors: torch.Tensor) -> None:
     """After every metadata check: all on one CUDA device."""
-    _require_one_cuda_device(tensors)
+    require_one_cuda_device(tensors)
+
+
+def _check_head_dim(dh: int) -> None:
+    """Rotary pairs element i with i + Dh / 2, both halves in 16-byte vectors."""
+    if dh % (2 * VEC):
+        raise ValueError(f"Dh = {dh} must be a multiple of {2 * VEC}")
+
+
+def _check_tables(cos: torch.Tensor, sin_signed: torch.Tensor, t: int, dh: int) -> None:
+    for name, table in (("cos", cos), ("sin_signed", sin_signed)):
+        if tuple(table.shape) != (t, dh) or not table.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous ({t}, {dh}) table, got shape "
+                             f"{list(table.shape)}, strides {table.stride()}")
+
+
+def _check_position(position: object) -> torch.Tensor:
+    """One int64 value, the cache slot of the (first) new token, read on the device."""
+    position = require_tensor("position", position)
+    if position.dtype != torch.int64:
+        raise TypeError(f"position must be int64, got {position.dtype}")
+    if position.numel() != 1:
+        raise ValueError(f"position must hold one value, got shape {list(position.shape)}")
+    return position
 
 
 def _check_weight(weight: torch.Tensor, d: int) -> None:
@@ -97,10 +120,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if rows == 0:
         return y
     tag = ACTIVATION_DTYPES[x.dtype]
-    with _on_torch_stream(x.device) as (arch, _):
+    with on_torch_stream(x.device) as (arch, _):
         launch = Launch("elementwise", 0, (rows, 1, 1), (THREADS, 1, 1))
-        _run(launch, arch, f"rms_norm<{tag}>",
-             (x, weight, y, _i32(d), _i32(stride), _f32(eps)))
+        run(launch, arch, elementwise_expr("rms_norm", tag),
+             (x, weight, y, i32(d), i32(stride), _f32(eps)))
     return y
 
 
@@ -122,10 +145,10 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     if rows == 0:
         return s, y
     tag = ACTIVATION_DTYPES[x.dtype]
-    with _on_torch_stream(x.device) as (arch, _):
+    with on_torch_stream(x.device) as (arch, _):
         launch = Launch("elementwise", 0, (rows, 1, 1), (THREADS, 1, 1))
-        _run(launch, arch, f"add_rms_norm<{tag}>",
-             (x, delta, weight, s, y, _i32(d), _i32(x_stride), _i32(d_stride), _f32(eps)))
+        run(launch, arch, elementwise_expr("add_rms_norm", tag),
+             (x, delta, weight, s, y, i32(d), i32(x_stride), i32(d_stride), _f32(eps)))
     return s, y
 
 
@@ -144,9 +167,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if rows == 0:
         return y
     tag = ACTIVATION_DTYPES[gate.dtype]
-    with _on_torch_stream(gate.device) as (arch, num_sms):
-        _run(_grid_stride_launch(rows * f // VEC, num_sms), arch, f"silu_mul<{tag}>",
-             (gate, up, y, _i32(rows), _i32(f), _i32(g_stride), _i32(u_stride)))
+    with on_torch_stream(gate.device) as (arch, num_sms):
+        run(_grid_stride_launch(rows * f // VEC, num_sms), arch, elementwise_expr("silu_mul", tag),
+             (gate, up, y, i32(rows), i32(f), i32(g_stride), i32(u_stride)))
     return y
 
 
@@ -158,22 +181,18 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     if x.dim() != 4:
         raise ValueError(f"x must be (B, T, H, Dh), got shape {list(x.shape)}")
     b, t, h, dh = x.shape
-    if dh % (2 * VEC):
-        raise ValueError(f"Dh = {dh} must be a multiple of {2 * VEC}")
-    for name, table in (("cos", cos), ("sin_signed", sin_signed)):
-        if tuple(table.shape) != (t, dh) or not table.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous ({t}, {dh}) table, got shape "
-                             f"{list(table.shape)}, strides {table.stride()}")
+    _check_head_dim(dh)
+    _check_tables(cos, sin_signed, t, dh)
     _require_cuda(x=x, cos=cos, sin_signed=sin_signed)
     y = torch.empty((b, t, h, dh), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
     tag = ACTIVATION_DTYPES[x.dtype]
     sb, st, sh, _ = x.stride()
-    with _on_torch_stream(x.device) as (arch, num_sms):
-        _run(_grid_stride_launch(b * t * h * dh // (2 * VEC), num_sms), arch, f"rotary<{tag}>",
-             (x, cos, sin_signed, y, _i32(b), _i32(t), _i32(h), _i32(dh), _i32(sb), _i32(st),
-              _i32(sh)))
+    with on_torch_stream(x.device) as (arch, num_sms):
+        run(_grid_stride_launch(b * t * h * dh // (2 * VEC), num_sms), arch, elementwise_expr("rotary", tag),
+             (x, cos, sin_signed, y, i32(b), i32(t), i32(h), i32(dh), i32(sb), i32(st),
+              i32(sh)))
     return y
 
 
@@ -201,12 +220,8 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     if k.shape != (b, t, hkv, dh) or v.shape != k.shape:
         raise ValueError(f"k and v must be ({b}, {t}, Hkv, {dh}) like q, got {list(k.shape)} "
                          f"and {list(v.shape)}")
-    if dh % (2 * VEC):
-        raise ValueError(f"Dh = {dh} must be a multiple of {2 * VEC}")
-    for name, table in (("cos", cos), ("sin_signed", sin_signed)):
-        if tuple(table.shape) != (t, dh) or not table.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous ({t}, {dh}) table, got shape "
-                             f"{list(table.shape)}, strides {table.stride()}")
+    _check_head_dim(dh)
+    _check_tables(cos, sin_signed, t, dh)
     for name, cache in (("keys", keys), ("values", values)):
         if cache.dim() != 4 or cache.shape[:2] != (b, hkv) or cache.shape[3] != dh \
                 or not cache.is_contiguous():
@@ -215,10 +230,9 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     if keys.shape != values.shape:
         raise ValueError(f"keys and values must have one shape, got {list(keys.shape)} and "
                          f"{list(values.shape)}")
-    _require_tensor("position", position)
-    if position.dtype != torch.int64 or position.numel() != 1:
-        raise ValueError(f"position must be one int64 value, got {position.dtype} of shape "
-                         f"{list(position.shape)}")
+    if t > keys.shape[2]:
+        raise ValueError(f"{t} new tokens do not fit a cache of {keys.shape[2]} slots")
+    position = _check_position(position)
     _require_cuda(q=q, k=k, v=v, cos=cos, sin_signed=sin_signed, keys=keys, values=values,
                   position=position)
     q_out = torch.empty((b, t, h, dh), dtype=q.dtype, device=q.device)
@@ -226,11 +240,11 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     if units == 0:
         return q_out
     tag = ACTIVATION_DTYPES[q.dtype]
-    strides = [_i32(st) for tensor in (q, k, v) for st in tensor.stride()[:3]]
-    with _on_torch_stream(q.device) as (arch, num_sms):
-        _run(_grid_stride_launch(units, num_sms), arch, f"rotary_into_cache<{tag}>",
-             (q, k, v, cos, sin_signed, keys, values, position, q_out, _i32(b), _i32(t),
-              _i32(h), _i32(hkv), _i32(dh), _i32(keys.shape[2]), *strides))
+    strides = [i32(st) for tensor in (q, k, v) for st in tensor.stride()[:3]]
+    with on_torch_stream(q.device) as (arch, num_sms):
+        run(_grid_stride_launch(units, num_sms), arch, elementwise_expr("rotary_into_cache", tag),
+             (q, k, v, cos, sin_signed, keys, values, position, q_out, i32(b), i32(t),
+              i32(h), i32(hkv), i32(dh), i32(keys.shape[2]), *strides))
     return q_out
 
 
@@ -247,7 +261,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     rotary_into_cache's output), keys and values (B, Hkv, S, Dh) contiguous, position a
     1-element int64 tensor on the device (read there: CUDA graphs replay it). Returns
     (B, 1, H, Dh) contiguous. Dh in ATTENTION_HEAD_DIMS, H / Hkv <= 8. Uses the stream's
-    split-K counters (api._splitk_counters): under CUDA-graph capture the stream must have
+    split-K counters (runtime.splitk_counters): under CUDA-graph capture the stream must have
     run one eager call first (CudaGraphDecoder's warm-up does).
     """
     q = _check("q", q)
@@ -264,18 +278,17 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         raise ValueError(f"values must be contiguous with keys' shape {list(keys.shape)}, got "
                          f"{list(values.shape)}")
     hkv, s = keys.shape[1], keys.shape[2]
-    if h % hkv or h // hkv > ATTENTION_MAX_GROUP:
+    if s == 0:
+        raise ValueError("keys has no cache slots (S = 0): no slot `position` to attend to")
+    if hkv == 0 or h % hkv or h // hkv > ATTENTION_MAX_GROUP:
         raise ValueError(f"H = {h} query heads must be a multiple of Hkv = {hkv}, at most "
                          f"{ATTENTION_MAX_GROUP} per KV head")
-    _require_tensor("position", position)
-    if position.dtype != torch.int64 or position.numel() != 1:
-        raise ValueError(f"position must be one int64 value, got {position.dtype} of shape "
-                         f"{list(position.shape)}")
+    position = _check_position(position)
     _require_cuda(q=q, keys=keys, values=values, position=position)
     y = torch.empty((b, 1, h, dh), dtype=q.dtype, device=q.device)
-    if y.numel() == 0 or s == 0:
+    if y.numel() == 0:
         return y
-    counters = _splitk_counters(q.device, b * hkv)
+    counters = splitk_counters(q.device, b * hkv)
     if counters is None:
         raise RuntimeError("decode_attention: no split counters for this stream (first call "
                            "under CUDA-graph capture, or B * Hkv > 4096); run one call on the "
@@ -284,12 +297,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     partials = torch.empty(b * hkv * splits * (h // hkv) * (2 + dh), dtype=torch.float32,
                            device=q.device)
     tag = ACTIVATION_DTYPES[q.dtype]
-    with _on_torch_stream(q.device) as (arch, _):
+    with on_torch_stream(q.device) as (arch, _):
         launch = Launch("attention", 0, (b * hkv, splits, 1), (128, 1, 1))
         gm = next(g for g in ATTENTION_GROUPS if g >= h // hkv)
-        _run(launch, arch, attention_expr(tag, dh, gm),
-             (q, keys, values, position, partials, y, counters, _i32(h), _i32(hkv), _i32(s),
-              _i32(q.stride(0)), _i32(q.stride(2)), _f32(dh ** -0.5)))
+        run(launch, arch, attention_expr(tag, dh, gm),
+             (q, keys, values, position, partials, y, counters, i32(h), i32(hkv), i32(s),
+              i32(q.stride(0)), i32(q.stride(2)), _f32(dh ** -0.5)))
     return y
 
 

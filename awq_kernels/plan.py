@@ -20,7 +20,7 @@ MMA_BK, MMA_BN = 32, 128  # the ladder's tiles (build.MMA_CONFIGS); a sweep tile
 GEMV_NT, GEMV_KC, GEMV_THREADS = 256, 32, 256
 DEQUANT_THREADS, REDUCE_THREADS = 256, 256
 
-GEMV_MAX_M = max(GEMV_ROWS)   # decode sizes go to the CUDA-core GEMV
+GEMV_MAX_M = max(GEMV_ROWS)   # the most rows kernel="gemv" takes (`auto` no longer picks it)
 # gemv_direct.cu: packed words per lane load by row capacity MT (GdShape::VEC), and how many
 # steps its 16-bit accumulators run before a flush into fp32 (GdFlush::STEPS).
 GEMV_DIRECT_VEC = {1: 4, 2: 2, 4: 1, 8: 1}
@@ -74,13 +74,15 @@ def cdiv(a: int, b: int) -> int:
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: `expr` names the template instantiation (without dtype tag)."""
+    """One kernel launch of a `family` (build.SOURCES); build.*_expr names its template
+    instantiation from the dtype tag and `config` / `tile`."""
 
     family: str                 # build.SOURCES key: "mma", "gemv", "mma_direct", ...
     config: int                 # BM for mma, MT (row capacity) for the others, else 0
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
-    splits: int = 1             # > 1: the kernel writes fp32 partials, "reduce" follows
+    splits: int = 1             # > 1: fp32 partials over K, summed in the same launch
+                                # (splitk_fused.cuh) or by a "reduce" launch after it
     k_per_split: int = 0        # k tiles (mma) or k chunks (gemv) per split
     tile: MmaTile | None = None  # mma: the block tile (its BK is the k tile)
 
@@ -103,8 +105,7 @@ def choose_kernel(m: int, kernel: str = "auto") -> str:
 
 def _splits(tiles: int, k_steps: int, target_blocks: int,
             max_splits: int = MAX_SPLITS) -> tuple[int, int]:
-    """(splits, k steps per split) so that tiles * splits reaches target_blocks, every split
-    non-empty and at least MIN_K_TILES_PER_SPLIT long where K allows."""
+    """(splits, k steps per split) so that tiles * splits reaches target_blocks (see _cut_k)."""
     return _cut_k(k_steps, min(cdiv(target_blocks, tiles), max_splits))
 
 
@@ -125,8 +126,9 @@ def _splits_in_one_wave(tiles: int, k_steps: int, slots: int,
 
 
 def _cut_k(k_steps: int, want: int) -> tuple[int, int]:
-    """(splits, k steps per split) for at most `want` splits, all non-empty and at least
-    MIN_K_TILES_PER_SPLIT long where K allows."""
+    """(splits, k steps per split) for at most `want` splits, all non-empty; every split but
+    the last is at least MIN_K_TILES_PER_SPLIT long where K allows (the last holds what is left:
+    K = 416 rows of 32 into 3 splits gives 5, 5 and 3 steps)."""
     want = max(1, min(want, k_steps // MIN_K_TILES_PER_SPLIT))
     per_split = cdiv(k_steps, want)
     return cdiv(k_steps, per_split), per_split

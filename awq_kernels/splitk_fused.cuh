@@ -6,7 +6,7 @@
 // then every block calls splitk_finish. It counts the block as done on its column tile; the
 // block that finishes a tile last adds the tile's partials in split order -- the same sums in the
 // same order as splitk_reduce.cu, so the same bits -- writes y [M, N] and sets the tile's counter
-// back to zero for the next launch (counters start zeroed; api.py keeps one set per stream).
+// back to zero for the next launch (counters start zeroed; runtime.py keeps one set per stream).
 // The atomic only counts arrivals; it adds nothing, so the result is deterministic.
 #pragma once
 #include "common.cuh"

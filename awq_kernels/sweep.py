@@ -24,16 +24,18 @@ from . import api, benchmark, build
 from .plan import (
     AUTO_GEMV_DIRECT_MAX_M,
     AUTO_MMA_DIRECT_MAX_M,
-    MMA_SPLIT_BLOCKS_PER_SM,
     check_mma_tile,
 )
 
 SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-SPLIT_MODES = {"mma": 0, "mma_split": MMA_SPLIT_BLOCKS_PER_SM}
+# Each tile runs as "mma" (split K only under half a wave) and as "mma_split" (split K toward
+# plan.MMA_SPLIT_BLOCKS_PER_SM blocks per SM).
+TILE_KERNELS = ("mma", "mma_split")
 SPLIT_CAPS = (1, 2, 4, 8, 16)  # max_splits of the decode kernels' variants
-# The decode kernels' rows in the sweep: where `auto` runs them (plan.py), and the M next to it;
-# mma_direct also at M = 1, where its fixed cost per call was the lowest of ours on the H100
-# (8.5 us against gemv_direct's 12.1; tools/targets.py's line fit) at a lower streaming rate.
+# The decode kernels' rows in the sweep: every M up to where `auto` stops running them
+# (plan.py); mma_direct also at M = 1 and 2, gemv_direct's, where its fixed cost per call was
+# the lowest of ours on the H100 (8.5 us against gemv_direct's 12.1; tools/targets.py's line
+# fit) at a lower streaming rate.
 DECODE_KERNELS = {"gemv_direct": range(1, AUTO_GEMV_DIRECT_MAX_M + 1),
                   "mma_direct": range(1, AUTO_MMA_DIRECT_MAX_M + 1)}
 
@@ -79,7 +81,7 @@ def _variants(x: torch.Tensor, packed: list, fp16: list, g: int) -> dict[str, li
                                                              max_splits=cap)
                 for w in packed]
     for tile in valid_tiles(g):
-        for kernel in SPLIT_MODES:
+        for kernel in TILE_KERNELS:
             variants[f"{kernel} {tile_name(tile)}"] = [
                 lambda w=w, kernel=kernel, tile=tile: api.gemm(x, *w, g, kernel=kernel,
                                                                mma_tile=tile)
@@ -88,7 +90,7 @@ def _variants(x: torch.Tensor, packed: list, fp16: list, g: int) -> dict[str, li
 
 
 def sweep_shape(k: int, n: int, ms: tuple[int, ...], g: int, reps: int) -> list[SweepRow]:
-    packed = [benchmark.random_packed(k, n, g) for _ in range(benchmark.weight_copies(k * n // 2))]
+    packed = [benchmark.random_packed_cuda(k, n, g) for _ in range(benchmark.weight_copies(k * n // 2))]
     fp16 = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02
             for _ in range(benchmark.weight_copies(2 * k * n))]
     rows: list[SweepRow] = []

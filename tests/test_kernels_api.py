@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +19,6 @@ from awq_kernels.plan import (
     MMA_BK,
     MMA_BN,
     MMA_SPLIT_BLOCKS_PER_SM,
-    cdiv,
     choose_kernel,
     mma_blocks_per_sm,
     mma_direct_row_chunks,
@@ -54,6 +55,8 @@ def test_dtypes():
     _raises(TypeError, "scales must have dtype", x, qw, qz, s.to(torch.bfloat16), g)
     _raises(TypeError, "x must be a torch.Tensor", x.numpy(), qw, qz, s, g)
     _raises(TypeError, "group_size must be an int", x, qw, qz, s, 64.0)
+    _raises(TypeError, "group_size must be an int, got bool", x, qw, qz, s, True)
+    _raises(ValueError, "x must be a CUDA tensor", x, qw, qz, s, np.int64(64))  # accepted
     _raises(TypeError, "out must have dtype", x, qw, qz, s, g, out=torch.empty(4, N))
 
 
@@ -96,6 +99,7 @@ def test_max_splits_is_checked_before_cuda():
     _raises(ValueError, "max_splits must be in 1..16, got 0", *_args(), max_splits=0)
     _raises(ValueError, "max_splits must be in 1..16, got 17", *_args(), max_splits=17)
     _raises(ValueError, "x must be a CUDA tensor", *_args(), max_splits=1)
+    _raises(ValueError, "x must be a CUDA tensor", *_args(), max_splits=np.int32(4))
 
 
 @pytest.mark.parametrize("cap", [1, 2, 5, 16])
@@ -111,8 +115,9 @@ def test_split_caps_bound_every_planner(cap, m, k, n):
         steps = k // (launch.tile.bk if launch.tile else 32)
         assert 1 <= launch.splits <= cap
         assert (launch.splits - 1) * launch.k_per_split < steps <= launch.splits * launch.k_per_split
-    if cap == 16 and m <= 8:  # the default: the planners' own choice
-        assert plan_gemv_direct(m, n, k, 132, cap) == plan_gemv_direct(m, n, k, 132)
+    if m <= 8:  # a cap below the planner's own choice is the split count it gets
+        own = plan_gemv_direct(m, n, k, 132).splits
+        assert plan_gemv_direct(m, n, k, 132, cap).splits == min(own, cap)
 
 
 @pytest.mark.parametrize("tile", build.MMA_TILES, ids=str)
@@ -186,8 +191,9 @@ def test_plan_mma_direct_covers_output_and_k(m, k, n):
     steps, splits = k // GEMV_KC, launch.grid[1]
     assert splits == launch.splits >= 1
     assert (splits - 1) * launch.k_per_split < steps <= splits * launch.k_per_split
-    # the fp32 partials stay at most half the packed weight bytes
-    assert splits == 1 or splits * m * n * 4 <= k * n / 2
+    # the fp32 partials (splits x M x N x 4 bytes) stay at most half the packed weight bytes
+    # (K x N / 2)
+    assert splits == 1 or splits * m * n * 4 <= k * n / 4
 
 
 @pytest.mark.parametrize("m", [1, 63, 64, 65, 128, 129, 300])
@@ -205,9 +211,18 @@ def test_dequantize_validates():
 
 
 def test_import_compiles_nothing_and_imports_no_cupy():
-    code = "import sys, awq_kernels; assert 'cupy' not in sys.modules, 'cupy imported'"
+    """Every module of the package imports without CuPy and without compiling a kernel (in a
+    fresh interpreter: this one may have compiled kernels in other tests)."""
+    modules = sorted(p.stem for p in Path(awq_kernels.__file__).parent.glob("*.py")
+                     if p.stem != "__init__")
+    assert {"api", "build", "ops", "int8", "plan", "emulate"} <= set(modules)
+    code = ("import importlib, sys, awq_kernels\n"
+            f"for name in {modules!r}: importlib.import_module('awq_kernels.' + name)\n"
+            "assert 'cupy' not in sys.modules, 'cupy imported'\n"
+            "from awq_kernels import build\n"
+            "assert build.get_kernel.cache_info().currsize == 0, 'a kernel was compiled'\n"
+            "assert build.device_info.cache_info().currsize == 0, 'a device was probed'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
-    assert build.get_kernel.cache_info().currsize == 0
 
 
 # ------------------------------------------------------------------ dispatch plan
@@ -269,9 +284,22 @@ def test_small_grids_split_k():
     assert plan_mma(512, 4096, 4096, 132).splits == 1
 
 
-def test_dequant_and_reduce_grids():
-    assert plan_dequant(4096, 4096, 132).grid[0] == min(cdiv(4096 * 512, 256), 32 * 132)
-    assert plan_reduce(12 * 64, 3).grid[0] * 256 * 4 >= 12 * 64
+@pytest.mark.parametrize("k,n", [(32, 64), (576, 192), (4096, 4096), (8192, 28672)])
+def test_dequant_grid_covers_every_word_within_its_cap(k, n):
+    """A thread per packed word (grid-stride past 32 blocks per SM), never a block with none."""
+    blocks, threads = plan_dequant(k, n, 132).grid[0], plan_dequant(k, n, 132).block[0]
+    words = k * n // 8
+    assert 1 <= blocks <= 32 * 132
+    assert blocks == 32 * 132 or (blocks - 1) * threads < words <= blocks * threads
+
+
+@pytest.mark.parametrize("count", [64, 12 * 64, 4096 * 14336])
+def test_reduce_grid_covers_every_quad_once(count):
+    """splitk_reduce.cu: one thread per 4 outputs, and no block without one."""
+    launch = plan_reduce(count, 3)
+    quads, threads = count // 4, launch.block[0]
+    assert launch.splits == 3
+    assert (launch.grid[0] - 1) * threads < quads <= launch.grid[0] * threads
 
 
 # ------------------------------------------------------------------ torch reference vs awq_ref
@@ -366,8 +394,14 @@ def test_fused_elementwise_ops_validate_before_touching_cuda():
         ops.rotary_into_cache(q, k, q, *args[3:])
     with pytest.raises(ValueError, match=r"keys must be a contiguous \(1, 2, S, 32\) cache"):
         ops.rotary_into_cache(*args[:5], cache[:, :1], cache, pos)
-    with pytest.raises(ValueError, match="position must be one int64 value"):
+    with pytest.raises(TypeError, match="position must be int64"):
         ops.rotary_into_cache(*args[:7], pos.int())
+    with pytest.raises(ValueError, match="position must hold one value"):
+        ops.rotary_into_cache(*args[:7], torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="9 new tokens do not fit a cache of 8 slots"):
+        q9, k9 = torch.randn(1, 9, 4, 32).half(), torch.randn(1, 9, 2, 32).half()
+        ops.rotary_into_cache(q9, k9, k9, cos.expand(9, 32).contiguous(),
+                              cos.expand(9, 32).contiguous(), cache, cache.clone(), pos)
     with pytest.raises(ValueError, match="q must be a CUDA tensor"):
         ops.rotary_into_cache(*args)
 
@@ -389,6 +423,12 @@ def test_decode_attention_validates_before_touching_cuda():
                              cache[:, :1].contiguous(), pos)
     with pytest.raises(ValueError, match="values must be contiguous with keys' shape"):
         ops.decode_attention(q, cache, cache[:, :, :8].contiguous(), pos)
+    with pytest.raises(ValueError, match=r"no cache slots \(S = 0\)"):
+        ops.decode_attention(q, cache[:, :, :0], cache[:, :, :0], pos)
+    with pytest.raises(ValueError, match="multiple of Hkv = 0"):
+        ops.decode_attention(q, cache[:, :0], cache[:, :0], pos)
+    with pytest.raises(TypeError, match="position must be int64"):
+        ops.decode_attention(q, cache, cache, pos.float())
     with pytest.raises(ValueError, match="q must be a CUDA tensor"):
         ops.decode_attention(q, cache, cache, pos)
 
@@ -403,8 +443,10 @@ def test_gemm_int8_validates_before_touching_cuda():
         gemm_int8(x, q.int(), s)
     with pytest.raises(TypeError, match="scales must have dtype torch.float32"):
         gemm_int8(x, q, s.half())
-    with pytest.raises(ValueError, match="K a multiple of 16"):
+    with pytest.raises(ValueError, match="K a positive multiple of 16"):
         gemm_int8(x[:, :40], q[:, :40].contiguous(), s)
+    with pytest.raises(ValueError, match="K a positive multiple of 16"):
+        gemm_int8(x[:, :0], q[:, :0].contiguous(), s)
     with pytest.raises(ValueError, match=r"scales must have shape \[24\]"):
         gemm_int8(x, q, s[:8])
     with pytest.raises(ValueError, match=r"x must have shape \[..., K = 64\]"):

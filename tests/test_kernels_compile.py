@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,13 +107,20 @@ def test_cuda_constants_match_the_emulation_and_their_values():
     """The emulation mirrors common.cuh's bit patterns; both must be the numbers they claim."""
     text = (build.KERNEL_DIR / "common.cuh").read_text()
 
-    def const(name: str) -> int:
-        return int(re.search(rf"{name} = (0x[0-9A-Fa-f]+)u;", text)[1], 16)
+    def const(name: str, where: str = text) -> int:
+        return int(re.search(rf"{name} = (0x[0-9A-Fa-f]+)u;", where)[1], 16)
 
-    fp16 = {"MAGIC2": 1024.0, "ONE2": 1.0, "SIXTEENTH2_F16": 1 / 16, "NINE_SIXTY2_F16": 960.0}
-    for name, value in fp16.items():
-        half = int(np.float16(value).view(np.uint16))
-        assert const(name) == half | half << 16, name
+    def pair_bits(value: float, tag: str) -> int:  # (value, value) as two fp16 / bf16 halves
+        bits = (int(np.float16(value).view(np.uint16)) if tag == "F16"
+                else int(np.float32(value).view(np.uint32)) >> 16)  # exact for these values
+        return bits | bits << 16
+
+    for tag, magic in (("F16", 1024.0), ("BF16", 128.0)):
+        struct = re.search(rf"struct {tag} {{(.*?)\n}};", text, re.DOTALL)[1]
+        assert const("MAGIC2", struct) == pair_bits(magic, tag) == emulate.MAGIC2[tag], tag
+        assert const("ONE2", struct) == pair_bits(1.0, tag) == emulate.ONE2[tag], tag
+    for name, value in {"SIXTEENTH2_F16": 1 / 16, "NINE_SIXTY2_F16": 960.0}.items():
+        assert const(name) == pair_bits(value, "F16"), name
     assert const("SIXTEENTH2_F16") == emulate.SIXTEENTH2_F16
     assert const("NINE_SIXTY2_F16") == emulate.NINE_SIXTY2_F16
     assert const("HIGH_NIBBLE_MASK2") == emulate.HIGH_NIBBLE_MASK2 == 0x00F000F0
@@ -164,7 +170,7 @@ def test_fused_splitk_covers_every_planned_split_count():
 
 
 @pytest.mark.parametrize("tile", build.MMA_TILES, ids=str)
-def test_mma_k_loop_is_lean(tile):
+def test_mma_k_loop_is_lean(tile, monkeypatch):
     """The tensor-core kernel's K loop, counted in PTX: per weight a lane handles, at most 5
     instructions besides the mma.sync themselves (memory-bound on an H100 needs <= ~5.5 in all
     at full issue, NOTES.md; the mma count, MI / 4 per weight, only grows with the tile's rows,
@@ -172,7 +178,7 @@ def test_mma_k_loop_is_lean(tile):
     recomputed its address per k tile (H100: 10-40% of the floor at M = 16-128); the per-block
     copy plan brought it to ~3-4.6."""
     _nvrtc()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
     import sass_loops
 
     expr = tile.expr("F16")

@@ -182,7 +182,7 @@ def test_runs_on_torchs_current_stream():
 def test_fused_splitk_equals_two_launches(kernel, m, dtype):
     """The last block of a tile adds the splits in the reduce kernel's order: same bits; and
     it leaves the stream's counters at zero for the next launch."""
-    from awq_kernels import api
+    from awq_kernels import runtime
 
     qweight, qzeros, scales, _ = _weights(14336, 4096, 64)  # K long enough to split
     x = torch.randn(m, 14336, device="cuda").to(dtype)
@@ -191,7 +191,7 @@ def test_fused_splitk_equals_two_launches(kernel, m, dtype):
         one = awq_kernels.gemm(x, qweight, qzeros, scales, 64, kernel=kernel)
         assert torch.equal(one.view(torch.int16), two.view(torch.int16))
     stream = torch.cuda.current_stream()
-    counters = api._splitk_counter_sets[(stream.device_index, stream.cuda_stream)]
+    counters = runtime._splitk_counter_sets[(stream.device_index, stream.cuda_stream)]
     assert int(counters.abs().sum()) == 0
 
 
