@@ -166,6 +166,15 @@ def _int4pack_weights(k: int, n: int, g: int) -> list[tuple[torch.Tensor, torch.
     return weights
 
 
+def point_errors() -> tuple[type[Exception], ...]:
+    """What one timed point may raise without ending the run: a baseline op missing in this
+    torch build (RuntimeError), a kernel that does not compile (CuPy's CompileException, which
+    is no RuntimeError), a launch refused by its checks (ValueError)."""
+    from cupy.cuda.compiler import CompileException
+
+    return (RuntimeError, ValueError, CompileException)
+
+
 def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, reps: int
                 ) -> list[Row]:
     impls = _impls(k, n, g)
@@ -182,6 +191,9 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
                 continue  # the split-K sum's cost (fused, 2 launches, none), at decode's M = 1
             if name == "awq[mma,split,no sum]" and m != 16:
                 continue  # the same for mma_split, at M = 16
+            if name == "int4pack" and m > 1024:
+                continue  # 16-25x slower than ours from M = 16 on (H100, 2026-12-05): at
+                # M = 4096 it alone took ~40 s of the benchmark's device time
             if name == "awq[mma,split]" and m > 128:
                 continue  # `auto` runs it at M 9..64; since its K loop lost 2/3 of its
                 # instructions (2026-12-05) it may win at M <= 8 and 128 too
@@ -190,26 +202,31 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
                 h_us = host_us(fns[0])  # the GPU sleeps twice that before each timed call
                 sleep = max(SLEEP_CYCLES, int(2 * h_us * CYCLES_PER_US))
                 times[name] = (median_us(fns, reps, sleep_cycles=sleep), h_us)
-            except RuntimeError as err:  # e.g. a baseline op missing in this torch build
-                print(f"  {name} K={k} N={n} M={m}: {err}")
+            except point_errors() as err:  # costs only this point
+                print(f"  {name} K={k} N={n} M={m}: {type(err).__name__}: {err}", flush=True)
         floor_s = max(awq_bytes(m, k, n, g) / ceil.hbm_bytes_per_s, 2 * m * k * n / ceil.tensor_flops)
         fp16_us = times.get("fp16", (float("nan"),))[0]
-        for name, (us, h_us) in times.items():
-            rows.append(Row(k, n, m, name, us, h_us, awq_bytes(m, k, n, g) / (us * 1e3),
-                            fp16_us / us, 100 * floor_s / (us * 1e-6)))
+        point = [Row(k, n, m, name, us, h_us, awq_bytes(m, k, n, g) / (us * 1e3), fp16_us / us,
+                     100 * floor_s / (us * 1e-6)) for name, (us, h_us) in times.items()]
+        print(summary({"rows": [asdict(r) for r in point]}), flush=True)  # progress in the log
+        rows += point
         del x
     return rows
 
 
-def run(shapes=SHAPES, ms=MS, group_size: int = 128, reps: int = 50) -> dict:
+def run(shapes=SHAPES, ms=MS, group_size: int = 128, reps: int = 50,
+        on_shape: Callable[[dict], None] | None = None) -> dict:
+    """The whole table; `on_shape(result so far)` after each shape (e.g. to save it, so a
+    time limit or a fault later in the run loses only what was not yet measured)."""
     ceil = measure_ceilings()
-    rows = []
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "group_size": group_size, "reps": reps, "ceilings": asdict(ceil), "rows": []}
     for k, n in shapes:
-        rows += bench_shape(k, n, ms, group_size, ceil, reps)
+        result["rows"] += [asdict(r) for r in bench_shape(k, n, ms, group_size, ceil, reps)]
+        if on_shape is not None:
+            on_shape(result)
         torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "group_size": group_size, "reps": reps, "ceilings": asdict(ceil),
-            "rows": [asdict(r) for r in rows]}
+    return result
 
 
 def markdown(result: dict) -> str:

@@ -16,6 +16,7 @@ mean per M.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -102,22 +103,35 @@ def sweep_shape(k: int, n: int, ms: tuple[int, ...], g: int, reps: int) -> list[
                 h_us = benchmark.host_us(fns[0])
                 sleep = max(benchmark.SLEEP_CYCLES, int(2 * h_us * benchmark.CYCLES_PER_US))
                 times[name] = benchmark.median_us(fns, reps, sleep_cycles=sleep)
-            except RuntimeError as err:  # one variant failing (a compile error) costs only it
-                print(f"  {name} K={k} N={n} M={m}: {err}")
-        best = min(us for name, us in times.items() if name != "fp16")
-        rows += [SweepRow(k, n, m, name, us, us / best, times["fp16"] / us)
+            except benchmark.point_errors() as err:  # costs only this variant
+                print(f"  {name} K={k} N={n} M={m}: {type(err).__name__}: {err}", flush=True)
+        ours = [us for name, us in times.items() if name != "fp16"]
+        if not ours:
+            print(f"  K={k} N={n} M={m}: none of our variants ran", flush=True)
+            continue
+        best, fp16_us = min(ours), times.get("fp16", float("nan"))
+        rows += [SweepRow(k, n, m, name, us, us / best, fp16_us / us)
                  for name, us in times.items()]
+        print(f"  K={k} N={n} M={m}: best {best:.1f} us, fp16 {fp16_us:.1f} us", flush=True)
     return rows
 
 
-def run(shapes=benchmark.QUICK_SHAPES, ms=SWEEP_MS, group_size: int = 128, reps: int = 50
-        ) -> dict:
-    rows = []
+# The quick shapes, and a Llama-3-70B MLP shape: where the wide (BN = 256) and deep (BK = 64)
+# tiles are predicted to rank first (NOTES.md).
+SWEEP_SHAPES = (*benchmark.QUICK_SHAPES, (8192, 28672))
+
+
+def run(shapes=SWEEP_SHAPES, ms=SWEEP_MS, group_size: int = 128, reps: int = 50,
+        on_shape: Callable[[dict], None] | None = None) -> dict:
+    """Every variant at every (shape, M); `on_shape(result so far)` after each shape."""
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "group_size": group_size, "reps": reps, "rows": []}
     for k, n in shapes:
-        rows += sweep_shape(k, n, ms, group_size, reps)
+        result["rows"] += [asdict(r) for r in sweep_shape(k, n, ms, group_size, reps)]
+        if on_shape is not None:
+            on_shape(result)
         torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "group_size": group_size, "reps": reps, "rows": [asdict(r) for r in rows]}
+    return result
 
 
 def ranking(result: dict) -> dict[int, list[tuple[str, float]]]:

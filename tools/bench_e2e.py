@@ -163,7 +163,7 @@ def smollm2(quantized: bool) -> tuple[Llama, str]:
 
     try:
         model = load_model("default", device=DEVICE, dtype=DTYPE)
-    except ValueError as e:  # no cached file and no network
+    except (ValueError, ImportError) as e:  # no cached file and no network; or gguf missing
         print(f"default model unavailable ({e}); random SmolLM2-shaped weights instead",
               file=sys.stderr)
         return random_llama(SMOLLM2, GROUP_SIZE["smollm2-135m"] if quantized else None), "random"
@@ -382,12 +382,16 @@ def main(argv: list[str] | None = None) -> int:
             print(profile_decode(name))
         return 0
     s = QUICK if args.quick else Settings()
-    rows = [row for name in args.models for row in bench_model(name, s)]
+    rows = []
+    for name in args.models:  # saved after each model: a later fault or time limit keeps it
+        rows += bench_model(name, s)
+        print(f"{name}: measured", flush=True)
+        if args.json:
+            atomic_write_text(args.json, json.dumps({"device": torch.cuda.get_device_name(),
+                                                     "torch": torch.__version__,
+                                                     "settings": asdict(s), "rows": rows},
+                                                    indent=1))
     print(markdown(rows))
-    if args.json:
-        atomic_write_text(args.json, json.dumps({"device": torch.cuda.get_device_name(),
-                                                 "torch": torch.__version__,
-                                                 "settings": asdict(s), "rows": rows}, indent=1))
     return 0
 
 

@@ -3,7 +3,8 @@
     python tools/bench_gemm.py [--quick] [--group-size 128] [--reps 50] [--out out/bench_gemm]
     python tools/bench_gemm.py --sweep-mma [--out out/sweep_mma]   # every mma tile (sweep.py)
 
-Writes <out>.json and <out>.md and prints the markdown table.
+Writes <out>.json and <out>.md after every shape (a time limit or a fault later keeps what was
+measured), prints each point's times as it goes and the markdown table at the end.
 """
 
 from __future__ import annotations
@@ -24,26 +25,28 @@ def main() -> None:
     parser.add_argument("--sweep-mma", action="store_true",
                         help="time every compiled mma tile, plain and split-K, at M = "
                              f"{', '.join(map(str, sweep.SWEEP_MS))}, and the decode kernels' "
-                             "split caps, on the quick shapes")
+                             "split caps, on the quick shapes and 8192x28672")
     parser.add_argument("--out", type=Path, default=None,
                         help="file stem (default out/bench_gemm, or out/sweep_mma)")
     args = parser.parse_args()
     if args.reps < 50:
         parser.error(f"--reps {args.reps}: PROTOCOL.md takes the median of at least 50 calls")
+    out = args.out or Path("out/sweep_mma" if args.sweep_mma else "out/bench_gemm")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    to_markdown = sweep.markdown if args.sweep_mma else benchmark.markdown
+
+    def save(result: dict) -> None:  # after every shape: a later fault or time limit keeps it
+        atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1))
+        atomic_write_text(out.with_suffix(".md"), to_markdown(result))
+
     if args.sweep_mma:
-        result = sweep.run(group_size=args.group_size, reps=args.reps)
-        table = sweep.markdown(result)
-        args.out = args.out or Path("out/sweep_mma")
+        result = sweep.run(group_size=args.group_size, reps=args.reps, on_shape=save)
     else:
         shapes, ms = ((benchmark.QUICK_SHAPES, benchmark.QUICK_MS) if args.quick
                       else (benchmark.SHAPES, benchmark.MS))
-        result = benchmark.run(shapes, ms, args.group_size, args.reps)
-        table = benchmark.markdown(result)
-        args.out = args.out or Path("out/bench_gemm")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=1))
-    atomic_write_text(args.out.with_suffix(".md"), table)
-    print(table)
+        result = benchmark.run(shapes, ms, args.group_size, args.reps, on_shape=save)
+    save(result)
+    print(to_markdown(result))
 
 
 if __name__ == "__main__":

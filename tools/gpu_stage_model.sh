@@ -2,13 +2,16 @@
 # Carry the default model (a 98 MB GGUF) to a GPU machine that has no network, in parts.
 #
 # The device tool carries at most 64 MiB of ignored files per call, but a warm machine keeps
-# ignored files between calls. So:
+# ignored files between calls -- and is given back 30 s after a call ends, so the two calls
+# must follow each other at once, and each must be worth running alone:
 #   here:    bash tools/gpu_stage_model.sh split   # .devcarry/model.part0..1, .sha256, .parts
 #   device:  call 1 carries .devcarry/model.part0, .devcarry/model.sha256,
-#            .devcarry/model.parts and .devcarry/py (command: true),
-#            call 2 carries .devcarry/model.part1 and runs
-#            bash tools/gpu_stage_model.sh join && PYTHONPATH=$PWD/.devcarry/py \
-#                AWQ_REF_CACHE=$PWD/.devcarry/cache GPU_CHECK_ONLY=e2e-tests bash tools/gpu_check.sh
+#            .devcarry/model.parts and .devcarry/py and runs GPU_CHECK_ONLY="environment
+#            kernel-tests kernel-benchmark mma-sweep" bash tools/gpu_check.sh,
+#            call 2 (at once) carries .devcarry/model.part1 and runs GPU_CHECK_ONLY="e2e-tests
+#            e2e-benchmark decode-profile memcheck" bash tools/gpu_check.sh
+# gpu_check.sh joins the parts itself (a failed join -- the machine went back between the
+# calls -- only makes the default-model tests skip) and uses .devcarry/py and .devcarry/cache.
 # .devcarry/py holds the pure-Python packages the GGUF loader needs and the device's Python
 # lacked on 2026-12-05 (gguf, yaml -- its C extension is skipped there --, tqdm), copied from
 # this machine's .venv by `split`.
