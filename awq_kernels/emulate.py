@@ -232,7 +232,7 @@ def emulate_mma(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, recor
     m, k = x.shape
     n = qweight.shape[1] * 8
     tile = launch.tile
-    bk, stride = tile.bk, b_stride(tile)
+    bk = tile.bk
     mi = tile.bm // (16 * tile.warps_m)
     out = np.full((launch.splits, m, n), np.nan, np.float32)
     g, t = LANE // 4, LANE % 4
@@ -254,35 +254,45 @@ def emulate_mma(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, recor
                         word = wn * 8 + g
                         if start:
                             groups[wm, wn] = group_pairs(tag, z_s, s_s, word)
-                        zb, sb = groups[wm, wn]
                         for ks in range(bk // 16):
-                            a = []
-                            for i in range(mi):
-                                r = (wm * mi + i) * 16 + LANE % 16
-                                addr = a_chunk_offset(r, ks * 2 + LANE // 16, bk)
-                                a.append([a_s[addr[8 * q + LANE // 4] + LANE % 4]
-                                          for q in range(4)])  # ldmatrix.x4
-                            base = (ks * 16 + 2 * t) * stride + word
-                            w0, w1 = b_s[base], b_s[base + stride]
-                            w8, w9 = b_s[base + 8 * stride], b_s[base + 9 * stride]
-                            even = (prmt(w0, w1, 0x5410), prmt(w8, w9, 0x5410))
-                            odd = (prmt(w0, w1, 0x7632), prmt(w8, w9, 0x7632))
-                            for p in range(4):
-                                for j, src in ((2 * p, even), (2 * p + 1, odd)):
-                                    b = [dequant_nibbles(tag, src[h], shr(src[h], 8), p,
-                                                         zb[j], sb[j]) for h in range(2)]
-                                    if record is not None:
-                                        for h in range(2):
-                                            kk = kt * bk + ks * 16 + 2 * t + 8 * h
-                                            nn = n0 + 8 * word + j
-                                            record.append((kk, nn, lo(b[h])))
-                                            record.append((kk + 1, nn, hi(b[h])))
-                                    for i in range(mi):
-                                        mma16816(acc[i, j], a[i], b, tag)
+                            rec = None if record is None else (record, kt * bk + ks * 16, n0)
+                            _mma_k16_step(tag, tile, a_s, b_s, ks, wm, word, groups[wm, wn],
+                                          acc, rec)
                 for (wm, wn), acc in accs.items():
                     if n0 + wn * WARP_N < n:
                         _mma_store(out[bz], acc, m0 + wm * mi * 16 + g, n0 + wn * WARP_N + 16 * t)
     return out
+
+
+def _mma_k16_step(tag, tile, a_s, b_s, ks, wm, word, group, acc, rec):
+    """One k16 step of warp row wm on packed word column `word` of the stage: the A fragments
+    of its MI m16 tiles from the x tile (ldmatrix.x4), the B fragments of its 8 columns
+    dequantized from 4 packed words, MI x 8 mma. `rec`: (record list, the step's first k, the
+    block's first column), or None."""
+    mi = tile.bm // (16 * tile.warps_m)
+    stride, t = b_stride(tile), LANE % 4
+    zb, sb = group
+    a = []
+    for i in range(mi):
+        r = (wm * mi + i) * 16 + LANE % 16
+        addr = a_chunk_offset(r, ks * 2 + LANE // 16, tile.bk)
+        a.append([a_s[addr[8 * q + LANE // 4] + LANE % 4] for q in range(4)])  # ldmatrix.x4
+    base = (ks * 16 + 2 * t) * stride + word
+    w0, w1 = b_s[base], b_s[base + stride]
+    w8, w9 = b_s[base + 8 * stride], b_s[base + 9 * stride]
+    even = (prmt(w0, w1, 0x5410), prmt(w8, w9, 0x5410))
+    odd = (prmt(w0, w1, 0x7632), prmt(w8, w9, 0x7632))
+    for p in range(4):
+        for j, src in ((2 * p, even), (2 * p + 1, odd)):
+            b = [dequant_nibbles(tag, src[h], shr(src[h], 8), p, zb[j], sb[j]) for h in range(2)]
+            if rec is not None:
+                record, k0, n0 = rec
+                for h in range(2):
+                    kk, nn = k0 + 2 * t + 8 * h, n0 + 8 * word + j
+                    record.append((kk, nn, lo(b[h])))
+                    record.append((kk + 1, nn, hi(b[h])))
+            for i in range(mi):
+                mma16816(acc[i, j], a[i], b, tag)
 
 
 def _mma_store(out, acc, row0, col0):

@@ -36,71 +36,97 @@ def emulate_gemv_direct(tag, x, qweight, qzeros, scales16, g_size, launch: Launc
     including the 16-bit pair accumulators and their flush after every chunk."""
     m, k = x.shape
     n = qweight.shape[1] * 8
-    nw = n // 8
     mt = launch.config
     vec = GEMV_DIRECT_VEC[mt]
     lanes_per_row, flush = 32 // vec, gemv_direct_flush(tag, mt)
     rows_per_chunk = flush * vec
-    c, r = LANE % lanes_per_row, LANE // lanes_per_row
-    pairs = 4 * vec
+    c = LANE % lanes_per_row
     out = np.full((launch.splits, m, n), np.nan, np.float32)
     for by in range(launch.grid[1]):
         k_begin = by * launch.k_per_split * GEMV_KC
         chunks = (min(k, k_begin + launch.k_per_split * GEMV_KC) - k_begin) // rows_per_chunk
         for bx in range(launch.grid[0]):
-            word0 = bx * (GEMV_NT // 8) + c * vec  # (32,)
-            valid = word0 < nw
-            wcol = np.where(valid, word0, 0)  # lanes past N read column 0, never stored
-            acc = np.zeros((8, mt, 2 * pairs, 32), np.float32)  # (warp, m, column j, lane)
-            for warp in range(8):
-                loaded_group, zneg, sp = -1, [], []
+            word0 = bx * (GEMV_NT // 8) + c * vec  # (32,) the lane's first packed word column
+            acc = np.zeros((8, mt, 8 * vec, 32), np.float32)  # (warp, m, column j, lane)
+            for warp in range(8):  # warp w takes chunks w, w + 8, ...
+                loaded_group, group = -1, None
                 for q in range(warp, chunks, 8):
                     row0 = k_begin + q * rows_per_chunk
                     if row0 // g_size != loaded_group:
                         loaded_group = row0 // g_size
-                        zneg, sp = [], []
-                        for v in range(vec):
-                            zw = qzeros[loaded_group, wcol + v]
-                            for p in range(4):
-                                cols = 8 * (wcol + v) + 2 * p
-                                s_pair = pair(scales16[loaded_group, cols],
-                                              scales16[loaded_group, cols + 1])
-                                zneg.append(nibbles_to_magic_pair(tag, shr(zw, 4 * p)) ^ SIGN2)
-                                sp.append(scale_pair(tag, s_pair))
-                    h = np.zeros((mt, pairs, 32), U32)
-                    for u in range(flush):
-                        row = row0 + u * vec + r  # (32,)
-                        x2 = [pair(x[min(mm, m - 1), row], x[min(mm, m - 1), row])
-                              for mm in range(mt)]
-                        for v in range(vec):
-                            word = qweight[row, wcol + v]
-                            for p in range(4):
-                                i = 4 * v + p
-                                wp = dequant_pair(tag, shr(word, 4 * p), zneg[i], sp[i])
-                                if record is not None:
-                                    col = 8 * (word0 + v) + 2 * p
-                                    record.append((row[valid], col[valid], lo(wp)[valid]))
-                                    record.append((row[valid], col[valid] + 1, hi(wp)[valid]))
-                                for mm in range(mt):
-                                    h[mm, i] = fma2(tag, x2[mm], wp, h[mm, i])
+                        group = _gd_group(tag, qzeros, scales16, loaded_group, word0, vec)
+                    h = _gd_chunk(tag, x, qweight, row0, word0, group, mt, vec, flush, record)
                     acc[warp, :, 0::2] += to_f32(tag, lo(h))  # fp32 adds, in the kernel's order
                     acc[warp, :, 1::2] += to_f32(tag, hi(h))
-            off = lanes_per_row
-            while off < 32:  # butterfly over the lanes holding the same columns
-                acc = acc + acc[..., LANE ^ off]
-                off *= 2
-            red = np.zeros((8, mt, GEMV_NT), np.float32)
-            for warp in range(8):
-                for j in range(2 * pairs):
-                    red[warp][:, c[r == 0] * 8 * vec + j] = acc[warp][:, j][:, r == 0]
-            total = np.zeros((mt, GEMV_NT), np.float32)
-            for warp in range(8):  # fixed-order cross-warp sum
-                total += red[warp]
+            total = _gd_block_sum(acc, vec)
             n0 = bx * GEMV_NT
             n_ok = min(GEMV_NT, n - n0)
             for mm in range(min(m, mt)):
                 out[by, mm, n0:n0 + n_ok] = total[mm, :n_ok]
     return out
+
+
+def _gd_group(tag, qzeros, scales16, grp, word0, vec):
+    """A group's negated zero pairs (magic-number form) and scale pairs for the lane's vec
+    words from word0 (lanes past N read column 0): pair i = 4 v + p is columns 2p, 2p + 1 of
+    word v."""
+    wcol = np.where(word0 < qzeros.shape[1], word0, 0)
+    zneg, sp = [], []
+    for v in range(vec):
+        zw = qzeros[grp, wcol + v]
+        for p in range(4):
+            cols = 8 * (wcol + v) + 2 * p
+            zneg.append(nibbles_to_magic_pair(tag, shr(zw, 4 * p)) ^ SIGN2)
+            sp.append(scale_pair(tag, pair(scales16[grp, cols], scales16[grp, cols + 1])))
+    return zneg, sp
+
+
+def _gd_chunk(tag, x, qweight, row0, word0, group, mt, vec, flush, record):
+    """One chunk of a warp: `flush` steps of `vec` rows; in step u the lane takes row
+    row0 + u vec + r and its vec words from word0, and adds x[m, row] (as a pair) times each
+    dequantized weight pair into the 16-bit pair accumulators h (mt, 4 vec, lane), which the
+    caller flushes into fp32 after the chunk."""
+    m = x.shape[0]
+    valid = word0 < qweight.shape[1]
+    wcol = np.where(valid, word0, 0)
+    r = LANE // (32 // vec)  # the lane's row within a step
+    zneg, sp = group
+    h = np.zeros((mt, 4 * vec, 32), U32)
+    for u in range(flush):
+        row = row0 + u * vec + r  # (32,)
+        x2 = [pair(x[min(mm, m - 1), row], x[min(mm, m - 1), row]) for mm in range(mt)]
+        for v in range(vec):
+            word = qweight[row, wcol + v]
+            for p in range(4):
+                i = 4 * v + p
+                wp = dequant_pair(tag, shr(word, 4 * p), zneg[i], sp[i])
+                if record is not None:
+                    col = 8 * (word0 + v) + 2 * p
+                    record.append((row[valid], col[valid], lo(wp)[valid]))
+                    record.append((row[valid], col[valid] + 1, hi(wp)[valid]))
+                for mm in range(mt):
+                    h[mm, i] = fma2(tag, x2[mm], wp, h[mm, i])
+    return h
+
+
+def _gd_block_sum(acc, vec):
+    """(mt, GEMV_NT) block sums: a butterfly over the lanes holding the same columns, then the
+    8 warps added in a fixed order."""
+    lanes_per_row = 32 // vec
+    c, r = LANE % lanes_per_row, LANE // lanes_per_row
+    off = lanes_per_row
+    while off < 32:
+        acc = acc + acc[..., LANE ^ off]
+        off *= 2
+    mt = acc.shape[1]
+    red = np.zeros((8, mt, GEMV_NT), np.float32)
+    for warp in range(8):
+        for j in range(8 * vec):
+            red[warp][:, c[r == 0] * 8 * vec + j] = acc[warp][:, j][:, r == 0]
+    total = np.zeros((mt, GEMV_NT), np.float32)
+    for warp in range(8):  # fixed-order cross-warp sum
+        total += red[warp]
+    return total
 
 
 # ----------------------------------------------------------------------------- mma_direct
