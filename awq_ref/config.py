@@ -5,14 +5,18 @@ Field names follow HF's config.json so a config compares 1:1 with a published ch
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from awq_ref.files import parse_json
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+INT_LIMIT = 2**31  # sizes and ids beyond int32 are no real model's, and overflow torch's kernels
 
 
 @dataclass(frozen=True)
@@ -27,8 +31,9 @@ class RopeScaling:
     def __post_init__(self) -> None:
         for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and value > 0):
-                raise ValueError(f"rope_scaling.{name} must be a positive finite number, got {value!r}")
+            if not _is_positive_finite(value) or value >= INT_LIMIT:
+                raise ValueError(f"rope_scaling.{name} must be a positive finite number below "
+                                 f"2**31, got {_short(value)}")
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,10 @@ class LlamaConfig:
                     "max_position_embeddings")
         for name in positive:  # head_dim checked after it is derived from checked values
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0 and (name != "head_dim" or value != 0):
-                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+            if not _is_int(value) or value <= 0 and (name != "head_dim" or value != 0) \
+                    or value >= INT_LIMIT:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer below 2**31, "
+                                 f"got {_short(value)}")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
             if self.head_dim == 0:
@@ -78,8 +85,9 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and value > 0):
-                raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got {value!r}")
+            if not _is_positive_finite(value):
+                raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got "
+                                 f"{_short(value)}")
 
     def weight_count(self) -> int:
         """Elements of the weight matrices and norms (biases left out): a lower bound on what a
@@ -155,11 +163,9 @@ class LlamaConfig:
     def from_json_file(cls, path: str | Path) -> LlamaConfig:
         path = Path(path)
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
+            d = parse_json(path.read_bytes(), str(path))
         except FileNotFoundError:
             raise ValueError(f"{path}: config file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
         return cls.from_hf_dict(d, source=str(path))
 
 
@@ -201,3 +207,16 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_finite(value: Any) -> bool:
+    try:  # an int past float's range (10**400 in a JSON file) overflows in isfinite
+        return _is_number(value) and math.isfinite(value) and value > 0
+    except OverflowError:
+        return False
+
+
+def _short(value: Any) -> str:
+    """repr of a config value, cut short (a hostile file's 5000-digit number)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

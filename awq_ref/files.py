@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -29,6 +31,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """json.loads, with every way hostile text fails as a ValueError naming `where`: invalid JSON
+    or UTF-8 (JSONDecodeError, UnicodeDecodeError: ValueErrors), nesting deeper than the
+    parser's recursion limit (RecursionError), an integer past Python's 4300-digit limit."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

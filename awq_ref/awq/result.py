@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from awq_ref.files import atomic_write
+from awq_ref.files import atomic_write, parse_json
 from awq_ref.quant.quantizer import QuantSpec
 
 
@@ -65,11 +65,22 @@ class AwqResult:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: AwqResult file not found")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
         if meta.get("format") != "awq_ref.AwqResult/1":
             raise ValueError(f"{path}: not an AwqResult file (metadata format={meta.get('format')!r})")
-        spec = QuantSpec(int(meta["bits"]), int(meta["group_size"]), json.loads(meta["zero_point"]))
-        result = cls(spec=spec, info=json.loads(meta.get("info", "{}")))
-        result.add_tensors(load_file(str(path)), str(path))
+        try:
+            spec = QuantSpec(int(meta["bits"]), int(meta["group_size"]),
+                             parse_json(meta["zero_point"], f"{path}: zero_point"))
+            info = parse_json(meta.get("info", "{}"), f"{path}: info")
+            tensors = load_file(str(path))
+        except KeyError as e:
+            raise ValueError(f"{path}: AwqResult metadata lacks {e}") from None
+        except (SafetensorError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: corrupt AwqResult file ({e})") from None
+        result = cls(spec=spec, info=info)
+        result.add_tensors(tensors, str(path))
         return result

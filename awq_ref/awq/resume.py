@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from awq_ref.awq.result import AwqResult
-from awq_ref.files import atomic_write
+from awq_ref.files import atomic_write, parse_json
 from awq_ref.quant.quantizer import QuantSpec
 
 STATE_NAME = "state.safetensors"
@@ -67,19 +67,29 @@ class Progress:
         path = self.state_path
         if not path.is_file():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: not an AWQ progress file (format={meta.get('format')!r})")
-            if meta.get("fingerprint") != self.fingerprint:
-                raise ValueError(
-                    f"{path}: saved progress was made with a different model, calibration data "
-                    f"or settings; delete {self.work_dir} to start over, or rerun with the "
-                    "original settings to resume")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        corrupt = (f"{path}: corrupt AWQ progress file; delete {self.work_dir} to start over")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path}: not an AWQ progress file "
+                                     f"(format={meta.get('format')!r})")
+                if meta.get("fingerprint") != self.fingerprint:
+                    raise ValueError(
+                        f"{path}: saved progress was made with a different model, calibration "
+                        f"data or settings; delete {self.work_dir} to start over, or rerun with "
+                        "the original settings to resume")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            search = parse_json(meta["search"], corrupt)
+            next_block, hidden = meta["next_block"], tensors["hidden"]
+        except (SafetensorError, OSError, KeyError, TypeError) as e:
+            raise ValueError(f"{corrupt} ({type(e).__name__}: {e})") from None
+        if not next_block.isdigit():
+            raise ValueError(f"{corrupt} (next_block={next_block[:20]!r})")
+        next_block = int(next_block)
         result.add_tensors(tensors, str(path), ignore=("hidden",))
-        result.search[:] = json.loads(meta["search"])
-        return int(meta["next_block"]), tensors["hidden"]
+        result.search[:] = search
+        return next_block, hidden
 
     def save(self, next_block: int, result: AwqResult, hidden: torch.Tensor) -> None:
         """Atomically replace the state: the result so far and `hidden`, block next_block's inputs."""

@@ -43,6 +43,8 @@ def _resolve(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder")
+    if not (path.is_dir() or path.is_file()):  # a FIFO would block the first read, a device
+        raise ValueError(f"{path}: not a regular file or folder")  # never end it
     return path
 
 

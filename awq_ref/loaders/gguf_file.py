@@ -18,7 +18,11 @@ import numpy as np
 import torch
 
 from awq_ref.config import LlamaConfig
-from awq_ref.loaders.state_dict import interleaved_to_half, model_from_state_dict
+from awq_ref.loaders.state_dict import (
+    check_state_dict,
+    interleaved_to_half,
+    model_from_state_dict,
+)
 from awq_ref.model import Llama
 
 GGUF_MAGIC = b"GGUF"
@@ -48,9 +52,13 @@ _MIN_TENSOR_INFO, _MIN_KV = 8 + 4 + 4 + 8, 8 + 4 + 1
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4  # GGML_MAX_DIMS
-# gguf's reader keeps a numpy view (~100 bytes) per array item: cap the count well above real
-# vocabularies (262K tokens, ~500K merges) so a large file cannot make it build billions.
-_MAX_ARRAY_ITEMS = 1 << 22
+# gguf's reader builds numpy views per metadata array item (measured: ~0.7 KB and ~8 us per
+# float32, ~1.6 KB and ~13 us per string): a cap on the items of all arrays together, well
+# above real vocabularies (Llama 3: 128K tokens, scores and types + 280K merges; Gemma 3: 3 x
+# 262K), so that a small file cannot make it build millions; and on the tensor count (a Llama
+# has 9 per layer + 3).
+_MAX_ARRAY_ITEMS = 1 << 21
+_MAX_TENSORS = 1 << 14
 
 
 def is_gguf(path: Path) -> bool:
@@ -68,6 +76,9 @@ def _check_header(path: Path) -> None:
     version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:])
     if version not in (2, 3):
         raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    if n_tensors > _MAX_TENSORS:
+        raise ValueError(f"{path}: corrupt GGUF header: {n_tensors} tensors; more than "
+                         f"{_MAX_TENSORS} is not supported")
     if 24 + n_tensors * _MIN_TENSOR_INFO + n_kv * _MIN_KV > size:
         raise ValueError(f"{path}: corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata "
                          f"entries cannot fit in {size} bytes")
@@ -81,6 +92,7 @@ class _Cursor:
 
     def __init__(self, buf: mmap.mmap, source: str):
         self.buf, self.off, self.source = buf, 24, source
+        self.array_items = 0  # over the whole header
 
     def need(self, n: int, what: str) -> None:
         if n > len(self.buf) - self.off:
@@ -106,9 +118,11 @@ class _Cursor:
             self.string(what)
         elif vtype == _ARRAY and not in_array:  # arrays of arrays: llama files have none
             itype, count = self.uint(4, f"{what} item type"), self.uint(8, f"{what} count")
-            if count > _MAX_ARRAY_ITEMS:
+            self.array_items += count
+            if self.array_items > _MAX_ARRAY_ITEMS:
                 raise ValueError(f"{self.source}: corrupt GGUF header: {what} claims {count} "
-                                 f"items; more than {_MAX_ARRAY_ITEMS} is not supported")
+                                 f"items, past {_MAX_ARRAY_ITEMS} array items in the file: not "
+                                 "supported")
             if itype in _SCALAR_BYTES:
                 self.skip(count * _SCALAR_BYTES[itype], f"{what} ({count} items)")
                 return
@@ -149,10 +163,15 @@ def open_gguf(path: str | Path) -> tuple[Any, dict[str, Any]]:
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as e:
         raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
     size = path.stat().st_size
-    for t in reader.tensors:
+    end, previous = 0, None
+    for t in sorted(reader.tensors, key=lambda t: t.data_offset):
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
             raise ValueError(f"{path}: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, "
                              f"past the end of the file ({size} bytes): truncated")
+        if t.data_offset < end:  # shared bytes would let a small file claim a large model
+            raise ValueError(f"{path}: corrupt GGUF file: the data of tensors {previous} and "
+                             f"{t.name} overlap")
+        end, previous = t.data_offset + t.n_bytes, t.name
     return reader, metadata
 
 
@@ -243,6 +262,19 @@ def dequantize_tensor(t: Any, source: str) -> torch.Tensor:
     return torch.from_numpy(values.reshape(shape).copy())  # copy: the memmap is read-only
 
 
+def check_tensor_infos(reader: Any, config: LlamaConfig, source: str) -> None:
+    """Names, shapes and the total size of the tensors, from the header alone: checked before
+    any tensor is dequantized (a few bytes of Q2_K dequantize to 16x their size as float32)."""
+    shapes: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name in shapes:
+            raise ValueError(f"{source}: tensor {t.name} appears twice")
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        shapes[name] = torch.empty(shape, device="meta")  # a shape, no memory
+    check_state_dict(config, shapes, source)
+
+
 def gguf_state_dict(reader: Any, config: LlamaConfig, source: str,
                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """HF name -> tensor in `dtype` (cast one at a time, so fp32 copies never pile up), with
@@ -268,5 +300,6 @@ def load_gguf_model(path: str | Path, device: str | torch.device = "cpu",
     reader, meta = open_gguf(path)
     names = {t.name for t in reader.tensors}
     config = config_from_gguf(meta, names, str(path))
+    check_tensor_infos(reader, config, str(path))
     tensors = gguf_state_dict(reader, config, str(path), dtype)
     return model_from_state_dict(config, tensors, source=str(path), device=device, dtype=dtype)

@@ -4,7 +4,6 @@ whole into RAM before they are needed."""
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -13,12 +12,16 @@ from typing import Any, TypeVar
 import torch
 
 from awq_ref.config import LlamaConfig
+from awq_ref.files import parse_json
 from awq_ref.loaders.state_dict import model_from_state_dict
 from awq_ref.model import Llama
 
 T = TypeVar("T")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Tensors one file may list: a 405B Llama has ~1,150 (a 4-bit checkpoint of it ~3,500); a header
+# of a million empty entries would take seconds and GBs to build before any name is checked.
+MAX_TENSORS_PER_FILE = 1 << 16
 
 
 def check_safetensors_header(path: Path) -> None:
@@ -44,7 +47,11 @@ def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
     check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+            names = list(f.keys())
+            if len(names) > MAX_TENSORS_PER_FILE:
+                raise ValueError(f"{path}: lists {len(names)} tensors; more than "
+                                 f"{MAX_TENSORS_PER_FILE} is not supported")
+            return {name: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from e
 
@@ -52,10 +59,10 @@ def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
 def _shard_map(folder: Path) -> dict[str, list[str]]:
     """shard file name -> tensor names, from model.safetensors.index.json."""
     index_path = folder / INDEX_FILE
+    index = parse_json(index_path.read_bytes(), f"{index_path}: not a valid safetensors index")
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{index_path}: not a valid safetensors index ({e!r})") from e
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_path}: weight_map must be an object")
@@ -99,10 +106,7 @@ def read_config_json(folder: Path) -> Any:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{config_path}: config file not found")
-    try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    return parse_json(config_path.read_bytes(), str(config_path))
 
 
 def load_hf_model(folder: str | Path, device: str | torch.device = "cpu",

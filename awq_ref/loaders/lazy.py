@@ -10,7 +10,6 @@ so a model larger than RAM can be walked tensor by tensor.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -20,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from awq_ref.loaders.hf import check_safetensors_header, read_folder
+from awq_ref.files import parse_json
+from awq_ref.loaders.hf import MAX_TENSORS_PER_FILE, check_safetensors_header, read_folder
 
+MAX_DIM = 1 << 40  # past any real dimension, and far inside int64 (torch's sizes)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -52,8 +53,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_siz
     if dtype is None:
         raise ValueError(f"{where}: unknown dtype {entry.get('dtype')!r}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise ValueError(f"{where}: bad shape {shape!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < MAX_DIM for d in shape):
+        raise ValueError(f"{where}: bad shape {str(shape)[:80]}")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_size):
         raise ValueError(f"{where}: data_offsets {offsets!r} lie outside the data section "
@@ -75,16 +76,25 @@ def index_safetensors_file(path: str | Path) -> dict[str, TensorInfo]:
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
+    header = parse_json(raw, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    if len(header) > MAX_TENSORS_PER_FILE:
+        raise ValueError(f"{path}: lists {len(header)} tensors; more than {MAX_TENSORS_PER_FILE} "
+                         "is not supported")
     data_start = 8 + n
-    return {name: _tensor_info(path, name, entry, data_start, size - data_start)
-            for name, entry in header.items()}
+    infos = {name: _tensor_info(path, name, entry, data_start, size - data_start)
+             for name, entry in header.items()}
+    end, previous = data_start, None  # no two tensors share bytes (as the safetensors library)
+    for name, info in sorted(infos.items(), key=lambda item: item[1].offset):
+        if info.nbytes == 0:
+            continue
+        if info.offset < end:
+            raise ValueError(f"{path}: corrupt safetensors header: the data of tensors "
+                             f"{previous} and {name} overlap")
+        end, previous = info.offset + info.nbytes, name
+    return infos
 
 
 class LazyTensors:

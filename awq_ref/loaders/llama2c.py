@@ -11,6 +11,7 @@ RoPE rotates interleaved pairs, so q/k rows are permuted to HF's rotate-half ord
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class Llama2cHeader:
         return shapes + ([] if self.vocab_size > 0 else [("wcls", (v, d))])
 
     def n_bytes(self) -> int:
-        return HEADER.size + 4 * sum(int(np.prod(s)) for _, s in self.arrays())
+        return HEADER.size + 4 * sum(math.prod(s) for _, s in self.arrays())
 
 
 def read_header(path: Path) -> Llama2cHeader:
@@ -97,7 +98,7 @@ def llama2c_state_dict(path: Path, h: Llama2cHeader) -> dict[str, torch.Tensor]:
     flat = np.memmap(path, dtype="<f4", mode="r", offset=HEADER.size)
     arrays, off = {}, 0
     for name, shape in h.arrays():
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         arrays[name] = torch.from_numpy(np.array(flat[off:off + n]).reshape(shape))
         off += n
     sd = {"model.embed_tokens.weight": arrays["tok_emb"], "model.norm.weight": arrays["rms_final"]}

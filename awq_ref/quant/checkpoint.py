@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from awq_ref.config import LlamaConfig
+from awq_ref.files import parse_json
 from awq_ref.fuse import is_fused
 from awq_ref.loaders.hf import read_safetensors_folder
 from awq_ref.loaders.state_dict import build_on_meta, check_size_claim
@@ -224,7 +225,7 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
 def _read_config(folder: Path) -> tuple[LlamaConfig, dict[str, Any]]:
     path = folder / "config.json"
     config = LlamaConfig.from_json_file(path)
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = parse_json(path.read_bytes(), str(path))
     if "quantization_config" not in raw:
         raise ValueError(f"{path}: no quantization_config (not a quantized checkpoint)")
     return config, raw["quantization_config"]

@@ -58,8 +58,22 @@ def _load(kind: str, path: Path) -> None:
 
     if kind == "model":
         _check_model(load_model(path))
-    else:
+    elif kind == "tokenizer":
         _check_tokenizer(load_tokenizer(path))
+    elif kind == "lazy":  # the streaming quantizer's index of a safetensors folder
+        from awq_ref.loaders.lazy import LazyTensors
+
+        LazyTensors(path)
+    elif kind == "awq_result":
+        from awq_ref.awq.result import AwqResult
+
+        AwqResult.load(path)
+    elif kind == "text":
+        from awq_ref.eval import read_text
+
+        read_text(path)
+    else:
+        raise AssertionError(f"unknown kind {kind!r}")
 
 
 def _memory_failure(e: BaseException | None) -> bool:
