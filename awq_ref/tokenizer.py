@@ -9,11 +9,11 @@ tokenizer_config.json, so `awq_ref.loaders.load_tokenizer(folder)` gives the sam
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from awq_ref.files import atomic_write, atomic_write_text
+from awq_ref.files import atomic_write, atomic_write_text, parse_json
 
 CONFIG_FILE = "tokenizer_config.json"
 
@@ -56,7 +56,7 @@ class Tokenizer:
         """Token ids of `text`; add_bos=None follows the model's own default (`self.add_bos`)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids = self.backend.encode(text)
+        ids = guarded_call(self.source, self.backend.encode, text)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
@@ -66,7 +66,7 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"decode: token id(s) {bad[:5]} outside the vocabulary of {self.vocab_size}")
-        return self.backend.decode(ids, skip_special_tokens)
+        return guarded_call(self.source, self.backend.decode, ids, skip_special_tokens)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the backend's file and tokenizer_config.json into `folder` (created if needed),
@@ -95,6 +95,10 @@ class TokenizersBackend:
     file_name = "tokenizer.json"
 
     def __init__(self, tk: Any):
+        # Padding would append pad ids to every encode (a hostile length aborts the process in
+        # Rust), truncation would silently shorten perplexity and calibration text: never wanted.
+        tk.no_padding()
+        tk.no_truncation()
         self.tk = tk
         # Highest id + 1, not the entry count: a vocabulary listing one string twice (GGUF
         # files may) has fewer entries than ids, and every id it can emit must count.
@@ -169,6 +173,17 @@ def is_error_or_rust_panic(e: BaseException) -> bool:
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
+def guarded_call(source: str, call: Callable[..., Any], *args: Any) -> Any:
+    """call(*args) on a backend; a library error or Rust panic there (a regex in the file that
+    gives up on this text, say) becomes a ValueError naming the tokenizer `source`."""
+    try:
+        return call(*args)
+    except BaseException as e:
+        if not is_error_or_rust_panic(e):
+            raise
+        raise ValueError(f"{source}: the tokenizer failed on this input ({type(e).__name__}: {e})") from e
+
+
 def load_sentencepiece_file(path: Path) -> SentencePieceBackend:
     import sentencepiece
 
@@ -184,10 +199,7 @@ def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`, or {} when the file does not exist."""
     if not path.is_file():
         return {}
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    d = parse_json(path.read_bytes(), str(path))
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return d
@@ -251,7 +263,7 @@ def tokenizer_from_file(path: Path, source: str | None = None) -> Tokenizer:
         backend = load_tokenizers_file(path)
         bos, eos, add_bos = special_ids_from_folder(folder, backend)
         if add_bos is None:
-            add_bos = backend.adds_bos(bos)
+            add_bos = guarded_call(str(path), backend.adds_bos, bos)
         return Tokenizer(backend, bos, eos, add_bos, source=source or str(path))
     sp_backend = load_sentencepiece_file(path)
     sp = sp_backend.sp

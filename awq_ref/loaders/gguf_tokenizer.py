@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from awq_ref.loaders.vocab_splits import vocab_splits
 from awq_ref.tokenizer import Tokenizer, TokenizersBackend, is_error_or_rust_panic
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
@@ -71,15 +72,14 @@ def byte_level_bpe(meta: dict[str, Any], source: str) -> Any:
     return tk
 
 
-def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+def merges_from_scores(tokens: list[str], scores: list[float], source: str) -> list[tuple[str, str]]:
     """Every split a + b of a token into two tokens, best joined score first (ties: longer left
-    piece, then longer right piece), as transformers' `generate_merges` orders them."""
+    piece, then longer right piece, then the token listed first), as transformers'
+    `generate_merges` orders them; ValueError past the limits of `vocab_splits`."""
     vocab = {t: i for i, t in enumerate(tokens)}
-    merges = []
-    for piece, score in dict(zip(tokens, scores)).items():
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
-                 if piece[:k] in vocab and piece[k:] in vocab]
-        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    score = dict(zip(tokens, scores))  # a token listed twice keeps its last score (and last id)
+    merges = [(a, b, score[a + b]) for _, a, b in
+              vocab_splits(((vocab[t], t) for t in score), vocab, len(tokens), source)]
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in merges]
 
@@ -94,7 +94,7 @@ def sentencepiece_bpe(meta: dict[str, Any], source: str) -> Any:
         raise ValueError(f"{source}: tokenizer.ggml.scores missing or not one per token")
     unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
     tk = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                merges=merges_from_scores(tokens, scores), unk_token=tokens[unk],
+                                merges=merges_from_scores(tokens, scores, source), unk_token=tokens[unk],
                                 fuse_unk=True, byte_fallback=True, dropout=None))
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     # Spaces become U+2581 and, like SentencePiece and llama.cpp, every text piece gets one in

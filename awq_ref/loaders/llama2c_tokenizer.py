@@ -17,6 +17,8 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+from awq_ref.loaders.vocab_splits import vocab_splits
+
 SPECIAL_IDS = (0, 1, 2)  # <unk>, <s>, </s>
 BOS_ID, EOS_ID = 1, 2
 _BYTE_TOKEN = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
@@ -57,9 +59,9 @@ class Llama2cBackend:
         self.ids = {}
         for i, t in enumerate(self.tokens):
             self.ids.setdefault(t, i)  # llama2.c's binary search finds one of equal strings
-        self.tk = self._build_bpe()
+        self.tk = self._build_bpe(source)
 
-    def _build_bpe(self):
+    def _build_bpe(self, source: str):
         """A `tokenizers` BPE whose merge ranks follow the vocabulary scores (best first)."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models
@@ -68,14 +70,10 @@ class Llama2cBackend:
         vocab = {}
         for i, t in enumerate(texts):
             vocab.setdefault(t, i)
-        merges = []  # (score, id, split, left, right)
-        for i, t in enumerate(texts):
-            if i in SPECIAL_IDS or _BYTE_TOKEN.fullmatch(self.tokens[i]) or vocab[t] != i:
-                continue
-            for k in range(1, len(t)):
-                if t[:k] in vocab and t[k:] in vocab:
-                    merges.append((-self.scores[i], i, k, t[:k], t[k:]))
-        merges.sort()
+        pieces = [(i, t) for i, t in enumerate(texts)
+                  if i not in SPECIAL_IDS and not _BYTE_TOKEN.fullmatch(self.tokens[i]) and vocab[t] == i]
+        splits = vocab_splits(pieces, vocab, len(texts), source)
+        merges = sorted((-self.scores[i], i, len(a), a, b) for i, a, b in splits)  # best score first
         bpe = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges],
                          unk_token=texts[0], byte_fallback=True, fuse_unk=False)
         return HFTokenizer(bpe)  # no normalizer, no pre-tokenizer: the whole text is one word
