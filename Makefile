@@ -2,9 +2,12 @@
 #   make demo   - the main job on the default model (SmolLM2-135M-Instruct)
 #   make test   - the test suite
 # Both create .venv on first use. On a machine without an NVIDIA driver the set-up pins
-# torch==2.13.0, a CPU wheel from local disk on this project's machines (elsewhere set
-# PIP_INDEX_URL=https://download.pytorch.org/whl/cpu, or pip may pull the multi-GB CUDA build);
-# with a GPU, the package's own range (torch>=2.5) applies and your installed torch is kept.
+# torch==2.13.0 (on this project's machines a CPU wheel from local disk); elsewhere add
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu to take it from PyTorch's CPU-only index,
+# or pip may pull PyPI's wheel with multi-GB CUDA packages. With a GPU, pip installs the
+# package's own range (torch>=2.5) into .venv; to use a torch you already have, create the
+# environment first with `python3 -m venv --system-site-packages .venv`.
+TORCH_INDEX ?=
 
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +21,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	if command -v nvidia-smi >/dev/null 2>&1; then :; else $(BIN)/python -m pip install --quiet torch==2.13.0; fi
+	if command -v nvidia-smi >/dev/null 2>&1; then :; else $(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); fi
 	$(BIN)/python -m pip install --quiet -e ".[test,dev]"
 	touch $(STAMP)
 
