@@ -82,9 +82,11 @@ def splitk_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     stream = torch.cuda.current_stream(device)
     key = (stream.device_index, stream.cuda_stream)
     counters = _splitk_counter_sets.get(key)
+    if counters is not None:  # the usual case: no more host time per launch
+        return counters
     with torch.cuda.device(device):  # the capture state of `device`'s current stream
         capturing = torch.cuda.is_current_stream_capturing()
-    if counters is None and not capturing:
+    if not capturing:
         counters = torch.zeros(SPLITK_COUNTER_SLOTS, dtype=torch.int32, device=device)
         _splitk_counter_sets[key] = counters
     return counters

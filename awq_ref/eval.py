@@ -26,8 +26,8 @@ _CHUNK = 512
 def read_text(path: str | Path) -> str:
     """A UTF-8 text file with CRLF line endings turned into LF (WikiText-2 ships CRLF)."""
     path = Path(path)
-    if path.exists() and not (path.is_file() or path.is_dir()):  # FIFO: blocks; device: endless
-        raise ValueError(f"{path}: not a regular file")
+    if path.is_char_device() or path.is_block_device():  # /dev/zero would never end
+        raise ValueError(f"{path}: a device, not a text file")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

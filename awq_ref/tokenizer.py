@@ -96,7 +96,9 @@ class TokenizersBackend:
 
     def __init__(self, tk: Any):
         # Padding would append pad ids to every encode (a hostile length aborts the process in
-        # Rust), truncation would silently shorten perplexity and calibration text: never wanted.
+        # Rust), truncation would silently shorten perplexity and calibration text: never wanted
+        # here; `save` writes the file as it came (its pad token serves the checkpoint's users).
+        self._as_loaded = tk.to_str(pretty=True) if tk.padding or tk.truncation else None
         tk.no_padding()
         tk.no_truncation()
         self.tk = tk
@@ -120,7 +122,10 @@ class TokenizersBackend:
         return self.tk.id_to_token(token_id)
 
     def save(self, path: Path) -> None:
-        self.tk.save(str(path))
+        if self._as_loaded is None:
+            self.tk.save(str(path))
+        else:
+            path.write_text(self._as_loaded, encoding="utf-8")
 
     def adds_bos(self, bos_id: int | None) -> bool:
         """Whether the file's own post-processor puts BOS first (Llama-2/3 tokenizer.json do)."""

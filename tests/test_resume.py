@@ -105,6 +105,22 @@ def test_other_settings_refused(tiny_setup):
     assert str(work) in run.stderr and not out.exists()
 
 
+def test_corrupt_state_file_is_a_value_error(tmp_path):
+    """A torn or foreign state file raised SafetensorError / KeyError tracebacks on resume."""
+    from safetensors.torch import save_file
+
+    progress = Progress(tmp_path / "work")
+    progress.work_dir.mkdir()
+    progress.state_path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt AWQ progress file"):
+        progress.restore(_empty_result())
+    # the right format and fingerprint, but no search record or block number
+    meta = {"format": "awq_ref.AwqProgress/1", "fingerprint": progress.fingerprint}
+    save_file({"hidden": torch.zeros(1)}, str(progress.state_path), metadata=meta)
+    with pytest.raises(ValueError, match=r"corrupt AWQ progress file.*KeyError"):
+        progress.restore(_empty_result())
+
+
 def _empty_result():
     from awq_ref.awq.result import AwqResult
 

@@ -70,6 +70,9 @@ def test_tokenizer_json_padding_and_truncation_are_ignored(tmp_path):
     text = "ab abc hello world"
     assert padded.encode(text) == plain.encode(text)
     assert len(plain.encode(text, add_bos=False)) > 2
+    padded.save_pretrained(tmp_path / "saved")  # the file as it came, for the checkpoint's users
+    saved = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
+    assert saved["padding"]["pad_token"] == "!" and saved["truncation"]["max_length"] == 2
 
 
 def test_tokenizer_json_huge_padding_does_not_abort(tmp_path):

@@ -47,8 +47,11 @@ for name in $ONLY; do
   fi
 done
 if [[ -f .devcarry/model.parts && -z ${AWQ_REF_CACHE:-} ]]; then  # the staged default model
-  bash tools/gpu_stage_model.sh join || echo "(default model not staged: its tests will skip)"
-  export AWQ_REF_CACHE=$PWD/.devcarry/cache
+  if bash tools/gpu_stage_model.sh join; then
+    export AWQ_REF_CACHE=$PWD/.devcarry/cache
+  else
+    echo "(default model not staged: its tests will skip)"
+  fi
 fi
 [[ -d .devcarry/py ]] && export PYTHONPATH="$PYTHONPATH:$PWD/.devcarry/py"  # gguf for the GGUF loader
 status=0

@@ -47,9 +47,17 @@ case "${1:-}" in
       parts+=("$STAGE/model.part$i")
     done
     mkdir -p "$STAGE/cache"
+    rm -f "$STAGE/cache/$NAME"
     cat "${parts[@]}" > "$STAGE/cache/$NAME.part"
+    # checked before it takes the model's name: a corrupt join leaves no model behind
+    want=$(cut -d' ' -f1 "$STAGE/model.sha256")
+    got=$(sha256sum "$STAGE/cache/$NAME.part" | cut -d' ' -f1)
+    if [[ $want != "$got" ]]; then
+      rm -f "$STAGE/cache/$NAME.part"
+      echo "joined parts do not match $STAGE/model.sha256 (a part from another split?)" >&2; exit 2
+    fi
     mv "$STAGE/cache/$NAME.part" "$STAGE/cache/$NAME"
-    (cd "$STAGE/cache" && sha256sum -c ../model.sha256)
+    echo "$STAGE/cache/$NAME: OK"
     ;;
   *)
     echo "usage: $0 split|join" >&2; exit 2 ;;

@@ -84,8 +84,10 @@ class Progress:
             next_block, hidden = meta["next_block"], tensors["hidden"]
         except (SafetensorError, OSError, KeyError, TypeError) as e:
             raise ValueError(f"{corrupt} ({type(e).__name__}: {e})") from None
-        if not next_block.isdigit():
-            raise ValueError(f"{corrupt} (next_block={next_block[:20]!r})")
+        if not (next_block.isascii() and next_block.isdigit() and len(next_block) <= 6) \
+                or not isinstance(search, list):
+            raise ValueError(f"{corrupt} (next_block={next_block[:20]!r}, search of type "
+                             f"{type(search).__name__})")
         next_block = int(next_block)
         result.add_tensors(tensors, str(path), ignore=("hidden",))
         result.search[:] = search
