@@ -19,6 +19,7 @@ import torch
 
 from awq_ref.config import LlamaConfig
 from awq_ref.loaders.state_dict import (
+    check_disjoint,
     check_state_dict,
     interleaved_to_half,
     model_from_state_dict,
@@ -163,15 +164,12 @@ def open_gguf(path: str | Path) -> tuple[Any, dict[str, Any]]:
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as e:
         raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
     size = path.stat().st_size
-    end, previous = 0, None
-    for t in sorted(reader.tensors, key=lambda t: t.data_offset):
+    for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
             raise ValueError(f"{path}: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, "
                              f"past the end of the file ({size} bytes): truncated")
-        if t.data_offset < end:  # shared bytes would let a small file claim a large model
-            raise ValueError(f"{path}: corrupt GGUF file: the data of tensors {previous} and "
-                             f"{t.name} overlap")
-        end, previous = t.data_offset + t.n_bytes, t.name
+    check_disjoint([(t.name, t.data_offset, t.n_bytes) for t in reader.tensors],
+                   f"{path}: corrupt GGUF file")
     return reader, metadata
 
 

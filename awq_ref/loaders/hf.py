@@ -37,6 +37,12 @@ def check_safetensors_header(path: Path) -> None:
                          f"the file has {size}")
 
 
+def check_tensor_count(path: Path, count: int) -> None:
+    if count > MAX_TENSORS_PER_FILE:
+        raise ValueError(f"{path}: lists {count} tensors; more than {MAX_TENSORS_PER_FILE} is "
+                         "not supported")
+
+
 def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of one .safetensors file, memory-mapped; ValueError naming the file if corrupt."""
     from safetensors import SafetensorError, safe_open
@@ -48,9 +54,7 @@ def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             names = list(f.keys())
-            if len(names) > MAX_TENSORS_PER_FILE:
-                raise ValueError(f"{path}: lists {len(names)} tensors; more than "
-                                 f"{MAX_TENSORS_PER_FILE} is not supported")
+            check_tensor_count(path, len(names))
             return {name: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from e

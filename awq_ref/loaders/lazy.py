@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from awq_ref.files import parse_json
-from awq_ref.loaders.hf import MAX_TENSORS_PER_FILE, check_safetensors_header, read_folder
+from awq_ref.loaders.hf import check_safetensors_header, check_tensor_count, read_folder
+from awq_ref.loaders.state_dict import check_disjoint
 
 MAX_DIM = 1 << 40  # past any real dimension, and far inside int64 (torch's sizes)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -80,20 +81,12 @@ def index_safetensors_file(path: str | Path) -> dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    if len(header) > MAX_TENSORS_PER_FILE:
-        raise ValueError(f"{path}: lists {len(header)} tensors; more than {MAX_TENSORS_PER_FILE} "
-                         "is not supported")
+    check_tensor_count(path, len(header))
     data_start = 8 + n
     infos = {name: _tensor_info(path, name, entry, data_start, size - data_start)
              for name, entry in header.items()}
-    end, previous = data_start, None  # no two tensors share bytes (as the safetensors library)
-    for name, info in sorted(infos.items(), key=lambda item: item[1].offset):
-        if info.nbytes == 0:
-            continue
-        if info.offset < end:
-            raise ValueError(f"{path}: corrupt safetensors header: the data of tensors "
-                             f"{previous} and {name} overlap")
-        end, previous = info.offset + info.nbytes, name
+    check_disjoint([(name, info.offset, info.nbytes) for name, info in infos.items()],
+                   f"{path}: corrupt safetensors header")  # as the safetensors library
     return infos
 
 

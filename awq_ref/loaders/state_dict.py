@@ -45,6 +45,18 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, dh // 2, k).transpose(1, 2).reshape(out, k)
 
 
+def check_disjoint(spans: list[tuple[str, int, int]], where: str) -> None:
+    """(name, first byte, byte count) of each tensor's data: no two may share a byte (shared
+    bytes would let a small file claim a large model). Empty tensors hold no bytes."""
+    end, previous = 0, None
+    for name, start, nbytes in sorted(spans, key=lambda span: span[1]):
+        if nbytes == 0:
+            continue
+        if start < end:
+            raise ValueError(f"{where}: the data of tensors {previous} and {name} overlap")
+        end, previous = start + nbytes, name
+
+
 def check_size_claim(config: LlamaConfig, stored: int, source: str, per_element: int = 1) -> None:
     """A config must not claim far more weights than the file stores (`stored` elements holding
     `per_element` weights each): checked before a model of its size is built, even on the meta
