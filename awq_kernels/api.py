@@ -14,6 +14,7 @@ import torch
 
 from . import build
 from .build import MmaTile
+from .dispatch import Dispatch, resolve
 from .plan import (
     GEMV_DIRECT_MAX_M,
     GEMV_MAX_M,
@@ -24,7 +25,6 @@ from .plan import (
     MMA_SPLIT_BLOCKS_PER_SM,
     N_MULTIPLE,
     check_mma_tile,
-    choose_kernel,
     mma_direct_row_chunks,
     plan_dequant,
     plan_gemv,
@@ -76,13 +76,17 @@ def check_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
 def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                     scales: torch.Tensor, group_size: int, out: torch.Tensor | None = None,
                     kernel: str = "auto", mma_tile: MmaTile | None = None,
-                    max_splits: int = MAX_SPLITS) -> tuple[int, int, int]:
+                    max_splits: int = MAX_SPLITS, dispatch: Dispatch | None = None
+                    ) -> tuple[int, int, int]:
     """Validate everything `gemm` receives; return (M, K, N). Touches no device."""
     require_tensor("x", x)
     require_dtype("x", x, tuple(ACTIVATION_DTYPES))
     k, n = check_packed(qweight, qzeros, scales, group_size)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if dispatch is not None and (not isinstance(dispatch, Dispatch) or kernel != "auto"):
+        raise ValueError(f"dispatch must be a dispatch.Dispatch and applies to kernel 'auto' "
+                         f"only (kernel {kernel!r}, dispatch {type(dispatch).__name__})")
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x must have shape [..., K = {k}], got {list(x.shape)}")
     m = x.numel() // k
@@ -113,7 +117,8 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
 def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
          group_size: int, *, out: torch.Tensor | None = None,
          kernel: str = "auto", fuse_splitk: bool = True,
-         mma_tile: MmaTile | None = None, max_splits: int = MAX_SPLITS) -> torch.Tensor:
+         mma_tile: MmaTile | None = None, max_splits: int = MAX_SPLITS,
+         dispatch: Dispatch | None = None) -> torch.Tensor:
     """y = x @ W with W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n] (AWQ "gemm" format).
 
     Args (all CUDA, contiguous, 16-byte aligned, one device):
@@ -124,8 +129,9 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         scales:   [K/G, N] float16 (also for bfloat16 x; converted in the kernel).
         group_size: G in (32, 64, 128). Requires K % G == 0 and N % 64 == 0.
         out:      optional [..., N] tensor of x's dtype to write into (every element written).
-        kernel:   "auto" (by M = rows of x, the fastest measured on an H100: <= 2 gemv_direct,
-                  <= 8 mma_direct, <= 64 mma_split, else dequantize + torch.matmul),
+        kernel:   "auto" (by M = rows of x, `dispatch`'s rule; by default the fastest
+                  measured on an H100: <= 2 gemv_direct, <= 8 mma_direct, <= 64 mma_split,
+                  else dequantize + torch.matmul),
                   "auto_direct" (gemv_direct at M = 1, mma_direct for M <= 128, else as
                   auto), or one of "gemv" (M <= 8),
                   "gemv_direct" (M <= 8; registers instead of shared memory, 16-bit
@@ -138,22 +144,26 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
                   of the one chosen by M; for the benchmark's tile sweep.
         max_splits: at most this many K splits (1..16; 1: none) for every kernel that splits
                   K (all but dequant); the planners' choice is kept below it. For the sweep.
+        dispatch: kernel "auto" only: this rule (dispatch.Dispatch: kernel, tile and split cap
+                  by M) instead of dispatch.DEFAULT; e.g. one derived from a GPU's tile sweep
+                  (dispatch.from_sweep). A tile whose BK does not divide group_size is replaced
+                  by the one chosen by M.
     Returns:
         y: [..., N] in x's dtype; fp32 accumulation, deterministic (sums in a fixed order; the
         fused split-K's one atomic per block only counts arrivals).
     """
     m, k, n = check_gemm_args(x, qweight, qzeros, scales, group_size, out, kernel, mma_tile,
-                              max_splits)
-    name = choose_kernel(m, kernel)
+                              max_splits, dispatch)
+    choice = resolve(m, group_size, kernel, mma_tile, max_splits, dispatch)
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y
     x2, y2 = x.view(m, k), y.view(m, n)  # (M, K), (M, N)
-    if name == "dequant":
+    if choice.kernel == "dequant":
         torch.matmul(x2, dequantize(qweight, qzeros, scales, group_size, dtype=x.dtype), out=y2)
     else:
-        _launch_product(name, x2, qweight, qzeros, scales, group_size, y2, fuse_splitk, mma_tile,
-                        max_splits)
+        _launch_product(choice.kernel, x2, qweight, qzeros, scales, group_size, y2, fuse_splitk,
+                        choice.tile, choice.max_splits)
     return y
 
 

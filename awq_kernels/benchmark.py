@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import api
+from .dispatch import DEFAULT, Dispatch
 from .plan import GEMV_DIRECT_MAX_M, MMA_DIRECT_MAX_M
 
 SHAPES = ((4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (8192, 28672),
@@ -118,8 +119,9 @@ def random_packed_cuda(k: int, n: int, g: int) -> tuple[torch.Tensor, ...]:
     return words(k), words(k // g), scales
 
 
-def _impls(k: int, n: int, g: int) -> dict[str, Callable[[torch.Tensor], list]]:
-    """name -> (x -> one closure per weight copy)."""
+def _impls(k: int, n: int, g: int, tuned: Dispatch | None = None
+           ) -> dict[str, Callable[[torch.Tensor], list]]:
+    """name -> (x -> one closure per weight copy); "awq[tuned]" is `auto` under `tuned`."""
     packed = [random_packed_cuda(k, n, g) for _ in range(weight_copies(k * n // 2))]
     fp16 = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02
             for _ in range(weight_copies(2 * k * n))]
@@ -148,6 +150,9 @@ def _impls(k: int, n: int, g: int) -> dict[str, Callable[[torch.Tensor], list]]:
              "fp16": lambda x: [lambda w=w: torch.matmul(x, w) for w in fp16]}
     if int4:
         impls["int4pack"] = int4pack
+    if tuned is not None:
+        impls["awq[tuned]"] = lambda x: [lambda w=w: api.gemm(x, *w, g, dispatch=tuned)
+                                         for w in packed]
     return impls
 
 
@@ -175,9 +180,9 @@ def point_errors() -> tuple[type[Exception], ...]:
     return (RuntimeError, ValueError, CompileException)
 
 
-def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, reps: int
-                ) -> list[Row]:
-    impls = _impls(k, n, g)
+def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, reps: int,
+                tuned: Dispatch | None = None) -> list[Row]:
+    impls = _impls(k, n, g, tuned)
     rows: list[Row] = []
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -194,6 +199,8 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
             if name == "int4pack" and m > 1024:
                 continue  # 16-25x slower than ours from M = 16 on (H100, 2026-12-05): at
                 # M = 4096 it alone took ~40 s of the benchmark's device time
+            if name == "awq[tuned]" and tuned.choose(m) == DEFAULT.choose(m):
+                continue  # the same launches as "awq"
             if name == "awq[mma,split]" and m > 128:
                 continue  # `auto` runs it at M 9..64; since its K loop lost 2/3 of its
                 # instructions (2026-12-05) it may win at M <= 8 and 128 too
@@ -215,14 +222,18 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
 
 
 def run(shapes=SHAPES, ms=MS, group_size: int = 128, reps: int = 50,
-        on_shape: Callable[[dict], None] | None = None) -> dict:
+        on_shape: Callable[[dict], None] | None = None, tuned: Dispatch | None = None) -> dict:
     """The whole table; `on_shape(result so far)` after each shape (e.g. to save it, so a
-    time limit or a fault later in the run loses only what was not yet measured)."""
+    time limit or a fault later in the run loses only what was not yet measured). With
+    `tuned`, also "awq[tuned]": `auto` under that dispatch, where it differs from DEFAULT's."""
     ceil = measure_ceilings()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "group_size": group_size, "reps": reps, "ceilings": asdict(ceil), "rows": []}
+    if tuned is not None:
+        result["tuned_dispatch"] = tuned.to_json()
     for k, n in shapes:
-        result["rows"] += [asdict(r) for r in bench_shape(k, n, ms, group_size, ceil, reps)]
+        result["rows"] += [asdict(r) for r in bench_shape(k, n, ms, group_size, ceil, reps,
+                                                          tuned)]
         if on_shape is not None:
             on_shape(result)
         torch.cuda.empty_cache()

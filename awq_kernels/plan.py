@@ -36,18 +36,9 @@ GEMV_DIRECT_MAX_M = max(GEMV_DIRECT_ROWS)
 MMA_DIRECT_DEPTH = {1: 3, 2: 2, 4: 4}
 MMA_DIRECT_MAX_M = max(MMA_DIRECT_CONFIGS)  # rows per launch; more rows: one launch per 64
 # auto_direct's upper bound for mma_direct: predicted faster than dequantize + cuBLAS up to about
-# M = 128; measured on an H100 it was not (1.46-2.66x slower than the best from M = 32 on; see `auto`).
+# M = 128; measured on an H100 it was not (1.46-2.66x slower than the best from M = 32 on;
+# dispatch.DEFAULT is `auto`).
 MMA_DIRECT_AUTO_MAX_M = 128
-# `auto`, from the fastest of our kernels per M measured on an H100 (tools/bench_gemm.py,
-# 7 shapes, fp16, G = 128, geometric mean over shapes; docs/gpu/h100-2026-12-05): gemv_direct
-# at M = 1, 2 (gemv 1.25x slower), mma_direct at 4, 8 (gemv 1.28-1.49x), mma_split at 16, 32
-# (mma_direct 1.31-1.45x, dequantize + cuBLAS 1.79-2.23x) and 64 (dequantize + cuBLAS 1.09x
-# slower: 0.89-1.12x on six shapes, 1.70x on 8192 x 28672),
-# dequantize + cuBLAS from 128 on (mma 1.39x). An M between two measured sizes gets the larger
-# one's kernel.
-AUTO_GEMV_DIRECT_MAX_M = 2
-AUTO_MMA_DIRECT_MAX_M = 8
-DEQUANT_MIN_M = 65
 MAX_SPLITS = 16               # bounds the fp32 partial-sum traffic of split-K
 MIN_K_TILES_PER_SPLIT = 4     # a split shorter than the pipeline mostly waits
 
@@ -85,22 +76,6 @@ class Launch:
                                 # (splitk_fused.cuh) or by a "reduce" launch after it
     k_per_split: int = 0        # k tiles (mma) or k chunks (gemv) per split
     tile: MmaTile | None = None  # mma: the block tile (its BK is the k tile)
-
-
-def choose_kernel(m: int, kernel: str = "auto") -> str:
-    """The kernel for M rows: `auto`'s measured rule (above); "auto_direct" = gemv_direct at
-    M = 1 and mma_direct up to MMA_DIRECT_AUTO_MAX_M (the prediction before that measurement)."""
-    if kernel == "auto_direct":
-        if m == 1:
-            return "gemv_direct"
-        return "mma_direct" if m <= MMA_DIRECT_AUTO_MAX_M else choose_kernel(m)
-    if kernel != "auto":
-        return kernel
-    if m <= AUTO_GEMV_DIRECT_MAX_M:
-        return "gemv_direct"
-    if m <= AUTO_MMA_DIRECT_MAX_M:
-        return "mma_direct"
-    return "mma_split" if m < DEQUANT_MIN_M else "dequant"
 
 
 def _splits(tiles: int, k_steps: int, target_blocks: int,

@@ -10,7 +10,8 @@ a fence, an atomic, the last block's sum) whose cost against the parallelism it 
 never measured. The tiles vary what costs per k tile and per block: BN = 128 or 256 columns,
 BK = 32 or 64 rows per stage, one or two warp rows. Each (shape, M) point reports every
 variant's microseconds and its time over the fastest; `ranking` folds those into one geometric
-mean per M.
+mean per M, and `tuned_dispatch` into `auto`'s rule as measured (dispatch.from_sweep), which
+tools/bench_gemm.py --tuned-from times on PROTOCOL.md's shapes in the same run.
 """
 
 from __future__ import annotations
@@ -21,12 +22,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import api, benchmark, build
-from .plan import (
-    AUTO_GEMV_DIRECT_MAX_M,
-    AUTO_MMA_DIRECT_MAX_M,
-    check_mma_tile,
-)
+from . import api, benchmark, build, dispatch
+from .dispatch import AUTO_GEMV_DIRECT_MAX_M, AUTO_MMA_DIRECT_MAX_M, Choice
+from .plan import check_mma_tile
 
 SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Each tile runs as "mma" (split K only under half a wave) and as "mma_split" (split K toward
@@ -39,6 +37,7 @@ SPLIT_CAPS = (1, 2, 4, 8, 16)  # max_splits of the decode kernels' variants
 # fit) at a lower streaming rate.
 DECODE_KERNELS = {"gemv_direct": range(1, AUTO_GEMV_DIRECT_MAX_M + 1),
                   "mma_direct": range(1, AUTO_MMA_DIRECT_MAX_M + 1)}
+DEQUANT_SWEEP_MIN_M = 16  # dequantize + cuBLAS: a variant from here on (`auto`'s from M = 65)
 
 
 @dataclass
@@ -68,25 +67,31 @@ def valid_tiles(group_size: int) -> list[build.MmaTile]:
     return tiles
 
 
-def _variants(x: torch.Tensor, packed: list, fp16: list, g: int) -> dict[str, list]:
-    """name -> one closure per weight copy: fp16 cuBLAS, `auto`, the decode kernels under each
-    split cap (M <= 8), every tile x split mode (the tensor-core kernel at every M: with 2/3 of
-    its K loop gone it may compete at decode sizes too)."""
-    m = x.shape[0]
-    variants = {"fp16": [lambda w=w: torch.matmul(x, w) for w in fp16],
-                "awq": [lambda w=w: api.gemm(x, *w, g) for w in packed]}
+def variant_choices(m: int, group_size: int) -> dict[str, Choice]:
+    """The sweep's variants at M rows but fp16 and "awq" (`auto`): the decode kernels under
+    each split cap (M <= 8), dequantize + cuBLAS (M >= 16), every tile x split mode (the
+    tensor-core kernel at every M: with 2/3 of its K loop gone it may compete at decode sizes
+    too). dispatch.from_sweep maps the winners back through this."""
+    choices = {}
     for kernel in (name for name, ms in DECODE_KERNELS.items() if m in ms):
         for cap in SPLIT_CAPS:
-            variants[f"{kernel} splits<={cap}"] = [
-                lambda w=w, kernel=kernel, cap=cap: api.gemm(x, *w, g, kernel=kernel,
-                                                             max_splits=cap)
-                for w in packed]
-    for tile in valid_tiles(g):
+            choices[f"{kernel} splits<={cap}"] = Choice(kernel, max_splits=cap)
+    if m >= DEQUANT_SWEEP_MIN_M:
+        choices["dequant"] = Choice("dequant")
+    for tile in valid_tiles(group_size):
         for kernel in TILE_KERNELS:
-            variants[f"{kernel} {tile_name(tile)}"] = [
-                lambda w=w, kernel=kernel, tile=tile: api.gemm(x, *w, g, kernel=kernel,
-                                                               mma_tile=tile)
-                for w in packed]
+            choices[f"{kernel} {tile_name(tile)}"] = Choice(kernel, tile)
+    return choices
+
+
+def _variants(x: torch.Tensor, packed: list, fp16: list, g: int) -> dict[str, list]:
+    """name -> one closure per weight copy: fp16 cuBLAS, `auto` ("awq"), variant_choices."""
+    variants = {"fp16": [lambda w=w: torch.matmul(x, w) for w in fp16],
+                "awq": [lambda w=w: api.gemm(x, *w, g) for w in packed]}
+    for name, c in variant_choices(x.shape[0], g).items():
+        variants[name] = [lambda w=w, c=c: api.gemm(x, *w, g, kernel=c.kernel, mma_tile=c.tile,
+                                                    max_splits=c.max_splits)
+                          for w in packed]
     return variants
 
 
@@ -150,6 +155,14 @@ def ranking(result: dict) -> dict[int, list[tuple[str, float]]]:
             for m, variants in sorted(per_m.items())}
 
 
+def tuned_dispatch(result: dict) -> dispatch.Dispatch:
+    """`auto`'s rule as this sweep measured it (dispatch.from_sweep over `ranking`)."""
+    ranked = ranking(result)
+    choices = {m: variant_choices(m, result["group_size"]) for m in ranked}
+    return dispatch.from_sweep(ranked, choices,
+                               source=f"sweep on {result['device']}, G = {result['group_size']}")
+
+
 def markdown(result: dict, top: int = 6) -> str:
     title = (f"{result['device']}, torch {result['torch']}, G = {result['group_size']}, "
              f"median of {result['reps']}")
@@ -160,4 +173,7 @@ def markdown(result: dict, top: int = 6) -> str:
     lines += ["", f"Geometric mean of time / best over the shapes, the {top} best per M:", ""]
     for m, ranked in ranking(result).items():
         lines.append(f"- M = {m}: " + ", ".join(f"{name} {v:.2f}" for name, v in ranked[:top]))
+    note = ("`auto` as this sweep measured it (dispatch.from_sweep; tools/bench_gemm.py "
+            "--tuned-from times it as awq[tuned]):")
+    lines += ["", note, "", "```", dispatch.describe(tuned_dispatch(result)), "```"]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ import torch
 
 import awq_kernels
 from awq_kernels import build, reference
+from awq_kernels.dispatch import Choice, Dispatch
 from awq_kernels.plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_AUTO_MAX_M
 
 pytestmark = pytest.mark.gpu
@@ -110,6 +111,18 @@ def test_split_caps(kernel, m, cap):
         x = torch.randn(m, k, device="cuda").half()
         _check(x, k, n, g, kernel, max_splits=cap)
 
+
+def test_a_dispatch_other_than_the_default():
+    """`auto` under a rule like one a sweep derives: sweep tiles with a split cap, one whose
+    BK = 64 falls back to the tile by M at G = 32, gemv_direct capped, dequantize at M = 9."""
+    d = Dispatch(((1, Choice("gemv_direct", max_splits=2)),
+                  (8, Choice("mma", build.MmaTile(16, 1, 4, 64), 4)),
+                  (9, Choice("dequant")),
+                  (None, Choice("mma_split", build.MmaTile(64, 1, 4, 32), 3))))
+    for k, n, g in ((4096, 4096, 128), (1536, 576, 32)):
+        for m in (1, 5, 9, 33):
+            x = torch.randn(m, k, device="cuda").half()
+            _check(x, k, n, g, "auto", dispatch=d)
 
 
 def test_split_planners_know_the_resident_blocks():

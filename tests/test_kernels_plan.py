@@ -1,19 +1,19 @@
-"""awq_kernels' dispatch plan on CPU (plan.py, pure Python): which kernel each M gets, and
-that every planned grid covers the output and K with every split non-empty, within the split
-caps and one wave of resident blocks."""
+"""awq_kernels' launch plans on CPU (plan.py, pure Python): every planned grid covers the
+output and K with every split non-empty, within the split caps and one wave of resident
+blocks. (Which kernel an M gets: test_kernels_dispatch.py.)"""
 
 from __future__ import annotations
 
 import pytest
 
 from awq_kernels import build
+from awq_kernels.dispatch import choose
 from awq_kernels.plan import (
     GEMV_KC,
     GEMV_NT,
     MMA_BK,
     MMA_BN,
     MMA_SPLIT_BLOCKS_PER_SM,
-    choose_kernel,
     mma_blocks_per_sm,
     mma_direct_row_chunks,
     plan_dequant,
@@ -107,7 +107,7 @@ def test_mma_direct_row_chunks_cover_m(m):
 def test_plan_covers_output_and_k(m, k, n):
     """The plan `auto` launches for M rows (none for dequantize + cuBLAS), and the forced mma
     kernel's, cover the output and split K into non-empty ranges that add up to K."""
-    kernel = choose_kernel(m)
+    kernel = choose(m).kernel
     launches = [(plan_mma(m, n, k, num_sms=132), "mma")]
     if kernel == "gemv_direct":
         launches.append((plan_gemv_direct(m, n, k, num_sms=132), "direct"))
@@ -127,16 +127,6 @@ def test_plan_covers_output_and_k(m, k, n):
         assert splits == launch.splits >= 1
         # every split non-empty, together exactly the k range
         assert (splits - 1) * launch.k_per_split < steps <= splits * launch.k_per_split
-
-
-def test_choose_kernel():
-    assert [choose_kernel(m) for m in (1, 2, 3, 8, 9, 31, 32, 33, 64, 65, 4096)] == [
-        "gemv_direct", "gemv_direct", "mma_direct", "mma_direct", "mma_split", "mma_split",
-        "mma_split", "mma_split", "mma_split", "dequant", "dequant"]
-    assert choose_kernel(4, "mma") == "mma"
-    assert [choose_kernel(m, "auto_direct") for m in (1, 2, 8, 9, 32, 33, 64, 65, 128, 129)] == [
-        "gemv_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct",
-        "mma_direct", "mma_direct", "mma_direct", "dequant"]
 
 
 @pytest.mark.parametrize("m", [9, 16, 31, 64])

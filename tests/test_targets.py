@@ -32,6 +32,27 @@ def test_gemm_targets_take_the_worst_shape_and_the_best_of_ours():
     assert int4["best of ours"].startswith("1.50x at 4096x4096 M=1 (awq[direct]): met")
 
 
+def test_tuned_column_uses_awq_where_the_tuned_dispatch_was_not_timed(tmp_path, capsys):
+    from awq_kernels.dispatch import DEFAULT
+
+    rows = [_gemm_row(4096, 4096, 16, "awq", 20.0), _gemm_row(4096, 4096, 16, "fp16", 30.0),
+            _gemm_row(4096, 4096, 16, "awq[tuned]", 10.0),
+            _gemm_row(4096, 4096, 64, "awq", 20.0), _gemm_row(4096, 4096, 64, "fp16", 40.0)]
+    got = {r["target"]: r for r in targets.gemm_targets({"rows": rows})}
+    assert got["M=16 >= 2.5x fp16"]["tuned"] == "3.00x at 4096x4096 M=16 (awq[tuned]): met"
+    assert got["M=16 >= 2.5x fp16"]["auto"] == "1.50x at 4096x4096 M=16 (awq): NOT met"
+    assert got["M=64 >= 1.8x fp16"]["tuned"] == "2.00x at 4096x4096 M=64 (awq): met"
+    assert "tuned" not in targets.gemm_targets({"rows": rows[:2]})[0]
+    path = tmp_path / "gemm.json"
+    path.write_text(json.dumps({"rows": rows, "tuned_dispatch": DEFAULT.to_json()}))
+    e2e = tmp_path / "e2e.json"
+    e2e.write_text(json.dumps({"rows": []}))
+    assert targets.main(["--gemm", str(path), "--e2e", str(e2e)]) == 0
+    out = capsys.readouterr().out
+    assert "| target | auto | tuned | best of ours |" in out and "M >= 65: dequant" in out
+    assert "| llama3-8b end to end | not measured | - | not measured |" in out
+
+
 def test_e2e_targets_and_the_cli(tmp_path, capsys):
     def row(variant, decode, weights, prefill):
         return {"model": "llama3-8b", "variant": variant, "decode_graph_tok_s": decode,

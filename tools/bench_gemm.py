@@ -2,6 +2,7 @@
 
     python tools/bench_gemm.py [--quick] [--group-size 128] [--reps 50] [--out out/bench_gemm]
     python tools/bench_gemm.py --sweep-mma [--out out/sweep_mma]   # every mma tile (sweep.py)
+    python tools/bench_gemm.py --tuned-from out/sweep_mma.json   # + `auto` as the sweep chose it
 
 Writes <out>.json and <out>.md after every shape (a time limit or a fault later keeps what was
 measured), prints each point's times as it goes and the markdown table at the end.
@@ -14,7 +15,8 @@ import json
 from pathlib import Path
 
 from awq_kernels import benchmark, sweep
-from awq_ref.files import atomic_write_text
+from awq_kernels.dispatch import describe
+from awq_ref.files import atomic_write_text, parse_json
 
 
 def main() -> None:
@@ -26,6 +28,10 @@ def main() -> None:
                         help="time every compiled mma tile, plain and split-K, at M = "
                              f"{', '.join(map(str, sweep.SWEEP_MS))}, and the decode kernels' "
                              "split caps, on the quick shapes and 8192x28672")
+    parser.add_argument("--tuned-from", type=Path, default=None, metavar="SWEEP_JSON",
+                        help="also time `auto` under the dispatch this sweep's JSON chooses "
+                             "(awq_kernels.sweep.tuned_dispatch) as awq[tuned], where it "
+                             "differs from the default")
     parser.add_argument("--out", type=Path, default=None,
                         help="file stem (default out/bench_gemm, or out/sweep_mma)")
     args = parser.parse_args()
@@ -39,12 +45,22 @@ def main() -> None:
         atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1))
         atomic_write_text(out.with_suffix(".md"), to_markdown(result))
 
+    tuned = None
+    if args.tuned_from is not None:
+        if args.sweep_mma:
+            parser.error("--tuned-from times the benchmark's shapes, not the sweep's")
+        try:
+            sweep_result = parse_json(args.tuned_from.read_bytes(), str(args.tuned_from))
+            tuned = sweep.tuned_dispatch(sweep_result)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            parser.error(f"--tuned-from {args.tuned_from}: not a sweep's JSON ({err!r:.200})")
+        print(f"awq[tuned]: `auto` as {tuned.source} chose it:\n{describe(tuned)}", flush=True)
     if args.sweep_mma:
         result = sweep.run(group_size=args.group_size, reps=args.reps, on_shape=save)
     else:
         shapes, ms = ((benchmark.QUICK_SHAPES, benchmark.QUICK_MS) if args.quick
                       else (benchmark.SHAPES, benchmark.MS))
-        result = benchmark.run(shapes, ms, args.group_size, args.reps, on_shape=save)
+        result = benchmark.run(shapes, ms, args.group_size, args.reps, on_shape=save, tuned=tuned)
     save(result)
     print(to_markdown(result))
 

@@ -13,9 +13,12 @@
 #
 # Steps in the order they run, most important first, each under its own time limit so one hang
 # cannot eat the call: environment; GPU correctness of the kernels (tests/test_kernels_gpu.py);
-# the kernel benchmark on PROTOCOL.md's shapes (tools/bench_gemm.py); the sweep
-# (tools/bench_gemm.py --sweep-mma: every compiled mma tile, plain and split-K, at M = 1..256 on
-# 3 shapes, and the decode kernels' split caps at M <= 8); the model end to end
+# the sweep (tools/bench_gemm.py --sweep-mma: every compiled mma tile, plain and split-K,
+# dequantize + cuBLAS, at M = 1..256 on 4 shapes, and the decode kernels' split caps at
+# M <= 8), from which awq_kernels.sweep.tuned_dispatch derives `auto` as measured; the kernel
+# benchmark on PROTOCOL.md's shapes (tools/bench_gemm.py), timing that derived `auto` too
+# ("awq[tuned]", and tools/targets.py's "tuned" column: adopting it is a data change in
+# awq_kernels/dispatch.py, DEFAULT, made with these numbers in hand); the model end to end
 # (tests/test_e2e_gpu.py); end-to-end speed (tools/bench_e2e.py --quick); the 8B decode profile
 # (tools/bench_e2e.py --profile); compute-sanitizer memcheck on small shapes
 # (tools/gpu_memcheck.py). The CPU-side checks (NVRTC compile, spills, emulation, validation)
@@ -36,7 +39,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PIP_RETRIES=${PIP_RETRIES:-0}  # the default model's download fails fast offline
 PY=${PYTHON:-python3}
 SCALE=${GPU_CHECK_TIME_SCALE:-1}  # multiplies every step's time limit
-STEPS="environment kernel-tests kernel-benchmark mma-sweep e2e-tests e2e-benchmark decode-profile memcheck"
+STEPS="environment kernel-tests mma-sweep kernel-benchmark e2e-tests e2e-benchmark decode-profile memcheck"
 ONLY=${GPU_CHECK_ONLY:-}  # e.g. "kernel-tests kernel-benchmark": run only these steps
 if ! [[ $SCALE =~ ^[1-9][0-9]*$ ]]; then
   echo "GPU_CHECK_TIME_SCALE must be a positive integer, got '$SCALE'" >&2; exit 2
@@ -77,8 +80,12 @@ step() {  # step NAME LOGFILE SECONDS CMD...: run under a time limit, tee the lo
 
 step "environment" tests.log 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -1; $PY -c 'import torch, cupy; print(\"torch\", torch.__version__, \"cupy\", cupy.__version__, torch.cuda.get_device_name())'; $PY -c 'import gguf; print(\"gguf\", gguf.__file__)' || echo 'no gguf: the default-model steps will skip'; echo AWQ_REF_CACHE=\${AWQ_REF_CACHE:-unset}"
 step "kernel tests" tests.log 180 "${PYTEST[@]}" --maxfail=30 tests/test_kernels_gpu.py
-step "kernel benchmark" bench_gemm.log 210 $PY tools/bench_gemm.py --out "$RESULTS/bench_gemm"
 step "mma sweep" bench_gemm.log 180 $PY tools/bench_gemm.py --sweep-mma --out "$RESULTS/sweep_mma"
+tuned=()  # the benchmark also times `auto` as the sweep chose it (awq[tuned]) if one derives
+if [[ -f "$RESULTS/sweep_mma.json" ]] && $PY -c "import json, sys; from awq_kernels import sweep; sweep.tuned_dispatch(json.load(open(sys.argv[1])))" "$RESULTS/sweep_mma.json"; then
+  tuned=(--tuned-from "$RESULTS/sweep_mma.json")
+fi
+step "kernel benchmark" bench_gemm.log 210 $PY tools/bench_gemm.py --out "$RESULTS/bench_gemm" "${tuned[@]}"
 step "e2e tests" tests.log 120 "${PYTEST[@]}" tests/test_e2e_gpu.py
 step "e2e benchmark" bench_e2e.log 240 $PY tools/bench_e2e.py --quick --json "$RESULTS/bench_e2e.json"
 step "decode profile" bench_e2e.log 150 $PY tools/bench_e2e.py --profile --models llama3-8b

@@ -7,7 +7,7 @@
 #   here:    bash tools/gpu_stage_model.sh split   # .devcarry/model.part0..1, .sha256, .parts
 #   device:  call 1 carries .devcarry/model.part0, .devcarry/model.sha256,
 #            .devcarry/model.parts and .devcarry/py and runs GPU_CHECK_ONLY="environment
-#            kernel-tests kernel-benchmark mma-sweep" bash tools/gpu_check.sh,
+#            kernel-tests mma-sweep kernel-benchmark" bash tools/gpu_check.sh,
 #            call 2 (at once) carries .devcarry/model.part1 and runs GPU_CHECK_ONLY="e2e-tests
 #            e2e-benchmark decode-profile memcheck" bash tools/gpu_check.sh
 # gpu_check.sh joins the parts itself (a failed join -- the machine went back between the

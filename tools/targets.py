@@ -4,7 +4,8 @@
         --e2e out/gpu_check/bench_e2e.json
 
 Issue 5 (tools/bench_gemm.py; per shape and M, "ours" = the best awq* implementation timed,
-"awq" = what `auto` dispatches to):
+"awq" = what `auto` dispatches to, "tuned" = `auto` under the dispatch a tile sweep chose
+(bench_gemm.py --tuned-from: "awq[tuned]" where it differs from "awq"), a column only then):
   M = 1 at >= 75% of the roofline floor on shapes with K, N >= 4096; M = 16 >= 2.5x fp16 cuBLAS;
   M = 64 >= 1.8x; M = 128 >= 1.0x; M >= 1024 >= 0.9x; faster than torch's int4 kernel at every M.
 Issue 6 (tools/bench_e2e.py, the Llama-3-8B shape; "w4" = the best "w4 cupy*" variant):
@@ -26,6 +27,8 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from awq_kernels.dispatch import Dispatch, describe
+
 SPEEDUP_TARGETS = ((16, 2.5), (64, 1.8), (128, 1.0))  # (M, min speedup over fp16)
 LARGE_M, LARGE_M_SPEEDUP = 1024, 0.9
 FLOOR_PCT_AT_M1, FLOOR_MIN_DIM = 75.0, 4096
@@ -41,13 +44,18 @@ def _worst(points: Iterable[tuple[float, str]], higher_is_better: bool = True
 
 
 def _row(target: str, threshold: float, auto: tuple[float, str] | None,
-         ours: tuple[float, str] | None, higher_is_better: bool = True, unit: str = "") -> dict:
+         ours: tuple[float, str] | None, higher_is_better: bool = True, unit: str = "",
+         tuned: tuple[float, str] | None | bool = False) -> dict:
+    """One target's verdicts; `tuned` False: no such column."""
     def verdict(p):
         if p is None:
             return "not measured"
         ok = p[0] >= threshold if higher_is_better else p[0] <= threshold
         return f"{p[0]:.2f}{unit} at {p[1]}: {'met' if ok else 'NOT met'}"
-    return {"target": target, "auto": verdict(auto), "best of ours": verdict(ours)}
+    row = {"target": target, "auto": verdict(auto)}
+    if tuned is not False:
+        row["tuned"] = verdict(tuned)
+    return {**row, "best of ours": verdict(ours)}
 
 
 def gemm_targets(result: dict) -> list[dict]:
@@ -55,6 +63,7 @@ def gemm_targets(result: dict) -> list[dict]:
     for r in result["rows"]:
         by_point.setdefault((r["k"], r["n"], r["m"]), {})[r["impl"]] = r
     ours_names = [name for impls in by_point.values() for name in impls if is_ours(name)]
+    has_tuned = "awq[tuned]" in ours_names
 
     def best(impls: dict[str, dict]) -> dict | None:
         mine = [impls[n] for n in dict.fromkeys(ours_names) if n in impls]
@@ -64,7 +73,12 @@ def gemm_targets(result: dict) -> list[dict]:
                 which: str) -> list[tuple[float, str]]:
         out = []
         for (k, n, m), impls in by_point.items():
-            row = impls.get("awq") if which == "auto" else best(impls)
+            if which == "auto":
+                row = impls.get("awq")
+            elif which == "tuned":  # timed only where it differs from `auto`
+                row = impls.get("awq[tuned]", impls.get("awq"))
+            else:
+                row = best(impls)
             if select(k, n, m) and row is not None:
                 out.append((value(row, impls), f"{k}x{n} M={m} ({row['impl']})"))
         return out
@@ -78,23 +92,23 @@ def gemm_targets(result: dict) -> list[dict]:
     def vs_int4(row: dict, impls: dict) -> float:
         return impls["int4pack"]["us"] / row["us"]
 
-    rows = []
+    def target(name: str, threshold: float, select: Callable[[int, int, int], bool],
+               value: Callable[[dict, dict], float], unit: str) -> dict:
+        tuned = _worst(collect(select, value, "tuned")) if has_tuned else False
+        return _row(name, threshold, _worst(collect(select, value, "auto")),
+                    _worst(collect(select, value, "ours")), unit=unit, tuned=tuned)
+
     m1 = lambda k, n, m: m == 1 and k >= FLOOR_MIN_DIM and n >= FLOOR_MIN_DIM
-    rows.append(_row(f"M=1 >= {FLOOR_PCT_AT_M1:.0f}% of floor (K, N >= {FLOOR_MIN_DIM})",
-                     FLOOR_PCT_AT_M1, _worst(collect(m1, pct, "auto")),
-                     _worst(collect(m1, pct, "ours")), unit="%"))
+    rows = [target(f"M=1 >= {FLOOR_PCT_AT_M1:.0f}% of floor (K, N >= {FLOOR_MIN_DIM})",
+                   FLOOR_PCT_AT_M1, m1, pct, "%")]
     for m_target, s in SPEEDUP_TARGETS:
         sel = lambda k, n, m, mt=m_target: m == mt
-        rows.append(_row(f"M={m_target} >= {s}x fp16", s, _worst(collect(sel, speedup, "auto")),
-                         _worst(collect(sel, speedup, "ours")), unit="x"))
+        rows.append(target(f"M={m_target} >= {s}x fp16", s, sel, speedup, "x"))
     big = lambda k, n, m: m >= LARGE_M
-    rows.append(_row(f"M>={LARGE_M} >= {LARGE_M_SPEEDUP}x fp16", LARGE_M_SPEEDUP,
-                     _worst(collect(big, speedup, "auto")), _worst(collect(big, speedup, "ours")),
-                     unit="x"))
+    rows.append(target(f"M>={LARGE_M} >= {LARGE_M_SPEEDUP}x fp16", LARGE_M_SPEEDUP, big,
+                       speedup, "x"))
     has_int4 = lambda k, n, m: "int4pack" in by_point[(k, n, m)]
-    rows.append(_row("faster than torch int4 at every M", 1.0,
-                     _worst(collect(has_int4, vs_int4, "auto")),
-                     _worst(collect(has_int4, vs_int4, "ours")), unit="x"))
+    rows.append(target("faster than torch int4 at every M", 1.0, has_int4, vs_int4, "x"))
     return rows
 
 
@@ -107,10 +121,10 @@ def is_ours(impl: str) -> bool:
 def fastest_per_m(result: dict) -> list[dict]:
     """Which of our implementations to dispatch to, per M: for each awq* timed at every shape
     of that M, the geometric mean over shapes of its time over the best of ours there (1.00 =
-    fastest everywhere). The first is what plan.choose_kernel should pick at that M."""
+    fastest everywhere). The first is what `auto` (dispatch.DEFAULT) should pick at that M."""
     by_m: dict[int, dict[tuple[int, int], dict[str, float]]] = {}
     for r in result["rows"]:
-        if is_ours(r["impl"]) and r["impl"] != "awq[direct,2 launches]":
+        if is_ours(r["impl"]) and r["impl"] not in ("awq[direct,2 launches]", "awq[tuned]"):
             by_m.setdefault(r["m"], {}).setdefault((r["k"], r["n"]), {})[r["impl"]] = r["us"]
     out = []
     for m in sorted(by_m):
@@ -153,9 +167,10 @@ def e2e_targets(result: dict, model: str = E2E_MODEL) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # every row's columns, in order
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |"
+                              for r in rows])
 
 
 def _bytes(impl: str, m: int, k: int, n: int, g: int) -> float:
@@ -198,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemm", type=Path, help="tools/bench_gemm.py's JSON")
     p.add_argument("--e2e", type=Path, help="tools/bench_e2e.py's JSON")
     args = p.parse_args(argv)
-    rows, dispatch, lines = [], [], []
+    rows, dispatch, lines, tuned = [], [], [], None
     try:
         if args.gemm:
             gemm = json.loads(args.gemm.read_text())
             rows += gemm_targets(gemm)
+            if "tuned_dispatch" in gemm:
+                tuned = Dispatch.from_json(gemm["tuned_dispatch"])
             dispatch = fastest_per_m(gemm)
             lines = fixed_cost_and_rate(gemm)
         if args.e2e:
@@ -214,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         print("targets.py: give --gemm and/or --e2e", file=sys.stderr)
         return 2
     print(markdown(rows))
+    if tuned is not None:
+        print(f"\n\"tuned\" is `auto` as {tuned.source} chose it (awq_kernels.dispatch):\n")
+        print(describe(tuned))
     if dispatch:
         print("\nOur implementations per M, fastest first:\n")
         print(markdown(dispatch))
