@@ -26,6 +26,7 @@ from .plan import (
     N_MULTIPLE,
     check_mma_tile,
     mma_direct_row_chunks,
+    overlap_slices,
     plan_dequant,
     plan_gemv,
     plan_gemv_direct,
@@ -136,7 +137,10 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
                   auto), or one of "gemv" (M <= 8),
                   "gemv_direct" (M <= 8; registers instead of shared memory, 16-bit
                   products), "mma", "mma_split" (the mma kernel split over K to ~4 blocks per
-                  SM), "mma_direct" (tensor cores fed from registers; launches of <= 64 rows), "dequant".
+                  SM), "mma_direct" (tensor cores fed from registers; launches of <= 64 rows),
+                  "dequant" (dequantize, then torch.matmul), "dequant_overlap" (the same in
+                  column slices, each dequantized on a side stream while the matmul of the
+                  slice before runs).
         fuse_splitk: every kernel but gemv and dequant: add the K splits in the same launch
                   (the last block of each output tile does it; same bits) instead of a
                   second kernel.
@@ -161,6 +165,8 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
     x2, y2 = x.view(m, k), y.view(m, n)  # (M, K), (M, N)
     if choice.kernel == "dequant":
         torch.matmul(x2, dequantize(qweight, qzeros, scales, group_size, dtype=x.dtype), out=y2)
+    elif choice.kernel == "dequant_overlap":
+        _dequant_matmul_overlapped(x2, qweight, qzeros, scales, group_size, y2)
     else:
         _launch_product(choice.kernel, x2, qweight, qzeros, scales, group_size, y2, fuse_splitk,
                         choice.tile, choice.max_splits)
@@ -168,22 +174,54 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """W [K, N] in `dtype` (float16 or bfloat16), W[k, n] = (q - z) * s rounded once.
+               group_size: int, dtype: torch.dtype = torch.float16,
+               columns: tuple[int, int] | None = None) -> torch.Tensor:
+    """W [K, N] in `dtype` (float16 or bfloat16), W[k, n] = (q - z) * s rounded once; with
+    `columns` = (n0, NC) only W[:, n0:n0 + NC] (n0 and NC multiples of 64), contiguous.
 
     qweight [K, N/8] int32, qzeros [K/G, N/8] int32, scales [K/G, N] float16, as for `gemm`.
     """
     k, n = check_packed(qweight, qzeros, scales, group_size)
     if dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    n0, nc = (0, n) if columns is None else (require_int("columns[0]", columns[0]),
+                                              require_int("columns[1]", columns[1]))
+    if n0 % N_MULTIPLE or nc % N_MULTIPLE or not (0 <= n0 and 0 < nc and n0 + nc <= n):
+        raise ValueError(f"columns (n0, NC) = {columns} must be multiples of {N_MULTIPLE} "
+                         f"with 0 <= n0, 0 < NC, n0 + NC <= N = {n}")
     require_layout_and_device({"qweight": qweight, "qzeros": qzeros, "scales": scales})
-    w = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    w = torch.empty((k, nc), dtype=dtype, device=qweight.device)
     tag = ACTIVATION_DTYPES[dtype]
     with on_torch_stream(qweight.device) as (arch, num_sms):
-        launch = plan_dequant(k, n, num_sms)
+        launch = plan_dequant(k, nc, num_sms)
         run(launch, arch, build.dequant_expr(tag),
-             (qweight, qzeros, scales, w, i32(k), i32(n), i32(group_size)))
+             (qweight, qzeros, scales, w, i32(k), i32(n), i32(group_size), i32(n0), i32(nc)))
     return w
+
+
+def _dequant_matmul_overlapped(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                               scales: torch.Tensor, group_size: int, y2: torch.Tensor) -> None:
+    """y2 (M, N) = x2 (M, K) @ W slice by slice (plan.overlap_slices): every slice is
+    dequantized on a side stream, each matmul on torch's stream waits for its own slice only,
+    so slice i + 1 is dequantized while cuBLAS multiplies slice i (memory-bound beside
+    compute-bound) and only the first slice's dequantization is exposed. Each output column is
+    one matmul over all of K, as in "dequant" (cuBLAS may pick another algorithm for the
+    narrower shape, so the bits may differ from it; repeated calls give the same bits).
+    torch.mm writes a column slice of y2 in place (cuBLAS's leading dimension): no copy."""
+    main = torch.cuda.current_stream(x2.device)
+    side = torch.cuda.Stream(device=x2.device)
+    side.wait_stream(main)  # x2, the packed weights and y2 are ready on main
+    slices = []
+    with torch.cuda.stream(side):
+        for n0, nc in overlap_slices(y2.shape[1]):
+            w = dequantize(qweight, qzeros, scales, group_size, x2.dtype, columns=(n0, nc))
+            done = torch.cuda.Event()
+            done.record(side)
+            slices.append((n0, nc, w, done))
+    for n0, nc, w, done in slices:
+        main.wait_event(done)
+        torch.mm(x2, w, out=y2[:, n0:n0 + nc])  # (M, NC), row stride N: cuBLAS's ldc
+        w.record_stream(main)  # its memory is not reused before main has read it
 
 
 def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,

@@ -147,6 +147,7 @@ def _impls(k: int, n: int, g: int, tuned: Dispatch | None = None
              "awq[direct,no sum]": partials_only("gemv_direct"),
              "awq[mma,split,no sum]": partials_only("mma_split"),
              "awq[mma,split]": ours("mma_split"), "awq[mma_direct]": ours("mma_direct"),
+             "awq[dequant,overlap]": ours("dequant_overlap"),
              "fp16": lambda x: [lambda w=w: torch.matmul(x, w) for w in fp16]}
     if int4:
         impls["int4pack"] = int4pack
@@ -199,6 +200,8 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
             if name == "int4pack" and m > 1024:
                 continue  # 16-25x slower than ours from M = 16 on (H100, 2026-12-05): at
                 # M = 4096 it alone took ~40 s of the benchmark's device time
+            if name == "awq[dequant,overlap]" and m < 128:
+                continue  # hides the dequantization behind matmuls that take longer than it
             if name == "awq[tuned]" and tuned.choose(m) == DEFAULT.choose(m):
                 continue  # the same launches as "awq"
             if name == "awq[mma,split]" and m > 128:

@@ -361,15 +361,22 @@ def emulate_gemv(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, reco
 # ----------------------------------------------------------------------------- dequant
 
 
-def emulate_dequant(tag, qweight, qzeros, scales16, g_size) -> np.ndarray:
-    """W bits [K, N] (uint16) as dequant.cu writes them, one packed word per thread."""
+def emulate_dequant(tag, qweight, qzeros, scales16, g_size, n0: int = 0,
+                    nc: int | None = None) -> np.ndarray:
+    """W bits [K, NC] (uint16), columns n0 .. n0+NC-1, as dequant.cu writes them: thread i of
+    the grid-stride loop takes word i of the slice, at row i // (NC/8), word column
+    n0/8 + i % (NC/8) of the packed tensors (read through their flat index, as the kernel)."""
     k, nw = qweight.shape
-    grp = np.arange(k)[:, None] // g_size
-    zw = qzeros[grp, np.arange(nw)[None]]                      # (K, N/8)
-    s = words_of_halves(scales16).reshape(-1, nw, 4)[grp[:, 0]]  # (K, N/8, 4) scale pairs
-    out = np.zeros((k, nw, 8), np.uint16)
+    ncw = (nw * 8 if nc is None else nc) // 8
+    i = np.arange(k * ncw)
+    row, cs = i // ncw, i % ncw
+    c, grp = n0 // 8 + cs, row // g_size
+    q = qweight.reshape(-1)[row * nw + c]                       # (K * NC/8,)
+    zw = qzeros.reshape(-1)[grp * nw + c]
+    s = words_of_halves(scales16).reshape(-1)                   # scale pairs, 4 per word
+    out = np.zeros((k * ncw, 8), np.uint16)
     for p in range(4):
         zneg = nibbles_to_magic_pair(tag, shr(zw, 4 * p)) ^ SIGN2
-        w2 = dequant_pair(tag, shr(qweight, 4 * p), zneg, scale_pair(tag, s[..., p]))
-        out[..., 2 * p], out[..., 2 * p + 1] = lo(w2), hi(w2)
-    return out.reshape(k, nw * 8)
+        w2 = dequant_pair(tag, shr(q, 4 * p), zneg, scale_pair(tag, s[grp * nw * 4 + c * 4 + p]))
+        out[:, 2 * p], out[:, 2 * p + 1] = lo(w2), hi(w2)
+    return out.reshape(k, ncw * 8)

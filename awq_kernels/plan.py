@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .build import GEMV_DIRECT_ROWS, GEMV_ROWS, MMA_CONFIGS, MMA_DIRECT_CONFIGS, MmaTile
 
 KERNELS = ("auto", "auto_direct", "gemv", "gemv_direct", "mma", "mma_split", "mma_direct",
-           "dequant")
+           "dequant", "dequant_overlap")
 GROUP_SIZES = (32, 64, 128)
 N_MULTIPLE = 64           # WARP_N of gemm_mma.cu: a warp's 64 columns are all valid or all not
 K_MULTIPLE = 32           # BK of gemm_mma.cu and GEMV_KC of gemv.cu
@@ -189,6 +189,22 @@ def plan_dequant(k: int, n: int, num_sms: int) -> Launch:
     words = k * n // 8
     blocks = min(cdiv(words, DEQUANT_THREADS), 32 * num_sms)  # grid-stride loop beyond that
     return Launch("dequant", 0, (blocks, 1, 1), (DEQUANT_THREADS, 1, 1))
+
+
+# "dequant_overlap": W dequantized in column slices on a second stream while cuBLAS multiplies
+# the slice before, so only the first slice's dequantization is exposed. A slice keeps at least
+# this many columns (M = 1024 gives 8 x 16 = 128 output tiles of 128 x 128: about a wave of
+# cuBLAS blocks on 132 SMs) and there are at most OVERLAP_MAX_SLICES of them.
+OVERLAP_MIN_COLUMNS = 2048
+OVERLAP_MAX_SLICES = 4
+
+
+def overlap_slices(n: int) -> list[tuple[int, int]]:
+    """(first column, columns) of each slice: as many as fit OVERLAP_MIN_COLUMNS (at most
+    OVERLAP_MAX_SLICES), multiples of N_MULTIPLE, the last holding what is left."""
+    slices = max(1, min(OVERLAP_MAX_SLICES, n // OVERLAP_MIN_COLUMNS))
+    width = cdiv(n // N_MULTIPLE, slices) * N_MULTIPLE
+    return [(n0, min(width, n - n0)) for n0 in range(0, n, width)]
 
 
 def plan_reduce(count: int, splits: int) -> Launch:

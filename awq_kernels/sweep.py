@@ -38,6 +38,7 @@ SPLIT_CAPS = (1, 2, 4, 8, 16)  # max_splits of the decode kernels' variants
 DECODE_KERNELS = {"gemv_direct": range(1, AUTO_GEMV_DIRECT_MAX_M + 1),
                   "mma_direct": range(1, AUTO_MMA_DIRECT_MAX_M + 1)}
 DEQUANT_SWEEP_MIN_M = 16  # dequantize + cuBLAS: a variant from here on (`auto`'s from M = 65)
+OVERLAP_SWEEP_MIN_M = 64  # the same in slices overlapped with the matmuls ("dequant_overlap")
 
 
 @dataclass
@@ -69,15 +70,17 @@ def valid_tiles(group_size: int) -> list[build.MmaTile]:
 
 def variant_choices(m: int, group_size: int) -> dict[str, Choice]:
     """The sweep's variants at M rows but fp16 and "awq" (`auto`): the decode kernels under
-    each split cap (M <= 8), dequantize + cuBLAS (M >= 16), every tile x split mode (the
-    tensor-core kernel at every M: with 2/3 of its K loop gone it may compete at decode sizes
-    too). dispatch.from_sweep maps the winners back through this."""
+    each split cap (M <= 8), dequantize + cuBLAS (M >= 16; overlapped in slices M >= 64),
+    every tile x split mode (the tensor-core kernel at every M: with 2/3 of its K loop gone it
+    may compete at decode sizes too). dispatch.from_sweep maps the winners back through this."""
     choices = {}
     for kernel in (name for name, ms in DECODE_KERNELS.items() if m in ms):
         for cap in SPLIT_CAPS:
             choices[f"{kernel} splits<={cap}"] = Choice(kernel, max_splits=cap)
     if m >= DEQUANT_SWEEP_MIN_M:
         choices["dequant"] = Choice("dequant")
+    if m >= OVERLAP_SWEEP_MIN_M:
+        choices["dequant_overlap"] = Choice("dequant_overlap")
     for tile in valid_tiles(group_size):
         for kernel in TILE_KERNELS:
             choices[f"{kernel} {tile_name(tile)}"] = Choice(kernel, tile)

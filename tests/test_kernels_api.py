@@ -116,6 +116,12 @@ def test_dequantize_validates():
         awq_kernels.dequantize(*_args()[1:])
     with pytest.raises(TypeError, match="dtype must be"):
         awq_kernels.dequantize(*_args()[1:], dtype=torch.float32)
+    n = _args()[1].shape[1] * 8
+    for columns in ((32, 64), (0, 0), (64, n), (-64, 128), (0, n + 64)):
+        with pytest.raises(ValueError, match="must be multiples of 64"):
+            awq_kernels.dequantize(*_args()[1:], columns=columns)
+    with pytest.raises(ValueError, match="qweight must be a CUDA tensor"):
+        awq_kernels.dequantize(*_args()[1:], columns=(0, 64))
 
 
 def test_import_compiles_nothing_and_imports_no_cupy():

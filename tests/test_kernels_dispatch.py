@@ -140,6 +140,7 @@ def test_variant_choices_name_every_variant_once():
     for m in sweep.SWEEP_MS:
         choices = sweep.variant_choices(m, 128)
         assert ("dequant" in choices) == (m >= 16)
+        assert ("dequant_overlap" in choices) == (m >= 64)
         tiles = sum(c.kernel in ("mma", "mma_split") for c in choices.values())
         assert tiles == 2 * len(build.MMA_TILES)
         assert all(c.tile is None or c.tile in build.MMA_TILES for c in choices.values())

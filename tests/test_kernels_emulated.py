@@ -94,6 +94,9 @@ def test_emulated_gemv_direct_kernel_mapping(dtype, tag, m, k, n, g, sms):
 def test_emulated_dequant_kernel_is_bit_exact(dtype, tag, g):
     _, w, (_, qw, qz, s, _) = _problem(1, 256, 192, g, dtype, seed=g)
     np.testing.assert_array_equal(emulate.emulate_dequant(tag, qw, qz, s, g), _bits16(w))
+    for n0, nc in ((0, 64), (64, 128), (128, 64)):  # column slices (the overlapped path's)
+        np.testing.assert_array_equal(emulate.emulate_dequant(tag, qw, qz, s, g, n0, nc),
+                                      _bits16(w)[:, n0:n0 + nc])
 
 
 # (M, K, N, G, tile, splits): ragged M and N tiles, split starts inside a group, every tile.

@@ -15,7 +15,7 @@ import torch
 import awq_kernels
 from awq_kernels import build, reference
 from awq_kernels.dispatch import Choice, Dispatch
-from awq_kernels.plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_AUTO_MAX_M
+from awq_kernels.plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_AUTO_MAX_M, overlap_slices
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -52,7 +52,7 @@ def _kernels_for(m: int) -> list[str]:
     if GEMV_MAX_M < m <= 64:
         kernels.append("mma_split")
     if m >= 256:
-        kernels.append("dequant")
+        kernels.extend(["dequant", "dequant_overlap"])
     return kernels
 
 
@@ -160,6 +160,20 @@ def test_dequantize_is_bit_exact(dtype):
         w = awq_kernels.dequantize(qweight, qzeros, scales, g, dtype=dtype)
         ref = reference.dequantize_like_kernel(qweight.cpu(), qzeros.cpu(), scales.cpu(), g, dtype)
         assert torch.equal(w.cpu().view(torch.int16), ref.view(torch.int16))
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_dequantize_column_slices_and_overlap(dtype):
+    """dequantize(columns=) is the slice of the whole W bit for bit; "dequant_overlap" (its
+    slices dequantized on a side stream) on a ragged last slice and 2 slices of 2048."""
+    for k, n, g in ((128, 8256, 32), (4096, 4096, 128)):
+        qweight, qzeros, scales, _ = _weights(k, n, g)
+        whole = awq_kernels.dequantize(qweight, qzeros, scales, g, dtype=dtype)
+        for n0, nc in overlap_slices(n):
+            part = awq_kernels.dequantize(qweight, qzeros, scales, g, dtype=dtype,
+                                          columns=(n0, nc))
+            assert torch.equal(part.view(torch.int16), whole[:, n0:n0 + nc].view(torch.int16))
+        for m in (65, 1024):
+            _check(torch.randn(m, k, device="cuda").to(dtype), k, n, g, "dequant_overlap")
 
 
 def test_leading_dims_empty_input_and_allocation():

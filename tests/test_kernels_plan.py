@@ -16,6 +16,7 @@ from awq_kernels.plan import (
     MMA_SPLIT_BLOCKS_PER_SM,
     mma_blocks_per_sm,
     mma_direct_row_chunks,
+    overlap_slices,
     plan_dequant,
     plan_gemv,
     plan_gemv_direct,
@@ -164,3 +165,14 @@ def test_reduce_grid_covers_every_quad_once(count):
     quads, threads = count // 4, launch.block[0]
     assert launch.splits == 3
     assert (launch.grid[0] - 1) * threads < quads <= launch.grid[0] * threads
+
+
+@pytest.mark.parametrize("n", [64, 192, 2048, 4032, 4096, 6144, 8256, 14336, 28672])
+def test_overlap_slices_cover_n_in_wide_multiples_of_64(n):
+    slices = overlap_slices(n)
+    assert [n0 for n0, _ in slices] == [sum(nc for _, nc in slices[:i]) for i in range(len(slices))]
+    assert sum(nc for _, nc in slices) == n and all(nc > 0 and nc % 64 == 0 for _, nc in slices)
+    assert 1 <= len(slices) <= 4
+    assert len(slices) == 1 or all(nc >= 2048 for _, nc in slices[:-1])
+    assert overlap_slices(4096) == [(0, 2048), (2048, 2048)]
+    assert len(overlap_slices(14336)) == 4 and len(overlap_slices(4095 // 64 * 64)) == 1

@@ -25,6 +25,7 @@ CASES = [  # (M, K, N, G, kernel)
     (16, 1536, 576, 128, "mma_direct"), (29, 576, 192, 32, "mma_direct"),
     (1, 576, 192, 64, "mma"), (17, 160, 320, 32, "mma"), (40, 1536, 576, 128, "mma"),
     (300, 576, 192, 64, "dequant"), (33, 1536, 576, 32, "auto"),
+    (70, 128, 4160, 32, "dequant_overlap"),  # 2 column slices: 2112 and 2048 columns
 ]
 
 
