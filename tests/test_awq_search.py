@@ -264,3 +264,35 @@ def test_bad_config_rejected(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
         AwqConfig(**bad)
+
+
+@torch.no_grad()
+def test_token_subset_is_strided_over_every_window():
+    """The MLP loss's token subset: every stride-th of all B x T tokens, the stride rounded up
+    so that it reaches the last window (5 x 32 tokens, 64 asked: stride 3, 54 tokens)."""
+    from awq_ref.awq.capture import SubsetPlan, capture_block
+    from awq_ref.awq.scaling_groups import LLAMA_GROUPS
+
+    model = tiny_llama()
+    block = model.model.layers[0]
+    x = model.model.embed_tokens(calib(n=5, t=32)).float()  # (5, 32, 64)
+    cos, sin = model.rotary(0, 32, torch.float32)
+    group = next(g for g in LLAMA_GROUPS if g.inspect == "mlp")
+    seen = []
+    handle = block.get_submodule(group.linears[0]).register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).clone()))
+    try:
+        plan = SubsetPlan(seqs=2, tokens=64)
+        (stats,) = capture_block(block, x.clone(), cos, sin, (group,), plan, chunk_seqs=2,
+                                 where="block 0")
+    finally:
+        handle.remove()
+    every = torch.cat(seen[:3])  # (160, 64): the capture's own forward, 3 chunks
+    assert torch.equal(stats.subset[0], every[::3]) and stats.subset[0].shape[0] == 54
+
+
+def test_config_and_group_size_errors_name_what_is_wrong():
+    with pytest.raises(ValueError, match=r"max_shrink must be in \[0, 1\)"):
+        AwqConfig(max_shrink=1.5)
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: group_size 48 does not"):
+        search_awq(tiny_llama(), calib(), QuantSpec(4, 48, True), FAST)

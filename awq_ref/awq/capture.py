@@ -1,6 +1,6 @@
 """Block inputs and the statistics of each scaling group's input, gathered chunk by chunk.
 
-For every group's input x (the shared input of its linears), over all T calibration tokens:
+For every group's input x (the shared input of its linears), over all B x T calibration tokens:
     mean|x|   (K,)      the activation magnitude that AWQ's scales follow
     X^T X     (K, K)    the Gram matrix: exact quadratic losses of linear outputs (fp32 sums)
 plus, for groups whose loss runs a module forward, a fixed subset of the inputs: the first
@@ -33,7 +33,7 @@ class InputStats:
 
     abs_sum: torch.Tensor  # (K,)
     gram: torch.Tensor | None  # (K, K), None when not requested
-    count: int = 0  # T: tokens seen
+    count: int = 0  # tokens seen: B x T after capture_block
     # inputs kept for module losses: positional groups [(c, T, K) chunks]; token-wise groups one
     # (<= plan.tokens, K) tensor after capture_block; closed-form groups none
     subset: list[torch.Tensor] = field(default_factory=list)
@@ -78,7 +78,8 @@ def capture_block(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: tor
     given): the next block's inputs from the same forward (pipeline's propagate="fp").
     """
     b, t, _ = x.shape
-    stride = max(1, b * t // max(1, plan.tokens))
+    # rounded up: the strided tokens reach the last window (at most plan.tokens of them)
+    stride = max(1, -(-(b * t) // max(1, plan.tokens)))
     stats: list[InputStats] = []
     pos = [0]  # first sequence of the current chunk, read by the hooks
 
@@ -121,5 +122,5 @@ def capture_block(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: tor
             h.remove()
     for g, st in zip(groups, stats):
         if st.subset and not g.positional:
-            st.subset = [torch.cat(st.subset)[: plan.tokens]]
+            st.subset = [torch.cat(st.subset)]  # (<= plan.tokens, K)
     return stats

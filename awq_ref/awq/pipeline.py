@@ -53,7 +53,7 @@ from awq_ref.awq.scaling_groups import (
 from awq_ref.awq.search_clip import CLIP_MODES, clipper, search_clip
 from awq_ref.awq.search_scale import ScaleChoice, gram_loss, grid_search, module_loss, weight_mean
 from awq_ref.config import LlamaConfig
-from awq_ref.quant.qlinear import skipped
+from awq_ref.quant.qlinear import decoder_linears, skipped
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import fake_quantize_weight
 
@@ -94,6 +94,9 @@ class AwqConfig:
             raise ValueError(f"AwqConfig.n_refine must be >= 0, got {self.n_refine}")
         if self.clip_damp < 0:
             raise ValueError(f"AwqConfig.clip_damp must be >= 0, got {self.clip_damp}")
+        if not 0 <= self.max_shrink < 1:
+            raise ValueError(f"AwqConfig.max_shrink must be in [0, 1) (clip ratios stay "
+                             f"positive), got {self.max_shrink}")
         if self.clip_joint < 0:
             raise ValueError(f"AwqConfig.clip_joint must be >= 0, got {self.clip_joint}")
         if self.scale_clip_grid < 0:
@@ -116,6 +119,8 @@ def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
                          f"{tuple(calib_tokens.shape)}")
     device = torch.device(device) if device is not None else model.device
     skip = tuple(modules_to_not_convert)
+    for name, lin in decoder_linears(model, skip):  # a ValueError naming the layer, not later
+        spec.group_for(lin.in_features, name)
     result = AwqResult(spec=spec, info={"config": json.dumps(asdict(config))})
     start = time.perf_counter()
     with torch.no_grad():

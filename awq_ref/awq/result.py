@@ -28,7 +28,9 @@ class AwqResult:
     scales: dict[str, torch.Tensor] = field(default_factory=dict)  # prev op name -> s (C,)
     clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (lo, hi)
     info: dict[str, str] = field(default_factory=dict)  # free-form provenance (config JSON, ...)
-    search: list[dict] = field(default_factory=list)  # per group: prev, ratio, loss, loss0
+    # per group: prev, ratio, loss, loss0; filled by the search (AwqResult.load leaves it
+    # empty: the saved record is the JSON string info["search"])
+    search: list[dict] = field(default_factory=list)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The scales and clip boxes under the file's tensor names (fp32, CPU, contiguous)."""

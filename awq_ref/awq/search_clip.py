@@ -81,6 +81,8 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: in
 
     Returns lo, hi (N, K/G) and the summed group errors sum_ng L_ng before (r = 1) and after
     (with joint > 0: the summed whole-row errors sum_n e_n^T H e_n before and after).
+    The defaults here are the plain search (llm-awq's grid of 20, "range", no joint sweeps);
+    the pipeline passes AwqConfig's (clip_grid 40, "lohi", clip_joint 2).
     Output channels are processed `rows` at a time to bound memory.
     """
     if mode not in CLIP_MODES:

@@ -1,6 +1,7 @@
 """Search the per-input-channel scale s of one scaling group over a grid of ratios.
 
-For a group with linears W_j (N_j, K) fed by x (T, K), candidate scales are
+For a group with linears W_j (N_j, K) fed by x (T, K) (T here: every calibration token, the
+B x T of capture.py), candidate scales are
 
     s(a)   = mean|x|^a                              (AWQ), or
     s(a)   = mean|x|^a / mean|w~|^(1-a)             (duo scaling; w~ = |w| / group max),
