@@ -181,6 +181,32 @@ def point_errors() -> tuple[type[Exception], ...]:
     return (RuntimeError, ValueError, CompileException)
 
 
+def timed_at(name: str, m: int, tuned: Dispatch | None = None) -> bool:
+    """Whether bench_shape times implementation `name` at M rows (the rest cost device time
+    for nothing the tables need)."""
+    if name == "awq[direct]":
+        return m <= GEMV_DIRECT_MAX_M
+    if name == "awq[mma_direct]":
+        return m <= 4 * MMA_DIRECT_MAX_M  # 64 rows per launch: far past where it could win
+    if name in ("awq[direct,2 launches]", "awq[direct,no sum]"):
+        return m == 1  # the split-K sum's cost (fused, 2 launches, none), at decode's M = 1
+    if name == "awq[mma,split,no sum]":
+        return m == 16  # the same for mma_split, at M = 16
+    if name == "int4pack":
+        # 16-25x slower than ours from M = 16 on (H100, 2026-12-05): at M = 4096 it alone
+        # took ~40 s of the benchmark's device time
+        return m <= 1024
+    if name == "awq[dequant,overlap]":
+        return m >= 128  # hides the dequantization behind matmuls that take longer than it
+    if name == "awq[tuned]":
+        return tuned is not None and tuned.choose(m) != DEFAULT.choose(m)  # else = "awq"
+    if name == "awq[mma,split]":
+        # `auto` runs it at M 9..64; since its K loop lost 2/3 of its instructions
+        # (2026-12-05) it may win at M <= 8 and 128 too
+        return m <= 128
+    return True
+
+
 def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, reps: int,
                 tuned: Dispatch | None = None) -> list[Row]:
     impls = _impls(k, n, g, tuned)
@@ -189,24 +215,8 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         times: dict[str, tuple[float, float]] = {}
         for name, make in impls.items():
-            if name == "awq[direct]" and m > GEMV_DIRECT_MAX_M:
+            if not timed_at(name, m, tuned):
                 continue
-            if name == "awq[mma_direct]" and m > 4 * MMA_DIRECT_MAX_M:
-                continue  # 64 rows per launch: far past where it could win
-            if name in ("awq[direct,2 launches]", "awq[direct,no sum]") and m > 1:
-                continue  # the split-K sum's cost (fused, 2 launches, none), at decode's M = 1
-            if name == "awq[mma,split,no sum]" and m != 16:
-                continue  # the same for mma_split, at M = 16
-            if name == "int4pack" and m > 1024:
-                continue  # 16-25x slower than ours from M = 16 on (H100, 2026-12-05): at
-                # M = 4096 it alone took ~40 s of the benchmark's device time
-            if name == "awq[dequant,overlap]" and m < 128:
-                continue  # hides the dequantization behind matmuls that take longer than it
-            if name == "awq[tuned]" and tuned.choose(m) == DEFAULT.choose(m):
-                continue  # the same launches as "awq"
-            if name == "awq[mma,split]" and m > 128:
-                continue  # `auto` runs it at M 9..64; since its K loop lost 2/3 of its
-                # instructions (2026-12-05) it may win at M <= 8 and 128 too
             fns = make(x)
             try:
                 h_us = host_us(fns[0])  # the GPU sleeps twice that before each timed call

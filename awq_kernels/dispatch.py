@@ -125,13 +125,13 @@ DEFAULT = Dispatch(((AUTO_GEMV_DIRECT_MAX_M, Choice("gemv_direct")),
 def choose(m: int, kernel: str = "auto", dispatch: Dispatch | None = None) -> Choice:
     """The choice for M rows: `dispatch` (DEFAULT if None) for "auto"; "auto_direct" =
     gemv_direct at M = 1 and mma_direct up to MMA_DIRECT_AUTO_MAX_M (the prediction before the
-    H100 measurement), else as auto; any other kernel as named."""
+    H100 measurement), else as DEFAULT; any other kernel as named."""
     if kernel == "auto":
         return (dispatch or DEFAULT).choose(m)
     if kernel == "auto_direct":
         if m == 1:
             return Choice("gemv_direct")
-        return Choice("mma_direct") if m <= MMA_DIRECT_AUTO_MAX_M else choose(m, "auto", dispatch)
+        return Choice("mma_direct") if m <= MMA_DIRECT_AUTO_MAX_M else choose(m)
     return Choice(kernel)
 
 
@@ -151,11 +151,14 @@ def from_sweep(ranking: dict[int, list[tuple[str, float]]], choices: dict[int, d
     """A dispatch from a sweep's ranking (sweep.ranking: per M, (variant, geometric mean of
     time / best over the shapes), best first) and its variants' choices (sweep.variant_choices
     per M; the variant "awq" is `base` itself). Per M timed, the best variant unless `base`'s
-    own is within `min_gain` of it (noise should not move the rule); an M between two timed
-    sizes gets the larger one's choice, an M outside the timed ones `base`'s."""
+    own is within `min_gain` of it (noise should not move the rule); a timed M's choice covers
+    the M above the timed size before it (below the first: above `base`'s last bound under
+    it), and an M past the last timed size gets `base`'s. Scores that are not finite numbers
+    (a corrupt file) are left out."""
     picked: list[tuple[int, Choice]] = []
     for m in sorted(ranking):
-        scores = dict(ranking[m])
+        scores = {name: v for name, v in ranking[m]
+                  if isinstance(v, (int, float)) and math.isfinite(v)}
         named = {name: (base.choose(m) if name == "awq" else choices.get(m, {}).get(name))
                  for name in scores}
         named = {name: c for name, c in named.items() if c is not None}

@@ -8,7 +8,8 @@ M = 16-128 (issue-bound on its copy address math, since rewritten: NOTES.md), an
 kernels at 22-50% on the 4096-wide shapes, where each launch ends in a split-K tail (partials,
 a fence, an atomic, the last block's sum) whose cost against the parallelism it buys was
 never measured. The tiles vary what costs per k tile and per block: BN = 128 or 256 columns,
-BK = 32 or 64 rows per stage, one or two warp rows. Each (shape, M) point reports every
+BK = 32 or 64 rows per stage, one or two warp rows; and dequantize + cuBLAS, plain and
+overlapped in column slices. Each (shape, M) point reports every
 variant's microseconds and its time over the fastest; `ranking` folds those into one geometric
 mean per M, and `tuned_dispatch` into `auto`'s rule as measured (dispatch.from_sweep), which
 tools/bench_gemm.py --tuned-from times on PROTOCOL.md's shapes in the same run.
@@ -32,7 +33,7 @@ SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TILE_KERNELS = ("mma", "mma_split")
 SPLIT_CAPS = (1, 2, 4, 8, 16)  # max_splits of the decode kernels' variants
 # The decode kernels' rows in the sweep: every M up to where `auto` stops running them
-# (plan.py); mma_direct also at M = 1 and 2, gemv_direct's, where its fixed cost per call was
+# (dispatch.DEFAULT); mma_direct also at M = 1 and 2, gemv_direct's, where its fixed cost per call was
 # the lowest of ours on the H100 (8.5 us against gemv_direct's 12.1; tools/targets.py's line
 # fit) at a lower streaming rate.
 DECODE_KERNELS = {"gemv_direct": range(1, AUTO_GEMV_DIRECT_MAX_M + 1),
@@ -133,7 +134,8 @@ def run(shapes=SWEEP_SHAPES, ms=SWEEP_MS, group_size: int = 128, reps: int = 50,
         on_shape: Callable[[dict], None] | None = None) -> dict:
     """Every variant at every (shape, M); `on_shape(result so far)` after each shape."""
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "group_size": group_size, "reps": reps, "rows": []}
+              "group_size": group_size, "reps": reps, "shapes": [list(s) for s in shapes],
+              "auto": dispatch.DEFAULT.to_json(), "rows": []}  # what "awq" ran
     for k, n in shapes:
         result["rows"] += [asdict(r) for r in sweep_shape(k, n, ms, group_size, reps)]
         if on_shape is not None:
@@ -159,11 +161,17 @@ def ranking(result: dict) -> dict[int, list[tuple[str, float]]]:
 
 
 def tuned_dispatch(result: dict) -> dispatch.Dispatch:
-    """`auto`'s rule as this sweep measured it (dispatch.from_sweep over `ranking`)."""
+    """`auto`'s rule as this sweep measured it (dispatch.from_sweep over `ranking`), based on
+    the rule "awq" ran under (stored by `run`; DEFAULT for older files)."""
     ranked = ranking(result)
     choices = {m: variant_choices(m, result["group_size"]) for m in ranked}
-    return dispatch.from_sweep(ranked, choices,
-                               source=f"sweep on {result['device']}, G = {result['group_size']}")
+    base = (dispatch.Dispatch.from_json(result["auto"]) if "auto" in result
+            else dispatch.DEFAULT)
+    timed = {(r["k"], r["n"]) for r in result["rows"]}
+    planned = result.get("shapes")
+    cut = f", {len(timed)} of {len(planned)} shapes" if planned and len(timed) < len(planned) else ""
+    return dispatch.from_sweep(ranked, choices, base,
+                               source=f"sweep on {result['device']}, G = {result['group_size']}{cut}")
 
 
 def markdown(result: dict, top: int = 6) -> str:

@@ -15,9 +15,10 @@ BK64 = build.MmaTile(16, 1, 4, 64)
 
 
 def test_default_is_the_h100_rule():
-    assert [choose(m).kernel for m in (0, 1, 2, 3, 8, 9, 31, 32, 33, 64, 65, 4096)] == [
-        "gemv_direct", "gemv_direct", "gemv_direct", "mma_direct", "mma_direct", "mma_split",
-        "mma_split", "mma_split", "mma_split", "mma_split", "dequant", "dequant"]
+    assert [choose(m) for m in (0, 1, 2, 3, 8, 9, 31, 32, 33, 64, 65, 4096)] == [
+        Choice(k) for k in ("gemv_direct", "gemv_direct", "gemv_direct", "mma_direct",
+                            "mma_direct", "mma_split", "mma_split", "mma_split", "mma_split",
+                            "mma_split", "dequant", "dequant")]
     assert choose(4, "mma") == Choice("mma")
     assert [choose(m, "auto_direct").kernel for m in (1, 2, 8, 9, 64, 65, 128, 129)] == [
         "gemv_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct", "mma_direct",
@@ -71,6 +72,20 @@ def test_resolve_takes_tile_and_split_cap_from_the_choice():
     tile = build.MMA_CONFIGS[32]
     assert resolve(16, 128, "mma", tile) == Choice("mma", tile)
     assert resolve(3, 128) == Choice("mma_direct")
+
+
+def test_gemm_launches_the_dispatch_choice(monkeypatch):
+    """api.gemm hands the kernel, tile and split cap of the dispatch's choice to the launch."""
+    launched = []
+    monkeypatch.setattr(api, "check_gemm_args", lambda x, *a, **k: (x.shape[0], 128, 64))
+    monkeypatch.setattr(api, "_launch_product",
+                        lambda name, *a: launched.append((name, a[-2], a[-1])))
+    d = Dispatch(((8, Choice("mma_direct", max_splits=4)), (None, Choice("mma_split", BK64, 8))))
+    x = torch.zeros(16, 128, dtype=torch.float16)
+    api.gemm(x, None, None, None, 128, dispatch=d)
+    api.gemm(x[:3], None, None, None, 128, dispatch=d, max_splits=2)
+    api.gemm(x, None, None, None, 32, dispatch=d)  # BK 64 does not divide G = 32
+    assert launched == [("mma_split", BK64, 8), ("mma_direct", None, 2), ("mma_split", None, 8)]
 
 
 def test_gemm_checks_dispatch_before_cuda():
@@ -134,6 +149,19 @@ def test_tuned_dispatch_of_a_sweep_result():
     assert d.choose(128) == Choice("dequant") and d.choose(2) == Choice("gemv_direct")
     assert "M 9..16: mma 128x256x32 w2x4" in describe(d) and "sweep on GPU" in d.source
     assert "M 9..16: mma 128x256x32 w2x4\nM >= 17: dequant" in sweep.markdown(result)
+    # the rule "awq" ran under, as the sweep stored it, and a sweep cut short says so
+    base = Dispatch(((None, Choice("mma")),))
+    d = sweep.tuned_dispatch({**result, "auto": base.to_json(), "shapes": [[1, 2]] * 3})
+    assert d.choose(2) == Choice("mma", tile)  # base has no bound below 16
+    assert d.choose(128) == Choice("mma") == d.choose(300)  # "awq" as good: the base's
+    assert d.source.endswith(", 2 of 3 shapes")
+
+
+def test_from_sweep_leaves_out_scores_that_are_not_finite():
+    name = f"mma {sweep.tile_name(build.MMA_CONFIGS[16])}"
+    ranked = {16: [(name, float("nan")), ("dequant", 1.0), ("awq", 2.0)]}
+    d = from_sweep(ranked, {16: sweep.variant_choices(16, 128)})
+    assert d.choose(16) == Choice("dequant")
 
 
 def test_variant_choices_name_every_variant_once():
@@ -143,4 +171,41 @@ def test_variant_choices_name_every_variant_once():
         assert ("dequant_overlap" in choices) == (m >= 64)
         tiles = sum(c.kernel in ("mma", "mma_split") for c in choices.values())
         assert tiles == 2 * len(build.MMA_TILES)
+        decode = [c for c in choices.values() if c.kernel in sweep.DECODE_KERNELS]
+        assert len(decode) == len(sweep.SPLIT_CAPS) * sum(m in ms for ms in
+                                                           sweep.DECODE_KERNELS.values())
+        assert len({(c.kernel, c.tile, c.max_splits) for c in choices.values()}) == len(choices)
         assert all(c.tile is None or c.tile in build.MMA_TILES for c in choices.values())
+
+
+def test_benchmark_times_the_tuned_rule_only_where_it_differs():
+    from awq_kernels import benchmark
+
+    d = Dispatch(((16, Choice("mma_split")), (None, Choice("dequant"))))
+    assert [benchmark.timed_at("awq[tuned]", m, d) for m in (1, 8, 9, 16, 64, 65, 4096)] == [
+        True, True, False, False, True, False, False]
+    assert not benchmark.timed_at("awq[tuned]", 1, None)
+    assert [benchmark.timed_at("awq[dequant,overlap]", m) for m in (64, 128, 4096)] == [
+        False, True, True]
+    assert benchmark.timed_at("awq", 4096) and benchmark.timed_at("fp16", 1)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("not json", "not valid JSON"), ('{"rows": [{"m": 1}]}', "KeyError"),
+    ('{"group_size": 128, "rows": [{"k": 1, "n": 1, "m": 1, "variant": "a", "vs_best": 1' +
+     "0" * 400 + '}]}', "OverflowError"),
+])
+def test_bench_gemm_tuned_from_refuses_what_is_no_sweep(tmp_path, monkeypatch, capsys, text,
+                                                       message):
+    import runpy
+    from pathlib import Path
+
+    bad = tmp_path / "sweep.json"
+    bad.write_text(text)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_gemm.py"
+    monkeypatch.setattr("sys.argv", ["bench_gemm.py", "--tuned-from", str(bad)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(tool), run_name="__main__")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "not a sweep's JSON" in err and message in err

@@ -113,3 +113,13 @@ def test_fixed_cost_and_rate_recovers_a_line():
     rows.append(_gemm_row(4096, 4096, 16, "awq", 9.0))  # one shape only: no line
     got = targets.fixed_cost_and_rate({"group_size": 128, "rows": rows})
     assert got == [{"M": 1, "impl": "awq", "fixed us": "5.0", "rate": "2.00 TB/s", "shapes": 3}]
+
+
+def test_reading_json_needs_no_torch():
+    """targets.py imports awq_kernels (and so torch) only for a "tuned_dispatch" to describe."""
+    import subprocess
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    code = f"import sys; sys.path.insert(0, {str(tools)!r}); import targets; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

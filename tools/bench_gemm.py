@@ -52,7 +52,7 @@ def main() -> None:
         try:
             sweep_result = parse_json(args.tuned_from.read_bytes(), str(args.tuned_from))
             tuned = sweep.tuned_dispatch(sweep_result)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as err:
             parser.error(f"--tuned-from {args.tuned_from}: not a sweep's JSON ({err!r:.200})")
         print(f"awq[tuned]: `auto` as {tuned.source} chose it:\n{describe(tuned)}", flush=True)
     if args.sweep_mma:

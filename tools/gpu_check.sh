@@ -11,8 +11,9 @@
 # The default model: if .devcarry holds it (tools/gpu_stage_model.sh), this script joins its
 # parts and uses .devcarry/py and .devcarry/cache by itself.
 #
-# Steps in the order they run, most important first, each under its own time limit so one hang
-# cannot eat the call: environment; GPU correctness of the kernels (tests/test_kernels_gpu.py);
+# Steps in the order they run (the sweep before the benchmark, which times the rule the sweep
+# derives; otherwise most important first), each under its own time limit so one hang cannot
+# eat the call: environment; GPU correctness of the kernels (tests/test_kernels_gpu.py);
 # the sweep (tools/bench_gemm.py --sweep-mma: every compiled mma tile, plain and split-K,
 # dequantize + cuBLAS, at M = 1..256 on 4 shapes, and the decode kernels' split caps at
 # M <= 8), from which awq_kernels.sweep.tuned_dispatch derives `auto` as measured; the kernel
@@ -59,6 +60,7 @@ fi
 [[ -d .devcarry/py ]] && export PYTHONPATH="$PYTHONPATH:$PWD/.devcarry/py"  # gguf for the GGUF loader
 status=0
 summary=()
+sweep_ran=""  # set once the sweep step ran in this call (its JSON, not an older file, is used)
 hung=""  # a step that ran out of time: the later steps that launch the same kernels are skipped
 PYTEST=($PY -m pytest -q -p no:cacheprovider -rfs --tb=short -o faulthandler_timeout=60)
 step() {  # step NAME LOGFILE SECONDS CMD...: run under a time limit, tee the log, keep first failure
@@ -76,13 +78,15 @@ step() {  # step NAME LOGFILE SECONDS CMD...: run under a time limit, tee the lo
   [[ $status -eq 0 && $rc -ne 0 ]] && status=$rc
   [[ $rc -eq 124 || $rc -eq 137 ]] && [[ $name == "kernel tests" ]] && hung=$name
   summary+=("$(printf '%-22s exit %-4s %4ss' "$name" "$rc" "$(( SECONDS - t0 ))")")
+  if [[ $name == "mma sweep" ]]; then sweep_ran=1; fi
 }
 
 step "environment" tests.log 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -1; $PY -c 'import torch, cupy; print(\"torch\", torch.__version__, \"cupy\", cupy.__version__, torch.cuda.get_device_name())'; $PY -c 'import gguf; print(\"gguf\", gguf.__file__)' || echo 'no gguf: the default-model steps will skip'; echo AWQ_REF_CACHE=\${AWQ_REF_CACHE:-unset}"
 step "kernel tests" tests.log 180 "${PYTEST[@]}" --maxfail=30 tests/test_kernels_gpu.py
 step "mma sweep" bench_gemm.log 180 $PY tools/bench_gemm.py --sweep-mma --out "$RESULTS/sweep_mma"
-tuned=()  # the benchmark also times `auto` as the sweep chose it (awq[tuned]) if one derives
-if [[ -f "$RESULTS/sweep_mma.json" ]] && $PY -c "import json, sys; from awq_kernels import sweep; sweep.tuned_dispatch(json.load(open(sys.argv[1])))" "$RESULTS/sweep_mma.json"; then
+tuned=()  # the benchmark also times `auto` as this run's sweep chose it (awq[tuned]) if one derives
+if [[ $sweep_ran && -f "$RESULTS/sweep_mma.json" && ( -z $ONLY || " $ONLY " == *" kernel-benchmark "* ) ]] &&
+   timeout 60 $PY -c "import json, sys; from awq_kernels import sweep; sweep.tuned_dispatch(json.load(open(sys.argv[1])))" "$RESULTS/sweep_mma.json" >> "$RESULTS/bench_gemm.log" 2>&1; then
   tuned=(--tuned-from "$RESULTS/sweep_mma.json")
 fi
 step "kernel benchmark" bench_gemm.log 210 $PY tools/bench_gemm.py --out "$RESULTS/bench_gemm" "${tuned[@]}"

@@ -27,8 +27,6 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from awq_kernels.dispatch import Dispatch, describe
-
 SPEEDUP_TARGETS = ((16, 2.5), (64, 1.8), (128, 1.0))  # (M, min speedup over fp16)
 LARGE_M, LARGE_M_SPEEDUP = 1024, 0.9
 FLOOR_PCT_AT_M1, FLOOR_MIN_DIM = 75.0, 4096
@@ -218,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.gemm:
             gemm = json.loads(args.gemm.read_text())
             rows += gemm_targets(gemm)
-            if "tuned_dispatch" in gemm:
+            if "tuned_dispatch" in gemm:  # (imports torch, through awq_kernels: only then)
+                from awq_kernels.dispatch import Dispatch
+
                 tuned = Dispatch.from_json(gemm["tuned_dispatch"])
             dispatch = fastest_per_m(gemm)
             lines = fixed_cost_and_rate(gemm)
@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(markdown(rows))
     if tuned is not None:
+        from awq_kernels.dispatch import describe
+
         print(f"\n\"tuned\" is `auto` as {tuned.source} chose it (awq_kernels.dispatch):\n")
         print(describe(tuned))
     if dispatch:
