@@ -1,0 +1,88 @@
+"""The GPU check's benchmark flow on the CPU, CUDA faked: sweep -> derived rule -> benchmark
+timing "awq[tuned]" where that rule differs from `auto` -> targets.py's "tuned" column.
+
+GPU time is scarce (minutes per session), so the flow that spends it is checked here: tensors
+stay on the CPU, every launch is recorded instead of run (api.gemm resolves its choice as on a
+GPU, then stops), and the timers return a fixed time per launch choice, made up so that a sweep
+tile beats `auto` at M = 16."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from awq_kernels import api, benchmark, build, dispatch, sweep
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import targets  # noqa: E402
+
+WIN = build.MMA_TILES[-1]  # the made-up winner at M = 16
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    launches = []
+
+    def on_cpu(fn):
+        def inner(*args, **kwargs):
+            if kwargs.get("device") == "cuda":
+                kwargs["device"] = "cpu"
+            return fn(*args, **kwargs)
+        return inner
+
+    for name in ("randn", "randint", "rand"):
+        monkeypatch.setattr(torch, name, on_cpu(getattr(torch, name)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(benchmark, "weight_copies", lambda nbytes: 1)
+    monkeypatch.setattr(benchmark, "measure_ceilings", lambda reps=50: benchmark.Ceilings(3e12, 7e14))
+    monkeypatch.setattr(benchmark, "host_us", lambda fn, calls=50: 10.0)
+    monkeypatch.setattr(benchmark, "_int4pack_weights", lambda k, n, g: [])
+
+    def gemm(x, qweight, qzeros, scales, group_size, *, kernel="auto", mma_tile=None,
+             max_splits=16, dispatch=None, **_):
+        launches.append(dispatch_mod.resolve(x.shape[0], group_size, kernel, mma_tile,
+                                             max_splits, dispatch))
+
+    dispatch_mod = dispatch
+    monkeypatch.setattr(api, "gemm", gemm)
+    monkeypatch.setattr(api, "_launch_product",
+                        lambda name, x, *a, **k: launches.append(dispatch.Choice(name)))
+    monkeypatch.setattr(torch, "matmul", lambda *a, **k: launches.append("fp16"))
+
+    def median_us(fns, reps, warmup=5, sleep_cycles=0):
+        launches.clear()
+        fns[0]()
+        c = launches[-1] if launches else "torch"
+        if c == "fp16" or c == "torch":
+            return 100.0
+        return 50.0 if c.tile == WIN else 80.0 if c.kernel != "dequant_overlap" else 90.0
+
+    monkeypatch.setattr(benchmark, "median_us", median_us)
+    return launches
+
+
+def test_sweep_rule_is_timed_by_the_benchmark_and_judged(fake_cuda, tmp_path, capsys):
+    swept = sweep.run(shapes=((128, 256), (256, 128)), ms=(8, 16, 64), reps=50)
+    assert swept["auto"] == dispatch.DEFAULT.to_json() and swept["shapes"] == [[128, 256],
+                                                                                [256, 128]]
+    rule = sweep.tuned_dispatch(swept)
+    assert rule.choose(16).tile == WIN and rule.choose(64).tile == WIN
+    assert rule.choose(2) == dispatch.DEFAULT.choose(2)  # below the first timed M: the base's
+    result = benchmark.run(((128, 256),), (1, 16, 64, 128), reps=50, tuned=rule)
+    impls = {(r["m"], r["impl"]) for r in result["rows"]}
+    assert {(16, "awq[tuned]"), (64, "awq[tuned]")} <= impls  # where it differs from `auto`
+    assert (1, "awq[tuned]") not in impls and (128, "awq[tuned]") not in impls
+    assert (128, "awq[dequant,overlap]") in impls and (64, "awq[dequant,overlap]") not in impls
+    assert dispatch.Dispatch.from_json(result["tuned_dispatch"]) == rule
+    path = tmp_path / "bench_gemm.json"
+    path.write_text(json.dumps(result))
+    assert targets.main(["--gemm", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| target | auto | tuned | best of ours |" in out
+    assert "2.00x at 128x256 M=16 (awq[tuned])" in out  # fp16 100 us, the winner 50
