@@ -19,7 +19,7 @@ from awq_kernels import api, benchmark, build, dispatch, sweep
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-import targets  # noqa: E402
+import targets
 
 WIN = build.MMA_TILES[-1]  # the made-up winner at M = 16
 
