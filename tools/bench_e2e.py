@@ -12,9 +12,11 @@ SwiGLU and the rotary embedding on awq_kernels.ops (one kernel each;
 awq_ref.fuse.use_elementwise_kernels): "fp16 +ops" and "w4 cupy +emb +ops", compared with each
 other (tools/targets.py); they are skipped with a message if the ops fail a quick check against
 torch. "w4 cupy +emb4/head8 +ops" keeps the lm_head in 8 bits (awq_ref.quant.int8_head,
-gemv_int8.cu) with the 4-bit token table. (Until 2026-12-05 "[direct]" variants also ran
-`kernel="auto_direct"`; `auto` now takes the direct kernels where the H100 measured them
-fastest, so they were dropped.) Per variant:
+gemv_int8.cu) with the 4-bit token table. "w4 cupy [overlap]" (prefill only) runs `auto` with
+dequantize + cuBLAS overlapped in column slices from M = 65 (kernel "dequant_overlap",
+awq_kernels/NOTES.md), which `auto` does not take until measured. (Until 2026-12-05
+"[direct]" variants also ran `kernel="auto_direct"`; `auto` now takes the direct kernels where
+the H100 measured them fastest, so they were dropped.) Per variant:
 
 - prefill tokens/s of one forward over 128 and over 2048 tokens (median of --repeats);
 - decode tokens/s: batch 1, 128-token prompt, 256 greedy tokens (the first comes from the
@@ -38,6 +40,7 @@ allocator's "weights" column should find them on a GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -251,6 +254,16 @@ def _fresh_peak() -> float:
     return torch.cuda.memory_allocated() / 2**30
 
 
+def overlap_kernel() -> Callable:
+    """awq_kernels.gemm whose `auto` takes "dequant_overlap" where it took "dequant"."""
+    from awq_kernels import gemm
+    from awq_kernels.dispatch import DEFAULT, Choice, Dispatch
+
+    rules = tuple((b, Choice("dequant_overlap") if c.kernel == "dequant" else c)
+                  for b, c in DEFAULT.rules)
+    return functools.partial(gemm, dispatch=Dispatch(rules, f"{DEFAULT.source}, overlapped"))
+
+
 def bench_model(name: str, s: Settings) -> list[dict]:
     """Every variant of one model, one after the other (never two models at once)."""
     rows = []
@@ -272,6 +285,10 @@ def bench_model(name: str, s: Settings) -> list[dict]:
         weights = _fresh_peak()
         rows.append({"model": name, "weights": source, "variant": f"w4 {backend}",
                      "weights_gib": weights, **measure(model, s, graph=backend == "cupy")})
+    apply_kernel(model, overlap_kernel())
+    _fresh_peak()
+    rows.append({"model": name, "weights": source, "variant": "w4 cupy [overlap]",
+                 "weights_gib": weights, **measure(model, s, graph=False, eager=False)})
     quantize_embeddings(model)  # RTN on the GPU; the fp16 tables are freed
     apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
     weights = _fresh_peak()
