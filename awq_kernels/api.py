@@ -110,9 +110,18 @@ def check_gemm_args(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
         require_tensor("out", out)
         require_dtype("out", out, (x.dtype,))
         require_shape("out", out, (*x.shape[:-1], n))
+        for name, t in tensors.items():  # blocks write y while others still read x
+            if _overlap(out, t):
+                raise ValueError(f"out must not share memory with {name}")
         tensors["out"] = out
     require_layout_and_device(tensors)
     return m, k, n
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the bytes of two tensors (each contiguous, as checked) intersect."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a.numel() > 0 and b.numel() > 0 and a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
 def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

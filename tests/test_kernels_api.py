@@ -52,6 +52,12 @@ def test_shapes():
     _raises(ValueError, "scales must have shape", x, qw, qz, s[:, :64].contiguous(), g)
     _raises(ValueError, "qweight must be 2-D", x, qw.flatten(), qz, s, g)
     _raises(ValueError, "out must have shape", x, qw, qz, s, g, out=torch.empty(4, 64).half())
+    xs, qws, qzs, ss, gs = _args(k=256, n=256)  # K = N: x itself has y's shape
+    _raises(ValueError, "out must not share memory with x", xs, qws, qzs, ss, gs, out=xs)
+    both = torch.empty(8, 256).half()  # y's rows 0..3 over x's rows 2..5
+    _raises(ValueError, "out must not share memory with x", both[2:6], qws, qzs, ss, gs,
+            out=both[:4])
+    _raises(ValueError, "x must be a CUDA tensor", both[4:], qws, qzs, ss, gs, out=both[:4])
     _raises(ValueError, "kernel must be one of", x, qw, qz, s, g, kernel="fast")
     x2, qw2, qz2, s2, _ = _args(k=96, g=32)  # K = 96 is not a multiple of 64
     _raises(ValueError, "must be a positive multiple of group_size", x2, qw2, qz2, s2, 64)

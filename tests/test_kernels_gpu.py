@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import awq_kernels
-from awq_kernels import build, reference
+from awq_kernels import build, reference, runtime
 from awq_kernels.dispatch import Choice, Dispatch
 from awq_kernels.plan import GEMV_DIRECT_MAX_M, GEMV_MAX_M, MMA_DIRECT_AUTO_MAX_M, overlap_slices
 
@@ -233,6 +233,8 @@ def test_direct_kernels_under_cuda_graph_capture(kernel, m):
     awq_kernels.gemm(x, qweight, qzeros, scales, 128, kernel=kernel, fuse_splitk=False)
     for warm_up in (False, True):
         side = torch.cuda.Stream()
+        # torch hands out pooled streams: this one may have counters from an earlier test
+        runtime._splitk_counter_sets.pop((side.device_index, side.cuda_stream), None)
         side.wait_stream(torch.cuda.current_stream())
         if warm_up:
             with torch.cuda.stream(side):
