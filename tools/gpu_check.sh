@@ -22,7 +22,8 @@
 # awq_kernels/dispatch.py, DEFAULT, made with these numbers in hand); the model end to end
 # (tests/test_e2e_gpu.py); end-to-end speed (tools/bench_e2e.py --quick); the 8B decode profile
 # (tools/bench_e2e.py --profile); compute-sanitizer memcheck on small shapes
-# (tools/gpu_memcheck.py). The CPU-side checks (NVRTC compile, spills, emulation, validation)
+# (tools/gpu_memcheck.py); the wgmma layout probe (tests/test_wgmma_probe.py: knowledge for a
+# future sm_90a kernel, no product path). The CPU-side checks (NVRTC compile, spills, emulation, validation)
 # run in CI and are not repeated here; SASS instruction counts come from tools/sass_loops.py on
 # any machine (cuobjdump refused NVRTC's cubin on the H200).
 # Writes 8 files (the device tool's limit: write nothing else under $OUT): tests.log (with the
@@ -40,7 +41,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PIP_RETRIES=${PIP_RETRIES:-0}  # the default model's download fails fast offline
 PY=${PYTHON:-python3}
 SCALE=${GPU_CHECK_TIME_SCALE:-1}  # multiplies every step's time limit
-STEPS="environment kernel-tests mma-sweep kernel-benchmark e2e-tests e2e-benchmark decode-profile memcheck"
+STEPS="environment kernel-tests mma-sweep kernel-benchmark e2e-tests e2e-benchmark decode-profile memcheck wgmma-probe"
 ONLY=${GPU_CHECK_ONLY:-}  # e.g. "kernel-tests kernel-benchmark": run only these steps
 if ! [[ $SCALE =~ ^[1-9][0-9]*$ ]]; then
   echo "GPU_CHECK_TIME_SCALE must be a positive integer, got '$SCALE'" >&2; exit 2
@@ -94,6 +95,8 @@ step "e2e tests" tests.log 120 "${PYTEST[@]}" tests/test_e2e_gpu.py
 step "e2e benchmark" bench_e2e.log 240 $PY tools/bench_e2e.py --quick --json "$RESULTS/bench_e2e.json"
 step "decode profile" bench_e2e.log 150 $PY tools/bench_e2e.py --profile --models llama3-8b
 step "memcheck" tests.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/gpu_memcheck.py
+# last and in its own process: a fault in this unproven sm_90a code cannot spoil the others
+step "wgmma probe" tests.log 60 "${PYTEST[@]}" -s tests/test_wgmma_probe.py
 
 echo
 echo "=== results (logs in $RESULTS)"

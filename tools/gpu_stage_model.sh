@@ -9,7 +9,7 @@
 #            .devcarry/model.parts and .devcarry/py and runs GPU_CHECK_ONLY="environment
 #            kernel-tests mma-sweep kernel-benchmark" bash tools/gpu_check.sh,
 #            call 2 (at once) carries .devcarry/model.part1 and runs GPU_CHECK_ONLY="e2e-tests
-#            e2e-benchmark decode-profile memcheck" bash tools/gpu_check.sh
+#            e2e-benchmark decode-profile memcheck wgmma-probe" bash tools/gpu_check.sh
 # gpu_check.sh joins the parts itself (a failed join -- the machine went back between the
 # calls -- only makes the default-model tests skip) and uses .devcarry/py and .devcarry/cache.
 # .devcarry/py holds the pure-Python packages the GGUF loader needs and the device's Python

@@ -1,0 +1,144 @@
+"""A probe of the Hopper warpgroup MMA (wgmma) layouts (tests/cuda/wgmma_probe.cu), for a
+future sm_90a kernel; no product path uses it yet.
+
+On any machine: the probe compiles with NVRTC for sm_90a (wgmma in its PTX, no spills). On a
+GPU of compute capability 9.0: D = A @ B with A from registers and B from shared memory (K-major,
+no swizzle) equals NumPy's product for the layouts the .cu header assumes, for two memory
+images of B described by their descriptors; a third run gives the descriptor's two offsets
+swapped and is expected to differ (the PTX ISA's reading of "leading" and "stride"). On a
+mismatch the test names where some values of D are found in A @ B. tools/gpu_check.sh runs it
+last, in its own process ("wgmma probe"), so a fault here cannot spoil the other GPU checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROBE = Path(__file__).resolve().parent / "cuda" / "wgmma_probe.cu"
+KERNELS = ("wgmma_probe_n8", "wgmma_probe_n64")
+
+
+def _compile(arch: str = "sm_90a"):
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
+                                reason="NVRTC (CuPy) compiles the probe")
+    prog = nvrtc.createProgram(PROBE.read_text(), PROBE.name, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, ["-std=c++17", f"--gpu-architecture={arch}",
+                                        "--ptxas-options=-v"])
+        except nvrtc.NVRTCError as err:
+            raise AssertionError(nvrtc.getProgramLog(prog)) from err
+        return nvrtc.getPTX(prog).decode(), nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def test_probe_compiles_for_sm90a_with_wgmma_and_no_spills():
+    ptx, cubin, log = _compile()
+    assert "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16" in ptx
+    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16" in ptx
+    assert "fence.proxy.async.shared::cta" in ptx and len(cubin) > 0
+    assert log.count("0 bytes spill stores") == len(KERNELS), log
+
+
+def a_fragments(a: np.ndarray) -> np.ndarray:
+    """A (64, 16) fp16 -> the registers [128 threads][4] as u32 fp16 pairs (the .cu header)."""
+    regs = np.zeros((128, 4), np.uint32)
+    bits = a.astype(np.float16).view(np.uint16).astype(np.uint32)
+    for thread in range(128):
+        w, lane = divmod(thread, 32)
+        g, t = divmod(lane, 4)
+        for r, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8),
+                                        (g + 8, 2 * t + 8))):
+            row += 16 * w
+            regs[thread, r] = bits[row, col] | (bits[row, col + 1] << 16)
+    return regs
+
+
+def b_image(b: np.ndarray, lbo: int, sbo: int) -> np.ndarray:
+    """B (16, N) fp16 as shared memory words: core (n // 8, k // 8) at (n // 8) * sbo +
+    (k // 8) * lbo bytes, its 8 rows n of 8 k values 16 bytes apart."""
+    n = b.shape[1]
+    image = np.zeros(2048 * 2, np.uint16)  # the kernel's 8 KB of shared memory, in halves
+    for nn in range(n):
+        for k in range(16):
+            byte = (nn // 8) * sbo + (k // 8) * lbo + (nn % 8) * 16 + (k % 8) * 2
+            image[byte // 2] = b[k, nn:nn + 1].astype(np.float16).view(np.uint16)[0]
+    return image.view(np.uint32)
+
+
+def d_matrix(d_regs: np.ndarray, n: int) -> np.ndarray:
+    """The registers [128 threads][N / 2] back to D (64, N) as the .cu header assumes."""
+    d = np.full((64, n), np.nan, np.float32)
+    for thread in range(128):
+        w, lane = divmod(thread, 32)
+        g, t = divmod(lane, 4)
+        for r in range(n // 2):
+            j, q = divmod(r, 4)
+            d[16 * w + g + 8 * (q // 2), 8 * j + 2 * t + q % 2] = d_regs[thread, r]
+    return d
+
+
+def test_layout_helpers_round_trip():
+    """The host side of the probe on its own: a D laid out by the assumed fragment layout reads
+    back through d_matrix; A's fragments hold every element once."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(-3, 4, (64, 16)).astype(np.float16)
+    regs = a_fragments(a)
+    halves = np.concatenate([regs & 0xFFFF, regs >> 16], axis=1).astype(np.uint16)
+    assert sorted(halves.view(np.float16).ravel().tolist()) == sorted(a.ravel().tolist())
+    d_regs = np.arange(128 * 32, dtype=np.float32).reshape(128, 32)
+    assert not np.isnan(d_matrix(d_regs, 64)).any()
+    halves = b_image(np.ones((16, 64), np.float16), lbo=128, sbo=256).view(np.uint16)
+    assert (halves[:1024] == 0x3C00).all() and (halves[1024:] == 0).all()  # 2 KB of ones
+
+
+def _run(cubin: bytes, tmp_path: Path, name: str, a: np.ndarray, b: np.ndarray, lbo: int,
+         sbo: int, desc_lbo: int, desc_sbo: int) -> np.ndarray:
+    import cupy
+
+    path = tmp_path / "wgmma_probe.cubin"
+    path.write_bytes(cubin)
+    kernel = cupy.RawModule(path=str(path)).get_function(name)
+    n = b.shape[1]
+    regs = cupy.asarray(a_fragments(a))
+    image = cupy.asarray(b_image(b, lbo, sbo))
+    out = cupy.full((128, n // 2), np.nan, np.float32)
+    kernel((1,), (128,), (regs, image, np.int32(image.size), np.int32(desc_lbo),
+                          np.int32(desc_sbo), out))
+    cupy.cuda.runtime.deviceSynchronize()
+    return d_matrix(cupy.asnumpy(out), n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,n", [("wgmma_probe_n8", 8), ("wgmma_probe_n64", 64)])
+def test_wgmma_layouts_on_hopper(name, n, tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs a GPU of compute capability 9.0 (H100/H200) for sm_90a's wgmma")
+    pytest.importorskip("cupy")
+    _, cubin, _ = _compile()
+    rng = np.random.default_rng(n)
+    a = rng.integers(-4, 5, (64, 16)).astype(np.float16)  # small integers: exact products
+    b = rng.integers(-4, 5, (16, n)).astype(np.float16)
+    want = a.astype(np.float32) @ b.astype(np.float32)
+    results = {}
+    for label, lbo, sbo, desc in (("cores along K adjacent", 128, 256, (128, 256)),
+                                  ("cores along N adjacent", 128 * (n // 8), 128,
+                                   (128 * (n // 8), 128)),
+                                  ("offsets swapped in the descriptor", 128, 256, (256, 128))):
+        got = _run(cubin, tmp_path, name, a, b, lbo, sbo, *desc)
+        results[label] = got
+        print(f"{name} {label}: max |D - A B| = {np.nanmax(np.abs(got - want)):.3g}")
+    for label in ("cores along K adjacent", "cores along N adjacent"):
+        got = results[label]
+        if not np.array_equal(got, want):
+            where = {(i, j): np.argwhere(want == got[i, j]).tolist()[:3]
+                     for i, j in [(0, 0), (0, 1), (8, 0), (16, 0)]}
+            pytest.fail(f"{label}: D differs from A @ B; D[i, j] found at A @ B positions "
+                        f"{where}")
+    # read the other way round, the swapped descriptor would match the first image
+    assert not np.array_equal(results["offsets swapped in the descriptor"], want)
