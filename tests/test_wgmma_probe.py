@@ -44,16 +44,33 @@ def test_probe_compiles_for_sm90a_with_wgmma_and_no_spills():
     assert log.count("0 bytes spill stores") == len(KERNELS), log
 
 
+def a_positions(thread: int) -> list[tuple[int, int]]:
+    """(row, first column) of A in each of a thread's 4 registers (fp16 pairs; the header)."""
+    w, lane = divmod(thread, 32)
+    g, t = divmod(lane, 4)
+    return [(16 * w + row, col) for row, col in ((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8),
+                                                 (g + 8, 2 * t + 8))]
+
+
+def d_position(thread: int, r: int) -> tuple[int, int]:
+    """(row, column) of D in a thread's register r (the header)."""
+    w, lane = divmod(thread, 32)
+    g, t = divmod(lane, 4)
+    j, q = divmod(r, 4)
+    return 16 * w + g + 8 * (q // 2), 8 * j + 2 * t + q % 2
+
+
+def b_byte(k: int, n: int, lbo: int, sbo: int) -> int:
+    """Byte of B[k, n] in the K-major, no-swizzle image (the header)."""
+    return (n // 8) * sbo + (k // 8) * lbo + (n % 8) * 16 + (k % 8) * 2
+
+
 def a_fragments(a: np.ndarray) -> np.ndarray:
     """A (64, 16) fp16 -> the registers [128 threads][4] as u32 fp16 pairs (the .cu header)."""
     regs = np.zeros((128, 4), np.uint32)
     bits = a.astype(np.float16).view(np.uint16).astype(np.uint32)
     for thread in range(128):
-        w, lane = divmod(thread, 32)
-        g, t = divmod(lane, 4)
-        for r, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8),
-                                        (g + 8, 2 * t + 8))):
-            row += 16 * w
+        for r, (row, col) in enumerate(a_positions(thread)):
             regs[thread, r] = bits[row, col] | (bits[row, col + 1] << 16)
     return regs
 
@@ -61,12 +78,11 @@ def a_fragments(a: np.ndarray) -> np.ndarray:
 def b_image(b: np.ndarray, lbo: int, sbo: int) -> np.ndarray:
     """B (16, N) fp16 as shared memory words: core (n // 8, k // 8) at (n // 8) * sbo +
     (k // 8) * lbo bytes, its 8 rows n of 8 k values 16 bytes apart."""
-    n = b.shape[1]
     image = np.zeros(2048 * 2, np.uint16)  # the kernel's 8 KB of shared memory, in halves
-    for nn in range(n):
-        for k in range(16):
-            byte = (nn // 8) * sbo + (k // 8) * lbo + (nn % 8) * 16 + (k % 8) * 2
-            image[byte // 2] = b[k, nn:nn + 1].astype(np.float16).view(np.uint16)[0]
+    bits = b.astype(np.float16).view(np.uint16)
+    for k in range(16):
+        for n in range(b.shape[1]):
+            image[b_byte(k, n, lbo, sbo) // 2] = bits[k, n]
     return image.view(np.uint32)
 
 
@@ -74,11 +90,8 @@ def d_matrix(d_regs: np.ndarray, n: int) -> np.ndarray:
     """The registers [128 threads][N / 2] back to D (64, N) as the .cu header assumes."""
     d = np.full((64, n), np.nan, np.float32)
     for thread in range(128):
-        w, lane = divmod(thread, 32)
-        g, t = divmod(lane, 4)
         for r in range(n // 2):
-            j, q = divmod(r, 4)
-            d[16 * w + g + 8 * (q // 2), 8 * j + 2 * t + q % 2] = d_regs[thread, r]
+            d[d_position(thread, r)] = d_regs[thread, r]
     return d
 
 
@@ -94,6 +107,36 @@ def test_layout_helpers_round_trip():
     assert not np.isnan(d_matrix(d_regs, 64)).any()
     halves = b_image(np.ones((16, 64), np.float16), lbo=128, sbo=256).view(np.uint16)
     assert (halves[:1024] == 0x3C00).all() and (halves[1024:] == 0).all()  # 2 KB of ones
+
+
+def emulate_wgmma(regs: np.ndarray, image: np.ndarray, n: int, lbo: int, sbo: int
+                  ) -> np.ndarray:
+    """The registers [128][N / 2] the probe writes if the hardware reads its operands as the
+    .cu header says: the host side's own check, so that a mismatch on a GPU is the hardware's."""
+    halves = np.stack([regs & 0xFFFF, regs >> 16], axis=-1).astype(np.uint16).view(np.float16)
+    a = np.zeros((64, 16), np.float32)
+    for thread in range(128):
+        for r, (row, col) in enumerate(a_positions(thread)):
+            a[row, col:col + 2] = halves[thread, r]
+    smem = image.view(np.uint16).view(np.float16)
+    b = np.array([[smem[b_byte(k, c, lbo, sbo) // 2] for c in range(n)] for k in range(16)],
+                 np.float32)
+    d = a @ b
+    return np.array([[d[d_position(thread, r)] for r in range(n // 2)] for thread in range(128)],
+                    np.float32)
+
+
+@pytest.mark.parametrize("n", [8, 64])
+def test_probe_host_side_agrees_with_the_documented_semantics(n):
+    rng = np.random.default_rng(n)
+    a = rng.integers(-4, 5, (64, 16)).astype(np.float16)
+    b = rng.integers(-4, 5, (16, n)).astype(np.float16)
+    want = a.astype(np.float32) @ b.astype(np.float32)
+    for lbo, sbo in ((128, 256), (128 * (n // 8), 128)):
+        regs = emulate_wgmma(a_fragments(a), b_image(b, lbo, sbo), n, lbo, sbo)
+        assert np.array_equal(d_matrix(regs, n), want)
+    swapped = emulate_wgmma(a_fragments(a), b_image(b, 128, 256), n, 256, 128)
+    assert not np.array_equal(d_matrix(swapped, n), want)
 
 
 def _run(cubin: bytes, tmp_path: Path, name: str, a: np.ndarray, b: np.ndarray, lbo: int,
