@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 PROBE = Path(__file__).resolve().parent / "cuda" / "wgmma_probe.cu"
-KERNELS = ("wgmma_probe_n8", "wgmma_probe_n64")
+KERNELS = ("wgmma_probe_n8", "wgmma_probe_n64", "wgmma_probe_a_smem_n8")
 
 
 def _compile(arch: str = "sm_90a"):
@@ -65,6 +65,18 @@ def b_byte(k: int, n: int, lbo: int, sbo: int) -> int:
     return (n // 8) * sbo + (k // 8) * lbo + (n % 8) * 16 + (k % 8) * 2
 
 
+def a_image_mn_major(a: np.ndarray, step_m: int, step_k: int) -> np.ndarray:
+    """A (64, 16) fp16 as shared memory words, M-major: core (m // 8, k // 8) at
+    (m // 8) * step_m + (k // 8) * step_k bytes, its 8 k rows of 8 m values 16 bytes apart."""
+    image = np.zeros(1024, np.uint16)  # the kernel's 2 KB for A
+    bits = a.astype(np.float16).view(np.uint16)
+    for m in range(64):
+        for k in range(16):
+            image[((m // 8) * step_m + (k // 8) * step_k + (k % 8) * 16 + (m % 8) * 2) // 2] = (
+                bits[m, k])
+    return image.view(np.uint32)
+
+
 def a_fragments(a: np.ndarray) -> np.ndarray:
     """A (64, 16) fp16 -> the registers [128 threads][4] as u32 fp16 pairs (the .cu header)."""
     regs = np.zeros((128, 4), np.uint32)
@@ -107,6 +119,10 @@ def test_layout_helpers_round_trip():
     assert not np.isnan(d_matrix(d_regs, 64)).any()
     halves = b_image(np.ones((16, 64), np.float16), lbo=128, sbo=256).view(np.uint16)
     assert (halves[:1024] == 0x3C00).all() and (halves[1024:] == 0).all()  # 2 KB of ones
+    ids = np.arange(1, 1025, dtype=np.float16).reshape(64, 16)  # exact in fp16
+    image = a_image_mn_major(ids, 128, 1024).view(np.uint16).view(np.float16)
+    assert sorted(image.tolist()) == sorted(ids.ravel().tolist())  # each element once
+    assert image[:8].tolist() == ids[:8, 0].tolist()  # 8 m values of k = 0 contiguous
 
 
 def emulate_wgmma(regs: np.ndarray, image: np.ndarray, n: int, lbo: int, sbo: int
@@ -185,3 +201,36 @@ def test_wgmma_layouts_on_hopper(name, n, tmp_path):
                         f"{where}")
     # read the other way round, the swapped descriptor would match the first image
     assert not np.array_equal(results["offsets swapped in the descriptor"], want)
+
+
+@pytest.mark.gpu
+def test_wgmma_a_from_shared_memory_m_major(tmp_path):
+    """A in shared memory M-major (the order of a dequantized AWQ word): which of the
+    descriptor's offsets steps along K there is not settled by the B probe, so both readings
+    run and exactly one must give A @ B; the test prints which."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs a GPU of compute capability 9.0 (H100/H200) for sm_90a's wgmma")
+    cupy = pytest.importorskip("cupy")
+    _, cubin, _ = _compile()
+    path = tmp_path / "wgmma_probe.cubin"
+    path.write_bytes(cubin)
+    kernel = cupy.RawModule(path=str(path)).get_function("wgmma_probe_a_smem_n8")
+    rng = np.random.default_rng(1)
+    a = rng.integers(-4, 5, (64, 16)).astype(np.float16)
+    b = rng.integers(-4, 5, (16, 8)).astype(np.float16)
+    want = a.astype(np.float32) @ b.astype(np.float32)
+    step_m, step_k = 128, 1024  # cores along M packed, the two k halves 1 KB apart
+    image = cupy.asarray(a_image_mn_major(a, step_m, step_k))
+    b_words = cupy.asarray(b_image(b, 128, 256)[:64])
+    matched = []
+    for label, (lbo, sbo) in (("lbo steps along K", (step_k, step_m)),
+                              ("lbo steps along M", (step_m, step_k))):
+        out = cupy.full((128, 4), np.nan, np.float32)
+        kernel((1,), (128,), (image, b_words, np.int32(lbo), np.int32(sbo), out))
+        cupy.cuda.runtime.deviceSynchronize()
+        got = d_matrix(cupy.asnumpy(out), 8)
+        print(f"A M-major, {label}: max |D - A B| = {np.nanmax(np.abs(got - want)):.3g}")
+        if np.array_equal(got, want):
+            matched.append(label)
+    assert len(matched) == 1, f"readings that gave A @ B: {matched}"

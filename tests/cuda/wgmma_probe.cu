@@ -17,6 +17,11 @@
 // The host lays B out for the given (lbo, sbo) and compares D with A @ B: a match confirms all
 // three assumptions at once; D is written raw (per thread and register) so a mismatch can be
 // read back to the true layout.
+// wgmma_probe_a_smem_n8 takes A from shared memory too, M-major (trans-a = 1): 8 x 8 cores of
+// 8 k rows, each 16 contiguous bytes of 8 m values -- the AWQ word's own order once its 8
+// columns are dequantized -- core (m / 8, k / 8) at (m / 8) * a_m + (k / 8) * a_k bytes, and a
+// descriptor whose (lbo, sbo) the host sets to (a_k, a_m) or (a_m, a_k): which one reads it right
+// is what the probe finds out.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -50,6 +55,14 @@ __device__ void wgmma_n<64>(float* d, const u32* a, unsigned long long desc) {
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 
+__device__ unsigned long long smem_desc(const void* p, int lbo, int sbo) {
+  // start address, leading and stride byte offsets (each >> 4, 14 bits), no swizzle
+  const u32 addr = (u32)__cvta_generic_to_shared(p);
+  return (unsigned long long)((addr & 0x3FFFF) >> 4) |
+         ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16) |
+         ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32);
+}
+
 // a_regs [128 threads][4] (fp16 pairs as the fragment holds them), b_image: the shared-memory
 // image of B (bytes, laid out by the host), d_out [128 threads][N / 2] fp32.
 template <int N>
@@ -65,13 +78,8 @@ __device__ void probe(const u32* a_regs, const u32* b_image, int b_words, int lb
   for (int r = 0; r < 4; ++r) a[r] = a_regs[4 * t + r];
   float d[N / 2];
   for (int r = 0; r < N / 2; ++r) d[r] = 0.f;
-  const u32 addr = (u32)__cvta_generic_to_shared(smem);
-  // descriptor: start address, leading and stride byte offsets (each >> 4), no swizzle
-  const unsigned long long desc = (unsigned long long)((addr & 0x3FFFF) >> 4) |
-                                  ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16) |
-                                  ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32);
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-  wgmma_n<N>(d, a, desc);
+  wgmma_n<N>(d, a, smem_desc(smem, lbo, sbo));
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   for (int r = 0; r < N / 2; ++r) d_out[t * (N / 2) + r] = d[r];
@@ -85,4 +93,29 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_probe_n8(
 extern "C" __global__ void __launch_bounds__(128) wgmma_probe_n64(
     const u32* a_regs, const u32* b_image, int b_words, int lbo, int sbo, float* d_out) {
   probe<64>(a_regs, b_image, b_words, lbo, sbo, d_out);
+}
+
+// A and B both from shared memory: a_image (2 KB) then b_image (K-major as above, lbo 128,
+// sbo 256); the A descriptor's offsets (a_lbo, a_sbo) as the host gives them.
+extern "C" __global__ void __launch_bounds__(128) wgmma_probe_a_smem_n8(
+    const u32* a_image, const u32* b_image, int a_lbo, int a_sbo, float* d_out) {
+  __shared__ alignas(128) u32 a_s[512];  // 64 x 16 fp16 with room for the wider strides
+  __shared__ alignas(128) u32 b_s[64];   // 16 x 8 fp16
+  const int t = threadIdx.x;
+  for (int i = t; i < 512; i += 128) a_s[i] = a_image[i];
+  if (t < 64) b_s[t] = b_image[t];
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  const unsigned long long da = smem_desc(a_s, a_lbo, a_sbo), db = smem_desc(b_s, 128, 256);
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  asm volatile(  // imm-trans-a 1: A M-major; imm-trans-b 0: B K-major
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, %4, %5, "
+      "p, 1, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "l"(da), "l"(db));
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  for (int r = 0; r < 4; ++r) d_out[t * 4 + r] = d[r];
 }
