@@ -69,6 +69,11 @@ def test_e2e_targets_and_the_cli(tmp_path, capsys):
     path.write_text(json.dumps(result))
     assert targets.main(["--e2e", str(path)]) == 0
     assert "| llama3-8b prefill 2048 >= 1.0x fp16 |" in capsys.readouterr().out
+    result["rows"].append(row("w4 cupy [tuned]", 200.0, 5.4, 1010.0))
+    got = {r["target"]: r for r in targets.e2e_targets(result)}
+    assert got["llama3-8b decode (graph) >= 2.5x fp16"]["tuned"] == (
+        "2.00x at w4 cupy [tuned]: NOT met")
+    assert got["llama3-8b prefill 2048 >= 1.0x fp16"]["tuned"] == "1.01x at w4 cupy [tuned]: met"
     assert targets.main(["--e2e", str(tmp_path / "absent.json")]) == 2
     assert targets.main([]) == 2
 

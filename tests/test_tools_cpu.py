@@ -70,3 +70,11 @@ def test_ptx_loops_counts_backward_branches_only():
     loops = sass_loops.ptx_loops(PTX, "k")
     assert loops == [["add.s32 \t%r1, %r1, 1;", "setp.lt.s32 \t%p1, %r1, 8;",
                       "@%p1 bra \t$L__BB0_1;"]]  # the forward bra.uni closes no loop
+
+
+def test_bench_e2e_refuses_a_tuned_from_that_is_no_sweep(tmp_path, capsys):
+    """Checked before any device is looked for: a bad file is a clear exit 2, on any machine."""
+    bad = tmp_path / "sweep.json"
+    bad.write_text('{"rows": [{"m": 1}]}')
+    assert bench_e2e.main(["--tuned-from", str(bad)]) == 2
+    assert "not a sweep's JSON (KeyError" in capsys.readouterr().err

@@ -14,7 +14,8 @@ other (tools/targets.py); they are skipped with a message if the ops fail a quic
 torch. "w4 cupy +emb4/head8 +ops" keeps the lm_head in 8 bits (awq_ref.quant.int8_head,
 gemv_int8.cu) with the 4-bit token table. "w4 cupy [overlap]" (prefill only) runs `auto` with
 dequantize + cuBLAS overlapped in column slices from M = 65 (kernel "dequant_overlap",
-awq_kernels/NOTES.md), which `auto` does not take until measured. (Until 2026-12-05
+awq_kernels/NOTES.md), which `auto` does not take until measured; with --tuned-from, "w4 cupy
+[tuned]" runs `auto` under the rule a tile sweep chose (awq_kernels.sweep). (Until 2026-12-05
 "[direct]" variants also ran `kernel="auto_direct"`; `auto` now takes the direct kernels where
 the H100 measured them fastest, so they were dropped.) Per variant:
 
@@ -256,16 +257,23 @@ def _fresh_peak() -> float:
 
 def overlap_kernel() -> Callable:
     """awq_kernels.gemm whose `auto` takes "dequant_overlap" where it took "dequant"."""
-    from awq_kernels import gemm
     from awq_kernels.dispatch import DEFAULT, Choice, Dispatch
 
     rules = tuple((b, Choice("dequant_overlap") if c.kernel == "dequant" else c)
                   for b, c in DEFAULT.rules)
-    return functools.partial(gemm, dispatch=Dispatch(rules, f"{DEFAULT.source}, overlapped"))
+    return dispatch_kernel(Dispatch(rules, f"{DEFAULT.source}, overlapped"))
 
 
-def bench_model(name: str, s: Settings) -> list[dict]:
-    """Every variant of one model, one after the other (never two models at once)."""
+def dispatch_kernel(dispatch) -> Callable:
+    """awq_kernels.gemm with `auto` under another rule (awq_kernels.dispatch.Dispatch)."""
+    from awq_kernels import gemm
+
+    return functools.partial(gemm, dispatch=dispatch)
+
+
+def bench_model(name: str, s: Settings, tuned=None) -> list[dict]:
+    """Every variant of one model, one after the other (never two models at once); with
+    `tuned` (a Dispatch) also "w4 cupy [tuned]": `auto` under that rule."""
     rows = []
     ops = elementwise_ops()
     model, source = build(name, quantized=False)
@@ -289,6 +297,11 @@ def bench_model(name: str, s: Settings) -> list[dict]:
     _fresh_peak()
     rows.append({"model": name, "weights": source, "variant": "w4 cupy [overlap]",
                  "weights_gib": weights, **measure(model, s, graph=False, eager=False)})
+    if tuned is not None:
+        apply_kernel(model, dispatch_kernel(tuned))
+        _fresh_peak()
+        rows.append({"model": name, "weights": source, "variant": "w4 cupy [tuned]",
+                     "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
     quantize_embeddings(model)  # RTN on the GPU; the fp16 tables are freed
     apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
     weights = _fresh_peak()
@@ -381,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help=f"{QUICK.new_tokens} new tokens, "
                    f"{QUICK.repeats} prefill repeats (for tools/gpu_check.sh)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--tuned-from", type=Path, default=None, metavar="SWEEP_JSON",
+                   help="also time 'w4 cupy [tuned]': `auto` under the rule this tile sweep's "
+                        "JSON chooses (awq_kernels.sweep.tuned_dispatch)")
     p.add_argument("--profile", action="store_true", help="instead of timing, print where the "
                    "decode time goes (torch.profiler kernel tables: fp16, w4 cupy, w4 cupy +emb +ops)")
     p.add_argument("--count-weights", action="store_true", help="only count each variant's "
@@ -389,6 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.count_weights:
         print(markdown(count_weights()))
         return 0
+    tuned = None
+    if args.tuned_from is not None:
+        from awq_kernels import sweep
+        from awq_ref.files import parse_json
+
+        try:
+            tuned = sweep.tuned_dispatch(parse_json(args.tuned_from.read_bytes(),
+                                                    str(args.tuned_from)))
+        except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as err:
+            print(f"--tuned-from {args.tuned_from}: not a sweep's JSON ({err!r:.200})",
+                  file=sys.stderr)
+            return 2
     try:
         check_backend("cupy", DEVICE, DTYPE)
     except ValueError as e:
@@ -401,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     s = QUICK if args.quick else Settings()
     rows = []
     for name in args.models:  # saved after each model: a later fault or time limit keeps it
-        rows += bench_model(name, s)
+        rows += bench_model(name, s, tuned)
         print(f"{name}: measured", flush=True)
         if args.json:
             atomic_write_text(args.json, json.dumps({"device": torch.cuda.get_device_name(),

@@ -85,14 +85,22 @@ step() {  # step NAME LOGFILE SECONDS CMD...: run under a time limit, tee the lo
 step "environment" tests.log 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -1; $PY -c 'import torch, cupy; print(\"torch\", torch.__version__, \"cupy\", cupy.__version__, torch.cuda.get_device_name())'; $PY -c 'import gguf; print(\"gguf\", gguf.__file__)' || echo 'no gguf: the default-model steps will skip'; echo AWQ_REF_CACHE=\${AWQ_REF_CACHE:-unset}"
 step "kernel tests" tests.log 180 "${PYTEST[@]}" --maxfail=30 tests/test_kernels_gpu.py
 step "mma sweep" bench_gemm.log 180 $PY tools/bench_gemm.py --sweep-mma --out "$RESULTS/sweep_mma"
-tuned=()  # the benchmark also times `auto` as this run's sweep chose it (awq[tuned]) if one derives
-if [[ $sweep_ran && -f "$RESULTS/sweep_mma.json" && ( -z $ONLY || " $ONLY " == *" kernel-benchmark "* ) ]] &&
-   timeout 60 $PY -c "import json, sys; from awq_kernels import sweep; sweep.tuned_dispatch(json.load(open(sys.argv[1])))" "$RESULTS/sweep_mma.json" >> "$RESULTS/bench_gemm.log" 2>&1; then
+derives_rule() {  # derives_rule SWEEP_JSON: whether a rule derives from it (bounded, logged)
+  [[ -f $1 ]] && timeout 60 $PY -c "import json, sys; from awq_kernels import sweep; sweep.tuned_dispatch(json.load(open(sys.argv[1])))" "$1" >> "$RESULTS/bench_gemm.log" 2>&1
+}
+wants() { [[ -z $ONLY || " $ONLY " == *" $1 "* ]]; }  # wants STEP: whether STEP runs
+tuned=()  # the benchmarks also time `auto` as this call's sweep chose it (awq[tuned])
+if [[ $sweep_ran ]] && { wants kernel-benchmark || wants e2e-benchmark; } &&
+   derives_rule "$RESULTS/sweep_mma.json"; then
   tuned=(--tuned-from "$RESULTS/sweep_mma.json")
 fi
 step "kernel benchmark" bench_gemm.log 210 $PY tools/bench_gemm.py --out "$RESULTS/bench_gemm" "${tuned[@]}"
 step "e2e tests" tests.log 120 "${PYTEST[@]}" tests/test_e2e_gpu.py
-step "e2e benchmark" bench_e2e.log 240 $PY tools/bench_e2e.py --quick --json "$RESULTS/bench_e2e.json"
+e2e_tuned=("${tuned[@]}")  # end to end too: this call's sweep, or one carried from call 1
+if [[ ${#tuned[@]} -eq 0 ]] && wants e2e-benchmark && derives_rule .devcarry/sweep_mma.json; then
+  e2e_tuned=(--tuned-from .devcarry/sweep_mma.json)
+fi
+step "e2e benchmark" bench_e2e.log 240 $PY tools/bench_e2e.py --quick --json "$RESULTS/bench_e2e.json" "${e2e_tuned[@]}"
 step "decode profile" bench_e2e.log 150 $PY tools/bench_e2e.py --profile --models llama3-8b
 step "memcheck" tests.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/gpu_memcheck.py
 # last and in its own process: a fault in this unproven sm_90a code cannot spoil the others
