@@ -104,7 +104,7 @@ step "e2e benchmark" bench_e2e.log 240 $PY tools/bench_e2e.py --quick --json "$R
 step "decode profile" bench_e2e.log 150 $PY tools/bench_e2e.py --profile --models llama3-8b
 step "memcheck" tests.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/gpu_memcheck.py
 # last and in its own process: a fault in this unproven sm_90a code cannot spoil the others
-step "wgmma probe" tests.log 60 "${PYTEST[@]}" -s tests/test_wgmma_probe.py
+step "wgmma probe" tests.log 30 "${PYTEST[@]}" -s tests/test_wgmma_probe.py
 
 echo
 echo "=== results (logs in $RESULTS)"
