@@ -184,9 +184,11 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, dtype: torch.dtype = torch.float16,
-               columns: tuple[int, int] | None = None) -> torch.Tensor:
+               columns: tuple[int, int] | None = None, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """W [K, N] in `dtype` (float16 or bfloat16), W[k, n] = (q - z) * s rounded once; with
-    `columns` = (n0, NC) only W[:, n0:n0 + NC] (n0 and NC multiples of 64), contiguous.
+    `columns` = (n0, NC) only W[:, n0:n0 + NC] (n0 and NC multiples of 64), contiguous; into
+    `out` ([K, NC] of `dtype`) when given.
 
     qweight [K, N/8] int32, qzeros [K/G, N/8] int32, scales [K/G, N] float16, as for `gemm`.
     """
@@ -198,8 +200,14 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     if n0 % N_MULTIPLE or nc % N_MULTIPLE or not (0 <= n0 and 0 < nc and n0 + nc <= n):
         raise ValueError(f"columns (n0, NC) = {columns} must be multiples of {N_MULTIPLE} "
                          f"with 0 <= n0, 0 < NC, n0 + NC <= N = {n}")
-    require_layout_and_device({"qweight": qweight, "qzeros": qzeros, "scales": scales})
-    w = torch.empty((k, nc), dtype=dtype, device=qweight.device)
+    tensors = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
+    if out is not None:
+        require_tensor("out", out)
+        require_dtype("out", out, (dtype,))
+        require_shape("out", out, (k, nc))
+        tensors["out"] = out
+    require_layout_and_device(tensors)
+    w = torch.empty((k, nc), dtype=dtype, device=qweight.device) if out is None else out
     tag = ACTIVATION_DTYPES[dtype]
     with on_torch_stream(qweight.device) as (arch, num_sms):
         launch = plan_dequant(k, nc, num_sms)
@@ -216,21 +224,24 @@ def _dequant_matmul_overlapped(x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
     compute-bound) and only the first slice's dequantization is exposed. Each output column is
     one matmul over all of K, as in "dequant" (cuBLAS may pick another algorithm for the
     narrower shape, so the bits may differ from it; repeated calls give the same bits).
-    torch.mm writes a column slice of y2 in place (cuBLAS's leading dimension): no copy."""
+    torch.mm writes a column slice of y2 in place (cuBLAS's leading dimension): no copy.
+    The slices are allocated on torch's stream (its memory pool, as "dequant"'s W): main waits
+    for every slice before it goes on, so their memory is free for main's next use."""
     main = torch.cuda.current_stream(x2.device)
-    side = torch.cuda.Stream(device=x2.device)
-    side.wait_stream(main)  # x2, the packed weights and y2 are ready on main
-    slices = []
+    k = qweight.shape[0]
+    slices = [(n0, nc, torch.empty((k, nc), dtype=x2.dtype, device=x2.device))
+              for n0, nc in overlap_slices(y2.shape[1])]
+    side = torch.cuda.Stream(device=x2.device)  # one of torch's pooled streams
+    side.wait_stream(main)  # x2, the packed weights, y2 and the slices' memory are ready on main
+    done = []
     with torch.cuda.stream(side):
-        for n0, nc in overlap_slices(y2.shape[1]):
-            w = dequantize(qweight, qzeros, scales, group_size, x2.dtype, columns=(n0, nc))
-            done = torch.cuda.Event()
-            done.record(side)
-            slices.append((n0, nc, w, done))
-    for n0, nc, w, done in slices:
-        main.wait_event(done)
+        for n0, nc, w in slices:
+            dequantize(qweight, qzeros, scales, group_size, x2.dtype, columns=(n0, nc), out=w)
+            done.append(torch.cuda.Event())
+            done[-1].record(side)
+    for (n0, nc, w), event in zip(slices, done):
+        main.wait_event(event)
         torch.mm(x2, w, out=y2[:, n0:n0 + nc])  # (M, NC), row stride N: cuBLAS's ldc
-        w.record_stream(main)  # its memory is not reused before main has read it
 
 
 def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,

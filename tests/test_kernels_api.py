@@ -128,6 +128,11 @@ def test_dequantize_validates():
             awq_kernels.dequantize(*_args()[1:], columns=columns)
     with pytest.raises(ValueError, match="qweight must be a CUDA tensor"):
         awq_kernels.dequantize(*_args()[1:], columns=(0, 64))
+    k = _args()[1].shape[0]
+    with pytest.raises(ValueError, match=rf"out must have shape \[{k}, 64\]"):
+        awq_kernels.dequantize(*_args()[1:], columns=(0, 64), out=torch.empty(k, 128).half())
+    with pytest.raises(TypeError, match="out must have dtype"):
+        awq_kernels.dequantize(*_args()[1:], columns=(0, 64), out=torch.empty(k, 64))
 
 
 def test_import_compiles_nothing_and_imports_no_cupy():

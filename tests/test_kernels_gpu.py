@@ -169,8 +169,10 @@ def test_dequantize_column_slices_and_overlap(dtype):
         qweight, qzeros, scales, _ = _weights(k, n, g)
         whole = awq_kernels.dequantize(qweight, qzeros, scales, g, dtype=dtype)
         for n0, nc in overlap_slices(n):
-            part = awq_kernels.dequantize(qweight, qzeros, scales, g, dtype=dtype,
-                                          columns=(n0, nc))
+            part = torch.full((k, nc), float("nan"), dtype=dtype, device="cuda")
+            got = awq_kernels.dequantize(qweight, qzeros, scales, g, dtype=dtype,
+                                         columns=(n0, nc), out=part)
+            assert got is part
             assert torch.equal(part.view(torch.int16), whole[:, n0:n0 + nc].view(torch.int16))
         for m in (65, 1024):
             _check(torch.randn(m, k, device="cuda").to(dtype), k, n, g, "dequant_overlap")

@@ -7,7 +7,7 @@ no swizzle) equals NumPy's product for the layouts the .cu header assumes, for t
 images of B described by their descriptors; a third run gives the descriptor's two offsets
 swapped and is expected to differ (the PTX ISA's reading of "leading" and "stride"). On a
 mismatch the test names where some values of D are found in A @ B. tools/gpu_check.sh runs it
-last, in its own process ("wgmma probe"), so a fault here cannot spoil the other GPU checks.
+in its own process ("wgmma probe"), so a fault here cannot spoil the other GPU checks.
 """
 
 from __future__ import annotations

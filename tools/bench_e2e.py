@@ -47,7 +47,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -272,28 +272,28 @@ def dispatch_kernel(dispatch) -> Callable:
     return functools.partial(gemm, dispatch=dispatch)
 
 
-def bench_model(name: str, s: Settings, tuned=None) -> list[dict]:
-    """Every variant of one model, one after the other (never two models at once); with
-    `tuned` (a Dispatch) also "w4 cupy [tuned]": `auto` under that rule."""
-    rows = []
+def bench_model(name: str, s: Settings, tuned=None) -> Iterator[dict]:
+    """Every variant of one model, one after the other (never two models at once), a row as
+    each is measured; with `tuned` (a Dispatch) also "w4 cupy [tuned]": `auto` under that
+    rule."""
     ops = elementwise_ops()
     model, source = build(name, quantized=False)
     weights = _fresh_peak()
-    rows.append({"model": name, "weights": source, "variant": "fp16", "weights_gib": weights,
-                 **measure(model, s, graph=True)})
+    yield {"model": name, "weights": source, "variant": "fp16", "weights_gib": weights,
+           **measure(model, s, graph=True)}
     if ops is not None:
         use_elementwise_kernels(model, ops)
         _fresh_peak()  # this variant's own peak, not the one before
-        rows.append({"model": name, "weights": source, "variant": "fp16 +ops",
-                     "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
+        yield {"model": name, "weights": source, "variant": "fp16 +ops",
+               "weights_gib": weights, **measure(model, s, graph=True, eager=False)}
     del model
     _fresh_peak()
     model, source = build(name, quantized=True)
     for backend in ("cupy", "torch"):
         apply_kernel(model, backend_kernel(backend, DEVICE, DTYPE))
         weights = _fresh_peak()
-        rows.append({"model": name, "weights": source, "variant": f"w4 {backend}",
-                     "weights_gib": weights, **measure(model, s, graph=backend == "cupy")})
+        yield {"model": name, "weights": source, "variant": f"w4 {backend}",
+               "weights_gib": weights, **measure(model, s, graph=backend == "cupy")}
     # kernels not yet run on a GPU: a failure costs only its own row
     optional = [("w4 cupy [overlap]", overlap_kernel(), False)]
     if tuned is not None:
@@ -302,20 +302,22 @@ def bench_model(name: str, s: Settings, tuned=None) -> list[dict]:
         apply_kernel(model, kernel)
         _fresh_peak()
         try:
-            rows.append({"model": name, "weights": source, "variant": variant,
-                         "weights_gib": weights, **measure(model, s, graph=graph, eager=False)})
+            row = {"model": name, "weights": source, "variant": variant,
+                   "weights_gib": weights, **measure(model, s, graph=graph, eager=False)}
         except point_errors() as err:
             print(f"  {name} {variant}: {type(err).__name__}: {err}", flush=True)
+            continue
+        yield row
     quantize_embeddings(model)  # RTN on the GPU; the fp16 tables are freed
     apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
     weights = _fresh_peak()
-    rows.append({"model": name, "weights": source, "variant": "w4 cupy +emb",
-                 "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
+    yield {"model": name, "weights": source, "variant": "w4 cupy +emb",
+           "weights_gib": weights, **measure(model, s, graph=True, eager=False)}
     if ops is not None:
         use_elementwise_kernels(model, ops)
         _fresh_peak()
-        rows.append({"model": name, "weights": source, "variant": "w4 cupy +emb +ops",
-                     "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
+        yield {"model": name, "weights": source, "variant": "w4 cupy +emb +ops",
+               "weights_gib": weights, **measure(model, s, graph=True, eager=False)}
     del model
     _fresh_peak()
     # The 4-bit token table with an 8-bit lm_head (a tenth of the 4-bit head's quality cost).
@@ -326,12 +328,11 @@ def bench_model(name: str, s: Settings, tuned=None) -> list[dict]:
     apply_int8_kernel(model, backend_int8_kernel("cupy", DEVICE, DTYPE))
     use_elementwise_kernels(model, ops)  # None (failed check): the torch code
     weights = _fresh_peak()
-    rows.append({"model": name, "weights": source,
-                 "variant": "w4 cupy +emb4/head8" + (" +ops" if ops else ""),
-                 "weights_gib": weights, **measure(model, s, graph=True, eager=False)})
+    yield {"model": name, "weights": source,
+           "variant": "w4 cupy +emb4/head8" + (" +ops" if ops else ""),
+           "weights_gib": weights, **measure(model, s, graph=True, eager=False)}
     del model
     _fresh_peak()
-    return rows
 
 
 # --- where the decode time goes ----------------------------------------------------------------
@@ -432,14 +433,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     s = QUICK if args.quick else Settings()
     rows = []
-    for name in args.models:  # saved after each model: a later fault or time limit keeps it
-        rows += bench_model(name, s, tuned)
-        print(f"{name}: measured", flush=True)
-        if args.json:
-            atomic_write_text(args.json, json.dumps({"device": torch.cuda.get_device_name(),
-                                                     "torch": torch.__version__,
-                                                     "settings": asdict(s), "rows": rows},
-                                                    indent=1))
+    for name in args.models:
+        for row in bench_model(name, s, tuned):  # saved after each row: a later fault keeps it
+            rows.append(row)
+            print(f"{name} {row['variant']}: measured", flush=True)
+            if args.json:
+                atomic_write_text(args.json, json.dumps(
+                    {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                     "settings": asdict(s), "rows": rows}, indent=1))
     print(markdown(rows))
     return 0
 

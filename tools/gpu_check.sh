@@ -22,8 +22,8 @@
 # awq_kernels/dispatch.py, DEFAULT, made with these numbers in hand); the model end to end
 # (tests/test_e2e_gpu.py); end-to-end speed (tools/bench_e2e.py --quick); the 8B decode profile
 # (tools/bench_e2e.py --profile); compute-sanitizer memcheck on small shapes
-# (tools/gpu_memcheck.py); the wgmma layout probe (tests/test_wgmma_probe.py: knowledge for a
-# future sm_90a kernel, no product path). The CPU-side checks (NVRTC compile, spills, emulation, validation)
+# (tools/gpu_memcheck.py). The wgmma layout probe (tests/test_wgmma_probe.py: knowledge for a
+# future sm_90a kernel, no product path) runs before the decode profile. The CPU-side checks (NVRTC compile, spills, emulation, validation)
 # run in CI and are not repeated here; SASS instruction counts come from tools/sass_loops.py on
 # any machine (cuobjdump refused NVRTC's cubin on the H200).
 # Writes 8 files (the device tool's limit: write nothing else under $OUT): tests.log (with the
@@ -41,7 +41,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PIP_RETRIES=${PIP_RETRIES:-0}  # the default model's download fails fast offline
 PY=${PYTHON:-python3}
 SCALE=${GPU_CHECK_TIME_SCALE:-1}  # multiplies every step's time limit
-STEPS="environment kernel-tests mma-sweep kernel-benchmark e2e-tests e2e-benchmark decode-profile memcheck wgmma-probe"
+STEPS="environment kernel-tests mma-sweep kernel-benchmark e2e-tests e2e-benchmark wgmma-probe decode-profile memcheck"
 ONLY=${GPU_CHECK_ONLY:-}  # e.g. "kernel-tests kernel-benchmark": run only these steps
 if ! [[ $SCALE =~ ^[1-9][0-9]*$ ]]; then
   echo "GPU_CHECK_TIME_SCALE must be a positive integer, got '$SCALE'" >&2; exit 2
@@ -101,10 +101,10 @@ if [[ ${#tuned[@]} -eq 0 ]] && wants e2e-benchmark && derives_rule .devcarry/swe
   e2e_tuned=(--tuned-from .devcarry/sweep_mma.json)
 fi
 step "e2e benchmark" bench_e2e.log 240 $PY tools/bench_e2e.py --quick --json "$RESULTS/bench_e2e.json" "${e2e_tuned[@]}"
+# its own process: a fault in this unproven sm_90a code cannot spoil the steps after it
+step "wgmma probe" tests.log 30 "${PYTEST[@]}" -s tests/test_wgmma_probe.py
 step "decode profile" bench_e2e.log 150 $PY tools/bench_e2e.py --profile --models llama3-8b
 step "memcheck" tests.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/gpu_memcheck.py
-# last and in its own process: a fault in this unproven sm_90a code cannot spoil the others
-step "wgmma probe" tests.log 30 "${PYTEST[@]}" -s tests/test_wgmma_probe.py
 
 echo
 echo "=== results (logs in $RESULTS)"

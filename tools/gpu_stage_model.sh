@@ -11,7 +11,7 @@
 #            call 2 (at once; first `cp <call 1's files_at>/sweep_mma.json .devcarry/` so that
 #            bench_e2e times `auto` as the sweep chose it) carries .devcarry/model.part1 and
 #            .devcarry/sweep_mma.json and runs GPU_CHECK_ONLY="e2e-tests e2e-benchmark
-#            decode-profile memcheck wgmma-probe" bash tools/gpu_check.sh
+#            wgmma-probe decode-profile memcheck" bash tools/gpu_check.sh
 # gpu_check.sh joins the parts itself (a failed join -- the machine went back between the
 # calls -- only makes the default-model tests skip) and uses .devcarry/py and .devcarry/cache.
 # .devcarry/py holds the pure-Python packages the GGUF loader needs and the device's Python

@@ -99,10 +99,12 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_probe_n64(
 // sbo 256); the A descriptor's offsets (a_lbo, a_sbo) as the host gives them.
 extern "C" __global__ void __launch_bounds__(128) wgmma_probe_a_smem_n8(
     const u32* a_image, const u32* b_image, int a_lbo, int a_sbo, float* d_out) {
-  __shared__ alignas(128) u32 a_s[512];  // 64 x 16 fp16 with room for the wider strides
+  // A: the 2 KB image, then zeros: a descriptor read the wrong way round reaches up to byte
+  // 7,422 (core (7, 1) at 7 * 1024 + 128), which must stay inside the allocation
+  __shared__ alignas(128) u32 a_s[2048];
   __shared__ alignas(128) u32 b_s[64];   // 16 x 8 fp16
   const int t = threadIdx.x;
-  for (int i = t; i < 512; i += 128) a_s[i] = a_image[i];
+  for (int i = t; i < 2048; i += 128) a_s[i] = i < 512 ? a_image[i] : 0u;
   if (t < 64) b_s[t] = b_image[t];
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
