@@ -128,3 +128,14 @@ def test_reading_json_needs_no_torch():
     code = f"import sys; sys.path.insert(0, {str(tools)!r}); import targets; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_splitk_tail_is_the_difference_with_and_without_the_sum():
+    rows = [_gemm_row(4096, 4096, 1, "awq[direct]", 12.8),
+            _gemm_row(4096, 4096, 1, "awq[direct,no sum]", 10.3),
+            _gemm_row(8192, 28672, 16, "awq[mma,split]", 60.0),
+            _gemm_row(8192, 28672, 16, "awq[mma,split,no sum]", 57.5),
+            _gemm_row(4096, 4096, 2, "awq[direct]", 14.4)]  # no partner: left out
+    got = targets.splitk_tail({"rows": rows})
+    assert [(r["impl"], r["K x N"], r["tail us"]) for r in got] == [
+        ("awq[direct]", "4096x4096", "2.5"), ("awq[mma,split]", "8192x28672", "2.5")]

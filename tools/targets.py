@@ -140,6 +140,28 @@ def fastest_per_m(result: dict) -> list[dict]:
     return out
 
 
+# (implementation, its run without the split-K sum, M) pairs bench_gemm times for the difference
+SPLITK_TAIL_PAIRS = (("awq[direct]", "awq[direct,no sum]", 1),
+                     ("awq[mma,split]", "awq[mma,split,no sum]", 16))
+
+
+def splitk_tail(result: dict) -> list[dict]:
+    """What the fused split-K sum costs per call (the partials' fence, the arrival count and the
+    last block's sum): the time with it minus the time without, per shape, where both ran. The
+    fixed cost at M = 1 (~9.8 us against torch int4's ~5.8 on the H100) is partly this tail;
+    the split-K through distributed shared memory of NOTES.md is worth writing only if it is
+    large."""
+    times = {(r["k"], r["n"], r["m"], r["impl"]): r["us"] for r in result["rows"]}
+    out = []
+    for impl, no_sum, m in SPLITK_TAIL_PAIRS:
+        for (k, n, mm, name), us in times.items():
+            if name == impl and mm == m and (k, n, m, no_sum) in times:
+                base = times[(k, n, m, no_sum)]
+                out.append({"impl": impl, "M": m, "K x N": f"{k}x{n}", "us": f"{us:.1f}",
+                            "without the sum": f"{base:.1f}", "tail us": f"{us - base:.1f}"})
+    return out
+
+
 def e2e_targets(result: dict, model: str = E2E_MODEL) -> list[dict]:
     rows = {r["variant"]: r for r in result["rows"] if r["model"] == model}
     fp16 = rows.get("fp16")
@@ -219,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemm", type=Path, help="tools/bench_gemm.py's JSON")
     p.add_argument("--e2e", type=Path, help="tools/bench_e2e.py's JSON")
     args = p.parse_args(argv)
-    rows, dispatch, lines, tuned = [], [], [], None
+    rows, dispatch, lines, tuned, tails = [], [], [], None, []
     try:
         if args.gemm:
             gemm = json.loads(args.gemm.read_text())
@@ -230,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 tuned = Dispatch.from_json(gemm["tuned_dispatch"])
             dispatch = fastest_per_m(gemm)
             lines = fixed_cost_and_rate(gemm)
+            tails = splitk_tail(gemm)
         if args.e2e:
             rows += e2e_targets(json.loads(args.e2e.read_text()))
     except (OSError, ValueError, KeyError) as e:
@@ -251,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\nFixed cost and streaming rate per implementation and M (least squares over"
               " the shapes: time = fixed + bytes / rate):\n")
         print(markdown(lines))
+    if tails:
+        print("\nThe fused split-K sum's cost per call (time minus the same launch without "
+              "the sum):\n")
+        print(markdown(tails))
     return 0
 
 
