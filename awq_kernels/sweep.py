@@ -17,9 +17,11 @@ tools/bench_gemm.py --tuned-from times on PROTOCOL.md's shapes in the same run.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -172,6 +174,17 @@ def tuned_dispatch(result: dict) -> dispatch.Dispatch:
     cut = f", {len(timed)} of {len(planned)} shapes" if planned and len(timed) < len(planned) else ""
     return dispatch.from_sweep(ranked, choices, base,
                                source=f"sweep on {result['device']}, G = {result['group_size']}{cut}")
+
+
+def load_tuned_dispatch(path: str | Path) -> dispatch.Dispatch:
+    """`tuned_dispatch` of a sweep's JSON file (bench_gemm.py and bench_e2e.py --tuned-from,
+    gpu_check.sh); a file that is none is a ValueError naming it and the cause."""
+    try:
+        return tuned_dispatch(json.loads(Path(path).read_bytes()))
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, ArithmeticError) as err:
+        unparsed = isinstance(err, (json.JSONDecodeError, UnicodeDecodeError, RecursionError))
+        cause = f"not valid JSON: {err!r:.200}" if unparsed else f"{err!r:.200}"
+        raise ValueError(f"{path}: not a sweep's JSON ({cause})") from None
 
 
 def markdown(result: dict, top: int = 6) -> str:

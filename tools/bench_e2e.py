@@ -413,14 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     tuned = None
     if args.tuned_from is not None:
         from awq_kernels import sweep
-        from awq_ref.files import parse_json
 
         try:
-            tuned = sweep.tuned_dispatch(parse_json(args.tuned_from.read_bytes(),
-                                                    str(args.tuned_from)))
-        except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as err:
-            print(f"--tuned-from {args.tuned_from}: not a sweep's JSON ({err!r:.200})",
-                  file=sys.stderr)
+            tuned = sweep.load_tuned_dispatch(args.tuned_from)
+        except ValueError as err:
+            print(f"--tuned-from {err}", file=sys.stderr)
             return 2
     try:
         check_backend("cupy", DEVICE, DTYPE)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from awq_kernels import benchmark, sweep
 from awq_kernels.dispatch import describe
-from awq_ref.files import atomic_write_text, parse_json
+from awq_ref.files import atomic_write_text
 
 
 def main() -> None:
@@ -50,10 +50,9 @@ def main() -> None:
         if args.sweep_mma:
             parser.error("--tuned-from times the benchmark's shapes, not the sweep's")
         try:
-            sweep_result = parse_json(args.tuned_from.read_bytes(), str(args.tuned_from))
-            tuned = sweep.tuned_dispatch(sweep_result)
-        except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as err:
-            parser.error(f"--tuned-from {args.tuned_from}: not a sweep's JSON ({err!r:.200})")
+            tuned = sweep.load_tuned_dispatch(args.tuned_from)
+        except ValueError as err:
+            parser.error(f"--tuned-from {err}")
         print(f"awq[tuned]: `auto` as {tuned.source} chose it:\n{describe(tuned)}", flush=True)
     if args.sweep_mma:
         result = sweep.run(group_size=args.group_size, reps=args.reps, on_shape=save)

@@ -86,7 +86,7 @@ step "environment" tests.log 20 bash -c "nvidia-smi --query-gpu=name,driver_vers
 step "kernel tests" tests.log 180 "${PYTEST[@]}" --maxfail=30 tests/test_kernels_gpu.py
 step "mma sweep" bench_gemm.log 180 $PY tools/bench_gemm.py --sweep-mma --out "$RESULTS/sweep_mma"
 derives_rule() {  # derives_rule SWEEP_JSON: whether a rule derives from it (bounded, logged)
-  [[ -f $1 ]] && timeout 60 $PY -c "import json, sys; from awq_kernels import sweep; sweep.tuned_dispatch(json.load(open(sys.argv[1])))" "$1" >> "$RESULTS/bench_gemm.log" 2>&1
+  [[ -f $1 ]] && timeout 60 $PY -c "import sys; from awq_kernels import sweep; sweep.load_tuned_dispatch(sys.argv[1])" "$1" >> "$RESULTS/bench_gemm.log" 2>&1
 }
 wants() { [[ -z $ONLY || " $ONLY " == *" $1 "* ]]; }  # wants STEP: whether STEP runs
 tuned=()  # the benchmarks also time `auto` as this call's sweep chose it (awq[tuned])
