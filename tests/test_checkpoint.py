@@ -69,7 +69,7 @@ def test_folder_layout_and_config(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32,
                                              "zero_point": True, "version": "gemm",
-                                             "modules_to_not_convert": []}
+                                             "modules_to_not_convert": ["lm_head"]}
     assert LlamaConfig.from_hf_dict(config) == model.config
     index = json.loads((out / "model.safetensors.index.json").read_text())
     tensors = {}
@@ -198,7 +198,7 @@ def test_save_refuses_config_disagreeing_with_layers(tmp_path):
                                                             "group_size": 64})
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj is Linear"):
         save_quantized(model, tmp_path / "b", quant_config={**model.quantization_config,
-                                                            "modules_to_not_convert": []})
+                                                            "modules_to_not_convert": ["lm_head"]})
     assert not list(tmp_path.iterdir())
 
 
@@ -293,3 +293,23 @@ def test_unpackable_width_names_the_layer():
     with pytest.raises(ValueError, match=r"mlp\.gate_proj: out_features 44 is not a multiple of 8"):
         quantize(Llama(cfg), "rtn", 4, 4)
     quantize(Llama(cfg), "rtn", 4, 4, pack=False)  # fake quantization has no such limit
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("skip", [(), ("down_proj",)])
+def test_transformers_4x_converts_exactly_the_stored_layers(tmp_path, tied, skip):
+    """transformers 4.x (AutoAWQ's WQLinear_GEMM) turns every nn.Linear whose full name contains
+    no entry of modules_to_not_convert into a 4-bit layer (`replace_with_awq_linear`; only a null
+    list gets default skips), so the config must name exactly the linears stored unpacked: with
+    `[]` it built lm_head from tensors the checkpoint does not have."""
+    model = tiny_quantized(tie_word_embeddings=tied, skip=skip)
+    out = save_quantized(model, tmp_path / "ckpt")
+    names = json.loads((out / "config.json").read_text())["quantization_config"][
+        "modules_to_not_convert"]
+    assert isinstance(names, list) and names[0] == "lm_head" and list(skip) == names[1:]
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    assert "lm_head" in linears
+    converted = {n for n in linears if not any(key in n for key in names)}
+    stored = {k.removesuffix(".qweight") for k in load_file(out / "model.safetensors")
+              if k.endswith(".qweight")}
+    assert converted == stored

@@ -43,11 +43,23 @@ INDEX_NAME = "model.safetensors.index.json"
 PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales")  # stored as they are (int32, fp16)
 
 
+# Named first in every modules_to_not_convert we write. transformers 4.x (the versions that load
+# AWQ through AutoAWQ, up to 4.51) takes a list as the whole skip list and converts every other
+# nn.Linear, lm_head included: from `[]` it built lm_head as a 4-bit layer the checkpoint has no
+# tensors for ("newly initialized: lm_head.qweight, ..."), and the model's logits were garbage.
+# Only `null` gets its default skips; transformers 5.x adds them to any list (it keeps lm_head
+# either way), vLLM never quantizes its lm_head, and awq_ref reads no module outside the decoder
+# layers as quantized. docs/checks/transformers_load_check.py loads a checkpoint with both.
+ALWAYS_UNQUANTIZED = ("lm_head",)
+
+
 def quant_config_dict(spec: QuantSpec, modules_to_not_convert: Iterable[str] = ()) -> dict[str, Any]:
-    """The `quantization_config` object of config.json for `spec`."""
+    """The `quantization_config` object of config.json for `spec`; modules_to_not_convert starts
+    with ALWAYS_UNQUANTIZED (see there), then the caller's names in their order."""
+    skip = list(ALWAYS_UNQUANTIZED)
+    skip += [name for name in modules_to_not_convert if name not in skip]
     return {"quant_method": "awq", "bits": spec.bits, "group_size": spec.group_size,
-            "zero_point": spec.zero_point, "version": "gemm",
-            "modules_to_not_convert": list(modules_to_not_convert)}
+            "zero_point": spec.zero_point, "version": "gemm", "modules_to_not_convert": skip}
 
 
 def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, tuple[str, ...]]:
