@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from awq_ref.awq.apply import apply_awq, apply_scale
-from awq_ref.awq.capture import NonFiniteError
+from awq_ref.awq.capture import NonFiniteError, check_finite
 from awq_ref.awq.pipeline import AwqConfig, search_awq
 from awq_ref.awq.scaling_groups import expand_kv
 from awq_ref.awq.search_clip import clip_box, clipper, search_clip
@@ -225,6 +225,20 @@ def test_nan_activation_names_block_and_layer():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"model\.layers\.1.*down_proj"):
         search_awq(model, calib(), SPEC, FAST)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("at", [0, 777, -1])
+def test_check_finite_finds_one_bad_element_anywhere(dtype, bad, at):
+    t = torch.randn(3, 50, 16).to(dtype)
+    check_finite(t, "x")
+    check_finite(t[:0], "empty")
+    t.view(-1)[at] = bad
+    with pytest.raises(NonFiniteError, match="where: NaN or inf"):
+        check_finite(t, "where")
+    with pytest.raises(NonFiniteError):
+        check_finite(t.transpose(0, 2), "a non-contiguous view")
 
 
 def test_modules_to_not_convert_are_not_clipped():

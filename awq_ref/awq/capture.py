@@ -23,7 +23,10 @@ class NonFiniteError(FloatingPointError):
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(t).all():
+    """NonFiniteError if t holds a NaN or an inf. Its least and greatest elements say so (both are
+    NaN if any element is): one read of t, where isfinite(t).all() writes a mask as large as t
+    (0.9 against 12 ms on one 16 x 512 x 576 chunk here, ~5% of the AWQ search)."""
+    if t.numel() and not all(torch.isfinite(v) for v in torch.aminmax(t)):
         raise NonFiniteError(f"{where}: NaN or inf found")
 
 
