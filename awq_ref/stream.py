@@ -57,7 +57,8 @@ from awq_ref.quant.quantizer import QuantSpec
 
 # Copied verbatim into the checkpoint when the source folder has them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.bin", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json")
 EMPTY_TOKENS = torch.zeros(0, 0, dtype=torch.int64)  # RTN: no calibration
 
 

@@ -4,6 +4,11 @@ Backends: a `tokenizers` Tokenizer (tokenizer.json, and everything we build from
 a SentencePiece model (tokenizer.model), and llama2.c's binary vocabulary (tokenizer.bin, see
 `awq_ref.loaders.llama2c_tokenizer`). `save_pretrained` writes the backend's own file plus a
 tokenizer_config.json, so `awq_ref.loaders.load_tokenizer(folder)` gives the same tokenizer back.
+
+The chat template (a Jinja text that chat front ends such as vLLM's and transformers'
+`apply_chat_template` render; GGUF's `tokenizer.chat_template`, HF's tokenizer_config.json
+"chat_template" or chat_template.jinja) is carried from the source to the saved folder unread:
+without it an instruct checkpoint cannot be served as a chat model.
 """
 
 from __future__ import annotations
@@ -31,12 +36,46 @@ class Backend(Protocol):
     def save(self, path: Path) -> None: ...
 
 
+# A chat template as HF's tokenizer_config.json holds one: a Jinja text, or named texts
+# [{"name": "default", "template": ...}, {"name": "tool_use", ...}]; None when there is none.
+ChatTemplate = str | list[dict[str, str]] | None
+
+
+def check_chat_template(value: Any, source: str) -> ChatTemplate:
+    """`value` if it is a ChatTemplate (see there), else ValueError naming `source`."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(
+            isinstance(t, dict) and set(t) == {"name", "template"}
+            and all(isinstance(v, str) for v in t.values()) for t in value):
+        return [dict(t) for t in value]
+    raise ValueError(f"{source}: chat_template must be a string or a non-empty list of "
+                     f"{{\"name\": ..., \"template\": ...}} strings, got {str(value)[:80]!r}")
+
+
+def chat_template_from_folder(folder: Path) -> ChatTemplate:
+    """tokenizer_config.json's "chat_template", else chat_template.jinja's text (newer
+    transformers write it there), else chat_template.json's "chat_template"; None without any."""
+    config = read_json(folder / CONFIG_FILE)
+    if config.get("chat_template") is not None:
+        return check_chat_template(config["chat_template"], str(folder / CONFIG_FILE))
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{jinja}: not UTF-8 text ({e})") from e
+    path = folder / "chat_template.json"
+    return check_chat_template(read_json(path).get("chat_template"), str(path))
+
+
 class Tokenizer:
     """encode/decode plus `bos_id`, `eos_ids` and whether the model expects a BOS first."""
 
     def __init__(self, backend: Backend, bos_id: int | None, eos_ids: Sequence[int],
-                 add_bos: bool, source: str = ""):
+                 add_bos: bool, source: str = "", chat_template: ChatTemplate = None):
         self.backend = backend
+        self.chat_template = check_chat_template(chat_template, source)
         self.source = source
         n = backend.vocab_size()
         for name, ids in (("bos", () if bos_id is None else (bos_id,)), ("eos", tuple(eos_ids))):
@@ -82,6 +121,8 @@ class Tokenizer:
             "bos_token_id": self.bos_id,
             "eos_token_ids": list(self.eos_ids),
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def __repr__(self) -> str:
@@ -269,7 +310,8 @@ def tokenizer_from_file(path: Path, source: str | None = None) -> Tokenizer:
         bos, eos, add_bos = special_ids_from_folder(folder, backend)
         if add_bos is None:
             add_bos = guarded_call(str(path), backend.adds_bos, bos)
-        return Tokenizer(backend, bos, eos, add_bos, source=source or str(path))
+        return Tokenizer(backend, bos, eos, add_bos, source=source or str(path),
+                         chat_template=chat_template_from_folder(folder))
     sp_backend = load_sentencepiece_file(path)
     sp = sp_backend.sp
     bos, eos, add_bos = special_ids_from_folder(
@@ -277,7 +319,7 @@ def tokenizer_from_file(path: Path, source: str | None = None) -> Tokenizer:
         default_eos=[sp.eos_id()] if sp.eos_id() >= 0 else [])
     # Llama's SentencePiece convention: BOS first unless the config says otherwise.
     return Tokenizer(sp_backend, bos, eos, True if add_bos is None else add_bos,
-                     source=source or str(path))
+                     source=source or str(path), chat_template=chat_template_from_folder(folder))
 
 
 def tokenizer_from_folder(folder: Path) -> Tokenizer:

@@ -55,6 +55,7 @@ def make_source(folder: Path, layers: int = 4) -> Path:
     assert mrc.main(["--preset", "tiny", "--out", str(folder), "--max-shard-mb", "1",
                      "--layers", str(layers)]) == 0
     write_tokenizer(folder)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     return folder
 
 
@@ -117,7 +118,9 @@ def test_streamed_rtn_matches_in_memory_and_loads(src, tmp_path, one_thread):
                                                  for i in range(1, 6)}
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
                                                   for t in tensors.values())
-    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    assert awq_ref.load_tokenizer(out).chat_template.startswith("{% for m in messages %}")
     model = awq_ref.load_quantized_model(out)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 4 * 7
     logits = model(torch.arange(16)[None])  # (1, T, V)

@@ -23,6 +23,7 @@ from awq_ref.loaders.llama2c_tokenizer import read_llama2c_tokenizer
 from awq_ref.model import Llama
 from awq_ref.tokenizer import (
     Tokenizer,
+    chat_template_from_folder,
     special_ids_from_folder,
     tokenizer_from_file,
     tokenizer_from_folder,
@@ -66,10 +67,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 def _llama2c_tokenizer(path: Path) -> Tokenizer:
     backend = read_llama2c_tokenizer(path)
-    bos, eos, add_bos = 1, [2], None  # llama2.c's fixed ids; run.c encodes with BOS
+    bos, eos, add_bos, template = 1, [2], None, None  # llama2.c's fixed ids; run.c encodes with BOS
     if path.name == "tokenizer.bin":  # as save_pretrained writes it, beside tokenizer_config.json
         bos, eos, add_bos = special_ids_from_folder(path.parent, backend, default_bos=1, default_eos=[2])
-    return Tokenizer(backend, bos, eos, True if add_bos is None else add_bos, source=str(path))
+        template = chat_template_from_folder(path.parent)
+    return Tokenizer(backend, bos, eos, True if add_bos is None else add_bos, source=str(path),
+                     chat_template=template)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from awq_ref.loaders.vocab_splits import vocab_splits
-from awq_ref.tokenizer import Tokenizer, TokenizersBackend, is_error_or_rust_panic
+from awq_ref.tokenizer import ChatTemplate, Tokenizer, TokenizersBackend, is_error_or_rust_panic
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 _LLAMA3_SPLIT = (
@@ -165,7 +165,19 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> Tokenizer
     # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
     add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
     return Tokenizer(TokenizersBackend(tk), meta.get("tokenizer.ggml.bos_token_id"), eos,
-                     add_bos, source=source)
+                     add_bos, source=source, chat_template=gguf_chat_template(meta))
+
+
+def gguf_chat_template(meta: dict[str, Any]) -> ChatTemplate:
+    """`tokenizer.chat_template`, with any named `tokenizer.chat_template.<name>` beside it as
+    HF's list of named templates (the unnamed one as "default"); None when the file has none."""
+    prefix = "tokenizer.chat_template"
+    named = {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
+    default = meta.get(prefix)
+    if not named:
+        return default
+    templates = ([{"name": "default", "template": default}] if default is not None else [])
+    return templates + [{"name": n, "template": t} for n, t in sorted(named.items())]
 
 
 def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
