@@ -13,6 +13,7 @@ without it an instruct checkpoint cannot be served as a chat model.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,7 +112,11 @@ class Tokenizer:
         """Write the backend's file and tokenizer_config.json into `folder` (created if needed),
         each atomically."""
         folder = Path(folder)
-        atomic_write(folder / self.backend.file_name, self.backend.save)
+        save = self.backend.save
+        if (self.add_bos and self.bos_id is not None and isinstance(self.backend, TokenizersBackend)
+                and not guarded_call(self.source, self.backend.adds_bos, self.bos_id)):
+            save = functools.partial(self.backend.save_adding_bos, bos_id=self.bos_id)
+        atomic_write(folder / self.backend.file_name, save)
         token = self.backend.id_to_token
         config = {
             "bos_token": None if self.bos_id is None else token(self.bos_id),
@@ -167,6 +172,26 @@ class TokenizersBackend:
             self.tk.save(str(path))
         else:
             path.write_text(self._as_loaded, encoding="utf-8")
+
+    def save_adding_bos(self, path: Path, bos_id: int) -> None:
+        """`save`, with a post-processor that puts BOS first (after the file's own, if any).
+
+        For a vocabulary whose model expects BOS (a SentencePiece-style GGUF vocabulary:
+        Llama-2, Mistral) but whose file does not add it: readers that take tokenizer.json as it
+        is (transformers 5.x's TokenizersBackend, hence vLLM) ignore tokenizer_config.json's
+        add_bos_token and would encode every prompt without BOS. Our encode never runs the
+        post-processor (add_special_tokens=False), so this changes nothing here."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import processors
+
+        tk = HFTokenizer.from_str(self._as_loaded or self.tk.to_str())
+        bos = self.tk.id_to_token(bos_id)
+        template = processors.TemplateProcessing(single=f"{bos}:0 $A:0",
+                                                 pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                 special_tokens=[(bos, bos_id)])
+        own = tk.post_processor
+        tk.post_processor = template if own is None else processors.Sequence([own, template])
+        tk.save(str(path))
 
     def adds_bos(self, bos_id: int | None) -> bool:
         """Whether the file's own post-processor puts BOS first (Llama-2/3 tokenizer.json do)."""

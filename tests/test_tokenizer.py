@@ -1,6 +1,7 @@
 """Tokenizers: llama2.c's BPE against a literal port of its encode(), SentencePiece models trained
 here on WikiText (through tokenizer.model and through GGUF metadata), save_pretrained round trips."""
 
+import json
 import random
 
 import pytest
@@ -139,6 +140,29 @@ def test_gguf_sentencepiece_vocab_matches_library(sp_model, tmp_path, wikitext_t
     again = load_tokenizer(tmp_path / "saved")
     assert all(again.encode(t) == tok.encode(t) for t in TEXTS)
     assert (again.bos_id, again.eos_ids, again.add_bos) == (1, (2,), True)
+    _check_transformers_reads_it(tok, tmp_path / "saved")
+
+
+def _check_transformers_reads_it(tok, folder):
+    """transformers' AutoTokenizer on a saved folder encodes and decodes as `tok` does, BOS
+    included: 5.x reads tokenizer.json as it is (the post-processor must add BOS), 4.x builds the
+    model type's class (hence the config.json beside it, as in a checkpoint)."""
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert hf(text)["input_ids"] == ids, text
+        assert hf.decode(ids) == tok.decode(ids), text
+
+
+def test_saved_byte_level_vocab_reads_the_same_in_transformers(default_gguf, tmp_path):
+    """The default model's (GPT-2 style, no BOS): its tokenizer.json is saved as loaded."""
+    tok = load_tokenizer(default_gguf)
+    tok.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["post_processor"] == \
+        json.loads(tok.backend.tk.to_str())["post_processor"]
+    _check_transformers_reads_it(tok, tmp_path)
 
 
 def test_encode_rejects_bytes(tok512):
