@@ -43,6 +43,7 @@ from awq_ref.loaders.lazy import LazyTensors, index_safetensors_file
 from awq_ref.loaders.state_dict import build_on_meta, check_state_dict
 from awq_ref.model import Block
 from awq_ref.quant.checkpoint import (
+    CONFIG_DTYPE,
     INDEX_NAME,
     PACKED_SUFFIXES,
     atomic_folder,
@@ -243,8 +244,8 @@ def _finish(source: Source, shards: Path, out_dir: Path, quant_config: dict[str,
             _link_or_copy(shards / shard_name(i, n), tmp / shard_name(i, n))
         write_shard(_outer_tensors(source, dtype), tmp / shard_name(n - 1, n))
         _write_index(tmp, [shard_name(i, n) for i in range(n)])
-        write_json({**source.config.to_hf_dict(), "torch_dtype": str(dtype).removeprefix("torch."),
-                     "quantization_config": quant_config}, tmp / "config.json")
+        write_json({**source.config.to_hf_dict(), "torch_dtype": CONFIG_DTYPE,
+                    "quantization_config": quant_config}, tmp / "config.json")
         for name in TOKENIZER_FILES:
             if (source.folder / name).is_file():
                 shutil.copyfile(source.folder / name, tmp / name)

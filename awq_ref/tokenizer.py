@@ -126,6 +126,11 @@ class Tokenizer:
             "bos_token_id": self.bos_id,
             "eos_token_ids": list(self.eos_ids),
         }
+        if isinstance(self.backend, TokenizersBackend):
+            # tokenizer.json as it is (BOS included, see save_adding_bos): without a class named,
+            # transformers 4.x builds the model type's (LlamaTokenizerFast), which appends an
+            # "<unk>" the vocabulary lacks as one id past it (49152 for SmolLM2's 49152 tokens)
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -70,6 +70,7 @@ def test_folder_layout_and_config(tmp_path):
     assert config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32,
                                              "zero_point": True, "version": "gemm",
                                              "modules_to_not_convert": ["lm_head"]}
+    assert config["torch_dtype"] == "float16"  # what AWQ readers compute in, see CONFIG_DTYPE
     assert LlamaConfig.from_hf_dict(config) == model.config
     index = json.loads((out / "model.safetensors.index.json").read_text())
     tensors = {}

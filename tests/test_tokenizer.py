@@ -148,8 +148,11 @@ def _check_transformers_reads_it(tok, folder):
     included: 5.x reads tokenizer.json as it is (the post-processor must add BOS), 4.x builds the
     model type's class (hence the config.json beside it, as in a checkpoint)."""
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert json.loads((folder / "tokenizer_config.json").read_text())[
+        "tokenizer_class"] == "PreTrainedTokenizerFast"
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert len(hf) == tok.vocab_size  # no token appended past the vocabulary (4.x added <unk>)
     for text in TEXTS:
         ids = tok.encode(text)
         assert hf(text)["input_ids"] == ids, text

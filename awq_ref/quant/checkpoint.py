@@ -52,6 +52,14 @@ PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales")  # stored as they are (int3
 # layers as quantized. docs/checks/transformers_load_check.py loads a checkpoint with both.
 ALWAYS_UNQUANTIZED = ("lm_head",)
 
+# config.json's "torch_dtype" in every checkpoint we write, whatever dtype the embeddings and
+# norms are stored in (the CLI keeps the model's, fp32 by default): the dtype the AWQ kernels
+# of our readers compute in. vLLM turns a "float32" config into bf16 on Ampere and newer GPUs,
+# which its AWQ kernel refuses ("torch.bfloat16 is not supported for quantization method awq"),
+# and transformers 5.x would load the model in fp32. Readers cast the stored tensors on load;
+# awq_ref loads in the dtype it is asked for (fp32 by default) and ignores this key.
+CONFIG_DTYPE = "float16"
+
 
 def quant_config_dict(spec: QuantSpec, modules_to_not_convert: Iterable[str] = ()) -> dict[str, Any]:
     """The `quantization_config` object of config.json for `spec`; modules_to_not_convert starts
@@ -135,9 +143,8 @@ def _write_folder(model: nn.Module, folder: Path, tokenizer: Any, quant_config: 
                   max_shard_bytes: int, dtype: torch.dtype | None) -> None:
     """Everything the checkpoint holds, written into `folder` (which already exists)."""
     tensors = _tensors_to_save(model, dtype)
-    fp_dtype = tensors["model.embed_tokens.weight"].dtype
-    write_json({**model.config.to_hf_dict(), "torch_dtype": str(fp_dtype).removeprefix("torch."),
-                 "quantization_config": quant_config}, folder / "config.json")
+    write_json({**model.config.to_hf_dict(), "torch_dtype": CONFIG_DTYPE,
+                "quantization_config": quant_config}, folder / "config.json")
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         write_shard(shards[0], folder / WEIGHTS_NAME)
