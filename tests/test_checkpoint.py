@@ -68,7 +68,7 @@ def test_folder_layout_and_config(tmp_path):
     out = save_quantized(model, tmp_path / "ckpt", max_shard_bytes=20_000)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32,
-                                             "zero_point": True, "version": "gemm",
+                                             "zero_point": True, "sym": False, "version": "gemm",
                                              "modules_to_not_convert": ["lm_head"]}
     assert config["torch_dtype"] == "float16"  # what AWQ readers compute in, see CONFIG_DTYPE
     assert LlamaConfig.from_hf_dict(config) == model.config
@@ -314,3 +314,16 @@ def test_transformers_4x_converts_exactly_the_stored_layers(tmp_path, tied, skip
     stored = {k.removesuffix(".qweight") for k in load_file(out / "model.safetensors")
               if k.endswith(".qweight")}
     assert converted == stored
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_config_states_sym_for_readers_that_do_not_derive_it(zero_point):
+    """gptqmodel (transformers 5.x's AWQ backend) takes `sym` from the config or its own default
+    True; awq_ref reads zero_point and ignores sym."""
+    from awq_ref.quant.checkpoint import parse_quant_config, quant_config_dict
+    from awq_ref.quant.quantizer import QuantSpec
+
+    d = quant_config_dict(QuantSpec(4, 32, zero_point))
+    assert d["sym"] is (not zero_point) and d["zero_point"] is zero_point
+    assert parse_quant_config(d) == (QuantSpec(4, 32, zero_point), ("lm_head",))
+    assert parse_quant_config({**d, "sym": "ignored"})[0] == QuantSpec(4, 32, zero_point)

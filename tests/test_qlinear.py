@@ -108,7 +108,7 @@ def test_quantize_returns_a_copy_with_quantization_config():
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 2 * LINEARS_PER_BLOCK
     assert q.quantization_config == {"quant_method": "awq", "bits": 4, "group_size": 32,
-                                     "zero_point": True, "version": "gemm",
+                                     "zero_point": True, "sym": False, "version": "gemm",
                                      "modules_to_not_convert": ["lm_head"]}
     same = quantize(model, group_size=32, inplace=True)
     assert same is model and isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)

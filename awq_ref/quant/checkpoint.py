@@ -7,8 +7,8 @@
 
 Tensors: `<module>.qweight/.qzeros/.scales[/.bias]` for each QuantLinear, everything else
 (embeddings, norms, lm_head) under its usual name; a tied lm_head is not stored (HF's rule).
-quantization_config = {quant_method: "awq", bits: 4, group_size: G, zero_point, version: "gemm",
-modules_to_not_convert}. G = -1 (one group per output channel, G = K) is this project's
+quantization_config = {quant_method: "awq", bits: 4, group_size: G, zero_point, sym (= not
+zero_point), version: "gemm", modules_to_not_convert}. G = -1 (one group per output channel, G = K) is this project's
 extension. With zero_point false the codes are symmetric and qzeros holds the fixed 8.
 """
 
@@ -66,8 +66,12 @@ def quant_config_dict(spec: QuantSpec, modules_to_not_convert: Iterable[str] = (
     with ALWAYS_UNQUANTIZED (see there), then the caller's names in their order."""
     skip = list(ALWAYS_UNQUANTIZED)
     skip += [name for name in modules_to_not_convert if name not in skip]
+    # "sym" says zero_point's negation for readers that never derive it: transformers 5.x hands
+    # gptqmodel `sym` from its own default (True), and gptqmodel's Blackwell AWQ kernel then
+    # refuses zero points other than 8. Every other reader ignores it, awq_ref included.
     return {"quant_method": "awq", "bits": spec.bits, "group_size": spec.group_size,
-            "zero_point": spec.zero_point, "version": "gemm", "modules_to_not_convert": skip}
+            "zero_point": spec.zero_point, "sym": not spec.zero_point, "version": "gemm",
+            "modules_to_not_convert": skip}
 
 
 def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, tuple[str, ...]]:
