@@ -55,11 +55,10 @@ from awq_ref.quant.checkpoint import (
 from awq_ref.quant.packing import check_linear, check_packable
 from awq_ref.quant.qlinear import QuantLinear, skipped
 from awq_ref.quant.quantizer import QuantSpec
+from awq_ref.tokenizer import HF_TOKENIZER_FILES
 
 # Copied verbatim into the checkpoint when the source folder has them.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.bin", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (*HF_TOKENIZER_FILES, "tokenizer.bin", "generation_config.json")
 EMPTY_TOKENS = torch.zeros(0, 0, dtype=torch.int64)  # RTN: no calibration
 
 

@@ -22,6 +22,10 @@ from typing import Any, Protocol
 from awq_ref.files import atomic_write, atomic_write_text, parse_json
 
 CONFIG_FILE = "tokenizer_config.json"
+# An HF tokenizer folder's files, which a tokenizer read from such a folder writes back verbatim
+# (see Tokenizer.save_pretrained).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", CONFIG_FILE, "special_tokens_map.json",
+                      "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 class Backend(Protocol):
@@ -74,8 +78,10 @@ class Tokenizer:
     """encode/decode plus `bos_id`, `eos_ids` and whether the model expects a BOS first."""
 
     def __init__(self, backend: Backend, bos_id: int | None, eos_ids: Sequence[int],
-                 add_bos: bool, source: str = "", chat_template: ChatTemplate = None):
+                 add_bos: bool, source: str = "", chat_template: ChatTemplate = None,
+                 files: dict[str, bytes] | None = None):
         self.backend = backend
+        self.files = dict(files or {})  # HF folder files to write back as they were
         self.chat_template = check_chat_template(chat_template, source)
         self.source = source
         n = backend.vocab_size()
@@ -109,9 +115,16 @@ class Tokenizer:
         return guarded_call(self.source, self.backend.decode, ids, skip_special_tokens)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write the backend's file and tokenizer_config.json into `folder` (created if needed),
-        each atomically."""
+        """Write the tokenizer into `folder` (created if needed), each file atomically.
+
+        Read from an HF folder: that folder's tokenizer files as they were (HF_TOKENIZER_FILES:
+        pad token, model_max_length, tokenizer class and all, which we do not model). Otherwise
+        (GGUF, llama2.c, a bare file): the backend's file and a tokenizer_config.json built here."""
         folder = Path(folder)
+        if self.files:
+            for name, data in self.files.items():
+                atomic_write(folder / name, lambda p, data=data: p.write_bytes(data))
+            return
         save = self.backend.save
         if (self.add_bos and self.bos_id is not None and isinstance(self.backend, TokenizersBackend)
                 and not guarded_call(self.source, self.backend.adds_bos, self.bos_id)):
@@ -353,8 +366,12 @@ def tokenizer_from_file(path: Path, source: str | None = None) -> Tokenizer:
 
 
 def tokenizer_from_folder(folder: Path) -> Tokenizer:
-    """tokenizer.json (preferred) or tokenizer.model in `folder`, with its special-token files."""
+    """tokenizer.json (preferred) or tokenizer.model in `folder`, with its special-token files;
+    it keeps the folder's HF_TOKENIZER_FILES to save them back as they were."""
     for name in ("tokenizer.json", "tokenizer.model"):
         if (folder / name).is_file():
-            return tokenizer_from_file(folder / name, source=str(folder))
+            tok = tokenizer_from_file(folder / name, source=str(folder))
+            tok.files = {f: (folder / f).read_bytes() for f in HF_TOKENIZER_FILES
+                         if (folder / f).is_file()}
+            return tok
     raise ValueError(f"{folder}: no tokenizer.json, tokenizer.model or tokenizer.bin in this folder")

@@ -38,15 +38,30 @@ def test_folder_template_is_read_and_saved(tmp_path, where, template):
         (src / where).write_text(json.dumps({"chat_template": template}))
     tok = load_tokenizer(src)
     assert tok.chat_template == template
-    tok.save_pretrained(tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())[
-        "chat_template"] == template
+    tok.save_pretrained(tmp_path / "out")  # an HF folder's files come back as they were
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in src.iterdir())
+    assert all((tmp_path / "out" / p.name).read_bytes() == p.read_bytes() for p in src.iterdir())
     assert load_tokenizer(tmp_path / "out").chat_template == template
+
+
+def test_hf_folder_keeps_what_we_do_not_model(tmp_path):
+    """pad token, model_max_length, the tokenizer class, special_tokens_map.json: verbatim."""
+    src = _folder(tmp_path / "src", pad_token="</s>", model_max_length=2048,
+                  tokenizer_class="LlamaTokenizerFast")
+    (src / "special_tokens_map.json").write_text('{"pad_token": "</s>"}')
+    (src / "unrelated.txt").write_text("not a tokenizer file")
+    load_tokenizer(src).save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    for name in ("special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
 
 
 def test_no_template_none_and_no_key(tmp_path):
     tok = load_tokenizer(_folder(tmp_path / "src"))
     assert tok.chat_template is None
+    tok.files = {}  # as if not read from an HF folder: the config is written here
     tok.save_pretrained(tmp_path / "out")
     assert "chat_template" not in json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
 
