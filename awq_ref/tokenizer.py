@@ -2,8 +2,9 @@
 
 Backends: a `tokenizers` Tokenizer (tokenizer.json, and everything we build from GGUF metadata),
 a SentencePiece model (tokenizer.model), and llama2.c's binary vocabulary (tokenizer.bin, see
-`awq_ref.loaders.llama2c_tokenizer`). `save_pretrained` writes the backend's own file plus a
-tokenizer_config.json, so `awq_ref.loaders.load_tokenizer(folder)` gives the same tokenizer back.
+`awq_ref.loaders.llama2c_tokenizer`). `save_pretrained` writes back an HF folder's own tokenizer
+files, or else the backend's file plus a tokenizer_config.json built for transformers and vLLM
+to read the same way, so `awq_ref.loaders.load_tokenizer(folder)` gives the same tokenizer back.
 
 The chat template (a Jinja text that chat front ends such as vLLM's and transformers'
 `apply_chat_template` render; GGUF's `tokenizer.chat_template`, HF's tokenizer_config.json
@@ -78,10 +79,9 @@ class Tokenizer:
     """encode/decode plus `bos_id`, `eos_ids` and whether the model expects a BOS first."""
 
     def __init__(self, backend: Backend, bos_id: int | None, eos_ids: Sequence[int],
-                 add_bos: bool, source: str = "", chat_template: ChatTemplate = None,
-                 files: dict[str, bytes] | None = None):
+                 add_bos: bool, source: str = "", chat_template: ChatTemplate = None):
         self.backend = backend
-        self.files = dict(files or {})  # HF folder files to write back as they were
+        self.files: dict[str, bytes] = {}  # an HF folder's files, written back as they were
         self.chat_template = check_chat_template(chat_template, source)
         self.source = source
         n = backend.vocab_size()

@@ -8,7 +8,8 @@
 Tensors: `<module>.qweight/.qzeros/.scales[/.bias]` for each QuantLinear, everything else
 (embeddings, norms, lm_head) under its usual name; a tied lm_head is not stored (HF's rule).
 quantization_config = {quant_method: "awq", bits: 4, group_size: G, zero_point, sym (= not
-zero_point), version: "gemm", modules_to_not_convert}. G = -1 (one group per output channel, G = K) is this project's
+zero_point), version: "gemm", modules_to_not_convert (lm_head first)}; config.json's torch_dtype
+is float16 (CONFIG_DTYPE). G = -1 (one group per output channel, G = K) is this project's
 extension. With zero_point false the codes are symmetric and qzeros holds the fixed 8.
 """
 
@@ -49,7 +50,7 @@ PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales")  # stored as they are (int3
 # tensors for ("newly initialized: lm_head.qweight, ..."), and the model's logits were garbage.
 # Only `null` gets its default skips; transformers 5.x adds them to any list (it keeps lm_head
 # either way), vLLM never quantizes its lm_head, and awq_ref reads no module outside the decoder
-# layers as quantized. docs/checks/transformers_load_check.py loads a checkpoint with both.
+# layers as quantized. docs/checks/transformers_load_check.py loads one with transformers 4.x.
 ALWAYS_UNQUANTIZED = ("lm_head",)
 
 # config.json's "torch_dtype" in every checkpoint we write, whatever dtype the embeddings and
