@@ -15,8 +15,14 @@ from torch import nn
 from awq_ref.api import quantize
 from awq_ref.config import LlamaConfig
 from awq_ref.model import Llama
-from awq_ref.quant.checkpoint import load_quantized_model, save_quantized
+from awq_ref.quant.checkpoint import (
+    load_quantized_model,
+    parse_quant_config,
+    quant_config_dict,
+    save_quantized,
+)
 from awq_ref.quant.qlinear import QuantLinear
+from awq_ref.quant.quantizer import QuantSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -320,9 +326,6 @@ def test_transformers_4x_converts_exactly_the_stored_layers(tmp_path, tied, skip
 def test_config_states_sym_for_readers_that_do_not_derive_it(zero_point):
     """gptqmodel (transformers 5.x's AWQ backend) takes `sym` from the config or its own default
     True; awq_ref reads zero_point and ignores sym."""
-    from awq_ref.quant.checkpoint import parse_quant_config, quant_config_dict
-    from awq_ref.quant.quantizer import QuantSpec
-
     d = quant_config_dict(QuantSpec(4, 32, zero_point))
     assert d["sym"] is (not zero_point) and d["zero_point"] is zero_point
     assert parse_quant_config(d) == (QuantSpec(4, 32, zero_point), ("lm_head",))
