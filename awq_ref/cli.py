@@ -359,6 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What a stopped command leaves behind: a quantization that saves its progress per block
+    (AWQ, or anything --stream) keeps its finished blocks; nothing else writes before the end."""
+    resumable = args.command == "quantize" and (
+        args.stream or (args.method == "awq" and not args.result))
+    work_dir = resumable and (args.work_dir or f"{str(args.out).rstrip('/')}.partial")
+    if work_dir and Path(work_dir).is_dir():
+        return f"the finished blocks are kept in {work_dir}: the same command resumes from there"
+    return "nothing was written"
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """torch's allocation failures: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -367,3 +383,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # OSError: a disk full, a path not readable, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130 = 128 + SIGINT
+        print(f"\ninterrupted: {_resume_hint(args)}", file=sys.stderr)
+        return 130
+    except RuntimeError as e:  # only the out-of-memory kind; any other is a bug to see whole
+        if not _out_of_memory(e):
+            raise
+        print(f"error: out of memory on {args.device} ({str(e).splitlines()[0][:200]}); "
+              f"{_resume_hint(args)}. Fewer --n-samples or a shorter --calib-seqlen (quantize), "
+              "--stream (models larger than memory) or a device with more memory may fit",
+              file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"error: out of memory (Python could not allocate); {_resume_hint(args)}",
+              file=sys.stderr)
+        return 1

@@ -27,14 +27,23 @@ def kill_after_block(cmd: list[str], env: dict[str, str], state: Path, block: in
     """Start cmd, SIGKILL it once `state` records >= block blocks; the blocks recorded then.
 
     Fails the test if the run finished before it could be killed."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done, returncode, _ = stop_after_block(cmd, env, state, block, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return done
+
+
+def stop_after_block(cmd: list[str], env: dict[str, str], state: Path, block: int,
+                     sig: signal.Signals) -> tuple[int, int, str]:
+    """Start cmd, send it `sig` once `state` records >= block blocks; (the blocks recorded when
+    it exited, its exit status, its stderr)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     try:
         while proc.poll() is None and saved_block(state) < block:
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    return saved_block(state)
+    return saved_block(state), proc.returncode, err

@@ -59,3 +59,33 @@ def test_text_and_window_errors(tmp_path):
         read_text(tmp_path)  # a folder
     with pytest.raises(ValueError, match="at least 2 tokens"):
         windows_of(torch.arange(10), 1, None)
+
+
+@pytest.mark.parametrize("error,status,message", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1,
+     "error: out of memory on cpu (CUDA out of memory. Tried to allocate 2.00 GiB)"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                  "memory: you tried to allocate 1099511627776 bytes."), 1, "error: out of memory"),
+    (MemoryError(), 1, "error: out of memory (Python could not allocate)"),
+    (KeyboardInterrupt(), 130, "interrupted: nothing was written"),
+])
+def test_stopped_runs_end_in_one_line(capsys, monkeypatch, error, status, message):
+    """Out of memory and Ctrl-C end with a line that says what happened and what is left, not a
+    traceback (a resumed quantization's line: tests/test_resume.py)."""
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr("awq_ref.cli.cmd_ppl", fail)
+    assert main(["ppl", "--model", "absent", "--text", "absent.txt"]) == status
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+    """Only the out-of-memory kind is turned into a line: any other RuntimeError is a bug."""
+    def fail(args):
+        raise RuntimeError("shape mismatch somewhere")
+
+    monkeypatch.setattr("awq_ref.cli.cmd_ppl", fail)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["ppl", "--model", "absent", "--text", "absent.txt"])

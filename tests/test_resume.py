@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_helpers import folder_bytes, kill_after_block, saved_block
+from kill_helpers import folder_bytes, kill_after_block, saved_block, stop_after_block
 from safetensors.torch import save_file
 
 from awq_ref.awq.pipeline import AwqConfig, search_awq
@@ -91,6 +91,26 @@ def test_killed_run_resumes_to_identical_checkpoint(tiny_setup):
     assert run.returncode == 0, run.stderr
     assert folder_bytes(out) == folder_bytes(ref)
     assert not (root / "out.partial").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
+def test_interrupted_run_says_so_and_resumes(tiny_setup):
+    """Ctrl-C (SIGINT) after block 2: one line naming the work folder, exit status 130, no
+    traceback; the same command then finishes to the uninterrupted run's bytes."""
+    model, text, root = tiny_setup
+    ref, out = root / "ref_int", root / "out_int"
+    subprocess.run(quantize_cmd(model, ref, text), check=True, env=env(), capture_output=True)
+    done, returncode, err = stop_after_block(quantize_cmd(model, out, text), env(),
+                                             root / "out_int.partial" / STATE_NAME, 2,
+                                             signal.SIGINT)
+    assert returncode == 130, err
+    assert "Traceback" not in err and f"kept in {root / 'out_int.partial'}" in err, err
+    assert "the same command resumes" in err and not out.exists()
+    assert 2 <= done < TINY["num_hidden_layers"]
+    run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert folder_bytes(out) == folder_bytes(ref)
 
 
 def test_other_settings_refused(tiny_setup):
