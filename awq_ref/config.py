@@ -12,8 +12,10 @@ from typing import Any
 
 from awq_ref.files import parse_json
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_MODEL_TYPES = ("llama",)
+# The architectures we run, as data: config.json's model_type -> its architectures entry. Mistral
+# computes what Llama computes, with an optional sliding attention window (null from Mistral 7B
+# v0.2 on; see LlamaConfig.sliding_window); a saved checkpoint keeps its model's names.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 INT_LIMIT = 2**31  # sizes and ids beyond int32 are no real model's, and overflow torch's kernels
@@ -54,8 +56,20 @@ class LlamaConfig:
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    model_type: str = "llama"  # a key of ARCHITECTURES
+    # Mistral's window: a query sees the last `sliding_window` positions only. Not implemented:
+    # the model refuses sequences longer than it (awq_ref.model), within which it changes nothing.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model_type, str) or self.model_type not in ARCHITECTURES:
+            raise ValueError(f"LlamaConfig.model_type must be one of {sorted(ARCHITECTURES)}, "
+                             f"got {_short(self.model_type)}")
+        window = self.sliding_window
+        if window is not None and (not _is_int(window) or not 0 < window < INT_LIMIT
+                                   or self.model_type != "mistral"):
+            raise ValueError(f"LlamaConfig.sliding_window must be null or (mistral only) a "
+                             f"positive integer below 2**31, got {_short(window)}")
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim",
                     "max_position_embeddings")
@@ -110,7 +124,10 @@ class LlamaConfig:
         d["eos_token_id"] = eos[0] if len(eos) == 1 else (list(eos) or None)
         if self.rope_scaling is not None:
             d["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **d,
+        model_type = d.pop("model_type")
+        if model_type != "mistral":  # Llama's config.json has no window
+            del d["sliding_window"]
+        return {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, **d,
                 "hidden_act": "silu"}
 
     @classmethod
@@ -122,10 +139,12 @@ class LlamaConfig:
         if not isinstance(archs, list):
             raise ValueError(f"{source}: architectures must be a list, got {archs!r}")
         model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES or (archs and archs[0] not in SUPPORTED_ARCHITECTURES):
+        known = isinstance(model_type, str) and model_type in ARCHITECTURES
+        if not known or (archs and archs[0] != ARCHITECTURES[model_type]):
             raise ValueError(
-                f"{source}: unsupported architecture (model_type={model_type!r}, "
-                f"architectures={archs!r}); only Llama-family LlamaForCausalLM models are supported")
+                f"{source}: unsupported architecture (model_type={_short(model_type)}, "
+                f"architectures={_short(archs)}); supported: "
+                + ", ".join(f"{t} ({a})" for t, a in ARCHITECTURES.items()))
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
@@ -155,6 +174,8 @@ class LlamaConfig:
                 mlp_bias=d.get("mlp_bias", False),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
+                model_type=model_type,
+                sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
             )
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from e

@@ -96,11 +96,21 @@ def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
     return apply_rotary(x, cos[:, None], sin_signed[:, None])
 
 
+def check_window(config: LlamaConfig, length: int) -> None:
+    """Mistral's sliding window is not implemented: a sequence may not outgrow it (up to its
+    length full causal attention is what the window computes too)."""
+    if config.sliding_window is not None and length > config.sliding_window:
+        raise ValueError(f"{length} positions exceed this model's sliding attention window of "
+                         f"{config.sliding_window}: windowed attention is not implemented here, "
+                         f"so sequences (prompt + new tokens) are limited to {config.sliding_window}")
+
+
 class KVCache:
     """Static per-layer key/value buffers, filled left to right; `length` positions are valid."""
 
     def __init__(self, config: LlamaConfig, batch: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype):
+        check_window(config, max_len)
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)  # (B, Hkv, S, Dh)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
@@ -120,7 +130,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
-        self.layer = layer
+        self.layer, self.config = layer, config
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         d, bias = config.hidden_size, config.attention_bias
@@ -167,7 +177,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape  # (B, T, D)
         q, k, v = self.heads(x, cos, sin)  # (B, H, T, Dh), (B, Hkv, T, Dh) x 2
         past = 0
-        if cache is not None:
+        if cache is None:
+            check_window(self.config, t)  # with a cache: checked when it was made
+        else:
             past = cache.length
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, Dh)
         # Query i sits at position past + i and may see keys 0..past + i. Without a past the

@@ -50,6 +50,7 @@ def logits(model: nn.Module, seed: int = 1) -> torch.Tensor:
     {"tie_word_embeddings": False, "attention_bias": True},
     {"skip": ("mlp.down_proj",)},
     {"group_size": -1},
+    {"model_type": "mistral", "sliding_window": 64},
 ])
 @pytest.mark.parametrize("max_shard_bytes", [10**9, 20_000])
 def test_save_load_identical_logits(tmp_path, overrides, max_shard_bytes):
@@ -78,6 +79,7 @@ def test_folder_layout_and_config(tmp_path):
                                              "modules_to_not_convert": ["lm_head"]}
     assert config["torch_dtype"] == "float16"  # what AWQ readers compute in, see CONFIG_DTYPE
     assert LlamaConfig.from_hf_dict(config) == model.config
+    assert config["architectures"] == ["LlamaForCausalLM"] and "sliding_window" not in config
     index = json.loads((out / "model.safetensors.index.json").read_text())
     tensors = {}
     for f in sorted(set(index["weight_map"].values())):

@@ -93,12 +93,56 @@ def test_top_p_keeps_only_the_nucleus():
     assert picks == {0}
 
 
+def mistral_hf_dict(window: int | None) -> dict:
+    d = {k: v for k, v in tiny_hf_dict(2).items() if k != "rope_scaling"}
+    return {**d, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+            "sliding_window": window}
+
+
+@pytest.mark.parametrize("window", [None, 48], ids=["no-window", "window"])
+def test_mistral_matches_transformers_within_its_window(window):
+    """Mistral is Llama's computation: transformers' MistralForCausalLM is the oracle up to the
+    sliding window; past it we refuse (windowed attention is not implemented), and the window
+    does change transformers' logits there, so running on would be wrong."""
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**mistral_hf_dict(window))).eval()
+    config = LlamaConfig.from_hf_dict(hf.config.to_dict())
+    assert (config.model_type, config.sliding_window) == ("mistral", window)
+    assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+    assert config.to_hf_dict()["architectures"] == ["MistralForCausalLM"]
+    ours = Llama(config).eval()
+    ours.load_state_dict(hf.state_dict())
+    x = torch.randint(0, 101, (2, 48))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
+        cache = ours.new_cache(2, 48)
+        steps = [ours(x[:, :40], cache)] + [ours(x[:, i:i + 1], cache) for i in range(40, 48)]
+        assert (torch.cat(steps, 1) - ours(x)).abs().max().item() <= 1e-5
+    if window is None:
+        return
+    longer = torch.randint(0, 101, (1, 60))
+    with pytest.raises(ValueError, match="sliding attention window of 48"):
+        ours(longer)
+    with pytest.raises(ValueError, match="sequences .* limited to 48"):
+        ours.new_cache(1, 49)
+    unwindowed = transformers.MistralForCausalLM(transformers.MistralConfig(**mistral_hf_dict(None)))
+    unwindowed.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        assert (hf(longer).logits[0, -1] - unwindowed.eval()(longer).logits[0, -1]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("patch, message", [
     ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}, "unsupported architecture"),
     ({"num_key_value_heads": 3}, "not a multiple"),
     ({"hidden_size": -64}, "hidden_size"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"architectures": ["MistralForCausalLM"]}, "unsupported architecture"),  # model_type llama
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 0},
+     "sliding_window"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": True},
+     "sliding_window"),
+    ({"model_type": ["llama"]}, "unsupported architecture"),  # unhashable: no TypeError
 ])
 def test_bad_configs_raise_value_error(patch, message):
     d = {**tiny_hf_dict(), **patch}
