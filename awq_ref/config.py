@@ -12,10 +12,24 @@ from typing import Any
 
 from awq_ref.files import parse_json
 
-# The architectures we run, as data: config.json's model_type -> its architectures entry. Mistral
-# computes what Llama computes, with an optional sliding attention window (null from Mistral 7B
-# v0.2 on; see LlamaConfig.sliding_window); a saved checkpoint keeps its model's names.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a model_type changes in Llama's computation; everything not named here is Llama's."""
+
+    hf_class: str  # config.json's "architectures" entry, written back into saved checkpoints
+    qkv_bias: bool = False  # q, k and v carry a bias, o does not (Qwen2), whatever attention_bias says
+    window: bool = False  # config.json may set a sliding attention window (LlamaConfig.sliding_window)
+    llama_keys: bool = False  # config.json has Llama's attention_bias / mlp_bias switches
+
+
+# The architectures we run, as data, by config.json's model_type. Mistral's window is null from
+# Mistral 7B v0.2 on; Qwen2's is off unless use_sliding_window says otherwise (then refused).
+ARCHITECTURES = {
+    "llama": Architecture("LlamaForCausalLM", llama_keys=True),
+    "mistral": Architecture("MistralForCausalLM", window=True),
+    "qwen2": Architecture("Qwen2ForCausalLM", qkv_bias=True),
+}
 
 
 INT_LIMIT = 2**31  # sizes and ids beyond int32 are no real model's, and overflow torch's kernels
@@ -65,11 +79,15 @@ class LlamaConfig:
         if not isinstance(self.model_type, str) or self.model_type not in ARCHITECTURES:
             raise ValueError(f"LlamaConfig.model_type must be one of {sorted(ARCHITECTURES)}, "
                              f"got {_short(self.model_type)}")
+        arch = ARCHITECTURES[self.model_type]
         window = self.sliding_window
         if window is not None and (not _is_int(window) or not 0 < window < INT_LIMIT
-                                   or self.model_type != "mistral"):
+                                   or not arch.window):
             raise ValueError(f"LlamaConfig.sliding_window must be null or (mistral only) a "
                              f"positive integer below 2**31, got {_short(window)}")
+        if not arch.llama_keys and (self.attention_bias is not False or self.mlp_bias is not False):
+            raise ValueError(f"LlamaConfig: attention_bias / mlp_bias are Llama's switches; "
+                             f"{self.model_type} has its biases fixed by its architecture")
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim",
                     "max_position_embeddings")
@@ -113,6 +131,11 @@ class LlamaConfig:
         return heads * self.vocab_size * d + self.num_hidden_layers * layer + d
 
     @property
+    def qkv_bias(self) -> bool:
+        """Whether q_proj, k_proj and v_proj carry a bias (o_proj: attention_bias)."""
+        return self.attention_bias or ARCHITECTURES[self.model_type].qkv_bias
+
+    @property
     def n_rep(self) -> int:
         """How many query heads share one KV head."""
         return self.num_attention_heads // self.num_key_value_heads
@@ -125,9 +148,12 @@ class LlamaConfig:
         if self.rope_scaling is not None:
             d["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
         model_type = d.pop("model_type")
-        if model_type != "mistral":  # Llama's config.json has no window
+        arch = ARCHITECTURES[model_type]
+        if not arch.window:  # only what the architecture's own config.json has
             del d["sliding_window"]
-        return {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, **d,
+        if not arch.llama_keys:
+            del d["attention_bias"], d["mlp_bias"]
+        return {"architectures": [arch.hf_class], "model_type": model_type, **d,
                 "hidden_act": "silu"}
 
     @classmethod
@@ -140,11 +166,18 @@ class LlamaConfig:
             raise ValueError(f"{source}: architectures must be a list, got {archs!r}")
         model_type = d.get("model_type")
         known = isinstance(model_type, str) and model_type in ARCHITECTURES
-        if not known or (archs and archs[0] != ARCHITECTURES[model_type]):
+        if not known or (archs and archs[0] != ARCHITECTURES[model_type].hf_class):
             raise ValueError(
                 f"{source}: unsupported architecture (model_type={_short(model_type)}, "
                 f"architectures={_short(archs)}); supported: "
-                + ", ".join(f"{t} ({a})" for t, a in ARCHITECTURES.items()))
+                + ", ".join(f"{t} ({a.hf_class})" for t, a in ARCHITECTURES.items()))
+        arch = ARCHITECTURES[model_type]
+        layer_types = d.get("layer_types") or []  # transformers 5.x: each layer's attention
+        if d.get("use_sliding_window") not in (None, False) or not isinstance(layer_types, list) \
+                or any(t != "full_attention" for t in layer_types):  # Qwen2's window switches
+            raise ValueError(f"{source}: use_sliding_window={_short(d.get('use_sliding_window'))},"
+                             f" layer_types={_short(layer_types)}: sliding-window layers are not "
+                             "supported")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
@@ -170,12 +203,12 @@ class LlamaConfig:
                 rope_scaling=scaling,
                 max_position_embeddings=d.get("max_position_embeddings", 2048),
                 tie_word_embeddings=d.get("tie_word_embeddings", False),
-                attention_bias=d.get("attention_bias", False),
-                mlp_bias=d.get("mlp_bias", False),
+                attention_bias=d.get("attention_bias", False) if arch.llama_keys else False,
+                mlp_bias=d.get("mlp_bias", False) if arch.llama_keys else False,
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 model_type=model_type,
-                sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
+                sliding_window=d.get("sliding_window") if arch.window else None,
             )
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from e

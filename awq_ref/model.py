@@ -133,11 +133,11 @@ class Attention(nn.Module):
         self.layer, self.config = layer, config
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-        d, bias = config.hidden_size, config.attention_bias
+        d, bias = config.hidden_size, config.qkv_bias  # Llama: attention_bias; Qwen2: q, k, v
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.attention_bias)
         self.qkv: nn.Module | None = None  # q, k, v as one linear (awq_ref.fuse, run time only)
         self.rotary: Callable[..., torch.Tensor] | None = None  # rotate_heads in one kernel (ditto)
         # rotary of q and k + their KV-cache writes in one kernel (cuda_graph's decode step; ditto)

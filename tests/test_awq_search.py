@@ -23,16 +23,20 @@ SPEC = QuantSpec(4, 16, True)
 FAST = AwqConfig(n_grid=10, loss_seqs=3, loss_tokens=96, chunk_tokens=64, progress=False)
 
 
-def tiny_llama(seed: int = 0, n_kv: int = 2) -> Llama:
+def tiny_llama(seed: int = 0, n_kv: int = 2, model_type: str = "llama") -> Llama:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=n_kv, bos_token_id=1)
+                      num_attention_heads=4, num_key_value_heads=n_kv, bos_token_id=1,
+                      model_type=model_type)
     model = Llama(cfg).eval()
     with torch.no_grad():  # non-trivial norms and a few outlier channels, as in trained models
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight.copy_(torch.rand(64) + 0.5)
                 norm.weight[:3] *= 8
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:  # Qwen2's q, k, v biases
+                    proj.bias.normal_()
     return model
 
 
@@ -57,8 +61,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def test_scales_alone_leave_every_block_unchanged():
-    model = tiny_llama()
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: v's bias divided with v
+def test_scales_alone_leave_every_block_unchanged(model_type):
+    model = tiny_llama(model_type=model_type)
     result = search_awq(model, calib(), SPEC, FAST)
     assert len(result.scales) == 8  # 4 groups x 2 blocks, GQA v -> o included
     scaled = copy.deepcopy(model)

@@ -32,7 +32,7 @@ TINY = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidd
 def tiny_quantized(seed: int = 0, group_size: int = 32, skip=(), **overrides) -> Llama:
     torch.manual_seed(seed)
     model = Llama(LlamaConfig(**{**TINY, **overrides})).eval()
-    if overrides.get("attention_bias"):
+    if model.config.qkv_bias:
         with torch.no_grad():
             for b in model.model.layers:
                 b.self_attn.q_proj.bias.normal_()
@@ -51,6 +51,7 @@ def logits(model: nn.Module, seed: int = 1) -> torch.Tensor:
     {"skip": ("mlp.down_proj",)},
     {"group_size": -1},
     {"model_type": "mistral", "sliding_window": 64},
+    {"model_type": "qwen2", "tie_word_embeddings": True},  # q, k, v biases (set in tiny_quantized)
 ])
 @pytest.mark.parametrize("max_shard_bytes", [10**9, 20_000])
 def test_save_load_identical_logits(tmp_path, overrides, max_shard_bytes):
@@ -332,3 +333,28 @@ def test_config_states_sym_for_readers_that_do_not_derive_it(zero_point):
     assert d["sym"] is (not zero_point) and d["zero_point"] is zero_point
     assert parse_quant_config(d) == (QuantSpec(4, 32, zero_point), ("lm_head",))
     assert parse_quant_config({**d, "sym": "ignored"})[0] == QuantSpec(4, 32, zero_point)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_transformers_builds_the_architecture_the_tensors_are_for(tmp_path, model_type):
+    """transformers' own class for the saved config.json expects exactly the stored tensors,
+    each quantized linear's weight standing as qweight/qzeros/scales: the right names, and the
+    biases where that architecture has them (Qwen2: q, k, v and not o)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
+    model = tiny_quantized(model_type=model_type, tie_word_embeddings=False)
+    out = save_quantized(model, tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    hf_config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config)
+    assert type(hf).__name__ == config["architectures"][0]
+    stored = set(load_file(out / "model.safetensors"))
+    quantized = {k.removesuffix(".qweight") for k in stored if k.endswith(".qweight")}
+    assert len(quantized) == 7 * TINY["num_hidden_layers"]
+    expected = set()
+    for name in hf.state_dict():
+        module, _, leaf = name.rpartition(".")
+        quant = module in quantized and leaf == "weight"
+        expected |= {f"{module}.{t}" for t in ("qweight", "qzeros", "scales")} if quant else {name}
+    assert stored == expected

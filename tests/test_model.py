@@ -9,6 +9,8 @@ from awq_ref.model import Llama, RMSNorm, apply_rotary, rotary_tables
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
 
+TINY_SIZES = {"vocab_size": 101, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 
@@ -131,6 +133,47 @@ def test_mistral_matches_transformers_within_its_window(window):
         assert (hf(longer).logits[0, -1] - unwindowed.eval()(longer).logits[0, -1]).abs().max() > 1e-3
 
 
+def qwen2_hf_dict(tied: bool) -> dict:
+    d = {k: v for k, v in tiny_hf_dict(2, tied).items() if k != "rope_scaling"}
+    return {**d, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "use_sliding_window": False,
+            "sliding_window": 32, "max_window_layers": 1}  # the window is off: no effect
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_qwen2_matches_transformers(tied):
+    """Qwen2 is Llama with biases on q, k and v (none on o): transformers' Qwen2ForCausalLM is
+    the oracle, past its (switched-off) window too; the biases are random, so they count."""
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**qwen2_hf_dict(tied))).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    config = LlamaConfig.from_hf_dict(hf.config.to_dict())
+    assert (config.model_type, config.qkv_bias, config.attention_bias) == ("qwen2", True, False)
+    assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+    saved = config.to_hf_dict()
+    assert saved["architectures"] == ["Qwen2ForCausalLM"] and "attention_bias" not in saved
+    ours = Llama(config).eval()
+    ours.load_state_dict(hf.state_dict(), strict=not tied)
+    assert ours.model.layers[0].self_attn.o_proj.bias is None
+    x = torch.randint(0, 101, (2, 48))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
+
+
+def test_qwen2_sliding_window_layers_are_refused():
+    d = {**qwen2_hf_dict(False), "use_sliding_window": True}
+    with pytest.raises(ValueError, match="sliding-window layers are not supported"):
+        LlamaConfig.from_hf_dict(d)
+    v5 = {**qwen2_hf_dict(False), "layer_types": ["full_attention", "sliding_attention"]}
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        LlamaConfig.from_hf_dict(v5)
+    with pytest.raises(ValueError, match="biases fixed by its architecture"):
+        LlamaConfig(**{**TINY_SIZES, "model_type": "qwen2", "attention_bias": True})
+
+
 @pytest.mark.parametrize("patch, message", [
     ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}, "unsupported architecture"),
     ({"num_key_value_heads": 3}, "not a multiple"),
@@ -143,6 +186,7 @@ def test_mistral_matches_transformers_within_its_window(window):
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": True},
      "sliding_window"),
     ({"model_type": ["llama"]}, "unsupported architecture"),  # unhashable: no TypeError
+    ({"model_type": "qwen2", "architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
 ])
 def test_bad_configs_raise_value_error(patch, message):
     d = {**tiny_hf_dict(), **patch}

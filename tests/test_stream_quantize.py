@@ -50,9 +50,9 @@ def write_tokenizer(folder: Path) -> None:
         {"bos_token": "!", "eos_token": "\"", "add_bos_token": True}))
 
 
-def make_source(folder: Path, layers: int = 4) -> Path:
+def make_source(folder: Path, layers: int = 4, preset: str = "tiny") -> Path:
     """The `tiny` preset (hidden 128, GQA 4/2, fp16), sharded (1 MB shards), with a tokenizer."""
-    assert mrc.main(["--preset", "tiny", "--out", str(folder), "--max-shard-mb", "1",
+    assert mrc.main(["--preset", preset, "--out", str(folder), "--max-shard-mb", "1",
                      "--layers", str(layers)]) == 0
     write_tokenizer(folder)
     (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
@@ -106,6 +106,20 @@ def test_streamed_awq_matches_in_memory(src, calib, tmp_path, one_thread, skip):
     norms = [k for k in tensors if k.endswith("layernorm.weight")]
     assert any(not torch.equal(tensors[k], rtn_tensors[k]) for k in norms)  # scales were folded
     assert not (tmp_path / "out.partial").exists()  # the work folder is removed after success
+
+
+def test_streamed_qwen2_matches_in_memory(calib, tmp_path, one_thread):
+    """Qwen2's q, k, v biases travel through the block-by-block path (v's divided by its scales)."""
+    qwen2 = make_source(tmp_path / "src", layers=2, preset="tiny-qwen2")
+    ref = in_memory(qwen2, tmp_path / "ref", "awq", calib_tokens=calib, progress=False, **AWQ)
+    out = quantize_folder(qwen2, tmp_path / "out", group_size=GROUP, calib_tokens=calib,
+                          progress=False, **AWQ)
+    tensors = assert_same_checkpoint(ref, out)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    src_bias = read_safetensors_folder(qwen2)["model.layers.1.self_attn.v_proj.bias"]
+    bias = tensors["model.layers.1.self_attn.v_proj.bias"]
+    assert bias.dtype == torch.float16 and not torch.equal(bias, src_bias)  # scaled with v
+    assert "model.layers.1.self_attn.o_proj.bias" not in tensors
 
 
 def test_streamed_rtn_matches_in_memory_and_loads(src, tmp_path, one_thread):
