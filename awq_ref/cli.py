@@ -359,20 +359,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resume_hint(args: argparse.Namespace) -> str:
-    """What a stopped command leaves behind: a quantization that saves its progress per block
-    (AWQ, or anything --stream) keeps its finished blocks; nothing else writes before the end."""
-    resumable = args.command == "quantize" and (
-        args.stream or (args.method == "awq" and not args.result))
-    work_dir = resumable and (args.work_dir or f"{str(args.out).rstrip('/')}.partial")
-    if work_dir and Path(work_dir).is_dir():
-        return f"the finished blocks are kept in {work_dir}: the same command resumes from there"
-    return "nothing was written"
+def _what_is_kept(args: argparse.Namespace) -> str:
+    """What a stopped command leaves behind: the checkpoint if it was written; else the blocks
+    a per-block progress file holds (AWQ, or anything --stream); nothing else is written early."""
+    if args.command != "quantize":
+        return "nothing was written"
+    if Path(args.out).exists():  # stopped after the atomic write, before the clean-up
+        return f"the checkpoint was written to {args.out}"
+    if not (args.stream or (args.method == "awq" and not args.result)):
+        return "nothing was written"
+    from awq_ref.awq.resume import Progress
+
+    work = Progress(args.work_dir or f"{str(args.out).rstrip('/')}.partial")
+    blocks = work.saved_blocks()
+    if not blocks:
+        return "no block was finished"
+    return f"{blocks} finished block(s) are kept in {work.work_dir}: the same command resumes"
 
 
-def _out_of_memory(e: RuntimeError) -> bool:
-    """torch's allocation failures: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: Python's or CuPy's MemoryError, CUDA's OutOfMemoryError, or the
+    RuntimeError of torch's CPU allocator."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,17 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130 = 128 + SIGINT
-        print(f"\ninterrupted: {_resume_hint(args)}", file=sys.stderr)
+        print(f"\ninterrupted: {_what_is_kept(args)}", file=sys.stderr)
         return 130
-    except RuntimeError as e:  # only the out-of-memory kind; any other is a bug to see whole
+    except (RuntimeError, MemoryError) as e:  # only allocation failures; any other is a bug
         if not _out_of_memory(e):
             raise
-        print(f"error: out of memory on {args.device} ({str(e).splitlines()[0][:200]}); "
-              f"{_resume_hint(args)}. Fewer --n-samples or a shorter --calib-seqlen (quantize), "
-              "--stream (models larger than memory) or a device with more memory may fit",
-              file=sys.stderr)
-        return 1
-    except MemoryError:
-        print(f"error: out of memory (Python could not allocate); {_resume_hint(args)}",
-              file=sys.stderr)
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        print(f"error: out of memory ({type(e).__name__}: {first_line}); {_what_is_kept(args)}. "
+              "Fewer --n-samples or a shorter --calib-seqlen (quantize), --stream (models "
+              "larger than memory) or a device with more memory may fit", file=sys.stderr)
         return 1

@@ -172,12 +172,11 @@ class LlamaConfig:
                 f"architectures={_short(archs)}); supported: "
                 + ", ".join(f"{t} ({a.hf_class})" for t, a in ARCHITECTURES.items()))
         arch = ARCHITECTURES[model_type]
-        layer_types = d.get("layer_types") or []  # transformers 5.x: each layer's attention
-        if d.get("use_sliding_window") not in (None, False) or not isinstance(layer_types, list) \
-                or any(t != "full_attention" for t in layer_types):  # Qwen2's window switches
-            raise ValueError(f"{source}: use_sliding_window={_short(d.get('use_sliding_window'))},"
-                             f" layer_types={_short(layer_types)}: sliding-window layers are not "
-                             "supported")
+        sliding = _sliding_layers(d, source)
+        if sliding:
+            raise ValueError(f"{source}: layers {_short(sliding)} use sliding-window attention "
+                             "(use_sliding_window / max_window_layers / layer_types): sliding-"
+                             "window layers are not supported")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
@@ -221,6 +220,24 @@ class LlamaConfig:
         except FileNotFoundError:
             raise ValueError(f"{path}: config file not found") from None
         return cls.from_hf_dict(d, source=str(path))
+
+
+def _sliding_layers(d: dict[str, Any], source: str) -> list[int]:
+    """The layers whose attention slides, as transformers reads config.json: its 5.x
+    `layer_types`, else Qwen2's switches (layers from max_window_layers on slide when
+    use_sliding_window is set and there is a window; Qwen2Config's default is 28)."""
+    layer_types = d.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list):
+            raise ValueError(f"{source}: layer_types must be a list, got {_short(layer_types)}")
+        return [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    if d.get("use_sliding_window") in (None, False) or d.get("sliding_window") is None:
+        return []
+    first, count = d.get("max_window_layers", 28), d.get("num_hidden_layers")
+    if not (_is_int(first) and _is_int(count)) or not 0 <= count < INT_LIMIT:
+        raise ValueError(f"{source}: max_window_layers={_short(first)} and num_hidden_layers="
+                         f"{_short(count)} must be integers")
+    return list(range(max(first, 0), count))
 
 
 def _read_rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:

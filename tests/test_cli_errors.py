@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from awq_ref.cli import main
+from awq_ref.awq.result import AwqResult
+from awq_ref.awq.resume import Progress
+from awq_ref.cli import _what_is_kept, build_parser, main
 from awq_ref.eval import read_text, windows_of
+from awq_ref.quant.quantizer import QuantSpec
 
 
 def _refused(capsys, argv: list[str], message: str) -> None:
@@ -61,12 +64,19 @@ def test_text_and_window_errors(tmp_path):
         windows_of(torch.arange(10), 1, None)
 
 
+class FakeCupyOutOfMemory(MemoryError):
+    """cupy.cuda.memory.OutOfMemoryError derives from MemoryError (the CLI never imports CuPy)."""
+
+
 @pytest.mark.parametrize("error,status,message", [
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1,
-     "error: out of memory on cpu (CUDA out of memory. Tried to allocate 2.00 GiB)"),
+     "error: out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB)"),
+    (torch.OutOfMemoryError(), 1, "error: out of memory (OutOfMemoryError: ); nothing was written"),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
                   "memory: you tried to allocate 1099511627776 bytes."), 1, "error: out of memory"),
-    (MemoryError(), 1, "error: out of memory (Python could not allocate)"),
+    (MemoryError(), 1, "error: out of memory (MemoryError: )"),
+    (FakeCupyOutOfMemory("Out of memory allocating 1,024 bytes"), 1,
+     "error: out of memory (FakeCupyOutOfMemory: Out of memory allocating 1,024 bytes)"),
     (KeyboardInterrupt(), 130, "interrupted: nothing was written"),
 ])
 def test_stopped_runs_end_in_one_line(capsys, monkeypatch, error, status, message):
@@ -89,3 +99,19 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr("awq_ref.cli.cmd_ppl", fail)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["ppl", "--model", "absent", "--text", "absent.txt"])
+
+
+def test_what_a_stopped_quantization_keeps(tmp_path):
+    """The line names what is really there: a work folder without a progress file holds no
+    finished block; a written checkpoint is named as such."""
+
+    out = tmp_path / "ckpt"
+    base = ["quantize", "--model", "m", "--out", str(out)]
+    stream = build_parser().parse_args([*base, "--stream", "--method", "rtn"])
+    (tmp_path / "ckpt.partial" / "shards").mkdir(parents=True)  # made before block 0
+    assert _what_is_kept(stream) == "no block was finished"
+    Progress(tmp_path / "ckpt.partial").save(3, AwqResult(QuantSpec(4, 32, True)), torch.zeros(1))
+    assert _what_is_kept(stream).startswith(f"3 finished block(s) are kept in {tmp_path / 'ckpt.partial'}")
+    assert _what_is_kept(build_parser().parse_args([*base, "--method", "rtn"])) == "nothing was written"
+    out.mkdir()
+    assert _what_is_kept(stream) == f"the checkpoint was written to {out}"

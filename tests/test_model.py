@@ -163,15 +163,29 @@ def test_qwen2_matches_transformers(tied):
         assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
 
 
-def test_qwen2_sliding_window_layers_are_refused():
-    d = {**qwen2_hf_dict(False), "use_sliding_window": True}
-    with pytest.raises(ValueError, match="sliding-window layers are not supported"):
-        LlamaConfig.from_hf_dict(d)
-    v5 = {**qwen2_hf_dict(False), "layer_types": ["full_attention", "sliding_attention"]}
-    with pytest.raises(ValueError, match="sliding-window layers"):
-        LlamaConfig.from_hf_dict(v5)
+@pytest.mark.parametrize("switches, slides", [
+    ({"use_sliding_window": True, "max_window_layers": 1}, True),  # layer 1 of 2 slides
+    ({"use_sliding_window": True, "max_window_layers": 0}, True),
+    ({"use_sliding_window": True, "max_window_layers": 2}, False),  # no layer from 2 on
+    ({"use_sliding_window": True, "sliding_window": None}, False),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, True),
+])
+def test_qwen2_sliding_window_layers_are_refused(switches, slides):
+    """Refused exactly where transformers slides a layer's attention, accepted where every
+    layer stays full."""
+    d = {**qwen2_hf_dict(False), **switches}
+    assert any(t != "full_attention" for t in transformers.Qwen2Config(**d).layer_types) == slides
+    if slides:
+        with pytest.raises(ValueError, match="sliding-window layers are not supported"):
+            LlamaConfig.from_hf_dict(d)
+    else:
+        assert LlamaConfig.from_hf_dict(d).sliding_window is None
+
+
+def test_llama_bias_switches_belong_to_llama():
     with pytest.raises(ValueError, match="biases fixed by its architecture"):
         LlamaConfig(**{**TINY_SIZES, "model_type": "qwen2", "attention_bias": True})
+    assert LlamaConfig(**{**TINY_SIZES, "attention_bias": True}).qkv_bias  # Llama's: all four
 
 
 @pytest.mark.parametrize("patch, message", [

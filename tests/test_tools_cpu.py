@@ -1,13 +1,19 @@
-"""CPU parts of the GPU tools: weight bytes by shapes (bench_e2e --count-weights) and the SASS
-loop counter (sass_loops.py) on a hand-written listing."""
+"""CPU parts of the tools: weight bytes by shapes (bench_e2e --count-weights), the SASS loop
+counter (sass_loops.py) on a hand-written listing, bench_cpu's transformers twin."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
+import bench_cpu
 import bench_e2e
+import pytest
 import sass_loops
+import torch
+
+from awq_ref.config import LlamaConfig
+from awq_ref.model import Llama
 
 
 def test_count_weights_by_shapes():
@@ -78,3 +84,24 @@ def test_bench_e2e_refuses_a_tuned_from_that_is_no_sweep(tmp_path, capsys):
     bad.write_text('{"rows": [{"m": 1}]}')
     assert bench_e2e.main(["--tuned-from", str(bad)]) == 2
     assert "not a sweep's JSON (KeyError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", [{}, {"model_type": "qwen2", "tie_word_embeddings": True},
+                                  {"model_type": "mistral"}])
+def test_bench_cpu_times_transformers_own_class_with_every_weight(arch):
+    """The CPU benchmark's transformers model is that architecture's class holding all our
+    weights (it once built LlamaForCausalLM and dropped Qwen2's biases without a word)."""
+    pytest.importorskip("transformers", reason="transformers is the benchmark's oracle")
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              **arch)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # norms and biases away from their initial values
+                p.normal_()
+    hf = bench_cpu.hf_twin(model)
+    assert type(hf).__name__ == model.config.to_hf_dict()["architectures"][0]
+    x = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4

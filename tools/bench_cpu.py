@@ -29,12 +29,17 @@ def timed(fn, repeats: int) -> float:
 
 
 def hf_twin(model):
-    """transformers' LlamaForCausalLM holding our model's weights (test/benchmark oracle only)."""
+    """transformers' own class for our model's architecture (LlamaForCausalLM, ...) holding its
+    weights (test/benchmark oracle only)."""
     import transformers
 
-    cfg = transformers.LlamaConfig(**model.config.to_hf_dict())
-    hf = transformers.LlamaForCausalLM(cfg).to(model.model.embed_tokens.weight.dtype).eval()
-    hf.load_state_dict(model.state_dict(), strict=False)
+    d = model.config.to_hf_dict()
+    cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).to(model.model.embed_tokens.weight.dtype).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or missing:  # every weight, biases included, must arrive
+        raise ValueError(f"transformers' {type(hf).__name__} does not take our weights: missing "
+                         f"{missing}, unexpected {unexpected}")
     return hf
 
 

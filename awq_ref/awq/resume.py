@@ -93,6 +93,16 @@ class Progress:
         result.search[:] = search
         return next_block, hidden
 
+    def saved_blocks(self) -> int:
+        """How many blocks the saved state holds (0 without one, or with one unreadable): what a
+        rerun resumes after. Only for messages; `restore` checks the state in full."""
+        try:
+            with safe_open(str(self.state_path), framework="pt") as f:
+                count = (f.metadata() or {}).get("next_block", "")
+        except (SafetensorError, OSError):
+            return 0
+        return int(count) if count.isascii() and count.isdigit() and len(count) <= 6 else 0
+
     def save(self, next_block: int, result: AwqResult, hidden: torch.Tensor) -> None:
         """Atomically replace the state: the result so far and `hidden`, block next_block's inputs."""
         tensors = {"hidden": hidden.detach().float().cpu().contiguous(), **result.to_tensors()}
