@@ -53,7 +53,8 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
     the model is built under a meta-device context).
     """
     dh = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.int64, device="cpu").float() / dh))
+    theta = float(config.rope_theta)  # an int past int64 (a hostile config) would overflow torch.pow
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dh, 2, dtype=torch.int64, device="cpu").float() / dh))
     rs = config.rope_scaling
     if rs is None:
         return inv_freq  # (Dh/2,)

@@ -78,10 +78,14 @@ def test_fuzz_hf_safetensors(worker, base, case, data):
 @given(data=st.data())
 def test_fuzz_hf_config(worker, base, case, data):
     folder = case()
-    text = dump_json(base["config"])
+    # The other architectures' keys too, present so that edits reach them (config.ARCHITECTURES)
+    config = {**base["config"], "sliding_window": None, "use_sliding_window": False,
+              "max_window_layers": 1, "layer_types": ["full_attention"] * 2}
+    text = dump_json(config)
+    names = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "mistral", "qwen2",
+             "sliding_attention", 64]
     content = data.draw(st.one_of(
-        json_edits(base["config"], extra=["LlamaForCausalLM", 64]).map(
-            lambda e: dump_json(apply_json(base["config"], e))),
+        json_edits(config, extra=names).map(lambda e: dump_json(apply_json(config, e))),
         byte_edits(len(text)).map(lambda e: apply_bytes(text, e))))
     (folder / "config.json").write_bytes(content)
     (folder / "model.safetensors").write_bytes(base["safetensors"])

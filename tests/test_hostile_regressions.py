@@ -210,6 +210,16 @@ def test_config_numbers_past_float_and_int32(worker, base, case, changes, words)
     expect_value_error(worker, "model", folder, *words)
 
 
+def test_rope_theta_past_int64_loads(worker, base, case):
+    """2**64 is a finite rope_theta (a useless one): the model loads; torch.pow once raised
+    OverflowError ("int too big to convert") on the int (found by AWQ_FUZZ_RANDOM=1)."""
+    folder = case()
+    (folder / "config.json").write_text(json.dumps({**base["config"], "rope_theta": 2**64}))
+    (folder / "model.safetensors").write_bytes(base["safetensors"])
+    outcome, detail = worker.call("model", folder)
+    assert outcome == "ok", detail
+
+
 def test_llama2c_header_whose_size_overflows_int64(worker, case):
     """np.prod wrapped around to the file's size; the reshape then failed unnamed."""
     path = case() / "m.bin"
