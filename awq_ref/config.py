@@ -19,16 +19,18 @@ class Architecture:
 
     hf_class: str  # config.json's "architectures" entry, written back into saved checkpoints
     qkv_bias: bool = False  # q, k and v carry a bias, o does not (Qwen2), whatever attention_bias says
+    qk_norm: bool = False  # each head's q and k are RMS-normalised before RoPE (Qwen3)
     window: bool = False  # config.json may set a sliding attention window (LlamaConfig.sliding_window)
-    llama_keys: bool = False  # config.json has Llama's attention_bias / mlp_bias switches
+    bias_keys: tuple[str, ...] = ()  # which of Llama's attention_bias / mlp_bias switches it has
 
 
 # The architectures we run, as data, by config.json's model_type. Mistral's window is null from
 # Mistral 7B v0.2 on; Qwen2's is off unless use_sliding_window says otherwise (then refused).
 ARCHITECTURES = {
-    "llama": Architecture("LlamaForCausalLM", llama_keys=True),
+    "llama": Architecture("LlamaForCausalLM", bias_keys=("attention_bias", "mlp_bias")),
     "mistral": Architecture("MistralForCausalLM", window=True),
     "qwen2": Architecture("Qwen2ForCausalLM", qkv_bias=True),
+    "qwen3": Architecture("Qwen3ForCausalLM", qk_norm=True, bias_keys=("attention_bias",)),
 }
 
 
@@ -85,9 +87,10 @@ class LlamaConfig:
                                    or not arch.window):
             raise ValueError(f"LlamaConfig.sliding_window must be null or (mistral only) a "
                              f"positive integer below 2**31, got {_short(window)}")
-        if not arch.llama_keys and (self.attention_bias is not False or self.mlp_bias is not False):
-            raise ValueError(f"LlamaConfig: attention_bias / mlp_bias are Llama's switches; "
-                             f"{self.model_type} has its biases fixed by its architecture")
+        for name in ("attention_bias", "mlp_bias"):
+            if name not in arch.bias_keys and getattr(self, name) is not False:
+                raise ValueError(f"LlamaConfig: {self.model_type} has no {name} switch; its "
+                                 "biases are fixed by its architecture")
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim",
                     "max_position_embeddings")
@@ -136,6 +139,11 @@ class LlamaConfig:
         return self.attention_bias or ARCHITECTURES[self.model_type].qkv_bias
 
     @property
+    def qk_norm(self) -> bool:
+        """Whether attention RMS-normalises each head's q and k before RoPE (q_norm, k_norm)."""
+        return ARCHITECTURES[self.model_type].qk_norm
+
+    @property
     def n_rep(self) -> int:
         """How many query heads share one KV head."""
         return self.num_attention_heads // self.num_key_value_heads
@@ -151,8 +159,9 @@ class LlamaConfig:
         arch = ARCHITECTURES[model_type]
         if not arch.window:  # only what the architecture's own config.json has
             del d["sliding_window"]
-        if not arch.llama_keys:
-            del d["attention_bias"], d["mlp_bias"]
+        for name in ("attention_bias", "mlp_bias"):
+            if name not in arch.bias_keys:
+                del d[name]
         return {"architectures": [arch.hf_class], "model_type": model_type, **d,
                 "hidden_act": "silu"}
 
@@ -202,8 +211,8 @@ class LlamaConfig:
                 rope_scaling=scaling,
                 max_position_embeddings=d.get("max_position_embeddings", 2048),
                 tie_word_embeddings=d.get("tie_word_embeddings", False),
-                attention_bias=d.get("attention_bias", False) if arch.llama_keys else False,
-                mlp_bias=d.get("mlp_bias", False) if arch.llama_keys else False,
+                attention_bias=d.get("attention_bias", False) if "attention_bias" in arch.bias_keys else False,
+                mlp_bias=d.get("mlp_bias", False) if "mlp_bias" in arch.bias_keys else False,
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 model_type=model_type,

@@ -132,7 +132,9 @@ def use_elementwise_kernels(model: nn.Module, ops: ElementwiseOps | None) -> int
         raise ValueError(f"these kernels handle head dims {ops.HEAD_DIMS}; the model's is "
                          f"{model.config.head_dim}: run it without them")
     count = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if isinstance(module, RMSNorm) and name.endswith(("q_norm", "k_norm")):
+            continue  # Qwen3's per-head norms read strided views: torch's F.rms_norm takes those
         if isinstance(module, RMSNorm):
             module.kernel = None if ops is None else ops.rms_norm
             module.add_kernel = None if ops is None else ops.add_rms_norm

@@ -139,6 +139,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=config.attention_bias)
+        # Qwen3: RMSNorm over each head's Dh values of q and of k, before RoPE (None elsewhere)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.qkv: nn.Module | None = None  # q, k, v as one linear (awq_ref.fuse, run time only)
         self.rotary: Callable[..., torch.Tensor] | None = None  # rotate_heads in one kernel (ditto)
         # rotary of q and k + their KV-cache writes in one kernel (cuda_graph's decode step; ditto)
@@ -147,21 +150,24 @@ class Attention(nn.Module):
         self.decode_attention: Callable[..., torch.Tensor] | None = None
 
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> q (B, T, H, Dh), k and v (B, T, Hkv, Dh), not rotated (views)."""
+        """x (B, T, D) -> q (B, T, H, Dh), k and v (B, T, Hkv, Dh), not rotated (views, or
+        q and k normalised per head where the architecture does that)."""
         b, t, _ = x.shape
         if self.qkv is None:
-            return tuple(proj(x).view(b, t, -1, self.head_dim)
-                         for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q, k, v = self.qkv(x)  # one product, split (awq_ref.fuse)
-        return (q.view(b, t, -1, self.head_dim), k.view(b, t, -1, self.head_dim),
-                v.view(b, t, -1, self.head_dim))
+            q, k, v = (proj(x).view(b, t, -1, self.head_dim)
+                       for proj in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q, k, v = (y.view(b, t, -1, self.head_dim) for y in self.qkv(x))  # awq_ref.fuse
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, D) -> q (B, H, T, Dh), k and v (B, Hkv, T, Dh), q and k rotated (RoPE)."""
         b, t, _ = x.shape
         rotate = self.rotary or rotate_heads
-        if self.qkv is None:
+        if self.qkv is None or self.q_norm is not None:
             q, k, v = self.projections(x)  # (B, T, H or Hkv, Dh)
             return (rotate(q, cos, sin).transpose(1, 2), rotate(k, cos, sin).transpose(1, 2),
                     v.transpose(1, 2))

@@ -37,6 +37,9 @@ def tiny_llama(seed: int = 0, n_kv: int = 2, model_type: str = "llama") -> Llama
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 if proj.bias is not None:  # Qwen2's q, k, v biases
                     proj.bias.normal_()
+            if layer.self_attn.q_norm is not None:  # Qwen3's per-head q and k norms
+                layer.self_attn.q_norm.weight.uniform_(0.5, 2)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 2)
     return model
 
 
@@ -61,7 +64,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: v's bias divided with v
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])  # qwen2: v's bias divided with v
 def test_scales_alone_leave_every_block_unchanged(model_type):
     model = tiny_llama(model_type=model_type)
     result = search_awq(model, calib(), SPEC, FAST)

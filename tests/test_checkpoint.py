@@ -52,6 +52,7 @@ def logits(model: nn.Module, seed: int = 1) -> torch.Tensor:
     {"group_size": -1},
     {"model_type": "mistral", "sliding_window": 64},
     {"model_type": "qwen2", "tie_word_embeddings": True},  # q, k, v biases (set in tiny_quantized)
+    {"model_type": "qwen3", "head_dim": 32},  # q/k norms; H * Dh = 128, not the hidden 64
 ])
 @pytest.mark.parametrize("max_shard_bytes", [10**9, 20_000])
 def test_save_load_identical_logits(tmp_path, overrides, max_shard_bytes):
@@ -335,7 +336,7 @@ def test_config_states_sym_for_readers_that_do_not_derive_it(zero_point):
     assert parse_quant_config({**d, "sym": "ignored"})[0] == QuantSpec(4, 32, zero_point)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_transformers_builds_the_architecture_the_tensors_are_for(tmp_path, model_type):
     """transformers' own class for the saved config.json expects exactly the stored tensors,
     each quantized linear's weight standing as qweight/qzeros/scales: the right names, and the

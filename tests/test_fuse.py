@@ -90,11 +90,18 @@ class _TorchOps:
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_elementwise_ops_are_used_everywhere_with_the_same_bits(fused):
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_elementwise_ops_are_used_everywhere_with_the_same_bits(fused, model_type):
     """Every RMSNorm (+ residual add), SwiGLU and rotary (+ cache write) of the full forward,
     the cached prefill and the CUDA graph's static step goes through the installed ops; with the
-    model's own expressions installed, the logits keep their bits."""
-    model = tiny_llama()
+    model's own expressions installed, the logits keep their bits. Qwen3's per-head q/k norms
+    stay on torch (strided views); with them q and k are rotated apart even when fused."""
+    model = tiny_llama(model_type=model_type)
+    qk_norm = model.config.qk_norm
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.normal_()
     if fused:
         fuse_projections(model)
     tokens = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(2))
@@ -109,7 +116,8 @@ def test_elementwise_ops_are_used_everywhere_with_the_same_bits(fused):
     # the final norm; one SwiGLU per block; the static step's rotary writes the cache, the
     # others rotate q and k together when fused, apart when not
     assert ops.calls == {"rms_norm": 3 * (layers + 1), "add_rms_norm": 3 * layers,
-                         "silu_mul": 3 * layers, "rotary": 2 * layers * (1 if fused else 2),
+                         "silu_mul": 3 * layers,
+                         "rotary": 2 * layers * (1 if fused and not qk_norm else 2),
                          "rotary_into_cache": layers, "decode_attention": layers}
     assert use_elementwise_kernels(model, None) == 4 * layers + 1
     assert all(m.kernel is None for m in model.modules() if hasattr(m, "kernel")

@@ -163,6 +163,43 @@ def test_qwen2_matches_transformers(tied):
         assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
 
 
+def qwen3_hf_dict(tied: bool, attention_bias: bool = False) -> dict:
+    d = {k: v for k, v in tiny_hf_dict(2, tied).items() if k != "rope_scaling"}
+    return {**d, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "attention_bias": attention_bias,
+            "use_sliding_window": False, "sliding_window": None}  # H * Dh = 128 != hidden 64
+
+
+@pytest.mark.parametrize("tied, bias", [(True, False), (False, True)])
+def test_qwen3_matches_transformers(tied, bias):
+    """Qwen3 is Llama with each head's q and k RMS-normalised before RoPE (and head_dim apart
+    from hidden / heads): transformers' Qwen3ForCausalLM is the oracle; random norm weights
+    and biases, so they count; the fused q/k/v path and the KV cache give the same."""
+    from awq_ref.fuse import fuse_projections
+
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**qwen3_hf_dict(tied, bias))).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 1:  # norms (q_norm, k_norm included) and biases
+                p.normal_()
+    config = LlamaConfig.from_hf_dict(hf.config.to_dict())
+    assert (config.model_type, config.qk_norm, config.attention_bias) == ("qwen3", True, bias)
+    assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+    assert config.to_hf_dict()["architectures"] == ["Qwen3ForCausalLM"]
+    ours = Llama(config).eval()
+    ours.load_state_dict(hf.state_dict(), strict=not tied)
+    x = torch.randint(0, 101, (2, 48))
+    with torch.no_grad():
+        want = hf(x).logits
+        assert (want - ours(x)).abs().max().item() <= 1e-4
+        cache = ours.new_cache(2, 48)
+        steps = [ours(x[:, :40], cache)] + [ours(x[:, i:i + 1], cache) for i in range(40, 48)]
+        assert (torch.cat(steps, 1) - want).abs().max().item() <= 1e-4
+        assert fuse_projections(ours) == 2 * 2
+        assert (want - ours(x)).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("switches, slides", [
     ({"use_sliding_window": True, "max_window_layers": 1}, True),  # layer 1 of 2 slides
     ({"use_sliding_window": True, "max_window_layers": 0}, True),
@@ -183,8 +220,10 @@ def test_qwen2_sliding_window_layers_are_refused(switches, slides):
 
 
 def test_llama_bias_switches_belong_to_llama():
-    with pytest.raises(ValueError, match="biases fixed by its architecture"):
+    with pytest.raises(ValueError, match="qwen2 has no attention_bias switch"):
         LlamaConfig(**{**TINY_SIZES, "model_type": "qwen2", "attention_bias": True})
+    with pytest.raises(ValueError, match="qwen3 has no mlp_bias switch"):
+        LlamaConfig(**{**TINY_SIZES, "model_type": "qwen3", "mlp_bias": True})
     assert LlamaConfig(**{**TINY_SIZES, "attention_bias": True}).qkv_bias  # Llama's: all four
 
 

@@ -108,18 +108,24 @@ def test_streamed_awq_matches_in_memory(src, calib, tmp_path, one_thread, skip):
     assert not (tmp_path / "out.partial").exists()  # the work folder is removed after success
 
 
-def test_streamed_qwen2_matches_in_memory(calib, tmp_path, one_thread):
-    """Qwen2's q, k, v biases travel through the block-by-block path (v's divided by its scales)."""
-    qwen2 = make_source(tmp_path / "src", layers=2, preset="tiny-qwen2")
-    ref = in_memory(qwen2, tmp_path / "ref", "awq", calib_tokens=calib, progress=False, **AWQ)
-    out = quantize_folder(qwen2, tmp_path / "out", group_size=GROUP, calib_tokens=calib,
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_streamed_qwen_matches_in_memory(calib, tmp_path, one_thread, arch):
+    """Qwen2's q, k, v biases (v's divided by its scales) and Qwen3's per-head q/k norms travel
+    through the block-by-block path."""
+    src = make_source(tmp_path / "src", layers=2, preset=f"tiny-{arch}")
+    ref = in_memory(src, tmp_path / "ref", "awq", calib_tokens=calib, progress=False, **AWQ)
+    out = quantize_folder(src, tmp_path / "out", group_size=GROUP, calib_tokens=calib,
                           progress=False, **AWQ)
     tensors = assert_same_checkpoint(ref, out)
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
-    src_bias = read_safetensors_folder(qwen2)["model.layers.1.self_attn.v_proj.bias"]
-    bias = tensors["model.layers.1.self_attn.v_proj.bias"]
-    assert bias.dtype == torch.float16 and not torch.equal(bias, src_bias)  # scaled with v
+    hf_class = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+    assert json.loads((out / "config.json").read_text())["architectures"] == [hf_class]
     assert "model.layers.1.self_attn.o_proj.bias" not in tensors
+    if arch == "qwen2":
+        src_bias = read_safetensors_folder(src)["model.layers.1.self_attn.v_proj.bias"]
+        bias = tensors["model.layers.1.self_attn.v_proj.bias"]
+        assert bias.dtype == torch.float16 and not torch.equal(bias, src_bias)  # scaled with v
+    else:
+        assert tensors["model.layers.1.self_attn.q_norm.weight"].shape == (64,)
 
 
 def test_streamed_rtn_matches_in_memory_and_loads(src, tmp_path, one_thread):

@@ -87,7 +87,7 @@ def test_bench_e2e_refuses_a_tuned_from_that_is_no_sweep(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arch", [{}, {"model_type": "qwen2", "tie_word_embeddings": True},
-                                  {"model_type": "mistral"}])
+                                  {"model_type": "mistral"}, {"model_type": "qwen3", "head_dim": 32}])
 def test_bench_cpu_times_transformers_own_class_with_every_weight(arch):
     """The CPU benchmark's transformers model is that architecture's class holding all our
     weights (it once built LlamaForCausalLM and dropped Qwen2's biases without a word)."""

@@ -35,6 +35,7 @@ def _shape(vocab: int, dim: int, ffn: int, layers: int, heads: int, kv_heads: in
 PRESETS = {  # name -> LlamaConfig fields (widths multiples of 128: packable with G = 128)
     "tiny": _shape(512, 128, 384, 4, 4, 2),
     "tiny-qwen2": {**_shape(512, 128, 384, 4, 4, 2), "model_type": "qwen2"},  # + q, k, v biases
+    "tiny-qwen3": {**_shape(512, 128, 384, 4, 4, 2), "model_type": "qwen3", "head_dim": 64},  # + q/k norms
     "mid-1b": _shape(32000, 2048, 5632, 8, 16, 16),
     "llama-2-7b": _shape(32000, 4096, 11008, 32, 32, 32, 4096),
     "llama-2-13b": _shape(32000, 5120, 13824, 40, 40, 40, 4096),
