@@ -21,6 +21,7 @@ class Architecture:
     qkv_bias: bool = False  # q, k and v carry a bias, o does not (Qwen2), whatever attention_bias says
     qk_norm: bool = False  # each head's q and k are RMS-normalised before RoPE (Qwen3)
     window: bool = False  # config.json may set a sliding attention window (LlamaConfig.sliding_window)
+    window_switch: bool = False  # config.json has Qwen's use_sliding_window (off: written so)
     bias_keys: tuple[str, ...] = ()  # which of Llama's attention_bias / mlp_bias switches it has
 
 
@@ -29,8 +30,9 @@ class Architecture:
 ARCHITECTURES = {
     "llama": Architecture("LlamaForCausalLM", bias_keys=("attention_bias", "mlp_bias")),
     "mistral": Architecture("MistralForCausalLM", window=True),
-    "qwen2": Architecture("Qwen2ForCausalLM", qkv_bias=True),
-    "qwen3": Architecture("Qwen3ForCausalLM", qk_norm=True, bias_keys=("attention_bias",)),
+    "qwen2": Architecture("Qwen2ForCausalLM", qkv_bias=True, window_switch=True),
+    "qwen3": Architecture("Qwen3ForCausalLM", qk_norm=True, bias_keys=("attention_bias",),
+                          window_switch=True),
 }
 
 
@@ -162,6 +164,8 @@ class LlamaConfig:
         for name in ("attention_bias", "mlp_bias"):
             if name not in arch.bias_keys:
                 del d[name]
+        if arch.window_switch:  # said outright: transformers 4.x warns of a window otherwise
+            d.update(use_sliding_window=False, sliding_window=None)
         return {"architectures": [arch.hf_class], "model_type": model_type, **d,
                 "hidden_act": "silu"}
 
