@@ -39,7 +39,7 @@ test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check awq_ref awq_kernels tools tests
+	$(BIN)/ruff check awq_ref awq_kernels tools tests docs/checks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

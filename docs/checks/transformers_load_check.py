@@ -109,8 +109,8 @@ def load_transformers(folder: str):
 
 def load_autoawq(folder: str):
     """AutoAWQ's own loader (from_quantized) with its CPU -> IPEX switch skipped."""
-    import awq.models.base as base
     from awq import AutoAWQForCausalLM
+    from awq.models import base
 
     best = base.get_best_device
     base.get_best_device = lambda: "cuda:0"  # read only to choose IPEX and fusing
