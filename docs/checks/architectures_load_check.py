@@ -27,7 +27,14 @@ from tempfile import TemporaryDirectory
 
 import torch
 import transformers
-from transformers_load_check import hf_greedy, hf_logits, load_autoawq, load_transformers, rel_err
+from transformers import AutoModelForCausalLM
+from transformers_load_check import (
+    hf_greedy,
+    hf_logits,
+    is_awq_layer,
+    package_versions,
+    rel_err,
+)
 
 import awq_ref
 from awq_ref.config import ARCHITECTURES, LlamaConfig
@@ -55,6 +62,22 @@ def random_model(model_type: str, seed: int = 0) -> Llama:
     return model
 
 
+def load_published(folder: str):
+    """transformers 5.x `from_pretrained` as published: its AWQ path is gptqmodel's, which picks
+    a kernel for the device (on a CPU, TorchAtenAwqLinear: torch's int4 CPU kernel)."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)
+
+
+def readers() -> list[tuple[str, object]]:
+    """transformers 4.x: its own from_pretrained and AutoAWQ's from_quantized, each with the CPU
+    -> IPEX switch skipped (GPU modules); transformers 5.x: from_pretrained as published."""
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return [("transformers5", load_published)]
+    from transformers_load_check import load_autoawq, load_transformers
+
+    return [("transformers", load_transformers), ("autoawq", load_autoawq)]
+
+
 def check(model_type: str, folder: Path, new_tokens: int) -> dict:
     model = random_model(model_type)
     calib = torch.randint(3, SHAPES["vocab_size"], (8, 128), generator=torch.Generator().manual_seed(1))
@@ -68,7 +91,7 @@ def check(model_type: str, folder: Path, new_tokens: int) -> dict:
     row: dict = {"architectures": config["architectures"],
                  "stored": sorted(k.split(".", 3)[-1] for k in read_safetensors_folder(folder)
                                   if k.startswith("model.layers.0."))}
-    for name, load in (("transformers", load_transformers), ("autoawq", load_autoawq)):
+    for name, load in readers():
         records: list[logging.LogRecord] = []
         handler = logging.Handler()
         handler.emit = records.append  # transformers reports missing / unused weights here
@@ -79,18 +102,21 @@ def check(model_type: str, folder: Path, new_tokens: int) -> dict:
         finally:
             logger.removeHandler(handler)
         built = type(other).__name__
-        linears = sum("WQLinear" in type(m).__name__ for m in other.modules())
+        kinds = sorted({type(m).__name__ for m in other.modules() if is_awq_layer(m)})
+        linears = sum(is_awq_layer(m) for m in other.modules())
         errors = [rel_err(hf_logits(other, p), ours(torch.tensor([p]))[0].float().detach())
                   for p in prompts]
         with torch.no_grad():
             mine = awq_ref.generate(ours, prompts[1], new_tokens)
         theirs = hf_greedy(other, prompts[1], new_tokens)
         same = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), len(mine))
-        notes = sorted({r.getMessage()[:300] for r in records
-                        if "newly initialized" in r.getMessage() or "not used" in r.getMessage()})
-        row[name] = {"class": built, "quantized_linears": linears, "logits_rel_err": errors,
+        flags = ("newly initialized", "not used", "| MISSING", "| UNEXPECTED", "| MISMATCH")
+        notes = sorted({r.getMessage()[:300] for r in records  # 4.x's sentences, 5.x's table
+                        if any(f in r.getMessage() for f in flags)})
+        row[name] = {"class": built, "quantized_linears": linears, "layer_classes": kinds,
+                     "logits_rel_err": errors,
                      "greedy_tokens_equal": same, "of": new_tokens, "load_warnings": notes}
-        print(f"{model_type:8s} {name:12s} {built:18s} {linears:2d} WQLinear  logits rel err "
+        print(f"{model_type:8s} {name:13s} {built:18s} {linears:2d} x {'/'.join(kinds)}  logits rel err "
               f"{', '.join(f'{e:.1e}' for e in errors)}  greedy {same}/{new_tokens}"
               + (f"  WARNINGS {notes}" if notes else ""))
     return row
@@ -101,9 +127,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--json")
     args = ap.parse_args()
-    import awq
     report: dict = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                 "autoawq": getattr(awq, "__version__", "?")}}
+                                 **package_versions("autoawq", "gptqmodel")}}
     print(report["versions"])
     with TemporaryDirectory() as tmp:
         for model_type in ARCHITECTURES:

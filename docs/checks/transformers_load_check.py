@@ -31,6 +31,13 @@ Two virtual environments (never the project's own), with awq_ref importable from
     /tmp/ipex-venv/bin/pip install --no-deps autoawq==0.2.9
     PYTHONPATH=. /tmp/ipex-venv/bin/python docs/checks/transformers_load_check.py DIR \
         --steps 1 --windows 4
+    # step 1 under transformers 5.x, whose AWQ path is gptqmodel's (7.6.0: the last release
+    # that takes torch 2.13; on a CPU it picks TorchAtenAwqLinear, torch's int4 CPU kernel)
+    python3.11 -m venv /tmp/gptq-venv
+    /tmp/gptq-venv/bin/pip install torch==2.13.0
+    /tmp/gptq-venv/bin/pip install transformers==5.25.0 gptqmodel==7.6.0 gguf sentencepiece
+    PYTHONPATH=. /tmp/gptq-venv/bin/python docs/checks/transformers_load_check.py DIR \
+        --steps 1 --windows 4
 """
 
 from __future__ import annotations
@@ -88,6 +95,24 @@ def window_stats(ours, theirs, window: list[int]) -> dict:
             "logits_rel_err": rel_err(b, a)}
 
 
+def is_awq_layer(module) -> bool:
+    """AutoAWQ's WQLinear_* (transformers 4.x) or gptqmodel's *AwqLinear (transformers 5.x)."""
+    name = type(module).__name__
+    return "WQLinear" in name or "AwqLinear" in name
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    import importlib.metadata
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
 def load_transformers(folder: str):
     """AutoModelForCausalLM.from_pretrained as on a GPU: only the CPU -> IPEX switch skipped."""
     original = AwqQuantizer.validate_environment
@@ -123,8 +148,8 @@ def load_autoawq(folder: str):
 
 def compare(name: str, other, ours, ids: dict[str, list[int]], tokens: list[int],
             windows: int, n_new: int) -> dict:
-    quantized = sorted({type(m).__name__ for m in other.modules() if "WQLinear" in type(m).__name__})
-    count = sum("WQLinear" in type(m).__name__ for m in other.modules())
+    quantized = sorted({type(m).__name__ for m in other.modules() if is_awq_layer(m)})
+    count = sum(is_awq_layer(m) for m in other.modules())
     print(f"\n== {name}: {count} quantized linears ({', '.join(quantized)})")
     report: dict = {"quantized_linears": count, "modules": quantized, "prompts": []}
     for prompt, p in ids.items():
@@ -159,9 +184,8 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message=".*naive.*")
     torch.manual_seed(0)
-    import awq
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "autoawq": getattr(awq, "__version__", "?")}
+                **package_versions("autoawq", "intel_extension_for_pytorch", "gptqmodel")}
     print(versions)
     report: dict = {"folder": args.folder, "versions": versions}
 
