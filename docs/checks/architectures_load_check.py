@@ -32,6 +32,7 @@ from transformers_load_check import (
     hf_greedy,
     hf_logits,
     is_awq_layer,
+    leading_equal,
     package_versions,
     rel_err,
 )
@@ -109,7 +110,7 @@ def check(model_type: str, folder: Path, new_tokens: int) -> dict:
         with torch.no_grad():
             mine = awq_ref.generate(ours, prompts[1], new_tokens)
         theirs = hf_greedy(other, prompts[1], new_tokens)
-        same = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), len(mine))
+        same = leading_equal(mine, theirs)
         flags = ("newly initialized", "not used", "| MISSING", "| UNEXPECTED", "| MISMATCH")
         notes = sorted({r.getMessage()[:300] for r in records  # 4.x's sentences, 5.x's table
                         if any(f in r.getMessage() for f in flags)})

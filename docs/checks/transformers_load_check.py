@@ -84,6 +84,11 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return seq[len(ids):]
 
 
+def leading_equal(mine: list[int], theirs: list[int]) -> int:
+    """How many tokens two greedy continuations share before they part."""
+    return next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), len(mine))
+
+
 def window_stats(ours, theirs, window: list[int]) -> dict:
     """NLL of each model on one window, and KL(ours || theirs) and top-1 agreement between them."""
     a, b = ours_logits(ours, window)[:-1], hf_logits(theirs, window)[:-1]
@@ -157,7 +162,7 @@ def compare(name: str, other, ours, ids: dict[str, list[int]], tokens: list[int]
         t0 = time.perf_counter()
         mine = awq_ref.generate(ours, p, n_new)
         theirs = hf_greedy(other, p, n_new)
-        same = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), len(mine))
+        same = leading_equal(mine, theirs)
         row = {"prompt": prompt, "logits_rel_err": rel_err(b, a),
                "last_top1_same": bool(a[-1].argmax() == b[-1].argmax()),
                "greedy_tokens_equal": same, "of": n_new, "s": round(time.perf_counter() - t0, 1)}

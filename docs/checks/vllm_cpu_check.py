@@ -63,6 +63,7 @@ def architectures(new_tokens: int) -> dict:
 
     import torch
     from architectures_load_check import SHAPES, random_model
+    from transformers_load_check import leading_equal
     from vllm import LLM, SamplingParams
 
     import awq_ref
@@ -88,7 +89,7 @@ def architectures(new_tokens: int) -> dict:
                                                       ignore_eos=True, detokenize=False),
                                        use_tqdm=False)[0].outputs[0].token_ids)
             mine = awq_ref.generate(ours, window[:33], new_tokens)
-            same = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), len(mine))
+            same = leading_equal(mine, theirs)
             (nll_a, top_a), (nll_b, top_b) = ours_window(ours, window), vllm_window(llm, window)
             agree = sum(a == b for a, b in zip(top_a, top_b)) / len(top_a)
             report[model_type] = {"vllm_architectures": built, "greedy_tokens_equal": same,
@@ -113,6 +114,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on the CPU
     import torch
     import vllm
+    from transformers_load_check import leading_equal
     from vllm import LLM, SamplingParams
 
     import awq_ref
@@ -132,7 +134,7 @@ def main() -> None:
                                                   ignore_eos=True), use_tqdm=False)[0]
                       .outputs[0].token_ids)
         mine = awq_ref.generate(ours, ids, args.new_tokens)
-        same = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), len(mine))
+        same = leading_equal(mine, theirs)
         row = {"prompt": prompt, "ids_equal": vllm_tok.encode(prompt) == ids,
                "greedy_tokens_equal": same, "of": args.new_tokens, "vllm_text": vllm_tok.decode(theirs)}
         report["prompts"].append(row)
