@@ -257,7 +257,8 @@ def cmd_quantize_stream(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     quantize_folder(args.model, args.out, method=args.method, w_bit=args.w_bit,
                     group_size=args.group_size, zero_point=not args.no_zero_point,
-                    calib_tokens=calib, device=args.device, work_dir=args.work_dir, **options)
+                    calib_tokens=calib, device=args.device, work_dir=args.work_dir,
+                    dtype=_save_dtype(args), **options)
     print(f"{args.method} W{args.w_bit} g{args.group_size} streamed in "
           f"{time.perf_counter() - t0:.1f} s; checkpoint written to {args.out}")
     return 0
@@ -280,12 +281,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     qmodel = quantize(model, method=args.method, w_bit=spec.bits, group_size=spec.group_size,
                       zero_point=spec.zero_point, inplace=True, **extra)
     seconds = time.perf_counter() - t0
-    save_quantized(qmodel, args.out, tokenizer=tok)
+    save_quantized(qmodel, args.out, tokenizer=tok, dtype=_save_dtype(args))
     if progress is not None:  # only now: a crash while saving can still resume
         progress.remove()
     print(f"{args.method} W{spec.bits} g{spec.group_size} quantized in {seconds:.1f} s; "
           f"checkpoint written to {args.out}")
     return 0
+
+
+def _save_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """--save-dtype: the unquantized tensors' dtype in the checkpoint (None: the writer's default)."""
+    return DTYPES[args.save_dtype] if args.save_dtype else None
 
 
 def check_quantize_args(args: argparse.Namespace) -> None:
@@ -339,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=128, help="-1 = one group per output channel")
     q.add_argument("--no-zero-point", action="store_true", help="symmetric quantization")
     q.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
+    q.add_argument("--save-dtype", default=None, choices=sorted(DTYPES),
+                   help="dtype of the unquantized tensors written (embeddings, norms, lm_head, "
+                        "biases); float16 is what AutoAWQ stores and config.json's torch_dtype "
+                        "says (default: the model's --dtype; with --stream the source's)")
     q.add_argument("--calib", nargs="*", default=[], help="calibration text file(s) (AWQ)")
     q.add_argument("--n-samples", type=int, default=128, help="calibration windows")
     q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")

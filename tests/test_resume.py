@@ -172,3 +172,23 @@ def test_resume_in_process_matches(tmp_path, one_thread):
     for k in full.clips:
         assert all(torch.equal(a, b) for a, b in zip(resumed.clips[k], full.clips[k]))
 
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cli_save_dtype_casts_the_unquantized_tensors(tiny_setup, tmp_path, stream):
+    """--save-dtype float16 stores embeddings and norms as AutoAWQ does (half the bytes of the
+    fp32 default); the packed tensors are the same either way."""
+    from awq_ref.cli import main
+    from awq_ref.loaders import read_safetensors_folder
+
+    model, _, _ = tiny_setup
+    base = ["quantize", "--model", str(model), "--method", "rtn", "--group-size", "32",
+            *(["--stream"] if stream else [])]
+    assert main([*base, "--out", str(tmp_path / "kept")]) == 0
+    assert main([*base, "--out", str(tmp_path / "half"), "--save-dtype", "float16"]) == 0
+    kept, half = (read_safetensors_folder(tmp_path / name) for name in ("kept", "half"))
+    embed = "model.embed_tokens.weight"
+    assert kept[embed].dtype == torch.float32  # the model's (and the fp32 source's) dtype
+    assert half[embed].dtype == half["model.norm.weight"].dtype == torch.float16
+    q = "model.layers.0.self_attn.q_proj"
+    assert all(torch.equal(kept[f"{q}.{t}"], half[f"{q}.{t}"]) for t in ("qweight", "qzeros", "scales"))
