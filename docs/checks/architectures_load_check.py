@@ -79,12 +79,17 @@ def readers() -> list[tuple[str, object]]:
     return [("transformers", load_transformers), ("autoawq", load_autoawq)]
 
 
-def check(model_type: str, folder: Path, new_tokens: int) -> dict:
-    model = random_model(model_type)
+def save_random_checkpoint(model_type: str, folder: Path | str) -> None:
+    """random_model(model_type), AWQ-searched on random calibration tokens (so Qwen2's v bias
+    is rescaled with v), packed W4 g64 and saved by awq_ref into `folder`."""
     calib = torch.randint(3, SHAPES["vocab_size"], (8, 128), generator=torch.Generator().manual_seed(1))
-    q = awq_ref.quantize(model, method="awq", w_bit=4, group_size=64, calib_tokens=calib,
-                         n_grid=10, progress=False)
+    q = awq_ref.quantize(random_model(model_type), method="awq", w_bit=4, group_size=64,
+                         calib_tokens=calib, n_grid=10, progress=False)
     awq_ref.save_quantized(q, folder)
+
+
+def check(model_type: str, folder: Path, new_tokens: int) -> dict:
+    save_random_checkpoint(model_type, folder)
     ours = awq_ref.load_model(folder)
     config = json.loads((folder / "config.json").read_text())
     prompts = [torch.randint(3, SHAPES["vocab_size"], (n,), generator=torch.Generator().manual_seed(n)).tolist()

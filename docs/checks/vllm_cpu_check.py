@@ -62,7 +62,7 @@ def architectures(new_tokens: int) -> dict:
     from tempfile import TemporaryDirectory
 
     import torch
-    from architectures_load_check import SHAPES, random_model
+    from architectures_load_check import SHAPES, save_random_checkpoint
     from transformers_load_check import leading_equal
     from vllm import LLM, SamplingParams
 
@@ -73,11 +73,7 @@ def architectures(new_tokens: int) -> dict:
     with TemporaryDirectory() as tmp:
         for model_type in ARCHITECTURES:
             folder = f"{tmp}/{model_type}"
-            calib = torch.randint(3, SHAPES["vocab_size"], (8, 128),
-                                  generator=torch.Generator().manual_seed(1))
-            awq_ref.save_quantized(awq_ref.quantize(random_model(model_type), method="awq",
-                                                    w_bit=4, group_size=64, calib_tokens=calib,
-                                                    n_grid=10, progress=False), folder)
+            save_random_checkpoint(model_type, folder)
             ours = awq_ref.load_model(folder)
             llm = LLM(model=folder, tokenizer=None, skip_tokenizer_init=True, max_model_len=512,
                       enforce_eager=True, seed=0)
