@@ -52,11 +52,13 @@ def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
                          f"{model.device} (leave it off for eager decode)")
     if max_new_tokens <= 0:
         return []
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    # The last new token is never fed back: T + max_new_tokens - 1 positions are all it needs
+    # (a windowed model's limit counts these).
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens - 1)
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.tensor([list(prompt_ids)], device=model.device)  # (1, T)
     logits = model(prompt, cache, last_only=True)[0, -1]  # (V,)
-    step = CudaGraphDecoder(model, cache).step if cuda_graph else _eager_step(model, cache)
+    step = None  # built at the first step: with max_new_tokens == 1 the cache has no free slot
     out: list[int] = []
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)
@@ -65,5 +67,7 @@ def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
             on_token(nxt)
         if nxt in eos_ids or i == max_new_tokens - 1:
             break
+        if step is None:
+            step = CudaGraphDecoder(model, cache).step if cuda_graph else _eager_step(model, cache)
         logits = step(nxt)  # (V,)
     return out

@@ -127,6 +127,13 @@ def test_mistral_matches_transformers_within_its_window(window):
         ours(longer)
     with pytest.raises(ValueError, match="sequences .* limited to 48"):
         ours.new_cache(1, 49)
+    # generate fills T + new - 1 positions (the last new token is never fed back): exactly the
+    # window, and a prompt of the window's length still gets its one token
+    prompt = x[0, :40].tolist()
+    assert len(generate(ours, prompt, 9)) == 9
+    assert len(generate(ours, x[0].tolist(), 1)) == 1
+    with pytest.raises(ValueError, match="49 positions exceed"):
+        generate(ours, prompt, 10)
     unwindowed = transformers.MistralForCausalLM(transformers.MistralConfig(**mistral_hf_dict(None)))
     unwindowed.load_state_dict(hf.state_dict())
     with torch.no_grad():
