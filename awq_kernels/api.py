@@ -22,10 +22,11 @@ from .plan import (
     K_MULTIPLE,
     KERNELS,
     MAX_SPLITS,
+    MMA_DIRECT_MAX_M,
+    MMA_MAX_M,
     MMA_SPLIT_BLOCKS_PER_SM,
     N_MULTIPLE,
     check_mma_tile,
-    mma_direct_row_chunks,
     overlap_slices,
     plan_dequant,
     plan_gemv,
@@ -33,6 +34,7 @@ from .plan import (
     plan_mma,
     plan_mma_direct,
     plan_reduce,
+    row_chunks,
 )
 from .runtime import (
     ACTIVATION_DTYPES,
@@ -253,11 +255,11 @@ def _launch_product(name: str, x2: torch.Tensor, qweight: torch.Tensor, qzeros: 
     sum_splits=False (benchmark.py only) stops after the partials, leaving y2 unwritten: the
     time the split-K sum costs is then measurable as a difference."""
     (m, k), n = x2.shape, y2.shape[1]
-    if name == "mma_direct" and len(chunks := mma_direct_row_chunks(m)) > 1:
-        for r0, rows in chunks:  # more rows than one launch holds
+    most = {"mma_direct": MMA_DIRECT_MAX_M, "mma": MMA_MAX_M, "mma_split": MMA_MAX_M}.get(name)
+    if most is not None and m > most:
+        for r0, rows in row_chunks(m, most):  # more rows than one launch holds
             _launch_product(name, x2[r0:r0 + rows], qweight, qzeros, scales, group_size,
-                            y2[r0:r0 + rows], fuse_splitk, max_splits=max_splits,
-                            sum_splits=sum_splits)
+                            y2[r0:r0 + rows], fuse_splitk, mma_tile, max_splits, sum_splits)
         return
     tag = ACTIVATION_DTYPES[x2.dtype]
     with on_torch_stream(x2.device) as (arch, num_sms):

@@ -26,6 +26,7 @@ from .runtime import (
 
 ROWS_PER_BLOCK = 8    # G8_WARPS: one warp per output row
 K_MULTIPLE = 16       # one 16-byte load of int8 per lane
+DEQUANT_ROWS = 8192   # rows of the head widened to fp32 at a time (M > 8; 128 MB at K = 4096)
 
 
 def gemm_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -47,12 +48,15 @@ def gemm_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
         raise ValueError(f"x must have shape [..., K = {k}], got {list(x.shape)}")
     require_layout_and_device({"x": x, "qweight": qweight, "scales": scales})
     m = x.numel() // k
+    if m == 0 or n == 0:  # nothing to compute (CUDA refuses an empty grid)
+        return torch.zeros((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if m > max(GEMV_INT8_ROWS):  # prefill / evaluation: a 16-bit copy of the weights, then one matmul
-        w = (qweight.to(torch.float32) * scales[:, None]).to(x.dtype)  # (N, K)
+        w = torch.empty((n, k), dtype=x.dtype, device=x.device)  # (N, K)
+        for r in range(0, n, DEQUANT_ROWS):  # in slices: no fp32 copy of the whole head
+            rows = slice(r, r + DEQUANT_ROWS)
+            w[rows] = qweight[rows].to(torch.float32) * scales[rows, None]
         return x @ w.T
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y
     mt = next(r for r in GEMV_INT8_ROWS if r >= m)
     tag = ACTIVATION_DTYPES[x.dtype]
     with on_torch_stream(x.device) as (arch, _):

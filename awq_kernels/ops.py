@@ -46,8 +46,8 @@ def _check(name: str, t: object, dtype: torch.dtype | None = None) -> torch.Tens
         raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype} like the input, got {t.dtype}")
-    if t.dim() == 0 or t.shape[-1] % VEC:
-        raise ValueError(f"{name}'s last dimension must be a multiple of {VEC}, got shape "
+    if t.dim() == 0 or t.shape[-1] == 0 or t.shape[-1] % VEC:
+        raise ValueError(f"{name}'s last dimension must be a positive multiple of {VEC}, got shape "
                          f"{list(t.shape)}")
     if t.stride(-1) != 1 or any(s % VEC for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
         raise ValueError(f"{name} must be contiguous in its last dimension with the other "
@@ -250,6 +250,7 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
 
 HEAD_DIMS = ATTENTION_HEAD_DIMS  # what a model needs for all of these (ElementwiseOps)
 ATTENTION_CHUNK = 64   # AT_CHUNK of attention.cu: cache slots per block
+MAX_GRID_Y = 65535     # CUDA's limit on gridDim.y (the attention's splits)
 ATTENTION_MAX_GROUP = max(ATTENTION_GROUPS)  # AT_GMAX: query heads per KV head
 
 
@@ -280,6 +281,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     hkv, s = keys.shape[1], keys.shape[2]
     if s == 0:
         raise ValueError("keys has no cache slots (S = 0): no slot `position` to attend to")
+    if cdiv(s, ATTENTION_CHUNK) > MAX_GRID_Y:
+        raise ValueError(f"keys has {s} cache slots: at most {ATTENTION_CHUNK * MAX_GRID_Y} (one "
+                         f"block row per {ATTENTION_CHUNK} slots, {MAX_GRID_Y} rows at most)")
     if hkv == 0 or h % hkv or h // hkv > ATTENTION_MAX_GROUP:
         raise ValueError(f"H = {h} query heads must be a multiple of Hkv = {hkv}, at most "
                          f"{ATTENTION_MAX_GROUP} per KV head")

@@ -179,10 +179,19 @@ def plan_mma_direct(m: int, n: int, k: int, num_sms: int, max_splits: int = MAX_
                   per_split)
 
 
+def row_chunks(m: int, most: int) -> list[tuple[int, int]]:
+    """(first row, rows) of each launch when one launch takes at most `most` of the M rows."""
+    return [(r, min(most, m - r)) for r in range(0, m, most)]
+
+
 def mma_direct_row_chunks(m: int) -> list[tuple[int, int]]:
-    """(first row, rows) of each mma_direct launch: M rows in launches of at most
-    MMA_DIRECT_MAX_M (the kernel's largest row capacity)."""
-    return [(r, min(MMA_DIRECT_MAX_M, m - r)) for r in range(0, m, MMA_DIRECT_MAX_M)]
+    """mma_direct's launches: at most MMA_DIRECT_MAX_M rows (its largest row capacity)."""
+    return row_chunks(m, MMA_DIRECT_MAX_M)
+
+
+# gemm_mma's grid has one block row per BM rows in gridDim.y (at most 65535): with the smallest
+# tile (BM = 16) one launch takes this many rows; more rows take several launches
+MMA_MAX_M = 65535 * 16
 
 
 def plan_dequant(k: int, n: int, num_sms: int) -> Launch:

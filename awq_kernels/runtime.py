@@ -70,8 +70,9 @@ def require_int(name: str, v: object) -> int:
 # fused call. Not under CUDA-graph capture: a tensor zeroed there is only zeroed when the graph
 # replays; a capturing stream without a set falls back to the reduction kernel
 # (CudaGraphDecoder captures on the stream it warmed up, so it has one). A captured graph keeps
-# the capture stream's set: replay it where nothing else runs on that stream's set at the same
-# time (on the capture stream itself, as CudaGraphDecoder does).
+# the capture stream's set: replay it on the capture stream itself (as CudaGraphDecoder does),
+# so that it never runs beside other work on that set (torch's stream pool hands the same
+# stream out again after 32 others).
 SPLITK_COUNTER_SLOTS = 4096  # output tiles per launch; more: the reduction kernel instead
 _splitk_counter_sets: dict[tuple[int, int], torch.Tensor] = {}
 

@@ -92,6 +92,10 @@ class CudaGraphDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
         self.inv_freq = model.inv_freq()  # (Dh/2,) fp32 on the device
         self.graph = torch.cuda.CUDAGraph()
+        # Warm-up, capture and every replay run on this one stream: per-stream state a backend
+        # keeps (awq_kernels' split-K counters) is then never touched by two streams at once,
+        # even when torch's stream pool hands the same stream to other code.
+        self.stream = torch.cuda.Stream(device)
         self.logits = self._capture(warmup_steps)  # (B, V), rewritten by every replay
 
     def _run(self) -> torch.Tensor:
@@ -105,7 +109,7 @@ class CudaGraphDecoder:
         # `position` = cache.length, which the first real step overwrites before reading it.
         self.position.fill_(self.cache.length)
         current = torch.cuda.current_stream(self.model.device)
-        side = torch.cuda.Stream(self.model.device)
+        side = self.stream
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(warmup_steps):
@@ -124,6 +128,10 @@ class CudaGraphDecoder:
                              f"{self.cache.max_len}")
         self.token.fill_(token)
         self.position.fill_(self.cache.length)
-        self.graph.replay()
+        current = torch.cuda.current_stream(self.model.device)
+        self.stream.wait_stream(current)  # the inputs (and eager steps' cache writes) first
+        with torch.cuda.stream(self.stream):
+            self.graph.replay()
+        current.wait_stream(self.stream)  # then whatever reads the logits or the cache
         self.cache.length += 1
         return self.logits[0]

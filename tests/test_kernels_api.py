@@ -233,6 +233,8 @@ def test_fused_elementwise_ops_validate_before_touching_cuda():
         ops.add_rms_norm(x, x.bfloat16(), w, 1e-5)
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         ops.add_rms_norm(x, x, w, 1e-5)
+    with pytest.raises(ValueError, match="last dimension must be a positive multiple of 8"):
+        ops.rms_norm(x[:, :0], w[:0], 1e-5)  # D = 0 (was a ZeroDivisionError)
     q, k = torch.randn(1, 1, 4, 32).half(), torch.randn(1, 1, 2, 32).half()
     cos = torch.randn(1, 32).half()
     cache = torch.zeros(1, 2, 8, 32).half()
@@ -277,6 +279,9 @@ def test_decode_attention_validates_before_touching_cuda():
         ops.decode_attention(q, cache[:, :0], cache[:, :0], pos)
     with pytest.raises(TypeError, match="position must be int64"):
         ops.decode_attention(q, cache, cache, pos.float())
+    huge = torch.empty(1, 2, 64 * 65535 + 1, 64, dtype=torch.float16, device="meta")  # no memory
+    with pytest.raises(ValueError, match="at most 4194240"):  # gridDim.y's 65535 block rows
+        ops.decode_attention(q, huge, huge, pos)
     with pytest.raises(ValueError, match="q must be a CUDA tensor"):
         ops.decode_attention(q, cache, cache, pos)
 

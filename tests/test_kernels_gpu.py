@@ -391,3 +391,6 @@ def test_int8_head_kernel_matches_its_reference(m, dtype):
     err = ((got.float() - want).norm() / want.norm()).item()
     assert err <= TOLERANCE[dtype], f"relative error {err:.2e}"
     assert torch.equal(gemm_int8(x, head.qweight, head.scales).view(torch.int16), got.view(torch.int16))
+    # empty products return without a launch (CUDA refuses an empty grid)
+    assert gemm_int8(x, head.qweight[:0], head.scales[:0]).shape == (m, 0)
+    assert gemm_int8(x[:0], head.qweight, head.scales).shape == (0, 1000)

@@ -4,15 +4,20 @@ blocks. (Which kernel an M gets: test_kernels_dispatch.py.)"""
 
 from __future__ import annotations
 
-import pytest
+import contextlib
 
-from awq_kernels import build
+import pytest
+import torch
+
+from awq_kernels import api, build
 from awq_kernels.dispatch import choose
 from awq_kernels.plan import (
     GEMV_KC,
     GEMV_NT,
     MMA_BK,
     MMA_BN,
+    MMA_DIRECT_MAX_M,
+    MMA_MAX_M,
     MMA_SPLIT_BLOCKS_PER_SM,
     mma_blocks_per_sm,
     mma_direct_row_chunks,
@@ -176,3 +181,25 @@ def test_overlap_slices_cover_n_in_wide_multiples_of_64(n):
     assert len(slices) == 1 or all(nc >= 2048 for _, nc in slices[:-1])
     assert overlap_slices(4096) == [(0, 2048), (2048, 2048)]
     assert len(overlap_slices(14336)) == 4 and len(overlap_slices(4095 // 64 * 64)) == 1
+
+
+@pytest.mark.parametrize("name,most", [("mma", MMA_MAX_M), ("mma_split", MMA_MAX_M),
+                                       ("mma_direct", MMA_DIRECT_MAX_M)])
+def test_launches_stay_within_the_grid_limit(monkeypatch, name, most):
+    """More rows than one launch takes (gemm_mma: 65535 block rows of BM = 16 in gridDim.y)
+    go in launches of at most `most` rows, each on its own rows of x and y (CUDA faked)."""
+    launches = []
+    monkeypatch.setattr(api, "on_torch_stream", lambda device: contextlib.nullcontext(("sm_90", 132)))
+    monkeypatch.setattr(api, "run", lambda launch, arch, expr, args: launches.append(
+        (launch, args[0].shape[0], args[4].shape[-2])))
+    m, k, n, g = 2 * most + 3, 128, 64, 64
+    x2 = torch.empty(m, k, dtype=torch.float16, device="meta")  # shapes only
+    y2 = torch.empty(m, n, dtype=torch.float16, device="meta")
+    packed = (torch.empty(k, n // 8, dtype=torch.int32, device="meta"),
+              torch.empty(k // g, n // 8, dtype=torch.int32, device="meta"),
+              torch.empty(k // g, n, dtype=torch.float16, device="meta"))
+    tile = build.MMA_CONFIGS[16] if name != "mma_direct" else None
+    api._launch_product(name, x2, *packed, g, y2, mma_tile=tile)
+    rows = [r for _, r, _ in launches if r]
+    assert sum(rows) == m and max(rows) <= most
+    assert all(launch.grid[1] <= 65535 for launch, _, _ in launches)
