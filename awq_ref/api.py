@@ -18,6 +18,17 @@ from awq_ref.quant.rtn import apply_rtn
 METHODS = ("rtn", "awq")
 
 
+def check_quantizable(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...] = (),
+                      pack: bool = True) -> None:
+    """ValueError unless every decoder linear (but `skip`) can be quantized with `spec` (packed:
+    4 bits, whole words of codes); works on a model built on the meta device too."""
+    if pack:
+        check_packable(spec, "quantize")
+    for name, lin in decoder_linears(model, skip):
+        check_linear(spec, name, lin.in_features, lin.out_features, pack,
+                     hint="; use pack=False (fake quantization)")
+
+
 def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: int = 128,
              zero_point: bool = True, modules_to_not_convert: Iterable[str] = (),
              pack: bool = True, inplace: bool = False, **kwargs: Any) -> nn.Module:
@@ -42,11 +53,7 @@ def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: 
                          "form; quantize the model as loaded, then fuse")
     skip = tuple(modules_to_not_convert)
     # Check every layer before touching any, so a bad setting never leaves a half-quantized model.
-    if pack:
-        check_packable(spec, "quantize")
-    for name, lin in decoder_linears(model, skip):
-        check_linear(spec, name, lin.in_features, lin.out_features, pack,
-                     hint="; use pack=False (fake quantization)")
+    check_quantizable(model, spec, skip, pack)
     if not inplace:
         model = copy.deepcopy(model)
     if method == "awq":

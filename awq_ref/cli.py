@@ -169,7 +169,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
              eos_ids=tok.eos_ids, seed=args.seed, on_token=stream, cuda_graph=args.cuda_graph)
     dt = time.perf_counter() - t0
-    print(f"\n[{len(new)} tokens in {dt:.2f} s, {len(new) / dt:.1f} tokens/s]", file=sys.stderr)
+    print(flush=True)  # stdout ends with a newline
+    print(f"[{len(new)} tokens in {dt:.2f} s, {len(new) / dt:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 
@@ -211,7 +212,11 @@ def _awq_result(args: argparse.Namespace, model, tok, spec, progress=None):
     from awq_ref.awq.result import AwqResult
 
     if args.result:
-        return AwqResult.load(args.result)
+        result = AwqResult.load(args.result)
+        if result.spec != spec:  # allowed (scales carry over), but say so
+            print(f"note: {args.result} was searched for {_spec_name(result.spec)}, applied at "
+                  f"{_spec_name(spec)}: its clip boxes were tuned for the former", file=sys.stderr)
+        return result
     if args.calib:
         files = [Path(p) for p in args.calib]  # Paths: a list of str would be read as texts
         calib = calibration_tokens(tok, files, args.n_samples, args.calib_seqlen, args.seed)
@@ -225,6 +230,10 @@ def _awq_result(args: argparse.Namespace, model, tok, spec, progress=None):
         result.save(args.save_result)
         print(f"search result saved to {args.save_result}", file=sys.stderr)
     return result
+
+
+def _spec_name(spec) -> str:
+    return f"W{spec.bits} g{spec.group_size}" + ("" if spec.zero_point else " symmetric")
 
 
 def awq_options(args: argparse.Namespace) -> dict:
@@ -241,15 +250,8 @@ def cmd_quantize_stream(args: argparse.Namespace) -> int:
     from awq_ref.loaders import load_tokenizer
     from awq_ref.stream import quantize_folder
 
-    if args.result or args.save_result:
-        raise ValueError("--stream does not take --result or --save-result")
-    if not Path(args.model).is_dir():
-        raise ValueError(f"--stream reads an HF safetensors folder; {args.model!r} is not a folder")
     calib, options = None, {}
     if args.method == "awq":
-        if not args.calib:
-            raise ValueError("--stream with --method awq needs --calib text: sampling "
-                             "calibration windows from the model would load it whole")
         files = [Path(p) for p in args.calib]
         calib = calibration_tokens(load_tokenizer(args.model), files, args.n_samples,
                                    args.calib_seqlen, args.seed)
@@ -266,7 +268,7 @@ def cmd_quantize_stream(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from awq_ref.api import quantize
-    from awq_ref.loaders import load_tokenizer
+    from awq_ref.loaders import folder_lacks_tokenizer, load_tokenizer
     from awq_ref.quant.checkpoint import save_quantized
     from awq_ref.quant.quantizer import QuantSpec
 
@@ -274,7 +276,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.stream:
         return cmd_quantize_stream(args)
     spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
-    tok, model = load_tokenizer(args.model), _load(args)
+    if folder_lacks_tokenizer(args.model) and not args.calib:  # nothing to read: none is needed
+        print(f"{args.model} has no tokenizer: the checkpoint is written without one",
+              file=sys.stderr)
+        tok = None
+    else:
+        tok = load_tokenizer(args.model)
+    model = _load(args)
     t0 = time.perf_counter()
     progress = _progress(args) if args.method == "awq" and not args.result else None
     extra = {"result": _awq_result(args, model, tok, spec, progress)} if args.method == "awq" else {}
@@ -302,14 +310,48 @@ def check_quantize_args(args: argparse.Namespace) -> None:
 
     if Path(args.out).exists():
         raise ValueError(f"--out {args.out} already exists: remove it or choose another folder")
-    QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
+    spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
+    if spec.bits != 4:
+        raise ValueError(f"--w-bit {spec.bits}: the AWQ checkpoint holds 4-bit codes only; other "
+                         "widths (2..8) run as fake quantization from Python (awq_ref.quantize(..., "
+                         "pack=False)) and cannot be saved")
     _positive("--n-samples", args.n_samples)
     _positive("--calib-seqlen", args.calib_seqlen)
-    if args.method == "rtn" and (args.result or args.save_result or args.calib):
+    if args.method == "rtn" and (args.result or args.save_result or args.calib is not None):
         raise ValueError("--result, --save-result and --calib belong to --method awq; rtn "
                          "searches nothing")
+    if args.calib is not None and not args.calib:
+        raise ValueError("--calib names no file (leave --calib out for data-free calibration)")
+    if args.result and args.calib is not None:
+        raise ValueError("--result re-applies a saved search: it takes no --calib text")
+    for name, path in [("--calib", f) for f in args.calib or ()] + [("--result", args.result)]:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{name} {path}: no such file")
     if args.method == "awq":
         AwqConfig(**awq_options(args))
+    if args.stream:
+        if args.result or args.save_result:
+            raise ValueError("--stream does not take --result or --save-result")
+        if not Path(args.model).is_dir():
+            raise ValueError(f"--stream reads an HF safetensors folder; {args.model!r} is not a "
+                             "folder")
+        if args.method == "awq" and not args.calib:
+            raise ValueError("--stream with --method awq needs --calib text: sampling "
+                             "calibration windows from the model would load it whole")
+    _check_layers(args.model, spec)
+
+
+def _check_layers(model: str, spec) -> None:
+    """The group size against every decoder linear, from the config alone (a model built on the
+    meta device: no weights read), so a bad --group-size fails before a long load."""
+    from awq_ref.api import check_quantizable
+    from awq_ref.loaders import load_config
+    from awq_ref.model import Llama
+
+    config = load_config(model)
+    if config is not None:
+        with torch.device("meta"):
+            check_quantizable(Llama(config), spec)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the unquantized tensors written (embeddings, norms, lm_head, "
                         "biases); float16 is what AutoAWQ stores and config.json's torch_dtype "
                         "says (default: the model's --dtype; with --stream the source's)")
-    q.add_argument("--calib", nargs="*", default=[], help="calibration text file(s) (AWQ)")
+    q.add_argument("--calib", nargs="*", default=None, metavar="FILE",
+                   help="calibration text file(s) (AWQ; without it: data-free calibration)")
     q.add_argument("--n-samples", type=int, default=128, help="calibration windows")
     q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
     q.add_argument("--seed", type=int, default=0)

@@ -227,6 +227,21 @@ def test_joint_clip_lowers_the_whole_row_error(mode):
     assert (lo >= wg.amin(-1)).all() and (hi <= wg.amax(-1)).all()
 
 
+def test_clip_rows_in_chunks_pick_the_same_boxes(monkeypatch):
+    """Output channels searched in chunks (a byte budget bounds the temporaries on wide layers)
+    get the boxes they get all at once: each row's search is its own."""
+    import awq_ref.awq.search_clip as sc
+
+    torch.manual_seed(3)
+    x = torch.randn(300, 64) + 2 * torch.randn(300, 1)
+    w = torch.randn(40, 64)
+    whole = search_clip(w, x.T @ x, SPEC, mode="lohi", joint=2)
+    monkeypatch.setattr(sc, "CLIP_CHUNK_BYTES", 4 * 64 * 7)  # 7 rows at a time
+    chunked = search_clip(w, x.T @ x, SPEC, mode="lohi", joint=2)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert chunked[3] == pytest.approx(whole[3], rel=1e-5)
+
+
 def test_nan_activation_names_block_and_layer():
     model = tiny_llama()
     with torch.no_grad():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from awq_ref import cli
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.resume import Progress
 from awq_ref.cli import _what_is_kept, build_parser, main
@@ -44,7 +45,62 @@ def test_quantize_refuses_before_loading(capsys, tmp_path):
              "rtn searches nothing")
     _refused(capsys, ["quantize", "--model", "default", "--out", fresh, "--stream"],
              "is not a folder")
+    _refused(capsys, [*base, "--out", fresh, "--w-bit", "3"], "4-bit codes only")
+    _refused(capsys, [*base, "--out", fresh, "--calib"], "--calib names no file")
+    _refused(capsys, [*base, "--out", fresh, "--calib", str(tmp_path / "absent.txt")],
+             "absent.txt: no such file")
+    _refused(capsys, [*base, "--out", fresh, "--result", str(tmp_path / "r.st")],
+             "r.st: no such file")
+    _refused(capsys, [*base, "--out", fresh, "--result", "r.st", "--calib", "c.txt"],
+             "takes no --calib")
     assert not (tmp_path / "new").exists()
+
+
+def test_group_size_is_checked_from_the_config_before_loading(capsys, tmp_path, monkeypatch):
+    folder = _random_folder(tmp_path)  # hidden 128: G = 256 divides no linear
+    monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("the model was loaded"))
+    _refused(capsys, ["quantize", "--model", str(folder), "--out", str(tmp_path / "q"),
+                      "--method", "rtn", "--group-size", "256"],
+             "group_size 256 does not divide in_features 128")
+
+
+def _random_folder(tmp_path):
+    """A tiny random HF folder without a tokenizer (tools/make_random_checkpoint.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_random_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("make_random_checkpoint", path)
+    mrc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mrc)
+    return mrc.write_random_checkpoint(mrc.LlamaConfig(**mrc.PRESETS["tiny"]), tmp_path / "src")
+
+
+def test_quantize_a_folder_without_tokenizer(capsys, tmp_path, one_thread):
+    """Nothing is read as text without --calib: RTN and data-free AWQ need no tokenizer, and the
+    checkpoint is written without one; a saved search applied at another group size says so."""
+    folder = _random_folder(tmp_path)
+    rtn, awq, again = (str(tmp_path / n) for n in ("rtn", "awq", "again"))
+    assert main(["quantize", "--model", str(folder), "--out", rtn, "--method", "rtn"]) == 0
+    assert "has no tokenizer" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "rtn").iterdir()) == [
+        "config.json", "model.safetensors"]
+    assert main(["quantize", "--model", str(folder), "--out", awq, "--n-samples", "2",
+                 "--calib-seqlen", "16", "--n-grid", "2", "--save-result",
+                 str(tmp_path / "r.st")]) == 0
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(folder), "--out", again, "--group-size", "64",
+                 "--result", str(tmp_path / "r.st")]) == 0
+    assert "searched for W4 g128, applied at W4 g64" in capsys.readouterr().err
+    _refused(capsys, ["quantize", "--model", str(folder), "--out", str(tmp_path / "c"),
+                      "--calib", str(folder / "config.json")], "no tokenizer.json")
+
+
+def test_generate_ends_its_output_with_a_newline(capsys, stories_dir):
+    assert main(["generate", "--model", str(stories_dir / "stories260K.bin"), "--prompt",
+                 "Once", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Once") and out.endswith("\n")
 
 
 def test_ppl_and_generate_options(capsys):

@@ -36,6 +36,9 @@ PRESETS = {  # name -> LlamaConfig fields (widths multiples of 128: packable wit
     "tiny": _shape(512, 128, 384, 4, 4, 2),
     "tiny-qwen2": {**_shape(512, 128, 384, 4, 4, 2), "model_type": "qwen2"},  # + q, k, v biases
     "tiny-qwen3": {**_shape(512, 128, 384, 4, 4, 2), "model_type": "qwen3", "head_dim": 64},  # + q/k norms
+    # a window of 1024 positions: longer sequences are refused (windowed attention not implemented)
+    "tiny-mistral": {**_shape(512, 128, 384, 4, 4, 2), "model_type": "mistral",
+                     "sliding_window": 1024},
     "mid-1b": _shape(32000, 2048, 5632, 8, 16, 16),
     "llama-2-7b": _shape(32000, 4096, 11008, 32, 32, 32, 4096),
     "llama-2-13b": _shape(32000, 5120, 13824, 40, 40, 40, 4096),
@@ -92,6 +95,14 @@ def write_random_checkpoint(config: LlamaConfig, out: str | Path, dtype: torch.d
     return out
 
 
+def _count(n: int) -> str:
+    """n with a unit that keeps three digits: 612 K, 1.68 M, 6.74 G."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} "
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -109,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     out = write_random_checkpoint(config, args.out, DTYPES[args.dtype], args.seed, args.std,
                                   args.max_shard_mb * 10**6)
     size = sum(p.stat().st_size for p in out.iterdir())
-    print(f"{args.preset}: {config.weight_count() / 1e9:.2f} B weights, {size / 1e9:.2f} GB "
-          f"written to {out}")
+    print(f"{args.preset}: {_count(config.weight_count())} weights, {_count(size)}B written to "
+          f"{out}")
     return 0
 
 

@@ -52,6 +52,15 @@ def calibration_tokens(tokenizer: Any, source: str | Path | Sequence[str | Path]
         raise ValueError("no calibration text given")
     strings = [read_texts([t])[0] if isinstance(t, Path) else t for t in items]
     stream = torch.tensor(tokenizer.encode("\n\n".join(strings)), dtype=torch.int64)
+    if stream.numel() < seqlen:  # say where the text came from, and catch file names as text
+        files = [str(t) for t in items if isinstance(t, Path)]
+        named = [t for t in items if isinstance(t, str) and len(t) < 4096 and "\n" not in t
+                 and Path(t).is_file()]
+        raise ValueError(
+            f"calibration data has {stream.numel()} tokens; one window needs {seqlen} (from "
+            f"{len(files)} file(s) {files} and {len(items) - len(files)} text(s))"
+            + (f"; {named} in the list was read as text, not as a file: in a list, give files "
+               f"as pathlib.Path" if named else ""))
     return random_windows(stream, n, seqlen, seed)
 
 

@@ -41,6 +41,9 @@ from awq_ref.quant.quantizer import QuantSpec, clamp_groups, grouped
 from awq_ref.quant.rtn import fake_quantize_weight
 
 CLIP_MODES = ("range", "absmax", "lohi")
+# One (rows, K) fp32 temporary of the search at most this large: 4096 rows up to K = 4096; a
+# Llama-2-7B down_proj (K = 11008) in chunks of 1524 rows (its peak memory 2.6 -> 1.3 GB)
+CLIP_CHUNK_BYTES = 1 << 26
 
 
 def gram_blocks(gram: torch.Tensor, g: int) -> torch.Tensor:
@@ -75,7 +78,7 @@ def clipper(gram: torch.Tensor, spec: QuantSpec, n_grid: int, max_shrink: float,
 
 def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: int = 20,
                 max_shrink: float = 0.5, mode: str = "range", name: str = "weight",
-                rows: int = 4096, joint: int = 0
+                rows: int | None = None, joint: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Best box per (output channel, group) for w (N, K) given its input Gram X^T X (K, K).
 
@@ -83,12 +86,14 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: in
     (with joint > 0: the summed whole-row errors sum_n e_n^T H e_n before and after).
     The defaults here are the plain search (llm-awq's grid of 20, "range", no joint sweeps);
     the pipeline passes AwqConfig's (clip_grid 40, "lohi", clip_joint 2).
-    Output channels are processed `rows` at a time to bound memory.
+    Output channels are processed `rows` at a time to bound memory (default: as many as keep one
+    (rows, K) fp32 temporary within CLIP_CHUNK_BYTES, at most 4096; the joint sweeps hold several).
     """
     if mode not in CLIP_MODES:
         raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
     g = spec.group_for(w.shape[1], name)
     blocks = gram_blocks(gram, g)  # (K/G, G, G)
+    rows = rows or max(1, min(4096, CLIP_CHUNK_BYTES // (4 * w.shape[1])))
     out = [_search_rows(w[i:i + rows], blocks, spec, g, n_grid, max_shrink, mode)
            for i in range(0, w.shape[0], rows)]
     if joint > 0:

@@ -14,10 +14,16 @@ from pathlib import Path
 
 import torch
 
+from awq_ref.config import LlamaConfig
 from awq_ref.loaders.default_model import DEFAULT_NAME, default_gguf_path
-from awq_ref.loaders.gguf_file import is_gguf, load_gguf_model
+from awq_ref.loaders.gguf_file import config_from_gguf, is_gguf, load_gguf_model, open_gguf
 from awq_ref.loaders.gguf_tokenizer import load_gguf_tokenizer
-from awq_ref.loaders.hf import load_hf_model, read_safetensors_file, read_safetensors_folder
+from awq_ref.loaders.hf import (
+    load_hf_model,
+    read_config_json,
+    read_safetensors_file,
+    read_safetensors_folder,
+)
 from awq_ref.loaders.llama2c import find_tokenizer_for, is_llama2c_model, load_llama2c_model
 from awq_ref.loaders.llama2c_tokenizer import read_llama2c_tokenizer
 from awq_ref.model import Llama
@@ -49,6 +55,21 @@ def _resolve(path: str | Path) -> Path:
     return path
 
 
+def load_config(path: str | Path) -> LlamaConfig | None:
+    """The LlamaConfig of "default", an fp HF folder or a .gguf file, read without any weights
+    (to check settings before a long load); None for other formats and quantized folders."""
+    path = _resolve(path)
+    if path.is_dir():
+        raw = read_config_json(path)
+        if isinstance(raw, dict) and "quantization_config" in raw:
+            return None
+        return LlamaConfig.from_hf_dict(raw, source=str(path / "config.json"))
+    if is_gguf(path):
+        reader, meta = open_gguf(path)
+        return config_from_gguf(meta, {t.name for t in reader.tensors}, str(path))
+    return None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Llama:
     """A Llama (eval mode) from "default", an HF folder, a .gguf file or a llama2.c .bin."""
@@ -73,6 +94,16 @@ def _llama2c_tokenizer(path: Path) -> Tokenizer:
         template = chat_template_from_folder(path.parent)
     return Tokenizer(backend, bos, eos, True if add_bos is None else add_bos, source=str(path),
                      chat_template=template)
+
+
+FOLDER_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.bin")  # any one
+
+
+def folder_lacks_tokenizer(path: str | Path) -> bool:
+    """Whether `path` is a folder with none of FOLDER_TOKENIZER_FILES (e.g. a random checkpoint
+    of tools/make_random_checkpoint.py): load_tokenizer would refuse it."""
+    path = Path(path)
+    return path.is_dir() and not any((path / f).is_file() for f in FOLDER_TOKENIZER_FILES)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
