@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from awq_ref import cli
+from awq_ref import cli_quantize
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.resume import Progress
-from awq_ref.cli import _what_is_kept, build_parser, main
+from awq_ref.cli import build_parser, main
+from awq_ref.cli_quantize import what_is_kept
 from awq_ref.eval import read_text, windows_of
 from awq_ref.quant.quantizer import QuantSpec
 
@@ -58,7 +59,7 @@ def test_quantize_refuses_before_loading(capsys, tmp_path):
 
 def test_group_size_is_checked_from_the_config_before_loading(capsys, tmp_path, monkeypatch):
     folder = _random_folder(tmp_path)  # hidden 128: G = 256 divides no linear
-    monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli_quantize, "load", lambda *a: pytest.fail("the model was loaded"))
     _refused(capsys, ["quantize", "--model", str(folder), "--out", str(tmp_path / "q"),
                       "--method", "rtn", "--group-size", "256"],
              "group_size 256 does not divide in_features 128")
@@ -165,9 +166,9 @@ def test_what_a_stopped_quantization_keeps(tmp_path):
     base = ["quantize", "--model", "m", "--out", str(out)]
     stream = build_parser().parse_args([*base, "--stream", "--method", "rtn"])
     (tmp_path / "ckpt.partial" / "shards").mkdir(parents=True)  # made before block 0
-    assert _what_is_kept(stream) == "no block was finished"
+    assert what_is_kept(stream) == "no block was finished"
     Progress(tmp_path / "ckpt.partial").save(3, AwqResult(QuantSpec(4, 32, True)), torch.zeros(1))
-    assert _what_is_kept(stream).startswith(f"3 finished block(s) are kept in {tmp_path / 'ckpt.partial'}")
-    assert _what_is_kept(build_parser().parse_args([*base, "--method", "rtn"])) == "nothing was written"
+    assert what_is_kept(stream).startswith(f"3 finished block(s) are kept in {tmp_path / 'ckpt.partial'}")
+    assert what_is_kept(build_parser().parse_args([*base, "--method", "rtn"])) == "nothing was written"
     out.mkdir()
-    assert _what_is_kept(stream) == f"the checkpoint was written to {out}"
+    assert what_is_kept(stream) == f"the checkpoint was written to {out}"

@@ -1,0 +1,29 @@
+"""What the command line's subcommands share: model arguments, dtypes, loading."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="HF folder, .gguf file, llama2.c .bin, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and activations")
+
+
+def positive(name: str, value: int | None, least: int = 1) -> None:
+    if value is not None and value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value}")
+
+
+def load(args: argparse.Namespace, path: str | None = None):
+    from awq_ref.loaders import load_model
+
+    return load_model(path or args.model, device=args.device, dtype=DTYPES[args.dtype])
+

@@ -1,0 +1,223 @@
+"""`python -m awq_ref quantize`: check the settings before any work, load (or stream), search or
+re-apply AWQ (or round to nearest), write the checkpoint; what a stopped run leaves behind."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from awq_ref.cli_common import DTYPES, add_model_args, load, positive
+
+
+def add_quantize_parser(sub) -> None:
+    """The `quantize` subcommand's arguments, on the main parser's subparsers `sub`."""
+    q = sub.add_parser("quantize", help="quantize (RTN or AWQ) and write a packed AWQ checkpoint")
+    add_model_args(q)
+    q.add_argument("--method", default="awq", choices=["awq", "rtn"])
+    q.add_argument("--w-bit", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128, help="-1 = one group per output channel")
+    q.add_argument("--no-zero-point", action="store_true", help="symmetric quantization")
+    q.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
+    q.add_argument("--save-dtype", default=None, choices=sorted(DTYPES),
+                   help="dtype of the unquantized tensors written (embeddings, norms, lm_head, "
+                        "biases); float16 is what AutoAWQ stores and config.json's torch_dtype "
+                        "says (default: the model's --dtype; with --stream the source's)")
+    q.add_argument("--calib", nargs="*", default=None, metavar="FILE",
+                   help="calibration text file(s) (AWQ; without it: data-free calibration)")
+    q.add_argument("--n-samples", type=int, default=128, help="calibration windows")
+    q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--n-grid", type=int, default=None,
+                   help="ratios tried by the scale search (default: AwqConfig's, 40)")
+    q.add_argument("--duo-scaling", action="store_true", help="s = mean|x|^a / mean|w|^(1-a)")
+    q.add_argument("--save-result", default=None, help="also save the AWQ search (safetensors)")
+    q.add_argument("--result", default=None, help="re-apply a saved AWQ search instead of searching")
+    q.add_argument("--work-dir", default=None,
+                   help="AWQ progress saved after every block, resumed by rerunning the same "
+                        "command (default: OUT.partial; removed after success)")
+    q.add_argument("--stream", action="store_true",
+                   help="HF safetensors folder only: read, quantize and write one block at a "
+                        "time (models larger than memory); computes in fp32, keeps the "
+                        "checkpoint's dtype for unquantized tensors (--dtype is not used)")
+    q.set_defaults(func=cmd_quantize)
+
+
+def check_quantize_args(args: argparse.Namespace) -> None:
+    """What `quantize` can refuse before loading anything (the search would otherwise run for
+    minutes and fail at the end)."""
+    from awq_ref.awq.pipeline import AwqConfig
+    from awq_ref.quant.quantizer import QuantSpec
+
+    if Path(args.out).exists():
+        raise ValueError(f"--out {args.out} already exists: remove it or choose another folder")
+    spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
+    if spec.bits != 4:
+        raise ValueError(f"--w-bit {spec.bits}: the AWQ checkpoint holds 4-bit codes only; other "
+                         "widths (2..8) run as fake quantization from Python (awq_ref.quantize(..., "
+                         "pack=False)) and cannot be saved")
+    positive("--n-samples", args.n_samples)
+    positive("--calib-seqlen", args.calib_seqlen)
+    if args.method == "rtn" and (args.result or args.save_result or args.calib is not None):
+        raise ValueError("--result, --save-result and --calib belong to --method awq; rtn "
+                         "searches nothing")
+    if args.calib is not None and not args.calib:
+        raise ValueError("--calib names no file (leave --calib out for data-free calibration)")
+    if args.result and args.calib is not None:
+        raise ValueError("--result re-applies a saved search: it takes no --calib text")
+    for name, path in [("--calib", f) for f in args.calib or ()] + [("--result", args.result)]:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{name} {path}: no such file")
+    if args.method == "awq":
+        AwqConfig(**awq_options(args))
+    if args.stream:
+        if args.result or args.save_result:
+            raise ValueError("--stream does not take --result or --save-result")
+        if not Path(args.model).is_dir():
+            raise ValueError(f"--stream reads an HF safetensors folder; {args.model!r} is not a "
+                             "folder")
+        if args.method == "awq" and not args.calib:
+            raise ValueError("--stream with --method awq needs --calib text: sampling "
+                             "calibration windows from the model would load it whole")
+    _check_layers(args.model, spec)
+
+
+def _check_layers(model: str, spec) -> None:
+    """The group size against every decoder linear, from the config alone (a model built on the
+    meta device: no weights read), so a bad --group-size fails before a long load."""
+    from awq_ref.api import check_quantizable
+    from awq_ref.loaders import load_config
+    from awq_ref.model import Llama
+
+    config = load_config(model)
+    if config is not None:
+        with torch.device("meta"):
+            check_quantizable(Llama(config), spec)
+
+
+def _spec_name(spec) -> str:
+    return f"W{spec.bits} g{spec.group_size}" + ("" if spec.zero_point else " symmetric")
+
+
+def awq_options(args: argparse.Namespace) -> dict:
+    """The AwqConfig fields set on the command line (the others keep AwqConfig's defaults)."""
+    options = {"duo_scaling": args.duo_scaling}
+    if args.n_grid is not None:
+        options["n_grid"] = args.n_grid
+    return options
+
+
+def _progress(args: argparse.Namespace):
+    """The resumable search's work folder (--work-dir, default OUT.partial beside --out)."""
+    from awq_ref.awq.resume import Progress
+
+    work_dir = Path(args.work_dir or f"{str(args.out).rstrip('/')}.partial")
+    model = args.model if args.model == "default" else str(Path(args.model).resolve())
+    return Progress(work_dir, identity={"model": model, "dtype": args.dtype})
+
+
+def _awq_result(args: argparse.Namespace, model, tok, spec, progress=None):
+    """The AWQ search result: re-loaded with --result, else searched (and saved with --save-result);
+    `progress` (awq.resume.Progress) makes the search save and resume its state per block."""
+    from awq_ref.awq.calibration import calibration_tokens, sample_from_model
+    from awq_ref.awq.pipeline import AwqConfig, search_awq
+    from awq_ref.awq.result import AwqResult
+
+    if args.result:
+        result = AwqResult.load(args.result)
+        if result.spec != spec:  # allowed (scales carry over), but say so
+            print(f"note: {args.result} was searched for {_spec_name(result.spec)}, applied at "
+                  f"{_spec_name(spec)}: its clip boxes were tuned for the former", file=sys.stderr)
+        return result
+    if args.calib:
+        files = [Path(p) for p in args.calib]  # Paths: a list of str would be read as texts
+        calib = calibration_tokens(tok, files, args.n_samples, args.calib_seqlen, args.seed)
+    else:
+        print("no --calib text: sampling calibration windows from the model (data-free)",
+              file=sys.stderr)
+        calib = sample_from_model(model, args.n_samples, args.calib_seqlen, args.seed)
+    config = AwqConfig(**awq_options(args))
+    result = search_awq(model, calib, spec, config, device=args.device, progress=progress)
+    if args.save_result:
+        result.save(args.save_result)
+        print(f"search result saved to {args.save_result}", file=sys.stderr)
+    return result
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from awq_ref.api import quantize
+    from awq_ref.loaders import folder_lacks_tokenizer, load_tokenizer
+    from awq_ref.quant.checkpoint import save_quantized
+    from awq_ref.quant.quantizer import QuantSpec
+
+    check_quantize_args(args)
+    if args.stream:
+        return cmd_quantize_stream(args)
+    spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
+    if folder_lacks_tokenizer(args.model) and not args.calib:  # nothing to read: none is needed
+        print(f"{args.model} has no tokenizer: the checkpoint is written without one",
+              file=sys.stderr)
+        tok = None
+    else:
+        tok = load_tokenizer(args.model)
+    model = load(args)
+    t0 = time.perf_counter()
+    progress = _progress(args) if args.method == "awq" and not args.result else None
+    extra = {"result": _awq_result(args, model, tok, spec, progress)} if args.method == "awq" else {}
+    qmodel = quantize(model, method=args.method, w_bit=spec.bits, group_size=spec.group_size,
+                      zero_point=spec.zero_point, inplace=True, **extra)
+    seconds = time.perf_counter() - t0
+    save_quantized(qmodel, args.out, tokenizer=tok, dtype=_save_dtype(args))
+    if progress is not None:  # only now: a crash while saving can still resume
+        progress.remove()
+    print(f"{args.method} W{spec.bits} g{spec.group_size} quantized in {seconds:.1f} s; "
+          f"checkpoint written to {args.out}")
+    return 0
+
+
+def cmd_quantize_stream(args: argparse.Namespace) -> int:
+    """--stream: block by block from the safetensors files (awq_ref.stream), never whole."""
+    from awq_ref.awq.calibration import calibration_tokens
+    from awq_ref.loaders import load_tokenizer
+    from awq_ref.stream import quantize_folder
+
+    calib, options = None, {}
+    if args.method == "awq":
+        files = [Path(p) for p in args.calib]
+        calib = calibration_tokens(load_tokenizer(args.model), files, args.n_samples,
+                                   args.calib_seqlen, args.seed)
+        options = awq_options(args)
+    t0 = time.perf_counter()
+    quantize_folder(args.model, args.out, method=args.method, w_bit=args.w_bit,
+                    group_size=args.group_size, zero_point=not args.no_zero_point,
+                    calib_tokens=calib, device=args.device, work_dir=args.work_dir,
+                    dtype=_save_dtype(args), **options)
+    print(f"{args.method} W{args.w_bit} g{args.group_size} streamed in "
+          f"{time.perf_counter() - t0:.1f} s; checkpoint written to {args.out}")
+    return 0
+
+
+def _save_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """--save-dtype: the unquantized tensors' dtype in the checkpoint (None: the writer's default)."""
+    return DTYPES[args.save_dtype] if args.save_dtype else None
+
+
+def what_is_kept(args: argparse.Namespace) -> str:
+    """What a stopped command leaves behind: the checkpoint if it was written; else the blocks
+    a per-block progress file holds (AWQ, or anything --stream); nothing else is written early."""
+    if args.command != "quantize":
+        return "nothing was written"
+    if Path(args.out).exists():  # stopped after the atomic write, before the clean-up
+        return f"the checkpoint was written to {args.out}"
+    if not (args.stream or (args.method == "awq" and not args.result)):
+        return "nothing was written"
+    from awq_ref.awq.resume import Progress
+
+    work = Progress(args.work_dir or f"{str(args.out).rstrip('/')}.partial")
+    blocks = work.saved_blocks()
+    if not blocks:
+        return "no block was finished"
+    return f"{blocks} finished block(s) are kept in {work.work_dir}: the same command resumes"
