@@ -184,11 +184,6 @@ def row_chunks(m: int, most: int) -> list[tuple[int, int]]:
     return [(r, min(most, m - r)) for r in range(0, m, most)]
 
 
-def mma_direct_row_chunks(m: int) -> list[tuple[int, int]]:
-    """mma_direct's launches: at most MMA_DIRECT_MAX_M rows (its largest row capacity)."""
-    return row_chunks(m, MMA_DIRECT_MAX_M)
-
-
 # gemm_mma's grid has one block row per BM rows in gridDim.y (at most 65535): with the smallest
 # tile (BM = 16) one launch takes this many rows; more rows take several launches
 MMA_MAX_M = 65535 * 16

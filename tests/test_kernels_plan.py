@@ -20,7 +20,6 @@ from awq_kernels.plan import (
     MMA_MAX_M,
     MMA_SPLIT_BLOCKS_PER_SM,
     mma_blocks_per_sm,
-    mma_direct_row_chunks,
     overlap_slices,
     plan_dequant,
     plan_gemv,
@@ -28,6 +27,7 @@ from awq_kernels.plan import (
     plan_mma,
     plan_mma_direct,
     plan_reduce,
+    row_chunks,
 )
 
 
@@ -102,7 +102,7 @@ def test_plan_mma_direct_covers_output_and_k(m, k, n):
 
 @pytest.mark.parametrize("m", [1, 63, 64, 65, 128, 129, 300])
 def test_mma_direct_row_chunks_cover_m(m):
-    chunks = mma_direct_row_chunks(m)
+    chunks = row_chunks(m, MMA_DIRECT_MAX_M)  # mma_direct's launches
     assert [r0 for r0, _ in chunks] == list(range(0, m, 64))
     assert all(0 < rows <= 64 for _, rows in chunks) and sum(rows for _, rows in chunks) == m
 
