@@ -65,8 +65,8 @@ def load_config(path: str | Path) -> LlamaConfig | None:
             return None
         return LlamaConfig.from_hf_dict(raw, source=str(path / "config.json"))
     if is_gguf(path):
-        reader, meta = open_gguf(path)
-        return config_from_gguf(meta, {t.name for t in reader.tensors}, str(path))
+        header = open_gguf(path)
+        return config_from_gguf(header.metadata, {t.name for t in header.tensors}, str(path))
     return None
 
 

@@ -183,5 +183,4 @@ def gguf_chat_template(meta: dict[str, Any]) -> ChatTemplate:
 def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
     from awq_ref.loaders.gguf_file import open_gguf
 
-    _, meta = open_gguf(path)
-    return tokenizer_from_gguf_metadata(meta, str(path))
+    return tokenizer_from_gguf_metadata(open_gguf(path).metadata, str(path))
