@@ -44,6 +44,15 @@ def test_data_free_windows_start_with_bos_and_repeat():
     assert torch.equal(a, sample_from_model(model, n=3, seqlen=12, seed=0, batch=2))
 
 
+def test_data_free_cache_holds_only_the_tokens_fed(monkeypatch):
+    """The window's last token is sampled, never fed back: seqlen - 1 cache slots."""
+    model = tiny_llama()
+    lengths, new_cache = [], model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda b, n: lengths.append(n) or new_cache(b, n))
+    sample_from_model(model, n=3, seqlen=12, seed=0, batch=2)
+    assert lengths == [11, 11]
+
+
 def test_tinystories_protocol_windows(shared_data):
     from awq_ref.loaders import load_tokenizer
 

@@ -79,7 +79,7 @@ def sample_from_model(model: nn.Module, n: int = DEFAULT_WINDOWS, seqlen: int = 
     for i in range(0, n, batch):
         b = min(batch, n - i)
         toks = torch.full((b, seqlen), bos, dtype=torch.int64, device=model.device)  # (B, T)
-        cache = model.new_cache(b, seqlen)
+        cache = model.new_cache(b, max(seqlen - 1, 1))  # the last token is never fed back
         for t in range(seqlen - 1):
             logits = model(toks[:, t:t + 1], cache=cache)[:, -1].float()  # (B, V)
             probs = torch.softmax(logits / temperature, dim=-1)
