@@ -109,3 +109,22 @@ def test_refusals(tmp_path):
     refused(dup, "'u32' appears twice")
     t_type = data.rindex(b"\x01" + bytes(7) + b"t") + 9 + 4 + 16  # name, dimension count, dims
     refused(data[:t_type] + struct.pack("<I", 99) + data[t_type + 4:], "unknown type 99")
+    refused(data[:4] + struct.pack(">I", 3) + data[8:], "big-endian")
+
+
+def test_alignment_refusals(tmp_path):
+    """general.alignment must be a uint32 power of two (as gguf's reader requires)."""
+    def with_alignment(value, vtype):
+        w = gguf.GGUFWriter(str(tmp_path / "a.gguf"), "llama")
+        w.add_key_value("general.alignment", value, vtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return tmp_path / "a.gguf"
+
+    t = gguf.GGUFValueType
+    with pytest.raises(ValueError, match="general.alignment has value type 10, not uint32"):
+        read_header(with_alignment(64, t.UINT64))
+    with pytest.raises(ValueError, match="general.alignment 48 is not a power of two"):
+        read_header(with_alignment(48, t.UINT32))
+    assert read_header(with_alignment(64, t.UINT32)).metadata["general.alignment"] == 64

@@ -111,11 +111,14 @@ def test_gguf_header_regressions(worker, case, content, words):
     ("llama.attention.head_count", 0, "model", ["num_attention_heads"]),  # ZeroDivisionError
     ("llama.embedding_length", "x", "model", ["llama.embedding_length"]),  # TypeError
     ("llama.block_count", 10**6, "model", ["weights"]),  # minutes building meta layers
+    ("llama.attention.layer_norm_rms_epsilon", True, "model", ["layer_norm_rms_epsilon", "float32"]),  # was 1.0
+    ("llama.rope.freq_base", "1e4", "model", ["freq_base", "float32"]),  # was parsed
+    ("llama.rope.freq_base", 1e300, "model", ["freq_base", "float32"]),  # a numpy overflow warning
 ])
 def test_gguf_metadata_regressions(worker, base, case, key, value, kind, words):
     model = base["gguf_model"]
     t = gguf.GGUFValueType
-    vtype = {int: t.UINT32, str: t.STRING, list: t.ARRAY}[type(value)]
+    vtype = {int: t.UINT32, str: t.STRING, list: t.ARRAY, bool: t.BOOL, float: t.FLOAT64}[type(value)]
     meta = {**gguf_metadata(model, "llama"), key: (value, vtype)}
     path = write_gguf(case() / "m.gguf", model, meta)
     expect_value_error(worker, kind, path, *words)
@@ -258,6 +261,26 @@ def test_gguf_header_counts_past_the_caps(worker, case):
         arrays += bytes(2**20 + 1)
     path.write_bytes(arrays + bytes(64))
     expect_value_error(worker, "model", path, "array items in the file")
+    # 10^6 one-byte metadata entries: 5.6 s and 145 MB to read (a review, 2026-12-06)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 10**6) + bytes(13 * 10**6))
+    expect_value_error(worker, "model", path, "1000000 metadata entries")
+
+
+def test_gguf_dimension_of_zero_beside_a_huge_one(worker, case):
+    """Dims (32, 0, 2^64 - 1): a product of 0 passed the size check, then torch.empty raised a
+    TypeError (a review, 2026-12-06)."""
+    def s(b):
+        return struct.pack("<Q", len(b)) + b
+    kv = [s(b"general.architecture") + struct.pack("<I", 8) + s(b"llama")]
+    kv += [s(k) + struct.pack("<II", 4, v) for k, v in [
+        (b"llama.embedding_length", 32), (b"llama.feed_forward_length", 64), (b"llama.block_count", 1),
+        (b"llama.attention.head_count", 2), (b"llama.vocab_size", 8)]]
+    kv += [s(b"llama.attention.layer_norm_rms_epsilon") + struct.pack("<If", 6, 1e-5)]
+    info = s(b"token_embd.weight") + struct.pack("<I3QIQ", 3, 32, 0, 2**64 - 1, 0, 0)
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, len(kv)) + b"".join(kv) + info
+    path = case() / "m.gguf"
+    path.write_bytes(head + bytes(-len(head) % 32) + bytes(32))
+    expect_value_error(worker, "model", path, "a dimension of 0")
 
 
 def _safetensors(entries: dict[str, dict], data: bytes) -> bytes:

@@ -74,8 +74,12 @@ def _int(meta: dict[str, Any], key: str, source: str, default: Any = None) -> in
     return value
 
 
-def _f32(value: float) -> float:
-    """A float32 metadata value as the shortest decimal that rounds to it (1e-5, not 9.99999e-6)."""
+def _f32(meta: dict[str, Any], key: str, source: str, default: Any = None) -> float:
+    """A float metadata value (an integer too, not a bool or a string), finite as a float32,
+    given as the shortest decimal that rounds to that float32 (1e-5, not 9.99999e-6)."""
+    value = _get(meta, key, source, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) <= 3.4e38:
+        raise ValueError(f"{source}: GGUF metadata {key}={value!r} is not a finite float32")
     return float(str(np.float32(value)))
 
 
@@ -106,8 +110,8 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) 
             num_attention_heads=heads,
             num_key_value_heads=_int(meta, "llama.attention.head_count_kv", source, heads),
             head_dim=_int(meta, "llama.attention.key_length", source, 0),
-            rms_norm_eps=_f32(_get(meta, "llama.attention.layer_norm_rms_epsilon", source)),
-            rope_theta=_f32(meta.get("llama.rope.freq_base", 10000.0)),
+            rms_norm_eps=_f32(meta, "llama.attention.layer_norm_rms_epsilon", source),
+            rope_theta=_f32(meta, "llama.rope.freq_base", source, 10000.0),
             max_position_embeddings=_int(meta, "llama.context_length", source, 2048),
             tie_word_embeddings="output.weight" not in tensor_names,
             bos_token_id=bos,
