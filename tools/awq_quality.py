@@ -16,7 +16,7 @@ import json
 import logging
 import resource
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 
@@ -81,7 +81,8 @@ def main() -> None:
     else:
         calib = calibration_tokens(tok, args.calib, args.calib_windows, args.seqlen, seed=args.seed)
         evals = load_wikitext_tokens(tok, args.eval)
-    report = {"args": vars(args), "rows": []}
+    # the effective AWQ settings, not only the overrides: the defaults change over time
+    report = {"args": vars(args), "awq_config": asdict(AwqConfig(**overrides)), "rows": []}
 
     def score(name: str, model, bits, seconds=None, rss=None) -> None:
         res = evaluate(model, evals, args.eval_seqlen, args.eval_windows,
