@@ -30,6 +30,15 @@ from awq_ref.loaders import load_model, load_tokenizer
 DATA = "../shared/data/text"
 
 
+def windows_arg(value: str) -> int | None:
+    """--eval-windows: a positive count, or "all" (None: every window of the text)."""
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
+    return int(value)
+
+
 def parse_overrides(items: list[str]) -> dict:
     types = {f.name: f.type for f in fields(AwqConfig)}
     out = {}
@@ -57,7 +66,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0, help="calibration windows seed")
     ap.add_argument("--eval", default=f"{DATA}/wikitext-2-raw/wiki.test.raw")
-    ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--eval-windows", type=windows_arg, default=20,
+                    help="evaluation windows N, or 'all' (PROTOCOL.md's full run; default 20)")
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--group", type=int, default=64)

@@ -184,7 +184,7 @@ def quality_command(args: dict) -> str:
     """The awq_quality.py command line that produced a report, from its recorded args."""
     cmd = (f"tools/awq_quality.py --model {args['model']} --bits {' '.join(map(str, args['bits']))}"
            f" --group {args['group']} --calib-windows {args['calib_windows']} --seqlen "
-           f"{args['seqlen']} --eval-windows {args['eval_windows']} --eval-seqlen "
+           f"{args['seqlen']} --eval-windows {args['eval_windows'] or 'all'} --eval-seqlen "
            f"{args['eval_seqlen']}")
     if args.get("overrides"):
         cmd += " --set " + " ".join(args["overrides"])
@@ -318,8 +318,9 @@ the weights AWQ protects by scaling them up before rounding.
 ![activations](figures/activations.png)
 
 **(b) The grid over a.** The search loss of each scaling group for s = mean|x|^a, divided by the
-loss at a = 0 (s = 1, plain round-to-nearest); the circle is the chosen a. Curves fall below 1
-first (protecting salient channels helps), then rise (large a squeezes the other channels).
+loss at a = 0 (s = 1, plain round-to-nearest); the circle is the chosen a. Curves dip below 1
+at moderate a (protecting salient channels helps) and climb back at large a (it squeezes the
+other channels); a few first rise at the smallest a.
 
 ![loss vs ratio](figures/loss_vs_ratio.png)
 
