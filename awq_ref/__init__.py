@@ -19,7 +19,7 @@ from awq_ref.awq.calibration import calibration_tokens
 from awq_ref.awq.pipeline import AwqConfig, search_awq
 from awq_ref.awq.result import AwqResult
 from awq_ref.config import LlamaConfig
-from awq_ref.eval import evaluate
+from awq_ref.eval import evaluate, evaluate_many
 from awq_ref.generate import generate
 from awq_ref.loaders import load_model, load_tokenizer
 from awq_ref.model import Llama
@@ -28,5 +28,5 @@ from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.stream import quantize_folder
 
 __all__ = ["AwqConfig", "AwqResult", "Llama", "LlamaConfig", "QuantSpec", "apply_awq",
-           "calibration_tokens", "evaluate", "generate", "load_model", "load_quantized_model",
+           "calibration_tokens", "evaluate", "evaluate_many", "generate", "load_model", "load_quantized_model",
            "load_tokenizer", "quantize", "quantize_folder", "save_quantized", "search_awq"]

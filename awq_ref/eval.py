@@ -76,25 +76,42 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048, windows
 
     Returns {"ppl", "nll", "tokens", "windows", "seqlen"} plus {"kl", "top1"} with a reference.
     """
+    return evaluate_many({"model": model}, tokens, seqlen, windows, reference, progress)["model"]
+
+
+@torch.no_grad()
+def evaluate_many(models: dict[str, nn.Module], tokens: torch.Tensor, seqlen: int = 2048,
+                  windows: int | None = None, reference: nn.Module | None = None,
+                  progress: bool = True) -> dict[str, dict[str, float]]:
+    """`evaluate` for several models, window by window, so the reference runs once per window,
+    not once per model (each model's numbers are the ones `evaluate` gives it alone; the
+    reference itself among the models costs no second forward)."""
     batches = windows_of(tokens, seqlen, windows)
-    nll_sum = kl_sum = 0.0
-    top1_sum = 0
+    sums = {name: [0.0, 0.0, 0] for name in models}  # summed NLL, KL, top-1 matches
     for window in tqdm(batches, desc="eval windows", disable=not progress):
-        x = window[None].to(model.device)  # (1, T)
-        logits = model(x)[0, :-1]  # (T-1, V): position t predicts token t+1
         ref_logits = (reference(window[None].to(reference.device))[0, :-1]
-                      if reference is not None else None)
-        targets = x[0, 1:]
-        for a in range(0, logits.shape[0], _CHUNK):
-            logp = torch.log_softmax(logits[a:a + _CHUNK].float(), -1)
-            ref_logp = None
-            if ref_logits is not None:
-                ref_logp = torch.log_softmax(ref_logits[a:a + _CHUNK].float(), -1).to(logp.device)
-            nll, kl, top1 = _scores(logp, ref_logp, targets[a:a + _CHUNK])
-            nll_sum, kl_sum, top1_sum = nll_sum + nll, kl_sum + kl, top1_sum + top1
+                      if reference is not None else None)  # (T-1, V)
+        for name, model in models.items():
+            x = window[None].to(model.device)  # (1, T)
+            logits = ref_logits if model is reference else model(x)[0, :-1]  # (T-1, V): t -> t+1
+            _score_window(logits, ref_logits, x[0, 1:], sums[name])
     count = batches.shape[0] * (seqlen - 1)
-    result = {"ppl": math.exp(nll_sum / count), "nll": nll_sum / count, "tokens": count,
-              "windows": batches.shape[0], "seqlen": seqlen}
-    if reference is not None:
-        result.update(kl=kl_sum / count, top1=top1_sum / count)
-    return result
+    results = {}
+    for name, (nll_sum, kl_sum, top1_sum) in sums.items():
+        results[name] = {"ppl": math.exp(nll_sum / count), "nll": nll_sum / count, "tokens": count,
+                         "windows": batches.shape[0], "seqlen": seqlen}
+        if reference is not None:
+            results[name].update(kl=kl_sum / count, top1=top1_sum / count)
+    return results
+
+
+def _score_window(logits: torch.Tensor, ref_logits: torch.Tensor | None, targets: torch.Tensor,
+                  sums: list) -> None:
+    """Adds one window's summed NLL, KL and top-1 matches to `sums`, _CHUNK positions at a time."""
+    for a in range(0, logits.shape[0], _CHUNK):
+        logp = torch.log_softmax(logits[a:a + _CHUNK].float(), -1)
+        ref_logp = None
+        if ref_logits is not None:
+            ref_logp = torch.log_softmax(ref_logits[a:a + _CHUNK].float(), -1).to(logp.device)
+        nll, kl, top1 = _scores(logp, ref_logp, targets[a:a + _CHUNK])
+        sums[0], sums[1], sums[2] = sums[0] + nll, sums[1] + kl, sums[2] + top1

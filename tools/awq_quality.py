@@ -23,7 +23,7 @@ import torch
 from awq_ref.api import quantize
 from awq_ref.awq.calibration import calibration_tokens
 from awq_ref.awq.pipeline import AwqConfig
-from awq_ref.eval import evaluate, load_wikitext_tokens, read_text
+from awq_ref.eval import evaluate_many, load_wikitext_tokens, read_text
 from awq_ref.files import atomic_write_text
 from awq_ref.loaders import load_model, load_tokenizer
 
@@ -94,12 +94,6 @@ def main() -> None:
     # the effective AWQ settings, not only the overrides: the defaults change over time
     report = {"args": vars(args), "awq_config": asdict(AwqConfig(**overrides)), "rows": []}
 
-    def score(name: str, model, bits, seconds=None, rss=None) -> None:
-        res = evaluate(model, evals, args.eval_seqlen, args.eval_windows,
-                       reference=None if model is fp else fp, progress=False)
-        row = {"method": name, "bits": bits, **res, "quant_s": seconds, "peak_rss_gb": rss}
-        report["rows"].append(row)
-        print(json.dumps(row), flush=True)
 
     quantized = {}
     for bits in args.bits:
@@ -111,9 +105,16 @@ def main() -> None:
                                          peak_rss_gb())
             print(f"{method} W{bits} g{args.group}: {quantized[(method, bits)][1]:.1f} s, "
                   f"peak RSS so far {quantized[(method, bits)][2]:.2f} GB", flush=True)
-    score("fp", fp, None)
-    for (method, bits), (model, seconds, rss) in quantized.items():
-        score(method, model, bits, seconds, rss)
+    # every model window by window, so fp's logits (the KL reference) are computed once per window
+    models = {("fp", None): fp, **{key: model for key, (model, _, _) in quantized.items()}}
+    scores = evaluate_many(models, evals, args.eval_seqlen, args.eval_windows, reference=fp)
+    for (method, bits), res in scores.items():
+        seconds, rss = quantized[(method, bits)][1:] if method != "fp" else (None, None)
+        if method == "fp":  # against itself: KL 0, top-1 1
+            res = {k: v for k, v in res.items() if k not in ("kl", "top1")}
+        row = {"method": method, "bits": bits, **res, "quant_s": seconds, "peak_rss_gb": rss}
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
     rows = {(r["method"], r["bits"]): r for r in report["rows"]}
     for bits in args.bits:
         if ("rtn", bits) in rows and ("awq", bits) in rows:

@@ -1,0 +1,64 @@
+"""awq_ref/eval.py: PROTOCOL.md's perplexity, KL and top-1 against a direct computation, and
+evaluate_many against evaluate model by model."""
+
+import math
+
+import pytest
+import torch
+from test_awq_search import tiny_llama
+
+from awq_ref.eval import _CHUNK, evaluate, evaluate_many, windows_of
+
+
+@torch.no_grad()
+def direct(model, reference, tokens, seqlen, n):
+    """The formulas of eval.py's docstring over whole windows, in float64."""
+    nll = kl = top1 = 0.0
+    for w in tokens[: n * seqlen].view(n, seqlen):
+        logp = torch.log_softmax(model(w[None])[0, :-1].double(), -1)  # (T-1, V)
+        ref = torch.log_softmax(reference(w[None])[0, :-1].double(), -1)
+        nll -= logp.gather(1, w[1:, None]).sum().item()
+        kl += (ref.exp() * (ref - logp)).sum().item()
+        top1 += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
+    count = n * (seqlen - 1)
+    return math.exp(nll / count), kl / count, top1 / count
+
+
+def test_scores_match_the_formulas():
+    model, reference = tiny_llama(seed=1), tiny_llama(seed=2)
+    tokens = torch.randint(0, 97, (3 * (_CHUNK + 40) + 5,))  # windows longer than one chunk
+    seqlen = _CHUNK + 40
+    got = evaluate(model, tokens, seqlen, None, reference, progress=False)
+    ppl, kl, top1 = direct(model, reference, tokens, seqlen, 3)
+    assert got["windows"] == 3 and got["tokens"] == 3 * (seqlen - 1)
+    assert got["ppl"] == pytest.approx(ppl, rel=1e-5)
+    assert got["kl"] == pytest.approx(kl, rel=1e-4) and kl > 0
+    assert got["top1"] == pytest.approx(top1, abs=1 / got["tokens"])
+
+
+def test_evaluate_many_gives_each_model_its_own_numbers():
+    a, b, ref = tiny_llama(seed=1), tiny_llama(seed=2), tiny_llama(seed=3)
+    tokens = torch.randint(0, 97, (400,))
+    many = evaluate_many({"a": a, "b": b, "ref": ref}, tokens, 64, 5, ref, progress=False)
+    assert many["a"] == evaluate(a, tokens, 64, 5, ref, progress=False)
+    assert many["b"] == evaluate(b, tokens, 64, 5, ref, progress=False)
+    assert many["ref"]["kl"] == 0 and many["ref"]["top1"] == 1
+    assert many["ref"]["ppl"] == evaluate(ref, tokens, 64, 5, progress=False)["ppl"]
+    alone = evaluate_many({"a": a}, tokens, 64, 5, progress=False)["a"]
+    assert "kl" not in alone and alone["ppl"] == many["a"]["ppl"]
+
+
+def test_reference_runs_once_per_window():
+    a, b, ref = tiny_llama(seed=1), tiny_llama(seed=2), tiny_llama(seed=3)
+    calls = []
+    ref.register_forward_hook(lambda *_: calls.append(1))
+    evaluate_many({"a": a, "b": b, "ref": ref}, torch.randint(0, 97, (400,)), 64, 5, ref, progress=False)
+    assert len(calls) == 5
+
+
+def test_windows_errors():
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        windows_of(torch.arange(10), 1, None)
+    with pytest.raises(ValueError, match="asked for 3 windows"):
+        windows_of(torch.arange(10), 4, 3)
+    assert windows_of(torch.arange(10), 4, None).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
