@@ -12,6 +12,7 @@ N * (seqlen - 1) tokens:
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +81,15 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048, windows
 
 
 @torch.no_grad()
-def evaluate_many(models: dict[str, nn.Module], tokens: torch.Tensor, seqlen: int = 2048,
+def evaluate_many(models: dict[Hashable, nn.Module], tokens: torch.Tensor, seqlen: int = 2048,
                   windows: int | None = None, reference: nn.Module | None = None,
-                  progress: bool = True) -> dict[str, dict[str, float]]:
+                  progress: bool = True) -> dict[Hashable, dict[str, float]]:
     """`evaluate` for several models, window by window, so the reference runs once per window,
     not once per model (each model's numbers are the ones `evaluate` gives it alone; the
     reference itself among the models costs no second forward)."""
     batches = windows_of(tokens, seqlen, windows)
+    if not models:
+        return {}
     sums = {name: [0.0, 0.0, 0] for name in models}  # summed NLL, KL, top-1 matches
     for window in tqdm(batches, desc="eval windows", disable=not progress):
         ref_logits = (reference(window[None].to(reference.device))[0, :-1]
@@ -95,6 +98,7 @@ def evaluate_many(models: dict[str, nn.Module], tokens: torch.Tensor, seqlen: in
             x = window[None].to(model.device)  # (1, T)
             logits = ref_logits if model is reference else model(x)[0, :-1]  # (T-1, V): t -> t+1
             _score_window(logits, ref_logits, x[0, 1:], sums[name])
+            del logits  # not alive during the next model's forward
     count = batches.shape[0] * (seqlen - 1)
     results = {}
     for name, (nll_sum, kl_sum, top1_sum) in sums.items():

@@ -52,7 +52,8 @@ def test_reference_runs_once_per_window():
     a, b, ref = tiny_llama(seed=1), tiny_llama(seed=2), tiny_llama(seed=3)
     calls = []
     ref.register_forward_hook(lambda *_: calls.append(1))
-    evaluate_many({"a": a, "b": b, "ref": ref}, torch.randint(0, 97, (400,)), 64, 5, ref, progress=False)
+    tokens = torch.randint(0, 97, (400,))
+    evaluate_many({"a": a, "b": b, "ref": ref}, tokens, 64, 5, ref, progress=False)
     assert len(calls) == 5
 
 

@@ -3,7 +3,8 @@
     PYTHONPATH=. .venv/bin/python tools/awq_quality.py --bits 4 3 --json awq_quality.json
 
 Calibration: --calib-windows x --seqlen random windows (--seed, default 0) of --calib;
-evaluation: the first --eval-windows non-overlapping 2048-token windows of --eval.
+evaluation: the first --eval-windows non-overlapping --eval-seqlen-token windows of --eval
+(default 20 x 2048; `--eval-windows all`: every window, PROTOCOL.md's full run).
 recovery = (ppl_RTN - ppl_AWQ) / (ppl_RTN - ppl_fp). Weights are fake-quantized (nn.Linear keeps
 w_hat), so any bit width runs.
 AWQ options: --set name=value for AwqConfig fields (e.g. --set duo_scaling=true).
@@ -34,7 +35,7 @@ def windows_arg(value: str) -> int | None:
     """--eval-windows: a positive count, or "all" (None: every window of the text)."""
     if value == "all":
         return None
-    if not value.isdigit() or int(value) < 1:
+    if not value.isdecimal() or not value.isascii() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
     return int(value)
 
@@ -94,7 +95,6 @@ def main() -> None:
     # the effective AWQ settings, not only the overrides: the defaults change over time
     report = {"args": vars(args), "awq_config": asdict(AwqConfig(**overrides)), "rows": []}
 
-
     quantized = {}
     for bits in args.bits:
         for method in args.methods:
@@ -109,9 +109,11 @@ def main() -> None:
     models = {("fp", None): fp, **{key: model for key, (model, _, _) in quantized.items()}}
     scores = evaluate_many(models, evals, args.eval_seqlen, args.eval_windows, reference=fp)
     for (method, bits), res in scores.items():
-        seconds, rss = quantized[(method, bits)][1:] if method != "fp" else (None, None)
         if method == "fp":  # against itself: KL 0, top-1 1
             res = {k: v for k, v in res.items() if k not in ("kl", "top1")}
+            seconds = rss = None
+        else:
+            seconds, rss = quantized[(method, bits)][1:]
         row = {"method": method, "bits": bits, **res, "quant_s": seconds, "peak_rss_gb": rss}
         report["rows"].append(row)
         print(json.dumps(row), flush=True)

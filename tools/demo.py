@@ -83,8 +83,8 @@ def main() -> None:
 
     t = step(f"evaluate on {args.eval_windows} windows of {args.seqlen} tokens")
     # window by window: the fp logits serve as every model's KL reference, computed once
-    rows = awq_ref.evaluate_many({"fp32": model, "RTN W4": rtn, "AWQ W4 (reloaded)": reloaded}, eval_stream,
-                                 args.seqlen, args.eval_windows, reference=model)
+    models = {"fp32": model, "RTN W4": rtn, "AWQ W4 (reloaded)": reloaded}
+    rows = awq_ref.evaluate_many(models, eval_stream, args.seqlen, args.eval_windows, reference=model)
     rows["fp32"] = {k: v for k, v in rows["fp32"].items() if k not in ("kl", "top1")}  # vs itself
     print("| model | ppl | KL vs fp | top-1 vs fp |\n|---|---|---|---|")
     for name, r in rows.items():

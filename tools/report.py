@@ -268,7 +268,9 @@ def main() -> None:
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
         table = quality_table(report, checkpoint_sizes(model, args.group))
+        fp = report["rows"][0]
         source = (f"Numbers from `PYTHONPATH=. .venv/bin/python {quality_command(report['args'])}`"
+                  f" (N = {fp['windows']} windows, {fp['tokens']:,} scored tokens)"
                   f" on {args.json_machine or machine()}; checkpoint sizes measured by "
                   f"tools/report.py (save_quantized, fp16 embeddings and norms).")
     atomic_write_text(folder.parent / "results.md", results_markdown(table, source, data))

@@ -20,17 +20,23 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import gguf
+
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-# Smallest possible header entries, to bound the counts a header claims by the file size.
-_MIN_TENSOR_INFO, _MIN_KV = 8 + 4 + 4 + 8, 8 + 4 + 1
+_FIXED_HEADER = 24  # magic, version, tensor count, metadata count
+# Smallest possible entries (empty names, one dimension, a one-byte value), to bound the counts
+# a header claims by the file size.
+_MIN_TENSOR_INFO, _MIN_KV = 8 + 4 + 8 + 4 + 8, 8 + 4 + 1
 # GGUF value type -> little-endian numpy dtype of one scalar (uint8, int8, uint16, int16, uint32,
 # int32, float32, bool, uint64, int64, float64); 8 is a string (u64 length + bytes), 9 an array.
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
@@ -45,11 +51,19 @@ MAX_TENSORS = 1 << 14
 MAX_KV = 1 << 16  # real files have 30-60 metadata entries
 
 
+class _RawInfo(NamedTuple):
+    """A tensor info as the header stores it."""
+    name: str
+    dims: list[int]  # GGML's ne order: ne0 (columns) first
+    type_id: int
+    offset: int  # from the start of the data section
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
     shape: tuple[int, ...]  # PyTorch order: the reverse of GGML's ne list
-    ggml_type: Any  # gguf.GGMLQuantizationType
+    ggml_type: gguf.GGMLQuantizationType
     offset: int  # absolute, in bytes from the start of the file
     n_bytes: int
     data: np.ndarray  # uint8 (n_bytes,), a read-only view into the memory-mapped file
@@ -61,16 +75,20 @@ class GGUFHeader:
     tensors: list[TensorInfo]
 
 
+def _corrupt(source: object, what: str) -> ValueError:
+    return ValueError(f"{source}: corrupt GGUF header: {what}")
+
+
 class _Cursor:
-    """Reads the header from byte 24 on; `need` checks each length against the file size first,
-    so a claimed count or string length never drives a loop or an allocation."""
+    """Reads the header after its fixed 24 bytes; `need` checks each length against the file
+    size first, so a claimed count or string length never drives a loop or an allocation."""
 
     def __init__(self, buf: mmap.mmap, source: str):
-        self.buf, self.off, self.source = buf, 24, source
+        self.buf, self.off, self.source = buf, _FIXED_HEADER, source
         self.array_items = 0  # over the whole header
 
     def corrupt(self, what: str) -> ValueError:
-        return ValueError(f"{self.source}: corrupt GGUF header: {what}")
+        return _corrupt(self.source, what)
 
     def need(self, n: int, what: str) -> None:
         if n > len(self.buf) - self.off:
@@ -116,21 +134,21 @@ class _Cursor:
 
 
 def _check_counts(path: Path, head: bytes, size: int) -> tuple[int, int]:
-    """(tensor count, metadata count) from the first 24 bytes, refused unless they could fit."""
-    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+    """(tensor count, metadata count) from the fixed header, refused unless they could fit."""
+    if len(head) < _FIXED_HEADER or head[:4] != GGUF_MAGIC:
         raise ValueError(f"{path}: not a GGUF file (bad magic or shorter than its header)")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:_FIXED_HEADER])
     if version not in (2, 3):
         swapped = struct.unpack(">I", head[4:8])[0]
         raise ValueError(f"{path}: " + (f"a big-endian GGUF file (version {swapped}): not supported"
                                         if swapped in (2, 3) else
                                         f"GGUF version {version} is not supported (2 or 3)"))
     if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
-        raise ValueError(f"{path}: corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata "
-                         f"entries; more than {MAX_TENSORS} or {MAX_KV} is not supported")
-    if 24 + n_tensors * _MIN_TENSOR_INFO + n_kv * _MIN_KV > size:
-        raise ValueError(f"{path}: corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata "
-                         f"entries cannot fit in {size} bytes")
+        raise _corrupt(path, f"{n_tensors} tensors and {n_kv} metadata entries; more than "
+                             f"{MAX_TENSORS} or {MAX_KV} is not supported")
+    if _FIXED_HEADER + n_tensors * _MIN_TENSOR_INFO + n_kv * _MIN_KV > size:
+        raise _corrupt(path, f"{n_tensors} tensors and {n_kv} metadata entries cannot fit in "
+                             f"{size} bytes")
     return n_tensors, n_kv
 
 
@@ -147,8 +165,7 @@ def _metadata(cur: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, int]]:
     return meta, types
 
 
-def _tensor_infos(cur: _Cursor, n_tensors: int) -> list[tuple[str, list[int], int, int]]:
-    """(name, ne dims, GGML type id, relative offset) per tensor."""
+def _tensor_infos(cur: _Cursor, n_tensors: int) -> list[_RawInfo]:
     infos = []
     for i in range(n_tensors):
         name = cur.string(f"tensor info {i} name")
@@ -161,33 +178,34 @@ def _tensor_infos(cur: _Cursor, n_tensors: int) -> list[tuple[str, list[int], in
         if math.prod(dims) > len(cur.buf) * 8:  # no GGML type stores more than 8 weights per byte
             raise cur.corrupt(f"tensor info {i} has shape {dims}, more weights than a "
                               f"{len(cur.buf)}-byte file can hold")
-        infos.append((name, dims, cur.uint(4, f"tensor info {i} type"), cur.uint(8, f"tensor info {i} offset")))
+        type_id = cur.uint(4, f"tensor info {i} type")
+        infos.append(_RawInfo(name, dims, type_id, cur.uint(8, f"tensor info {i} offset")))
     return infos
 
 
 def _data_start(cur: _Cursor, meta: dict[str, Any], types: dict[str, int]) -> int:
     """The end of the tensor infos rounded up to the file's alignment."""
+    if types.get("general.alignment", _UINT32) != _UINT32:
+        raise cur.corrupt(f"general.alignment has value type {types['general.alignment']}, "
+                          "not uint32")
     align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
-    if "general.alignment" in meta and types["general.alignment"] != _UINT32:
-        raise cur.corrupt(f"general.alignment has value type {types['general.alignment']}, not uint32")
     if align <= 0 or align & (align - 1):
         raise cur.corrupt(f"general.alignment {align} is not a power of two")
     return -(-cur.off // align) * align
 
 
-def _tensor(path: Path, data: np.ndarray, start: int, info: tuple[str, list[int], int, int]
-            ) -> TensorInfo:
+def _tensor(path: Path, data: np.ndarray, start: int, info: _RawInfo) -> TensorInfo:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     name, dims, type_id, rel = info
     try:
         ggml_type = GGMLQuantizationType(type_id)
     except ValueError:
-        raise ValueError(f"{path}: corrupt GGUF header: tensor {name} has unknown type {type_id}") from None
+        raise _corrupt(path, f"tensor {name} has unknown type {type_id}") from None
     block, type_size = GGML_QUANT_SIZES[ggml_type]
     if dims[0] % block:
-        raise ValueError(f"{path}: corrupt GGUF header: tensor {name} has {dims[0]} columns, not "
-                         f"a multiple of {ggml_type.name}'s block of {block}")
+        raise _corrupt(path, f"tensor {name} has {dims[0]} columns, not a multiple of "
+                             f"{ggml_type.name}'s block of {block}")
     n_bytes = math.prod(dims) // block * type_size
     offset = start + rel
     if offset + n_bytes > len(data):
@@ -202,9 +220,8 @@ def read_header(path: str | Path) -> GGUFHeader:
     that is not a well-formed GGUF v2/v3 or a tensor past its end (that no two tensors share
     bytes is the caller's check)."""
     path = Path(path)
-    size = path.stat().st_size
     with path.open("rb") as f:
-        n_tensors, n_kv = _check_counts(path, f.read(24), size)
+        n_tensors, n_kv = _check_counts(path, f.read(_FIXED_HEADER), os.fstat(f.fileno()).st_size)
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             cur = _Cursor(buf, str(path))
             meta, types = _metadata(cur, n_kv)
@@ -214,5 +231,5 @@ def read_header(path: str | Path) -> GGUFHeader:
         data = np.memmap(f, dtype=np.uint8, mode="r") if n_tensors else np.empty(0, np.uint8)
     tensors = [_tensor(path, data, start, info) for info in infos]
     if len({t.name for t in tensors}) != len(tensors):
-        raise ValueError(f"{path}: corrupt GGUF header: a tensor name appears twice")
+        raise _corrupt(path, "a tensor name appears twice")
     return GGUFHeader(meta, tensors)
