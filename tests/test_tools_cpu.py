@@ -1,6 +1,7 @@
 """CPU parts of the tools: weight bytes by shapes (bench_e2e --count-weights), the SASS loop
-counter (sass_loops.py) on a hand-written listing, bench_cpu's transformers twin."""
+counter (sass_loops.py) on a hand-written listing, bench_cpu's transformers twin, awq_quality's JSON."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -105,3 +106,40 @@ def test_bench_cpu_times_transformers_own_class_with_every_weight(arch):
     x = torch.randint(0, 101, (1, 20))
     with torch.no_grad():
         assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
+
+
+def _awq_quality_argv(stories_dir, out):
+    text = stories_dir.parent / "text" / "tinystories" / "tinystories_val_prefix.txt"
+    return ["awq_quality.py", "--model", str(stories_dir / "stories260K.bin"), "--calib", str(text),
+            "--half-split", "--calib-windows", "2", "--seqlen", "32", "--eval-windows", "1",
+            "--eval-seqlen", "64", "--bits", "4", "--group", "-1", "--set", "n_grid=4",
+            "loss_seqs=2", "progress=false", "--json", str(out)]
+
+
+def test_awq_quality_json_keeps_the_searches_when_the_evaluation_fails(stories_dir, tmp_path,
+                                                                        monkeypatch):
+    import awq_quality
+
+    out = tmp_path / "q.json"
+    monkeypatch.setattr(sys, "argv", _awq_quality_argv(stories_dir, out))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(awq_quality, "evaluate_many", crash)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        awq_quality.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["bits"]) for r in rows] == [("awq", 4), ("rtn", 4)]
+    assert all(r["quant_s"] > 0 and "ppl" not in r for r in rows)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "argv", _awq_quality_argv(stories_dir, out))
+    awq_quality.main()  # the whole run replaces it with the scored rows
+    report = json.loads(out.read_text())
+    rows = {(r["method"], r["bits"]): r for r in report["rows"]}
+    assert list(rows) == [("fp", None), ("awq", 4), ("rtn", 4)]
+    assert "kl" not in rows[("fp", None)] and rows[("rtn", 4)]["kl"] > 0
+    p_fp, p_rtn, p_awq = (rows[k]["ppl"] for k in (("fp", None), ("rtn", 4), ("awq", 4)))
+    assert rows[("awq", 4)]["recovery"] == pytest.approx((p_rtn - p_awq) / (p_rtn - p_fp))
+    assert report["awq_config"]["n_grid"] == 4

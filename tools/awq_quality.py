@@ -6,7 +6,8 @@ Calibration: --calib-windows x --seqlen random windows (--seed, default 0) of --
 evaluation: the first --eval-windows non-overlapping --eval-seqlen-token windows of --eval
 (default 20 x 2048; `--eval-windows all`: every window, PROTOCOL.md's full run).
 recovery = (ppl_RTN - ppl_AWQ) / (ppl_RTN - ppl_fp). Weights are fake-quantized (nn.Linear keeps
-w_hat), so any bit width runs.
+w_hat), so any bit width runs. --json is written after each search (times, peak RSS) and again
+with the scores, atomically: a crash in an hour-long evaluation keeps the searches' rows.
 AWQ options: --set name=value for AwqConfig fields (e.g. --set duo_scaling=true).
 """
 
@@ -95,37 +96,42 @@ def main() -> None:
     # the effective AWQ settings, not only the overrides: the defaults change over time
     report = {"args": vars(args), "awq_config": asdict(AwqConfig(**overrides)), "rows": []}
 
-    quantized = {}
+    def save() -> None:  # after each search and at the end: a crash keeps what is done
+        if args.json:
+            atomic_write_text(args.json, json.dumps(report, indent=1))
+
+    quantized, rows = {}, {}  # (method, bits) -> model; (method, bits) -> its JSON row
     for bits in args.bits:
         for method in args.methods:
             t = time.perf_counter()
             extra = {"calib_tokens": calib, **overrides} if method == "awq" else {}
             quantized[(method, bits)] = quantize(fp, method, bits, args.group, pack=False, **extra)
-            quantized[(method, bits)] = (quantized[(method, bits)], time.perf_counter() - t,
-                                         peak_rss_gb())
-            print(f"{method} W{bits} g{args.group}: {quantized[(method, bits)][1]:.1f} s, "
-                  f"peak RSS so far {quantized[(method, bits)][2]:.2f} GB", flush=True)
+            row = {"method": method, "bits": bits, "quant_s": time.perf_counter() - t,
+                   "peak_rss_gb": peak_rss_gb()}
+            rows[(method, bits)] = row
+            report["rows"] = list(rows.values())
+            save()
+            print(f"{method} W{bits} g{args.group}: {row['quant_s']:.1f} s, "
+                  f"peak RSS so far {row['peak_rss_gb']:.2f} GB", flush=True)
     # every model window by window, so fp's logits (the KL reference) are computed once per window
-    models = {("fp", None): fp, **{key: model for key, (model, _, _) in quantized.items()}}
-    scores = evaluate_many(models, evals, args.eval_seqlen, args.eval_windows, reference=fp)
-    for (method, bits), res in scores.items():
-        if method == "fp":  # against itself: KL 0, top-1 1
+    scores = evaluate_many({("fp", None): fp, **quantized}, evals, args.eval_seqlen,
+                           args.eval_windows, reference=fp)
+    rows = {("fp", None): {"method": "fp", "bits": None, "quant_s": None, "peak_rss_gb": None},
+            **rows}
+    for key, res in scores.items():
+        if key == ("fp", None):  # against itself: KL 0, top-1 1
             res = {k: v for k, v in res.items() if k not in ("kl", "top1")}
-            seconds = rss = None
-        else:
-            seconds, rss = quantized[(method, bits)][1:]
-        row = {"method": method, "bits": bits, **res, "quant_s": seconds, "peak_rss_gb": rss}
-        report["rows"].append(row)
-        print(json.dumps(row), flush=True)
-    rows = {(r["method"], r["bits"]): r for r in report["rows"]}
+        rows[key] = {"method": key[0], "bits": key[1], **res, "quant_s": rows[key]["quant_s"],
+                     "peak_rss_gb": rows[key]["peak_rss_gb"]}
+        print(json.dumps(rows[key]), flush=True)
     for bits in args.bits:
         if ("rtn", bits) in rows and ("awq", bits) in rows:
             p_fp, p_rtn, p_awq = (rows[k]["ppl"] for k in (("fp", None), ("rtn", bits),
                                                            ("awq", bits)))
             rows[("awq", bits)]["recovery"] = (p_rtn - p_awq) / (p_rtn - p_fp)
             print(f"W{bits} g{args.group}: recovery {(p_rtn - p_awq) / (p_rtn - p_fp):.3f}")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=1))
+    report["rows"] = list(rows.values())
+    save()
 
 
 if __name__ == "__main__":
