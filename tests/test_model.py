@@ -1,5 +1,7 @@
 """The model against transformers' LlamaForCausalLM (test-only oracle), and the KV cache."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,8 +13,11 @@ transformers = pytest.importorskip("transformers", reason="transformers is the t
 
 TINY_SIZES = {"vocab_size": 101, "hidden_size": 64, "intermediate_size": 96,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+# head_dim 16, theta 5e5: wavelengths 6.3, 32.4, 167, ... With L = 64 the three bands of llama3
+# scaling (kept < L/4 = 16, blended 16..64, divided > 64) each hold at least one frequency
+# (test_llama3_rope_test_config_covers_all_three_bands).
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
 def tiny_hf_dict(n_kv: int = 4, tied: bool = False, rope_scaling=None) -> dict:
@@ -41,6 +46,17 @@ def test_logits_match_transformers(n_kv, tied, rope):
     assert diff <= 1e-4
 
 
+def test_llama3_rope_test_config_covers_all_three_bands():
+    config = LlamaConfig.from_hf_dict(tiny_hf_dict(rope_scaling=LLAMA3_ROPE))
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2).double()
+                                           / config.head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    old_len = LLAMA3_ROPE["original_max_position_embeddings"]
+    short = wavelen < old_len / LLAMA3_ROPE["high_freq_factor"]
+    long = wavelen > old_len / LLAMA3_ROPE["low_freq_factor"]
+    assert short.any() and long.any() and (~short & ~long).any()
+
+
 def test_rope_parameters_style_config_reads_the_same():
     d = tiny_hf_dict(2, False, LLAMA3_ROPE)
     v5 = {k: v for k, v in d.items() if k not in ("rope_theta", "rope_scaling")}
@@ -59,6 +75,26 @@ def test_kv_cache_decode_equals_full_forward(dtype):
         steps = [model(x[:, :17], cache)] + [model(x[:, i:i + 1], cache) for i in range(17, 40)]
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     assert (torch.cat(steps, 1).float() - full).abs().max().item() <= tol
+
+
+def test_kv_cache_in_multi_token_chunks_equals_full_forward():
+    """Chunks of several tokens after a past: each query's own position in the mask."""
+    _, model = pair(tiny_hf_dict(2))
+    x = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(2, 40)
+        bounds = [0, 7, 17, 18, 27, 30, 40]
+        steps = [model(x[:, a:b], cache) for a, b in zip(bounds, bounds[1:])]
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("t", [1, 2, 3])
+def test_short_prefixes_see_no_later_token(t):
+    _, model = pair(tiny_hf_dict(2))
+    x = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        assert (model(x[:, :t]) - model(x)[:, :t]).abs().max().item() <= 1e-5
 
 
 def test_cache_overflow_is_a_clear_error():
@@ -86,6 +122,16 @@ def test_generate_stops_on_eos_and_sampling_is_seeded():
     a = generate(model, [1, 2, 3], 10, temperature=1.0, top_p=0.9, seed=7)
     b = generate(model, [1, 2, 3], 10, temperature=1.0, top_p=0.9, seed=7)
     assert a == b
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_draws_from_softmax_of_logits_over_temperature(temperature):
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(3)) * 3
+    g_ours, g_want = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    probs = torch.softmax(logits / temperature, -1)
+    for _ in range(20):
+        assert sample_next(logits, temperature, 1.0, g_ours) == int(
+            torch.multinomial(probs, 1, generator=g_want))
 
 
 def test_top_p_keeps_only_the_nucleus():
@@ -278,3 +324,23 @@ def test_apply_rotary_equals_the_rotate_half_form_bit_for_bit():
         xd1, xd2 = xd.chunk(2, dim=-1)
         want = xd * cos + torch.cat((-xd2, xd1), dim=-1) * sin  # HF's formula
         assert torch.equal(apply_rotary(xd, *rotary_tables(freqs, dtype)), want)
+
+
+@pytest.mark.parametrize("model_type, hf_class", [("llama", "LlamaConfig"),
+                                                  ("mistral", "MistralConfig"),
+                                                  ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config")])
+def test_config_defaults_are_transformers_defaults(model_type, hf_class):
+    """A config.json that leaves a setting out means transformers' default for it."""
+    d = {"model_type": model_type, **TINY_SIZES}
+    ours = LlamaConfig.from_hf_dict(d)
+    theirs = getattr(transformers, hf_class)(**TINY_SIZES)
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+
+
+@pytest.mark.parametrize("eos", [(2,), (2, 7), ()])
+def test_config_round_trips_every_eos_id(eos):
+    config = LlamaConfig.from_hf_dict({"model_type": "llama", **TINY_SIZES,
+                                       "eos_token_id": list(eos)})
+    assert config.eos_token_ids == eos
+    assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
