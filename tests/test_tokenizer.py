@@ -106,7 +106,7 @@ def test_sentencepiece_folder_matches_library(sp_model, tmp_path):
     assert load_tokenizer(folder / "tokenizer.model").encode("Hello") == tok.encode("Hello")
 
 
-def _gguf_from_sentencepiece(sp, path):
+def _gguf_from_sentencepiece(sp, path, eot_id=None):
     """A GGUF holding only the SentencePiece vocabulary, as llama.cpp's converter writes it."""
     gguf = pytest.importorskip("gguf")
     kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
@@ -118,6 +118,8 @@ def _gguf_from_sentencepiece(sp, path):
     w.add_token_types(kinds)
     w.add_bos_token_id(sp.bos_id())
     w.add_eos_token_id(sp.eos_id())
+    if eot_id is not None:
+        w.add_eot_token_id(eot_id)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -173,3 +175,64 @@ def test_encode_rejects_bytes(tok512):
         tok512.encode(b"bytes")
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok512.decode([512])
+
+
+def test_gguf_eos_ids_include_the_end_of_turn_token(sp_model, tmp_path):
+    """Chat models' GGUF files name an end-of-turn token beside EOS: generation stops at both."""
+    pytest.importorskip("gguf")
+    from awq_ref.loaders.gguf_file import config_from_gguf
+    from awq_ref.loaders.gguf_header import read_header
+
+    _, sp = sp_model
+    _gguf_from_sentencepiece(sp, tmp_path / "vocab.gguf", eot_id=7)
+    assert load_tokenizer(tmp_path / "vocab.gguf").eos_ids == (2, 7)
+    meta = {"general.architecture": "llama", "llama.context_length": 64,
+            "llama.embedding_length": 64, "llama.block_count": 1, "llama.feed_forward_length": 96,
+            "llama.attention.head_count": 4, "llama.attention.head_count_kv": 4,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5,
+            **read_header(tmp_path / "vocab.gguf").metadata}
+    assert config_from_gguf(meta, set(), "t").eos_token_ids == (2, 7)
+
+
+def test_merges_of_tied_scores_in_transformers_order():
+    """SentencePiece vocabularies often tie scores: the merges' order then decides the encoding,
+    and must be transformers' (`generate_merges`, which its GGUF conversion uses)."""
+    transformers = pytest.importorskip("transformers")
+    from awq_ref.loaders.gguf_tokenizer import merges_from_scores
+
+    rng = random.Random(0)
+    tokens = list("abcde")
+    while len(tokens) < 120:
+        piece = "".join(rng.choice("abcde") for _ in range(rng.randint(2, 4)))
+        if piece not in tokens:
+            tokens.append(piece)
+    for scores in ([0.0] * len(tokens), [float(rng.choice((0, -1, -2))) for _ in tokens]):
+        want = transformers.tokenization_utils_base.generate_merges(
+            {t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores)))
+        assert merges_from_scores(tokens, scores, "t") == want
+
+
+def _bpe_folder(folder, post_bos: bool, generation_eos):
+    """A tokenizer.json (BPE over a few pieces; its post-processor adds <s> or not) with a
+    tokenizer_config.json that does not say add_bos_token, and a generation_config.json."""
+    from tokenizers import Tokenizer, models, processors
+
+    folder.mkdir()
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "a", "b", "ab", "<|eot|>"])}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], unk_token="<unk>"))
+    if post_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>",
+                                                              "eos_token": "</s>"}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": generation_eos}))
+    return folder
+
+
+def test_tokenizer_json_folder_reads_bos_from_its_post_processor_and_every_eos(tmp_path):
+    tok = load_tokenizer(_bpe_folder(tmp_path / "a", True, [2, 6]))
+    assert (tok.bos_id, tok.add_bos, set(tok.eos_ids)) == (1, True, {2, 6})
+    assert tok.encode("ab") == [1, 5]
+    tok = load_tokenizer(_bpe_folder(tmp_path / "b", False, 6))
+    assert (tok.add_bos, set(tok.eos_ids)) == (False, {2, 6})
+    assert tok.encode("ab") == [5]
