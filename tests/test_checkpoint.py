@@ -1,5 +1,6 @@
 """Quantized checkpoints: save -> load round trip, layout, atomic writes, bad folders."""
 
+import itertools
 import json
 import os
 import signal
@@ -87,6 +88,13 @@ def test_folder_layout_and_config(tmp_path):
     for f in sorted(set(index["weight_map"].values())):
         tensors.update(load_file(out / f))
     assert set(tensors) == set(index["weight_map"])
+    shard_bytes = [sum(t.numel() * t.element_size() for t in load_file(out / f).values())
+                   for f in sorted(set(index["weight_map"].values()))]
+    assert len(shard_bytes) > 2
+    # greedy: no two neighbours would have fit in one shard; over the limit only a lone tensor
+    assert all(a + b > 20_000 for a, b in itertools.pairwise(shard_bytes))
+    assert all(b <= 20_000 or len(load_file(out / f)) == 1 for b, f in
+               zip(shard_bytes, sorted(set(index["weight_map"].values())), strict=True))
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     assert "lm_head.weight" not in tensors  # tied
     q = "model.layers.1.self_attn.q_proj"
@@ -334,6 +342,8 @@ def test_config_states_sym_for_readers_that_do_not_derive_it(zero_point):
     assert d["sym"] is (not zero_point) and d["zero_point"] is zero_point
     assert parse_quant_config(d) == (QuantSpec(4, 32, zero_point), ("lm_head",))
     assert parse_quant_config({**d, "sym": "ignored"})[0] == QuantSpec(4, 32, zero_point)
+    without = {k: v for k, v in d.items() if k != "zero_point"}  # AutoAWQ's default: zero points
+    assert parse_quant_config(without)[0] == QuantSpec(4, 32, True)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_awq_search import tiny_llama
 
-from awq_ref.eval import _CHUNK, evaluate, evaluate_many, windows_of
+from awq_ref.eval import _CHUNK, evaluate, evaluate_many, read_text, windows_of
 
 
 @torch.no_grad()
@@ -63,3 +63,9 @@ def test_windows_errors():
     with pytest.raises(ValueError, match="asked for 3 windows"):
         windows_of(torch.arange(10), 4, 3)
     assert windows_of(torch.arange(10), 4, None).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_read_text_reads_crlf_files_as_lf(tmp_path):
+    """WikiText-2's raw files have CRLF line ends in some copies: the tokens must not depend on it."""
+    (tmp_path / "crlf.txt").write_bytes("one\r\ntwo \u00e9\r\n\r\nthree\r".encode())
+    assert read_text(tmp_path / "crlf.txt") == "one\ntwo \u00e9\n\nthree\r"

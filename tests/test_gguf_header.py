@@ -84,6 +84,15 @@ def test_every_value_type_and_tensor_kind(tmp_path):
     assert_same(write(tmp_path / "c.gguf"))  # no tensors
 
 
+def test_version_2_reads_as_version_3(tmp_path):
+    """GGUF v2 and v3 share one layout (v3 only allows big-endian files, which we refuse)."""
+    v3 = write(tmp_path / "v3.gguf", tensors=[("t", np.ones((2, 32), np.float32), None)])
+    v2 = tmp_path / "v2.gguf"
+    v2.write_bytes(v3.read_bytes()[:4] + struct.pack("<I", 2) + v3.read_bytes()[8:])
+    assert our_view(v2) == our_view(v3)
+    assert_same(v2)
+
+
 def test_default_model_matches_gguf_reader(default_gguf):
     assert_same(default_gguf)
 

@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from awq_ref.config import LlamaConfig
 from awq_ref.loaders import default_model, load_model, load_tokenizer, read_safetensors_folder
@@ -217,6 +217,11 @@ def _raises(path, *words, loader=load_model):
 
 def test_hf_errors(tmp_path):
     folder = save_hf(tiny_model(), tmp_path / "ok")
+    header = save_hf(tiny_model(), tmp_path / "past_end")  # a header length past the end
+    data = (header / "model.safetensors").read_bytes()
+    (header / "model.safetensors").write_bytes(struct.pack("<Q", len(data) - 4) + data[8:])
+    _raises(header / "model.safetensors", "corrupt safetensors header", f"claims {len(data) - 4}",
+            loader=lambda p: load_model(p.parent))
     (tmp_path / "empty").mkdir()
     _raises(tmp_path / "empty", "config.json")
     bare = tmp_path / "bare"
@@ -247,6 +252,11 @@ def test_hf_config_mismatch_errors(tmp_path):
     (moe / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral",
                                                   "architectures": ["MixtralForCausalLM"]}))
     _raises(moe / "config.json", "unsupported architecture", loader=lambda p: load_model(p.parent))
+    twice = save_hf(model, tmp_path / "twice", shards=2)  # a shard holds a tensor of another
+    first, second = (load_file(str(f)) for f in sorted(twice.glob("model-0000*")))
+    name = min(first)
+    save_file({**second, name: first[name]}, str(twice / "model-00002-of-00002.safetensors"))
+    _raises(twice, "model-00002-of-00002", "not in the index", name)
     sharded = save_hf(model, tmp_path / "sharded", shards=2)
     next(sharded.glob("model-00002*")).unlink()
     _raises(sharded / "model-00002-of-00002.safetensors", "not found",
@@ -275,6 +285,8 @@ def test_llama2c_errors(tmp_path, stories_dir):
     data = (stories_dir / "stories260K.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(data[:-4])
     _raises(tmp_path / "cut.bin", "truncated")
+    (tmp_path / "long.bin").write_bytes(data + bytes(4))  # what the header implies, and more
+    _raises(tmp_path / "long.bin", "implies")
     (tmp_path / "huge.bin").write_bytes(HEADER.pack(1 << 20, 1 << 20, 1 << 10, 8, 4, 512, 512) + data[28:])
     _raises(tmp_path / "huge.bin", "implies")
     (tmp_path / "model.bin").write_bytes(data)

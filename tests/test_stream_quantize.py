@@ -128,6 +128,22 @@ def test_streamed_qwen_matches_in_memory(calib, tmp_path, one_thread, arch):
         assert tensors["model.layers.1.self_attn.q_norm.weight"].shape == (64,)
 
 
+def test_streamed_dtype_applies_to_every_unquantized_tensor(src, tmp_path, one_thread):
+    """dtype=bfloat16 from an fp16 source: embeddings, norms and lm_head in bf16 as in memory;
+    the packed scales stay fp16 (FORMAT.md) whatever dtype says."""
+    model = awq_ref.quantize(awq_ref.load_model(src), method="rtn", group_size=GROUP)
+    ref = awq_ref.save_quantized(model, tmp_path / "ref", dtype=torch.bfloat16)
+    out = quantize_folder(src, tmp_path / "out", method="rtn", group_size=GROUP,
+                          dtype=torch.bfloat16, progress=False)
+    tensors = assert_same_checkpoint(ref, out)
+    assert "lm_head.weight" in tensors  # the tiny preset is untied
+    for name, t in tensors.items():
+        want = (torch.int32 if name.endswith((".qweight", ".qzeros")) else
+                torch.float16 if name.endswith(".scales") else torch.bfloat16)
+        assert t.dtype == want, name
+    assert awq_ref.load_model(out).lm_head.weight.dtype == torch.float32  # loads (default fp32)
+
+
 def test_streamed_rtn_matches_in_memory_and_loads(src, tmp_path, one_thread):
     ref = in_memory(src, tmp_path / "ref", "rtn")
     out = quantize_folder(src, tmp_path / "out", method="rtn", group_size=GROUP, progress=False)
@@ -257,6 +273,7 @@ def rewrite_header(path: Path, edit) -> None:
 @pytest.mark.parametrize(("edit", "match"), [
     (lambda h: h["w"].update(data_offsets=[0, 10**6]), "outside the data section"),
     (lambda h: h["w"].update(shape=[4, 5]), "needs 40 bytes"),
+    (lambda h: h["w"].update(data_offsets=[0, 20]), "holds 20 bytes"),  # more than 4 x 2 F16
     (lambda h: h["w"].update(dtype="F4"), "unknown dtype"),
     (lambda h: h["w"].update(shape=[-1, 2]), "bad shape"),
     (lambda h: h.update(w=[1, 2]), "not an object"),
