@@ -67,6 +67,30 @@ def test_dequantize_packed_equals_unpacked_bit_for_bit(g, zero_point):
         assert torch.equal(dequantize_packed(qweight, qzeros, scales, g, dtype), unpacked.T.to(dtype))
 
 
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_codes_and_zeros_come_from_the_fp16_rounded_scales(bits, zero_point):
+    """The docstring's formulas written out: the scale is rounded to fp16 first, and the zero
+    point and codes use that rounded scale (as every reader dequantizes with it)."""
+    spec = QuantSpec(bits, 128, zero_point)
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))  # (N, K)
+    q, z, s16 = quantize_with_fp16_scales(w, spec)
+    wg = w.reshape(256, 8, 128)  # (N, K/G, G)
+    top = 2**bits - 1
+    if zero_point:
+        s = ((wg.amax(-1) - wg.amin(-1)).clamp(min=1e-5) / top).half()
+        want_z = (-torch.round(wg.amin(-1) / s.float())).clamp(0, top)
+    else:
+        s = (wg.abs().amax(-1).clamp(min=1e-5) / (2 ** (bits - 1) - 1)).half()
+        want_z = torch.full_like(s, 2 ** (bits - 1), dtype=torch.float32)
+    want_q = (torch.round(wg / s.float()[..., None]) + want_z[..., None]).clamp(0, top)
+    assert s16.dtype == torch.float16 and torch.equal(s16, s)
+    assert torch.equal(z, want_z.to(torch.int32))
+    assert torch.equal(q, want_q.reshape(256, 1024).to(torch.int32))
+    scales, zeros = compute_qparams(w, spec, scale_dtype=torch.float16)
+    assert torch.equal(scales, s.float()) and torch.equal(zeros, z)
+
+
 @pytest.mark.parametrize("zero_point", [True, False])
 def test_pack_weight_matches_fake_quant_exactly(zero_point):
     spec = QuantSpec(4, 16, zero_point)
