@@ -60,3 +60,11 @@ def test_tinystories_protocol_windows(shared_data):
     path = shared_data / "text" / "tinystories" / "tinystories_val_prefix.txt"
     w = calibration_tokens(tok, path, n=128, seqlen=512, seed=0)
     assert w.shape == (128, 512) and torch.equal(w, calibration_tokens(tok, path, 128, 512, 0))
+
+
+def test_every_window_start_is_drawn():
+    """Starts 0 .. len - seqlen, the last included: a stream of exactly one window gives it."""
+    stream = torch.arange(10)
+    assert torch.equal(random_windows(stream, 3, 10), stream.repeat(3, 1))
+    starts = set(random_windows(torch.arange(12), 200, 10)[:, 0].tolist())
+    assert starts == {0, 1, 2}

@@ -61,3 +61,23 @@ def test_load_rejects_other_files(tmp_path):
         AwqResult.load(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not found"):
         AwqResult.load(tmp_path / "missing.safetensors")
+
+
+def test_load_refuses_unknown_and_unpaired_tensors(tmp_path):
+    """A result file is re-applied to a model: a tensor it cannot place is an error, not skipped."""
+    from safetensors.torch import save_file
+
+    result = AwqResult(SPEC, scales={"model.layers.0.input_layernorm": torch.ones(64)},
+                       clips={"model.layers.0.mlp.up_proj": (-torch.ones(96, 4), torch.ones(96, 4))},
+                       info={"note": "kept"})
+    result.save(tmp_path / "ok.safetensors")
+    loaded = AwqResult.load(tmp_path / "ok.safetensors")
+    assert loaded.info == {"note": "kept"} and set(loaded.clips) == set(result.clips)
+    meta = {"format": "awq_ref.AwqResult/1", "bits": "4", "group_size": "16",
+            "zero_point": "true", "info": "{}"}
+    for extra in ({"bias.model.layers.0.x": torch.ones(2)},
+                  {"clip_lo.model.layers.0.mlp.down_proj": torch.ones(2, 2)}):  # no clip_hi
+        save_file({**result.to_tensors(), **extra}, str(tmp_path / "bad.safetensors"),
+                  metadata=meta)
+        with pytest.raises(ValueError, match=f"unexpected tensor '{next(iter(extra))}'"):
+            AwqResult.load(tmp_path / "bad.safetensors")

@@ -16,7 +16,7 @@ def test_rounding_per_row():
     head = Int8Linear.from_weight(w)
     assert head.qweight.dtype == torch.int8 and head.scales.shape == (6,)
     assert (head.qweight.abs().amax(dim=1)[[0, 1, 2, 4, 5]] == 127).all()  # the row max maps to 127
-    assert not head.qweight[3].any()
+    assert not head.qweight[3].any() and head.scales[3] == 1
     back = head.qweight.float() * head.scales[:, None]
     assert ((back - w).abs() <= head.scales[:, None] / 2 + 1e-7).all()  # half a step at most
     x = torch.randn(3, 32)

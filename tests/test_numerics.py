@@ -10,7 +10,7 @@ from torch import nn
 
 from awq_ref.api import quantize
 from awq_ref.awq.pipeline import AwqConfig, search_awq
-from awq_ref.awq.search_scale import candidate_scale, gram_loss, grid_search
+from awq_ref.awq.search_scale import candidate_scale, gram_loss, grid_search, weight_mean
 from awq_ref.config import LlamaConfig
 from awq_ref.model import Llama
 from awq_ref.quant.packing import FP16_MAX, Fp16OverflowError
@@ -87,6 +87,27 @@ def test_candidate_scale_with_dead_channels(ratio, duo):
         s = candidate_scale(xm, ratio, w_mean)
         assert torch.isfinite(s).all() and (s > 0).all()
         assert torch.allclose(s.max() * s.min(), torch.tensor(1.0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
+def test_candidate_scale_is_the_docstrings_formula(ratio):
+    """s = x^a (plain) or x^a / (w^(1-a) + 1e-4) (duo), scaled so that max(s) min(s) = 1."""
+    x_mean = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+    w_mean = torch.tensor([0.5, 0.25, 1.0, 2.0], dtype=torch.float64)
+    for w, raw in ((None, x_mean ** ratio),
+                   (w_mean, x_mean ** ratio / (w_mean ** (1 - ratio) + 1e-4))):
+        s = candidate_scale(x_mean, ratio, w)
+        assert torch.allclose(s / s[0], raw / raw[0], rtol=1e-12)
+        assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_weight_mean_is_relative_to_each_groups_max():
+    w = torch.tensor([[1.0, -2.0, 3.0, 4.0], [-4.0, 2.0, 1.0, 1.0]])  # (N = 2, K = 4), G = 2
+    # |w| / group max: [[0.5, 1, 0.75, 1], [1, 0.5, 1, 1]]; mean over rows
+    assert torch.allclose(weight_mean([w], QuantSpec(4, 2, True)),
+                          torch.tensor([0.75, 0.75, 0.875, 1.0]), rtol=1e-5)
+    assert torch.allclose(weight_mean([w[:1], w[1:]], QuantSpec(4, 2, True)),  # stacked rows
+                          torch.tensor([0.75, 0.75, 0.875, 1.0]), rtol=1e-5)
 
 
 def test_grid_search_skips_candidates_that_overflow_fp16():
