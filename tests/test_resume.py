@@ -16,7 +16,7 @@ from kill_helpers import folder_bytes, kill_after_block, saved_block, stop_after
 from safetensors.torch import save_file
 
 from awq_ref.awq.pipeline import AwqConfig, search_awq
-from awq_ref.awq.resume import STATE_NAME, Progress
+from awq_ref.awq.resume import STATE_NAME, Progress, fingerprint
 from awq_ref.config import LlamaConfig
 from awq_ref.model import Llama
 from awq_ref.quant.quantizer import QuantSpec
@@ -192,3 +192,22 @@ def test_cli_save_dtype_casts_the_unquantized_tensors(tiny_setup, tmp_path, stre
     assert half[embed].dtype == half["model.norm.weight"].dtype == torch.float16
     q = "model.layers.0.self_attn.q_proj"
     assert all(torch.equal(kept[f"{q}.{t}"], half[f"{q}.{t}"]) for t in ("qweight", "qzeros", "scales"))
+
+
+def test_fingerprint_changes_with_every_input_of_the_search():
+    """A resumed search must be the same search: each input changes the fingerprint (the
+    progress flag alone does not)."""
+    config = LlamaConfig(**TINY)
+    tokens = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(1))
+    base = (config, tokens, QuantSpec(group_size=32), AwqConfig(n_grid=5, progress=False), (),
+            torch.device("cpu"), {"source": "a"})
+    first = fingerprint(*base)
+    other_tokens = tokens.clone()
+    other_tokens[3, 31] = (other_tokens[3, 31] + 1) % TINY["vocab_size"]  # one token, same shape
+    changes = [(0, LlamaConfig(**{**TINY, "rope_theta": 12345.0})), (1, other_tokens),
+               (2, QuantSpec(group_size=64)), (3, AwqConfig(n_grid=6, progress=False)),
+               (4, ("mlp.down_proj",)), (5, torch.device("meta")), (6, {"source": "b"})]
+    for i, value in changes:
+        assert fingerprint(*base[:i], value, *base[i + 1:]) != first, i
+    assert fingerprint(*base[:3], AwqConfig(n_grid=5, progress=True), *base[4:]) == first
+    assert fingerprint(*base[:1], tokens.to(torch.int32), *base[2:]) == first
