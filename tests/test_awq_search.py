@@ -10,7 +10,7 @@ import torch
 
 from awq_ref.awq.apply import apply_awq, apply_scale
 from awq_ref.awq.capture import NonFiniteError, check_finite
-from awq_ref.awq.pipeline import AwqConfig, search_awq
+from awq_ref.awq.pipeline import PROPAGATE, AwqConfig, search_awq
 from awq_ref.awq.scaling_groups import expand_kv
 from awq_ref.awq.search_clip import clip_box, clipper, search_clip
 from awq_ref.awq.search_scale import effective_weight, gram_loss, grid_search
@@ -100,12 +100,38 @@ def test_search_improves_on_round_to_nearest_somewhere():
     assert any(rec["loss"] < rec["loss0"] for rec in result.search)
 
 
-@pytest.mark.parametrize("propagate", ["awq", "quantized"])
-def test_propagation_variants_and_duo_run(propagate):
+@torch.no_grad()
+def test_propagation_variants_feed_the_next_block_what_they_say():
+    """Block 1 is searched on block 0's fp output ("fp"), its scaled and clipped output ("awq")
+    or its quantized output ("quantized"). Checked by giving an "fp" search a model whose block
+    0 already is that (AWQ folded in, then fake-quantized): block 1's losses must be the same."""
     config = AwqConfig(n_grid=5, loss_seqs=2, loss_tokens=64, progress=False,
-                       propagate=propagate, duo_scaling=True, clip_mode="absmax")
-    result = search_awq(tiny_llama(), calib(), SPEC, config)
-    assert len(result.scales) == 8
+                       duo_scaling=True, clip_mode="absmax")
+    runs = {p: search_awq(tiny_llama(), calib(), SPEC, dataclasses.replace(config, propagate=p))
+            for p in PROPAGATE}
+    assert all(len(r.scales) == 8 for r in runs.values())
+
+    def block1_losses(result):  # [prev, loss0, loss, prev, loss0, loss, ...]
+        return [v for r in result.search if ".layers.1." in r["prev"]
+                for v in (r["prev"], r["loss0"], r["loss"])]
+
+    folded = tiny_llama()
+    apply_awq(folded, runs["awq"])  # block 0's scales and clips (block 1's are not used below)
+    block0 = folded.model.layers[0]
+    folded.model.layers[1] = tiny_llama().model.layers[1]  # block 1 as searched: unscaled
+    quantized = copy.deepcopy(folded)
+    for lin in quantized.model.layers[0].modules():
+        if isinstance(lin, torch.nn.Linear):
+            lin.weight.data = fake_quantize_weight(lin.weight.data, SPEC)
+    assert block0 is folded.model.layers[0]
+    for mode, model in (("awq", folded), ("quantized", quantized)):
+        want = block1_losses(search_awq(model, calib(), SPEC, config))  # propagate "fp"
+        got = block1_losses(runs[mode])
+        assert got[0::3] == want[0::3]
+        assert got[1::3] == pytest.approx(want[1::3], rel=1e-5), mode
+        assert got[2::3] == pytest.approx(want[2::3], rel=1e-5), mode
+    assert block1_losses(runs["fp"])[1::3] != pytest.approx(block1_losses(runs["awq"])[1::3],
+                                                             rel=1e-3)
 
 
 def test_clip_aware_scale_search():
