@@ -440,6 +440,7 @@ def test_one_joint_sweep_picks_each_groups_best_box_given_the_others(one_thread)
     assert refused  # not vacuous: some row's new boxes together were worse, and were not kept
 
 
+@torch.no_grad()
 def test_clip_block_judges_scaled_weights_by_the_scaled_inputs():
     """After AWQ's scales a linear sees x / s: clip_block must search with the Gram of x / s
     (computed here from the tokens themselves), and with plain x where nothing was scaled."""
