@@ -1,5 +1,5 @@
 """CPU parts of the tools: weight bytes by shapes (bench_e2e --count-weights), the SASS loop
-counter (sass_loops.py) on a hand-written listing, bench_cpu's transformers twin, awq_quality's JSON."""
+counter (sass_loops.py) on a hand-written listing, bench_cpu's transformers twin, awq_quality's JSON, eval_checkpoints."""
 
 import json
 import sys
@@ -143,3 +143,30 @@ def test_awq_quality_json_keeps_the_searches_when_the_evaluation_fails(stories_d
     p_fp, p_rtn, p_awq = (rows[k]["ppl"] for k in (("fp", None), ("rtn", 4), ("awq", 4)))
     assert rows[("awq", 4)]["recovery"] == pytest.approx((p_rtn - p_awq) / (p_rtn - p_fp))
     assert report["awq_config"]["n_grid"] == 4
+
+
+def test_eval_checkpoints_scores_each_model_against_one_reference(tmp_path):
+    import eval_checkpoints
+    from test_stream_quantize import make_source
+
+    from awq_ref.eval import evaluate, load_wikitext_tokens
+    from awq_ref.loaders import load_model, load_tokenizer
+    from awq_ref.stream import quantize_folder
+
+    src = make_source(tmp_path / "src", layers=2)
+    q32 = quantize_folder(src, tmp_path / "q32", method="rtn", group_size=32, progress=False)
+    q64 = quantize_folder(src, tmp_path / "q64", method="rtn", group_size=64, progress=False)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog, again and again. " * 20)
+    out = tmp_path / "cmp.json"
+    assert eval_checkpoints.main([str(q32), str(q64), "--reference", str(src), "--text", str(text),
+                                  "--seqlen", "128", "--windows", "all", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["reference", str(q32), str(q64)] and "kl" not in rows["reference"]
+    tokens = load_wikitext_tokens(load_tokenizer(src), text)
+    alone = evaluate(load_model(q64), tokens, 128, None, reference=load_model(src))
+    for key in ("ppl", "kl", "top1", "tokens"):
+        assert rows[str(q64)][key] == pytest.approx(alone[key], rel=1e-6), key
+    assert rows[str(q32)]["kl"] != rows[str(q64)]["kl"]
+    with pytest.raises(SystemExit, match="not the reference itself"):
+        eval_checkpoints.main([str(src), "--reference", str(src)])
