@@ -1,0 +1,116 @@
+"""Which clip box the search chooses, tried directly: the ratio grid, the plain search per
+(row, group), one joint sweep with the other groups fixed, and clip_block's Gram after scaling.
+(tests/test_awq_search.py checks that clipping never does worse than round-to-nearest.)"""
+
+import dataclasses
+
+import pytest
+import torch
+from test_awq_search import FAST, SPEC, tiny_llama
+
+from awq_ref.awq.capture import InputStats
+from awq_ref.awq.pipeline import clip_block
+from awq_ref.awq.result import AwqResult
+from awq_ref.awq.scaling_groups import LLAMA_GROUPS
+from awq_ref.awq.search_clip import _ratios, clip_box, search_clip
+from awq_ref.quant.quantizer import grouped
+from awq_ref.quant.rtn import fake_quantize_weight
+
+
+def test_clip_ratio_grid_is_llm_awqs():
+    assert _ratios(20, 0.5) == pytest.approx([1 - i / 20 for i in range(10)])  # 1 .. 0.55
+    assert _ratios(40, 0.5)[-1] == pytest.approx(0.525) and len(_ratios(40, 0.5)) == 20
+    assert _ratios(4, 0.1) == [1.0]  # always r = 1: never worse than round-to-nearest
+
+
+@pytest.mark.parametrize("mode", ["range", "absmax"])
+def test_plain_clip_search_picks_the_brute_force_best_box(mode):
+    """Each (row, group) keeps the ratio whose clamped, quantized group has the least error on
+    that group's own inputs (X_g (q - w)): checked by trying every ratio directly."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(300, 32, generator=gen) * (torch.rand(32, generator=gen) * 3 + 0.2)).double()
+    w = (torch.randn(6, 32, generator=gen) + 0.4).double()
+    w[0, 3] = -6.0  # one large negative outlier
+    lo, hi, _, _ = search_clip(w, x.T @ x, SPEC, mode=mode)
+    for n in range(6):
+        for gi in range(2):
+            wg, xg = w[n, 16 * gi:16 * gi + 16], x[:, 16 * gi:16 * gi + 16]
+            best = None
+            for r in _ratios(20, 0.5):
+                a, b = clip_box(wg[None, None], r, mode, True)
+                q = fake_quantize_weight(wg.clamp(float(a), float(b))[None], SPEC)[0]
+                err = float((xg @ (q - wg)).pow(2).sum())
+                if best is None or err < best[0]:
+                    best = (err, float(a), float(b))
+            assert (float(lo[n, gi]), float(hi[n, gi])) == best[1:], (n, gi)
+    ratio = hi / grouped(w, 16).abs().amax(-1) if mode == "absmax" else hi / grouped(w, 16).amax(-1)
+    assert (ratio < 1).any()  # not vacuous: some groups are clipped
+    if mode == "range":  # both ends shrink by the one ratio
+        assert torch.allclose(lo / grouped(w, 16).amin(-1), ratio, rtol=1e-12)
+
+
+def test_one_joint_sweep_picks_each_groups_best_box_given_the_others(one_thread):
+    """joint = 1: every group's box re-picked by its row's whole output error with the other
+    groups' errors fixed (cross-group terms included), tried directly; a row keeps the new
+    boxes only if its whole error went down."""
+    gen = torch.Generator().manual_seed(6)
+    rows, groups = 24, 8
+    x = (torch.randn(300, 16 * groups, generator=gen)
+         + 2 * torch.randn(300, 1, generator=gen)).double()  # a shared component couples groups
+    w = torch.randn(rows, 16 * groups, generator=gen).double()
+    lo0, hi0, _, _ = search_clip(w, x.T @ x, SPEC, mode="range")
+    lo, hi, _, _ = search_clip(w, x.T @ x, SPEC, mode="range", joint=1)
+    assert not torch.equal(lo, lo0)  # not vacuous: the sweep moved some boxes
+
+    gram = x.T @ x
+
+    def row_error(n, boxes):  # boxes: [(lo, hi)] per group -> ||X (q_n - w_n)||^2 = e^T H e
+        clipped = torch.cat([w[n, 16 * g:16 * g + 16].clamp(a, b) for g, (a, b) in enumerate(boxes)])
+        e = fake_quantize_weight(clipped[None], SPEC)[0] - w[n]
+        return float(e @ gram @ e)
+
+    refused = 0
+    for n in range(rows):
+        start = [(float(lo0[n, g]), float(hi0[n, g])) for g in range(groups)]
+        new = []
+        for g in range(groups):
+            best = (row_error(n, start), start[g])
+            for r in _ratios(20, 0.5):
+                a, b = clip_box(w[n, 16 * g:16 * g + 16][None, None], r, "range", True)
+                boxes = [*start[:g], (float(a), float(b)), *start[g + 1:]]
+                if (err := row_error(n, boxes)) < best[0]:
+                    best = (err, boxes[g])
+            new.append(best[1])
+        kept = row_error(n, new) < row_error(n, start)
+        refused += new != start and not kept
+        want = new if kept else start
+        assert [(float(lo[n, g]), float(hi[n, g])) for g in range(groups)] == want, n
+    assert refused  # not vacuous: some row's new boxes together were worse, and were not kept
+
+
+@torch.no_grad()
+def test_clip_block_judges_scaled_weights_by_the_scaled_inputs():
+    """After AWQ's scales a linear sees x / s: clip_block must search with the Gram of x / s
+    (computed here from the tokens themselves), and with plain x where nothing was scaled."""
+    block = tiny_llama().model.layers[0].double()
+    gen = torch.Generator().manual_seed(7)
+    xs, stats = [], []
+    for group in LLAMA_GROUPS:
+        k = block.get_submodule(group.linears[0]).in_features
+        x = (torch.randn(200, k, generator=gen) * (torch.rand(k, generator=gen) * 4 + 0.1)).double()
+        xs.append(x)
+        stats.append(InputStats(abs_sum=x.abs().sum(0), gram=x.T @ x, count=200))
+    s = (torch.rand(64, generator=gen) + 0.5).double()  # the q/k/v group's scale
+    config = dataclasses.replace(FAST, clip_skip=(), clip_joint=0, clip_mode="range")
+    weights = {n: m.weight.detach().clone() for n, m in block.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    result = AwqResult(spec=SPEC)
+    clip_block(block, "b", stats, {0: s}, SPEC, config, result, set())
+    for gi, group in enumerate(LLAMA_GROUPS):
+        x = xs[gi] / s if gi == 0 else xs[gi]
+        for name in group.linears:
+            lo, hi, _, _ = search_clip(weights[name], x.T @ x, SPEC, config.clip_grid,
+                                       config.max_shrink, "range")
+            got_lo, got_hi = result.clips[f"b.{name}"]
+            assert torch.allclose(got_lo, lo, rtol=1e-12) and torch.allclose(got_hi, hi,
+                                                                             rtol=1e-12), name
