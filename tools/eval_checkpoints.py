@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
 from awq_quality import windows_arg  # tools/, beside this script
 
 from awq_ref.eval import evaluate_many, load_wikitext_tokens
@@ -48,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{path}: vocabulary of {model.config.vocab_size} tokens, the "
                              f"reference has {reference.config.vocab_size}")
         models[path] = model
-    with torch.no_grad():
-        rows = evaluate_many(models, tokens, args.seqlen, args.windows, reference=reference)
+    rows = evaluate_many(models, tokens, args.seqlen, args.windows, reference=reference)
     rows["reference"] = {k: v for k, v in rows["reference"].items() if k not in ("kl", "top1")}
     print("| model | ppl | KL vs reference | top-1 vs reference |\n|---|---|---|---|")
     for name, r in rows.items():
