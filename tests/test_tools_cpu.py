@@ -171,3 +171,22 @@ def test_eval_checkpoints_scores_each_model_against_one_reference(tmp_path):
     assert rows[str(q32)]["kl"] != rows[str(q64)]["kl"]
     with pytest.raises(SystemExit, match="not the reference itself"):
         eval_checkpoints.main([str(src), "--reference", str(src)])
+
+
+def test_every_mutant_still_names_code_that_exists():
+    """tools/mutants.py's planted bugs each replace text found once in its file: when the code
+    moves, this says which mutant to update (the mutants themselves run outside CI)."""
+    import mutants
+
+    root = Path(__file__).resolve().parents[1]
+    assert len({m.name for m in mutants.MUTANTS}) == len(mutants.MUTANTS)
+    for m in mutants.MUTANTS:
+        assert (root / m.file).read_text().count(m.old) == 1, m.name
+        assert m.new != m.old and all((root / t).exists() for t in m.tests if t.startswith("tests/"))
+
+
+def test_mutants_runner_kills_a_planted_bug(shared_data, capsys):
+    import mutants
+
+    assert mutants.main(["--only", "crlf-kept"]) == 0
+    assert "killed   crlf-kept" in capsys.readouterr().out
