@@ -111,6 +111,10 @@ MUTANTS = (
     _m("scales-not-fp16-rounded", "awq_ref/quant/packing.py",
        "s, zeros = compute_qparams(w32, spec, name, scale_dtype=torch.float16)",
        "s, zeros = compute_qparams(w32, spec, name)", "tests/test_packing.py", "-k", "fp16_rounded"),
+    _m("zero-point-from-unrounded-scale", "awq_ref/quant/quantizer.py",
+       "        if scale_dtype is not None:\n            scales = scales.to(scale_dtype).to(w.dtype)\n"
+       "        zeros = (-torch.round", "        zeros = (-torch.round",
+       "tests/test_packing.py", "-k", "fp16_rounded"),
     _m("int8-zero-row", "awq_ref/quant/int8_head.py",
        "        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row stays zero", "",
        "tests/test_int8_head.py", "-k", "rounding_per_row"),
