@@ -1,6 +1,6 @@
 """CPU parts of the tools: weight bytes by shapes (bench_e2e --count-weights), the SASS loop
 counter (sass_loops.py) on a hand-written listing, bench_cpu's transformers twin, awq_quality's
-JSON, eval_checkpoints."""
+JSON, eval_checkpoints, the mutants list."""
 
 import json
 import sys
