@@ -68,3 +68,9 @@ def test_every_window_start_is_drawn():
     assert torch.equal(random_windows(stream, 3, 10), stream.repeat(3, 1))
     starts = set(random_windows(torch.arange(12), 200, 10)[:, 0].tolist())
     assert starts == {0, 1, 2}
+
+
+def test_texts_are_joined_by_blank_lines():
+    """PROTOCOL.md: the texts joined by blank lines, then tokenized once as one stream."""
+    got = calibration_tokens(ByteTokenizer(), ["ab", "cd"], n=2, seqlen=6)
+    assert bytes(got[0].tolist()) == b"ab\n\ncd" and torch.equal(got[0], got[1])

@@ -13,7 +13,7 @@ from awq_ref.awq.pipeline import clip_block
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.scaling_groups import LLAMA_GROUPS
 from awq_ref.awq.search_clip import _ratios, clip_box, search_clip
-from awq_ref.quant.quantizer import grouped
+from awq_ref.quant.quantizer import QuantSpec, grouped
 from awq_ref.quant.rtn import fake_quantize_weight
 
 
@@ -89,9 +89,11 @@ def test_one_joint_sweep_picks_each_groups_best_box_given_the_others(one_thread)
 
 
 @torch.no_grad()
-def test_clip_block_judges_scaled_weights_by_the_scaled_inputs():
+@pytest.mark.parametrize("damp", [0.0, 0.3])
+def test_clip_block_judges_scaled_weights_by_the_scaled_inputs(damp):
     """After AWQ's scales a linear sees x / s: clip_block must search with the Gram of x / s
-    (computed here from the tokens themselves), and with plain x where nothing was scaled."""
+    (computed here from the tokens themselves), and with plain x where nothing was scaled;
+    clip_damp adds damp * mean(diag H) * I to that Gram H."""
     block = tiny_llama().model.layers[0].double()
     gen = torch.Generator().manual_seed(7)
     xs, stats = [], []
@@ -101,7 +103,8 @@ def test_clip_block_judges_scaled_weights_by_the_scaled_inputs():
         xs.append(x)
         stats.append(InputStats(abs_sum=x.abs().sum(0), gram=x.T @ x, count=200))
     s = (torch.rand(64, generator=gen) + 0.5).double()  # the q/k/v group's scale
-    config = dataclasses.replace(FAST, clip_skip=(), clip_joint=0, clip_mode="range")
+    config = dataclasses.replace(FAST, clip_skip=(), clip_joint=0, clip_mode="range",
+                                 clip_damp=damp)
     weights = {n: m.weight.detach().clone() for n, m in block.named_modules()
                if isinstance(m, torch.nn.Linear)}
     result = AwqResult(spec=SPEC)
@@ -109,8 +112,39 @@ def test_clip_block_judges_scaled_weights_by_the_scaled_inputs():
     for gi, group in enumerate(LLAMA_GROUPS):
         x = xs[gi] / s if gi == 0 else xs[gi]
         for name in group.linears:
-            lo, hi, _, _ = search_clip(weights[name], x.T @ x, SPEC, config.clip_grid,
+            gram = x.T @ x
+            gram = gram + damp * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=x.dtype)
+            lo, hi, _, _ = search_clip(weights[name], gram, SPEC, config.clip_grid,
                                        config.max_shrink, "range")
             got_lo, got_hi = result.clips[f"b.{name}"]
             assert torch.allclose(got_lo, lo, rtol=1e-12) and torch.allclose(got_hi, hi,
                                                                              rtol=1e-12), name
+
+
+@pytest.mark.parametrize("mode", ["range", "absmax", "lohi"])
+def test_groups_the_calibration_never_activates_are_not_clipped(mode):
+    """Every box of a group whose inputs are all zero has the same (zero) error: the tie keeps
+    the first box, r = 1, instead of clipping weights the calibration never exercised."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(200, 32, generator=gen).double()
+    x[:, :16] = 0  # group 0 dead, group 1 alive
+    w = torch.randn(5, 32, generator=gen).double()
+    w[:, 20] = 4.0  # an outlier in group 1, so that group is clipped
+    lo, hi, _, _ = search_clip(w, x.T @ x, SPEC, mode=mode)
+    full_lo, full_hi = clip_box(grouped(w, 16), 1.0, mode, True)  # (5, 2)
+    assert torch.equal(lo[:, 0], full_lo[:, 0]) and torch.equal(hi[:, 0], full_hi[:, 0])
+    assert (hi[:, 1] < full_hi[:, 1]).any()  # not vacuous: the live group is clipped
+
+
+def test_symmetric_quantization_keeps_symmetric_boxes_in_every_mode():
+    """zero_point=False quantizes on [-m, m]: every mode searches the absmax box, and "lohi"
+    never refines its ends apart (a box [lo, hi] with lo != -hi would be rounded as its absmax)."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(200, 32, generator=gen).double()
+    w = (torch.randn(6, 32, generator=gen) + 0.8).double()  # mostly positive: asymmetric groups
+    spec = QuantSpec(4, 16, zero_point=False)
+    absmax = grouped(w, 16).abs().amax(-1)
+    for mode in ("range", "absmax", "lohi"):
+        lo, hi, _, _ = search_clip(w, x.T @ x, spec, mode=mode)
+        assert torch.equal(lo, -hi), mode
+        assert (hi < absmax).any(), mode  # not vacuous: some groups are clipped

@@ -81,3 +81,22 @@ def test_load_refuses_unknown_and_unpaired_tensors(tmp_path):
                   metadata=meta)
         with pytest.raises(ValueError, match=f"unexpected tensor '{next(iter(extra))}'"):
             AwqResult.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(3, 32, False), QuantSpec(8, -1, True)])
+def test_saved_spec_round_trips(tmp_path, spec):
+    """bits, group size and zero point come back as saved (a symmetric search stays symmetric)."""
+    AwqResult(spec, scales={"model.layers.0.input_layernorm": torch.ones(4)}).save(tmp_path / "r")
+    assert AwqResult.load(tmp_path / "r").spec == spec
+
+
+def test_clip_ranges_that_do_not_fit_the_weight_are_refused():
+    """Clip boxes (N, K/G) from another model or group size: an error naming the linear, never
+    a clamp of the wrong groups."""
+    model = tiny_llama()
+    name = "model.layers.0.mlp.down_proj"
+    n, k = model.get_submodule(name).weight.shape  # (64, 96)
+    for shape in [(n, 5), (n + 1, k // 16), (n, 2 * k)]:
+        bad = AwqResult(SPEC, clips={name: (-torch.ones(shape), torch.ones(shape))})
+        with pytest.raises(ValueError, match="down_proj has shape"):
+            apply_awq(model, bad)

@@ -11,7 +11,7 @@ import torch
 from awq_ref.awq.apply import apply_awq, apply_scale
 from awq_ref.awq.capture import NonFiniteError, check_finite
 from awq_ref.awq.pipeline import PROPAGATE, AwqConfig, search_awq
-from awq_ref.awq.scaling_groups import expand_kv
+from awq_ref.awq.scaling_groups import expand_kv, reduce_kv
 from awq_ref.awq.search_clip import clip_box, clipper, search_clip
 from awq_ref.awq.search_scale import effective_weight, gram_loss, grid_search
 from awq_ref.config import LlamaConfig
@@ -195,6 +195,17 @@ def test_expand_kv_matches_repeat_kv():
     assert torch.equal(expand_kv(s, 2, 3), want)
 
 
+def test_reduce_kv_averages_the_query_heads_sharing_a_v_channel():
+    """o_proj input h*Dh + d carries v channel (h // n_rep)*Dh + d: its mean|x| is the mean over
+    those n_rep heads (Hkv = 2, n_rep = 3, Dh = 2), and reduce_kv inverts expand_kv."""
+    x = torch.arange(12, dtype=torch.float32) ** 2  # (H*Dh,) distinct per head
+    want = x.view(2, 3, 2).mean(1).reshape(-1)  # (Hkv*Dh,)
+    assert torch.equal(reduce_kv(x, 3, 2), want)
+    assert torch.equal(reduce_kv(want[[0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3]], 3, 2), want)
+    s = torch.rand(4)
+    assert torch.equal(reduce_kv(expand_kv(s, 3, 2), 3, 2), s)
+
+
 def test_gram_loss_matches_direct_mse():
     torch.manual_seed(0)
     x = torch.randn(500, 64) * (torch.rand(64) * 3)  # (T, K)
@@ -350,6 +361,40 @@ def test_token_subset_is_strided_over_every_window():
         handle.remove()
     every = torch.cat(seen[:3])  # (160, 64): the capture's own forward, 3 chunks
     assert torch.equal(stats.subset[0], every[::3]) and stats.subset[0].shape[0] == 54
+
+
+@torch.no_grad()
+def test_attention_subset_is_the_first_whole_sequences():
+    """The attention loss's inputs: the first `seqs` sequences of the calibration batch, whole,
+    however the capture's forward is chunked (5 windows in chunks of 2, 3 kept)."""
+    from awq_ref.awq.capture import SubsetPlan, capture_block
+    from awq_ref.awq.scaling_groups import LLAMA_GROUPS
+
+    model = tiny_llama()
+    block = model.model.layers[0]
+    x = model.model.embed_tokens(calib(n=5, t=32)).float()  # (5, 32, 64)
+    cos, sin = model.rotary(0, 32, torch.float32)
+    group = next(g for g in LLAMA_GROUPS if g.positional)
+    (stats,) = capture_block(block, x.clone(), cos, sin, (group,), SubsetPlan(seqs=3, tokens=64),
+                             chunk_seqs=2, where="block 0")
+    kept = torch.cat(stats.subset)  # (3, 32, 64)
+    assert torch.equal(kept, block.input_layernorm(x[:3]))
+
+
+def test_unquantized_linears_stay_fp_in_the_scale_losses(monkeypatch):
+    """modules_to_not_convert: a linear that stays fp is not fake-quantized when the scale of its
+    group is judged (module_loss gets only the quantized linears' weights)."""
+    from awq_ref.awq import pipeline
+
+    seen = []
+    real = pipeline.module_loss
+    monkeypatch.setattr(pipeline, "module_loss",
+                        lambda inspect, weights, *a, **k: seen.append(sorted(weights))
+                        or real(inspect, weights, *a, **k))
+    fp = ["layers.0.self_attn.q_proj", "layers.1.mlp.up_proj"]
+    search_awq(tiny_llama(), calib(), SPEC, FAST, modules_to_not_convert=fp)
+    assert seen == [["k_proj.weight", "v_proj.weight"], ["gate_proj.weight", "up_proj.weight"],
+                    ["k_proj.weight", "q_proj.weight", "v_proj.weight"], ["gate_proj.weight"]]
 
 
 def test_config_and_group_size_errors_name_what_is_wrong():

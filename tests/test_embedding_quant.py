@@ -154,3 +154,28 @@ def test_cli_head_calib_clips_the_head(stories_dir, shared_data, tmp_path, capsy
     assert kls[1] < kls[0], kls
     assert main(["ppl", "--model", ckpt, "--text", str(text), "--head-calib", str(calib)]) == 2
     assert "needs --quantize-embeddings" in capsys.readouterr().err
+
+
+def test_clipped_head_searches_with_the_decoders_clip_settings():
+    """clipped_head runs the decoder's clip search (AwqConfig's grid, shrink, mode and joint
+    sweeps) on the head's Gram: each setting reaches it, and each changes the boxes here."""
+    from awq_ref.awq.head import clipped_head, head_gram
+    from awq_ref.awq.pipeline import AwqConfig
+    from awq_ref.awq.search_clip import search_clip
+    from awq_ref.quant.quantizer import clamp_groups
+
+    model = tiny_llama(tie_word_embeddings=False)
+    calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(5))
+    w = model.lm_head.weight.detach().float()
+    gram = head_gram(model, calib)
+    default = AwqConfig()
+    variants = [default] + [AwqConfig(**{k: v}) for k, v in
+                            {"clip_grid": 20, "max_shrink": 0.1, "clip_mode": "range",
+                             "clip_joint": 0}.items()]
+    got = []
+    for c in variants:
+        lo, hi, _, _ = search_clip(w, gram, QuantSpec(4, 32), n_grid=c.clip_grid,
+                                   max_shrink=c.max_shrink, mode=c.clip_mode, joint=c.clip_joint)
+        got.append(clipped_head(model, calib, 32, c))
+        assert torch.equal(got[-1], clamp_groups(w, lo, hi)), c
+    assert all(not torch.equal(g, got[0]) for g in got[1:])  # each setting matters here

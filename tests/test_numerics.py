@@ -142,3 +142,17 @@ def test_awq_with_dead_input_channels_and_zero_weights(duo):
         assert torch.isfinite(s).all() and (s > 0).all()
     q = quantize(model, method="awq", group_size=32, result=result)
     assert torch.isfinite(q(tokens)).all()
+
+
+def test_grid_search_keeps_the_first_of_equal_losses():
+    """A tie keeps the smallest ratio: with losses flat from a = 0 on, s = 1 (round-to-nearest,
+    no scaling), not the strongest scaling that happens to tie."""
+    x_mean = torch.linspace(0.5, 4.0, 16)
+    choice = grid_search(lambda s: 1.0, x_mean, None, 10)
+    assert choice.ratio == 0 and torch.equal(choice.s, torch.ones(16))
+
+    def two_minima(s: torch.Tensor) -> float:  # equal least losses at a = 0.3 and a = 0.6
+        a = round(float(torch.log(s[-1] / s[0]) / torch.log(x_mean[-1] / x_mean[0])), 6)
+        return 0.5 if a in (0.3, 0.6) else 1.0
+
+    assert grid_search(two_minima, x_mean, None, 10).ratio == pytest.approx(0.3)
