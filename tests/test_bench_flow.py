@@ -86,3 +86,34 @@ def test_sweep_rule_is_timed_by_the_benchmark_and_judged(fake_cuda, tmp_path, ca
     out = capsys.readouterr().out
     assert "| target | auto | tuned | best of ours |" in out
     assert "2.00x at 128x256 M=16 (awq[tuned])" in out  # fp16 100 us, the winner 50
+
+
+def test_benchmark_rows_are_the_protocols_numbers(fake_cuda):
+    """Each row's GB/s (awq bytes / time), speedup (fp16's time / its own) and % of the roofline
+    floor (max of the bytes' and the flops' time, over its own) at the faked times: awq[mma] 80
+    us, fp16 100 us, ceilings 3 TB/s and 700 TFLOP/s (memory-bound at M = 16)."""
+    k, n, m, g = 128, 256, 16, 128
+    result = benchmark.run(((k, n),), (m,), group_size=g, reps=50)
+    row = next(r for r in result["rows"] if r["impl"] == "awq[mma]")
+    nbytes = benchmark.awq_bytes(m, k, n, g)
+    floor_s = max(nbytes / 3e12, 2 * m * k * n / 7e14)
+    assert row["us"] == 80.0 and row["gb_per_s"] == pytest.approx(nbytes / 80e-6 / 1e9)
+    assert row["speedup_vs_fp16"] == pytest.approx(100 / 80)
+    assert row["pct_of_floor"] == pytest.approx(100 * floor_s / 80e-6)
+
+
+def test_sweep_compares_with_the_fastest_of_ours_not_fp16(fake_cuda, monkeypatch):
+    """vs_best is over our variants only: where cuBLAS fp16 is fastest, our best is still 1.0,
+    and fp16 gets its time over it (not a rank among our variants)."""
+    timed = benchmark.median_us
+
+    def fp16_fastest(fns, reps, warmup=5, sleep_cycles=0):
+        us = timed(fns, reps, warmup, sleep_cycles)
+        return 20.0 if us == 100.0 else us
+
+    monkeypatch.setattr(benchmark, "median_us", fp16_fastest)
+    rows = sweep.run(shapes=((128, 256),), ms=(16,), reps=50)["rows"]
+    ours = [r for r in rows if r["variant"] != "fp16"]
+    fp16 = next(r for r in rows if r["variant"] == "fp16")
+    assert min(r["vs_best"] for r in ours) == 1.0 and fp16["vs_best"] == pytest.approx(20 / 50)
+    assert "fp16" not in [name for name, _ in sweep.ranking({"rows": rows})[16]]

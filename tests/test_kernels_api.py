@@ -42,6 +42,8 @@ def test_dtypes():
     _raises(TypeError, "group_size must be an int, got bool", x, qw, qz, s, True)
     _raises(ValueError, "x must be a CUDA tensor", x, qw, qz, s, np.int64(64))  # accepted
     _raises(TypeError, "out must have dtype", x, qw, qz, s, g, out=torch.empty(4, N))
+    _raises(TypeError, "out must have dtype torch.float16", x, qw, qz, s, g,
+            out=torch.empty(4, N, dtype=torch.bfloat16))  # an activation dtype, not x's
 
 
 def test_shapes():
@@ -58,6 +60,12 @@ def test_shapes():
     _raises(ValueError, "out must not share memory with x", both[2:6], qws, qzs, ss, gs,
             out=both[:4])
     _raises(ValueError, "x must be a CUDA tensor", both[4:], qws, qzs, ss, gs, out=both[:4])
+    _raises(ValueError, "x must be a CUDA tensor", both[:4], qws, qzs, ss, gs, out=both[4:])
+    _raises(ValueError, r"x must have shape \[..., K = 256\]", torch.tensor(1.0).half(), qw, qz,
+            s, g)  # 0-d x
+    empty = torch.empty(0, N // 8, dtype=torch.int32)  # K = 0
+    _raises(ValueError, "K = 0 .* must be a positive multiple", x[:, :0], empty, empty,
+            torch.empty(0, N).half(), g)
     _raises(ValueError, "kernel must be one of", x, qw, qz, s, g, kernel="fast")
     x2, qw2, qz2, s2, _ = _args(k=96, g=32)  # K = 96 is not a multiple of 64
     _raises(ValueError, "must be a positive multiple of group_size", x2, qw2, qz2, s2, 64)
@@ -102,7 +110,8 @@ def test_sweep_ranking_and_tiles():
     rows = [{"k": k, "n": 64, "m": 16, "variant": v, "us": us, "vs_best": r,
              "speedup_vs_fp16": 1.0}
             for k, v, us, r in [(64, "a", 1.0, 1.0), (64, "b", 2.0, 2.0), (64, "fp16", 3, 3),
-                                (128, "a", 4.0, 2.0), (128, "b", 2.0, 1.0), (128, "c", 2, 1)]]
+                                (128, "a", 4.0, 2.0), (128, "b", 2.0, 1.0), (128, "c", 2, 1),
+                                (128, "fp16", 1.0, 0.5)]]
     ranked = sweep.ranking({"rows": rows})
     assert [name for name, _ in ranked[16]] == ["a", "b"]  # "c" lacks a shape; fp16 is no variant
     assert ranked[16][0][1] == pytest.approx(2 ** 0.5)
@@ -115,6 +124,8 @@ def test_gemv_refuses_large_m():
     _raises(ValueError, "kernel='gemv' handles at most 8 rows", *_args(m=9), kernel="gemv")
     _raises(ValueError, "kernel='gemv_direct' handles at most 8 rows", *_args(m=9),
             kernel="gemv_direct")
+    for kernel in ("gemv", "gemv_direct"):  # 8 rows are theirs
+        _raises(ValueError, "x must be a CUDA tensor", *_args(m=8), kernel=kernel)
 
 
 def test_dequantize_validates():
@@ -183,7 +194,28 @@ def test_benchmark_tables_and_bytes():
               "ceilings": {"hbm_bytes_per_s": 3e12, "tensor_flops": 8e14},
               "rows": [dict(row, impl="awq"), dict(row, impl="fp16", us=3.0)]}
     assert "| 64x64 | 1 | awq | 2.0 |" in benchmark.markdown(result)
+    assert "measured HBM 3.00 TB/s, fp16 tensor 800 TFLOP/s" in benchmark.markdown(result)
     assert "floor%  50.0" in benchmark.summary(result)
+
+
+def test_benchmark_ceilings_and_weight_copies(monkeypatch):
+    """The ceilings count a copy's bytes read and written and a matmul's 2 K^3 flops; the weight
+    copies together hold more than 2 x L2 (every call streams from HBM). CUDA faked."""
+    from types import SimpleNamespace
+
+    from awq_kernels import benchmark
+
+    monkeypatch.setattr(benchmark, "_copy_us", lambda reps: 1000.0)
+    monkeypatch.setattr(benchmark, "_matmul_us", lambda reps: 2000.0)
+    ceil = benchmark.measure_ceilings()
+    assert ceil.hbm_bytes_per_s == pytest.approx(2 * 2**30 / 1e-3)
+    assert ceil.tensor_flops == pytest.approx(2 * 8192**3 / 2e-3)
+    l2 = 50 * 2**20
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(L2_cache_size=l2))
+    for nbytes in (2**20, 8 * 2**20, 30 * 2**20, 100 * 2**20, 2**30):
+        copies = benchmark.weight_copies(nbytes)
+        assert copies >= 2 and copies * nbytes > 2 * l2, nbytes
 
 
 # ------------------------------------------------------------------ awq_kernels.ops (elementwise)
@@ -304,5 +336,9 @@ def test_gemm_int8_validates_before_touching_cuda():
         gemm_int8(x, q, s[:8])
     with pytest.raises(ValueError, match=r"x must have shape \[..., K = 64\]"):
         gemm_int8(x[:, :32], q, s)
+    with pytest.raises(ValueError, match=r"x must have shape \[..., K = 64\]"):
+        gemm_int8(torch.tensor(1.0).half(), q, s)  # 0-d x
+    with pytest.raises(ValueError, match=r"scales must have shape \[24\]"):
+        gemm_int8(x, q, s[:, None])  # N values, but not [N]
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         gemm_int8(x, q, s)

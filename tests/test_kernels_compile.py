@@ -15,9 +15,12 @@ import pytest
 from awq_kernels import build, emulate
 from awq_kernels.plan import (
     GEMV_DIRECT_BLOCKS_PER_SM,
+    GEMV_DIRECT_VEC,
     MAX_SPLITS,
     MMA_BLOCKS_PER_SM,
     MMA_DIRECT_BLOCKS_PER_SM,
+    MMA_DIRECT_DEPTH,
+    gemv_direct_flush,
     mma_blocks_per_sm,
 )
 
@@ -218,3 +221,55 @@ def test_mma_tiles_fit_and_b_rows_are_conflict_free(tile):
                 banks = {((ks * 16 + 2 * t + dr) * stride + wn * 8 + g) % 32
                          for t in range(4) for g in range(8)}
                 assert len(banks) == 32
+
+
+def test_mma_tile_mirror_matches_the_compiled_kernel():
+    """build.MmaTile mirrors gemm_mma.cu's MmaTile: ptxas's static shared memory is its STAGES
+    x STAGE_BYTES plus the fused split-K's 4-byte `last` flag, and the block size it was
+    compiled for (__launch_bounds__, PTX .maxntid) is the `threads` the launch uses."""
+    _nvrtc()
+    result = _compiled("mma", "sm_90")
+    reports = _function_reports(result.log)
+    for tile in build.MMA_TILES:
+        for tag in build.DTYPE_TAGS:
+            name = result.lowered[tile.expr(tag)]
+            assert reports[name]["smem"] == tile.stages * tile.stage_bytes + 4, (tile, tag)
+            body = result.ptx[result.ptx.index(f".entry {name}("):]
+            maxntid = re.search(r"\.maxntid (\d+), 1, 1", body[:body.index("{")])
+            assert maxntid and int(maxntid[1]) == tile.threads, (tile, tag)
+
+
+def _c_ternary(expr: str, **names: int) -> int:
+    """Value of a C constant expression of ==, >= and nested ?: over integer names."""
+    expr = expr.strip()
+    while expr.startswith("(") and expr.endswith(")"):
+        expr = expr[1:-1].strip()
+    if "?" not in expr:
+        return int(eval(expr, {"__builtins__": {}}, dict(names)))  # comparisons and ints
+    cond, rest = expr.split("?", 1)
+    depth = 0
+    for i, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == ":" and depth == 0:
+            break
+    return (_c_ternary(rest[:i], **names) if _c_ternary(cond, **names)
+            else _c_ternary(rest[i + 1:], **names))
+
+
+def test_direct_kernel_tables_match_their_sources():
+    """plan.py's copies of gemv_direct.cu's GdShape::VEC and GdFlush::STEPS and mma_direct.cu's
+    MdDepth::VALUE (the emulation's load widths, 16-bit flush interval and buffer rotation)
+    are the values the .cu files compile with."""
+    gd = (build.KERNEL_DIR / "gemv_direct.cu").read_text()
+    md = (build.KERNEL_DIR / "mma_direct.cu").read_text()
+    vec = re.search(r"struct GdShape \{\s*static constexpr int VEC = (.*?);", gd)[1]
+    flush = re.search(r"struct GdFlush \{ static constexpr int STEPS = (.*?); \};", gd)[1]
+    bf16_flush = re.search(r"struct GdFlush<BF16, MT> \{ static constexpr int STEPS = (.*?); \};",
+                           gd)[1]
+    depth = re.search(r"struct MdDepth \{ static constexpr int VALUE = (.*?); \};", md)[1]
+    for mt in build.GEMV_DIRECT_ROWS:
+        assert GEMV_DIRECT_VEC[mt] == _c_ternary(vec, MT=mt), mt
+        assert gemv_direct_flush("F16", mt) == _c_ternary(flush, MT=mt), mt
+        assert gemv_direct_flush("BF16", mt) == _c_ternary(bf16_flush, MT=mt), mt
+    for nt, _ in build.MMA_DIRECT_CONFIGS.values():
+        assert MMA_DIRECT_DEPTH[nt] == _c_ternary(depth, NT=nt), nt

@@ -33,6 +33,15 @@ def test_json_round_trip():
     text = json.dumps(d.to_json())
     assert Dispatch.from_json(json.loads(text)) == d
     assert Dispatch.from_json(DEFAULT.to_json()) == DEFAULT
+    assert describe(d).splitlines() == ["M 1..2: gemv_direct splits<=4",
+                                        "M 3..64: mma_split 16x256x64 w1x4", "M >= 65: dequant"]
+
+
+def test_row_limited_kernels_take_rules_up_to_their_limit():
+    for kernel in ("gemv", "gemv_direct"):  # both take M <= 8
+        Dispatch(((8, Choice(kernel)), (None, Choice("dequant"))))
+        with pytest.raises(ValueError, match="takes at most M = 8"):
+            Dispatch(((9, Choice(kernel)), (None, Choice("dequant"))))
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -132,6 +141,12 @@ def test_from_sweep_keeps_the_base_outside_the_timed_m():
                                         "M 9..16: dequant", "M 17..64: mma_split",
                                         "M >= 65: dequant"]
     assert from_sweep({}, {}) == DEFAULT
+    # the first timed M at a bound of the base: the base's rule there gives way to the pick
+    tile = build.MMA_CONFIGS[16]
+    ranked = _ranking({8: {"awq": 2.0, f"mma_split {sweep.tile_name(tile)}": 1.0}})
+    d = from_sweep(ranked, {8: sweep.variant_choices(8, 128)})
+    assert describe(d).splitlines() == ["M 1..2: gemv_direct", "M 3..8: mma_split 16x128x32 w1x2",
+                                        "M 9..64: mma_split", "M >= 65: dequant"]
 
 
 def test_tuned_dispatch_of_a_sweep_result():
@@ -188,10 +203,11 @@ def test_benchmark_times_the_tuned_rule_only_where_it_differs():
     assert [benchmark.timed_at("awq[dequant,overlap]", m) for m in (64, 128, 4096)] == [
         False, True, True]
     assert benchmark.timed_at("awq", 4096) and benchmark.timed_at("fp16", 1)
+    assert [benchmark.timed_at("awq[direct]", m) for m in (1, 8, 9)] == [True, True, False]
 
 
 @pytest.mark.parametrize("text,message", [
-    ("not json", "not valid JSON"), ('{"rows": [{"m": 1}]}', "KeyError"),
+    ("not json", "not valid JSON"), ('{"rows": [{"m": 1}]}', "KeyError"), ("[]", "TypeError"),
     ('{"group_size": 128, "rows": [{"k": 1, "n": 1, "m": 1, "variant": "a", "vs_best": 1' +
      "0" * 400 + '}]}', "OverflowError"),
 ])

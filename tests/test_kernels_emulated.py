@@ -153,11 +153,12 @@ def test_emulated_gemv_kernel_mapping(dtype, tag, m, k, n, g):
 
 # (M, K, N, G, SMs): every row capacity (M <= 8, 16, 32 and 64: two warps along M), a ragged
 # column tile (N = 320: one of the second tile's four warps in range; N = 64: one warp), odd
-# chunk counts (the two K warps take 2 and 1 chunks), splits that start inside a group
-# (K = 384, G = 128), no split (M = 17, M = 40), rows past M in the second row of warps.
+# chunk counts (K = 320: two splits of 5 chunks, the two K warps take 3 and 2; no other case
+# has one since the planners changed), splits that start inside a group (K = 384, G = 128;
+# K = 320, G = 64), no split (M = 17, M = 40), rows past M in the second row of warps.
 MMA_DIRECT_CASES = [(1, 512, 320, 64, 2), (3, 384, 192, 128, 1), (8, 256, 64, 32, 1),
                     (12, 512, 256, 128, 2), (17, 256, 320, 64, 1), (32, 1024, 128, 32, 2),
-                    (40, 256, 320, 64, 1), (64, 2048, 64, 128, 2)]
+                    (40, 256, 320, 64, 1), (64, 2048, 64, 128, 2), (1, 320, 64, 64, 1)]
 
 
 @pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
@@ -166,6 +167,8 @@ def test_emulated_mma_direct_kernel_mapping(dtype, tag, m, k, n, g, sms):
     x, w, args = _problem(m, k, n, g, dtype, seed=13 * m + n)
     launch = plan_mma_direct(m, n, k, num_sms=sms)
     assert launch.grid[0] == cdiv(n, GEMV_NT) and (launch.splits > 1) == (m not in (17, 40))
+    if k == 320:  # the odd case: chunks per split as its comment says
+        assert (launch.splits, launch.k_per_split) == (2, 5)
     records: list = []
     partials = emulate_direct.emulate_mma_direct(tag, *args, launch, record=records)
     assert len(_check_records(records, _bits16(w))) == k * n, "every weight in some A fragment"

@@ -12,10 +12,12 @@ import torch
 from awq_kernels import api, build
 from awq_kernels.dispatch import choose
 from awq_kernels.plan import (
+    GEMV_DIRECT_BLOCKS_PER_SM,
     GEMV_KC,
     GEMV_NT,
     MMA_BK,
     MMA_BN,
+    MMA_DIRECT_BLOCKS_PER_SM,
     MMA_DIRECT_MAX_M,
     MMA_MAX_M,
     MMA_SPLIT_BLOCKS_PER_SM,
@@ -203,3 +205,62 @@ def test_launches_stay_within_the_grid_limit(monkeypatch, name, most):
     rows = [r for _, r, _ in launches if r]
     assert sum(rows) == m and max(rows) <= most
     assert all(launch.grid[1] <= 65535 for launch, _, _ in launches)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (2, 14336, 4096), (8, 4096, 14336)])
+def test_direct_plans_fit_one_wave(m, k, n):
+    """The direct kernels split K only up to one wave of their resident blocks (see
+    plan._splits_in_one_wave: blocks past one wave ran with the GPU nearly idle)."""
+    for planner, per_sm in ((plan_gemv_direct, GEMV_DIRECT_BLOCKS_PER_SM),
+                            (plan_mma_direct, MMA_DIRECT_BLOCKS_PER_SM)):
+        launch = planner(m, n, k, 132)
+        blocks = launch.grid[0] * launch.splits
+        assert launch.splits == 1 or blocks <= per_sm[launch.config] * 132, planner
+        assert launch.splits > 1  # these shapes leave most of the wave to the splits
+
+
+def test_mma_ladder_and_gemv_split_targets():
+    """plan_mma halves BM down to 32 (not 16) while the tiles leave SMs without a block, and
+    splits K only under half a wave of tiles; plan_gemv splits toward four blocks per SM."""
+    assert plan_mma(64, 4096, 4096, 132).config == 32  # 64 tiles of BM 32 (128 of BM 16)
+    assert plan_mma(16, 4096, 4096, 132).config == 16
+    wide = plan_mma(128, 4096, 4096, 132)  # 128 tiles of BM 32: more than half of 132 SMs
+    assert (wide.config, wide.splits) == (32, 1)
+    gemv = plan_gemv(1, 14336, 4096, 132)  # N = 14336: 56 column tiles; 4 x 132 blocks: 10 splits
+    assert gemv.splits == 10 and gemv.grid[0] * gemv.splits >= 4 * 132
+
+
+@pytest.mark.parametrize("name,m,fuse", [("mma_split", 130, True), ("mma", 20, True),
+                                         ("mma_direct", 3, True), ("gemv_direct", 1, True),
+                                         ("gemv", 1, True), ("mma_split", 130, False)])
+def test_launch_product_runs_the_planned_launches(monkeypatch, name, m, fuse):
+    """_launch_product launches the planner's own plan for its kernel (mma_split with
+    MMA_SPLIT_BLOCKS_PER_SM), the fused split-K with one counter per output tile (every kernel
+    but gemv), else the partials' reduce over all M x N outputs (CUDA faked)."""
+    launches, counters = [], []
+    monkeypatch.setattr(api, "on_torch_stream", lambda device: contextlib.nullcontext(("90", 132)))
+    monkeypatch.setattr(api, "run", lambda launch, arch, expr, args: launches.append((launch, args)))
+    monkeypatch.setattr(api, "splitk_counters",
+                        lambda device, tiles: counters.append(tiles) or f"counters[{tiles}]")
+    k, n, g = 4096, 4096, 128
+    x2 = torch.empty(m, k, dtype=torch.float16, device="meta")  # shapes only
+    y2 = torch.empty(m, n, dtype=torch.float16, device="meta")
+    packed = (torch.empty(k, n // 8, dtype=torch.int32, device="meta"),
+              torch.empty(k // g, n // 8, dtype=torch.int32, device="meta"),
+              torch.empty(k // g, n, dtype=torch.float16, device="meta"))
+    api._launch_product(name, x2, *packed, g, y2, fuse_splitk=fuse)
+    plan = {"mma_split": lambda: plan_mma(m, n, k, 132, blocks_per_sm=MMA_SPLIT_BLOCKS_PER_SM),
+            "mma": lambda: plan_mma(m, n, k, 132), "gemv": lambda: plan_gemv(m, n, k, 132),
+            "mma_direct": lambda: plan_mma_direct(m, n, k, 132),
+            "gemv_direct": lambda: plan_gemv_direct(m, n, k, 132)}[name]()
+    assert plan.splits > 1 and launches[0][0] == plan
+    tiles = plan.grid[0] * (plan.grid[1] if name.startswith("mma") and name != "mma_direct" else 1)
+    if fuse and name != "gemv":
+        assert counters == [tiles] and len(launches) == 1
+        assert launches[0][1][-2] is y2 and launches[0][1][-1] == f"counters[{tiles}]"
+    else:
+        assert counters == [] and len(launches) == 2
+        if name != "gemv":  # a fused kernel told to leave the sum to the reduce
+            assert launches[0][1][-2:] == (None, None)
+        reduce, args = launches[1]
+        assert reduce == plan_reduce(m * n, plan.splits) and args[1] is y2
