@@ -4,10 +4,10 @@ and it must make them fail ("killed"). A mutant that survives means a test went 
     PYTHONPATH=. .venv/bin/python tools/mutants.py            # all (~10 min on 2 cores)
     PYTHONPATH=. .venv/bin/python tools/mutants.py --only clip --list
 
-Each mutant was once a bug no test caught (mutation testing, two rounds on 2026-12-06); the tests it names
-were written for it. The repo itself is never edited: its tracked files are copied to a
-temporary folder with ../shared linked beside it, as CI has it, and each mutant's tests must
-pass there unmutated first.
+Each mutant was once a bug no test caught (mutation testing, two rounds on 2026-12-06); the
+tests it names were written for it. The repo itself is never edited: its tracked files are
+copied to a temporary folder with ../shared linked beside it, as CI has it, and each mutant's
+tests must pass there unmutated first.
 """
 
 from __future__ import annotations
