@@ -142,10 +142,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     new: list[int] = []
 
     def stream(token: int) -> None:
-        # Decode the whole continuation each time: byte-level tokens may end mid-character.
-        before = tok.decode(new, skip_special_tokens=True)
+        # Decode prompt and continuation together each time: byte-level tokens may end
+        # mid-character, and SentencePiece drops the leading space of a text's first token.
+        before = tok.decode(ids + new, skip_special_tokens=True)
         new.append(token)
-        print(tok.decode(new, skip_special_tokens=True)[len(before):], end="", flush=True)
+        print(tok.decode(ids + new, skip_special_tokens=True)[len(before):], end="", flush=True)
 
     t0 = time.perf_counter()
     generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -172,3 +172,99 @@ def test_what_a_stopped_quantization_keeps(tmp_path):
     assert what_is_kept(build_parser().parse_args([*base, "--method", "rtn"])) == "nothing was written"
     out.mkdir()
     assert what_is_kept(stream) == f"the checkpoint was written to {out}"
+
+
+def test_cuda_device_index_must_exist(monkeypatch):
+    """cuda:N names one of the devices torch sees (0..count-1); cuda:count is refused."""
+    from awq_ref.cli import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda")
+    check_device("cuda:1")
+    with pytest.raises(ValueError, match="this machine has 2 CUDA device"):
+        check_device("cuda:2")
+
+
+def test_generate_is_greedy_by_default_and_reports_its_speed(capsys, stories_dir, monkeypatch):
+    """Without --temperature the continuation is the greedy one; stderr's speed line is tokens
+    over the timed seconds."""
+    import types
+
+    from awq_ref import cli
+    from awq_ref.generate import generate
+    from awq_ref.loaders import load_model, load_tokenizer
+
+    model_path = str(stories_dir / "stories260K.bin")
+    clock = iter([10.0, 12.5])  # the two perf_counter() calls around generate: 2.5 s
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert main(["generate", "--model", model_path, "--prompt", "Once", "--max-new-tokens", "24"]) == 0
+    captured = capsys.readouterr()
+    tok = load_tokenizer(model_path)
+    ids = tok.encode("Once")
+    greedy = generate(load_model(model_path), ids, 24, eos_ids=tok.eos_ids)
+    text = tok.decode(ids + greedy, skip_special_tokens=True)  # "Once upon a time, ..."
+    assert captured.out == "Once" + text[len("Once"):] + "\n" and text.startswith("Once upon")
+    n = len(greedy)
+    assert f"[{n} tokens in 2.50 s, {n / 2.5:.1f} tokens/s]" in captured.err, captured.err
+
+
+def test_quantize_refuses_options_it_would_ignore(capsys, tmp_path):
+    """rtn takes no --calib, --stream no --save-result: each would be silently dropped; --stream
+    with AWQ needs --calib text (it cannot sample windows from a model it never holds whole)."""
+    text = tmp_path / "c.txt"
+    text.write_text("some text")
+    base = ["quantize", "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "new")]
+    _refused(capsys, [*base, "--method", "rtn", "--calib", str(text)], "rtn searches nothing")
+    _refused(capsys, [*base, "--stream", "--calib", str(text), "--save-result", "r.st"],
+             "--stream does not take --result or --save-result")
+    stream = ["quantize", "--model", str(tmp_path), "--out", str(tmp_path / "new"), "--stream"]
+    _refused(capsys, stream, "--stream with --method awq needs --calib text")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_no_zero_point_reaches_the_checkpoint(tmp_path, stream, one_thread):
+    import json
+
+    from awq_ref.loaders import read_safetensors_folder
+
+    folder = _random_folder(tmp_path)
+    out = tmp_path / "sym"
+    assert main(["quantize", "--model", str(folder), "--out", str(out), "--method", "rtn",
+                 "--no-zero-point", *(["--stream"] if stream else [])]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["zero_point"] is False and qc["sym"] is True
+    qzeros = read_safetensors_folder(out)["model.layers.0.self_attn.q_proj.qzeros"]
+    assert (qzeros == 0x88888888 - 2**32).all()  # symmetric: every zero point is the fixed 8
+
+
+def test_quantize_hands_seed_and_search_options_to_the_search(capsys, tmp_path, stories_dir,
+                                                             monkeypatch):
+    """--seed picks the calibration windows, --duo-scaling and --n-grid reach AwqConfig (the
+    search is stopped as it starts: what it was given is all that is checked)."""
+    from pathlib import Path
+
+    from awq_ref.awq.calibration import calibration_tokens
+    from awq_ref.loaders import load_tokenizer
+
+    model_path = str(stories_dir / "stories260K.bin")
+    text = tmp_path / "c.txt"
+    text.write_text("Once upon a time there was a little girl. She liked to play in the park. " * 20)
+    seen = []
+
+    def search(model, calib, spec, config, **kwargs):
+        seen.append((calib, config))
+        raise ValueError("stopped before the search")
+
+    monkeypatch.setattr("awq_ref.awq.pipeline.search_awq", search)
+    for seed in ("0", "1"):
+        _refused(capsys, ["quantize", "--model", model_path, "--out", str(tmp_path / "q"),
+                          "--group-size", "32", "--calib", str(text), "--n-samples", "4",
+                          "--calib-seqlen", "16", "--seed", seed, "--duo-scaling", "--n-grid", "3"],
+                 "stopped before the search")
+    tok = load_tokenizer(model_path)
+    for seed, (calib, config) in enumerate(seen):
+        assert torch.equal(calib, calibration_tokens(tok, [Path(text)], 4, 16, seed))
+        assert config.duo_scaling is True and config.n_grid == 3
+    assert not torch.equal(seen[0][0], seen[1][0])

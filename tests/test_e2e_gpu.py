@@ -408,3 +408,29 @@ def test_random_model_cuda_graph_steps_match_eager(quantized_random, variant):
     finally:
         apply_kernel(model, None)
     assert graphed.length == eager.length
+
+
+def test_backend_cupy_refuses_a_cpu_model_and_fp32_activations(monkeypatch):
+    """Past torch's CUDA check (faked here), --backend cupy still needs the model on the GPU and
+    fp16/bf16 activations: the int4 kernels take no fp32 inputs and no CPU tensors."""
+    from awq_ref.backend import check_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        check_backend("cupy", "cpu", torch.float16)
+    with pytest.raises(ValueError, match="needs float16 or bfloat16 activations"):
+        check_backend("cupy", "cuda", torch.float32)
+    with pytest.raises(ValueError, match="needs float16 or bfloat16 activations"):
+        check_backend("cupy", "cuda:0", torch.float32)
+
+
+def test_cuda_graph_step_refuses_a_full_cache():
+    """The step checks the cache's room before touching the GPU: a replay at position max_len
+    would write past the cache (the check runs here on an instance built without a graph)."""
+    model = _tiny_llama(quantized=False)
+    cache = model.new_cache(1, 4)
+    cache.length = 4
+    decoder = CudaGraphDecoder.__new__(CudaGraphDecoder)  # no capture: a CPU machine has no graph
+    decoder.model, decoder.cache = model, cache
+    with pytest.raises(ValueError, match="KV cache overflow: position 4 >= max_len 4"):
+        decoder.step(1)

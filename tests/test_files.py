@@ -46,3 +46,27 @@ def test_writers_of_other_files_go_through_it(tmp_path):
         atomic_write(path, broken)
     assert AwqResult.load(path).scales["a"].tolist() == [1.0] * 4
     assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]
+
+
+def test_the_temporary_is_fsynced_beside_the_target_then_renamed(tmp_path, monkeypatch):
+    """os.replace is atomic only within one file system, and a rename is durable only over data
+    already on disk: the new bytes go to a temporary in the target's own folder, which is
+    fsynced and then renamed (the same inode) over the target."""
+    from awq_ref.files import atomic_write
+
+    path = tmp_path / "result.json"
+    path.write_text("old")
+    events = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)),
+                                                 real_fsync(fd))[1])
+
+    def write(tmp):
+        tmp.write_text("new")
+        events.append(("write", tmp.parent, os.stat(tmp).st_ino))
+
+    atomic_write(path, write)
+    assert path.read_text() == "new"
+    (w, folder, inode), *later = events
+    assert w == "write" and folder == path.parent
+    assert ("fsync", inode) in later and os.stat(path).st_ino == inode

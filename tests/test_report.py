@@ -110,3 +110,47 @@ def test_figures_render(setup, tmp_path):
                                "AWQ W4": np.array([0.05, 0.1, 0.2])}, tmp_path / "d.png")
     for name in "abcd":
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_block_error_is_relative_to_the_blocks_update(setup):
+    """e_i = ||B_q(x) - B(x)||^2 / ||B(x) - x||^2, written out here for block 0 (x = the token
+    embeddings)."""
+    model, tokens, _ = setup
+    rtn = quantize(model, "rtn", 4, 16, pack=False)
+    got = report.block_errors(model, tokens, {"RTN W4": rtn})["RTN W4"]
+    with torch.no_grad():
+        x = model.model.embed_tokens(tokens).float()
+        rotary = model.rotary(0, tokens.shape[1], torch.float32)
+        y = model.model.layers[0](x, *rotary)
+        want = (rtn.model.layers[0](x, *rotary) - y).pow(2).sum() / (y - x).pow(2).sum()
+    assert got[0] == pytest.approx(want.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_checkpoint_sizes_count_fp16_bytes_once(tied):
+    """fp16: 2 bytes per stored parameter, a tied lm_head counted once (it is one tensor)."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                              tie_word_embeddings=tied)).eval()
+    sizes = report.checkpoint_sizes(model, 16)
+    assert sizes["fp16"] == 2 * sum(p.numel() for p in model.parameters())  # tied: listed once
+    assert 0 < sizes["w4"] < sizes["fp16"]
+
+
+def test_results_markdown_says_awq_over_rtn_and_the_command():
+    data = {"block_errors": {"RTN W4": [0.2, 0.5], "AWQ W4": [0.1, 0.1]},
+            "search_seconds": {"W4": 12.0}, "ratios": [[0.25, float("nan")], [0.5, 0.75]],
+            "made_by": "a test", "setting": "W4 g16", "config": "{}"}
+    md = report.results_markdown("TABLE", "SOURCE", data)
+    assert "Mean over blocks of AWQ / RTN: 0.35 at W4." in md  # mean(0.1/0.2, 0.1/0.5)
+    assert "mean\n0.50, range 0.25 to 0.75." in md
+    args = {"model": "default", "bits": [4, 3], "group": 64, "calib_windows": 128, "seqlen": 512,
+            "eval_windows": None, "eval_seqlen": 2048, "overrides": ["duo_scaling=true"],
+            "half_split": True}
+    assert report.quality_command(args) == (
+        "tools/awq_quality.py --model default --bits 4 3 --group 64 --calib-windows 128 "
+        "--seqlen 512 --eval-windows all --eval-seqlen 2048 --set duo_scaling=true --half-split")
+    fp = {"method": "fp", "bits": None, "ppl": 20.0, "quant_s": None}
+    table = report.quality_table({"args": args, "rows": [fp]}, {"fp16": 270_000_000, "w4": 1})
+    assert "| 270.0 MB (fp16) |" in table  # MB = 10^6 bytes, as the table says

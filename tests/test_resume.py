@@ -211,3 +211,20 @@ def test_fingerprint_changes_with_every_input_of_the_search():
         assert fingerprint(*base[:i], value, *base[i + 1:]) != first, i
     assert fingerprint(*base[:3], AwqConfig(n_grid=5, progress=True), *base[4:]) == first
     assert fingerprint(*base[:1], tokens.to(torch.int32), *base[2:]) == first
+
+
+def test_cli_progress_of_another_dtype_is_refused(tiny_setup, tmp_path, monkeypatch, one_thread):
+    """The CLI adds the model path and --dtype to the fingerprint: a search made in float32 is
+    not resumed (here: not reused whole) by a bfloat16 run, whose activations differ."""
+    from awq_ref.cli import main
+
+    model, text, _ = tiny_setup
+    work = tmp_path / "work"
+    base = ["quantize", "--model", str(model), "--method", "awq", "--group-size", "32", "--calib",
+            str(text), "--n-samples", "4", "--calib-seqlen", "32", "--n-grid", "2",
+            "--work-dir", str(work)]
+    monkeypatch.setattr(Progress, "remove", lambda self: None)  # keep the finished state
+    assert main([*base, "--out", str(tmp_path / "fp32")]) == 0
+    assert Progress(work).saved_blocks() == TINY["num_hidden_layers"]
+    assert main([*base, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 2
+    assert not (tmp_path / "bf16").exists()

@@ -19,6 +19,7 @@ def test_gemm_targets_take_the_worst_shape_and_the_best_of_ours():
             _gemm_row(4096, 4096, 1, "awq[direct,no sum]", 4.0, pct=99.0),  # no product: not ours
             _gemm_row(4096, 4096, 1, "fp16", 15.0), _gemm_row(4096, 4096, 1, "int4pack", 9.0),
             _gemm_row(576, 192, 1, "awq", 5.0, pct=10.0),  # small shape: not in the M=1 target
+            _gemm_row(4096, 576, 1, "awq", 5.0, pct=20.0),  # N < 4096: not in it either
             _gemm_row(4096, 4096, 16, "awq", 10.0), _gemm_row(4096, 4096, 16, "fp16", 30.0),
             _gemm_row(4096, 4096, 16, "int4pack", 40.0)]
     got = {r["target"]: r for r in targets.gemm_targets({"rows": rows})}
@@ -99,7 +100,8 @@ def test_fastest_per_m_ranks_by_geometric_mean_over_shapes():
             _gemm_row(8192, 28672, 1, "awq", 40.0), _gemm_row(8192, 28672, 1, "awq[direct]", 80.0),
             _gemm_row(4096, 4096, 1, "awq[direct,2 launches]", 1.0),  # a variant, not a kernel
             _gemm_row(4096, 4096, 1, "fp16", 1.0),  # not ours
-            _gemm_row(4096, 4096, 16, "awq", 9.0), _gemm_row(4096, 4096, 16, "awq[mma_direct]", 3.0)]
+            _gemm_row(4096, 4096, 16, "awq", 9.0), _gemm_row(4096, 4096, 16, "awq[mma_direct]", 3.0),
+            _gemm_row(4096, 4096, 16, "awq[tuned]", 1.0)]  # `auto` under a sweep's rule: no kernel
     got = {r["M"]: r for r in targets.fastest_per_m({"rows": rows})}
     # M = 1: each is 2x off the best on one shape: a tie at sqrt(2)
     assert got[1]["fastest (geo-mean time / best)"] in ("awq 1.41, awq[direct] 1.41",
@@ -139,3 +141,24 @@ def test_splitk_tail_is_the_difference_with_and_without_the_sum():
     got = targets.splitk_tail({"rows": rows})
     assert [(r["impl"], r["K x N"], r["tail us"]) for r in got] == [
         ("awq[direct]", "4096x4096", "2.5"), ("awq[mma,split]", "8192x28672", "2.5")]
+
+
+def test_a_target_met_exactly_is_met_and_large_m_starts_at_1024():
+    assert targets._row("t", 2.5, (2.5, "here"), None, unit="x")["auto"] == "2.50x at here: met"
+    assert targets._row("w", 0.30, (0.30, "here"), None, higher_is_better=False)["auto"] == (
+        "0.30 at here: met")
+    rows = [_gemm_row(4096, 4096, 1024, "awq", 10.0), _gemm_row(4096, 4096, 1024, "fp16", 9.0)]
+    got = {r["target"]: r for r in targets.gemm_targets({"rows": rows})}
+    assert got["M>=1024 >= 0.9x fp16"]["auto"] == "0.90x at 4096x4096 M=1024 (awq): met"
+
+
+def test_bytes_of_a_4bit_product_are_the_packed_layers_buffers():
+    """PROTOCOL.md's traffic of a W4 product: x and y in fp16 plus qweight, qzeros and scales,
+    here against the buffers of a QuantLinear of that shape."""
+    from awq_ref.quant.qlinear import QuantLinear
+
+    for m, k, n, g in ((1, 4096, 4096, 128), (16, 512, 1024, 64), (3, 256, 64, 32)):
+        layer = QuantLinear(k, n, g, device="meta")
+        weights = sum(b.numel() * b.element_size() for b in (layer.qweight, layer.qzeros, layer.scales))
+        assert targets._bytes("awq", m, k, n, g) == weights + 2 * m * k + 2 * m * n
+        assert targets._bytes("fp16", m, k, n, g) == 2 * (k * n + m * k + m * n)

@@ -124,7 +124,10 @@ def test_awq_quality_json_keeps_the_searches_when_the_evaluation_fails(stories_d
     out = tmp_path / "q.json"
     monkeypatch.setattr(sys, "argv", _awq_quality_argv(stories_dir, out))
 
-    def crash(*args, **kwargs):
+    evaluated = []
+
+    def crash(models, tokens, *args, **kwargs):
+        evaluated.append(tokens)
         raise RuntimeError("evaluation crashed")
 
     monkeypatch.setattr(awq_quality, "evaluate_many", crash)
@@ -133,6 +136,12 @@ def test_awq_quality_json_keeps_the_searches_when_the_evaluation_fails(stories_d
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["bits"]) for r in rows] == [("awq", 4), ("rtn", 4)]
     assert all(r["quant_s"] > 0 and "ppl" not in r for r in rows)
+    from awq_ref.eval import read_text
+    from awq_ref.loaders import load_tokenizer
+
+    text = read_text(stories_dir.parent / "text" / "tinystories" / "tinystories_val_prefix.txt")
+    held_out = load_tokenizer(stories_dir / "stories260K.bin").encode(text[len(text) // 2:])
+    assert evaluated[0].tolist() == held_out  # --half-split: scored on the half not calibrated on
 
     monkeypatch.undo()
     monkeypatch.setattr(sys, "argv", _awq_quality_argv(stories_dir, out))
@@ -146,7 +155,7 @@ def test_awq_quality_json_keeps_the_searches_when_the_evaluation_fails(stories_d
     assert report["awq_config"]["n_grid"] == 4
 
 
-def test_eval_checkpoints_scores_each_model_against_one_reference(tmp_path):
+def test_eval_checkpoints_scores_each_model_against_one_reference(tmp_path, capsys):
     import eval_checkpoints
     from test_stream_quantize import make_source
 
@@ -164,6 +173,10 @@ def test_eval_checkpoints_scores_each_model_against_one_reference(tmp_path):
                                   "--seqlen", "128", "--windows", "all", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert list(rows) == ["reference", str(q32), str(q64)] and "kl" not in rows["reference"]
+    table = capsys.readouterr().out
+    r = rows[str(q64)]
+    assert f"| {q64} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} |" in table
+    assert f"| reference | {rows['reference']['ppl']:.3f} | - | - |" in table
     tokens = load_wikitext_tokens(load_tokenizer(src), text)
     alone = evaluate(load_model(q64), tokens, 128, None, reference=load_model(src))
     for key in ("ppl", "kl", "top1", "tokens"):
@@ -190,3 +203,75 @@ def test_mutants_runner_kills_a_planted_bug(shared_data, capsys):
 
     assert mutants.main(["--only", "crlf-kept"]) == 0
     assert "killed   crlf-kept" in capsys.readouterr().out
+
+
+def test_awq_quality_windows_and_peak_rss_units():
+    import argparse
+
+    import awq_quality
+
+    assert awq_quality.windows_arg("all") is None and awq_quality.windows_arg("3") == 3
+    for bad in ("0", "-1", "2.5", "\u0663"):  # U+0663: a digit int() takes, not an ASCII one
+        with pytest.raises(argparse.ArgumentTypeError):
+            awq_quality.windows_arg(bad)
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("no /proc to compare ru_maxrss with")
+    hwm_kib = next(int(line.split()[1]) for line in status.read_text().splitlines()
+                   if line.startswith("VmHWM:"))  # the kernel's peak RSS, in kB
+    assert awq_quality.peak_rss_gb() == pytest.approx(hwm_kib / 2**20, rel=0.05)
+
+
+def test_bench_e2e_turns_times_into_tokens_per_s_and_gib(monkeypatch):
+    """measure()'s arithmetic on the CPU (the model runs, the timer is faked): prefill is n over
+    the median of the repeats, decode counts the timed steps (new tokens - 1), memory in GiB."""
+    times = iter([1.0, 4.0, 2.0, 1.0, 4.0, 2.0, 0.5])
+
+    def seconds(fn):
+        fn()
+        return next(times)
+
+    monkeypatch.setattr(bench_e2e, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_e2e, "_seconds", seconds)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    s = bench_e2e.Settings(prompt=4, new_tokens=6, long_prefill=8, repeats=3)
+    assert bench_e2e.measure(model, s, graph=False) == {
+        "prefill_4_tok_s": 4 / 2.0, "prefill_8_tok_s": 8 / 2.0, "decode_eager_tok_s": 5 / 0.5,
+        "decode_graph_tok_s": None, "peak_gib": 3.0}
+
+
+def test_bench_cpu_rates_and_ratio(stories_dir, monkeypatch, capsys, one_thread):
+    """bench_cpu's table and JSON from its timings (faked): tokens over seconds, and the time
+    ratio ours / transformers."""
+    pytest.importorskip("transformers", reason="transformers is the benchmark's oracle")
+    times = iter([0.5, 2.0, 0.25, 4.0])  # ours prefill, ours decode, transformers prefill, decode
+
+    def timed(fn, repeats):
+        fn()
+        return next(times)
+
+    monkeypatch.setattr(bench_cpu, "timed", timed)
+    monkeypatch.setattr(sys, "argv", ["bench_cpu.py", "--model", str(stories_dir / "stories260K.bin"),
+                                      "--threads", "1", "--seqlen", "16", "--decode-steps", "4",
+                                      "--repeats", "1", "--json"])
+    bench_cpu.main()
+    out = capsys.readouterr().out.splitlines()
+    result = json.loads(out[-1])
+    assert result["ours"] == {"prefill_s": 0.5, "prefill_tok_s": 32.0, "decode_tok_s": 2.0}
+    assert result["transformers"] == {"prefill_s": 0.25, "prefill_tok_s": 64.0, "decode_tok_s": 1.0}
+    assert "time ratio ours/transformers: prefill 2.000, decode 0.500" in out
+
+
+def test_bench_cpu_refuses_a_twin_missing_weights(monkeypatch):
+    """A transformers model left with weights of its own random init would time another model."""
+    pytest.importorskip("transformers", reason="transformers is the benchmark's oracle")
+    model = Llama(LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
+                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    full = model.state_dict()
+    monkeypatch.setattr(model, "state_dict",
+                        lambda: {k: v for k, v in full.items() if k != "model.norm.weight"})
+    with pytest.raises(ValueError, match="missing.*model.norm.weight"):
+        bench_cpu.hf_twin(model)

@@ -92,8 +92,11 @@ def main() -> None:
 
     t = step("generate with the reloaded 4-bit model")
     for prompt in PROMPTS.read_text().splitlines()[:2]:
-        new = awq_ref.generate(reloaded, tok.encode(prompt), 24, eos_ids=tok.eos_ids)
-        print(f"{prompt!r} -> {tok.decode(new, skip_special_tokens=True)!r}")
+        ids = tok.encode(prompt)
+        new = awq_ref.generate(reloaded, ids, 24, eos_ids=tok.eos_ids)
+        # decoded with the prompt: SentencePiece would drop the first token's leading space
+        text = tok.decode(ids + new, skip_special_tokens=True)
+        print(f"{prompt!r} -> {text[len(tok.decode(ids, skip_special_tokens=True)):]!r}")
 
     summary = {"source": source, "awq_seconds": awq_seconds, "checkpoint_bytes": size,
                "reload_identical": same, "eval": rows, "args": vars(args)}
