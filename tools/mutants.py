@@ -1,7 +1,7 @@
 """Planted bugs the tests must catch: each mutant is applied to a copy of the repo, its tests run,
 and it must make them fail ("killed"). A mutant that survives means a test went weak.
 
-    PYTHONPATH=. .venv/bin/python tools/mutants.py            # all (~10 min on 2 cores)
+    PYTHONPATH=. .venv/bin/python tools/mutants.py            # all (~15 min on 2 cores)
     PYTHONPATH=. .venv/bin/python tools/mutants.py --only clip --list
 
 Each mutant was once a bug no test caught (mutation testing, two rounds on 2026-12-06); the
