@@ -45,5 +45,6 @@ with torch.no_grad():
     print("reloaded == in memory:", torch.equal(qm(probe), qmodel(probe)))
 tokens = load_wikitext_tokens(tok, f"{TEXT}/wikitext-2-raw/wiki.test.raw")
 print(awq_ref.evaluate(qm, tokens, seqlen=512, windows=1, reference=model, progress=False))
-new = awq_ref.generate(qm, tok.encode("The capital of France is"), 12, eos_ids=tok.eos_ids)
-print(repr(tok.decode(new, skip_special_tokens=True)))
+ids = tok.encode("The capital of France is")
+new = awq_ref.generate(qm, ids, 12, eos_ids=tok.eos_ids)
+print(repr(tok.decode(ids + new, skip_special_tokens=True)))
