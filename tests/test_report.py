@@ -112,6 +112,28 @@ def test_figures_render(setup, tmp_path):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_figures_plot_what_their_docstrings_say(tmp_path, monkeypatch):
+    """The data drawn, read back from the figures: (b) losses over the loss at a = 0, the
+    chosen a circled; (d) AWQ / RTN per block; (a) the top 1% channels marked."""
+    pytest.importorskip("matplotlib")
+    import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig))
+    curve = {"block": 0, "label": "o_proj input", "ratios": [0.0, 0.5, 1.0],
+             "losses": [4.0, 2.0, 3.0], "ratio": 0.5}
+    figures.plot_loss_curves([curve], tmp_path / "b.png")
+    ax = drawn[-1].axes[0]
+    assert list(ax.lines[0].get_ydata()) == [1.0, 0.5, 0.75]
+    assert ax.collections[0].get_offsets().tolist() == [[0.5, 0.5]]  # the circle
+    figures.plot_block_errors({"RTN W4": np.array([0.2, 0.5]), "AWQ W4": np.array([0.1, 0.4])},
+                              tmp_path / "d.png")
+    assert list(drawn[-1].axes[1].lines[0].get_ydata()) == pytest.approx([0.5, 0.8])
+    means = np.arange(1.0, 201.0)  # channels 198 and 199 are the top 1% of 200
+    figures.plot_activations({(0, "q/k/v input"): means}, tmp_path / "a.png")
+    assert drawn[-1].axes[0].collections[0].get_offsets()[:, 0].tolist() == [198, 199]
+
+
 def test_block_error_is_relative_to_the_blocks_update(setup):
     """e_i = ||B_q(x) - B(x)||^2 / ||B(x) - x||^2, written out here for block 0 (x = the token
     embeddings)."""
