@@ -140,13 +140,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tok.encode(args.prompt)
     print(args.prompt, end="", flush=True)
     new: list[int] = []
+    shown = [tok.decode(ids, skip_special_tokens=True)]  # the decoded text so far
 
     def stream(token: int) -> None:
         # Decode prompt and continuation together each time: byte-level tokens may end
         # mid-character, and SentencePiece drops the leading space of a text's first token.
-        before = tok.decode(ids + new, skip_special_tokens=True)
         new.append(token)
-        print(tok.decode(ids + new, skip_special_tokens=True)[len(before):], end="", flush=True)
+        text = tok.decode(ids + new, skip_special_tokens=True)
+        print(text[len(shown[0]):], end="", flush=True)
+        shown[0] = text
 
     t0 = time.perf_counter()
     generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
