@@ -219,7 +219,7 @@ def test_awq_quality_windows_and_peak_rss_units():
         pytest.skip("no /proc to compare ru_maxrss with")
     hwm_kib = next(int(line.split()[1]) for line in status.read_text().splitlines()
                    if line.startswith("VmHWM:"))  # the kernel's peak RSS, in kB
-    assert awq_quality.peak_rss_gb() == pytest.approx(hwm_kib / 2**20, rel=0.05)
+    assert awq_quality.peak_rss_gib() == pytest.approx(hwm_kib / 2**20, rel=0.05)
 
 
 def test_bench_e2e_turns_times_into_tokens_per_s_and_gib(monkeypatch):
@@ -243,6 +243,7 @@ def test_bench_e2e_turns_times_into_tokens_per_s_and_gib(monkeypatch):
         "decode_graph_tok_s": None, "peak_gib": 3.0}
 
 
+@pytest.mark.filterwarnings("error:.*past_key_values")  # transformers 5.x's name is cache=
 def test_bench_cpu_rates_and_ratio(stories_dir, monkeypatch, capsys, one_thread):
     """bench_cpu's table and JSON from its timings (faked): tokens over seconds, and the time
     ratio ours / transformers."""

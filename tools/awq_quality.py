@@ -56,7 +56,8 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def peak_rss_gb() -> float:
+def peak_rss_gib() -> float:
+    """The peak resident set so far, in GiB (2**30 bytes); older JSON files name it peak_rss_gb."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
@@ -107,22 +108,22 @@ def main() -> None:
             extra = {"calib_tokens": calib, **overrides} if method == "awq" else {}
             quantized[(method, bits)] = quantize(fp, method, bits, args.group, pack=False, **extra)
             row = {"method": method, "bits": bits, "quant_s": time.perf_counter() - t,
-                   "peak_rss_gb": peak_rss_gb()}
+                   "peak_rss_gib": peak_rss_gib()}
             rows[(method, bits)] = row
             report["rows"] = list(rows.values())
             save()
             print(f"{method} W{bits} g{args.group}: {row['quant_s']:.1f} s, "
-                  f"peak RSS so far {row['peak_rss_gb']:.2f} GB", flush=True)
+                  f"peak RSS so far {row['peak_rss_gib']:.2f} GiB", flush=True)
     # every model window by window, so fp's logits (the KL reference) are computed once per window
     scores = evaluate_many({("fp", None): fp, **quantized}, evals, args.eval_seqlen,
                            args.eval_windows, reference=fp)
-    rows = {("fp", None): {"method": "fp", "bits": None, "quant_s": None, "peak_rss_gb": None},
+    rows = {("fp", None): {"method": "fp", "bits": None, "quant_s": None, "peak_rss_gib": None},
             **rows}
     for key, res in scores.items():
         if key == ("fp", None):  # against itself: KL 0, top-1 1
             res = {k: v for k, v in res.items() if k not in ("kl", "top1")}
         rows[key] = {"method": key[0], "bits": key[1], **res, "quant_s": rows[key]["quant_s"],
-                     "peak_rss_gb": rows[key]["peak_rss_gb"]}
+                     "peak_rss_gib": rows[key]["peak_rss_gib"]}
         print(json.dumps(rows[key]), flush=True)
     for bits in args.bits:
         if ("rtn", bits) in rows and ("awq", bits) in rows:

@@ -10,6 +10,7 @@ with --json, one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -61,12 +62,14 @@ def bench_hf(hf, prompt: torch.Tensor, steps: int, repeats: int) -> tuple[float,
     from transformers import DynamicCache
 
     prefill = timed(lambda: hf(prompt, use_cache=False), repeats)
+    # transformers 5.x renamed past_key_values to cache (the old name goes in 5.40); 4.x has only it
+    cache_kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
     def decode():
         cache = DynamicCache()
         tok = prompt[:, :1]
         for _ in range(steps):
-            out = hf(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = hf(tok, **{cache_kw: cache}, use_cache=True, logits_to_keep=1)
             tok = out.logits[:, -1:].argmax(-1)
 
     return prefill, timed(decode, repeats)
