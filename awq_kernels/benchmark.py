@@ -100,7 +100,8 @@ def _matmul_us(reps: int) -> float:
 
 def measure_ceilings(reps: int = 50) -> Ceilings:
     """HBM bytes/s of a 1 GiB copy (read + write) and FLOP/s of an 8192^3 fp16 matmul."""
-    return Ceilings(2 * (1 << 30) / (_copy_us(reps) * 1e-6), 2 * 8192**3 / (_matmul_us(reps) * 1e-6))
+    return Ceilings(2 * (1 << 30) / (_copy_us(reps) * 1e-6),
+                    2 * 8192**3 / (_matmul_us(reps) * 1e-6))
 
 
 def weight_copies(bytes_per_copy: int) -> int:
@@ -224,7 +225,8 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
                 times[name] = (median_us(fns, reps, sleep_cycles=sleep), h_us)
             except point_errors() as err:  # costs only this point
                 print(f"  {name} K={k} N={n} M={m}: {type(err).__name__}: {err}", flush=True)
-        floor_s = max(awq_bytes(m, k, n, g) / ceil.hbm_bytes_per_s, 2 * m * k * n / ceil.tensor_flops)
+        floor_s = max(awq_bytes(m, k, n, g) / ceil.hbm_bytes_per_s,
+                      2 * m * k * n / ceil.tensor_flops)
         fp16_us = times.get("fp16", (float("nan"),))[0]
         point = [Row(k, n, m, name, us, h_us, awq_bytes(m, k, n, g) / (us * 1e3), fp16_us / us,
                      100 * floor_s / (us * 1e-6)) for name, (us, h_us) in times.items()]

@@ -88,7 +88,8 @@ def dequant_pair(tag: str, bits, neg_magic_z, s) -> np.ndarray:
     return fma2(tag, q_minus_z, s, NEG_ZERO2)
 
 
-HIGH_NIBBLE_MASK2, SIXTEENTH2_F16, NINE_SIXTY2_F16 = U32(0x00F000F0), U32(0x2C002C00), U32(0x63806380)
+HIGH_NIBBLE_MASK2, SIXTEENTH2_F16, NINE_SIXTY2_F16 = (U32(0x00F000F0), U32(0x2C002C00),
+                                                      U32(0x63806380))
 
 
 def dequant_nibbles(tag: str, w, w8, p: int, zneg, s) -> np.ndarray:
@@ -351,7 +352,8 @@ def emulate_gemv(tag, x, qweight, qzeros, scales16, g_size, launch: Launch, reco
             total = acc[0].copy()
             for w in range(1, warps):  # fixed-order cross-warp sum
                 total += acc[w]
-            cols = (n0 + 8 * LANE[:, None] + np.arange(8)[None]).T  # (8, 32): column of acc[.., j, l]
+            # (8, 32): column of acc[.., j, l]
+            cols = (n0 + 8 * LANE[:, None] + np.arange(8)[None]).T
             for mm in range(min(m, mt)):
                 valid = cols < n
                 out[by, mm, cols[valid]] = total[mm][valid]

@@ -119,7 +119,8 @@ def emulate_rotary_into_cache(tag, flats, offsets, strides, shapes, cos, sin, ke
         head = h if h < h_len else h - h_len
         sb, st, sh = strides[src]
         xp = offsets[src] + b * sb + t * st + head * sh + c
-        x1, x2 = to_f32(tag, flats[src][xp:xp + 8]), to_f32(tag, flats[src][xp + half:xp + half + 8])
+        x1, x2 = (to_f32(tag, flats[src][xp:xp + 8]),
+                  to_f32(tag, flats[src][xp + half:xp + half + 8]))
         cp = t * dh + c
         c1, c2 = to_f32(tag, cos_flat[cp:cp + 8]), to_f32(tag, cos_flat[cp + half:cp + half + 8])
         s1, s2 = to_f32(tag, sin_flat[cp:cp + 8]), to_f32(tag, sin_flat[cp + half:cp + half + 8])

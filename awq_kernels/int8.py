@@ -50,7 +50,8 @@ def gemm_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
     m = x.numel() // k
     if m == 0 or n == 0:  # nothing to compute (CUDA refuses an empty grid)
         return torch.zeros((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    if m > max(GEMV_INT8_ROWS):  # prefill / evaluation: a 16-bit copy of the weights, then one matmul
+    # prefill / evaluation: a 16-bit copy of the weights, then one matmul
+    if m > max(GEMV_INT8_ROWS):
         w = torch.empty((n, k), dtype=x.dtype, device=x.device)  # (N, K)
         for r in range(0, n, DEQUANT_ROWS):  # in slices: no fp32 copy of the whole head
             rows = slice(r, r + DEQUANT_ROWS)

@@ -190,7 +190,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     tag = ACTIVATION_DTYPES[x.dtype]
     sb, st, sh, _ = x.stride()
     with on_torch_stream(x.device) as (arch, num_sms):
-        run(_grid_stride_launch(b * t * h * dh // (2 * VEC), num_sms), arch, elementwise_expr("rotary", tag),
+        run(_grid_stride_launch(b * t * h * dh // (2 * VEC), num_sms), arch,
+            elementwise_expr("rotary", tag),
              (x, cos, sin_signed, y, i32(b), i32(t), i32(h), i32(dh), i32(sb), i32(st),
               i32(sh)))
     return y

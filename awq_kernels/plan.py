@@ -109,7 +109,8 @@ def _cut_k(k_steps: int, want: int) -> tuple[int, int]:
     return cdiv(k_steps, per_split), per_split
 
 
-MMA_SPLIT_BLOCKS_PER_SM = 4  # "mma_split": split K up to this many blocks per SM (`auto` at M 9..64)
+# "mma_split": split K up to this many blocks per SM (`auto` at M 9..64)
+MMA_SPLIT_BLOCKS_PER_SM = 4
 
 
 def check_mma_tile(tile: MmaTile, group_size: int) -> None:

@@ -35,8 +35,8 @@ SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TILE_KERNELS = ("mma", "mma_split")
 SPLIT_CAPS = (1, 2, 4, 8, 16)  # max_splits of the decode kernels' variants
 # The decode kernels' rows in the sweep: every M up to where `auto` stops running them
-# (dispatch.DEFAULT); mma_direct also at M = 1 and 2, gemv_direct's, where its fixed cost per call was
-# the lowest of ours on the H100 (8.5 us against gemv_direct's 12.1; tools/targets.py's line
+# (dispatch.DEFAULT); mma_direct also at M = 1 and 2, gemv_direct's, where its fixed cost per call
+# was the lowest of ours on the H100 (8.5 us against gemv_direct's 12.1; tools/targets.py's line
 # fit) at a lower streaming rate.
 DECODE_KERNELS = {"gemv_direct": range(1, AUTO_GEMV_DIRECT_MAX_M + 1),
                   "mma_direct": range(1, AUTO_MMA_DIRECT_MAX_M + 1)}
@@ -102,7 +102,8 @@ def _variants(x: torch.Tensor, packed: list, fp16: list, g: int) -> dict[str, li
 
 
 def sweep_shape(k: int, n: int, ms: tuple[int, ...], g: int, reps: int) -> list[SweepRow]:
-    packed = [benchmark.random_packed_cuda(k, n, g) for _ in range(benchmark.weight_copies(k * n // 2))]
+    packed = [benchmark.random_packed_cuda(k, n, g)
+              for _ in range(benchmark.weight_copies(k * n // 2))]
     fp16 = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02
             for _ in range(benchmark.weight_copies(2 * k * n))]
     rows: list[SweepRow] = []
@@ -171,9 +172,11 @@ def tuned_dispatch(result: dict) -> dispatch.Dispatch:
             else dispatch.DEFAULT)
     timed = {(r["k"], r["n"]) for r in result["rows"]}
     planned = result.get("shapes")
-    cut = f", {len(timed)} of {len(planned)} shapes" if planned and len(timed) < len(planned) else ""
+    cut = (f", {len(timed)} of {len(planned)} shapes" if planned and len(timed) < len(planned)
+           else "")
     return dispatch.from_sweep(ranked, choices, base,
-                               source=f"sweep on {result['device']}, G = {result['group_size']}{cut}")
+                               source=f"sweep on {result['device']}, "
+                                      f"G = {result['group_size']}{cut}")
 
 
 def load_tuned_dispatch(path: str | Path) -> dispatch.Dispatch:

@@ -29,5 +29,5 @@ from awq_ref.stream import quantize_folder
 
 __all__ = ["AwqConfig", "AwqResult", "Llama", "LlamaConfig", "QuantSpec", "apply_awq",
            "calibration_tokens", "evaluate", "evaluate_many", "generate", "load_model",
-           "load_quantized_model", "load_tokenizer", "quantize", "quantize_folder", "save_quantized",
-           "search_awq"]
+           "load_quantized_model", "load_tokenizer", "quantize", "quantize_folder",
+           "save_quantized", "search_awq"]

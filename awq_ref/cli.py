@@ -1,4 +1,5 @@
-"""Command line: `python -m awq_ref {generate,ppl,quantize} ...`. Thin: parse, then call the package."""
+"""Command line: `python -m awq_ref {generate,ppl,quantize} ...`. Thin: parse, then call the
+package."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def check_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+        raise ValueError(f"--device {device!r} is not a device name "
+                         f"(cpu, cuda, cuda:1, ...)") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device!r}: only cpu and cuda devices are supported")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -133,7 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from awq_ref.loaders import load_tokenizer
 
     if args.cuda_graph and torch.device(args.device).type != "cuda":
-        raise ValueError(f"--cuda-graph needs --device cuda (CUDA graphs), got --device {args.device}")
+        raise ValueError(f"--cuda-graph needs --device cuda (CUDA graphs), got "
+                         f"--device {args.device}")
     positive("--max-new-tokens", args.max_new_tokens, least=0)
     model = _load_for_inference(args)  # first: a backend that cannot run fails before any work
     tok = load_tokenizer(args.model)

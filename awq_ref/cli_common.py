@@ -12,9 +12,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="HF folder, .gguf file, llama2.c .bin, or 'default' (SmolLM2-135M-Instruct)")
+                   help="HF folder, .gguf file, llama2.c .bin, or 'default' "
+                        "(SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and activations")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="weights and activations")
 
 
 def positive(name: str, value: int | None, least: int = 1) -> None:

@@ -35,7 +35,8 @@ def add_quantize_parser(sub) -> None:
                    help="ratios tried by the scale search (default: AwqConfig's, 40)")
     q.add_argument("--duo-scaling", action="store_true", help="s = mean|x|^a / mean|w|^(1-a)")
     q.add_argument("--save-result", default=None, help="also save the AWQ search (safetensors)")
-    q.add_argument("--result", default=None, help="re-apply a saved AWQ search instead of searching")
+    q.add_argument("--result", default=None,
+                   help="re-apply a saved AWQ search instead of searching")
     q.add_argument("--work-dir", default=None,
                    help="AWQ progress saved after every block, resumed by rerunning the same "
                         "command (default: OUT.partial; removed after success)")
@@ -57,8 +58,8 @@ def check_quantize_args(args: argparse.Namespace) -> None:
     spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
     if spec.bits != 4:
         raise ValueError(f"--w-bit {spec.bits}: the AWQ checkpoint holds 4-bit codes only; other "
-                         "widths (2..8) run as fake quantization from Python (awq_ref.quantize(..., "
-                         "pack=False)) and cannot be saved")
+                         "widths (2..8) run as fake quantization from Python "
+                         "(awq_ref.quantize(..., pack=False)) and cannot be saved")
     positive("--n-samples", args.n_samples)
     positive("--calib-seqlen", args.calib_seqlen)
     if args.method == "rtn" and (args.result or args.save_result or args.calib is not None):
@@ -166,7 +167,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model = load(args)
     t0 = time.perf_counter()
     progress = _progress(args) if args.method == "awq" and not args.result else None
-    extra = {"result": _awq_result(args, model, tok, spec, progress)} if args.method == "awq" else {}
+    extra = ({"result": _awq_result(args, model, tok, spec, progress)} if args.method == "awq"
+             else {})
     qmodel = quantize(model, method=args.method, w_bit=spec.bits, group_size=spec.group_size,
                       zero_point=spec.zero_point, inplace=True, **extra)
     seconds = time.perf_counter() - t0
@@ -201,7 +203,8 @@ def cmd_quantize_stream(args: argparse.Namespace) -> int:
 
 
 def _save_dtype(args: argparse.Namespace) -> torch.dtype | None:
-    """--save-dtype: the unquantized tensors' dtype in the checkpoint (None: the writer's default)."""
+    """--save-dtype: the unquantized tensors' dtype in the checkpoint (None: the writer's
+    default)."""
     return DTYPES[args.save_dtype] if args.save_dtype else None
 
 

@@ -18,9 +18,11 @@ class Architecture:
     """What a model_type changes in Llama's computation; everything not named here is Llama's."""
 
     hf_class: str  # config.json's "architectures" entry, written back into saved checkpoints
-    qkv_bias: bool = False  # q, k and v carry a bias, o does not (Qwen2), whatever attention_bias says
+    # q, k and v carry a bias, o does not (Qwen2), whatever attention_bias says
+    qkv_bias: bool = False
     qk_norm: bool = False  # each head's q and k are RMS-normalised before RoPE (Qwen3)
-    window: bool = False  # config.json may set a sliding attention window (LlamaConfig.sliding_window)
+    # config.json may set a sliding attention window (LlamaConfig.sliding_window)
+    window: bool = False
     window_switch: bool = False  # config.json has Qwen's use_sliding_window (off: written so)
     bias_keys: tuple[str, ...] = ()  # which of Llama's attention_bias / mlp_bias switches it has
 
@@ -49,7 +51,8 @@ class RopeScaling:
     original_max_position_embeddings: int
 
     def __post_init__(self) -> None:
-        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        for name in ("factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings"):
             value = getattr(self, name)
             if not _is_positive_finite(value) or value >= INT_LIMIT:
                 raise ValueError(f"rope_scaling.{name} must be a positive finite number below "
@@ -113,7 +116,8 @@ class LlamaConfig:
                              f"{self.bos_token_id!r} and {self.eos_token_ids!r}")
         for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LlamaConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"LlamaConfig.{name} must be true or false, "
+                                 f"got {getattr(self, name)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -171,7 +175,8 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> LlamaConfig:
-        """Read an HF config.json dict; raises ValueError naming `source` on anything we cannot run."""
+        """Read an HF config.json dict; raises ValueError naming `source` on anything we cannot
+        run."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         archs = d.get("architectures") or []
@@ -215,7 +220,8 @@ class LlamaConfig:
                 rope_scaling=scaling,
                 max_position_embeddings=d.get("max_position_embeddings", 2048),
                 tie_word_embeddings=d.get("tie_word_embeddings", False),
-                attention_bias=d.get("attention_bias", False) if "attention_bias" in arch.bias_keys else False,
+                attention_bias=(d.get("attention_bias", False)
+                                if "attention_bias" in arch.bias_keys else False),
                 mlp_bias=d.get("mlp_bias", False) if "mlp_bias" in arch.bias_keys else False,
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,

@@ -88,7 +88,8 @@ class CudaGraphDecoder:
                              f"{model.device}; use eager decode (the default) there")
         self.model, self.cache = model, cache
         device = model.device
-        self.token = torch.zeros((cache.k[0].shape[0], 1), dtype=torch.long, device=device)  # (B, 1)
+        self.token = torch.zeros((cache.k[0].shape[0], 1), dtype=torch.long,
+                                 device=device)  # (B, 1)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
         self.inv_freq = model.inv_freq()  # (Dh/2,) fp32 on the device
         self.graph = torch.cuda.CUDAGraph()

@@ -5,7 +5,8 @@ every window predicts its tokens 2..seqlen from the ones before, so N windows sc
 N * (seqlen - 1) tokens:
 
     ppl  = exp(mean over scored tokens of -log p_model(token))
-    kl   = mean over scored positions of KL(p_ref || p_model) = sum_v p_ref(v) (log p_ref(v) - log p_model(v))
+    kl   = mean over scored positions of KL(p_ref || p_model)
+         = sum_v p_ref(v) (log p_ref(v) - log p_model(v))
     top1 = fraction of scored positions where argmax p_model == argmax p_ref
 """
 
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-# Positions per chunk when turning logits into log-probabilities: bounds the (T, V) fp32 temporaries.
+# Positions per chunk when turning logits into log-probabilities: bounds the (T, V) fp32
+# temporaries.
 _CHUNK = 512
 
 
@@ -52,7 +54,8 @@ def windows_of(tokens: torch.Tensor, seqlen: int, windows: int | None) -> torch.
         raise ValueError(f"a window needs at least 2 tokens (one to predict), got seqlen {seqlen}")
     available = tokens.numel() // seqlen
     if available == 0:
-        raise ValueError(f"need at least {seqlen} tokens for one window, the text has {tokens.numel()}")
+        raise ValueError(f"need at least {seqlen} tokens for one window, "
+                         f"the text has {tokens.numel()}")
     n = available if windows is None else windows
     if not 0 < n <= available:
         raise ValueError(f"asked for {n} windows of {seqlen} tokens; the text holds {available}")

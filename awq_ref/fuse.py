@@ -55,7 +55,8 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
             return None
         # [K, N/8], [K/G, N/8] and [K/G, N] side by side: N = the sum of the layers' N
         fused = QuantLinear.from_packed(
-            torch.cat([m.qweight for m in layers], dim=1), torch.cat([m.qzeros for m in layers], dim=1),
+            torch.cat([m.qweight for m in layers], dim=1),
+            torch.cat([m.qzeros for m in layers], dim=1),
             torch.cat([m.scales for m in layers], dim=1), layers[0].group_size,
             None if biases[0] is None else torch.cat(biases), name="fused")
         fused.kernel = layers[0].kernel
@@ -70,7 +71,8 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
         weights = [m.weight.detach() for m in layers]  # (N_i, K) each
         fused.weight = nn.Parameter(torch.cat(weights), requires_grad=False)  # (sum N_i, K)
         if first.bias is not None:
-            fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False)
+            fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]),
+                                      requires_grad=False)
         return fused
     return None  # a mix (e.g. one layer kept unquantized): leave them apart
 
@@ -114,7 +116,8 @@ class ElementwiseOps(Protocol):
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
 
-    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor: ...
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor,
+               sin_signed: torch.Tensor) -> torch.Tensor: ...
 
     def rotary_into_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           cos: torch.Tensor, sin_signed: torch.Tensor, keys: torch.Tensor,

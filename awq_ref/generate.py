@@ -46,7 +46,8 @@ def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
     if not prompt_ids:
         raise ValueError("generate: the prompt is empty (encode with a BOS token or give text)")
     if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got "
+                         f"{temperature}, {top_p}")
     if cuda_graph and model.device.type != "cuda":
         raise ValueError(f"generate: cuda_graph=True needs a model on a CUDA device, got "
                          f"{model.device} (leave it off for eager decode)")

@@ -36,7 +36,8 @@ class RMSNorm(nn.Module):
         # it out, and one fused kernel on CUDA, where a decode step is hundreds of tiny kernels.
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
-    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, norm(x + delta)): a residual add and the norm that reads its result."""
         if self.add_kernel is not None:
             return self.add_kernel(x, delta, self.weight, self.eps)
@@ -53,8 +54,10 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
     the model is built under a meta-device context).
     """
     dh = config.head_dim
-    theta = float(config.rope_theta)  # an int past int64 (a hostile config) would overflow torch.pow
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dh, 2, dtype=torch.int64, device="cpu").float() / dh))
+    # an int past int64 (a hostile config) would overflow torch.pow
+    theta = float(config.rope_theta)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dh, 2, dtype=torch.int64,
+                                             device="cpu").float() / dh))
     rs = config.rope_scaling
     if rs is None:
         return inv_freq  # (Dh/2,)
@@ -63,7 +66,8 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
     scaled = torch.where(wavelen > old_len / rs.low_freq_factor, inv_freq / rs.factor, inv_freq)
     smooth = (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
     smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
-    is_medium = (wavelen >= old_len / rs.high_freq_factor) & (wavelen <= old_len / rs.low_freq_factor)
+    is_medium = ((wavelen >= old_len / rs.high_freq_factor)
+                 & (wavelen <= old_len / rs.low_freq_factor))
     return torch.where(is_medium, smoothed, scaled)
 
 
@@ -103,7 +107,8 @@ def check_window(config: LlamaConfig, length: int) -> None:
     if config.sliding_window is not None and length > config.sliding_window:
         raise ValueError(f"{length} positions exceed this model's sliding attention window of "
                          f"{config.sliding_window}: windowed attention is not implemented here, "
-                         f"so sequences (prompt + new tokens) are limited to {config.sliding_window}")
+                         f"so sequences (prompt + new tokens) are limited to "
+                         f"{config.sliding_window}")
 
 
 class KVCache:
@@ -113,13 +118,17 @@ class KVCache:
                  device: torch.device | str, dtype: torch.dtype):
         check_window(config, max_len)
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)  # (B, Hkv, S, Dh)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype)
+                  for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype)
+                  for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new (B, Hkv, T, Dh) keys/values at `length`; return all valid ones (B, Hkv, S, Dh)."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new (B, Hkv, T, Dh) keys/values at `length`; return all valid ones
+        (B, Hkv, S, Dh)."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
@@ -195,11 +204,13 @@ class Attention(nn.Module):
             mask, causal = None, t > 1
         else:
             s = k.shape[2]
-            mask = torch.arange(s, device=x.device)[None, :] <= (past + torch.arange(t, device=x.device))[:, None]
+            mask = (torch.arange(s, device=x.device)[None, :]
+                    <= (past + torch.arange(t, device=x.device))[:, None])
             causal = False
         # enable_gqa shares each KV head among n_heads / n_kv_heads query heads, as repeat_kv would.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -214,7 +225,8 @@ class MLP(nn.Module):
         self.silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # ditto
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        gate, up = (self.gate_up(x) if self.gate_up is not None
+                    else (self.gate_proj(x), self.up_proj(x)))
         act = self.silu_mul(gate, up) if self.silu_mul is not None else F.silu(gate) * up  # SwiGLU
         return self.down_proj(act)
 

@@ -1,4 +1,5 @@
-"""Tokenizer: text <-> token ids with the model's own BOS/EOS conventions, over one of three backends.
+"""Tokenizer: text <-> token ids with the model's own BOS/EOS conventions, over one of three
+backends.
 
 Backends: a `tokenizers` Tokenizer (tokenizer.json, and everything we build from GGUF metadata),
 a SentencePiece model (tokenizer.model), and llama2.c's binary vocabulary (tokenizer.bin, see
@@ -87,7 +88,8 @@ class Tokenizer:
         n = backend.vocab_size()
         for name, ids in (("bos", () if bos_id is None else (bos_id,)), ("eos", tuple(eos_ids))):
             if any(not _is_int(i) or not 0 <= i < n for i in ids):
-                raise ValueError(f"{source}: {name} id(s) {ids} are not token ids of the vocabulary of {n}")
+                raise ValueError(f"{source}: {name} id(s) {ids} are not token ids of the "
+                                 f"vocabulary of {n}")
         if not isinstance(add_bos, bool):
             raise ValueError(f"{source}: add_bos_token={add_bos!r} must be true or false")
         self.bos_id = bos_id
@@ -111,7 +113,8 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"decode: token id(s) {bad[:5]} outside the vocabulary of {self.vocab_size}")
+            raise ValueError(f"decode: token id(s) {bad[:5]} outside the vocabulary of "
+                             f"{self.vocab_size}")
         return guarded_call(self.source, self.backend.decode, ids, skip_special_tokens)
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -146,7 +149,8 @@ class Tokenizer:
             config["tokenizer_class"] = "PreTrainedTokenizerFast"
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(folder / CONFIG_FILE,
+                          json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def __repr__(self) -> str:
         return (f"Tokenizer({type(self.backend).__name__}, vocab_size={self.vocab_size}, "
@@ -270,7 +274,8 @@ def guarded_call(source: str, call: Callable[..., Any], *args: Any) -> Any:
     except BaseException as e:
         if not is_error_or_rust_panic(e):
             raise
-        raise ValueError(f"{source}: the tokenizer failed on this input ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{source}: the tokenizer failed on this input "
+                         f"({type(e).__name__}: {e})") from e
 
 
 def load_sentencepiece_file(path: Path) -> SentencePieceBackend:
@@ -316,7 +321,8 @@ def _as_ids(value: Any, source: Path) -> list[int]:
 
 
 def special_ids_from_folder(folder: Path, backend: Backend, default_bos: int | None = None,
-                            default_eos: Sequence[int] = ()) -> tuple[int | None, list[int], bool | None]:
+                            default_eos: Sequence[int] = ()
+                            ) -> tuple[int | None, list[int], bool | None]:
     """(bos_id, eos_ids, add_bos or None when unstated). BOS: tokenizer_config.json's, else
     generation_config.json's, else config.json's, else default_bos. EOS: tokenizer_config's
     plus generation_config's; config.json's only if neither gives one; else default_eos."""
@@ -374,4 +380,5 @@ def tokenizer_from_folder(folder: Path) -> Tokenizer:
             tok.files = {f: (folder / f).read_bytes() for f in HF_TOKENIZER_FILES
                          if (folder / f).is_file()}
             return tok
-    raise ValueError(f"{folder}: no tokenizer.json, tokenizer.model or tokenizer.bin in this folder")
+    raise ValueError(f"{folder}: no tokenizer.json, tokenizer.model or tokenizer.bin in this "
+                     f"folder")

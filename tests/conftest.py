@@ -1,4 +1,5 @@
-"""Shared fixtures: the real test material beside the repo (../shared/data) and the default model."""
+"""Shared fixtures: the real test material beside the repo (../shared/data) and the default
+model."""
 
 from __future__ import annotations
 

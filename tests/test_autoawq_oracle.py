@@ -43,7 +43,8 @@ def awq_utils():
         except subprocess.TimeoutExpired:
             pytest.skip("PyPI unreachable: pip download autoawq==0.2.9 timed out")
         if done.returncode != 0 or not (cache / SDIST).exists():
-            pytest.skip(f"PyPI unreachable: pip download autoawq==0.2.9 failed: {done.stderr[-300:]}")
+            pytest.skip(f"PyPI unreachable: pip download autoawq==0.2.9 failed: "
+                        f"{done.stderr[-300:]}")
         with tarfile.open(cache / SDIST) as tar:
             target.write_bytes(tar.extractfile(MEMBER).read())
     spec = importlib.util.spec_from_file_location("autoawq_packing_utils", target)
@@ -52,8 +53,8 @@ def awq_utils():
     return module
 
 
-def autoawq_gemm_pack(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def autoawq_gemm_pack(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """WQLinear_GEMM.from_linear (AutoAWQ 0.2.9), packing part: weight (N, K) already
     fake-quantized, scales/zeros [K/G, N] -> qweight [K, N/8], qzeros [K/G, N/8]."""
     scale_zeros = zeros * scales
@@ -84,7 +85,8 @@ def test_their_dequantize_of_our_packing(awq_utils, g, zero_point):
     theirs = awq_utils.dequantize_gemm(qweight, qzeros, scales, 4, g)  # (K, N) fp16
     assert theirs.dtype == torch.float16
     assert torch.equal(theirs, dequantize_packed(qweight, qzeros, scales, g, torch.float16))
-    assert torch.equal(theirs.float(), fake_quantize_weight(w, QuantSpec(4, g, zero_point)).T.half().float())
+    assert torch.equal(theirs.float(),
+                       fake_quantize_weight(w, QuantSpec(4, g, zero_point)).T.half().float())
     iweight, izeros = awq_utils.reverse_awq_order(*awq_utils.unpack_awq(qweight, qzeros, 4), 4)
     q, z, _ = quantize_with_fp16_scales(w, QuantSpec(4, g, zero_point))
     assert torch.equal(torch.bitwise_and(iweight, 15).int(), q.T)

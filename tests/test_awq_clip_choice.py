@@ -65,7 +65,8 @@ def test_one_joint_sweep_picks_each_groups_best_box_given_the_others(one_thread)
     gram = x.T @ x
 
     def row_error(n, boxes):  # boxes: [(lo, hi)] per group -> ||X (q_n - w_n)||^2 = e^T H e
-        clipped = torch.cat([w[n, 16 * g:16 * g + 16].clamp(a, b) for g, (a, b) in enumerate(boxes)])
+        clipped = torch.cat([w[n, 16 * g:16 * g + 16].clamp(a, b)
+                             for g, (a, b) in enumerate(boxes)])
         e = fake_quantize_weight(clipped[None], SPEC)[0] - w[n]
         return float(e @ gram @ e)
 

@@ -68,7 +68,8 @@ def test_load_refuses_unknown_and_unpaired_tensors(tmp_path):
     from safetensors.torch import save_file
 
     result = AwqResult(SPEC, scales={"model.layers.0.input_layernorm": torch.ones(64)},
-                       clips={"model.layers.0.mlp.up_proj": (-torch.ones(96, 4), torch.ones(96, 4))},
+                       clips={"model.layers.0.mlp.up_proj": (-torch.ones(96, 4),
+                                                             torch.ones(96, 4))},
                        info={"note": "kept"})
     result.save(tmp_path / "ok.safetensors")
     loaded = AwqResult.load(tmp_path / "ok.safetensors")

@@ -64,7 +64,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])  # qwen2: v's bias divided with v
+# qwen2: v's bias divided with v
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
 def test_scales_alone_leave_every_block_unchanged(model_type):
     model = tiny_llama(model_type=model_type)
     result = search_awq(model, calib(), SPEC, FAST)

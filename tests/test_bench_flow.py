@@ -40,7 +40,8 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(benchmark, "weight_copies", lambda nbytes: 1)
-    monkeypatch.setattr(benchmark, "measure_ceilings", lambda reps=50: benchmark.Ceilings(3e12, 7e14))
+    monkeypatch.setattr(benchmark, "measure_ceilings",
+                        lambda reps=50: benchmark.Ceilings(3e12, 7e14))
     monkeypatch.setattr(benchmark, "host_us", lambda fn, calls=50: 10.0)
     monkeypatch.setattr(benchmark, "_int4pack_weights", lambda k, n, g: [])
 

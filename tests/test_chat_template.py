@@ -63,7 +63,8 @@ def test_no_template_none_and_no_key(tmp_path):
     assert tok.chat_template is None
     tok.files = {}  # as if not read from an HF folder: the config is written here
     tok.save_pretrained(tmp_path / "out")
-    assert "chat_template" not in json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert "chat_template" not in json.loads(
+        (tmp_path / "out" / "tokenizer_config.json").read_text())
 
 
 @pytest.mark.parametrize("bad", [5, [], [{"name": "a"}], [{"name": 1, "template": "x"}],

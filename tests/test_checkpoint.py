@@ -41,7 +41,8 @@ def tiny_quantized(seed: int = 0, group_size: int = 32, skip=(), **overrides) ->
 
 
 def logits(model: nn.Module, seed: int = 1) -> torch.Tensor:
-    tokens = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 16),
+                           generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model(tokens)
 
@@ -95,7 +96,8 @@ def test_folder_layout_and_config(tmp_path):
     assert all(a + b > 20_000 for a, b in itertools.pairwise(shard_bytes))
     assert all(b <= 20_000 or len(load_file(out / f)) == 1 for b, f in
                zip(shard_bytes, sorted(set(index["weight_map"].values())), strict=True))
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in tensors.values())
     assert "lm_head.weight" not in tensors  # tied
     q = "model.layers.1.self_attn.q_proj"
     assert tensors[f"{q}.qweight"].dtype == torch.int32 and tensors[f"{q}.qweight"].shape == (64, 8)
@@ -271,8 +273,9 @@ def test_bad_tensors(tmp_path):
     _rewrite_tensors(out, lambda t: t.pop(qw))
     with pytest.raises(ValueError, match="missing.*down_proj.qweight"):
         load_quantized_model(out)
-    _rewrite_tensors(out, lambda t: t.update({qw: torch.zeros(128, 8, dtype=torch.int32),
-                                               "model.layers.1.mlp.down_proj.weight": torch.zeros(1)}))
+    _rewrite_tensors(out, lambda t: t.update({
+        qw: torch.zeros(128, 8, dtype=torch.int32),
+        "model.layers.1.mlp.down_proj.weight": torch.zeros(1)}))
     with pytest.raises(ValueError, match="unexpected.*down_proj.weight"):
         load_quantized_model(out)
     sc = "model.layers.0.mlp.up_proj.scales"

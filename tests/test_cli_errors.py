@@ -168,8 +168,10 @@ def test_what_a_stopped_quantization_keeps(tmp_path):
     (tmp_path / "ckpt.partial" / "shards").mkdir(parents=True)  # made before block 0
     assert what_is_kept(stream) == "no block was finished"
     Progress(tmp_path / "ckpt.partial").save(3, AwqResult(QuantSpec(4, 32, True)), torch.zeros(1))
-    assert what_is_kept(stream).startswith(f"3 finished block(s) are kept in {tmp_path / 'ckpt.partial'}")
-    assert what_is_kept(build_parser().parse_args([*base, "--method", "rtn"])) == "nothing was written"
+    assert what_is_kept(stream).startswith(f"3 finished block(s) are kept in "
+                                           f"{tmp_path / 'ckpt.partial'}")
+    assert (what_is_kept(build_parser().parse_args([*base, "--method", "rtn"]))
+            == "nothing was written")
     out.mkdir()
     assert what_is_kept(stream) == f"the checkpoint was written to {out}"
 
@@ -198,7 +200,8 @@ def test_generate_is_greedy_by_default_and_reports_its_speed(capsys, stories_dir
     model_path = str(stories_dir / "stories260K.bin")
     clock = iter([10.0, 12.5])  # the two perf_counter() calls around generate: 2.5 s
     monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    assert main(["generate", "--model", model_path, "--prompt", "Once", "--max-new-tokens", "24"]) == 0
+    assert main(["generate", "--model", model_path, "--prompt", "Once", "--max-new-tokens",
+                 "24"]) == 0
     captured = capsys.readouterr()
     tok = load_tokenizer(model_path)
     ids = tok.encode("Once")
@@ -250,7 +253,8 @@ def test_quantize_hands_seed_and_search_options_to_the_search(capsys, tmp_path, 
 
     model_path = str(stories_dir / "stories260K.bin")
     text = tmp_path / "c.txt"
-    text.write_text("Once upon a time there was a little girl. She liked to play in the park. " * 20)
+    text.write_text("Once upon a time there was a little girl. She liked to play in the park. "
+                    * 20)
     seen = []
 
     def search(model, calib, spec, config, **kwargs):

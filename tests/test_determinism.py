@@ -21,7 +21,8 @@ TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hid
 def quantized_folder(out: Path, seed: int = 0) -> dict[str, bytes]:
     torch.manual_seed(seed)
     model = Llama(LlamaConfig(**TINY)).eval()
-    stream = torch.randint(0, TINY["vocab_size"], (4096,), generator=torch.Generator().manual_seed(seed))
+    stream = torch.randint(0, TINY["vocab_size"], (4096,),
+                           generator=torch.Generator().manual_seed(seed))
     calib = random_windows(stream, n=8, seqlen=64, seed=seed)  # (8, 64)
     q = quantize(model, method="awq", group_size=32, calib_tokens=calib, n_grid=8,
                  progress=False, inplace=True)

@@ -114,7 +114,8 @@ def test_cli_backend_cupy_without_cuda_says_so(command, capsys):
             "--dtype", "float16", *extra]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err  # --device cuda is refused first, before the backend
-    assert err.startswith("error: --device cuda: torch sees no CUDA device") and "Traceback" not in err
+    assert (err.startswith("error: --device cuda: torch sees no CUDA device")
+            and "Traceback" not in err)
 
 
 @needs_no_cuda
@@ -180,7 +181,8 @@ def quantized_default(default_gguf):
 
 @pytest.fixture(scope="module")
 def quantized_default_fp32(default_gguf):
-    """The same RTN W4 g64 weights in fp32 (torch reference): what both fp16 backends approximate."""
+    """The same RTN W4 g64 weights in fp32 (torch reference): what both fp16 backends
+    approximate."""
     if not HAS_GPU_STACK:
         pytest.skip("needs a CUDA device and CuPy")
     return _quantized_default(default_gguf, torch.float32)

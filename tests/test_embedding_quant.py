@@ -78,7 +78,8 @@ def test_bad_inputs_raise(tmp_path):
     with pytest.raises(ValueError, match="group_size 48 does not divide the hidden size 64"):
         quantize_embeddings(model, group_size=48)
     with pytest.raises(ValueError, match="none of the group sizes"):
-        quantize_embeddings(tiny_llama(hidden_size=48, num_attention_heads=3, num_key_value_heads=1))
+        quantize_embeddings(tiny_llama(hidden_size=48, num_attention_heads=3,
+                                       num_key_value_heads=1))
     with pytest.raises(ValueError, match="vocab size 90 is not a multiple of 8"):
         quantize_embeddings(tiny_llama(vocab_size=90))
     quantize_embeddings(model)
@@ -131,7 +132,8 @@ def test_clipped_head_lowers_the_logit_error_on_calibration_tokens():
     assert logit_error(clipped) < logit_error(w)
     quantize_embeddings(model, 32, head_weight=clipped)
     got = model.lm_head.weight_kn(torch.float32).T
-    torch.testing.assert_close(got, fake_quantize_weight(clipped, QuantSpec(4, 32)), rtol=0, atol=2e-3)
+    torch.testing.assert_close(got, fake_quantize_weight(clipped, QuantSpec(4, 32)), rtol=0,
+                               atol=2e-3)
     assert model.lm_head is model.model.embed_tokens.packed  # tied: one clipped table
     with pytest.raises(ValueError, match="head_weight has shape"):
         quantize_embeddings(tiny_llama(), 32, head_weight=clipped[:8])

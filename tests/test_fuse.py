@@ -173,7 +173,8 @@ def test_fused_heads_rotate_q_and_k_together_with_the_same_bits():
     with torch.no_grad():
         q, k, v = attn.heads(x, cos, sin)
         y = attn.qkv.linear(x)  # (B, T, Nq + Nk + Nv)
-        parts = [p.view(2, 5, -1, attn.head_dim).transpose(1, 2) for p in y.split(attn.qkv.sizes, -1)]
+        parts = [p.view(2, 5, -1, attn.head_dim).transpose(1, 2)
+                 for p in y.split(attn.qkv.sizes, -1)]
     assert torch.equal(q, apply_rotary(parts[0], cos, sin))
     assert torch.equal(k, apply_rotary(parts[1], cos, sin))
     assert torch.equal(v, parts[2])

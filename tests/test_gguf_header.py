@@ -14,7 +14,8 @@ gguf = pytest.importorskip("gguf")
 
 
 def reader_view(path):
-    """What GGUFReader reads: (metadata, [(name, torch-order shape, type, offset, n_bytes, bytes)])."""
+    """What GGUFReader reads: (metadata, [(name, torch-order shape, type, offset, n_bytes,
+    bytes)])."""
     r = gguf.GGUFReader(path)
     meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
     tensors = [(t.name, tuple(reversed(t.shape.tolist())), t.tensor_type, t.data_offset, t.n_bytes,
@@ -78,7 +79,8 @@ def test_every_value_type_and_tensor_kind(tmp_path):
     tensors = [("f32", w, None), ("f16", w.astype(np.float16), None),
                ("q8", gguf.quants.quantize(w, k.Q8_0), k.Q8_0),
                ("q4k", rng.integers(0, 256, (2, 144), dtype=np.uint8), k.Q4_K),  # 2 blocks of 256
-               ("vec", w[0], None), ("cube", rng.standard_normal((2, 3, 32)).astype(np.float32), None)]
+               ("vec", w[0], None),
+               ("cube", rng.standard_normal((2, 3, 32)).astype(np.float32), None)]
     assert_same(write(tmp_path / "a.gguf", tensors=tensors))
     assert_same(write(tmp_path / "b.gguf", alignment=64, tensors=tensors))
     assert_same(write(tmp_path / "c.gguf"))  # no tensors

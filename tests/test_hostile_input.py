@@ -53,7 +53,8 @@ from safetensors.torch import save_file
 worker, base, case = fixtures.worker, fixtures.base, fixtures.case  # the harness's fixtures
 
 EXAMPLES = int(os.environ.get("AWQ_FUZZ_EXAMPLES", "100"))
-FUZZ = settings(max_examples=EXAMPLES, derandomize=not os.environ.get("AWQ_FUZZ_RANDOM"), deadline=None, database=None,
+FUZZ = settings(max_examples=EXAMPLES, derandomize=not os.environ.get("AWQ_FUZZ_RANDOM"),
+                deadline=None, database=None,
                 suppress_health_check=list(HealthCheck), print_blob=True)
 
 

@@ -31,7 +31,8 @@ worker, base, case = fixtures.worker, fixtures.base, fixtures.case  # the harnes
 @pytest.mark.parametrize(("changes", "words"), [
     ({"num_attention_heads": 0, "head_dim": 0}, ["num_attention_heads"]),  # ZeroDivisionError
     ({"architectures": 5}, ["architectures"]),  # was TypeError
-    ({"hidden_size": 2**30, "num_attention_heads": 1, "num_key_value_heads": 1}, ["weights"]),  # was a RoPE table of GBs
+    ({"hidden_size": 2**30, "num_attention_heads": 1, "num_key_value_heads": 1},
+     ["weights"]),  # was a RoPE table of GBs
     ({"head_dim": 2**30}, ["weights"]),  # was a RoPE table of GBs
     ({"num_hidden_layers": 10**7}, ["weights"]),  # was minutes building meta layers
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -111,14 +112,16 @@ def test_gguf_header_regressions(worker, case, content, words):
     ("llama.attention.head_count", 0, "model", ["num_attention_heads"]),  # ZeroDivisionError
     ("llama.embedding_length", "x", "model", ["llama.embedding_length"]),  # TypeError
     ("llama.block_count", 10**6, "model", ["weights"]),  # minutes building meta layers
-    ("llama.attention.layer_norm_rms_epsilon", True, "model", ["layer_norm_rms_epsilon", "float32"]),  # was 1.0
+    ("llama.attention.layer_norm_rms_epsilon", True, "model",
+     ["layer_norm_rms_epsilon", "float32"]),  # was 1.0
     ("llama.rope.freq_base", "1e4", "model", ["freq_base", "float32"]),  # was parsed
     ("llama.rope.freq_base", 1e300, "model", ["freq_base", "float32"]),  # a numpy overflow warning
 ])
 def test_gguf_metadata_regressions(worker, base, case, key, value, kind, words):
     model = base["gguf_model"]
     t = gguf.GGUFValueType
-    vtype = {int: t.UINT32, str: t.STRING, list: t.ARRAY, bool: t.BOOL, float: t.FLOAT64}[type(value)]
+    vtype = {int: t.UINT32, str: t.STRING, list: t.ARRAY, bool: t.BOOL,
+             float: t.FLOAT64}[type(value)]
     meta = {**gguf_metadata(model, "llama"), key: (value, vtype)}
     path = write_gguf(case() / "m.gguf", model, meta)
     expect_value_error(worker, kind, path, *words)
@@ -273,8 +276,8 @@ def test_gguf_dimension_of_zero_beside_a_huge_one(worker, case):
         return struct.pack("<Q", len(b)) + b
     kv = [s(b"general.architecture") + struct.pack("<I", 8) + s(b"llama")]
     kv += [s(k) + struct.pack("<II", 4, v) for k, v in [
-        (b"llama.embedding_length", 32), (b"llama.feed_forward_length", 64), (b"llama.block_count", 1),
-        (b"llama.attention.head_count", 2), (b"llama.vocab_size", 8)]]
+        (b"llama.embedding_length", 32), (b"llama.feed_forward_length", 64),
+        (b"llama.block_count", 1), (b"llama.attention.head_count", 2), (b"llama.vocab_size", 8)]]
     kv += [s(b"llama.attention.layer_norm_rms_epsilon") + struct.pack("<If", 6, 1e-5)]
     info = s(b"token_embd.weight") + struct.pack("<I3QIQ", 3, 32, 0, 2**64 - 1, 0, 0)
     head = b"GGUF" + struct.pack("<IQQ", 3, 1, len(kv)) + b"".join(kv) + info

@@ -44,13 +44,15 @@ def test_model_head_and_4bit_table(tied, tmp_path):
         got = model(tokens)
     assert ((got - want).norm() / want.norm()).item() < 1e-2
     quantize_embeddings(model, 32, parts=("embed",))  # then the table in 4 bits
-    assert isinstance(model.model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, Int8Linear)
+    assert (isinstance(model.model.embed_tokens, QuantEmbedding)
+            and isinstance(model.lm_head, Int8Linear))
     with pytest.raises(ValueError, match="already quantized"):
         quantize_embeddings(model, 32, parts=("head",))
     with pytest.raises(ValueError, match="already 8-bit"):
         quantize_head_int8(model)
     calls = []
-    assert apply_int8_kernel(model, lambda x, q, s: calls.append(x.shape) or x @ q.T.float() * s) == 1
+    assert apply_int8_kernel(
+        model, lambda x, q, s: calls.append(x.shape) or x @ q.T.float() * s) == 1
     with torch.no_grad():
         model(tokens)
     assert calls == [(1, 10, 64)]

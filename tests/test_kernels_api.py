@@ -49,7 +49,8 @@ def test_dtypes():
 def test_shapes():
     x, qw, qz, s, g = _args()
     _raises(ValueError, "group_size must be one of", x, qw, qz, s, 16)
-    _raises(ValueError, r"x must have shape \[..., K = 256\]", x[:, :128].contiguous(), qw, qz, s, g)
+    _raises(ValueError, r"x must have shape \[..., K = 256\]",
+            x[:, :128].contiguous(), qw, qz, s, g)
     _raises(ValueError, "qzeros must have shape", x, qw, qz[:2].contiguous(), s, g)
     _raises(ValueError, "scales must have shape", x, qw, qz, s[:, :64].contiguous(), g)
     _raises(ValueError, "qweight must be 2-D", x, qw.flatten(), qz, s, g)
@@ -186,8 +187,8 @@ def test_reference_matches_awq_ref_packing():
 def test_benchmark_tables_and_bytes():
     from awq_kernels import benchmark
 
-    assert benchmark.awq_bytes(1, 4096, 4096, 128) == 2 * 4096 + 4096 * 4096 * (0.5 + 2 / 128
-                                                                               + 0.5 / 128) + 2 * 4096
+    assert benchmark.awq_bytes(1, 4096, 4096, 128) == (
+        2 * 4096 + 4096 * 4096 * (0.5 + 2 / 128 + 0.5 / 128) + 2 * 4096)
     row = {"k": 64, "n": 64, "m": 1, "us": 2.0, "host_us": 9.0, "gb_per_s": 1.0,
            "speedup_vs_fp16": 1.5, "pct_of_floor": 50.0}
     result = {"device": "GPU", "torch": "x", "group_size": 128, "reps": 50,
@@ -297,9 +298,11 @@ def test_decode_attention_validates_before_touching_cuda():
     with pytest.raises(ValueError, match=r"q must be \(B, 1, H, Dh\): one new token"):
         ops.decode_attention(torch.randn(1, 2, 8, 64).half(), cache, cache, pos)
     with pytest.raises(ValueError, match="Dh = 32 is not one of the compiled head dims"):
-        ops.decode_attention(q[..., :32], cache[..., :32].contiguous(), cache[..., :32].contiguous(), pos)
+        ops.decode_attention(q[..., :32], cache[..., :32].contiguous(),
+                             cache[..., :32].contiguous(), pos)
     with pytest.raises(ValueError, match="must be a multiple of Hkv = 3"):
-        ops.decode_attention(q, torch.zeros(1, 3, 16, 64).half(), torch.zeros(1, 3, 16, 64).half(), pos)
+        ops.decode_attention(q, torch.zeros(1, 3, 16, 64).half(),
+                             torch.zeros(1, 3, 16, 64).half(), pos)
     with pytest.raises(ValueError, match="at most 8 per KV head"):
         ops.decode_attention(torch.randn(1, 1, 16, 64).half(), cache[:, :1].contiguous(),
                              cache[:, :1].contiguous(), pos)

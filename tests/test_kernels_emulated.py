@@ -100,7 +100,8 @@ def test_emulated_dequant_kernel_is_bit_exact(dtype, tag, g):
 
 
 # (M, K, N, G, tile, splits): ragged M and N tiles, split starts inside a group, every tile.
-MMA_CASES = [(20, 256, 192, 64, build.MMA_CONFIGS[16], 3), (40, 128, 128, 32, build.MMA_CONFIGS[32], 1),
+MMA_CASES = [(20, 256, 192, 64, build.MMA_CONFIGS[16], 3),
+             (40, 128, 128, 32, build.MMA_CONFIGS[32], 1),
              (70, 256, 320, 128, build.MMA_CONFIGS[64], 2),
              (130, 128, 128, 32, build.MMA_CONFIGS[128], 1)]
 # The sweep tiles, in build.MMA_SWEEP_TILES order: N = 320 or 576 leaves the last block of a
@@ -177,7 +178,7 @@ def test_emulated_mma_direct_kernel_mapping(dtype, tag, m, k, n, g, sms):
           f"output relative error {err:.1e}")
 
 
-# ------------------------------------------------------------------ elementwise.cu (awq_kernels.ops)
+# ----------------------------------------------------------------- elementwise.cu (awq_kernels.ops)
 
 def _flat_bits(parent: torch.Tensor) -> np.ndarray:
     return _bits16(parent.reshape(-1))

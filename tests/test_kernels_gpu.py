@@ -293,7 +293,8 @@ def test_elementwise_ops_match_torch(dtype):
     freqs = torch.outer(torch.arange(100.0, 100.0 + t, device="cuda"), 1.0 / 500000.0 ** dims)
     cos, sin = rotary_tables(freqs, dtype)
     got = ops.rotary(qk, cos, sin)
-    assert torch.equal(got.view(torch.int16), rotate_heads(qk, cos, sin).contiguous().view(torch.int16))
+    assert torch.equal(got.view(torch.int16),
+                       rotate_heads(qk, cos, sin).contiguous().view(torch.int16))
 
     gate_up = (torch.randn(3, 2 * 14336, device="cuda") * 3).to(dtype)
     gate, up = gate_up.split(14336, dim=-1)
@@ -346,7 +347,8 @@ def test_fused_elementwise_ops_match_torch(dtype):
         want_v.index_copy_(2, slots, v.transpose(1, 2))
         got_q = ops.rotary_into_cache(q, k, v, cos, sin, keys, values,
                                       torch.tensor([p0], device="cuda"))
-        assert torch.equal(got_q.view(torch.int16), rotate_heads(q, cos, sin).contiguous().view(torch.int16))
+        assert torch.equal(got_q.view(torch.int16),
+                           rotate_heads(q, cos, sin).contiguous().view(torch.int16))
         assert torch.equal(keys.view(torch.int16), want_k.view(torch.int16)), f"keys t={t} p0={p0}"
         assert torch.equal(values.view(torch.int16), want_v.view(torch.int16)), f"values t={t}"
 
@@ -371,7 +373,8 @@ def test_decode_attention_matches_masked_sdpa(dtype, h, hkv, dh):
         visible = (torch.arange(s_len, device="cuda") <= p)[None, :]
         want = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible,
                                               enable_gqa=True).transpose(1, 2)
-        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3 if dtype == torch.float16 else 2e-2)
+        torch.testing.assert_close(got, want, atol=2e-3,
+                                   rtol=2e-3 if dtype == torch.float16 else 2e-2)
         again = ops.decode_attention(q, keys, values, position)
         assert torch.equal(again.view(torch.int16), got.view(torch.int16))
 
@@ -390,7 +393,8 @@ def test_int8_head_kernel_matches_its_reference(m, dtype):
     want = head(x.float())
     err = ((got.float() - want).norm() / want.norm()).item()
     assert err <= TOLERANCE[dtype], f"relative error {err:.2e}"
-    assert torch.equal(gemm_int8(x, head.qweight, head.scales).view(torch.int16), got.view(torch.int16))
+    assert torch.equal(gemm_int8(x, head.qweight, head.scales).view(torch.int16),
+                       got.view(torch.int16))
     # empty products return without a launch (CUDA refuses an empty grid)
     assert gemm_int8(x, head.qweight[:0], head.scales[:0]).shape == (m, 0)
     assert gemm_int8(x[:0], head.qweight, head.scales).shape == (0, 1000)

@@ -45,7 +45,8 @@ def test_split_caps_bound_every_planner(cap, m, k, n):
     for launch in launches:
         steps = k // (launch.tile.bk if launch.tile else 32)
         assert 1 <= launch.splits <= cap
-        assert (launch.splits - 1) * launch.k_per_split < steps <= launch.splits * launch.k_per_split
+        assert ((launch.splits - 1) * launch.k_per_split < steps
+                <= launch.splits * launch.k_per_split)
     if m <= 8:  # a cap below the planner's own choice is the split count it gets
         own = plan_gemv_direct(m, n, k, 132).splits
         assert plan_gemv_direct(m, n, k, 132, cap).splits == min(own, cap)
@@ -191,7 +192,8 @@ def test_launches_stay_within_the_grid_limit(monkeypatch, name, most):
     """More rows than one launch takes (gemm_mma: 65535 block rows of BM = 16 in gridDim.y)
     go in launches of at most `most` rows, each on its own rows of x and y (CUDA faked)."""
     launches = []
-    monkeypatch.setattr(api, "on_torch_stream", lambda device: contextlib.nullcontext(("sm_90", 132)))
+    monkeypatch.setattr(api, "on_torch_stream",
+                        lambda device: contextlib.nullcontext(("sm_90", 132)))
     monkeypatch.setattr(api, "run", lambda launch, arch, expr, args: launches.append(
         (launch, args[0].shape[0], args[4].shape[-2])))
     m, k, n, g = 2 * most + 3, 128, 64, 64
@@ -239,7 +241,8 @@ def test_launch_product_runs_the_planned_launches(monkeypatch, name, m, fuse):
     but gemv), else the partials' reduce over all M x N outputs (CUDA faked)."""
     launches, counters = [], []
     monkeypatch.setattr(api, "on_torch_stream", lambda device: contextlib.nullcontext(("90", 132)))
-    monkeypatch.setattr(api, "run", lambda launch, arch, expr, args: launches.append((launch, args)))
+    monkeypatch.setattr(api, "run",
+                        lambda launch, arch, expr, args: launches.append((launch, args)))
     monkeypatch.setattr(api, "splitk_counters",
                         lambda device, tiles: counters.append(tiles) or f"counters[{tiles}]")
     k, n, g = 4096, 4096, 128

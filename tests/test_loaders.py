@@ -116,7 +116,8 @@ def test_hf_quantized_config_delegates(tmp_path, monkeypatch):
     assert calls == [(folder, "cpu", torch.float16)]
 
 
-def write_gguf(path, model: Llama, qtype: str = "F32", arch: str = "llama", extra=None, tensors=None):
+def write_gguf(path, model: Llama, qtype: str = "F32", arch: str = "llama", extra=None,
+               tensors=None):
     """A GGUF as llama.cpp's converter writes one: q/k rows interleaved, linears in `qtype`."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -138,7 +139,8 @@ def write_gguf(path, model: Llama, qtype: str = "F32", arch: str = "llama", extr
             t = half_to_interleaved(t, heads)
         arr = t.numpy()
         kind = gguf.GGMLQuantizationType[qtype if arr.ndim == 2 else "F32"]
-        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) or arr.dtype != np.float32:
+        if (kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+                or arr.dtype != np.float32):
             half = qtype == "F16" and arr.ndim == 2
             w.add_tensor(to_gguf.get(name, name), arr.astype(np.float16) if half else arr)
         else:
@@ -181,10 +183,12 @@ def test_llama2c_export_round_trip(tmp_path):
                  lambda b: b.self_attn.v_proj.weight, lambda b: b.self_attn.o_proj.weight,
                  lambda b: b.post_attention_layernorm.weight, lambda b: b.mlp.gate_proj.weight,
                  lambda b: b.mlp.down_proj.weight, lambda b: b.mlp.up_proj.weight]
-    parts = [model.model.embed_tokens.weight, *[torch.stack([f(b) for b in layers]) for f in per_layer],
+    parts = [model.model.embed_tokens.weight,
+             *[torch.stack([f(b) for b in layers]) for f in per_layer],
              model.model.norm.weight, torch.zeros(2 * c.max_position_embeddings * c.head_dim // 2),
              model.lm_head.weight]
-    header = HEADER.pack(c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+    header = HEADER.pack(c.hidden_size, c.intermediate_size, c.num_hidden_layers,
+                         c.num_attention_heads,
                          c.num_key_value_heads, -c.vocab_size, c.max_position_embeddings)
     body = b"".join(p.detach().float().contiguous().numpy().tobytes() for p in parts)
     (tmp_path / "m.bin").write_bytes(header + body)
@@ -229,7 +233,8 @@ def test_hf_errors(tmp_path):
     (bare / "config.json").write_text((folder / "config.json").read_text())
     _raises(bare, "model.safetensors")
     data = (folder / "model.safetensors").read_bytes()
-    for name, content in [("truncated", data[:-100]), ("header", struct.pack("<Q", 1 << 40) + data[8:]),
+    for name, content in [("truncated", data[:-100]),
+                          ("header", struct.pack("<Q", 1 << 40) + data[8:]),
                           ("garbage", data[:8] + b"\x00" * 64 + data[72:])]:
         bad = tmp_path / name
         bad.mkdir()
@@ -288,7 +293,8 @@ def test_llama2c_errors(tmp_path, stories_dir):
     _raises(tmp_path / "cut.bin", "truncated")
     (tmp_path / "long.bin").write_bytes(data + bytes(4))  # what the header implies, and more
     _raises(tmp_path / "long.bin", "implies")
-    (tmp_path / "huge.bin").write_bytes(HEADER.pack(1 << 20, 1 << 20, 1 << 10, 8, 4, 512, 512) + data[28:])
+    (tmp_path / "huge.bin").write_bytes(HEADER.pack(1 << 20, 1 << 20, 1 << 10, 8, 4, 512, 512)
+                                        + data[28:])
     _raises(tmp_path / "huge.bin", "implies")
     (tmp_path / "model.bin").write_bytes(data)
     _raises(tmp_path / "model.bin", "tok*.bin", loader=load_tokenizer)

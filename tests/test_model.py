@@ -23,9 +23,11 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 def tiny_hf_dict(n_kv: int = 4, tied: bool = False, rope_scaling=None) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 101,
-                "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                "num_attention_heads": 4,
                 "num_key_value_heads": n_kv, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-                "max_position_embeddings": 256, "tie_word_embeddings": tied, "rope_scaling": rope_scaling}
+                "max_position_embeddings": 256, "tie_word_embeddings": tied,
+                "rope_scaling": rope_scaling}
 
 
 def pair(d: dict, seed: int = 0):
@@ -154,7 +156,8 @@ def test_mistral_matches_transformers_within_its_window(window):
     sliding window; past it we refuse (windowed attention is not implemented), and the window
     does change transformers' logits there, so running on would be wrong."""
     torch.manual_seed(0)
-    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**mistral_hf_dict(window))).eval()
+    hf = transformers.MistralForCausalLM(
+        transformers.MistralConfig(**mistral_hf_dict(window))).eval()
     config = LlamaConfig.from_hf_dict(hf.config.to_dict())
     assert (config.model_type, config.sliding_window) == ("mistral", window)
     assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
@@ -181,10 +184,12 @@ def test_mistral_matches_transformers_within_its_window(window):
     assert len(generate(ours, x[0].tolist(), 1)) == 1
     with pytest.raises(ValueError, match="49 positions exceed"):
         generate(ours, prompt, 10)
-    unwindowed = transformers.MistralForCausalLM(transformers.MistralConfig(**mistral_hf_dict(None)))
+    unwindowed = transformers.MistralForCausalLM(
+        transformers.MistralConfig(**mistral_hf_dict(None)))
     unwindowed.load_state_dict(hf.state_dict())
     with torch.no_grad():
-        assert (hf(longer).logits[0, -1] - unwindowed.eval()(longer).logits[0, -1]).abs().max() > 1e-3
+        assert (hf(longer).logits[0, -1]
+                - unwindowed.eval()(longer).logits[0, -1]).abs().max() > 1e-3
 
 
 def qwen2_hf_dict(tied: bool) -> dict:
@@ -282,7 +287,8 @@ def test_llama_bias_switches_belong_to_llama():
 
 
 @pytest.mark.parametrize("patch, message", [
-    ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}, "unsupported architecture"),
+    ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]},
+     "unsupported architecture"),
     ({"num_key_value_heads": 3}, "not a multiple"),
     ({"hidden_size": -64}, "hidden_size"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
@@ -329,7 +335,8 @@ def test_apply_rotary_equals_the_rotate_half_form_bit_for_bit():
 
 @pytest.mark.parametrize("model_type, hf_class", [("llama", "LlamaConfig"),
                                                   ("mistral", "MistralConfig"),
-                                                  ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config")])
+                                                  ("qwen2", "Qwen2Config"),
+                                                  ("qwen3", "Qwen3Config")])
 def test_config_defaults_are_transformers_defaults(model_type, hf_class):
     """A config.json that leaves a setting out means transformers' default for it."""
     d = {"model_type": model_type, **TINY_SIZES}

@@ -136,7 +136,8 @@ def test_awq_with_dead_input_channels_and_zero_weights(duo):
             block.input_layernorm.weight[:5] = 0
             block.post_attention_layernorm.weight[:5] = 0
             block.self_attn.o_proj.weight.zero_()
-    tokens = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, TINY["vocab_size"], (4, 32),
+                           generator=torch.Generator().manual_seed(1))
     result = search_awq(model, tokens, SPEC, AwqConfig(n_grid=10, duo_scaling=duo, progress=False))
     for s in result.scales.values():
         assert torch.isfinite(s).all() and (s > 0).all()

@@ -64,7 +64,8 @@ def test_dequantize_packed_equals_unpacked_bit_for_bit(g, zero_point):
     packed = dequantize_packed(qweight, qzeros, scales, g)  # (K, N) fp32
     assert torch.equal(packed, unpacked.T)
     for dtype in (torch.float16, torch.bfloat16):
-        assert torch.equal(dequantize_packed(qweight, qzeros, scales, g, dtype), unpacked.T.to(dtype))
+        assert torch.equal(dequantize_packed(qweight, qzeros, scales, g, dtype),
+                           unpacked.T.to(dtype))
 
 
 @pytest.mark.parametrize("bits", [4, 3])
@@ -98,7 +99,8 @@ def test_pack_weight_matches_fake_quant_exactly(zero_point):
     qweight, qzeros, scales = pack_weight(w, spec)
     assert qweight.shape == (48, 2) and qzeros.shape == (3, 2) and scales.shape == (3, 16)
     assert scales.dtype == torch.float16
-    assert torch.equal(dequantize_packed(qweight, qzeros, scales, 16), fake_quantize_weight(w, spec).T)
+    assert torch.equal(dequantize_packed(qweight, qzeros, scales, 16),
+                       fake_quantize_weight(w, spec).T)
     if not zero_point:
         assert (unpack_int4(qzeros) == 8).all()
 

@@ -1,4 +1,5 @@
-"""QuantLinear vs x @ fake-quantized W, the kernel hook, the layer swap and the public quantize()."""
+"""QuantLinear vs x @ fake-quantized W, the kernel hook, the layer swap and the public
+quantize()."""
 
 import pytest
 import torch
@@ -95,7 +96,8 @@ def test_replace_linears_swaps_decoder_linears_only():
     model = replace_linears(tiny_llama(), QuantSpec(4, 32), modules_to_not_convert=["down_proj"])
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == 2 * (LINEARS_PER_BLOCK - 1)
-    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.embed_tokens, nn.Embedding)
+    assert (isinstance(model.lm_head, nn.Linear)
+            and isinstance(model.model.embed_tokens, nn.Embedding))
     assert all(isinstance(b.mlp.down_proj, nn.Linear) for b in model.model.layers)
     assert "model.layers.1.self_attn.q_proj" in quantized
     assert decoder_linears(model) == [(f"model.layers.{i}.mlp.down_proj", b.mlp.down_proj)

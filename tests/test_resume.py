@@ -86,8 +86,8 @@ def test_killed_run_resumes_to_identical_checkpoint(tiny_setup):
                             root / "out.partial" / STATE_NAME, 2)
     assert 2 <= done < TINY["num_hidden_layers"] and not out.exists()
 
-    run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(), capture_output=True,
-                         text=True)
+    run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(),
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert folder_bytes(out) == folder_bytes(ref)
     assert not (root / "out.partial").exists()
@@ -118,8 +118,8 @@ def test_other_settings_refused(tiny_setup):
     out, work = root / "refused", root / "refused.partial"
     work.mkdir()
     Progress(work).save(3, _empty_result(), torch.zeros(1))  # a state with no/foreign fingerprint
-    run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(), capture_output=True,
-                         text=True)
+    run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(),
+                         capture_output=True, text=True)
     assert run.returncode == 2
     assert "different model, calibration data or settings" in run.stderr
     assert str(work) in run.stderr and not out.exists()
@@ -152,7 +152,8 @@ def test_resume_in_process_matches(tmp_path, one_thread):
     """The API: a search stopped after 2 blocks and resumed equals an uninterrupted one."""
     torch.manual_seed(0)
     model = Llama(LlamaConfig(**{**TINY, "num_hidden_layers": 4})).eval()
-    tokens = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, TINY["vocab_size"], (4, 32),
+                           generator=torch.Generator().manual_seed(1))
     spec, config = QuantSpec(group_size=32), AwqConfig(n_grid=5, progress=False)
     full = search_awq(model, tokens, spec, config)
 
@@ -191,14 +192,16 @@ def test_cli_save_dtype_casts_the_unquantized_tensors(tiny_setup, tmp_path, stre
     assert kept[embed].dtype == torch.float32  # the model's (and the fp32 source's) dtype
     assert half[embed].dtype == half["model.norm.weight"].dtype == torch.float16
     q = "model.layers.0.self_attn.q_proj"
-    assert all(torch.equal(kept[f"{q}.{t}"], half[f"{q}.{t}"]) for t in ("qweight", "qzeros", "scales"))
+    assert all(torch.equal(kept[f"{q}.{t}"], half[f"{q}.{t}"])
+               for t in ("qweight", "qzeros", "scales"))
 
 
 def test_fingerprint_changes_with_every_input_of_the_search():
     """A resumed search must be the same search: each input changes the fingerprint (the
     progress flag alone does not)."""
     config = LlamaConfig(**TINY)
-    tokens = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, TINY["vocab_size"], (4, 32),
+                           generator=torch.Generator().manual_seed(1))
     base = (config, tokens, QuantSpec(group_size=32), AwqConfig(n_grid=5, progress=False), (),
             torch.device("cpu"), {"source": "a"})
     first = fingerprint(*base)

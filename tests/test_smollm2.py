@@ -20,7 +20,8 @@ TEXTS = PROMPTS + [
     "", " ", "Hello world", "   three leading spaces", "tabs\tand\nnewlines\n\n\n",
     "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve \u00c5ngstr\u00f6m",
     "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0\u3068\u4e2d\u6587\u53e5\u5b50\u3002\ud55c\uad6d\uc5b4",
-    "emoji \U0001f600\U0001f680\U0001f44d\U0001f3fd family \U0001f468\u200d\U0001f469\u200d\U0001f467",
+    ("emoji \U0001f600\U0001f680\U0001f44d\U0001f3fd family "
+     "\U0001f468\u200d\U0001f469\u200d\U0001f467"),
     "x = [1, 22, 333, 4444, 55555]  # digits 3.14159 and 2024-06-01",
     "I'm sure they'll say it's fine; we've done what we'd planned.",
     "URL: https://example.com/path?q=a+b&c=%20  email@example.org",
@@ -39,15 +40,18 @@ def ours(default_gguf):
 def oracle(default_gguf):
     kw = {"gguf_file": default_gguf.name}
     tok = transformers.AutoTokenizer.from_pretrained(default_gguf.parent, **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(default_gguf.parent, dtype=torch.float32, **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_gguf.parent,
+                                                              dtype=torch.float32, **kw)
     return model.eval(), tok
 
 
 def test_config(ours):
     model, tok = ours
     c = model.config
-    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size) == (30, 576, 1536, 49152)
-    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rope_theta) == (9, 3, 64, 100000.0)
+    assert ((c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size)
+            == (30, 576, 1536, 49152))
+    assert ((c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rope_theta)
+            == (9, 3, 64, 100000.0))
     assert c.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
     assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.vocab_size) == (1, (2,), False, 49152)
 

@@ -46,7 +46,8 @@ def test_logits(model, reference):
     expected = reference["last_position_top5"]
     assert index.tolist() == [e[0] for e in expected]
     assert values.tolist() == pytest.approx([e[2] for e in expected], abs=1e-4)
-    assert logits.double().sum().item() == pytest.approx(reference["logits_sum_all_positions"], rel=1e-6)
+    assert logits.double().sum().item() == pytest.approx(reference["logits_sum_all_positions"],
+                                                         rel=1e-6)
 
 
 def test_greedy(model, tok, reference):

@@ -55,7 +55,8 @@ def make_source(folder: Path, layers: int = 4, preset: str = "tiny") -> Path:
     assert mrc.main(["--preset", preset, "--out", str(folder), "--max-shard-mb", "1",
                      "--layers", str(layers)]) == 0
     write_tokenizer(folder)
-    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     return folder
 
 
@@ -84,7 +85,8 @@ def assert_same_checkpoint(a: Path, b: Path) -> dict[str, torch.Tensor]:
     for name in ta:
         assert ta[name].dtype == tb[name].dtype, name
         assert torch.equal(ta[name], tb[name]), name
-    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    assert (json.loads((a / "config.json").read_text())
+            == json.loads((b / "config.json").read_text()))
     return ta
 
 
@@ -172,7 +174,8 @@ def test_never_loads_the_whole_model(src, calib, tmp_path, monkeypatch, one_thre
         monkeypatch.setattr(target, refuse)
     reads: list[str] = []
     read = LazyTensors.read
-    monkeypatch.setattr(LazyTensors, "read", lambda self, name: reads.append(name) or read(self, name))
+    monkeypatch.setattr(LazyTensors, "read",
+                        lambda self, name: reads.append(name) or read(self, name))
     quantize_folder(src, tmp_path / "out", group_size=GROUP, calib_tokens=calib, progress=False,
                     **AWQ)
     assert len(reads) == len(LazyTensors(src).index) + 1  # each tensor once, the embedding twice
@@ -209,8 +212,9 @@ def test_interrupted_run_resumes_to_identical_files(src, calib, tmp_path, monkey
 
     searched = []
     search_block = stream.search_block
-    monkeypatch.setattr(stream, "search_block",
-                        lambda block, prefix, *a: searched.append(prefix) or search_block(block, prefix, *a))
+    monkeypatch.setattr(
+        stream, "search_block",
+        lambda block, prefix, *a: searched.append(prefix) or search_block(block, prefix, *a))
     run(out)
     assert searched == ["model.layers.2", "model.layers.3"]  # blocks 0, 1 were not redone
     assert folder_bytes(out) == folder_bytes(ref)
@@ -250,7 +254,8 @@ def test_cli_killed_run_resumes_and_matches_api(tmp_path):
 
 def test_lazy_reader_matches_safetensors(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int32),
-               "c": torch.randn(4, 2).to(torch.bfloat16), "d": torch.zeros(0, 3, dtype=torch.float16),
+               "c": torch.randn(4, 2).to(torch.bfloat16),
+               "d": torch.zeros(0, 3, dtype=torch.float16),
                "e": torch.tensor(2.5, dtype=torch.float64)}
     save_file(tensors, str(tmp_path / "model.safetensors"))
     lazy = LazyTensors(tmp_path)

@@ -39,7 +39,8 @@ def test_same_arguments_same_bytes(tmp_path):
         mrc.main(["--preset", "tiny", "--layers", "2", "--out", str(tmp_path / name)])
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+               for f in files)
 
 
 def test_shard_plan_bounds_memory():

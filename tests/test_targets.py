@@ -100,7 +100,8 @@ def test_fastest_per_m_ranks_by_geometric_mean_over_shapes():
             _gemm_row(8192, 28672, 1, "awq", 40.0), _gemm_row(8192, 28672, 1, "awq[direct]", 80.0),
             _gemm_row(4096, 4096, 1, "awq[direct,2 launches]", 1.0),  # a variant, not a kernel
             _gemm_row(4096, 4096, 1, "fp16", 1.0),  # not ours
-            _gemm_row(4096, 4096, 16, "awq", 9.0), _gemm_row(4096, 4096, 16, "awq[mma_direct]", 3.0),
+            _gemm_row(4096, 4096, 16, "awq", 9.0),
+            _gemm_row(4096, 4096, 16, "awq[mma_direct]", 3.0),
             _gemm_row(4096, 4096, 16, "awq[tuned]", 1.0)]  # `auto` under a sweep's rule: no kernel
     got = {r["M"]: r for r in targets.fastest_per_m({"rows": rows})}
     # M = 1: each is 2x off the best on one shape: a tie at sqrt(2)
@@ -127,7 +128,8 @@ def test_reading_json_needs_no_torch():
     import subprocess
 
     tools = Path(__file__).resolve().parents[1] / "tools"
-    code = f"import sys; sys.path.insert(0, {str(tools)!r}); import targets; print('torch' in sys.modules)"
+    code = (f"import sys; sys.path.insert(0, {str(tools)!r}); import targets; "
+            f"print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -159,6 +161,7 @@ def test_bytes_of_a_4bit_product_are_the_packed_layers_buffers():
 
     for m, k, n, g in ((1, 4096, 4096, 128), (16, 512, 1024, 64), (3, 256, 64, 32)):
         layer = QuantLinear(k, n, g, device="meta")
-        weights = sum(b.numel() * b.element_size() for b in (layer.qweight, layer.qzeros, layer.scales))
+        weights = sum(b.numel() * b.element_size()
+                      for b in (layer.qweight, layer.qzeros, layer.scales))
         assert targets._bytes("awq", m, k, n, g) == weights + 2 * m * k + 2 * m * n
         assert targets._bytes("fp16", m, k, n, g) == 2 * (k * n + m * k + m * n)

@@ -1,5 +1,6 @@
 """Tokenizers: llama2.c's BPE against a literal port of its encode(), SentencePiece models trained
-here on WikiText (through tokenizer.model and through GGUF metadata), save_pretrained round trips."""
+here on WikiText (through tokenizer.model and through GGUF metadata), save_pretrained round
+trips."""
 
 import json
 import random
@@ -221,7 +222,8 @@ def _bpe_folder(folder, post_bos: bool, generation_eos):
     vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "a", "b", "ab", "<|eot|>"])}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], unk_token="<unk>"))
     if post_bos:
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                          special_tokens=[("<s>", 1)])
     tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>",
                                                               "eos_token": "</s>"}))

@@ -27,7 +27,8 @@ def write_tokenizer_json(folder: Path, **fields) -> Path:
     from awq_ref.loaders.gguf_tokenizer import bytes_to_unicode
 
     alphabet = list(bytes_to_unicode().values())
-    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate([*alphabet, "ab"])}, merges=[("a", "b")]))
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate([*alphabet, "ab"])},
+                              merges=[("a", "b")]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     folder.mkdir(parents=True, exist_ok=True)
     obj = json.loads(tk.to_str())
@@ -91,7 +92,8 @@ def test_tokenizer_json_huge_padding_does_not_abort(tmp_path):
 
 @pytest.mark.parametrize("write", [write_llama2c_vocab, write_gguf_vocab], ids=["llama2c", "gguf"])
 def test_merge_chain_is_rejected(tmp_path, write):
-    """"a", "aa", ..., "a" * N: ~N^2/2 merges holding ~N^3/6 characters (N=2000 ran out of memory)."""
+    """"a", "aa", ..., "a" * N: ~N^2/2 merges holding ~N^3/6 characters (N=2000 ran out of
+    memory)."""
     path = write(tmp_path / "vocab.bin", CHAIN)
     words = f"{re.escape(str(path))}: .*{MERGE_CHARS_PER_TOKEN} characters per token"
     with pytest.raises(ValueError, match=words):
@@ -115,10 +117,12 @@ def test_tokens_at_the_limits_load(tmp_path, write):
 
 
 def test_regex_that_gives_up_is_a_value_error(tmp_path):
-    """A catastrophic-backtracking Split regex: Oniguruma gives up, `tokenizers` panics at encode."""
+    """A catastrophic-backtracking Split regex: Oniguruma gives up, `tokenizers` panics at
+    encode."""
     hostile = {"type": "Split", "pattern": {"Regex": "(\\w+\\s?)*$"}, "behavior": "Isolated",
                "invert": False}
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": True}
     folder = write_tokenizer_json(tmp_path, pre_tokenizer={"type": "Sequence",
                                                            "pretokenizers": [hostile, byte_level]})
     tok = load_tokenizer(folder)

@@ -89,7 +89,8 @@ def test_bench_e2e_refuses_a_tuned_from_that_is_no_sweep(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arch", [{}, {"model_type": "qwen2", "tie_word_embeddings": True},
-                                  {"model_type": "mistral"}, {"model_type": "qwen3", "head_dim": 32}])
+                                  {"model_type": "mistral"},
+                                  {"model_type": "qwen3", "head_dim": 32}])
 def test_bench_cpu_times_transformers_own_class_with_every_weight(arch):
     """The CPU benchmark's transformers model is that architecture's class holding all our
     weights (it once built LlamaForCausalLM and dropped Qwen2's biases without a word)."""
@@ -195,7 +196,8 @@ def test_every_mutant_still_names_code_that_exists():
     assert len({m.name for m in mutants.MUTANTS}) == len(mutants.MUTANTS)
     for m in mutants.MUTANTS:
         assert (root / m.file).read_text().count(m.old) == 1, m.name
-        assert m.new != m.old and all((root / t).exists() for t in m.tests if t.startswith("tests/"))
+        assert m.new != m.old and all((root / t).exists() for t in m.tests
+                                      if t.startswith("tests/"))
 
 
 def test_mutants_runner_kills_a_planted_bug(shared_data, capsys):
@@ -236,7 +238,8 @@ def test_bench_e2e_turns_times_into_tokens_per_s_and_gib(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+                              num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2)).eval()
     s = bench_e2e.Settings(prompt=4, new_tokens=6, long_prefill=8, repeats=3)
     assert bench_e2e.measure(model, s, graph=False) == {
         "prefill_4_tok_s": 4 / 2.0, "prefill_8_tok_s": 8 / 2.0, "decode_eager_tok_s": 5 / 0.5,
@@ -255,7 +258,8 @@ def test_bench_cpu_rates_and_ratio(stories_dir, monkeypatch, capsys, one_thread)
         return next(times)
 
     monkeypatch.setattr(bench_cpu, "timed", timed)
-    monkeypatch.setattr(sys, "argv", ["bench_cpu.py", "--model", str(stories_dir / "stories260K.bin"),
+    monkeypatch.setattr(sys, "argv", ["bench_cpu.py", "--model",
+                                      str(stories_dir / "stories260K.bin"),
                                       "--threads", "1", "--seqlen", "16", "--decode-steps", "4",
                                       "--repeats", "1", "--json"])
     bench_cpu.main()

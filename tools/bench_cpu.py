@@ -36,7 +36,8 @@ def hf_twin(model):
 
     d = model.config.to_hf_dict()
     cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).to(model.model.embed_tokens.weight.dtype).eval()
+    hf = transformers.AutoModelForCausalLM.from_config(cfg)
+    hf = hf.to(model.model.embed_tokens.weight.dtype).eval()
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     if unexpected or missing:  # every weight, biases included, must arrive
         raise ValueError(f"transformers' {type(hf).__name__} does not take our weights: missing "
@@ -95,8 +96,8 @@ def main() -> None:
                            generator=torch.Generator().manual_seed(0))
     rows = {"ours": bench_ours(model, prompt, args.decode_steps, args.repeats),
             "transformers": bench_hf(hf, prompt, args.decode_steps, args.repeats)}
-    print(f"model {args.model}, {args.dtype}, {args.threads} threads, prefill {args.seqlen} tokens, "
-          f"decode {args.decode_steps} tokens, median of {args.repeats}")
+    print(f"model {args.model}, {args.dtype}, {args.threads} threads, "
+          f"prefill {args.seqlen} tokens, decode {args.decode_steps} tokens, median of {args.repeats}")
     print("| impl | prefill s | prefill tok/s | decode tok/s |\n|---|---|---|---|")
     result = {}
     for name, (pre, dec) in rows.items():

@@ -403,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time 'w4 cupy [tuned]': `auto` under the rule this tile sweep's "
                         "JSON chooses (awq_kernels.sweep.tuned_dispatch)")
     p.add_argument("--profile", action="store_true", help="instead of timing, print where the "
-                   "decode time goes (torch.profiler kernel tables: fp16, w4 cupy, w4 cupy +emb +ops)")
+                   "decode time goes (torch.profiler kernel tables: fp16, w4 cupy, "
+                   "w4 cupy +emb +ops)")
     p.add_argument("--count-weights", action="store_true", help="only count each variant's "
                    "weight bytes from the shapes (no GPU needed)")
     args = p.parse_args(argv)

@@ -63,7 +63,8 @@ def main() -> None:
     calib, eval_stream, source = texts(model, tok, args)
     print(f"{time.perf_counter() - t:.1f} s; calibration {tuple(calib.shape)}; {source}")
 
-    t = step(f"AWQ search + quantize (W4 g{args.group_size}, {args.n_samples} x {args.calib_seqlen})")
+    t = step(f"AWQ search + quantize (W4 g{args.group_size}, "
+             f"{args.n_samples} x {args.calib_seqlen})")
     result = awq_ref.search_awq(model, calib, awq_ref.QuantSpec(4, args.group_size))
     awq = awq_ref.quantize(model, "awq", 4, args.group_size, result=result)
     awq_seconds = time.perf_counter() - t
@@ -84,7 +85,8 @@ def main() -> None:
     t = step(f"evaluate on {args.eval_windows} windows of {args.seqlen} tokens")
     # window by window: the fp logits serve as every model's KL reference, computed once
     models = {"fp32": model, "RTN W4": rtn, "AWQ W4 (reloaded)": reloaded}
-    rows = awq_ref.evaluate_many(models, eval_stream, args.seqlen, args.eval_windows, reference=model)
+    rows = awq_ref.evaluate_many(models, eval_stream, args.seqlen, args.eval_windows,
+                                 reference=model)
     rows["fp32"] = {k: v for k, v in rows["fp32"].items() if k not in ("kl", "top1")}  # vs itself
     print("| model | ppl | KL vs fp | top-1 vs fp |\n|---|---|---|---|")
     for name, r in rows.items():

@@ -28,8 +28,10 @@ WIKI = "../shared/data/text/wikitext-2-raw/wiki.test.raw"
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+", help="checkpoint folders or files (anything load_model reads)")
-    ap.add_argument("--reference", default="default", help="the unquantized model (default: SmolLM2)")
+    ap.add_argument("models", nargs="+",
+                    help="checkpoint folders or files (anything load_model reads)")
+    ap.add_argument("--reference", default="default",
+                    help="the unquantized model (default: SmolLM2)")
     ap.add_argument("--text", default=WIKI)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--windows", type=windows_arg, default=20, help="N, or 'all' (the full run)")

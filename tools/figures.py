@@ -40,8 +40,8 @@ def plot_activations(means: dict[tuple[int, str], np.ndarray], path: str | Path,
             ax.tick_params(labelsize=7)
             if c == 0:
                 ax.set_ylabel("mean |x| over calibration tokens", fontsize=8)
-    fig.suptitle(f"mean |x| per input channel of each scaling group's input (red: the top {top:.0%} "
-                 "channels, the salient ones that AWQ's scales protect)", fontsize=10)
+    fig.suptitle(f"mean |x| per input channel of each scaling group's input (red: the top "
+                 f"{top:.0%} channels, the salient ones that AWQ's scales protect)", fontsize=10)
     _save(fig, path)
 
 
@@ -71,7 +71,8 @@ def plot_loss_curves(curves: list[dict], path: str | Path) -> None:
     _save(fig, path)
 
 
-def plot_ratios(ratios: np.ndarray, labels: list[str], path: str | Path, setting: str = "W4") -> None:
+def plot_ratios(ratios: np.ndarray, labels: list[str], path: str | Path, setting: str = "W4"
+                ) -> None:
     """(c) the chosen a for every block (columns) and scaling group (rows), as numbers on a
     colour map; blank where no scale was searched."""
     fig = Figure(figsize=(13, 2.9), layout="constrained")

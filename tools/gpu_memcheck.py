@@ -120,8 +120,9 @@ def _elementwise_ops() -> int:
                                            attn_mask=(torch.arange(9, device="cuda") <= 6)[None],
                                            enable_gqa=True).transpose(1, 2)),
                   "rotary_into_cache": (torch.cat([rotated.flatten(), keys[:, :, 4:].flatten()]),
-                                        torch.cat([rotate_heads(q, cos, sin).flatten(),
-                                                   rotate_heads(k, cos, sin).transpose(1, 2).flatten()])),
+                                        torch.cat([
+                                            rotate_heads(q, cos, sin).flatten(),
+                                            rotate_heads(k, cos, sin).transpose(1, 2).flatten()])),
                   "silu_mul": (ops.silu_mul(gate, up), F.silu(gate) * up),
                   "rotary": (ops.rotary(qk, cos, sin), rotate_heads(qk, cos, sin))}
         for name, (got, want) in checks.items():

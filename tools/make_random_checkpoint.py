@@ -1,7 +1,8 @@
 """Write a Llama-shaped HF checkpoint folder with random weights, shard by shard.
 
     PYTHONPATH=. python tools/make_random_checkpoint.py --preset llama-2-7b --out /tmp/rand7b
-    PYTHONPATH=. python tools/make_random_checkpoint.py --preset mid-1b --out /tmp/rand1b --max-shard-mb 500
+    PYTHONPATH=. python tools/make_random_checkpoint.py --preset mid-1b --out /tmp/rand1b \
+        --max-shard-mb 500
 
 Tensors are generated in state order, one shard at a time (each <= --max-shard-mb, a tensor
 larger than that alone), written with safetensors and released, so the writer needs about one
@@ -35,7 +36,8 @@ def _shape(vocab: int, dim: int, ffn: int, layers: int, heads: int, kv_heads: in
 PRESETS = {  # name -> LlamaConfig fields (widths multiples of 128: packable with G = 128)
     "tiny": _shape(512, 128, 384, 4, 4, 2),
     "tiny-qwen2": {**_shape(512, 128, 384, 4, 4, 2), "model_type": "qwen2"},  # + q, k, v biases
-    "tiny-qwen3": {**_shape(512, 128, 384, 4, 4, 2), "model_type": "qwen3", "head_dim": 64},  # + q/k norms
+    "tiny-qwen3": {**_shape(512, 128, 384, 4, 4, 2), "model_type": "qwen3",
+                   "head_dim": 64},  # + q/k norms
     # a window of 1024 positions: longer sequences are refused (windowed attention not implemented)
     "tiny-mistral": {**_shape(512, 128, 384, 4, 4, 2), "model_type": "mistral",
                      "sliding_window": 1024},
@@ -68,7 +70,8 @@ def shard_plan(shapes: dict[str, tuple[int, ...]], elem: int, max_bytes: int) ->
     return shards
 
 
-def write_random_checkpoint(config: LlamaConfig, out: str | Path, dtype: torch.dtype = torch.float16,
+def write_random_checkpoint(config: LlamaConfig, out: str | Path,
+                            dtype: torch.dtype = torch.float16,
                             seed: int = 0, std: float = 0.02, max_shard_bytes: int = 2 * 10**9
                             ) -> Path:
     """Write the folder (see the module docstring); returns its path. `out` must not exist."""

@@ -37,7 +37,8 @@ def elementwise_ops():
         q, k, v = (p.view(1, 3, -1, 128) for p in qkv.split([32 * 128, 8 * 128, 8 * 128], -1))
         cos, sin = rotary_tables(torch.rand(3, 64, device=DEVICE) * 50, DTYPE)
         qk = qkv[..., :40 * 128].view(1, 3, 40, 128)
-        torch.testing.assert_close(ops.rotary(qk, cos, sin), rotate_heads(qk, cos, sin), rtol=0, atol=0)
+        torch.testing.assert_close(ops.rotary(qk, cos, sin), rotate_heads(qk, cos, sin),
+                                   rtol=0, atol=0)
         keys, values = (torch.zeros(1, 8, 9, 128, device=DEVICE, dtype=DTYPE) for _ in range(2))
         got_q = ops.rotary_into_cache(q, k, v, cos, sin, keys, values,
                                       torch.tensor([6], device=DEVICE))

@@ -43,7 +43,8 @@ def ptxas_version() -> str:
 
 def sass(expr: str, family: str, arch: str, nvdisasm: str, ptx_version: str) -> str:
     ptx = build.compile_nvrtc(family, arch, [expr]).ptx
-    ptx = re.sub(r"^\.version \d+\.\d+", f".version {ptx_version}", ptx, count=1, flags=re.MULTILINE)
+    ptx = re.sub(r"^\.version \d+\.\d+", f".version {ptx_version}", ptx, count=1,
+                 flags=re.MULTILINE)
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         src.write_text(ptx)
@@ -109,7 +110,8 @@ def weights_per_iteration(expr: str) -> int | None:
         return 8 * 4 * 2 * (MMA_DIRECT_DEPTH[int(m[3])] + 1)
     if m[1] == "gemv":  # one word per lane on each of the warp's KC / 8 rows of a stage
         return 8 * GEMV_KC // 8
-    return 8 * GEMV_DIRECT_VEC[int(m[3])] * gemv_direct_flush(m[2], int(m[3]))  # U steps of VEC words
+    # U steps of VEC words
+    return 8 * GEMV_DIRECT_VEC[int(m[3])] * gemv_direct_flush(m[2], int(m[3]))
 
 
 def main(argv: list[str] | None = None) -> int:

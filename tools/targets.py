@@ -167,7 +167,8 @@ def e2e_targets(result: dict, model: str = E2E_MODEL) -> list[dict]:
     fp16 = rows.get("fp16")
     ours = {v: r for v, r in rows.items() if v.startswith("w4 cupy")}
     if fp16 is None or not ours:
-        return [{"target": f"{model} end to end", "auto": "not measured", "best of ours": "not measured"}]
+        return [{"target": f"{model} end to end", "auto": "not measured",
+                 "best of ours": "not measured"}]
 
     def base(variant: str) -> dict:
         return rows.get("fp16 +ops", fp16) if variant.endswith("+ops") else fp16

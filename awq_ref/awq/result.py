@@ -1,7 +1,8 @@
 """AwqResult: what the search found (scales and clip ranges), saved as safetensors.
 
 Tensor names in the file:
-    scale.<prev>       (C,)        C = prev's output channels, e.g. scale.model.layers.3.input_layernorm
+    scale.<prev>       (C,)        C = prev's output channels,
+                                   e.g. scale.model.layers.3.input_layernorm
     clip_lo.<linear>   (N, K/G)    lower clip bound per output channel and group
     clip_hi.<linear>   (N, K/G)    upper clip bound
 The metadata holds the QuantSpec the search used (bits, group_size, zero_point) and the
@@ -73,7 +74,8 @@ class AwqResult:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
         if meta.get("format") != "awq_ref.AwqResult/1":
-            raise ValueError(f"{path}: not an AwqResult file (metadata format={meta.get('format')!r})")
+            raise ValueError(f"{path}: not an AwqResult file "
+                             f"(metadata format={meta.get('format')!r})")
         try:
             spec = QuantSpec(int(meta["bits"]), int(meta["group_size"]),
                              parse_json(meta["zero_point"], f"{path}: zero_point"))

@@ -21,7 +21,8 @@ class ScalingGroup:
     prev: str  # module whose output channels are divided by s (RMSNorm or nn.Linear)
     linears: tuple[str, ...]  # linears whose input channels are multiplied by s
     inspect: str  # module whose output defines the loss
-    positional: bool = False  # inspect mixes tokens and takes (x, cos, sin): loss on whole sequences
+    # inspect mixes tokens and takes (x, cos, sin): loss on whole sequences
+    positional: bool = False
     repeat_kv: bool = False  # prev has Hkv*Dh outputs, the linears H*Dh inputs (GQA)
 
     @property

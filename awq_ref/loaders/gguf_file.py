@@ -84,10 +84,12 @@ def _f32(meta: dict[str, Any], key: str, source: str, default: Any = None) -> fl
 
 
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) -> LlamaConfig:
-    """LlamaConfig from the `llama.*` keys; ValueError for other architectures, MoE or rope scaling."""
+    """LlamaConfig from the `llama.*` keys; ValueError for other architectures, MoE or rope
+    scaling."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{source}: unsupported architecture {arch!r}; only 'llama' GGUF files load")
+        raise ValueError(f"{source}: unsupported architecture {arch!r}; "
+                         f"only 'llama' GGUF files load")
     if meta.get("llama.expert_count", 0):
         raise ValueError(f"{source}: unsupported architecture: llama.expert_count="
                          f"{meta['llama.expert_count']} (mixture of experts)")
@@ -97,9 +99,10 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) 
                          f"{'rope_freqs.weight' in tensor_names}) is not supported for GGUF")
     tokens = meta.get("tokenizer.ggml.tokens")
     n_tokens = len(tokens) if isinstance(tokens, list) and tokens else None
-    eos = [_int(meta, k, source) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-           if k in meta]
-    bos = _int(meta, "tokenizer.ggml.bos_token_id", source) if "tokenizer.ggml.bos_token_id" in meta else None
+    eos = [_int(meta, k, source)
+           for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    bos = (_int(meta, "tokenizer.ggml.bos_token_id", source)
+           if "tokenizer.ggml.bos_token_id" in meta else None)
     heads = _int(meta, "llama.attention.head_count", source)
     try:
         config = LlamaConfig(
@@ -123,8 +126,8 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) 
         raise ValueError(f"{source}: {e}") from e
     for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
         if meta.get(key, config.head_dim) != config.head_dim:
-            raise ValueError(f"{source}: {key}={meta[key]} differs from head_dim {config.head_dim}; "
-                             "unsupported")
+            raise ValueError(f"{source}: {key}={meta[key]} differs from head_dim "
+                             f"{config.head_dim}; unsupported")
     return config
 
 
@@ -173,8 +176,9 @@ def gguf_state_dict(header: GGUFHeader, config: LlamaConfig, source: str,
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             if w.dim() != 2 or w.shape[0] != heads * config.head_dim:
-                raise ValueError(f"{source}: tensor {t.name} has shape {tuple(w.shape)}, the config "
-                                 f"needs ({heads * config.head_dim}, {config.hidden_size})")
+                raise ValueError(f"{source}: tensor {t.name} has shape {tuple(w.shape)}, "
+                                 f"the config needs ({heads * config.head_dim}, "
+                                 f"{config.hidden_size})")
             w = interleaved_to_half(w, heads)
         out[name] = w.to(dtype).contiguous()
     return out

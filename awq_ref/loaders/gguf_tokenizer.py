@@ -34,10 +34,13 @@ def _pre_tokenizer(pre: str, source: str) -> Any:
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # SmolLM's tokenizer.json: every digit alone, then GPT-2's regex
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                 use_regex=True)])
     if pre in ("llama-bpe", "llama3", "llama-v3"):
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT),
+                                                             behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                 use_regex=False)])
     raise ValueError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported "
                      "(supported: default, gpt2, smollm, llama-bpe, llama3)")
 
@@ -65,14 +68,16 @@ def byte_level_bpe(meta: dict[str, Any], source: str) -> Any:
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     if any(len(m) != 2 for m in merges):
         raise ValueError(f"{source}: tokenizer.ggml.merges holds an entry without a space")
-    tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
+                                continuing_subword_prefix="",
                                 end_of_word_suffix="", fuse_unk=False))
     tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), source)
     tk.decoder = decoders.ByteLevel()
     return tk
 
 
-def merges_from_scores(tokens: list[str], scores: list[float], source: str) -> list[tuple[str, str]]:
+def merges_from_scores(tokens: list[str], scores: list[float], source: str
+                       ) -> list[tuple[str, str]]:
     """Every split a + b of a token into two tokens, best joined score first (ties: longer left
     piece, then longer right piece, then the token listed first), as transformers'
     `generate_merges` orders them; ValueError past the limits of `vocab_splits`."""
@@ -94,7 +99,8 @@ def sentencepiece_bpe(meta: dict[str, Any], source: str) -> Any:
         raise ValueError(f"{source}: tokenizer.ggml.scores missing or not one per token")
     unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
     tk = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                merges=merges_from_scores(tokens, scores, source), unk_token=tokens[unk],
+                                merges=merges_from_scores(tokens, scores, source),
+                                unk_token=tokens[unk],
                                 fuse_unk=True, byte_fallback=True, dropout=None))
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     # Spaces become U+2581 and, like SentencePiece and llama.cpp, every text piece gets one in
@@ -155,13 +161,15 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> Tokenizer
         elif kind == "llama":
             tk = sentencepiece_bpe(meta, source)
         else:
-            raise ValueError(f"{source}: tokenizer.ggml.model={kind!r} is not supported (gpt2, llama)")
+            raise ValueError(f"{source}: tokenizer.ggml.model={kind!r} is not supported "
+                             f"(gpt2, llama)")
         _add_special_tokens(tk, meta, byte_level=kind == "gpt2")
     except BaseException as e:
         if not is_error_or_rust_panic(e) or isinstance(e, ValueError) and source in str(e):
             raise
         raise ValueError(f"{source}: the GGUF vocabulary does not form a tokenizer ({e})") from e
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+           if k in meta]
     # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
     add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
     return Tokenizer(TokenizersBackend(tk), meta.get("tokenizer.ggml.bos_token_id"), eos,

@@ -44,7 +44,8 @@ def check_tensor_count(path: Path, count: int) -> None:
 
 
 def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of one .safetensors file, memory-mapped; ValueError naming the file if corrupt."""
+    """All tensors of one .safetensors file, memory-mapped; ValueError naming the file if
+    corrupt."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -73,7 +74,8 @@ def _shard_map(folder: Path) -> dict[str, list[str]]:
     shards: dict[str, list[str]] = {}
     for name, file in weight_map.items():
         if not isinstance(file, str) or Path(file).name != file:
-            raise ValueError(f"{index_path}: tensor {name} points at {file!r}, not a file in the folder")
+            raise ValueError(f"{index_path}: tensor {name} points at {file!r}, "
+                             f"not a file in the folder")
         shards.setdefault(file, []).append(name)
     return shards
 

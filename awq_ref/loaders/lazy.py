@@ -57,7 +57,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_siz
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < MAX_DIM for d in shape):
         raise ValueError(f"{where}: bad shape {str(shape)[:80]}")
     if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_size):
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size):
         raise ValueError(f"{where}: data_offsets {offsets!r} lie outside the data section "
                          f"({data_size} bytes)")
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()

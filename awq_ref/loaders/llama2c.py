@@ -45,7 +45,8 @@ class Llama2cHeader:
     def arrays(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every fp32 array in file order."""
         d, f, n_l, v = self.dim, self.hidden_dim, self.n_layers, abs(self.vocab_size)
-        q, kv, half = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.head_dim // 2
+        q, kv, half = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                       self.head_dim // 2)
         shapes = [("tok_emb", (v, d)), ("rms_att", (n_l, d)), ("wq", (n_l, q, d)),
                   ("wk", (n_l, kv, d)), ("wv", (n_l, kv, d)), ("wo", (n_l, d, q)),
                   ("rms_ffn", (n_l, d)), ("w1", (n_l, f, d)), ("w2", (n_l, d, f)),
@@ -68,7 +69,8 @@ def read_header(path: Path) -> Llama2cHeader:
     if len(head) < HEADER.size:
         raise ValueError(f"{path}: too short for a llama2.c checkpoint header ({size} bytes)")
     h = Llama2cHeader(*HEADER.unpack(head))
-    fields = (h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, abs(h.vocab_size), h.seq_len)
+    fields = (h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, abs(h.vocab_size),
+              h.seq_len)
     if min(fields) <= 0 or h.dim % h.n_heads or h.n_heads % h.n_kv_heads or h.head_dim % 2:
         raise ValueError(f"{path}: not a llama2.c checkpoint: implausible header {h}")
     if h.n_bytes() != size:
@@ -86,7 +88,8 @@ def is_llama2c_model(path: Path) -> bool:
 
 
 def config_from_header(h: Llama2cHeader) -> LlamaConfig:
-    return LlamaConfig(vocab_size=abs(h.vocab_size), hidden_size=h.dim, intermediate_size=h.hidden_dim,
+    return LlamaConfig(vocab_size=abs(h.vocab_size), hidden_size=h.dim,
+                       intermediate_size=h.hidden_dim,
                        num_hidden_layers=h.n_layers, num_attention_heads=h.n_heads,
                        num_key_value_heads=h.n_kv_heads, rms_norm_eps=1e-5, rope_theta=10000.0,
                        max_position_embeddings=h.seq_len, tie_word_embeddings=h.vocab_size > 0,

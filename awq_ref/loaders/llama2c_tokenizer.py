@@ -25,12 +25,14 @@ _BYTE_TOKEN = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 
 
 def parse_llama2c_vocab(data: bytes, source: str) -> tuple[int, list[bytes], list[float]]:
-    """(max_token_length, tokens, scores) from the file's bytes; every length checked against the size."""
+    """(max_token_length, tokens, scores) from the file's bytes; every length checked against the
+    size."""
     if len(data) < 4:
         raise ValueError(f"{source}: too short for a llama2.c tokenizer ({len(data)} bytes)")
     (max_len,) = struct.unpack_from("<i", data, 0)
     if not 0 < max_len <= 1 << 16:
-        raise ValueError(f"{source}: max_token_length {max_len} is not plausible; not a llama2.c tokenizer?")
+        raise ValueError(f"{source}: max_token_length {max_len} is not plausible; "
+                         f"not a llama2.c tokenizer?")
     tokens, scores, off = [], [], 4
     while off < len(data):
         if off + 8 > len(data):
@@ -38,8 +40,9 @@ def parse_llama2c_vocab(data: bytes, source: str) -> tuple[int, list[bytes], lis
         score, n = struct.unpack_from("<fi", data, off)
         off += 8
         if not 0 <= n <= max_len or off + n > len(data):
-            raise ValueError(f"{source}: truncated or corrupt: token {len(tokens)} claims {n} bytes "
-                             f"at offset {off} (max_token_length {max_len}, file size {len(data)})")
+            raise ValueError(f"{source}: truncated or corrupt: token {len(tokens)} claims {n} "
+                             f"bytes at offset {off} (max_token_length {max_len}, file size "
+                             f"{len(data)})")
         tokens.append(data[off:off + n])
         scores.append(score)
         off += n
@@ -71,9 +74,11 @@ class Llama2cBackend:
         for i, t in enumerate(texts):
             vocab.setdefault(t, i)
         pieces = [(i, t) for i, t in enumerate(texts)
-                  if i not in SPECIAL_IDS and not _BYTE_TOKEN.fullmatch(self.tokens[i]) and vocab[t] == i]
+                  if i not in SPECIAL_IDS and not _BYTE_TOKEN.fullmatch(self.tokens[i])
+                  and vocab[t] == i]
         splits = vocab_splits(pieces, vocab, len(texts), source)
-        merges = sorted((-self.scores[i], i, len(a), a, b) for i, a, b in splits)  # best score first
+        merges = sorted((-self.scores[i], i, len(a), a, b)
+                        for i, a, b in splits)  # best score first
         bpe = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges],
                          unk_token=texts[0], byte_fallback=True, fuse_unk=False)
         return HFTokenizer(bpe)  # no normalizer, no pre-tokenizer: the whole text is one word

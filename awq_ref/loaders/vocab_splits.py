@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Iterator
 
-MAX_TOKEN_LENGTH = 1024  # characters; real pieces are under ~50, and splitting one costs O(length^2)
+# characters; real pieces are under ~50, and splitting one costs O(length^2)
+MAX_TOKEN_LENGTH = 1024
 MERGE_CHARS_PER_TOKEN = 256  # text the merges may hold per vocabulary entry; real ones need < ~20
 
 
@@ -22,8 +23,8 @@ def vocab_splits(pieces: Iterable[tuple[int, str]], vocab: Container[str], n_tok
     budget = MERGE_CHARS_PER_TOKEN * n_tokens
     for i, piece in pieces:
         if len(piece) > MAX_TOKEN_LENGTH:
-            raise ValueError(f"{source}: token {i} is {len(piece)} characters long, over the limit of "
-                             f"{MAX_TOKEN_LENGTH}; not a real vocabulary")
+            raise ValueError(f"{source}: token {i} is {len(piece)} characters long, over the "
+                             f"limit of {MAX_TOKEN_LENGTH}; not a real vocabulary")
         for k in range(1, len(piece)):
             left = piece[:k]
             if left in vocab and (right := piece[k:]) in vocab:

@@ -62,7 +62,8 @@ ALWAYS_UNQUANTIZED = ("lm_head",)
 CONFIG_DTYPE = "float16"
 
 
-def quant_config_dict(spec: QuantSpec, modules_to_not_convert: Iterable[str] = ()) -> dict[str, Any]:
+def quant_config_dict(spec: QuantSpec, modules_to_not_convert: Iterable[str] = ()
+                      ) -> dict[str, Any]:
     """The `quantization_config` object of config.json for `spec`; modules_to_not_convert starts
     with ALWAYS_UNQUANTIZED (see there), then the caller's names in their order."""
     skip = list(ALWAYS_UNQUANTIZED)
@@ -86,7 +87,8 @@ def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, 
         raise ValueError(f"{source}: quant_method {method!r} is not supported (only 'awq')")
     version = str(d.get("version", "gemm")).lower()
     if version != "gemm":
-        raise ValueError(f"{source}: AWQ version {d.get('version')!r} is not supported (only 'gemm')")
+        raise ValueError(f"{source}: AWQ version {d.get('version')!r} is not supported "
+                         f"(only 'gemm')")
     bits = d.get("bits", d.get("w_bit"))
     if bits != PACK_BITS:
         raise ValueError(f"{source}: bits={bits!r} is not supported (packed checkpoints are 4-bit)")
@@ -182,7 +184,8 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
     error unless overwrite=True (then it is replaced by rename as well).
     """
     out_dir = Path(out_dir)
-    quant_config = quant_config if quant_config is not None else getattr(model, "quantization_config", None)
+    quant_config = (quant_config if quant_config is not None
+                    else getattr(model, "quantization_config", None))
     if quant_config is None:
         raise ValueError("save_quantized: no quant_config given and the model has no "
                          "quantization_config (quantize it with awq_ref.api.quantize)")

@@ -55,7 +55,8 @@ class QuantEmbedding(nn.Module):
         if idx.device.type == "cpu" and idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.num_embeddings:
-                raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got [{lo}, {hi}]")
+                raise IndexError(f"token ids must be in [0, {self.num_embeddings}), "
+                                 f"got [{lo}, {hi}]")
         shift = self.shifts[idx % PACK_NUM]  # (T,)
         word = idx // PACK_NUM
         q = (p.qweight[:, word] >> shift) & 0xF  # (D, T) codes of the looked-up columns
@@ -69,8 +70,8 @@ class QuantEmbedding(nn.Module):
         return w.reshape(*tokens.shape, -1)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.packed.group_size}, "
-                f"dtype={self.dtype_ref.dtype}")
+        return (f"{self.num_embeddings}, {self.embedding_dim}, "
+                f"group_size={self.packed.group_size}, dtype={self.dtype_ref.dtype}")
 
 
 def _pack_table(weight: torch.Tensor, group_size: int, name: str) -> QuantLinear:
@@ -103,7 +104,8 @@ def quantize_embeddings(model: nn.Module, group_size: int | None = None,
     `awq_ref.awq.head.clipped_head`, is rounded in place of lm_head.weight (and of the token
     table too when the two are tied)."""
     if not parts or set(parts) - {"embed", "head"}:
-        raise ValueError(f"quantize_embeddings: parts must name 'embed' and/or 'head', got {parts!r}")
+        raise ValueError(f"quantize_embeddings: parts must name 'embed' and/or 'head', "
+                         f"got {parts!r}")
     if isinstance(model.model.embed_tokens, QuantEmbedding):
         raise ValueError("quantize_embeddings: the embeddings are already quantized")
     table = model.model.embed_tokens.weight  # (V, D)

@@ -32,7 +32,8 @@ class Int8Linear(nn.Module):
             raise ValueError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype} "
                              f"{list(qweight.shape)}")
         if scales.shape != (qweight.shape[0],):
-            raise ValueError(f"scales must have shape [{qweight.shape[0]}], got {list(scales.shape)}")
+            raise ValueError(f"scales must have shape [{qweight.shape[0]}], "
+                             f"got {list(scales.shape)}")
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales.to(torch.float32))

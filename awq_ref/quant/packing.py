@@ -68,8 +68,10 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     if n % PACK_NUM:
         raise ValueError(f"cannot pack {n} columns: the count must be a multiple of {PACK_NUM}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
-        raise ValueError(f"codes must lie in 0..15, got range {int(codes.min())}..{int(codes.max())}")
-    c = codes.to(torch.int64).reshape(r, n // PACK_NUM, PACK_NUM)[..., list(AWQ_ORDER)]  # (R, N/8, 8)
+        raise ValueError(f"codes must lie in 0..15, got range "
+                         f"{int(codes.min())}..{int(codes.max())}")
+    c = codes.to(torch.int64).reshape(r, n // PACK_NUM, PACK_NUM)[
+        ..., list(AWQ_ORDER)]  # (R, N/8, 8)
     shifts = torch.arange(0, 32, PACK_BITS, device=codes.device, dtype=torch.int64)  # (8,)
     words = (c << shifts).sum(dim=-1)  # (R, N/8), values in 0..2^32-1: nibbles do not overlap
     # Reinterpret as signed 32-bit (two's complement): words >= 2^31 become negative.

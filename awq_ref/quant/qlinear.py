@@ -41,10 +41,13 @@ class QuantLinear(nn.Module):
             raise ValueError(f"out_features {out_features} is not a multiple of {PACK_NUM}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, g
         k, n = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(k, n // PACK_NUM, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.zeros(k // g, n // PACK_NUM, dtype=torch.int32, device=device))
+        self.register_buffer("qweight", torch.zeros(k, n // PACK_NUM, dtype=torch.int32,
+                                                    device=device))
+        self.register_buffer("qzeros", torch.zeros(k // g, n // PACK_NUM, dtype=torch.int32,
+                                                   device=device))
         self.register_buffer("scales", torch.zeros(k // g, n, dtype=torch.float16, device=device))
-        self.register_buffer("bias", torch.zeros(n, dtype=bias_dtype, device=device) if bias else None)
+        self.register_buffer("bias",
+                             torch.zeros(n, dtype=bias_dtype, device=device) if bias else None)
         self.kernel: Kernel | None = None
 
     @classmethod

@@ -39,7 +39,8 @@ class QuantSpec:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
-            raise ValueError(f"group_size must be a positive integer or -1, got {self.group_size!r}")
+            raise ValueError(f"group_size must be a positive integer or -1, "
+                             f"got {self.group_size!r}")
 
     @property
     def max_code(self) -> int:

@@ -82,7 +82,8 @@ def readers() -> list[tuple[str, object]]:
 def save_random_checkpoint(model_type: str, folder: Path | str) -> None:
     """random_model(model_type), AWQ-searched on random calibration tokens (so Qwen2's v bias
     is rescaled with v), packed W4 g64 and saved by awq_ref into `folder`."""
-    calib = torch.randint(3, SHAPES["vocab_size"], (8, 128), generator=torch.Generator().manual_seed(1))
+    calib = torch.randint(3, SHAPES["vocab_size"], (8, 128),
+                          generator=torch.Generator().manual_seed(1))
     q = awq_ref.quantize(random_model(model_type), method="awq", w_bit=4, group_size=64,
                          calib_tokens=calib, n_grid=10, progress=False)
     awq_ref.save_quantized(q, folder)
@@ -92,7 +93,8 @@ def check(model_type: str, folder: Path, new_tokens: int) -> dict:
     save_random_checkpoint(model_type, folder)
     ours = awq_ref.load_model(folder)
     config = json.loads((folder / "config.json").read_text())
-    prompts = [torch.randint(3, SHAPES["vocab_size"], (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    prompts = [torch.randint(3, SHAPES["vocab_size"], (n,),
+                             generator=torch.Generator().manual_seed(n)).tolist()
                for n in (7, 33, 200)]
     row: dict = {"architectures": config["architectures"],
                  "stored": sorted(k.split(".", 3)[-1] for k in read_safetensors_folder(folder)
@@ -122,8 +124,8 @@ def check(model_type: str, folder: Path, new_tokens: int) -> dict:
         row[name] = {"class": built, "quantized_linears": linears, "layer_classes": kinds,
                      "logits_rel_err": errors,
                      "greedy_tokens_equal": same, "of": new_tokens, "load_warnings": notes}
-        print(f"{model_type:8s} {name:13s} {built:18s} {linears:2d} x {'/'.join(kinds)}  logits rel err "
-              f"{', '.join(f'{e:.1e}' for e in errors)}  greedy {same}/{new_tokens}"
+        print(f"{model_type:8s} {name:13s} {built:18s} {linears:2d} x {'/'.join(kinds)}  "
+              f"logits rel err {', '.join(f'{e:.1e}' for e in errors)}  greedy {same}/{new_tokens}"
               + (f"  WARNINGS {notes}" if notes else ""))
     return row
 
@@ -133,7 +135,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--json")
     args = ap.parse_args()
-    report: dict = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+    report: dict = {"versions": {"torch": torch.__version__,
+                                 "transformers": transformers.__version__,
                                  **package_versions("autoawq", "gptqmodel")}}
     print(report["versions"])
     with TemporaryDirectory() as tmp:

@@ -94,7 +94,8 @@ def window_stats(ours, theirs, window: list[int]) -> dict:
     a, b = ours_logits(ours, window)[:-1], hf_logits(theirs, window)[:-1]
     target = torch.tensor(window[1:])
     la, lb = F.log_softmax(a.double(), -1), F.log_softmax(b.double(), -1)
-    return {"nll_awq_ref": float(F.nll_loss(la, target)), "nll_other": float(F.nll_loss(lb, target)),
+    return {"nll_awq_ref": float(F.nll_loss(la, target)),
+            "nll_other": float(F.nll_loss(lb, target)),
             "kl": float((la.exp() * (la - lb)).sum(-1).mean()),
             "top1": float((a.argmax(-1) == b.argmax(-1)).double().mean()),
             "logits_rel_err": rel_err(b, a)}

@@ -132,7 +132,8 @@ def main() -> None:
         mine = awq_ref.generate(ours, ids, args.new_tokens)
         same = leading_equal(mine, theirs)
         row = {"prompt": prompt, "ids_equal": vllm_tok.encode(prompt) == ids,
-               "greedy_tokens_equal": same, "of": args.new_tokens, "vllm_text": vllm_tok.decode(theirs)}
+               "greedy_tokens_equal": same, "of": args.new_tokens,
+               "vllm_text": vllm_tok.decode(theirs)}
         report["prompts"].append(row)
         print(f"{prompt!r}: tokenizer ids equal {row['ids_equal']}, greedy tokens equal "
               f"{same}/{args.new_tokens}: {row['vllm_text']!r}")
@@ -149,7 +150,8 @@ def main() -> None:
         rows = report["wikitext_windows"]
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         report["mean"] = {"ppl_awq_ref": math.exp(mean["nll_awq_ref"]),
-                          "ppl_vllm": math.exp(mean["nll_vllm"]), "top1_agreement": mean["top1_agreement"]}
+                          "ppl_vllm": math.exp(mean["nll_vllm"]),
+                          "top1_agreement": mean["top1_agreement"]}
         print(f"{args.windows} windows: ppl awq_ref {report['mean']['ppl_awq_ref']:.3f}, vLLM "
               f"{report['mean']['ppl_vllm']:.3f}, top-1 agreement {mean['top1_agreement']:.4f}")
     if args.architectures:

@@ -67,12 +67,14 @@ def gguf_metadata(model, kind: str) -> dict[str, tuple[object, object]]:
     }
     if kind == "gpt2":
         tokens, merges = byte_level_tokens()
-        meta |= {"tokenizer.ggml.tokens": (tokens, t.ARRAY), "tokenizer.ggml.merges": (merges, t.ARRAY),
+        meta |= {"tokenizer.ggml.tokens": (tokens, t.ARRAY),
+                 "tokenizer.ggml.merges": (merges, t.ARRAY),
                  "tokenizer.ggml.pre": ("smollm", t.STRING),
                  "tokenizer.ggml.token_type": ([1] * len(tokens), t.ARRAY)}
     else:
         tokens, scores, types = sentencepiece_tokens()
-        meta |= {"tokenizer.ggml.tokens": (tokens, t.ARRAY), "tokenizer.ggml.scores": (scores, t.ARRAY),
+        meta |= {"tokenizer.ggml.tokens": (tokens, t.ARRAY),
+                 "tokenizer.ggml.scores": (scores, t.ARRAY),
                  "tokenizer.ggml.token_type": (types, t.ARRAY),
                  "tokenizer.ggml.add_bos_token": (True, t.BOOL)}
     return meta
@@ -91,7 +93,8 @@ def write_gguf(path: Path, model, meta: dict, qtype: str = "F32") -> Path:
     for name, tensor in model.state_dict().items():
         arr = tensor.detach()
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = model.config.num_attention_heads if "q_proj" in name else model.config.num_key_value_heads
+            heads = (model.config.num_attention_heads if "q_proj" in name
+                     else model.config.num_key_value_heads)
             arr = half_to_interleaved(arr, heads)
         arr = arr.numpy().astype(np.float32)
         if qtype == "F32" or arr.ndim == 1:
@@ -121,7 +124,8 @@ def write_hf_tokenizer(folder: Path) -> None:
 def write_hf_folder(folder: Path, model) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "model.safetensors"))
     return folder
 
 
@@ -138,7 +142,8 @@ def write_llama2c(path: Path, model) -> Path:
              stack(lambda b: half_to_interleaved(b.self_attn.q_proj.weight, c.num_attention_heads)),
              stack(lambda b: half_to_interleaved(b.self_attn.k_proj.weight, c.num_key_value_heads)),
              stack(lambda b: b.self_attn.v_proj.weight), stack(lambda b: b.self_attn.o_proj.weight),
-             stack(lambda b: b.post_attention_layernorm.weight), stack(lambda b: b.mlp.gate_proj.weight),
+             stack(lambda b: b.post_attention_layernorm.weight),
+             stack(lambda b: b.mlp.gate_proj.weight),
              stack(lambda b: b.mlp.down_proj.weight), stack(lambda b: b.mlp.up_proj.weight),
              model.model.norm.weight, torch.zeros(2 * c.max_position_embeddings * c.head_dim // 2),
              model.lm_head.weight]
@@ -185,7 +190,8 @@ def base_files(root: Path) -> Files:
     return Files({
         "config": json.loads((hf / "config.json").read_text()),
         "safetensors": (hf / "model.safetensors").read_bytes(),
-        "gguf_gpt2": write_gguf(root / "a.gguf", gpt2_model, gguf_metadata(gpt2_model, "gpt2")).read_bytes(),
+        "gguf_gpt2": write_gguf(root / "a.gguf", gpt2_model,
+                                gguf_metadata(gpt2_model, "gpt2")).read_bytes(),
         "gguf_llama": write_gguf(root / "b.gguf", sp_model, gguf_metadata(sp_model, "llama"),
                                  "Q8_0").read_bytes(),
         "gguf_model": sp_model,

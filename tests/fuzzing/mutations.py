@@ -54,7 +54,8 @@ def apply_bytes(data: bytes, edits) -> bytes:
 
 
 def json_paths(obj, depth: int = 3, prefix: tuple = (), per_level: int = 12) -> list[tuple]:
-    items = list(obj.items()) if isinstance(obj, dict) else list(enumerate(obj)) if isinstance(obj, list) else []
+    items = (list(obj.items()) if isinstance(obj, dict)
+             else list(enumerate(obj)) if isinstance(obj, list) else [])
     paths = []
     for key, value in items[:per_level] if prefix else items:  # every top-level key
         paths.append((*prefix, key))
@@ -112,7 +113,8 @@ def safetensors_cases(data: bytes):
     """Raw byte edits, or the JSON header edited (dtype, shape, data_offsets) and re-joined."""
     header, body = safetensors_split(data)
     hot = 8 + struct.unpack("<Q", data[:8])[0]
-    structural = json_edits(header, extra=ST_DTYPES).map(lambda e: safetensors_join(apply_json(header, e), body))
+    structural = json_edits(header, extra=ST_DTYPES).map(
+        lambda e: safetensors_join(apply_json(header, e), body))
     raw = byte_edits(len(data), [(0, 8)], hot).map(lambda e: apply_bytes(data, e))
     return st.one_of(structural, raw)
 
@@ -126,7 +128,8 @@ def gguf_fields(data: bytes, folder: Path) -> list[list[tuple[int, int]]]:
     start = reader.data.ctypes.data
     groups = []
     for field in [*reader.fields.values(), *(t.field for t in reader.tensors)]:
-        parts = [(p.ctypes.data - start, p.nbytes) for p in field.parts[:64] if p.nbytes in (1, 2, 4, 8)]
+        parts = [(p.ctypes.data - start, p.nbytes) for p in field.parts[:64]
+                 if p.nbytes in (1, 2, 4, 8)]
         groups.append(parts)
     del reader
     return [g for g in groups if g]
@@ -157,9 +160,11 @@ def gguf_values():
         st.tuples(st.integers(-(2**63), 2**63 - 1), st.just(t.INT64)),
         st.tuples(small_floats, st.just(t.FLOAT32)), st.tuples(st.floats(), st.just(t.FLOAT64)),
         st.tuples(st.booleans(), st.just(t.BOOL)),
-        st.tuples(st.text(max_size=8) | st.sampled_from(["llama", "gpt2", "none", "linear"]), st.just(t.STRING)),
+        st.tuples(st.text(max_size=8) | st.sampled_from(["llama", "gpt2", "none", "linear"]),
+                  st.just(t.STRING)),
         st.tuples(st.lists(st.text(max_size=4), min_size=1, max_size=6), st.just(t.ARRAY)),
-        st.tuples(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=6), st.just(t.ARRAY)),
+        st.tuples(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=6),
+                  st.just(t.ARRAY)),
         st.tuples(st.lists(small_floats, min_size=1, max_size=6), st.just(t.ARRAY)))
 
 
@@ -189,7 +194,8 @@ def quant_tensor_cases(base: dict):
     shape_op = st.tuples(st.sampled_from(["same", "drop", "add", "resize"]), st.integers(0, 3),
                          st.sampled_from([-8, -1, 1, 8, 64]))
     edit = st.one_of(
-        st.tuples(st.sampled_from(packed) | st.sampled_from(names), st.sampled_from(Q_DTYPES), shape_op),
+        st.tuples(st.sampled_from(packed) | st.sampled_from(names), st.sampled_from(Q_DTYPES),
+                  shape_op),
         st.tuples(st.sampled_from(names), st.none(), st.none()))  # tensor removed
 
     def apply(edits):
