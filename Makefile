@@ -36,6 +36,7 @@ demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
 test: $(TEST_STAMP)
+	$(BIN)/ruff check awq_ref awq_kernels tools tests docs/checks
 	$(BIN)/python -m pytest -q
 
 lint: $(TEST_STAMP)

@@ -97,7 +97,8 @@ def main() -> None:
     rows = {"ours": bench_ours(model, prompt, args.decode_steps, args.repeats),
             "transformers": bench_hf(hf, prompt, args.decode_steps, args.repeats)}
     print(f"model {args.model}, {args.dtype}, {args.threads} threads, "
-          f"prefill {args.seqlen} tokens, decode {args.decode_steps} tokens, median of {args.repeats}")
+          f"prefill {args.seqlen} tokens, decode {args.decode_steps} tokens, "
+          f"median of {args.repeats}")
     print("| impl | prefill s | prefill tok/s | decode tok/s |\n|---|---|---|---|")
     result = {}
     for name, (pre, dec) in rows.items():
