@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Iterator
 
-# characters; real pieces are under ~50, and splitting one costs O(length^2)
+# the longest vocabulary entry, in characters; real pieces are under ~50, and splitting one
+# costs O(length^2)
 MAX_TOKEN_LENGTH = 1024
 MERGE_CHARS_PER_TOKEN = 256  # text the merges may hold per vocabulary entry; real ones need < ~20
 
