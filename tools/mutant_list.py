@@ -378,4 +378,6 @@ MUTANTS = (
        "tests/test_report.py", "-k", "docstrings_say"),
     _m("fig-top-channels-off-by-one", "tools/figures.py", "idx = np.argsort(m)[-k:]",
        "idx = np.argsort(m)[-k - 1:]", "tests/test_report.py", "-k", "docstrings_say"),
+    _m("demo-evaluates-on-calibration", "tools/demo.py", "args.seqlen, seed=1).flatten()",
+       "args.seqlen, seed=0).flatten()", "tests/test_demo.py", "-k", "without_shared"),
 )

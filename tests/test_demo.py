@@ -1,0 +1,60 @@
+"""tools/demo.py, the README's main job: the whole pipeline on the default model with tiny
+settings (the full-size run is `make demo`), and its data-free fallback without ../shared."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import demo  # noqa: E402  (tools/, beside the tests)
+
+from awq_ref.config import LlamaConfig  # noqa: E402
+from awq_ref.model import Llama  # noqa: E402
+
+
+@pytest.mark.slow
+def test_demo_runs_the_main_job_end_to_end(default_gguf, shared_data, tmp_path, monkeypatch,
+                                           capsys):
+    out = tmp_path / "demo"
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--out", str(out), "--n-samples", "2",
+                                      "--calib-seqlen", "32", "--eval-windows", "1",
+                                      "--seqlen", "64"])
+    demo.main()  # ~150 s on 2 cores, most of it the AWQ search over the weights
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["source"] == "TinyStories calibration, WikiText-2 test"
+    assert summary["reload_identical"] is True
+    ckpt = out / "smollm2-135m-awq-w4-g64"
+    assert summary["checkpoint_bytes"] == sum(f.stat().st_size
+                                              for f in ckpt.glob("*.safetensors")) > 0
+    assert set(summary["eval"]) == {"fp32", "RTN W4", "AWQ W4 (reloaded)"}
+    for name, row in summary["eval"].items():
+        assert row["tokens"] == 63 and 1 < row["ppl"] < 1e4, name
+        assert ("kl" in row) == (name != "fp32")
+    # both prompts continue, each continuation shown with its leading space (SentencePiece drops
+    # it when the continuation is decoded alone)
+    shown = [line for line in printed.splitlines() if "' -> '" in line]
+    prompts = demo.PROMPTS.read_text().splitlines()[:2]
+    assert len(shown) == 4 and [s.split(" -> ")[0] for s in shown[:2]] == [repr(p) for p in prompts]
+    assert all(s.split(" -> ")[1].startswith(("' ", "'\\n")) for s in shown)
+
+
+def test_demo_without_shared_data_samples_distinct_calibration_and_evaluation(monkeypatch,
+                                                                             one_thread):
+    """Without ../shared the demo calibrates on windows the model writes and evaluates on other
+    windows it writes (a second seed): evaluating on the calibration windows would flatter AWQ."""
+    monkeypatch.setattr(demo, "CALIB", Path("/nonexistent/calib.txt"))
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    args = demo.argparse.Namespace(n_samples=2, calib_seqlen=16, eval_windows=2, seqlen=16)
+    calib, held_out, source = demo.texts(model, None, args)
+    assert source == "data-free (model-sampled) calibration and evaluation"
+    assert calib.shape == (2, 16) and held_out.shape == (32,)
+    assert not torch.equal(held_out, calib.flatten())
