@@ -7,15 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # demo.py
+
+import demo
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import demo  # noqa: E402  (tools/, beside the tests)
-
-from awq_ref.config import LlamaConfig  # noqa: E402
-from awq_ref.model import Llama  # noqa: E402
+from awq_ref.config import LlamaConfig
+from awq_ref.model import Llama
 
 
 @pytest.mark.slow
