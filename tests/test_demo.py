@@ -3,6 +3,7 @@ settings (the full-size run is `make demo`), and its data-free fallback without 
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import sys
@@ -61,7 +62,7 @@ def test_demo_without_shared_data_samples_distinct_calibration_and_evaluation(mo
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-    args = demo.argparse.Namespace(n_samples=2, calib_seqlen=16, eval_windows=2, seqlen=16)
+    args = argparse.Namespace(n_samples=2, calib_seqlen=16, eval_windows=2, seqlen=16)
     calib, held_out, source = demo.texts(model, None, args)
     assert source == "data-free (model-sampled) calibration and evaluation"
     assert calib.shape == (2, 16) and held_out.shape == (32,)
