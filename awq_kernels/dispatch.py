@@ -5,8 +5,7 @@ whose bound holds it; the last rule has no bound. DEFAULT is the rule measured o
 (2026-12-05, docs/gpu/h100-2026-12-05; below). `from_sweep` derives a Dispatch from a tile
 sweep (sweep.py) so that a GPU run's measurements become the next `auto` as reviewed data, and
 `api.gemm(..., dispatch=d)` runs one without changing the default (no global state): the
-benchmark times a derived dispatch beside `auto` in the same run (tools/bench_gemm.py
---tuned-from).
+benchmark times a derived dispatch beside `auto` in one run (bench_gemm.py --tuned-from).
 
 Pure Python (no torch, no CUDA): unit-tested on CPU like plan.py.
 """

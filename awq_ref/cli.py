@@ -1,5 +1,4 @@
-"""Command line: `python -m awq_ref {generate,ppl,quantize} ...`. Thin: parse, then call the
-package."""
+"""Command line: `python -m awq_ref {generate,ppl,quantize} ...`; parses, then calls the package."""
 
 from __future__ import annotations
 

@@ -203,8 +203,7 @@ def cmd_quantize_stream(args: argparse.Namespace) -> int:
 
 
 def _save_dtype(args: argparse.Namespace) -> torch.dtype | None:
-    """--save-dtype: the unquantized tensors' dtype in the checkpoint (None: the writer's
-    default)."""
+    """--save-dtype: the checkpoint's dtype for unquantized tensors (None: the writer's)."""
     return DTYPES[args.save_dtype] if args.save_dtype else None
 
 

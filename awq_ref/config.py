@@ -175,8 +175,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> LlamaConfig:
-        """Read an HF config.json dict; raises ValueError naming `source` on anything we cannot
-        run."""
+        """Read an HF config.json dict; ValueError naming `source` on anything we can't run."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         archs = d.get("architectures") or []

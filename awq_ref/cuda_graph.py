@@ -13,8 +13,7 @@ everything that changes from one token to the next lives in tensors allocated be
 `static_decode_step` is that step written with tensors only (no Python ints that move); it runs
 on any device and is tested against the eager `Llama.forward` with the KV cache, which stays
 the reference. `CudaGraphDecoder` captures it on the GPU following torch's documented recipe:
-warm up on a side stream, capture with `torch.cuda.graph`, then fill the static inputs and
-`replay()`.
+warm up on a side stream, capture with `torch.cuda.graph`, then fill the static inputs and replay.
 """
 
 from __future__ import annotations

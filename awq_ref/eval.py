@@ -21,8 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-# Positions per chunk when turning logits into log-probabilities: bounds the (T, V) fp32
-# temporaries.
+# Positions per chunk when turning logits into log-probs: bounds the (T, V) fp32 temporaries.
 _CHUNK = 512
 
 

@@ -1,5 +1,4 @@
-"""Tokenizer: text <-> token ids with the model's own BOS/EOS conventions, over one of three
-backends.
+"""Tokenizer: text <-> token ids with the model's own BOS/EOS conventions, over three backends.
 
 Backends: a `tokenizers` Tokenizer (tokenizer.json, and everything we build from GGUF metadata),
 a SentencePiece model (tokenizer.model), and llama2.c's binary vocabulary (tokenizer.bin, see

@@ -1,5 +1,4 @@
-"""Shared fixtures: the real test material beside the repo (../shared/data) and the default
-model."""
+"""Shared fixtures: the real test material beside the repo (../shared/data), the default model."""
 
 from __future__ import annotations
 

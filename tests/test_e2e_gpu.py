@@ -181,8 +181,7 @@ def quantized_default(default_gguf):
 
 @pytest.fixture(scope="module")
 def quantized_default_fp32(default_gguf):
-    """The same RTN W4 g64 weights in fp32 (torch reference): what both fp16 backends
-    approximate."""
+    """RTN W4 g64 in fp32 (the torch reference) that both fp16 backends approximate."""
     if not HAS_GPU_STACK:
         pytest.skip("needs a CUDA device and CuPy")
     return _quantized_default(default_gguf, torch.float32)

@@ -66,7 +66,6 @@ def test_windows_errors():
 
 
 def test_read_text_reads_crlf_files_as_lf(tmp_path):
-    """WikiText-2's raw files have CRLF line ends in some copies: the tokens must not depend on
-    it."""
+    """Some copies of WikiText-2 have CRLF line ends: the tokens must not depend on them."""
     (tmp_path / "crlf.txt").write_bytes("one\r\ntwo \u00e9\r\n\r\nthree\r".encode())
     assert read_text(tmp_path / "crlf.txt") == "one\ntwo \u00e9\n\nthree\r"

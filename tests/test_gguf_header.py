@@ -14,8 +14,7 @@ gguf = pytest.importorskip("gguf")
 
 
 def reader_view(path):
-    """What GGUFReader reads: (metadata, [(name, torch-order shape, type, offset, n_bytes,
-    bytes)])."""
+    """What GGUFReader reads: (metadata, [(name, torch shape, type, offset, n_bytes, bytes)])."""
     r = gguf.GGUFReader(path)
     meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
     tensors = [(t.name, tuple(reversed(t.shape.tolist())), t.tensor_type, t.data_offset, t.n_bytes,

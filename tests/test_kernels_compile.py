@@ -1,7 +1,6 @@
 """Every CUDA source of awq_kernels compiles through NVRTC for sm_80 and sm_90 (no GPU needed),
 without local memory, with the instructions each kernel was written around, and with the loop
-structure measured fast (PTX counts). The kernels' index math, emulated in NumPy, is tested in
-test_kernels_emulated.py."""
+structure measured fast (PTX counts). test_kernels_emulated.py tests their index math in NumPy."""
 
 from __future__ import annotations
 

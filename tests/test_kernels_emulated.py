@@ -105,8 +105,7 @@ MMA_CASES = [(20, 256, 192, 64, build.MMA_CONFIGS[16], 3),
              (70, 256, 320, 128, build.MMA_CONFIGS[64], 2),
              (130, 128, 128, 32, build.MMA_CONFIGS[128], 1)]
 # The sweep tiles, in build.MMA_SWEEP_TILES order: N = 320 or 576 leaves the last block of a
-# BN = 256 tile one valid warp of 4 (of a BN = 128 tile, 320: one of 2); splits start inside
-# groups.
+# BN = 256 tile one valid warp of 4 (of a BN = 128 tile, 320: one of 2); splits start in groups.
 MMA_CASES += [(m, k, n, g, tile, splits) for (m, k, n, g, splits), tile in zip(
     [(9, 384, 576, 128, 2), (20, 384, 320, 32, 3), (17, 256, 320, 64, 1), (33, 384, 576, 32, 2),
      (40, 384, 320, 64, 3), (65, 256, 320, 128, 3), (70, 256, 576, 64, 2),

@@ -1,5 +1,4 @@
-"""QuantLinear vs x @ fake-quantized W, the kernel hook, the layer swap and the public
-quantize()."""
+"""QuantLinear vs x @ fake-quantized W, the kernel hook, the layer swap, the public quantize()."""
 
 import pytest
 import torch

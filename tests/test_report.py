@@ -135,8 +135,7 @@ def test_figures_plot_what_their_docstrings_say(tmp_path, monkeypatch):
 
 
 def test_block_error_is_relative_to_the_blocks_update(setup):
-    """e_i = ||B_q(x) - B(x)||^2 / ||B(x) - x||^2, written out here for block 0 (x = the token
-    embeddings)."""
+    """e_i = ||B_q(x) - B(x)||^2 / ||B(x) - x||^2, written out for block 0 (x: token embeddings)."""
     model, tokens, _ = setup
     rtn = quantize(model, "rtn", 4, 16, pack=False)
     got = report.block_errors(model, tokens, {"RTN W4": rtn})["RTN W4"]

@@ -1,6 +1,5 @@
 """Tokenizers: llama2.c's BPE against a literal port of its encode(), SentencePiece models trained
-here on WikiText (through tokenizer.model and through GGUF metadata), save_pretrained round
-trips."""
+here on WikiText (through tokenizer.model and GGUF metadata), save_pretrained round trips."""
 
 import json
 import random

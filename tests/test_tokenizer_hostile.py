@@ -92,8 +92,7 @@ def test_tokenizer_json_huge_padding_does_not_abort(tmp_path):
 
 @pytest.mark.parametrize("write", [write_llama2c_vocab, write_gguf_vocab], ids=["llama2c", "gguf"])
 def test_merge_chain_is_rejected(tmp_path, write):
-    """"a", "aa", ..., "a" * N: ~N^2/2 merges holding ~N^3/6 characters (N=2000 ran out of
-    memory)."""
+    """"a", "aa", ..., "a" * N: ~N^2/2 merges of ~N^3/6 characters (N=2000 ran out of memory)."""
     path = write(tmp_path / "vocab.bin", CHAIN)
     words = f"{re.escape(str(path))}: .*{MERGE_CHARS_PER_TOKEN} characters per token"
     with pytest.raises(ValueError, match=words):
@@ -117,8 +116,7 @@ def test_tokens_at_the_limits_load(tmp_path, write):
 
 
 def test_regex_that_gives_up_is_a_value_error(tmp_path):
-    """A catastrophic-backtracking Split regex: Oniguruma gives up, `tokenizers` panics at
-    encode."""
+    """A catastrophic-backtracking Split regex: Oniguruma gives up, `tokenizers` panics."""
     hostile = {"type": "Split", "pattern": {"Regex": "(\\w+\\s?)*$"}, "behavior": "Isolated",
                "invert": False}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,

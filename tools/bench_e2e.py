@@ -274,8 +274,7 @@ def dispatch_kernel(dispatch) -> Callable:
 
 def bench_model(name: str, s: Settings, tuned=None) -> Iterator[dict]:
     """Every variant of one model, one after the other (never two models at once), a row as
-    each is measured; with `tuned` (a Dispatch) also "w4 cupy [tuned]": `auto` under that
-    rule."""
+    each is measured; with `tuned` (a Dispatch) also "w4 cupy [tuned]", `auto` under it."""
     ops = elementwise_ops()
     model, source = build(name, quantized=False)
     weights = _fresh_peak()

@@ -149,8 +149,7 @@ def splitk_tail(result: dict) -> list[dict]:
     """What the fused split-K sum costs per call (the partials' fence, the arrival count and the
     last block's sum): the time with it minus the time without, per shape, where both ran. The
     fixed cost at M = 1 (~9.8 us against torch int4's ~5.8 on the H100) is partly this tail;
-    the split-K through distributed shared memory of NOTES.md is worth writing only if it is
-    large."""
+    the split-K through distributed shared memory (NOTES.md) is worth writing only if large."""
     times = {(r["k"], r["n"], r["m"], r["impl"]): r["us"] for r in result["rows"]}
     out = []
     for impl, no_sum, m in SPLITK_TAIL_PAIRS:

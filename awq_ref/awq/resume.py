@@ -104,8 +104,7 @@ class Progress:
         return int(count) if count.isascii() and count.isdigit() and len(count) <= 6 else 0
 
     def save(self, next_block: int, result: AwqResult, hidden: torch.Tensor) -> None:
-        """Atomically replace the state: the result so far and `hidden`, block next_block's
-        inputs."""
+        """Atomically replace the state: the result so far and `hidden` (next_block's input)."""
         tensors = {"hidden": hidden.detach().float().cpu().contiguous(), **result.to_tensors()}
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "next_block": str(next_block),
                 "search": json.dumps(result.search)}

@@ -84,8 +84,7 @@ def _f32(meta: dict[str, Any], key: str, source: str, default: Any = None) -> fl
 
 
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) -> LlamaConfig:
-    """LlamaConfig from the `llama.*` keys; ValueError for other architectures, MoE or rope
-    scaling."""
+    """LlamaConfig from the `llama.*` keys; ValueError for other archs, MoE, rope scaling."""
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{source}: unsupported architecture {arch!r}; "

@@ -44,8 +44,7 @@ def check_tensor_count(path: Path, count: int) -> None:
 
 
 def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of one .safetensors file, memory-mapped; ValueError naming the file if
-    corrupt."""
+    """All tensors of one .safetensors file, memory-mapped; ValueError naming it if corrupt."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)

@@ -25,8 +25,7 @@ _BYTE_TOKEN = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 
 
 def parse_llama2c_vocab(data: bytes, source: str) -> tuple[int, list[bytes], list[float]]:
-    """(max_token_length, tokens, scores) from the file's bytes; every length checked against the
-    size."""
+    """(max_token_length, tokens, scores) from the file's bytes, every length checked."""
     if len(data) < 4:
         raise ValueError(f"{source}: too short for a llama2.c tokenizer ({len(data)} bytes)")
     (max_len,) = struct.unpack_from("<i", data, 0)

@@ -23,8 +23,7 @@ def build_on_meta(config: LlamaConfig) -> Llama:
 
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """HF name -> shape of every tensor a checkpoint of `config` must hold (lm_head absent when
-    tied)."""
+    """HF name -> shape of every tensor a checkpoint of `config` holds (no lm_head when tied)."""
     shapes = {k: tuple(v.shape) for k, v in build_on_meta(config).state_dict().items()}
     if config.tie_word_embeddings:
         del shapes["lm_head.weight"]

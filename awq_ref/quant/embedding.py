@@ -15,8 +15,7 @@ every other QuantLinear. A tied model (SmolLM2) keeps ONE packed table, shared b
 (like the tied fp weight). The token table rounds almost for free; the lm_head does not, and
 `awq_ref.awq.head.clipped_head` clips it against calibration activations first
 (`head_weight=`; measured in docs/quantize-your-model.md). The result is a run-time model:
-`save_quantized` refuses it, since readers of the AWQ format (vLLM, transformers) expect 16-bit
-embeddings.
+`save_quantized` refuses it: readers of the AWQ format (vLLM, transformers) expect 16-bit ones.
 """
 
 from __future__ import annotations
