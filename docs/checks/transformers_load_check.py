@@ -14,7 +14,7 @@ keys, which layers are quantized, tensor names, shapes and dtypes, the packing (
 zeros, scales) and the model around them. What it does not: the CUDA kernels (AutoAWQ's,
 vLLM's) that a GPU would run.
 
-Two virtual environments (never the project's own), with awq_ref importable from the repo root:
+Three virtual environments (never the project's own), with awq_ref importable from the repo root:
 
     # steps 2 and 3: the venv of tools/autoawq_baseline.py (CPU torch), plus datasets
     python3.11 -m venv /tmp/autoawq-venv
