@@ -24,7 +24,15 @@ def check_quantizable(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...] =
     4 bits, whole words of codes); works on a model built on the meta device too."""
     if pack:
         check_packable(spec, "quantize")
-    for name, lin in decoder_linears(model, skip):
+    linears = list(decoder_linears(model, skip))
+    g = spec.group_size
+    for name, lin in linears:
+        if g > 0 and lin.in_features % g:  # the usual mistake: say which group size would do
+            widths = {other.in_features for _, other in linears}
+            fits = [f for f in (128, 64, 32) if all(k % f == 0 for k in widths)]
+            raise ValueError(f"{name}: group_size {g} does not divide in_features "
+                             f"{lin.in_features}; group_size {fits[0] if fits else -1} fits "
+                             f"every layer of this model")
         check_linear(spec, name, lin.in_features, lin.out_features, pack,
                      hint="; use pack=False (fake quantization)")
 

@@ -153,6 +153,17 @@ def test_quantize_bad_arguments():
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # nothing half-done
 
 
+def test_group_size_error_names_one_that_fits_every_layer():
+    model = tiny_llama(hidden_size=96, intermediate_size=128)  # K: 96 and 128
+    with pytest.raises(ValueError, match=r"q_proj: group_size 128 does not divide in_features 96; "
+                                         r"group_size 32 fits every layer"):
+        quantize(model)
+    model = tiny_llama(hidden_size=80, intermediate_size=128)  # 80 = 16 x 5: only per channel
+    with pytest.raises(ValueError, match="group_size -1 fits every layer"):
+        quantize(model, group_size=64)
+    quantize(model, group_size=-1)
+
+
 def test_awq_dispatch_search_then_reapply():
     pipeline = pytest.importorskip("awq_ref.awq.pipeline")
     model = tiny_llama()

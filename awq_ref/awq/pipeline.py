@@ -188,9 +188,8 @@ def run_awq(model: nn.Module, spec: QuantSpec, calib_tokens: torch.Tensor | None
 
 
 def search_block(block: nn.Module, prefix: str, model_cfg: LlamaConfig, x: torch.Tensor,
-                 cos: torch.Tensor,
-                 sin: torch.Tensor, spec: QuantSpec, config: AwqConfig, result: AwqResult,
-                 fp_names: set[str] = frozenset()) -> None:
+                 cos: torch.Tensor, sin: torch.Tensor, spec: QuantSpec, config: AwqConfig,
+                 result: AwqResult, fp_names: set[str] = frozenset()) -> None:
     """Steps 1-4 for one block: mutates `block` (the working copy) and x (now the next inputs).
 
     fp_names: the block's linears that stay unquantized (not clipped, fp in the losses)."""
