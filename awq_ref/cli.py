@@ -189,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt")
     add_model_args(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling's probability mass (default: 1.0, off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     _add_backend_arg(g)
     g.add_argument("--cuda-graph", action="store_true",
                    help="decode by replaying one captured CUDA graph per token (CUDA only)")
@@ -201,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppl", help="perplexity on a text file (PROTOCOL.md)")
     add_model_args(p)
     p.add_argument("--text", required=True, help="UTF-8 text file, tokenized as one stream")
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: 2048)")
     p.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
-    p.add_argument("--reference", default=None, help="also report KL and top-1 against this model")
+    p.add_argument("--reference", default=None,
+                   help="also report KL and top-1 against this model (same --model forms)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     _add_backend_arg(p)
     p.set_defaults(func=cmd_ppl)

@@ -16,7 +16,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                   help="weights and activations")
+                   help="weights and activations (default: float32)")
 
 
 def positive(name: str, value: int | None, least: int = 1) -> None:

@@ -17,9 +17,11 @@ def add_quantize_parser(sub) -> None:
     """The `quantize` subcommand's arguments, on the main parser's subparsers `sub`."""
     q = sub.add_parser("quantize", help="quantize (RTN or AWQ) and write a packed AWQ checkpoint")
     add_model_args(q)
-    q.add_argument("--method", default="awq", choices=["awq", "rtn"])
-    q.add_argument("--w-bit", type=int, default=4)
-    q.add_argument("--group-size", type=int, default=128, help="-1 = one group per output channel")
+    q.add_argument("--method", default="awq", choices=["awq", "rtn"], help="(default: awq)")
+    q.add_argument("--w-bit", type=int, default=4, help="bits per weight (default: 4)")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="weights per scale and zero along K; -1 = one group per output channel "
+                        "(default: 128; SmolLM2's 576 needs 64)")
     q.add_argument("--no-zero-point", action="store_true", help="symmetric quantization")
     q.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
     q.add_argument("--save-dtype", default=None, choices=sorted(DTYPES),
@@ -28,9 +30,11 @@ def add_quantize_parser(sub) -> None:
                         "says (default: the model's --dtype; with --stream the source's)")
     q.add_argument("--calib", nargs="*", default=None, metavar="FILE",
                    help="calibration text file(s) (AWQ; without it: data-free calibration)")
-    q.add_argument("--n-samples", type=int, default=128, help="calibration windows")
-    q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--n-samples", type=int, default=128, help="calibration windows (default: 128)")
+    q.add_argument("--calib-seqlen", type=int, default=512,
+                   help="tokens per calibration window (default: 512)")
+    q.add_argument("--seed", type=int, default=0,
+                   help="which calibration windows are drawn (default: 0)")
     q.add_argument("--n-grid", type=int, default=None,
                    help="ratios tried by the scale search (default: AwqConfig's, 40)")
     q.add_argument("--duo-scaling", action="store_true", help="s = mean|x|^a / mean|w|^(1-a)")
