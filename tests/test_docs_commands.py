@@ -1,0 +1,86 @@
+"""Every `python -m awq_ref ...` command in the README and docs/ parses with today's CLI: the
+subcommand exists, each option is one of its options and each value is one it accepts. The
+docs drift from the code silently otherwise (a flag renamed, a choice dropped). Commands shown in
+part (`python -m awq_ref ppl --reference default`) get placeholders for what they leave out.
+Nothing runs: the parser alone."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from awq_ref.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PREFIX = "python -m awq_ref "
+
+
+def doc_commands(text: str) -> list[str]:
+    """The awq_ref command lines of one markdown text: from fenced blocks (backslash
+    continuations joined, one command per line) and from inline code spans (folded lines
+    joined)."""
+    found = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL):
+        for line in re.sub(r"\\\n\s*", " ", block).split("\n"):
+            if PREFIX in line:
+                found.append(line[line.index(PREFIX):])
+    for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL)):
+        span = " ".join(span.split())
+        if span.startswith(PREFIX):
+            found.append(span)
+    return found
+
+
+def argv_of(command: str) -> list[str]:
+    """shlex words after the prefix, shell comment dropped; `[a|b]` (an optional part, one of
+    several values) becomes its first value."""
+    command = re.sub(r"\[([^\]|]+)(\|[^\]]*)?\]", r"\1", command[len(PREFIX):])
+    return shlex.split(command, comments=True)
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+COMMANDS = [(path.relative_to(ROOT).as_posix(), c) for path in DOCS
+            for c in doc_commands(path.read_text(encoding="utf-8"))]
+
+
+def test_the_docs_show_commands_of_every_subcommand():
+    shown = {argv_of(c)[0] for _, c in COMMANDS}
+    assert shown == set(subparsers(build_parser())), shown
+    assert len(COMMANDS) >= 15, COMMANDS  # the extraction still finds the docs' commands
+
+
+@pytest.mark.parametrize("doc, command", COMMANDS, ids=[f"{d}:{i}" for i, (d, _) in
+                                                       enumerate(COMMANDS)])
+def test_doc_command_parses(doc, command, capsys):
+    argv = argv_of(command)
+    sub = subparsers(build_parser())[argv[0]]
+    for word in argv[1:]:  # exact names: argparse would take a prefix (--window for --windows)
+        if word.startswith("--") and word.split("=")[0] not in sub._option_string_actions:
+            pytest.fail(f"{doc}: `{command}`: {argv[0]} has no option {word.split('=')[0]}")
+    for action in sub._actions:  # placeholders for the required options a partial command omits
+        if action.required and not set(action.option_strings) & set(argv):
+            argv += [action.option_strings[0], "X"]
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"{doc}: `{command}` does not parse: {capsys.readouterr().err.strip()}")
+
+
+def test_a_wrong_flag_in_a_doc_command_is_caught(capsys):
+    (command,) = doc_commands("Run `python -m awq_ref ppl --model M --text t.txt --window 20`.")
+    with pytest.raises(pytest.fail.Exception, match="ppl has no option --window$"):
+        test_doc_command_parses("x.md", command, capsys)
+    with pytest.raises(pytest.fail.Exception, match="unrecognized arguments: extra"):
+        test_doc_command_parses("x.md", "python -m awq_ref ppl --model M --text t extra", capsys)
+    with pytest.raises(pytest.fail.Exception, match="invalid choice: 'int4'"):
+        test_doc_command_parses("x.md", "python -m awq_ref quantize --model M --out O "
+                                "--method int4", capsys)
