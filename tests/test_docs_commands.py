@@ -2,7 +2,8 @@
 subcommand exists, each option is one of its options and each value is one it accepts. The
 docs drift from the code silently otherwise (a flag renamed, a choice dropped). Commands shown in
 part (`python -m awq_ref ppl --reference default`) get placeholders for what they leave out.
-Nothing runs: the parser alone."""
+Nothing runs: the parser alone. The tools' commands (`tools/X.py --flag ...`, in the docs and in
+the tools' own docstrings) are checked more loosely: each option is one the script declares."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from awq_ref.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PREFIX = "python -m awq_ref "
+# `tools/NAME.py` then options (words starting with -) and their values, on one joined line.
+TOOL_COMMAND = re.compile(r"tools/([a-z_0-9]+\.py)"
+                          r"((?: +--?[a-z][^ `\n]*(?: +[^-` \n#][^ `\n]*)*)+)")
 
 
 def doc_commands(text: str) -> list[str]:
@@ -84,3 +88,30 @@ def test_a_wrong_flag_in_a_doc_command_is_caught(capsys):
     with pytest.raises(pytest.fail.Exception, match="invalid choice: 'int4'"):
         test_doc_command_parses("x.md", "python -m awq_ref quantize --model M --out O "
                                 "--method int4", capsys)
+
+
+def tool_flags(text: str) -> list[tuple[str, str]]:
+    """(script, option) for every option of every `tools/X.py ...` command in `text`."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    return [(m.group(1), flag) for m in TOOL_COMMAND.finditer(text)
+            for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", m.group(2))]
+
+
+def declared(script: str) -> str:
+    """The script's source and the shared protocol options it adds (baseline_protocol.py)."""
+    return (ROOT / "tools" / script).read_text() + (ROOT / "tools/baseline_protocol.py").read_text()
+
+
+def test_tool_commands_use_options_the_tools_declare():
+    sources = DOCS + sorted((ROOT / "tools").glob("*.py"))
+    flags = [(path.name, script, flag) for path in sources
+             for script, flag in tool_flags(path.read_text(encoding="utf-8"))]
+    assert len(flags) >= 60, flags  # the extraction still finds the docs' commands
+    missing = [f for f in flags if f'"{f[2]}"' not in declared(f[1])]
+    assert not missing, missing
+
+
+def test_a_tool_option_nobody_declares_is_caught():
+    (pair,) = tool_flags("Run `python tools/awq_quality.py --bits 4 --evaluation-windows all`")[1:]
+    assert pair == ("awq_quality.py", "--evaluation-windows")
+    assert f'"{pair[1]}"' not in declared(pair[0])
