@@ -3,7 +3,8 @@ subcommand exists, each option is one of its options and each value is one it ac
 docs drift from the code silently otherwise (a flag renamed, a choice dropped). Commands shown in
 part (`python -m awq_ref ppl --reference default`) get placeholders for what they leave out.
 Nothing runs: the parser alone. The tools' commands (`tools/X.py --flag ...`, in the docs and in
-the tools' own docstrings) are checked more loosely: each option is one the script declares."""
+the tools' own docstrings) are checked more loosely: each option is one the script declares. And
+every relative link of the docs names a file that exists."""
 
 from __future__ import annotations
 
@@ -115,3 +116,14 @@ def test_a_tool_option_nobody_declares_is_caught():
     (pair,) = tool_flags("Run `python tools/awq_quality.py --bits 4 --evaluation-windows all`")[1:]
     assert pair == ("awq_quality.py", "--evaluation-windows")
     assert f'"{pair[1]}"' not in declared(pair[0])
+
+
+def test_relative_links_name_files_that_exist():
+    pages = DOCS + [ROOT / "awq_kernels/NOTES.md", ROOT / "docs/gpu/HISTORY.md"]
+    links = [(page, target) for page in pages
+             for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", page.read_text(encoding="utf-8"))
+             if not target.startswith(("http://", "https://", "mailto:"))]
+    assert len(links) >= 30, links
+    broken = [(page.relative_to(ROOT).as_posix(), t) for page, t in links
+              if not (page.parent / t).exists()]
+    assert not broken, broken
