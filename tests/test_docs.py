@@ -3,14 +3,20 @@ subcommand exists, each option is one of its options and each value is one it ac
 docs drift from the code silently otherwise (a flag renamed, a choice dropped). Commands shown in
 part (`python -m awq_ref ppl --reference default`) get placeholders for what they leave out.
 Nothing runs: the parser alone. The tools' commands (`tools/X.py --flag ...`, in the docs and in
-the tools' own docstrings) are checked more loosely: each option is one the script declares. And
+the tools' own docstrings) are checked more loosely: each option is one the script declares. The
+Python examples parse, and every name they take from awq_ref / awq_kernels exists after the
+imports the example itself makes (in a fresh interpreter), called with keywords it accepts. And
 every relative link of the docs names a file that exists."""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +133,91 @@ def test_relative_links_name_files_that_exist():
     broken = [(page.relative_to(ROOT).as_posix(), t) for page, t in links
               if not (page.parent / t).exists()]
     assert not broken, broken
+
+
+# Run in a fresh interpreter per example: only the example's own imports, then every attribute
+# chain rooted at a name they bound is resolved with getattr (a submodule the example did not
+# import is missing, as it would be for the reader), and calls are checked against signatures.
+RESOLVE = """
+import ast, importlib, inspect, json, sys
+tree = ast.parse(sys.stdin.read())
+names, errors = {}, []
+for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+        for a in node.names:
+            if a.name.split(".")[0] in ("awq_ref", "awq_kernels"):
+                importlib.import_module(a.name)
+                top = a.name.split(".")[0]
+                names[a.asname or top] = importlib.import_module(a.asname and a.name or top)
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
+            "awq_ref", "awq_kernels"):
+        module = importlib.import_module(node.module)
+        for a in node.names:
+            if not hasattr(module, a.name):
+                errors.append(f"from {node.module} import {a.name}: no such name")
+            else:
+                names[a.asname or a.name] = getattr(module, a.name)
+def resolve(expr):
+    if isinstance(expr, ast.Name):
+        if expr.id in ("awq_ref", "awq_kernels") and expr.id not in names:
+            errors.append(f"{expr.id}: used but not imported")
+        return names.get(expr.id, None), expr.id
+    if isinstance(expr, ast.Attribute):
+        obj, text = resolve(expr.value)
+        if obj is None:
+            return None, None
+        text = f"{text}.{expr.attr}"
+        if not hasattr(obj, expr.attr):
+            errors.append(f"{text}: no such attribute")
+            return None, None
+        return getattr(obj, expr.attr), text
+    return None, None
+for node in ast.walk(tree):
+    if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+        resolve(node)
+    if isinstance(node, ast.Call):
+        fn, text = resolve(node.func)
+        if fn is None or not callable(fn):
+            continue
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        for kw in node.keywords:
+            if kw.arg is not None and kw.arg not in params:
+                errors.append(f"{text}(): no keyword {kw.arg}")
+print(json.dumps(sorted(set(errors))))
+"""
+
+# A page's examples run on from one another (the second uses the first's imports): one program.
+EXAMPLES = [(path.relative_to(ROOT).as_posix(), "".join(blocks)) for path in DOCS
+            if (blocks := re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"),
+                                     re.DOTALL))]
+
+
+def example_errors(source: str) -> list[str]:
+    ast.parse(source)
+    done = subprocess.run([sys.executable, "-c", RESOLVE], input=source, capture_output=True,
+                          text=True, cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("doc, source", EXAMPLES, ids=[f"{d}:{i}" for i, (d, _) in
+                                                      enumerate(EXAMPLES)])
+def test_python_examples_name_what_exists(doc, source):
+    assert not example_errors(source), doc
+
+
+def test_a_python_example_with_a_stale_name_is_caught():
+    assert len(EXAMPLES) == 3  # README, quantize-your-model, serving
+    assert example_errors("import awq_kernels\nawq_kernels.ops.rms_norm") == [
+        "awq_kernels.ops: no such attribute"]  # the reader's interpreter has not imported it
+    assert example_errors("import awq_kernels.ops\nawq_kernels.ops") == []
+    assert example_errors("awq_ref.quantize") == ["awq_ref: used but not imported"]
+    assert example_errors("import awq_ref\nawq_ref.save_quantized(m, path, safe=True)\n"
+                          "from awq_ref.loaders import load_modle") == [
+        "awq_ref.save_quantized(): no keyword safe",
+        "from awq_ref.loaders import load_modle: no such name"]
