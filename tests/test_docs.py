@@ -135,8 +135,8 @@ def test_relative_links_name_files_that_exist():
     assert not broken, broken
 
 
-# Run in a fresh interpreter per example: only the example's own imports, then every attribute
-# chain rooted at a name they bound is resolved with getattr (a submodule the example did not
+# Run in a fresh interpreter per page: only the examples' own imports, then every attribute
+# chain rooted at a name they bound is resolved with getattr (a submodule the examples did not
 # import is missing, as it would be for the reader), and calls are checked against signatures.
 RESOLVE = """
 import ast, importlib, inspect, json, sys
@@ -145,10 +145,10 @@ names, errors = {}, []
 for node in ast.walk(tree):
     if isinstance(node, ast.Import):
         for a in node.names:
-            if a.name.split(".")[0] in ("awq_ref", "awq_kernels"):
-                importlib.import_module(a.name)
-                top = a.name.split(".")[0]
-                names[a.asname or top] = importlib.import_module(a.asname and a.name or top)
+            top = a.name.split(".")[0]
+            if top in ("awq_ref", "awq_kernels"):  # `import a.b` binds a; `import a.b as c`, a.b
+                module = importlib.import_module(a.name)
+                names[a.asname or top] = module if a.asname else importlib.import_module(top)
     elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
             "awq_ref", "awq_kernels"):
         module = importlib.import_module(node.module)
