@@ -18,8 +18,10 @@ AutoAWQ pulls in transformers, so it runs in a virtual environment of its own (n
     PYTHONPATH=. /tmp/autoawq-venv/bin/python tools/autoawq_baseline.py --out out/autoawq-w4g64
 
 The HF folder AutoAWQ needs is made from the default model's GGUF by transformers' own GGUF
-reader (--hf-dir, reused when present). The model is loaded in fp32 (AutoAWQ's default fp16 is
-for GPUs; in fp32 its search rounds less). AutoAWQ 0.2.9 breaks the model on a CPU; the one
+reader (--hf-dir, reused when present; `--only-hf-dir` makes it and stops, and then needs only
+torch, transformers 4.51.3, accelerate, gguf and sentencepiece: transformers 5 refuses to save a
+model it read from a GGUF, "not serializable"). The model is loaded in fp32 (AutoAWQ's default
+fp16 is for GPUs; in fp32 its search rounds less). AutoAWQ 0.2.9 breaks the model on a CPU; the one
 patch that makes it behave as on a GPU is `fix_cpu_aliasing` below.
 
 Measured 2026-12-05 (README "Measured"): AutoAWQ W4 g64 25.003 ppl, KL 0.1612 against ours
@@ -99,7 +101,7 @@ def fake_quantize_blocks(quantizer) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="AutoAWQ's checkpoint folder")
+    ap.add_argument("--out", help="AutoAWQ's checkpoint folder (required unless --only-hf-dir)")
     add_protocol_args(ap)
     ap.add_argument("--no-duo-scaling", action="store_true",
                     help="s = mean|x|^a (AutoAWQ's default also divides by mean|w|^(1-a))")
@@ -109,14 +111,21 @@ def main() -> None:
                          "any --w-bit (AutoAWQ packs only 4 bits)")
     ap.add_argument("--keep-cpu-bug", action="store_true",
                     help="run AutoAWQ unpatched (see fix_cpu_aliasing): a broken model on a CPU")
+    ap.add_argument("--only-hf-dir", action="store_true",
+                    help="make the HF folder (--hf-dir) from the GGUF and stop: no AutoAWQ needed")
     args = ap.parse_args()
+    hf_dir = Path(args.hf_dir)
+    if args.only_hf_dir:
+        make_hf_folder(default_gguf_path(), hf_dir)
+        return
+    if not args.out:
+        ap.error("--out is required")
 
     from awq import AutoAWQForCausalLM  # AutoAWQ: only in its own environment
 
     if not args.keep_cpu_bug:
         fix_cpu_aliasing()
 
-    hf_dir = Path(args.hf_dir)
     if not (hf_dir / "config.json").exists():
         make_hf_folder(default_gguf_path(), hf_dir)
     tokenizer, windows = protocol_windows(args)  # windows (n, seqlen), as ours sees them

@@ -21,7 +21,12 @@ llm-compressor pulls in transformers 5, so it runs in a virtual environment of i
     /tmp/llmc-venv/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1 gguf sentencepiece
     PYTHONPATH=. /tmp/llmc-venv/bin/python tools/llmcompressor_baseline.py --out out/llmc-w4g64
 
-The HF folder is the one tools/autoawq_baseline.py makes from the GGUF (out/smollm2-hf).
+The HF folder (out/smollm2-hf) is the one tools/autoawq_baseline.py makes from the GGUF; alone,
+in a venv with transformers 4 (transformers 5 will not save a model it read from a GGUF):
+
+    python3.11 -m venv /tmp/hf4-venv
+    /tmp/hf4-venv/bin/pip install torch==2.13.0 transformers==4.51.3 accelerate gguf sentencepiece
+    PYTHONPATH=. /tmp/hf4-venv/bin/python tools/autoawq_baseline.py --only-hf-dir
 
 Measured 2026-12-05 (README "Measured"): W4 g64 24.961 ppl, KL 0.1593, top-1 0.7906 against
 ours 24.159, KL 0.1441, top-1 0.7938; 5899 s of search beside another job on the 2 cores.
@@ -100,7 +105,8 @@ def main() -> None:
     skip_pinning_without_gpu()
     hf_dir = Path(args.hf_dir)
     if not (hf_dir / "config.json").exists():
-        raise SystemExit(f"{hf_dir}: no HF folder; tools/autoawq_baseline.py makes it")
+        raise SystemExit(f"{hf_dir}: no HF folder; `tools/autoawq_baseline.py --only-hf-dir` "
+                         "makes it (see this script's docstring)")
     tokenizer, windows = protocol_windows(args)  # windows (n, seqlen), as ours sees them
     n, seqlen = windows.shape
     dataset = Dataset.from_dict({"input_ids": windows.tolist(),
