@@ -119,8 +119,8 @@ def test_tool_commands_use_options_the_tools_declare():
     flags = [(path.name, script, flag) for path in sources
              for script, flag in tool_flags(path.read_text(encoding="utf-8"))]
     assert len(flags) >= 60, flags  # the extraction still finds the docs' commands
-    sources = {script: declared(script) for _, script, _ in flags}  # each script read once
-    missing = [f for f in flags if f'"{f[2]}"' not in sources[f[1]]]
+    options_of = {script: declared(script) for _, script, _ in flags}  # each script read once
+    missing = [f for f in flags if f'"{f[2]}"' not in options_of[f[1]]]
     assert not missing, missing
 
 
