@@ -38,6 +38,25 @@ def test_run_awq_reapplies_a_result_at_another_width():
         run_awq(copy.deepcopy(model), SPEC, result=result, n_grid=4)
 
 
+def test_reapplied_result_leaves_newly_skipped_linears_unclipped():
+    """A result searched with every linear quantized, re-applied with down_proj kept fp: its
+    scales (exact) still fold in, its clip box does not, and the quantized layers match."""
+    from awq_ref.api import quantize
+
+    model = tiny_llama()
+    result = search_awq(model, calib(), SPEC, FAST)
+    assert any(name.endswith("mlp.down_proj") for name in result.clips)
+    kept = quantize(model, "awq", w_bit=SPEC.bits, group_size=SPEC.group_size, pack=False,
+                    result=result, modules_to_not_convert=["mlp.down_proj"])
+    scaled, folded = copy.deepcopy(model), copy.deepcopy(model)
+    apply_awq(scaled, result, clip=False)
+    apply_awq(folded, result)
+    full = quantize(folded, "rtn", w_bit=SPEC.bits, group_size=SPEC.group_size, pack=False)
+    for name, p in kept.named_parameters():
+        expected = (scaled if "down_proj" in name else full).get_parameter(name)
+        assert torch.equal(p, expected), name
+
+
 def test_api_quantize_awq_beats_rtn_on_block_outputs():
     from awq_ref.api import quantize
 

@@ -3,6 +3,7 @@ the same command, writes the same checkpoint bytes as an uninterrupted run."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -148,8 +149,18 @@ def _empty_result():
 
 
 
+class _StopAfterBlock2(Progress):
+    """A search interrupted (Ctrl-C) right after its state for blocks 0-1 is on disk."""
+
+    def save(self, next_block, result, hidden):
+        super().save(next_block, result, hidden)
+        if next_block == 2:
+            raise KeyboardInterrupt
+
+
 def test_resume_in_process_matches(tmp_path, one_thread):
-    """The API: a search stopped after 2 blocks and resumed equals an uninterrupted one."""
+    """The API: a search stopped after 2 blocks and resumed equals an uninterrupted one; the
+    state is refused for other settings and for another model of the same config."""
     torch.manual_seed(0)
     model = Llama(LlamaConfig(**{**TINY, "num_hidden_layers": 4})).eval()
     tokens = torch.randint(0, TINY["vocab_size"], (4, 32),
@@ -157,13 +168,18 @@ def test_resume_in_process_matches(tmp_path, one_thread):
     spec, config = QuantSpec(group_size=32), AwqConfig(n_grid=5, progress=False)
     full = search_awq(model, tokens, spec, config)
 
+    with pytest.raises(KeyboardInterrupt):
+        search_awq(model, tokens, spec, config, progress=_StopAfterBlock2(tmp_path / "work"))
     progress = Progress(tmp_path / "work")
-    blocks = model.model.layers
-    model.model.layers = blocks[:2]  # "killed" after block 2: its state is on disk
-    search_awq(model, tokens, spec, config, progress=progress)
-    model.model.layers = blocks
+    assert saved_block(progress.state_path) == 2
     with pytest.raises(ValueError, match="different model, calibration data or settings"):
         search_awq(model, tokens, spec, AwqConfig(n_grid=6, progress=False), progress=progress)
+    fine_tuned = copy.deepcopy(model)  # the same config; one matrix of the last block moved
+    with torch.no_grad():
+        w = fine_tuned.model.layers[3].mlp.down_proj.weight
+        w += 1e-4 * torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="different model, calibration data or settings"):
+        search_awq(fine_tuned, tokens, spec, config, progress=progress)
     assert saved_block(progress.state_path) == 2
     resumed = search_awq(model, tokens, spec, config, progress=progress)
     assert resumed.search == full.search

@@ -9,11 +9,14 @@ later round-to-nearest quantization uses exactly the searched range.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.scaling_groups import LLAMA_GROUPS, expand_kv
+from awq_ref.quant.qlinear import skipped
 from awq_ref.quant.quantizer import clamp_groups
 
 
@@ -45,12 +48,15 @@ def apply_clip(linear: nn.Linear, lo: torch.Tensor, hi: torch.Tensor) -> None:
     w.copy_(clamp_groups(w, lo.to(w), hi.to(w)))
 
 
-def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True) -> None:
+def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True,
+              modules_to_not_convert: Iterable[str] = ()) -> None:
     """Fold `result` into the fp `model` (scales, then clips): RTN afterwards gives the AWQ model.
 
     Clip ranges are per (output channel, group of result.spec.group_size inputs) and were chosen
     for result.spec.bits; for another bit width, re-applying the scales alone (clip=False) or
-    with the clips are both valid, the clips being tuned for the searched width.
+    with the clips are both valid, the clips being tuned for the searched width. Linears named
+    by modules_to_not_convert stay full precision, so they get no clip (a result searched with
+    fewer skipped modules has one for them); their scales are exact and still applied.
     """
     cfg = model.config
     done = set()
@@ -71,6 +77,8 @@ def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True) -> None:
     if not clip:
         return
     for name, (lo, hi) in result.clips.items():
+        if skipped(name, modules_to_not_convert):
+            continue
         linear = model.get_submodule(name)
         n, k = linear.weight.shape
         if lo.shape != hi.shape or lo.dim() != 2 or lo.shape[0] != n or k % lo.shape[1]:

@@ -41,7 +41,7 @@ from awq_ref.awq.capture import (
     forward_block,
 )
 from awq_ref.awq.result import AwqResult
-from awq_ref.awq.resume import Progress, fingerprint
+from awq_ref.awq.resume import Progress, fingerprint, weights_digest
 from awq_ref.awq.scaling_groups import (
     LLAMA_CLIP_SKIP,
     LLAMA_GROUPS,
@@ -154,8 +154,8 @@ def _resume(progress: Progress | None, model: nn.Module, calib_tokens: torch.Ten
     """The first block to search: 0, or where a saved state ends (result and x then restored)."""
     if progress is None:
         return 0
-    progress.bind(fingerprint(model.config, calib_tokens, spec, config, skip, device,
-                              progress.identity))
+    identity = {**progress.identity, "weights": weights_digest(model)}
+    progress.bind(fingerprint(model.config, calib_tokens, spec, config, skip, device, identity))
     state = progress.restore(result)
     if state is None:
         return 0
@@ -174,16 +174,16 @@ def run_awq(model: nn.Module, spec: QuantSpec, calib_tokens: torch.Tensor | None
     the windows are sampled from the model itself (data-free; see calibration.sample_from_model).
     Extra keyword arguments are AwqConfig fields (n_grid=..., duo_scaling=...).
     """
+    skip = tuple(modules_to_not_convert)
     if result is None:
         if calib_tokens is None:
             log.warning("no calibration tokens given: sampling %d x %d tokens from the model "
                         "(data-free calibration)", DEFAULT_WINDOWS, DEFAULT_SEQLEN)
             calib_tokens = sample_from_model(model)
-        result = search_awq(model, calib_tokens, spec, AwqConfig(**config), device,
-                            modules_to_not_convert)
+        result = search_awq(model, calib_tokens, spec, AwqConfig(**config), device, skip)
     elif config or calib_tokens is not None:
         raise TypeError("run_awq: a given `result` takes no calibration tokens or search options")
-    apply_awq(model, result)
+    apply_awq(model, result, modules_to_not_convert=skip)
     return model
 
 

@@ -7,8 +7,10 @@
 
 The fingerprint is a SHA-256 over everything that decides the search: the model's config,
 the calibration tokens, the QuantSpec, the AwqConfig (but its `progress` bar), the skipped
-modules, the device, and an `identity` the caller adds (the CLI: model path and dtype). A
-state with another fingerprint is refused with a ValueError, never silently reused. Restarting
+modules, the device, and an `identity`: the caller's (the CLI: model path and dtype) and, for
+a model in memory, `weights_digest` (a base and a fine-tuned model share their config, not
+their weights; streaming adds the source files' sizes and times instead). A state with another
+fingerprint is refused with a ValueError, never silently reused. Restarting
 from block i reruns block i from the same fp32 inputs, so the result is bit-identical to an
 uninterrupted search on the same machine and thread count.
 """
@@ -43,6 +45,19 @@ def fingerprint(model_config: Any, calib_tokens: torch.Tensor, spec: QuantSpec, 
            "skip": list(skip), "device": str(device), "identity": identity,
            "calib": [list(tokens.shape), hashlib.sha256(tokens.numpy().tobytes()).hexdigest()]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_digest(model: torch.nn.Module, samples: int = 1024) -> str:
+    """SHA-256 (hex) of every tensor's name, dtype, shape and `samples` evenly strided values:
+    milliseconds even for a 7B model, and any fine-tune or dtype change moves it."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        sample = flat[::step].to(device="cpu", dtype=torch.float64).contiguous()  # exact for all
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
 
 
 class Progress:
