@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from awq_ref.fuse import is_fused
-from awq_ref.quant.checkpoint import quant_config_dict
+from awq_ref.quant.checkpoint import check_fused_skip, quant_config_dict
 from awq_ref.quant.packing import check_linear, check_packable
 from awq_ref.quant.qlinear import decoder_linears
 from awq_ref.quant.quantizer import QuantSpec
@@ -22,8 +22,9 @@ def check_quantizable(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...] =
                       pack: bool = True) -> None:
     """ValueError unless every decoder linear (but `skip`) can be quantized with `spec` (packed:
     4 bits, whole words of codes); works on a model built on the meta device too."""
-    if pack:
+    if pack:  # a packed model is what a checkpoint holds: it must be one vLLM can load
         check_packable(spec, "quantize")
+        check_fused_skip(len(model.model.layers), skip, "quantize")
     linears = list(decoder_linears(model, skip))
     g = spec.group_size
     for name, lin in linears:

@@ -48,6 +48,7 @@ from awq_ref.quant.checkpoint import (
     INDEX_NAME,
     PACKED_SUFFIXES,
     atomic_folder,
+    check_fused_skip,
     fsync_path,
     quant_config_dict,
     write_json,
@@ -155,6 +156,7 @@ def _check_layers_packable(cfg: LlamaConfig, spec: QuantSpec, skip: tuple[str, .
     """Every quantized linear must pack (packing.check_linear, as api.quantize), before any
     work is done."""
     check_packable(spec, "quantize_folder")
+    check_fused_skip(cfg.num_hidden_layers, skip, "quantize_folder")
     with torch.device("meta"):
         block = Block(cfg, 0)
     for i in range(cfg.num_hidden_layers):

@@ -22,7 +22,7 @@ from awq_ref.quant.checkpoint import (
     quant_config_dict,
     save_quantized,
 )
-from awq_ref.quant.qlinear import QuantLinear
+from awq_ref.quant.qlinear import QuantLinear, skipped
 from awq_ref.quant.quantizer import QuantSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,6 +307,25 @@ def test_checkpoint_files_are_readable_by_others(tmp_path):
     out = save_quantized(tiny_quantized(), tmp_path / "q")
     for p in out.iterdir():
         assert p.stat().st_mode & 0o044 == 0o044, p.name
+
+
+@pytest.mark.parametrize("skip", [["q_proj"], ["layers.1.self_attn.v_proj"], ["up_proj"]])
+def test_part_of_a_fused_group_kept_fp_is_refused(tmp_path, skip):
+    """vLLM loads q/k/v and gate/up as one layer each and refuses a checkpoint that quantizes
+    only some of them: quantize (packed) refuses before any work, and so does the writer."""
+    fp = Llama(LlamaConfig(**TINY)).eval()
+    with pytest.raises(ValueError, match="vLLM loads .* as one fused layer"):
+        quantize(fp, group_size=32, modules_to_not_convert=skip)
+    quantize(fp, group_size=32, modules_to_not_convert=skip, pack=False)  # fake: no checkpoint
+    model = quantize(fp, group_size=32)
+    model.quantization_config = quant_config_dict(QuantSpec(group_size=32), skip)
+    for name, lin in fp.model.layers.named_modules():  # those layers fp, as the config says
+        if isinstance(lin, nn.Linear) and skipped(f"model.layers.{name}", skip):
+            parent, _, child = name.rpartition(".")
+            setattr(model.model.layers.get_submodule(parent), child, lin)
+    with pytest.raises(ValueError, match="save_quantized: .*skip all of them or none"):
+        save_quantized(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_unpackable_width_names_the_layer():

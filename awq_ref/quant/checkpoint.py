@@ -62,6 +62,28 @@ ALWAYS_UNQUANTIZED = ("lm_head",)
 CONFIG_DTYPE = "float16"
 
 
+# The projections vLLM loads as one fused layer each (qkv_proj, gate_up_proj): it refuses a
+# checkpoint where only some of a group are quantized ("Detected some but not all shards ... are
+# quantized"), so modules_to_not_convert must name all of a group or none.
+SERVED_FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def check_fused_skip(num_layers: int, modules_to_not_convert: Iterable[str], where: str) -> None:
+    """ValueError if modules_to_not_convert keeps part of a SERVED_FUSED group unquantized."""
+    skip = tuple(modules_to_not_convert)
+    for i in range(num_layers):
+        for group in SERVED_FUSED:
+            names = [f"model.layers.{i}.{n}" for n in group]
+            kept = [n for n in names if skipped(n, skip)]
+            if 0 < len(kept) < len(names):
+                short = "/".join(n.rsplit(".", 1)[1] for n in names)
+                raise ValueError(
+                    f"{where}: modules_to_not_convert={list(skip)} keeps {kept} unquantized but "
+                    f"not the rest of {short}; vLLM loads {short} as one fused layer and refuses "
+                    f"a checkpoint with only some of them quantized: skip all of them or none")
+
+
 def quant_config_dict(spec: QuantSpec, modules_to_not_convert: Iterable[str] = ()
                       ) -> dict[str, Any]:
     """The `quantization_config` object of config.json for `spec`; modules_to_not_convert starts
@@ -189,10 +211,10 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
     if quant_config is None:
         raise ValueError("save_quantized: no quant_config given and the model has no "
                          "quantization_config (quantize it with awq_ref.api.quantize)")
-    _check_layers(model, *parse_quant_config(quant_config, "quant_config"))
     if is_fused(model):
         raise ValueError("save_quantized: the model's projections are fused (awq_ref.fuse), "
                          "which the AWQ format stores apart; save the model before fusing")
+    _check_layers(model, *parse_quant_config(quant_config, "quant_config"))
     if not isinstance(model.model.embed_tokens, nn.Embedding) or not isinstance(
             model.lm_head, (nn.Linear, QuantLinear)):
         raise ValueError("save_quantized: the embeddings or lm_head are held in 4 or 8 bits "
@@ -228,6 +250,7 @@ def _check_layers(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...]) -> N
               if isinstance(m, (nn.Linear, QuantLinear))}
     if not any(isinstance(m, QuantLinear) for m in layers.values()):
         raise ValueError("save_quantized: the model has no QuantLinear layers (was it packed?)")
+    check_fused_skip(len(model.model.layers), skip, "save_quantized")
     for name, m in layers.items():
         full = f"model.layers.{name}"
         if isinstance(m, nn.Linear) != skipped(full, skip):
