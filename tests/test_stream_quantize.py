@@ -323,6 +323,9 @@ def test_argument_errors(src, tmp_path, calib):
         quantize_folder(src, tmp_path / "a", method="rtn", n_grid=3)
     with pytest.raises(ValueError, match="group_size 48 does not divide"):
         quantize_folder(src, tmp_path / "a", method="rtn", group_size=48)
+    with pytest.raises(ValueError, match="quantize_folder: .*gate_proj/up_proj as one fused"):
+        quantize_folder(src, tmp_path / "a", method="rtn", modules_to_not_convert=["up_proj"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError):
         quantize_folder(src, tmp_path / "exists", method="rtn")
