@@ -285,6 +285,16 @@ def test_bad_tensors(tmp_path):
         load_quantized_model(out)
 
 
+def test_stored_rope_buffer_is_ignored(tmp_path):
+    """Older transformers saved rotary_emb.inv_freq; the model recomputes it, and the quantized
+    loader ignores it as the fp loaders do."""
+    out = _saved(tmp_path)
+    plain = logits(load_quantized_model(out))
+    key = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    _rewrite_tensors(out, lambda t: t.update({key: torch.ones(8)}))
+    assert torch.equal(logits(load_quantized_model(out)), plain)
+
+
 def test_not_a_quantized_folder(tmp_path):
     out = _saved(tmp_path)
     config = json.loads((out / "config.json").read_text())

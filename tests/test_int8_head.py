@@ -23,6 +23,16 @@ def test_rounding_per_row():
     torch.testing.assert_close(head(x), x @ back.T)
 
 
+def test_dtype_moves_keep_fp32_scales():
+    """model.half() / .to(bfloat16) must not round the per-row scales (the kernel takes fp32)."""
+    head = Int8Linear.from_weight(torch.randn(6, 32, generator=torch.Generator().manual_seed(0)))
+    scales = head.scales.clone()
+    for dtype in (torch.float16, torch.bfloat16):
+        moved = head.to(dtype)
+        assert moved.scales.dtype == torch.float32 and torch.equal(moved.scales, scales)
+        assert moved.qweight.dtype == torch.int8
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="2-D int8"):
         Int8Linear(torch.zeros(4, 8), torch.ones(4))

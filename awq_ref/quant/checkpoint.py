@@ -32,7 +32,7 @@ from awq_ref.config import LlamaConfig
 from awq_ref.files import parse_json
 from awq_ref.fuse import is_fused
 from awq_ref.loaders.hf import read_safetensors_folder
-from awq_ref.loaders.state_dict import build_on_meta, check_size_claim
+from awq_ref.loaders.state_dict import IGNORED_SUFFIXES, build_on_meta, check_size_claim
 from awq_ref.model import Llama
 from awq_ref.quant.packing import PACK_BITS, PACK_NUM, check_packed_shapes
 from awq_ref.quant.qlinear import QuantLinear, replace_linears, skipped
@@ -317,7 +317,8 @@ def load_quantized_model(folder: str | Path, device: torch.device | str = "cpu",
     folder = Path(folder)
     config, qc = _read_config(folder)
     spec, skip = parse_quant_config(qc, str(folder / "config.json"))
-    tensors = read_safetensors_folder(folder)
+    tensors = {k: t for k, t in read_safetensors_folder(folder).items()
+               if not k.endswith(IGNORED_SUFFIXES)}  # as the fp loaders: recomputed by the model
     # A packed int32 element holds PACK_NUM 4-bit weights.
     check_size_claim(config, sum(t.numel() for t in tensors.values()), str(folder), PACK_NUM)
     try:

@@ -56,6 +56,14 @@ class Int8Linear(nn.Module):
         y = x.to(torch.float32) @ self.qweight.T.to(torch.float32)
         return (y * self.scales).to(x.dtype)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) would round the fp32 scales (and the kernel takes fp32 only): keep
+        # their values and let them follow only the device move, as QuantLinear's scales do.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.qweight.device)
+        return self
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
 
