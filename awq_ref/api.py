@@ -6,12 +6,15 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
+from awq_ref.config import LlamaConfig
 from awq_ref.fuse import is_fused
+from awq_ref.model import Block
 from awq_ref.quant.checkpoint import check_fused_skip, quant_config_dict
 from awq_ref.quant.packing import check_linear, check_packable
-from awq_ref.quant.qlinear import decoder_linears
+from awq_ref.quant.qlinear import decoder_linears, skipped
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import apply_rtn
 
@@ -21,11 +24,28 @@ METHODS = ("rtn", "awq")
 def check_quantizable(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...] = (),
                       pack: bool = True) -> None:
     """ValueError unless every decoder linear (but `skip`) can be quantized with `spec` (packed:
-    4 bits, whole words of codes); works on a model built on the meta device too."""
+    4 bits, whole words of codes, and a checkpoint vLLM can load)."""
+    _check_linears(decoder_linears(model, skip), len(model.model.layers), spec, skip, pack,
+                   "quantize", hint="; use pack=False (fake quantization)")
+
+
+def check_quantizable_config(config: LlamaConfig, spec: QuantSpec, skip: tuple[str, ...] = (),
+                             pack: bool = True, where: str = "quantize", hint: str = "") -> None:
+    """check_quantizable from a config alone, before any weight is read: one block built on the
+    meta device stands for all (every block has the same linears), so even a config claiming
+    billions of layers costs nothing here."""
+    with torch.device("meta"):
+        block = Block(config, 0)
+    linears = [(f"model.layers.0.{n}", m) for n, m in block.named_modules()
+               if isinstance(m, nn.Linear) and not skipped(f"model.layers.0.{n}", skip)]
+    _check_linears(linears, config.num_hidden_layers, spec, skip, pack, where, hint)
+
+
+def _check_linears(linears: list[tuple[str, nn.Linear]], num_layers: int, spec: QuantSpec,
+                   skip: tuple[str, ...], pack: bool, where: str, hint: str) -> None:
     if pack:  # a packed model is what a checkpoint holds: it must be one vLLM can load
-        check_packable(spec, "quantize")
-        check_fused_skip(len(model.model.layers), skip, "quantize")
-    linears = list(decoder_linears(model, skip))
+        check_packable(spec, where)
+        check_fused_skip(num_layers, skip, where)
     g = spec.group_size
     for name, lin in linears:
         if g > 0 and lin.in_features % g:  # the usual mistake: say which group size would do
@@ -34,8 +54,7 @@ def check_quantizable(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...] =
             raise ValueError(f"{name}: group_size {g} does not divide in_features "
                              f"{lin.in_features}; group_size {fits[0] if fits else -1} fits "
                              f"every layer of this model")
-        check_linear(spec, name, lin.in_features, lin.out_features, pack,
-                     hint="; use pack=False (fake quantization)")
+        check_linear(spec, name, lin.in_features, lin.out_features, pack, hint)
 
 
 def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: int = 128,

@@ -93,14 +93,12 @@ def check_quantize_args(args: argparse.Namespace) -> None:
 def _check_layers(model: str, spec) -> None:
     """The group size against every decoder linear, from the config alone (a model built on the
     meta device: no weights read), so a bad --group-size fails before a long load."""
-    from awq_ref.api import check_quantizable
+    from awq_ref.api import check_quantizable_config
     from awq_ref.loaders import load_config
-    from awq_ref.model import Llama
 
     config = load_config(model)
     if config is not None:
-        with torch.device("meta"):
-            check_quantizable(Llama(config), spec)
+        check_quantizable_config(config, spec)
 
 
 def _spec_name(spec) -> str:

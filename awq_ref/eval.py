@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from awq_ref.model import check_token_ids
+
 # Positions per chunk when turning logits into log-probs: bounds the (T, V) fp32 temporaries.
 _CHUNK = 512
 
@@ -92,6 +94,13 @@ def evaluate_many(models: dict[Hashable, nn.Module], tokens: torch.Tensor, seqle
     batches = windows_of(tokens, seqlen, windows)
     if not models:
         return {}
+    llamas = [m for m in [*models.values(), reference] if hasattr(m, "config")]  # others: trusted
+    for m in llamas:
+        check_token_ids(m.config, batches, "evaluate: the text's tokens")
+    vocabs = sorted({m.config.vocab_size for m in llamas})
+    if reference is not None and len(vocabs) > 1:
+        raise ValueError(f"evaluate: the models' vocabularies differ ({vocabs} tokens); KL and "
+                         "top-1 compare their logits token by token")
     sums = {name: [0.0, 0.0, 0] for name in models}  # summed NLL, KL, top-1 matches
     for window in tqdm(batches, desc="eval windows", disable=not progress):
         ref_logits = (reference(window[None].to(reference.device))[0, :-1]

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from awq_ref.cuda_graph import CudaGraphDecoder
-from awq_ref.model import KVCache, Llama
+from awq_ref.model import KVCache, Llama, check_token_ids
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -48,6 +48,7 @@ def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got "
                          f"{temperature}, {top_p}")
+    check_token_ids(model.config, torch.tensor(list(prompt_ids)), "generate: the prompt")
     if cuda_graph and model.device.type != "cuda":
         raise ValueError(f"generate: cuda_graph=True needs a model on a CUDA device, got "
                          f"{model.device} (leave it off for eager decode)")

@@ -111,6 +111,16 @@ def check_window(config: LlamaConfig, length: int) -> None:
                          f"{config.sliding_window}")
 
 
+def check_token_ids(config: LlamaConfig, ids: torch.Tensor, what: str) -> None:
+    """ValueError unless every id indexes the embedding table: an id past it means a tokenizer
+    (or data) that does not belong to the model, which torch reports as an IndexError mid-run.
+    For ids on the CPU (prompts, calibration and evaluation tokens): it reads them all."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
+        raise ValueError(f"{what}: token ids {int(ids.min())}..{int(ids.max())} do not fit the "
+                         f"model's vocabulary (vocab_size {config.vocab_size}); are the "
+                         "tokenizer and the model from the same checkpoint?")
+
+
 class KVCache:
     """Static per-layer key/value buffers, filled left to right; `length` positions are valid."""
 

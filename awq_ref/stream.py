@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from awq_ref.api import METHODS
+from awq_ref.api import METHODS, check_quantizable_config
 from awq_ref.awq.capture import embed
 from awq_ref.awq.pipeline import AwqConfig, search_block
 from awq_ref.awq.result import AwqResult
@@ -42,19 +42,17 @@ from awq_ref.files import atomic_write
 from awq_ref.loaders.hf import read_config_json
 from awq_ref.loaders.lazy import LazyTensors, index_safetensors_file
 from awq_ref.loaders.state_dict import build_on_meta, check_state_dict
-from awq_ref.model import Block
+from awq_ref.model import Block, check_token_ids
 from awq_ref.quant.checkpoint import (
     CONFIG_DTYPE,
     INDEX_NAME,
     PACKED_SUFFIXES,
     atomic_folder,
-    check_fused_skip,
     fsync_path,
     quant_config_dict,
     write_json,
     write_shard,
 )
-from awq_ref.quant.packing import check_linear, check_packable
 from awq_ref.quant.qlinear import QuantLinear, skipped
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.tokenizer import HF_TOKENIZER_FILES
@@ -131,7 +129,8 @@ def quantize_folder(src: str | Path, out_dir: str | Path, method: str = "awq", w
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
     source = Source.open(src)
-    _check_layers_packable(source.config, spec, skip)
+    check_token_ids(source.config, calib, "calib_tokens")
+    check_quantizable_config(source.config, spec, skip, where="quantize_folder")
     device = torch.device(device)
     dtype = dtype or source.tensors.index["model.embed_tokens.weight"].dtype
     work = Progress(work_dir or f"{str(out_dir).rstrip('/')}.partial",
@@ -150,21 +149,6 @@ def _check_calib(tokens: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"calib_tokens must be integer (B, T), got {tokens.dtype} "
                          f"{tuple(tokens.shape)}")
     return tokens
-
-
-def _check_layers_packable(cfg: LlamaConfig, spec: QuantSpec, skip: tuple[str, ...]) -> None:
-    """Every quantized linear must pack (packing.check_linear, as api.quantize), before any
-    work is done."""
-    check_packable(spec, "quantize_folder")
-    check_fused_skip(cfg.num_hidden_layers, skip, "quantize_folder")
-    with torch.device("meta"):
-        block = Block(cfg, 0)
-    for i in range(cfg.num_hidden_layers):
-        for name, lin in block.named_modules():
-            full = f"model.layers.{i}.{name}"
-            if not isinstance(lin, nn.Linear) or skipped(full, skip):
-                continue
-            check_linear(spec, full, lin.in_features, lin.out_features)
 
 
 def shard_name(i: int, n: int) -> str:

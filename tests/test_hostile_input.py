@@ -91,6 +91,7 @@ def test_fuzz_hf_config(worker, base, case, data):
     (folder / "config.json").write_bytes(content)
     (folder / "model.safetensors").write_bytes(base["safetensors"])
     expect_clean(worker, "hf config.json", "model", folder)
+    expect_clean(worker, "hf config.json", "quantize_check", folder)
 
 
 @pytest.mark.parametrize("which", ["gguf_gpt2", "gguf_llama"])

@@ -216,6 +216,19 @@ def test_config_numbers_past_float_and_int32(worker, base, case, changes, words)
     expect_value_error(worker, "model", folder, *words)
 
 
+@pytest.mark.parametrize("changes", [
+    {"num_hidden_layers": 2**31 - 1},  # was a meta Llama of 2**31 blocks: GBs, then a timeout
+    {"hidden_size": 2**27, "num_attention_heads": 1, "num_key_value_heads": 1},  # its RoPE table
+])
+def test_quantize_checks_a_config_without_building_the_model(worker, base, case, changes):
+    """`python -m awq_ref quantize` checks the group size from config.json before loading; a
+    config's claims cost nothing there (one block on the meta device stands for all)."""
+    folder = case()
+    (folder / "config.json").write_text(json.dumps({**base["config"], **changes}))
+    (folder / "model.safetensors").write_bytes(base["safetensors"])
+    assert worker.call("quantize_check", folder)[0] == "ok"
+
+
 def test_rope_theta_past_int64_loads(worker, base, case):
     """2**64 is a finite rope_theta (a useless one): the model loads; torch.pow once raised
     OverflowError ("int too big to convert") on the int (found by AWQ_FUZZ_RANDOM=1)."""

@@ -72,6 +72,16 @@ def _load(kind: str, path: Path) -> None:
         from awq_ref.eval import read_text
 
         read_text(path)
+    elif kind == "quantize_check":  # `quantize`'s check from the config alone, before loading
+        from awq_ref.api import check_quantizable_config
+        from awq_ref.loaders import load_config
+        from awq_ref.quant.quantizer import QuantSpec
+
+        config = load_config(path)  # its ValueErrors name the file
+        try:
+            check_quantizable_config(config, QuantSpec(group_size=-1))
+        except ValueError:  # a layer that cannot be packed (it names the layer): a clean refusal
+            pass
     else:
         raise AssertionError(f"unknown kind {kind!r}")
 

@@ -1,0 +1,70 @@
+"""The command line on tiny real models whose inputs do not fit together: a tokenizer whose ids
+outgrow the model's vocabulary, a reference model of another vocabulary. Each is one clear line
+and exit status 2, not an IndexError from inside torch (found by review, 2026-12-07)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_resume import write_tokenizer  # a byte-level BPE of 261 tokens
+
+from awq_ref.cli import main
+from awq_ref.config import LlamaConfig
+from awq_ref.model import Llama
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+TEXT = "Hello world, hello world. " * 40  # "He", "ll", "Hell", "\u0120w": ids 256..260
+
+
+def write_folder(folder: Path, vocab_size: int) -> Path:
+    """An HF folder: a random Llama of `vocab_size` ids with the 261-token tokenizer."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=vocab_size, **TINY)).eval()
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, str(folder / "model.safetensors"))
+    write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-inputs")
+    (root / "text.txt").write_text(TEXT)
+    models = {n: write_folder(root / f"v{n}", n) for n in (200, 261, 300)}
+    return {**models, "text": root / "text.txt"}
+
+
+def _refused(capsys, argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+
+
+def test_tokenizer_ids_past_the_vocabulary(folders, capsys, tmp_path):
+    model, text = str(folders[200]), str(folders["text"])
+    fits = "do not fit the model's vocabulary (vocab_size 200)"
+    _refused(capsys, ["generate", "--model", model, "--prompt", "Hello world"], fits)
+    _refused(capsys, ["ppl", "--model", model, "--text", text, "--seqlen", "16"], fits)
+    out = tmp_path / "q"
+    _refused(capsys, ["quantize", "--model", model, "--out", str(out), "--group-size", "32",
+                      "--calib", text, "--n-samples", "2", "--calib-seqlen", "16"], fits)
+    assert not out.exists()
+
+
+def test_a_padded_vocabulary_is_fine_and_references_must_match(folders, capsys):
+    text = str(folders["text"])
+    assert main(["ppl", "--model", str(folders[300]), "--text", text, "--seqlen", "16",
+                 "--windows", "2"]) == 0  # 261 tokens in a table of 300: a padded vocabulary
+    capsys.readouterr()
+    _refused(capsys, ["ppl", "--model", str(folders[261]), "--text", text, "--seqlen", "16",
+                      "--reference", str(folders[300])], "vocabularies differ ([261, 300] tokens)")
