@@ -145,10 +145,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     shown = [tok.decode(ids, skip_special_tokens=True)]  # the decoded text so far
 
     def stream(token: int) -> None:
-        # Decode prompt and continuation together each time: byte-level tokens may end
-        # mid-character, and SentencePiece drops the leading space of a text's first token.
+        # Decode prompt and continuation together each time: SentencePiece drops the leading
+        # space of a text's first token, and byte-level tokens may end mid-character, which
+        # decodes as U+FFFD until the character's last byte comes: hold those back.
         new.append(token)
-        text = tok.decode(ids + new, skip_special_tokens=True)
+        text = tok.decode(ids + new, skip_special_tokens=True).rstrip("\ufffd")
         print(text[len(shown[0]):], end="", flush=True)
         shown[0] = text
 
@@ -156,7 +157,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
              eos_ids=tok.eos_ids, seed=args.seed, on_token=stream, cuda_graph=args.cuda_graph)
     dt = time.perf_counter() - t0
-    print(flush=True)  # stdout ends with a newline
+    rest = tok.decode(ids + new, skip_special_tokens=True)[len(shown[0]):]  # bytes never completed
+    print(rest, flush=True)  # stdout ends with a newline
     print(f"[{len(new)} tokens in {dt:.2f} s, {len(new) / dt:.1f} tokens/s]", file=sys.stderr)
     return 0
 

@@ -32,6 +32,11 @@ def write_folder(folder: Path, vocab_size: int) -> Path:
         state.pop("lm_head.weight")
     save_file(state, str(folder / "model.safetensors"))
     write_tokenizer(folder)
+    from tokenizers import Tokenizer, decoders
+
+    tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tk.decoder = decoders.ByteLevel()  # bytes back to text, as GPT-2-style tokenizers do
+    tk.save(str(folder / "tokenizer.json"))
     return folder
 
 
@@ -68,3 +73,29 @@ def test_a_padded_vocabulary_is_fine_and_references_must_match(folders, capsys):
     capsys.readouterr()
     _refused(capsys, ["ppl", "--model", str(folders[261]), "--text", text, "--seqlen", "16",
                       "--reference", str(folders[300])], "vocabularies differ ([261, 300] tokens)")
+
+
+def test_streamed_text_keeps_characters_split_across_tokens(folders, capsys, monkeypatch):
+    """Byte-level tokens end mid-character; the stream must print each character once whole
+    (it once printed U+FFFD for the partial bytes and skipped the character)."""
+    import sys
+
+    from awq_ref.loaders import load_tokenizer
+
+    tok = load_tokenizer(folders[261])
+    piece = " \u4e2d\u6587!"  # 2 characters of 3 bytes each: 1 + 6 + 1 byte tokens
+    new = tok.encode(piece, add_bos=False)
+    assert len(new) == 8
+
+    def fake_generate(model, ids, max_new_tokens, on_token, **kw):
+        for t in new:
+            on_token(t)
+        return new
+
+    monkeypatch.setattr(sys.modules["awq_ref.generate"], "generate", fake_generate)
+    assert main(["generate", "--model", str(folders[261]), "--prompt", "Hi"]) == 0
+    assert capsys.readouterr().out == "Hi" + piece + "\n"
+    new = new[:-2]  # ends inside the second character: its bytes, as decoded, at the end
+    assert main(["generate", "--model", str(folders[261]), "--prompt", "Hi"]) == 0
+    out = capsys.readouterr().out
+    assert out == "Hi" + tok.decode(new) + "\n" and out.startswith("Hi \u4e2d")
