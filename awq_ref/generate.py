@@ -16,7 +16,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     softmax(logits / temperature) restricted to the smallest set of tokens whose mass >= top_p."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # Shifted so the largest is 0: a tiny temperature then gives -inf, never inf - inf = nan.
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         # Keep a token if the mass before it is < top_p: the first token is always kept.
@@ -45,7 +47,7 @@ def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
     """
     if not prompt_ids:
         raise ValueError("generate: the prompt is empty (encode with a BOS token or give text)")
-    if temperature < 0 or not 0 < top_p <= 1:
+    if not temperature >= 0 or not 0 < top_p <= 1:  # (written so that nan is refused too)
         raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got "
                          f"{temperature}, {top_p}")
     check_token_ids(model.config, torch.tensor(list(prompt_ids)), "generate: the prompt")

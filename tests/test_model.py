@@ -137,6 +137,15 @@ def test_sampling_draws_from_softmax_of_logits_over_temperature(temperature):
             torch.multinomial(probs, 1, generator=g_want))
 
 
+def test_tiny_temperatures_sample_the_argmax_and_nan_is_refused():
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    g = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1e-45, 1.0, g) for _ in range(10)} == {1}  # logits/T overflow
+    _, model = pair(tiny_hf_dict(2))
+    with pytest.raises(ValueError, match="temperature >= 0"):
+        generate(model, [1, 2, 3], 4, temperature=float("nan"))
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.tensor([5.0, 4.0, -10.0, -10.0])
     g = torch.Generator().manual_seed(0)
