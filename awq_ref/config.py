@@ -114,6 +114,10 @@ class LlamaConfig:
         if not all(_is_int(i) and i >= 0 for i in (*special, *self.eos_token_ids)):
             raise ValueError(f"LlamaConfig: bos/eos token ids must be non-negative integers, got "
                              f"{self.bos_token_id!r} and {self.eos_token_ids!r}")
+        if self.bos_token_id is not None and self.bos_token_id >= self.vocab_size:
+            # (an EOS past the table is only never generated; a BOS is the first input token)
+            raise ValueError(f"LlamaConfig: bos_token_id {self.bos_token_id} is past the "
+                             f"vocabulary (vocab_size {self.vocab_size})")
         for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LlamaConfig.{name} must be true or false, "
