@@ -125,12 +125,18 @@ def _progress(args: argparse.Namespace):
 def _awq_result(args: argparse.Namespace, model, tok, spec, progress=None):
     """The AWQ search result: re-loaded with --result, else searched (and saved with --save-result);
     `progress` (awq.resume.Progress) makes the search save and resume its state per block."""
+    from awq_ref.awq.apply import check_result_fits
     from awq_ref.awq.calibration import calibration_tokens, sample_from_model
     from awq_ref.awq.pipeline import AwqConfig, search_awq
     from awq_ref.awq.result import AwqResult
 
     if args.result:
         result = AwqResult.load(args.result)
+        try:
+            check_result_fits(model, result)
+        except ValueError as e:
+            raise ValueError(f"--result {args.result}: {e} (was it searched on another model?)"
+                             ) from None
         if result.spec != spec:  # allowed (scales carry over), but say so
             print(f"note: {args.result} was searched for {_spec_name(result.spec)}, applied at "
                   f"{_spec_name(spec)}: its clip boxes were tuned for the former", file=sys.stderr)

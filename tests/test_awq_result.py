@@ -57,6 +57,17 @@ def test_reapplied_result_leaves_newly_skipped_linears_unclipped():
         assert torch.equal(p, expected), name
 
 
+def test_result_of_another_model_is_refused_and_changes_nothing():
+    """A result searched on a GQA model (2 KV heads) re-applied to an MHA one: the q/k/v group's
+    scales fit, v_proj's do not; nothing may be folded in before the refusal."""
+    result = search_awq(tiny_llama(), calib(), SPEC, FAST)
+    other = tiny_llama(n_kv=4)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="scale of model.layers.0.self_attn.v_proj has shape"):
+        apply_awq(other, result)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
 def test_api_quantize_awq_beats_rtn_on_block_outputs():
     from awq_ref.api import quantize
 

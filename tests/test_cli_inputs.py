@@ -21,10 +21,10 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
 TEXT = "Hello world, hello world. " * 40  # "He", "ll", "Hell", "\u0120w": ids 256..260
 
 
-def write_folder(folder: Path, vocab_size: int) -> Path:
+def write_folder(folder: Path, vocab_size: int, **changes) -> Path:
     """An HF folder: a random Llama of `vocab_size` ids with the 261-token tokenizer."""
     torch.manual_seed(0)
-    model = Llama(LlamaConfig(vocab_size=vocab_size, **TINY)).eval()
+    model = Llama(LlamaConfig(vocab_size=vocab_size, **{**TINY, **changes})).eval()
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -99,3 +99,18 @@ def test_streamed_text_keeps_characters_split_across_tokens(folders, capsys, mon
     assert main(["generate", "--model", str(folders[261]), "--prompt", "Hi"]) == 0
     out = capsys.readouterr().out
     assert out == "Hi" + tok.decode(new) + "\n" and out.startswith("Hi \u4e2d")
+
+
+def test_a_saved_search_of_another_model_is_refused(folders, capsys, tmp_path):
+    text = str(folders["text"])
+    base = ["quantize", "--group-size", "32", "--n-grid", "2"]
+    saved = tmp_path / "v300.safetensors"
+    assert main([*base, "--model", str(folders[300]), "--out", str(tmp_path / "a"), "--calib",
+                 text, "--n-samples", "2", "--calib-seqlen", "16", "--save-result",
+                 str(saved)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other"  # the same tokenizer and vocabulary, hidden 128 instead of 64
+    write_folder(other, 300, hidden_size=128)
+    _refused(capsys, [*base, "--model", str(other), "--out", str(tmp_path / "b"), "--result",
+                      str(saved)], f"--result {saved}: AwqResult: the scale of")
+    assert not (tmp_path / "b").exists()

@@ -57,32 +57,53 @@ def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True,
     with the clips are both valid, the clips being tuned for the searched width. Linears named
     by modules_to_not_convert stay full precision, so they get no clip (a result searched with
     fewer skipped modules has one for them); their scales are exact and still applied.
+    Every name and shape is checked first: a result of another model changes nothing.
     """
+    scales, clips = _steps(model, result, clip, tuple(modules_to_not_convert))
+    for prev, linears, s, n_rep in scales:
+        apply_scale(prev, linears, s, n_rep, model.config.head_dim)
+    for linear, lo, hi in clips:
+        apply_clip(linear, lo, hi)
+
+
+def check_result_fits(model: nn.Module, result: AwqResult) -> None:
+    """ValueError unless every scale and clip range of `result` fits a layer of `model`."""
+    _steps(model, result, True, ())
+
+
+def _steps(model: nn.Module, result: AwqResult, clip: bool, skip: tuple[str, ...]
+           ) -> tuple[list[tuple[nn.Module, list[nn.Linear], torch.Tensor, int]],
+                      list[tuple[nn.Linear, torch.Tensor, torch.Tensor]]]:
+    """apply_awq's scalings (prev, linears, s, n_rep) and clips (linear, lo, hi), checked."""
     cfg = model.config
-    done = set()
+    scales, names = [], set()
     # A fixed order (block, then the table's order) so re-applying is bit-for-bit repeatable.
     for i, layer in enumerate(model.model.layers):
         for group in LLAMA_GROUPS:
             name = f"model.layers.{i}.{group.prev}"
             if name not in result.scales:
                 continue
-            n_rep = cfg.n_rep if group.repeat_kv else 1
-            apply_scale(layer.get_submodule(group.prev),
-                        [layer.get_submodule(x) for x in group.linears],
-                        result.scales[name], n_rep, cfg.head_dim)
-            done.add(name)
-    unknown = sorted(set(result.scales) - done)
+            prev, s = layer.get_submodule(group.prev), result.scales[name]
+            if tuple(s.shape) != (prev.weight.shape[0],):  # prev's output channels
+                raise ValueError(f"AwqResult: the scale of {name} has shape {tuple(s.shape)}, "
+                                 f"which does not fit its {prev.weight.shape[0]} channels")
+            scales.append((prev, [layer.get_submodule(x) for x in group.linears], s,
+                           cfg.n_rep if group.repeat_kv else 1))
+            names.add(name)
+    unknown = sorted(set(result.scales) - names)
     if unknown:
         raise ValueError(f"AwqResult: scales {unknown[:3]} name no scaling group of this model")
-    if not clip:
-        return
-    for name, (lo, hi) in result.clips.items():
-        if skipped(name, modules_to_not_convert):
+    clips = []
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name, (lo, hi) in result.clips.items() if clip else ():
+        if skipped(name, skip):
             continue
-        linear = model.get_submodule(name)
+        linear = linears.get(name)
+        if linear is None:
+            raise ValueError(f"AwqResult: a clip range names {name}, no linear of this model")
         n, k = linear.weight.shape
         if lo.shape != hi.shape or lo.dim() != 2 or lo.shape[0] != n or k % lo.shape[1]:
             raise ValueError(f"AwqResult: clip range of {name} has shape {tuple(lo.shape)}, "
                              f"which does not fit its weight ({n}, {k})")
-        apply_clip(linear, lo, hi)
-
+        clips.append((linear, lo, hi))
+    return scales, clips
