@@ -59,6 +59,7 @@ def check_quantize_args(args: argparse.Namespace) -> None:
 
     if Path(args.out).exists():
         raise ValueError(f"--out {args.out} already exists: remove it or choose another folder")
+    _check_output_paths(args)
     spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
     if spec.bits != 4:
         raise ValueError(f"--w-bit {spec.bits}: the AWQ checkpoint holds 4-bit codes only; other "
@@ -90,6 +91,31 @@ def check_quantize_args(args: argparse.Namespace) -> None:
     _check_layers(args.model, spec)
 
 
+def _check_output_paths(args: argparse.Namespace) -> None:
+    """--out is written whole at the end and the work folder deleted after success: neither
+    may hold the other (or the saved search), and each must be creatable."""
+    out, work = Path(args.out).resolve(), _work_dir(args).resolve()
+    if _within(work, out) or _within(out, work):
+        raise ValueError(f"--work-dir {work} and --out {out} must lie apart (the checkpoint "
+                         "folder is written whole at the end, the work folder deleted)")
+    if args.save_result and _within(Path(args.save_result).resolve(), out):
+        raise ValueError(f"--save-result {args.save_result} lies inside --out {args.out}, which "
+                         "is written whole at the end: save the search beside it")
+    for flag, path in (("--out", out), ("--work-dir", work)):
+        parent = next(p for p in path.parents if p.exists())
+        if not parent.is_dir():
+            raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _work_dir(args: argparse.Namespace) -> Path:
+    """The AWQ progress folder: --work-dir, by default OUT.partial beside --out."""
+    return Path(args.work_dir or f"{str(args.out).rstrip('/')}.partial")
+
+
 def _check_layers(model: str, spec) -> None:
     """The group size against every decoder linear, from the config alone (a model built on the
     meta device: no weights read), so a bad --group-size fails before a long load."""
@@ -117,7 +143,7 @@ def _progress(args: argparse.Namespace):
     """The resumable search's work folder (--work-dir, default OUT.partial beside --out)."""
     from awq_ref.awq.resume import Progress
 
-    work_dir = Path(args.work_dir or f"{str(args.out).rstrip('/')}.partial")
+    work_dir = _work_dir(args)
     model = args.model if args.model == "default" else str(Path(args.model).resolve())
     return Progress(work_dir, identity={"model": model, "dtype": args.dtype})
 
@@ -226,7 +252,7 @@ def what_is_kept(args: argparse.Namespace) -> str:
         return "nothing was written"
     from awq_ref.awq.resume import Progress
 
-    work = Progress(args.work_dir or f"{str(args.out).rstrip('/')}.partial")
+    work = Progress(_work_dir(args))
     blocks = work.saved_blocks()
     if not blocks:
         return "no block was finished"

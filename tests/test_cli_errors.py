@@ -54,6 +54,14 @@ def test_quantize_refuses_before_loading(capsys, tmp_path):
              "r.st: no such file")
     _refused(capsys, [*base, "--out", fresh, "--result", "r.st", "--calib", "c.txt"],
              "takes no --calib")
+    _refused(capsys, [*base, "--out", fresh, "--work-dir", f"{fresh}/work"], "must lie apart")
+    _refused(capsys, [*base, "--out", f"{tmp_path}/w/ckpt", "--work-dir", f"{tmp_path}/w"],
+             "must lie apart")  # the work folder, deleted after success, held the checkpoint
+    _refused(capsys, [*base, "--out", fresh, "--save-result", f"{fresh}/r.st"], "inside --out")
+    (tmp_path / "file").write_text("")
+    _refused(capsys, [*base, "--out", f"{tmp_path}/file/ckpt"], "is a file, not a folder")
+    _refused(capsys, [*base, "--out", fresh, "--work-dir", f"{tmp_path}/file/w"],
+             "is a file, not a folder")
     assert not (tmp_path / "new").exists()
 
 
