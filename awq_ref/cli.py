@@ -129,6 +129,15 @@ def _load_for_inference(args: argparse.Namespace):
     return model
 
 
+def warn_past_context(model: torch.nn.Module, positions: int, what: str) -> None:
+    """A note on stderr when a run goes past the context the model was trained for: allowed
+    (RoPE runs on), but its quality there is not the model's."""
+    trained = model.config.max_position_embeddings
+    if positions > trained:
+        print(f"note: {what} reach {positions} positions, past this model's trained context "
+              f"of {trained} (max_position_embeddings)", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from awq_ref.generate import generate
     from awq_ref.loaders import load_tokenizer
@@ -140,6 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = _load_for_inference(args)  # first: a backend that cannot run fails before any work
     tok = load_tokenizer(args.model)
     ids = tok.encode(args.prompt)
+    warn_past_context(model, len(ids) + args.max_new_tokens, "the prompt and --max-new-tokens")
     print(args.prompt, end="", flush=True)
     new: list[int] = []
     shown = [tok.decode(ids, skip_special_tokens=True)]  # the decoded text so far
@@ -170,6 +180,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     positive("--seqlen", args.seqlen, least=2)
     positive("--windows", args.windows)
     model = _load_for_inference(args)
+    warn_past_context(model, args.seqlen, "--seqlen")
     tok = load_tokenizer(args.model)
     reference = load(args, args.reference) if args.reference else None
     tokens = load_wikitext_tokens(tok, args.text)

@@ -19,9 +19,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (default: float32)")
 
 
+# Counts and seeds past this are typos, and torch cannot take them (a TypeError, not a message).
+COUNT_LIMIT = 2**31 - 1
+
+
 def positive(name: str, value: int | None, least: int = 1) -> None:
-    if value is not None and value < least:
-        raise ValueError(f"{name} must be at least {least}, got {value}")
+    """ValueError unless value (a count from the command line) is None or in least..2**31-1."""
+    if value is not None and not least <= value <= COUNT_LIMIT:
+        raise ValueError(f"{name} must be at least {least} and at most {COUNT_LIMIT}, got {value}")
 
 
 def load(args: argparse.Namespace, path: str | None = None):

@@ -40,6 +40,8 @@ def test_quantize_refuses_before_loading(capsys, tmp_path):
     fresh = str(tmp_path / "new")
     _refused(capsys, [*base, "--out", fresh, "--n-samples", "0"], "--n-samples must be at least 1")
     _refused(capsys, [*base, "--out", fresh, "--calib-seqlen", "-3"], "--calib-seqlen")
+    _refused(capsys, [*base, "--out", fresh, "--n-samples", str(10**20)],
+             "--n-samples must be at least 1 and at most 2147483647")  # was torch's TypeError
     _refused(capsys, [*base, "--out", fresh, "--w-bit", "9"], "bits must be an integer in 2..8")
     _refused(capsys, [*base, "--out", fresh, "--n-grid", "0"], "n_grid must be >= 1")
     _refused(capsys, [*base, "--out", fresh, "--method", "rtn", "--save-result", "r.st"],

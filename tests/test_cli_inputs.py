@@ -114,3 +114,15 @@ def test_a_saved_search_of_another_model_is_refused(folders, capsys, tmp_path):
     _refused(capsys, [*base, "--model", str(other), "--out", str(tmp_path / "b"), "--result",
                       str(saved)], f"--result {saved}: AwqResult: the scale of")
     assert not (tmp_path / "b").exists()
+
+
+def test_runs_past_the_trained_context_say_so(folders, capsys):
+    model, text = str(folders[261]), str(folders["text"])  # max_position_embeddings 256
+    assert main(["ppl", "--model", model, "--text", text, "--seqlen", "300"]) == 0
+    assert "--seqlen reach 300 positions, past this model's trained context of 256" in (
+        capsys.readouterr().err)
+    assert main(["ppl", "--model", model, "--text", text, "--seqlen", "256"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main(["generate", "--model", model, "--prompt", "Hello", "--max-new-tokens", "255"]
+                ) == 0
+    assert "past this model's trained context" in capsys.readouterr().err
