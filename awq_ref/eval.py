@@ -21,27 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from awq_ref.files import read_text
 from awq_ref.model import check_token_ids
 
 # Positions per chunk when turning logits into log-probs: bounds the (T, V) fp32 temporaries.
 _CHUNK = 512
-
-
-def read_text(path: str | Path) -> str:
-    """A UTF-8 text file with CRLF line endings turned into LF (WikiText-2 ships CRLF)."""
-    path = Path(path)
-    if path.is_char_device() or path.is_block_device():  # /dev/zero would never end
-        raise ValueError(f"{path}: a device, not a text file")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: text file not found") from None
-    except OSError as e:  # a folder, no permission, ...
-        raise ValueError(f"{path}: cannot read the text file ({e.strerror or e})") from None
-    try:
-        return raw.replace(b"\r\n", b"\n").decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
 
 
 def load_wikitext_tokens(tokenizer: Any, path: str | Path) -> torch.Tensor:

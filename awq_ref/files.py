@@ -1,4 +1,5 @@
-"""Files written whole or not at all: a crash mid-write never leaves half a file."""
+"""Files written whole or not at all (a crash mid-write never leaves half a file), and text
+files read with errors that name them."""
 
 from __future__ import annotations
 
@@ -46,3 +47,20 @@ def parse_json(text: str | bytes, where: str) -> Any:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """`text` (UTF-8) written to `path` with atomic_write."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file with CRLF line endings turned into LF (WikiText-2 ships CRLF)."""
+    path = Path(path)
+    if path.is_char_device() or path.is_block_device():  # /dev/zero would never end
+        raise ValueError(f"{path}: a device, not a text file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: text file not found") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise ValueError(f"{path}: cannot read the text file ({e.strerror or e})") from None
+    try:
+        return raw.replace(b"\r\n", b"\n").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e

@@ -126,3 +126,10 @@ def test_runs_past_the_trained_context_say_so(folders, capsys):
     assert main(["generate", "--model", model, "--prompt", "Hello", "--max-new-tokens", "255"]
                 ) == 0
     assert "past this model's trained context" in capsys.readouterr().err
+
+
+def test_calibration_text_that_is_not_utf8_is_named(folders, capsys, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    _refused(capsys, ["quantize", "--model", str(folders[261]), "--out", str(tmp_path / "q"),
+                      "--group-size", "32", "--calib", str(bad)], f"{bad}: not UTF-8 text")

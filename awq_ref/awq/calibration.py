@@ -14,19 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from awq_ref.files import read_text
+
 DEFAULT_WINDOWS = 128
 DEFAULT_SEQLEN = 512
-
-
-def read_texts(paths: Sequence[str | Path]) -> list[str]:
-    """UTF-8 text files with CRLF turned into LF; ValueError naming a missing file."""
-    texts = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise ValueError(f"{p}: calibration text file not found")
-        texts.append(p.read_bytes().replace(b"\r\n", b"\n").decode("utf-8"))
-    return texts
 
 
 def random_windows(stream: torch.Tensor, n: int = DEFAULT_WINDOWS, seqlen: int = DEFAULT_SEQLEN,
@@ -50,7 +41,7 @@ def calibration_tokens(tokenizer: Any, source: str | Path | Sequence[str | Path]
     items = [Path(source)] if isinstance(source, (str, Path)) else list(source)
     if not items:
         raise ValueError("no calibration text given")
-    strings = [read_texts([t])[0] if isinstance(t, Path) else t for t in items]
+    strings = [read_text(t) if isinstance(t, Path) else t for t in items]
     stream = torch.tensor(tokenizer.encode("\n\n".join(strings)), dtype=torch.int64)
     if stream.numel() < seqlen:  # say where the text came from, and catch file names as text
         files = [str(t) for t in items if isinstance(t, Path)]
