@@ -216,7 +216,8 @@ class LlamaConfig:
                 intermediate_size=d["intermediate_size"],
                 num_hidden_layers=d["num_hidden_layers"],
                 num_attention_heads=d["num_attention_heads"],
-                num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                num_key_value_heads=(d["num_attention_heads"] if d.get("num_key_value_heads")
+                                     is None else d["num_key_value_heads"]),  # None: MHA; 0: bad
                 head_dim=d.get("head_dim") or 0,
                 rms_norm_eps=d.get("rms_norm_eps", 1e-6),
                 rope_theta=theta,

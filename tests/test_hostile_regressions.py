@@ -43,6 +43,7 @@ worker, base, case = fixtures.worker, fixtures.base, fixtures.case  # the harnes
      ["factor"]),  # was accepted: NaN frequencies
     ({"tie_word_embeddings": "false"}, ["tie_word_embeddings"]),  # was read as true
     ({"eos_token_id": "x"}, ["eos"]),  # was accepted into the config
+    ({"num_key_value_heads": 0}, ["num_key_value_heads"]),  # was read as MHA
     ({"bos_token_id": 10**6}, ["bos_token_id", "past the vocabulary"]),  # IndexError in AWQ
 ])
 def test_config_json_regressions(worker, base, case, changes, words):
