@@ -75,6 +75,15 @@ def test_group_size_is_checked_from_the_config_before_loading(capsys, tmp_path, 
              "group_size 256 does not divide in_features 128")
 
 
+def test_a_llama2c_checkpoint_is_checked_from_its_header(capsys, tmp_path, monkeypatch,
+                                                         stories_dir):
+    """stories260K's MLP is 172 wide: no 4-bit checkpoint, said before the weights are read."""
+    monkeypatch.setattr(cli_quantize, "load", lambda *a: pytest.fail("the model was loaded"))
+    _refused(capsys, ["quantize", "--model", str(stories_dir / "stories260K.bin"), "--out",
+                      str(tmp_path / "q"), "--method", "rtn", "--group-size", "32"],
+             "out_features 172 is not a multiple of 8, so it cannot be packed")
+
+
 def _random_folder(tmp_path):
     """A tiny random HF folder without a tokenizer (tools/make_random_checkpoint.py)."""
     import importlib.util

@@ -24,7 +24,13 @@ from awq_ref.loaders.hf import (
     read_safetensors_file,
     read_safetensors_folder,
 )
-from awq_ref.loaders.llama2c import find_tokenizer_for, is_llama2c_model, load_llama2c_model
+from awq_ref.loaders.llama2c import (
+    config_from_header,
+    find_tokenizer_for,
+    is_llama2c_model,
+    load_llama2c_model,
+    read_header,
+)
 from awq_ref.loaders.llama2c_tokenizer import read_llama2c_tokenizer
 from awq_ref.model import Llama
 from awq_ref.tokenizer import (
@@ -56,8 +62,9 @@ def _resolve(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path) -> LlamaConfig | None:
-    """The LlamaConfig of "default", an fp HF folder or a .gguf file, read without any weights
-    (to check settings before a long load); None for other formats and quantized folders."""
+    """The LlamaConfig of "default", an fp HF folder, a .gguf file or a llama2.c .bin, read
+    without any weights (to check settings before a long load); None for quantized folders and
+    other files (their loaders say what is wrong)."""
     path = _resolve(path)
     if path.is_dir():
         raw = read_config_json(path)
@@ -67,6 +74,8 @@ def load_config(path: str | Path) -> LlamaConfig | None:
     if is_gguf(path):
         header = open_gguf(path)
         return config_from_gguf(header.metadata, {t.name for t in header.tensors}, str(path))
+    if path.suffix == ".bin" and is_llama2c_model(path):
+        return config_from_header(read_header(path))
     return None
 
 

@@ -77,9 +77,10 @@ def _load(kind: str, path: Path) -> None:
         from awq_ref.loaders import load_config
         from awq_ref.quant.quantizer import QuantSpec
 
-        config = load_config(path)  # its ValueErrors name the file
+        config = load_config(path)  # its ValueErrors name the file; None: a quantized folder
         try:
-            check_quantizable_config(config, QuantSpec(group_size=-1))
+            if config is not None:
+                check_quantizable_config(config, QuantSpec(group_size=-1))
         except ValueError:  # a layer that cannot be packed (it names the layer): a clean refusal
             pass
     else:
