@@ -261,16 +261,17 @@ def test_no_zero_point_reaches_the_checkpoint(tmp_path, stream, one_thread):
     assert (qzeros == 0x88888888 - 2**32).all()  # symmetric: every zero point is the fixed 8
 
 
-def test_quantize_hands_seed_and_search_options_to_the_search(capsys, tmp_path, stories_dir,
-                                                             monkeypatch):
+def test_quantize_hands_seed_and_search_options_to_the_search(capsys, tmp_path, monkeypatch):
     """--seed picks the calibration windows, --duo-scaling and --n-grid reach AwqConfig (the
     search is stopped as it starts: what it was given is all that is checked)."""
     from pathlib import Path
 
+    from test_cli_inputs import write_folder
+
     from awq_ref.awq.calibration import calibration_tokens
     from awq_ref.loaders import load_tokenizer
 
-    model_path = str(stories_dir / "stories260K.bin")
+    model_path = str(write_folder(tmp_path / "model", 261))  # packable widths, a tokenizer
     text = tmp_path / "c.txt"
     text.write_text("Once upon a time there was a little girl. She liked to play in the park. "
                     * 20)
