@@ -1,4 +1,4 @@
-"""Fold searched scales and clip ranges into a full-precision model (all functions mutate).
+"""Fold searched scales and clip ranges into a full-precision model (the apply_* functions mutate).
 
 Scaling (exact in real arithmetic): for y = W x with x = prev(...),
     y = (W diag(s)) (x / s),
