@@ -207,6 +207,9 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
         require_tensor("out", out)
         require_dtype("out", out, (dtype,))
         require_shape("out", out, (k, nc))
+        for name, t in tensors.items():  # blocks write w while others still read the codes
+            if _overlap(out, t):
+                raise ValueError(f"out must not share memory with {name}")
         tensors["out"] = out
     require_layout_and_device(tensors)
     w = torch.empty((k, nc), dtype=dtype, device=qweight.device) if out is None else out

@@ -253,6 +253,7 @@ HEAD_DIMS = ATTENTION_HEAD_DIMS  # what a model needs for all of these (Elementw
 ATTENTION_CHUNK = 64   # AT_CHUNK of attention.cu: cache slots per block
 MAX_GRID_Y = 65535     # CUDA's limit on gridDim.y (the attention's splits)
 ATTENTION_MAX_GROUP = max(ATTENTION_GROUPS)  # AT_GMAX: query heads per KV head
+MAX_GROUP = ATTENTION_MAX_GROUP  # what a model may have for all of these (ElementwiseOps)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -285,9 +286,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     if cdiv(s, ATTENTION_CHUNK) > MAX_GRID_Y:
         raise ValueError(f"keys has {s} cache slots: at most {ATTENTION_CHUNK * MAX_GRID_Y} (one "
                          f"block row per {ATTENTION_CHUNK} slots, {MAX_GRID_Y} rows at most)")
-    if hkv == 0 or h % hkv or h // hkv > ATTENTION_MAX_GROUP:
-        raise ValueError(f"H = {h} query heads must be a multiple of Hkv = {hkv}, at most "
-                         f"{ATTENTION_MAX_GROUP} per KV head")
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"H = {h} query heads must be a multiple of Hkv = {hkv} KV heads")
+    if h // hkv > ATTENTION_MAX_GROUP:
+        raise ValueError(f"H / Hkv = {h // hkv} query heads per KV head: at most "
+                         f"{ATTENTION_MAX_GROUP}")
     position = _check_position(position)
     _require_cuda(q=q, keys=keys, values=values, position=position)
     y = torch.empty((b, 1, h, dh), dtype=q.dtype, device=q.device)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from awq_ref.quant.qlinear import Kernel
+from awq_ref.quant.qlinear import Kernel, QuantLinear
 
 BACKENDS = ("torch", "cupy")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # the activations awq_kernels.gemm takes
+MIN_CAPABILITY = (8, 0)  # the oldest GPU architecture awq_kernels' sources compile for
 
 
 def check_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> None:
@@ -31,6 +32,12 @@ def check_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> 
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"backend 'cupy' needs float16 or bfloat16 activations, got {dtype} "
                          "(pass --dtype float16)")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:  # cp.async, L2 prefetch hints, cvt to f16x2: PTX for sm_80
+        raise ValueError(f"backend 'cupy' needs a GPU of compute capability "
+                         f"{'.'.join(map(str, MIN_CAPABILITY))} or later (Ampere, Hopper, ...); "
+                         f"{torch.cuda.get_device_name(device)} has "
+                         f"{'.'.join(map(str, capability))}: use the 'torch' backend")
     try:
         import cupy  # noqa: F401
     except ImportError as e:
@@ -46,6 +53,23 @@ def backend_kernel(name: str, device: torch.device | str, dtype: torch.dtype) ->
     import awq_kernels  # here, not at the top: see the module docstring
 
     return awq_kernels.gemm
+
+
+def check_kernel_layers(name: str, model: torch.nn.Module) -> None:
+    """ValueError naming the first QuantLinear that backend `name` cannot run (awq_kernels:
+    group sizes 32, 64, 128 and N a multiple of 64), when it is installed, not at the first
+    forward. The "torch" reference runs any layer of the format."""
+    if name != "cupy":
+        return
+    from awq_kernels.api import check_packed  # touches no device
+
+    for layer, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            try:
+                check_packed(m.qweight, m.qzeros, m.scales, m.group_size)
+            except ValueError as e:
+                raise ValueError(f"backend 'cupy' cannot run {layer}: {e}; use the 'torch' "
+                                 "backend for this model") from None
 
 
 def backend_int8_kernel(name: str, device: torch.device | str, dtype: torch.dtype):

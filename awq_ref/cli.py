@@ -92,7 +92,7 @@ def _quantize_tables(args: argparse.Namespace, model) -> None:
 
 def _load_for_inference(args: argparse.Namespace):
     """The --model with its QuantLinear layers on --backend (checked before loading)."""
-    from awq_ref.backend import backend_kernel
+    from awq_ref.backend import backend_kernel, check_kernel_layers
     from awq_ref.quant.qlinear import apply_kernel
 
     kernel = backend_kernel(args.backend, args.device, DTYPES[args.dtype])
@@ -112,6 +112,7 @@ def _load_for_inference(args: argparse.Namespace):
         from awq_ref.fuse import fuse_projections
 
         fuse_projections(model)
+    check_kernel_layers(args.backend, model)
     if apply_kernel(model, kernel) == 0 and kernel is not None:
         raise ValueError(f"--backend {args.backend}: {args.model} has no quantized (packed "
                          "4-bit) layers; the backend only runs those (use --backend torch)")

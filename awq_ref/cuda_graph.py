@@ -82,6 +82,9 @@ class CudaGraphDecoder:
     """
 
     def __init__(self, model: Llama, cache: KVCache, warmup_steps: int = 3):
+        if cache.length >= cache.max_len:  # the warm-up steps write slot cache.length
+            raise ValueError(f"KV cache overflow: position {cache.length} >= max_len "
+                             f"{cache.max_len}: no free slot to decode into")
         if model.device.type != "cuda":
             raise ValueError(f"CUDA-graph decode needs a model on a CUDA device, got "
                              f"{model.device}; use eager decode (the default) there")

@@ -105,9 +105,11 @@ def is_fused(model: nn.Module) -> bool:
 class ElementwiseOps(Protocol):
     """What `use_elementwise_kernels` installs; awq_kernels.ops is one. Each must compute what
     the model's own code does (RMSNorm.forward and its comment, MLP.forward, rotate_heads),
-    up to rounding, for models whose head dim is in HEAD_DIMS."""
+    up to rounding, for models whose head dim is in HEAD_DIMS and whose KV heads each serve at
+    most MAX_GROUP query heads."""
 
     HEAD_DIMS: tuple[int, ...]
+    MAX_GROUP: int  # query heads per KV head the decode attention handles
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
@@ -134,6 +136,9 @@ def use_elementwise_kernels(model: nn.Module, ops: ElementwiseOps | None) -> int
     if ops is not None and model.config.head_dim not in ops.HEAD_DIMS:
         raise ValueError(f"these kernels handle head dims {ops.HEAD_DIMS}; the model's is "
                          f"{model.config.head_dim}: run it without them")
+    if ops is not None and model.config.n_rep > ops.MAX_GROUP:
+        raise ValueError(f"these kernels handle at most {ops.MAX_GROUP} query heads per KV head; "
+                         f"the model has {model.config.n_rep}: run it without them")
     count = 0
     for name, module in model.named_modules():
         if isinstance(module, RMSNorm) and name.endswith(("q_norm", "k_norm")):

@@ -19,7 +19,12 @@ import pytest
 import torch
 
 from awq_ref import cli
-from awq_ref.backend import backend_elementwise_ops, backend_int8_kernel, backend_kernel
+from awq_ref.backend import (
+    backend_elementwise_ops,
+    backend_int8_kernel,
+    backend_kernel,
+    check_kernel_layers,
+)
 from awq_ref.config import LlamaConfig
 from awq_ref.cuda_graph import CudaGraphDecoder, static_decode_step
 from awq_ref.fuse import fuse_projections, use_elementwise_kernels
@@ -98,6 +103,10 @@ def test_cuda_graph_refuses_a_cpu_model():
         CudaGraphDecoder(model, model.new_cache(1, 8))
     with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
         generate(model, [1, 2, 3], 4, cuda_graph=True)
+    full = model.new_cache(1, 3)
+    model(torch.zeros(1, 3, dtype=torch.long), full)  # every slot written
+    with pytest.raises(ValueError, match="KV cache overflow: position 3 >= max_len 3"):
+        CudaGraphDecoder(model, full)  # checked before the warm-up steps write slot 3
 
 
 def test_backend_names():
@@ -130,6 +139,34 @@ def test_cli_fuse_elementwise_needs_the_cupy_backend(capsys):
     argv = ["generate", "--model", "absent-model", "--prompt", "hi", "--fuse-elementwise"]
     assert cli.main(argv) == 2
     assert "--fuse-elementwise runs awq_kernels' CUDA kernels" in capsys.readouterr().err
+
+
+def test_cupy_backend_refuses_gpus_before_ampere(monkeypatch):
+    """The kernels' PTX (cp.async, L2 hints, f16x2 conversions) needs sm_80: an older GPU is
+    refused by name before loading, not by a ptxas log at the first forward."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match=r"compute capability 8\.0 or later .*Tesla T4 has 7\.5"):
+        backend_kernel("cupy", "cuda", torch.float16)
+
+
+def test_cupy_backend_names_a_layer_its_kernels_cannot_run():
+    """The format allows any group size dividing K and N % 8 == 0; the kernels G in 32/64/128
+    and N % 64 == 0: said for the layer, when the backend is chosen (CPU tensors suffice)."""
+    def packed(group_size: int, kv_heads: int) -> Llama:
+        cfg = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256,
+                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=kv_heads)
+        return replace_linears(Llama(cfg), QuantSpec(4, group_size))
+
+    check_kernel_layers("cupy", packed(32, 2))  # G 32, N 64..256: runs
+    check_kernel_layers("torch", packed(16, 1))  # the reference runs anything packed
+    with pytest.raises(ValueError, match=r"cannot run model\.layers\.0\.self_attn\.q_proj: "
+                                         "group_size must be one of"):
+        check_kernel_layers("cupy", packed(16, 2))
+    with pytest.raises(ValueError, match=r"cannot run model\.layers\.0\.self_attn\.k_proj: "
+                                         "N = 32"):
+        check_kernel_layers("cupy", packed(32, 1))
 
 
 def test_cli_cuda_graph_needs_cuda_device(capsys):

@@ -47,6 +47,7 @@ class _TorchOps:
     kernel backend (awq_kernels.ops) must compute, and where the model calls it."""
 
     HEAD_DIMS = (16, 64, 128)  # tiny_llama's, and what the GPU tests' models have
+    MAX_GROUP = 8
 
     def __init__(self):
         self.calls = {"rms_norm": 0, "add_rms_norm": 0, "silu_mul": 0, "rotary": 0,
@@ -132,6 +133,10 @@ def test_elementwise_ops_refuse_a_head_dim_they_lack():
     ops = _TorchOps()
     ops.HEAD_DIMS = (64, 128)
     with pytest.raises(ValueError, match=r"head dims \(64, 128\); the model's is 16"):
+        use_elementwise_kernels(tiny_llama(), ops)
+    ops = _TorchOps()
+    ops.MAX_GROUP = 1  # tiny_llama has 2 query heads per KV head
+    with pytest.raises(ValueError, match="at most 1 query heads per KV head; the model has 2"):
         use_elementwise_kernels(tiny_llama(), ops)
 
 

@@ -145,6 +145,12 @@ def test_dequantize_validates():
         awq_kernels.dequantize(*_args()[1:], columns=(0, 64), out=torch.empty(k, 128).half())
     with pytest.raises(TypeError, match="out must have dtype"):
         awq_kernels.dequantize(*_args()[1:], columns=(0, 64), out=torch.empty(k, 64))
+    _, qweight, qzeros, scales, g = _args()
+    buffer = torch.empty(k * 64 + scales.numel()).half()  # out and scales in one allocation
+    shared = buffer[:scales.numel()].view(scales.shape).copy_(scales)
+    with pytest.raises(ValueError, match="out must not share memory with scales"):
+        awq_kernels.dequantize(qweight, qzeros, shared, g, columns=(0, 64),
+                               out=buffer[:k * 64].view(k, 64))
 
 
 def test_import_compiles_nothing_and_imports_no_cupy():
@@ -300,10 +306,10 @@ def test_decode_attention_validates_before_touching_cuda():
     with pytest.raises(ValueError, match="Dh = 32 is not one of the compiled head dims"):
         ops.decode_attention(q[..., :32], cache[..., :32].contiguous(),
                              cache[..., :32].contiguous(), pos)
-    with pytest.raises(ValueError, match="must be a multiple of Hkv = 3"):
+    with pytest.raises(ValueError, match="must be a multiple of Hkv = 3 KV heads"):
         ops.decode_attention(q, torch.zeros(1, 3, 16, 64).half(),
                              torch.zeros(1, 3, 16, 64).half(), pos)
-    with pytest.raises(ValueError, match="at most 8 per KV head"):
+    with pytest.raises(ValueError, match="16 query heads per KV head: at most 8"):
         ops.decode_attention(torch.randn(1, 1, 16, 64).half(), cache[:, :1].contiguous(),
                              cache[:, :1].contiguous(), pos)
     with pytest.raises(ValueError, match="values must be contiguous with keys' shape"):
