@@ -74,6 +74,13 @@ def check_quantize_args(args: argparse.Namespace) -> None:
         raise ValueError("--calib names no file (leave --calib out for data-free calibration)")
     if args.result and args.calib is not None:
         raise ValueError("--result re-applies a saved search: it takes no --calib text")
+    search_options = [f for f, given in (("--n-grid", args.n_grid is not None),
+                                         ("--duo-scaling", args.duo_scaling)) if given]
+    if search_options and (args.method == "rtn" or args.result):
+        verb = "shape" if len(search_options) > 1 else "shapes"
+        raise ValueError(f"{' and '.join(search_options)} {verb} the AWQ search, which "
+                         + ("--method rtn does not run" if args.method == "rtn"
+                            else "--result replaces with a saved one"))
     for name, path in [("--calib", f) for f in args.calib or ()] + [("--result", args.result)]:
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{name} {path}: no such file")

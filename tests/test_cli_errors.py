@@ -56,6 +56,10 @@ def test_quantize_refuses_before_loading(capsys, tmp_path):
              "r.st: no such file")
     _refused(capsys, [*base, "--out", fresh, "--result", "r.st", "--calib", "c.txt"],
              "takes no --calib")
+    _refused(capsys, [*base, "--out", fresh, "--method", "rtn", "--n-grid", "5"],
+             "--n-grid shapes the AWQ search, which --method rtn does not run")
+    _refused(capsys, [*base, "--out", fresh, "--result", "r.st", "--duo-scaling"],
+             "--duo-scaling shapes the AWQ search, which --result replaces with a saved one")
     _refused(capsys, [*base, "--out", fresh, "--work-dir", f"{fresh}/work"], "must lie apart")
     _refused(capsys, [*base, "--out", f"{tmp_path}/w/ckpt", "--work-dir", f"{tmp_path}/w"],
              "must lie apart")  # the work folder, deleted after success, held the checkpoint
