@@ -94,6 +94,13 @@ def test_quality_table_and_command():
     assert "| AWQ | W4 g64 | 21.000 | 0.0500 | 0.9000 | 0.500 | 60.0 s | 0.6 MB |" in table
     assert "n/a" in lines[4]
     assert report.quality_command(args).startswith("tools/awq_quality.py --model default --bits 4")
+    seed1 = {**args, "seed": 1, "methods": ["awq"], "calib": "other.txt",
+             "eval": "/data/wikitext-2-raw/wiki.test.raw"}
+    assert report.quality_command(seed1).endswith(
+        "--eval-seqlen 2048 --seed 1 --methods awq --calib other.txt")  # defaults left out
+    with pytest.raises(SystemExit, match=r"partial awq_quality.py report .*\['awq W3'\]"):
+        report.quality_table({"args": args, "rows": [rows[0], {"method": "awq", "bits": 3}]},
+                             {"fp16": 1, "w4": 1})
 
 
 def test_figures_render(setup, tmp_path):
@@ -175,3 +182,15 @@ def test_results_markdown_says_awq_over_rtn_and_the_command():
     fp = {"method": "fp", "bits": None, "ppl": 20.0, "quant_s": None}
     table = report.quality_table({"args": args, "rows": [fp]}, {"fp16": 270_000_000, "w4": 1})
     assert "| 270.0 MB (fp16) |" in table  # MB = 10^6 bytes, as the table says
+
+
+def test_existing_results_are_rewritten_only_with_their_table(tmp_path):
+    """Without --from-json, results.md would lose its quality table: refused before any work."""
+    import subprocess
+
+    (tmp_path / "results.md").write_text("the published table")
+    done = subprocess.run([sys.executable, str(Path(report.__file__)), "--out", str(tmp_path),
+                           "--reuse-figure-data"], check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "holds the quality table" in done.stderr, done.stderr
+    assert (tmp_path / "results.md").read_text() == "the published table"

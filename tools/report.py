@@ -5,10 +5,11 @@
 The quality table (ppl, KL, top-1, recovery, quantization time) is read from the JSON written by
 `tools/awq_quality.py --json FILE`; the checkpoint sizes are measured here by packing the model.
 The figure data comes from the package's own functions on a small calibration set
-(--windows x --seqlen TinyStories windows, seed 0; the default 4 x 512 took 15 min on 2 busy
-cores, mostly the AWQ search; --reuse-figure-data re-plots from docs/figures/data.json and
-rewrites results.md in a minute). Every block sees the fp model's activations, as the search
-itself does (AwqConfig.propagate = "fp"):
+(--windows x --seqlen TinyStories windows, seed 0; the default 4 x 512 took 3.0 min on the 2
+cores, mostly the AWQ search, as docs/results.md records; --reuse-figure-data re-plots from
+docs/figures/data.json and rewrites results.md in a minute; an existing results.md is only
+rewritten with --from-json, which holds its table). Every block sees the fp model's
+activations, as the search itself does (AwqConfig.propagate = "fp"):
   (a) mean|x| per input channel of each scaling group's input      (activation_means)
   (b) the scale-search loss L(s(a)) over the grid of a              (loss_curves)
   (c) the chosen a of every block and group                         (chosen_ratios, from AwqResult)
@@ -166,6 +167,10 @@ def quality_table(report: dict, sizes: dict[str, int]) -> str:
     head = ("method", "bits", "ppl", "KL vs fp", "top-1 vs fp", "recovery", "quantization time",
             "checkpoint")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    unscored = [f"{r['method']} W{r['bits']}" for r in report["rows"] if "ppl" not in r]
+    if unscored or not report["rows"] or report["rows"][0]["method"] != "fp":
+        raise SystemExit(f"error: a partial awq_quality.py report (no fp row first, or rows "
+                         f"without scores: {unscored}): run awq_quality.py to the end first")
     for r in report["rows"]:
         fp = r["method"] == "fp"
         size = sizes["fp16"] if fp else sizes["w4"] if r["bits"] == 4 else None
@@ -186,6 +191,15 @@ def quality_command(args: dict) -> str:
            f" --group {args['group']} --calib-windows {args['calib_windows']} --seqlen "
            f"{args['seqlen']} --eval-windows {args['eval_windows'] or 'all'} --eval-seqlen "
            f"{args['eval_seqlen']}")
+    # Options left at awq_quality.py's defaults are left out (older reports lack some keys).
+    if args.get("seed", 0) != 0:
+        cmd += f" --seed {args['seed']}"
+    if args.get("methods", ["awq", "rtn"]) != ["awq", "rtn"]:
+        cmd += " --methods " + " ".join(args["methods"])
+    for flag, usual in (("calib", "tinystories/tinystories_val_prefix.txt"),
+                        ("eval", "wikitext-2-raw/wiki.test.raw")):
+        if not str(args.get(flag, usual)).endswith(usual):
+            cmd += f" --{flag} {args[flag]}"
     if args.get("overrides"):
         cmd += " --set " + " ".join(args["overrides"])
     return cmd + (" --half-split" if args.get("half_split") else "")
@@ -248,6 +262,10 @@ def main() -> None:
                     help="re-plot from docs/figures/data.json instead of recomputing it")
     ap.add_argument("--out", default=str(REPO / "docs"))
     args = ap.parse_args()
+    results = Path(args.out) / "results.md"
+    if results.exists() and not args.from_json:  # it would be rewritten without its table
+        ap.error(f"{results} holds the quality table, which only --from-json FILE (the quality "
+                 "report) rewrites: pass it, or another --out folder")
     folder, start = Path(args.out) / "figures", time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     model, tok = load_model("default"), load_tokenizer("default")
