@@ -97,6 +97,8 @@ def main() -> None:
                     help="windows per forward pass (oneshot's default 1 is slow on a CPU; the "
                          "statistics and the losses are sums over all windows either way)")
     args = ap.parse_args()
+    if Path(args.out).exists():  # before the hour of search, not replaced after it
+        ap.error(f"--out {args.out} already exists: remove it or choose another folder")
 
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -137,7 +139,6 @@ def main() -> None:
     save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
     shutil.copy(hf_dir / "config.json", partial / "config.json")
     tokenizer.save_pretrained(partial)  # ours, as for AutoAWQ's checkpoint
-    shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     print(json.dumps({"out": str(out), "quantize_s": round(seconds, 1), "weights": weights,
                       "duo_scaling": args.duo_scaling, "n_grid": args.n_grid,

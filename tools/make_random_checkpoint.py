@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from awq_ref.config import LlamaConfig
 from awq_ref.loaders.state_dict import expected_shapes
+from awq_ref.quant.checkpoint import atomic_folder
 
 
 def _shape(vocab: int, dim: int, ffn: int, layers: int, heads: int, kv_heads: int,
@@ -78,23 +79,23 @@ def write_random_checkpoint(config: LlamaConfig, out: str | Path,
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists")
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(
-        {**config.to_hf_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2))
-    shapes = expected_shapes(config)
-    order = {name: i for i, name in enumerate(shapes)}
-    elem = torch.tensor([], dtype=dtype).element_size()
-    plan = shard_plan(shapes, elem, max_shard_bytes)
-    weight_map = {}
-    for i, names in enumerate(plan):
-        fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
-        tensors = {n: random_tensor(n, shapes[n], order[n], seed, std, dtype) for n in names}
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
-        del tensors  # one shard in memory at a time
-        weight_map.update(dict.fromkeys(names, fname))
-    total = sum(elem * int(torch.Size(s).numel()) for s in shapes.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    with atomic_folder(out) as tmp:  # a crash leaves no half-written folder in the way
+        (tmp / "config.json").write_text(json.dumps(
+            {**config.to_hf_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2))
+        shapes = expected_shapes(config)
+        order = {name: i for i, name in enumerate(shapes)}
+        elem = torch.tensor([], dtype=dtype).element_size()
+        plan = shard_plan(shapes, elem, max_shard_bytes)
+        weight_map = {}
+        for i, names in enumerate(plan):
+            fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+            tensors = {n: random_tensor(n, shapes[n], order[n], seed, std, dtype) for n in names}
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            del tensors  # one shard in memory at a time
+            weight_map.update(dict.fromkeys(names, fname))
+        total = sum(elem * int(torch.Size(s).numel()) for s in shapes.values())
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return out
 
 
