@@ -58,7 +58,7 @@ from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.tokenizer import HF_TOKENIZER_FILES
 
 # Copied verbatim into the checkpoint when the source folder has them.
-TOKENIZER_FILES = (*HF_TOKENIZER_FILES, "tokenizer.bin", "generation_config.json")
+TOKENIZER_FILES = (*HF_TOKENIZER_FILES, "tokenizer.bin")
 EMPTY_TOKENS = torch.zeros(0, 0, dtype=torch.int64)  # RTN: no calibration
 
 

@@ -24,9 +24,11 @@ from awq_ref.files import atomic_write, atomic_write_text, parse_json
 
 CONFIG_FILE = "tokenizer_config.json"
 # An HF tokenizer folder's files, which a tokenizer read from such a folder writes back verbatim
-# (see Tokenizer.save_pretrained).
+# (see Tokenizer.save_pretrained); generation_config.json among them, whose EOS ids the
+# tokenizer reads too (special_ids_from_folder), so a saved checkpoint stops where the source did.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", CONFIG_FILE, "special_tokens_map.json",
-                      "added_tokens.json", "chat_template.jinja", "chat_template.json")
+                      "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                      "generation_config.json")
 
 
 class Backend(Protocol):
@@ -109,7 +111,12 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`. With skip_special_tokens, ids past the vocabulary are skipped too: a
+        model whose embedding table is padded past its tokenizer (Qwen2.5: 151,936 rows for
+        151,665 tokens) may sample them, and they hold no text. Otherwise they raise."""
         ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i < self.vocab_size]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"decode: token id(s) {bad[:5]} outside the vocabulary of "

@@ -175,6 +175,10 @@ def test_encode_rejects_bytes(tok512):
         tok512.encode(b"bytes")
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok512.decode([512])
+    # a padded embedding table's rows hold no text: skipped as special tokens are
+    assert tok512.decode([65, 512, 66], skip_special_tokens=True) == tok512.decode([65, 66])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok512.decode([-1], skip_special_tokens=True)
 
 
 def test_gguf_eos_ids_include_the_end_of_turn_token(sp_model, tmp_path):
@@ -237,3 +241,25 @@ def test_tokenizer_json_folder_reads_bos_from_its_post_processor_and_every_eos(t
     tok = load_tokenizer(_bpe_folder(tmp_path / "b", False, 6))
     assert (tok.add_bos, set(tok.eos_ids)) == (False, {2, 6})
     assert tok.encode("ab") == [5]
+    tok.save_pretrained(tmp_path / "saved")  # as save_quantized does: the EOS list survives
+    assert set(load_tokenizer(tmp_path / "saved").eos_ids) == {2, 6}
+
+
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe"])
+def test_gguf_llama3_vocabulary_as_llama_cpp_reads_it(pre):
+    """Llama-3's pre-tokenizers (llama.cpp's LLAMA3 group): a word that is a token is one token
+    even when no merge reaches it, and BOS is added when the file has no add_bos_token flag;
+    other byte-level vocabularies keep merging and add no BOS."""
+    from awq_ref.loaders.gguf_tokenizer import bytes_to_unicode, tokenizer_from_gguf_metadata
+
+    alphabet = list(bytes_to_unicode().values())
+    tokens = [*alphabet, "ab", "abc", "<s>"]  # no merge makes "abc": only "a b"
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.token_type": [1] * 258 + [3],
+            "tokenizer.ggml.bos_token_id": 258, "tokenizer.ggml.eos_token_id": 258}
+    tok = tokenizer_from_gguf_metadata(meta, "test.gguf")
+    llama3 = pre == "llama-bpe"
+    assert tok.encode("abc") == ([258, 257] if llama3 else [256, alphabet.index("c")])
+    flagged = tokenizer_from_gguf_metadata({**meta, "tokenizer.ggml.add_bos_token": False}, "x")
+    assert flagged.encode("abc")[0] != 258  # the file's flag wins

@@ -5,9 +5,12 @@
 - `llama`: SentencePiece-style BPE with byte fallback; merges are rebuilt from the token scores
   (merge the pair whose joined token scores highest), a "\u2581" prefix marks word starts.
 
-`gpt2` follows transformers' GGUF conversion (integrations/gguf), so token ids match it. `llama`
-does too, except that text starting with a space gets its dummy prefix anyway, as in SentencePiece
-and llama.cpp (transformers' Metaspace leaves it out there).
+`gpt2` follows transformers' GGUF conversion (integrations/gguf), so token ids match it, except
+for Llama-3's pre-tokenizers (LLAMA3_PRES), where it follows llama.cpp and Llama-3's own
+tokenizer.json: a word that is a token is one token even when no merge reaches it
+(`ignore_merges`), and BOS is added unless the file says otherwise (transformers' conversion
+does neither). `llama` follows transformers too, except that text starting with a space gets its
+dummy prefix anyway, as in SentencePiece and llama.cpp (transformers' Metaspace leaves it out).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from awq_ref.loaders.vocab_splits import vocab_splits
 from awq_ref.tokenizer import ChatTemplate, Tokenizer, TokenizersBackend, is_error_or_rust_panic
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")  # llama.cpp's LLAMA3 pre-tokenizer group
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -36,7 +40,7 @@ def _pre_tokenizer(pre: str, source: str) -> Any:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                  use_regex=True)])
-    if pre in ("llama-bpe", "llama3", "llama-v3"):
+    if pre in LLAMA3_PRES:
         return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT),
                                                              behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False,
@@ -68,10 +72,11 @@ def byte_level_bpe(meta: dict[str, Any], source: str) -> Any:
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     if any(len(m) != 2 for m in merges):
         raise ValueError(f"{source}: tokenizer.ggml.merges holds an entry without a space")
+    pre = meta.get("tokenizer.ggml.pre", "default")
     tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
-                                continuing_subword_prefix="",
-                                end_of_word_suffix="", fuse_unk=False))
-    tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), source)
+                                continuing_subword_prefix="", end_of_word_suffix="",
+                                fuse_unk=False, ignore_merges=pre in LLAMA3_PRES))
+    tk.pre_tokenizer = _pre_tokenizer(pre, source)
     tk.decoder = decoders.ByteLevel()
     return tk
 
@@ -170,8 +175,10 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> Tokenizer
         raise ValueError(f"{source}: the GGUF vocabulary does not form a tokenizer ({e})") from e
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
            if k in meta]
-    # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
+    # llama.cpp adds BOS to a SentencePiece vocabulary and to Llama-3's unless the file says
+    # otherwise.
+    usual = kind == "llama" or meta.get("tokenizer.ggml.pre") in LLAMA3_PRES
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", usual)
     return Tokenizer(TokenizersBackend(tk), meta.get("tokenizer.ggml.bos_token_id"), eos,
                      add_bos, source=source, chat_template=gguf_chat_template(meta))
 
