@@ -103,11 +103,11 @@ def test_streamed_text_keeps_characters_split_across_tokens(folders, capsys, mon
 
 def test_a_saved_search_of_another_model_is_refused(folders, capsys, tmp_path):
     text = str(folders["text"])
-    base = ["quantize", "--group-size", "32", "--n-grid", "2"]
+    base = ["quantize", "--group-size", "32"]
     saved = tmp_path / "v300.safetensors"
     assert main([*base, "--model", str(folders[300]), "--out", str(tmp_path / "a"), "--calib",
-                 text, "--n-samples", "2", "--calib-seqlen", "16", "--save-result",
-                 str(saved)]) == 0
+                 text, "--n-samples", "2", "--calib-seqlen", "16", "--n-grid", "2",
+                 "--save-result", str(saved)]) == 0
     capsys.readouterr()
     other = tmp_path / "other"  # the same tokenizer and vocabulary, hidden 128 instead of 64
     write_folder(other, 300, hidden_size=128)
