@@ -124,8 +124,8 @@ def _work_dir(args: argparse.Namespace) -> Path:
 
 
 def _check_layers(model: str, spec) -> None:
-    """The group size against every decoder linear, from the config alone (a model built on the
-    meta device: no weights read), so a bad --group-size fails before a long load."""
+    """The group size against every decoder linear, from the config alone (one block built on
+    the meta device: no weights read), so a bad --group-size fails before a long load."""
     from awq_ref.api import check_quantizable_config
     from awq_ref.loaders import load_config
 
