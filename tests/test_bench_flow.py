@@ -118,3 +118,29 @@ def test_sweep_compares_with_the_fastest_of_ours_not_fp16(fake_cuda, monkeypatch
     fp16 = next(r for r in rows if r["variant"] == "fp16")
     assert min(r["vs_best"] for r in ours) == 1.0 and fp16["vs_best"] == pytest.approx(20 / 50)
     assert "fp16" not in [name for name, _ in sweep.ranking({"rows": rows})[16]]
+
+
+def test_e2e_benchmark_measures_every_models_proven_rows_first(monkeypatch, tmp_path):
+    """The unproven variants ([overlap], [tuned]) run after both models' proven rows: a sticky
+    CUDA error there must not cost the Llama-3-8B rows; every row is in the JSON as measured."""
+    import bench_e2e
+
+    def rows(kind):
+        def fake(name, s, tuned=None):
+            yield {"model": name, "variant": f"{kind} 1"}
+            yield {"model": name, "variant": f"{kind} 2"}
+            if kind == "optional" and name == "llama3-8b":
+                raise RuntimeError("an illegal memory access was encountered")
+        return fake
+
+    monkeypatch.setattr(bench_e2e, "check_backend", lambda *a: None)
+    monkeypatch.setattr(bench_e2e, "bench_model", rows("proven"))
+    monkeypatch.setattr(bench_e2e, "optional_rows", rows("optional"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    out = tmp_path / "e2e.json"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench_e2e.main(["--models", "smollm2-135m", "llama3-8b", "--json", str(out)])
+    got = [(r["model"], r["variant"]) for r in json.loads(out.read_text())["rows"]]
+    proven = [(m, f"proven {i}") for m in ("smollm2-135m", "llama3-8b") for i in (1, 2)]
+    optional = [(m, f"optional {i}") for m in ("smollm2-135m", "llama3-8b") for i in (1, 2)]
+    assert got == proven + optional

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import itertools
 import json
 import statistics
 import sys
@@ -272,9 +273,33 @@ def dispatch_kernel(dispatch) -> Callable:
     return functools.partial(gemm, dispatch=dispatch)
 
 
-def bench_model(name: str, s: Settings, tuned=None) -> Iterator[dict]:
-    """Every variant of one model, one after the other (never two models at once), a row as
-    each is measured; with `tuned` (a Dispatch) also "w4 cupy [tuned]", `auto` under it."""
+def optional_rows(name: str, s: Settings, tuned=None) -> Iterator[dict]:
+    """The variants whose kernels have not yet run on a GPU: "w4 cupy [overlap]" and, with
+    `tuned` (a Dispatch), "w4 cupy [tuned]" (`auto` under it). A failure costs its own row;
+    run after every model's proven rows, since a sticky CUDA error would end the process."""
+    model, source = build(name, quantized=True)
+    apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
+    weights = _fresh_peak()
+    optional = [("w4 cupy [overlap]", overlap_kernel(), False)]
+    if tuned is not None:
+        optional.append(("w4 cupy [tuned]", dispatch_kernel(tuned), True))
+    for variant, kernel, graph in optional:
+        apply_kernel(model, kernel)
+        _fresh_peak()
+        try:
+            row = {"model": name, "weights": source, "variant": variant,
+                   "weights_gib": weights, **measure(model, s, graph=graph, eager=False)}
+        except point_errors() as err:
+            print(f"  {name} {variant}: {type(err).__name__}: {err}", flush=True)
+            continue
+        yield row
+    del model
+    _fresh_peak()
+
+
+def bench_model(name: str, s: Settings) -> Iterator[dict]:
+    """Every proven variant of one model, one after the other (never two models at once), a
+    row as each is measured (the unproven ones: optional_rows, after every model's)."""
     ops = elementwise_ops()
     model, source = build(name, quantized=False)
     weights = _fresh_peak()
@@ -293,20 +318,6 @@ def bench_model(name: str, s: Settings, tuned=None) -> Iterator[dict]:
         weights = _fresh_peak()
         yield {"model": name, "weights": source, "variant": f"w4 {backend}",
                "weights_gib": weights, **measure(model, s, graph=backend == "cupy")}
-    # kernels not yet run on a GPU: a failure costs only its own row
-    optional = [("w4 cupy [overlap]", overlap_kernel(), False)]
-    if tuned is not None:
-        optional.append(("w4 cupy [tuned]", dispatch_kernel(tuned), True))
-    for variant, kernel, graph in optional:
-        apply_kernel(model, kernel)
-        _fresh_peak()
-        try:
-            row = {"model": name, "weights": source, "variant": variant,
-                   "weights_gib": weights, **measure(model, s, graph=graph, eager=False)}
-        except point_errors() as err:
-            print(f"  {name} {variant}: {type(err).__name__}: {err}", flush=True)
-            continue
-        yield row
     quantize_embeddings(model)  # RTN on the GPU; the fp16 tables are freed
     apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
     weights = _fresh_peak()
@@ -430,14 +441,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     s = QUICK if args.quick else Settings()
     rows = []
-    for name in args.models:
-        for row in bench_model(name, s, tuned):  # saved after each row: a later fault keeps it
-            rows.append(row)
-            print(f"{name} {row['variant']}: measured", flush=True)
-            if args.json:
-                atomic_write_text(args.json, json.dumps(
-                    {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                     "settings": asdict(s), "rows": rows}, indent=1))
+    # Generators: one model on the GPU at a time; every model's proven rows first.
+    passes = [*(bench_model(name, s) for name in args.models),
+              *(optional_rows(name, s, tuned) for name in args.models)]
+    for row in itertools.chain.from_iterable(passes):  # saved after each row: a fault keeps it
+        rows.append(row)
+        print(f"{row['model']} {row['variant']}: measured", flush=True)
+        if args.json:
+            atomic_write_text(args.json, json.dumps(
+                {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "settings": asdict(s), "rows": rows}, indent=1))
     print(markdown(rows))
     return 0
 

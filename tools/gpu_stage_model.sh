@@ -5,18 +5,20 @@
 # ignored files between calls -- and is given back 30 s after a call ends, so the two calls
 # must follow each other at once, and each must be worth running alone:
 #   here:    bash tools/gpu_stage_model.sh split   # .devcarry/model.part0..1, .sha256, .parts
-#   device:  call 1 carries .devcarry/model.part0, .devcarry/model.sha256,
-#            .devcarry/model.parts and .devcarry/py and runs GPU_CHECK_ONLY="environment
-#            kernel-tests mma-sweep kernel-benchmark" bash tools/gpu_check.sh,
-#            call 2 (at once; first `cp <call 1's files_at>/sweep_mma.json .devcarry/` so that
-#            bench_e2e times `auto` as the sweep chose it) carries .devcarry/model.part1 and
-#            .devcarry/sweep_mma.json and runs GPU_CHECK_ONLY="e2e-tests e2e-benchmark
-#            wgmma-probe decode-profile memcheck" bash tools/gpu_check.sh
+#   device:  call 1 (timeout_s 600) carries .devcarry/model.part0, .devcarry/model.sha256,
+#            .devcarry/model.parts and .devcarry/py and runs
+#            GPU_CHECK_ONLY="environment kernel-tests mma-sweep kernel-benchmark" bash tools/gpu_check.sh
+#            call 2 (at once, timeout_s 600) carries .devcarry/model.part1,
+#            .devcarry/model.sha256, .devcarry/model.parts and .devcarry/py and runs
+#            GPU_CHECK_ONLY="e2e-tests e2e-benchmark wgmma-probe memcheck decode-profile" bash tools/gpu_check.sh
 # gpu_check.sh joins the parts itself (a failed join -- the machine went back between the
-# calls -- only makes the default-model tests skip) and uses .devcarry/py and .devcarry/cache.
-# .devcarry/py holds the pure-Python packages the GGUF loader needs and the device's Python
-# lacked on 2026-12-05 (gguf, yaml -- its C extension is skipped there --, tqdm), copied from
-# this machine's .venv by `split`.
+# calls -- only makes the default-model tests skip) and uses .devcarry/py and .devcarry/cache;
+# its sweep step leaves its JSON in .devcarry/sweep_mma.json on the device, where call 2's
+# end-to-end benchmark finds it (nothing to copy between the calls; on a fresh machine the
+# benchmark just skips the "[tuned]" row). Never name .devcarry/sweep_mma.json in a carry list
+# unless it exists here: a carried path missing here is removed there.
+# .devcarry/py holds gguf, the one package the GGUF loader needs that the device's image lacks
+# (device/KINDS.md lists pyyaml and tqdm, which gguf imports), copied from this .venv by `split`.
 # Two parts of 49 MB each (the tracked tree adds ~2 MB to a call); GPU_STAGE_PARTS=3 makes
 # three of 33 MB if a call ever needs more room.
 # `join` checks the SHA-256 of the whole file before it is used, so a part lost between calls
@@ -37,7 +39,7 @@ case "${1:-}" in
     echo "$PARTS" > "$STAGE/model.parts"
     site=$($py -c 'import gguf, os; print(os.path.dirname(os.path.dirname(gguf.__file__)))')
     rm -rf "$STAGE/py" && mkdir -p "$STAGE/py"
-    for pkg in gguf yaml tqdm; do cp -r "$site/$pkg" "$STAGE/py/"; done
+    cp -r "$site/gguf" "$STAGE/py/"  # the device's own yaml and tqdm stay ahead of copies
     find "$STAGE/py" -name __pycache__ -prune -exec rm -rf {} +
     ls -l "$STAGE" && du -sh "$STAGE/py"
     ;;
