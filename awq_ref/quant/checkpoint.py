@@ -72,7 +72,9 @@ SERVED_FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 def check_fused_skip(num_layers: int, modules_to_not_convert: Iterable[str], where: str) -> None:
     """ValueError if modules_to_not_convert keeps part of a SERVED_FUSED group unquantized."""
     skip = tuple(modules_to_not_convert)
-    for i in range(num_layers if skip else 0):  # (a config's layer count is a claim: no loop)
+    if not skip:  # nothing kept fp (and no loop over a config's claimed layer count)
+        return
+    for i in range(num_layers):
         for group in SERVED_FUSED:
             names = [f"model.layers.{i}.{n}" for n in group]
             kept = [n for n in names if skipped(n, skip)]
