@@ -11,7 +11,8 @@ from awq_ref.awq.result import AwqResult
 from awq_ref.awq.resume import Progress
 from awq_ref.cli import build_parser, main
 from awq_ref.cli_quantize import what_is_kept
-from awq_ref.eval import read_text, windows_of
+from awq_ref.eval import windows_of
+from awq_ref.files import read_text
 from awq_ref.quant.quantizer import QuantSpec
 
 

@@ -137,7 +137,7 @@ def test_awq_quality_json_keeps_the_searches_when_the_evaluation_fails(stories_d
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["bits"]) for r in rows] == [("awq", 4), ("rtn", 4)]
     assert all(r["quant_s"] > 0 and "ppl" not in r for r in rows)
-    from awq_ref.eval import read_text
+    from awq_ref.files import read_text
     from awq_ref.loaders import load_tokenizer
 
     text = read_text(stories_dir.parent / "text" / "tinystories" / "tinystories_val_prefix.txt")

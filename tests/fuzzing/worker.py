@@ -69,7 +69,7 @@ def _load(kind: str, path: Path) -> None:
 
         AwqResult.load(path)
     elif kind == "text":
-        from awq_ref.eval import read_text
+        from awq_ref.files import read_text
 
         read_text(path)
     elif kind == "quantize_check":  # `quantize`'s check from the config alone, before loading
