@@ -32,7 +32,8 @@ Measured 2026-12-05 (README "Measured"): W4 g64 24.961 ppl, KL 0.1593, top-1 0.7
 ours 24.159, KL 0.1441, top-1 0.7938; 5899 s of search beside another job on the 2 cores.
 W3 g64 (`--w-bit 3`): 53.233, KL 0.9161, top-1 0.5201 against ours 45.747, 0.724, 0.568; 2689 s.
 W4 g64 on PROTOCOL.md's full run (all 147 windows, 2026-12-07): 26.354, KL 0.1678, top-1 0.7832
-against ours 25.676, 0.1508, 0.7901; 4174 s of search alone on the 2 cores.
+against ours 25.676, 0.1508, 0.7901; 4174 s of search alone on the 2 cores. W3 g64 on the full
+run (2026-12-07): 58.566, KL 0.9552, top-1 0.5124 against ours 50.977, 0.7765, 0.5547; 5252 s.
 """
 
 from __future__ import annotations
