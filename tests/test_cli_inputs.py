@@ -4,38 +4,25 @@ and exit status 2, not an IndexError from inside torch (found by review, 2026-12
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
-from test_resume import write_tokenizer  # a byte-level BPE of 261 tokens
+from test_resume import write_tiny_model  # with a byte-level BPE of 261 tokens
 
 from awq_ref.cli import main
-from awq_ref.config import LlamaConfig
-from awq_ref.model import Llama
 
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+SMALL = {"num_hidden_layers": 2}  # test_resume's TINY otherwise: hidden 64, 256 positions
 TEXT = "Hello world, hello world. " * 40  # "He", "ll", "Hell", "\u0120w": ids 256..260
 
 
 def write_folder(folder: Path, vocab_size: int, **changes) -> Path:
-    """An HF folder: a random Llama of `vocab_size` ids with the 261-token tokenizer."""
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig(vocab_size=vocab_size, **{**TINY, **changes})).eval()
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    save_file(state, str(folder / "model.safetensors"))
-    write_tokenizer(folder)
+    """An HF folder: a random 2-block Llama of `vocab_size` ids with the 261-token byte-level
+    tokenizer, which decodes bytes back to text as GPT-2-style tokenizers do."""
     from tokenizers import Tokenizer, decoders
 
+    write_tiny_model(folder, vocab_size=vocab_size, **{**SMALL, **changes})
     tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tk.decoder = decoders.ByteLevel()  # bytes back to text, as GPT-2-style tokenizers do
+    tk.decoder = decoders.ByteLevel()
     tk.save(str(folder / "tokenizer.json"))
     return folder
 

@@ -42,10 +42,11 @@ def write_tokenizer(folder: Path) -> None:
         {"bos_token": "!", "eos_token": "\"", "add_bos_token": True}))
 
 
-def write_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """An HF folder (config, safetensors, tokenizer) of a random 6-block Llama, hidden 64."""
+def write_tiny_model(folder: Path, seed: int = 0, **changes) -> Path:
+    """An HF folder (config, safetensors, tokenizer) of a random 6-block Llama, hidden 64
+    (`changes`: other config fields)."""
     torch.manual_seed(seed)
-    model = Llama(LlamaConfig(**TINY)).eval()
+    model = Llama(LlamaConfig(**{**TINY, **changes})).eval()
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
