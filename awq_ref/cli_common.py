@@ -19,7 +19,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (default: float32)")
 
 
-# Counts and seeds past this are typos, and torch cannot take them (a TypeError, not a message).
+# Counts past this are typos, and torch cannot take them (a TypeError, not a message).
 COUNT_LIMIT = 2**31 - 1
 
 
