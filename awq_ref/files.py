@@ -15,7 +15,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Let `write(tmp)` fill a temporary file beside `path`, fsync it, rename it over `path`.
 
     The rename is atomic on POSIX: a reader sees the old file or the new one, never a torn one;
-    the fsync before it means a power loss cannot leave the new name on unwritten data.
+    the fsync before it means a power loss cannot leave the new name on unwritten data, and the
+    folder's fsync after it that the rename itself survives one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,14 +25,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary shared files
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
     return path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def parse_json(text: str | bytes, where: str) -> Any:

@@ -38,7 +38,7 @@ from awq_ref.awq.pipeline import AwqConfig, search_block
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.resume import Progress, fingerprint
 from awq_ref.config import LlamaConfig
-from awq_ref.files import atomic_write
+from awq_ref.files import atomic_write, fsync_path
 from awq_ref.loaders.hf import read_config_json
 from awq_ref.loaders.lazy import LazyTensors, index_safetensors_file
 from awq_ref.loaders.state_dict import build_on_meta, check_state_dict
@@ -48,7 +48,6 @@ from awq_ref.quant.checkpoint import (
     INDEX_NAME,
     PACKED_SUFFIXES,
     atomic_folder,
-    fsync_path,
     quant_config_dict,
     write_json,
     write_shard,

@@ -70,3 +70,19 @@ def test_the_temporary_is_fsynced_beside_the_target_then_renamed(tmp_path, monke
     (w, folder, inode), *later = events
     assert w == "write" and folder == path.parent
     assert ("fsync", inode) in later and os.stat(path).st_ino == inode
+
+
+def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
+    """A rename lives in the folder's entries: until the folder is flushed, a power cut can bring
+    back the old name (or none). The folder's fsync comes after the rename, the file's before."""
+    from awq_ref.files import atomic_write_text
+
+    path = tmp_path / "result.json"
+    events = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (
+        events.append((os.fstat(fd).st_ino, path.exists())), real_fsync(fd))[1])
+    atomic_write_text(path, "new")
+    (file_inode, before), (folder_inode, after) = events
+    assert file_inode == os.stat(path).st_ino and not before
+    assert folder_inode == os.stat(tmp_path).st_ino and after

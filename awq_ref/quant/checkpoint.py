@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from awq_ref.config import LlamaConfig
-from awq_ref.files import parse_json
+from awq_ref.files import fsync_path, parse_json
 from awq_ref.fuse import is_fused
 from awq_ref.loaders.hf import read_safetensors_folder
 from awq_ref.loaders.state_dict import IGNORED_SUFFIXES, build_on_meta, check_size_claim
@@ -149,14 +149,6 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
         shards[-1][name] = t
         size += nbytes
     return shards
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
