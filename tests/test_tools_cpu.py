@@ -1,4 +1,5 @@
-"""CPU parts of the tools: weight bytes by shapes (bench_e2e --count-weights), the SASS loop
+"""CPU parts of the tools: weight bytes by shapes (bench_e2e --count-weights), bench_gemm and
+stream_7b options, the SASS loop
 counter (sass_loops.py) on a hand-written listing, bench_cpu's transformers twin, awq_quality's
 JSON, eval_checkpoints, the mutants list."""
 
@@ -19,7 +20,8 @@ from awq_ref.model import Llama
 
 
 def test_count_weights_by_shapes():
-    rows = {(r["model"], r["variant"]): r for r in bench_e2e.count_weights()}
+    rows = {(r["model"], r["variant"]): r
+            for r in bench_e2e.count_weights(["smollm2-135m", "llama3-8b"])}
     fp16 = rows[("llama3-8b", "fp16")]["weights_gib"]
     assert 14.9 < fp16 < 15.0  # 8.03e9 parameters x 2 bytes
     assert 0.35 < rows[("llama3-8b", "w4")]["of_fp16"] < 0.37  # fp16 tables: 2 GiB
@@ -28,6 +30,34 @@ def test_count_weights_by_shapes():
     small = rows[("smollm2-135m", "w4 +emb")]["weights_gib"]
     assert small < rows[("smollm2-135m", "w4")]["weights_gib"]
 
+
+
+def test_count_weights_counts_the_models_asked_for(capsys):
+    assert bench_e2e.main(["--count-weights", "--models", "smollm2-135m"]) == 0
+    table = capsys.readouterr().out
+    assert "smollm2-135m" in table and "llama3-8b" not in table
+
+
+def test_bench_gemm_refuses_quick_with_the_sweep(monkeypatch, capsys):
+    """--quick does not shorten --sweep-mma (its shapes are its own): refused, not ignored."""
+    import runpy
+
+    monkeypatch.setattr("sys.argv", ["bench_gemm.py", "--sweep-mma", "--quick"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(Path(bench_e2e.__file__).parent / "bench_gemm.py"), run_name="__main__")
+    assert exit_.value.code == 2 and "--quick" in capsys.readouterr().err
+
+
+def test_stream_7b_reports_no_search_grids_for_rtn(tmp_path, capsys):
+    import stream_7b
+    from test_resume import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "fp")
+    assert stream_7b.main(["--model", str(model), "--out", str(tmp_path / "q"), "--method", "rtn",
+                           "--group-size", "32"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["method"] == "rtn" and report["n_grid"] is None and report["clip_grid"] is None
+    assert (tmp_path / "q" / "config.json").is_file()
 
 LISTING = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;

@@ -142,10 +142,12 @@ def weight_gib(model: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**30
 
 
-def count_weights() -> list[dict]:
+def count_weights(models: list[str]) -> list[dict]:
     """Weight GiB per model and variant, from shapes alone (meta device)."""
+    configs = {"smollm2-135m": SMOLLM2, "llama3-8b": LLAMA3_8B}
     rows = []
-    for name, config in (("smollm2-135m", SMOLLM2), ("llama3-8b", LLAMA3_8B)):
+    for name in models:
+        config = configs[name]
         with torch.device("meta"):
             fp16 = weight_gib(Llama(config).to(DTYPE))
             model = Llama(config).to(DTYPE)
@@ -419,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                    "weight bytes from the shapes (no GPU needed)")
     args = p.parse_args(argv)
     if args.count_weights:
-        print(markdown(count_weights()))
+        print(markdown(count_weights(args.models)))
         return 0
     tuned = None
     if args.tuned_from is not None:

@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="file stem (default out/bench_gemm, or out/sweep_mma)")
     args = parser.parse_args()
+    if args.quick and args.sweep_mma:
+        parser.error("--quick: the sweep has its own shapes (--sweep-mma's help)")
     if args.reps < 50:
         parser.error(f"--reps {args.reps}: PROTOCOL.md takes the median of at least 50 calls")
     out = args.out or Path("out/sweep_mma" if args.sweep_mma else "out/bench_gemm")

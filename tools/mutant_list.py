@@ -330,7 +330,8 @@ MUTANTS = (
        "half = chunks // 2 if wm_count == 1 else chunks",
        "tests/test_kernels_emulated.py", "-k", "mma_direct_kernel_mapping and 1-320-64"),
     # CLI, api, files, backend, CUDA-graph checks and the tools' numbers (session 16)
-    _m("files-no-fsync", "awq_ref/files.py", "            os.fsync(f.fileno())", "            pass", "tests/test_files.py", "-k", "fsynced"),
+    _m("files-no-fsync", "awq_ref/files.py", "        fsync_path(tmp)", "        pass", "tests/test_files.py", "-k", "fsynced"),
+    _m("files-no-folder-fsync", "awq_ref/files.py", "    fsync_path(path.parent)", "    pass", "tests/test_files.py", "-k", "fsynced"),
     _m("files-tmp-elsewhere", "awq_ref/files.py", "dir=path.parent)", "dir=None)", "tests/test_files.py", "-k", "fsynced"),
     _m("backend-no-dtype-check", "awq_ref/backend.py", "    if dtype not in KERNEL_DTYPES:", "    if False:", "tests/test_e2e_gpu.py", "-k", "refuses_a_cpu_model_and"),
     _m("backend-no-device-check", "awq_ref/backend.py", "    if torch.device(device).type != \"cuda\":", "    if False:", "tests/test_e2e_gpu.py", "-k", "refuses_a_cpu_model_and"),

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         "group_size": args.group_size, "device": args.device, "threads": torch.get_num_threads(),
         "calibration": f"{args.n_samples} x {args.seqlen} random tokens (seed 0)"
         if args.method == "awq" else None,
-        "n_grid": args.n_grid, "clip_grid": None if args.no_clip else args.clip_grid,
+        "n_grid": args.n_grid if args.method == "awq" else None,
+        "clip_grid": args.clip_grid if args.method == "awq" and not args.no_clip else None,
         "wall_s": round(wall, 1),
         "peak_rss_gb": round(peak_rss_gb(resource.RUSAGE_SELF), 3),
         "peak_rss_children_gb": round(peak_rss_gb(resource.RUSAGE_CHILDREN), 3),
