@@ -1,7 +1,6 @@
-"""CPU parts of the tools: weight bytes by shapes (bench_e2e --count-weights), bench_gemm and
-stream_7b options, the SASS loop
-counter (sass_loops.py) on a hand-written listing, bench_cpu's transformers twin, awq_quality's
-JSON, eval_checkpoints, the mutants list."""
+"""CPU parts of the tools: weight bytes by shapes (bench_e2e --count-weights), bench_gemm's and
+stream_7b's options, the SASS loop counter (sass_loops.py) on a hand-written listing, bench_cpu's
+transformers twin, awq_quality's JSON, eval_checkpoints, the mutants list."""
 
 import json
 import sys
