@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from awq_ref.cli_common import DTYPES, add_model_args, load, positive
+from awq_ref.cli_common import DTYPES, add_model_args, load, positive, seed
 from awq_ref.cli_quantize import add_quantize_parser, what_is_kept
 
 
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     g.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling's probability mass (default: 1.0, off)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--seed", type=seed, default=0, help="sampling seed (default: 0)")
     _add_backend_arg(g)
     g.add_argument("--cuda-graph", action="store_true",
                    help="decode by replaying one captured CUDA graph per token (CUDA only)")

@@ -29,6 +29,18 @@ def positive(name: str, value: int | None, least: int = 1) -> None:
         raise ValueError(f"{name} must be at least {least} and at most {COUNT_LIMIT}, got {value}")
 
 
+SEED_LIMIT = 2**64 - 1  # torch.Generator.manual_seed's largest
+
+
+def seed(text: str) -> int:
+    """argparse type of --seed: an integer 0..2**64-1 (past it torch says only "Overflow when
+    unpacking long long")."""
+    value = int(text)
+    if not 0 <= value <= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed is 0 ... 2**64-1, got {text}")
+    return value
+
+
 def load(args: argparse.Namespace, path: str | None = None):
     from awq_ref.loaders import load_model
 

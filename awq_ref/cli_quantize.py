@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from awq_ref.cli_common import DTYPES, add_model_args, load, positive
+from awq_ref.cli_common import DTYPES, add_model_args, load, positive, seed
 
 
 def add_quantize_parser(sub) -> None:
@@ -33,7 +33,7 @@ def add_quantize_parser(sub) -> None:
     q.add_argument("--n-samples", type=int, default=128, help="calibration windows (default: 128)")
     q.add_argument("--calib-seqlen", type=int, default=512,
                    help="tokens per calibration window (default: 512)")
-    q.add_argument("--seed", type=int, default=0,
+    q.add_argument("--seed", type=seed, default=0,
                    help="which calibration windows are drawn (default: 0)")
     q.add_argument("--n-grid", type=int, default=None,
                    help="ratios tried by the scale search (default: AwqConfig's, 40)")

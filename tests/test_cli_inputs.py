@@ -120,3 +120,21 @@ def test_calibration_text_that_is_not_utf8_is_named(folders, capsys, tmp_path):
     bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)
     _refused(capsys, ["quantize", "--model", str(folders[261]), "--out", str(tmp_path / "q"),
                       "--group-size", "32", "--calib", str(bad)], f"{bad}: not UTF-8 text")
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "Hi"],
+                                     ["quantize", "--out", "never-written"]])
+def test_a_seed_past_what_torch_takes_is_refused_by_the_parser(command, capsys):
+    """torch.Generator takes 0 ... 2**64-1 and says only "Overflow when unpacking long long"
+    past it; the parser names the range before anything is loaded."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--model", "no-such-folder", "--seed", str(2**64)])
+    assert exit_.value.code == 2
+    assert "--seed: a seed is 0 ... 2**64-1, got 18446744073709551616" in capsys.readouterr().err
+    assert not Path("never-written").exists()
+
+
+def test_the_largest_seed_samples(folders, capsys):
+    assert main(["generate", "--model", str(folders[261]), "--prompt", "Hello",
+                 "--max-new-tokens", "4", "--temperature", "0.8", "--seed", str(2**64 - 1)]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
