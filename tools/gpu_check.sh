@@ -22,7 +22,7 @@
 # benchmark on PROTOCOL.md's shapes (tools/bench_gemm.py), timing that derived `auto` too
 # ("awq[tuned]", and tools/targets.py's "tuned" column: adopting it is a data change in
 # awq_kernels/dispatch.py, DEFAULT, made with these numbers in hand); the model end to end
-# (tests/test_e2e_gpu.py, tests/test_e2e_gpu_architectures.py); end-to-end speed (tools/bench_e2e.py --quick); the 8B decode profile
+# (tests/test_e2e_gpu.py, tests/test_e2e_gpu_architectures.py, tests/test_backend_checks.py); end-to-end speed (tools/bench_e2e.py --quick); the 8B decode profile
 # (tools/bench_e2e.py --profile); compute-sanitizer memcheck on small shapes
 # (tools/gpu_memcheck.py). The wgmma layout probe (tests/test_wgmma_probe.py: knowledge for a
 # future sm_90a kernel, no product path) and memcheck (an issue-5 criterion) run before the
@@ -105,7 +105,7 @@ if [[ $sweep_ran ]] && { wants kernel-benchmark || wants e2e-benchmark; } &&
   tuned=(--tuned-from "$RESULTS/sweep_mma.json")
 fi
 step "kernel benchmark" bench_gemm.log 210 $PY tools/bench_gemm.py --out "$RESULTS/bench_gemm" "${tuned[@]}"
-step "e2e tests" tests.log 120 "${PYTEST[@]}" tests/test_e2e_gpu.py tests/test_e2e_gpu_architectures.py
+step "e2e tests" tests.log 120 "${PYTEST[@]}" tests/test_e2e_gpu.py tests/test_e2e_gpu_architectures.py tests/test_backend_checks.py
 e2e_tuned=("${tuned[@]}")  # end to end too: this call's sweep, or one carried from call 1
 if [[ ${#tuned[@]} -eq 0 ]] && wants e2e-benchmark && derives_rule .devcarry/sweep_mma.json; then
   e2e_tuned=(--tuned-from .devcarry/sweep_mma.json)
