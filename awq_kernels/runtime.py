@@ -125,9 +125,17 @@ def _cupy_stream(torch_stream: torch.cuda.Stream, device_index: int):
     return cupy.cuda.ExternalStream(torch_stream.cuda_stream, device_index)  # older CuPy/torch
 
 
+INT32_MAX = 2**31 - 1
+
+
 def i32(v: int):
+    """A kernel's `int` argument. Out of range it is a ValueError: numpy 1.x wraps it silently
+    (a wrong address in the kernel), numpy 2 raises an OverflowError naming no argument."""
     import numpy as np
 
+    if not -INT32_MAX - 1 <= v <= INT32_MAX:
+        raise ValueError(f"{v} does not fit a kernel's 32-bit int argument (a shape or stride "
+                         "past 2**31-1)")
     return np.int32(v)
 
 

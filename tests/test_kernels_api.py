@@ -351,3 +351,14 @@ def test_gemm_int8_validates_before_touching_cuda():
         gemm_int8(x, q, s[:, None])  # N values, but not [N]
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         gemm_int8(x, q, s)
+
+
+def test_kernel_int_arguments_past_int32_are_refused():
+    """A stride past 2**31-1 (a fused projection's q view at ~350k tokens of Llama-3-8B) must not
+    reach a kernel: numpy 1.x would wrap it to a wrong address, numpy 2 raise an OverflowError."""
+    from awq_kernels.runtime import i32
+
+    assert int(i32(2**31 - 1)) == 2**31 - 1 and int(i32(-(2**31))) == -(2**31)
+    for bad in (2**31, 349_526 * 6144, -(2**31) - 1):
+        with pytest.raises(ValueError, match="does not fit a kernel's 32-bit int argument"):
+            i32(bad)
