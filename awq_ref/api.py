@@ -36,9 +36,20 @@ def check_quantizable_config(config: LlamaConfig, spec: QuantSpec, skip: tuple[s
     billions of layers costs nothing here."""
     with torch.device("meta"):
         block = Block(config, 0)
-    linears = [(f"model.layers.0.{n}", m) for n, m in block.named_modules()
-               if isinstance(m, nn.Linear) and not skipped(f"model.layers.0.{n}", skip)]
+    linears = [(f"model.layers.{i}.{n}", m) for n, m in block.named_modules()
+               if isinstance(m, nn.Linear)
+               and (i := _first_quantized(n, config.num_hidden_layers, skip)) is not None]
     _check_linears(linears, config.num_hidden_layers, spec, skip, pack, where, hint)
+
+
+def _first_quantized(name: str, num_layers: int, skip: tuple[str, ...]) -> int | None:
+    """The first layer whose linear `name` is quantized (a skip entry may name one layer only:
+    "layers.0.mlp.down_proj"), None if every layer keeps it. An entry without digits matches
+    every layer's `name` alike, so no loop over a config's claimed layer count is needed then."""
+    if skipped(f"model.layers.0.{name}", [k for k in skip if not any(c.isdigit() for c in k)]):
+        return None
+    return next((i for i in range(num_layers) if not skipped(f"model.layers.{i}.{name}", skip)),
+                None)
 
 
 def _check_linears(linears: list[tuple[str, nn.Linear]], num_layers: int, spec: QuantSpec,

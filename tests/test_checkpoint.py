@@ -319,7 +319,8 @@ def test_checkpoint_files_are_readable_by_others(tmp_path):
         assert p.stat().st_mode & 0o044 == 0o044, p.name
 
 
-@pytest.mark.parametrize("skip", [["q_proj"], ["layers.1.self_attn.v_proj"], ["up_proj"]])
+@pytest.mark.parametrize("skip", [["q_proj"], ["layers.1.self_attn.v_proj"], ["up_proj"],
+                                  ["q_proj", "k_proj"]])
 def test_part_of_a_fused_group_kept_fp_is_refused(tmp_path, skip):
     """vLLM loads q/k/v and gate/up as one layer each and refuses a checkpoint that quantizes
     only some of them: quantize (packed) refuses before any work, and so does the writer."""
@@ -336,6 +337,24 @@ def test_part_of_a_fused_group_kept_fp_is_refused(tmp_path, skip):
     with pytest.raises(ValueError, match="save_quantized: .*skip all of them or none"):
         save_quantized(model, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_config_check_skips_a_layer_only_where_every_block_keeps_it():
+    """check_quantizable_config (quantize_folder, the CLI) sees one block for all: a linear kept
+    fp in every layer ("down_proj") is not checked, one kept in layer 0 only still is, as the
+    in-memory check of every layer does."""
+    from awq_ref.api import check_quantizable_config
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # down_proj: K = 96
+    spec = QuantSpec(group_size=64)
+    check_quantizable_config(cfg, spec, ("down_proj",))
+    quantize(Llama(cfg), group_size=64, modules_to_not_convert=["down_proj"])
+    for skip, layer in (((), 0), (("layers.0.mlp.down_proj",), 1)):
+        with pytest.raises(ValueError, match=rf"layers\.{layer}\.mlp\.down_proj: group_size 64"):
+            check_quantizable_config(cfg, spec, skip)
+        with pytest.raises(ValueError, match=rf"layers\.{layer}\.mlp\.down_proj: group_size 64"):
+            quantize(Llama(cfg), group_size=64, modules_to_not_convert=list(skip))
 
 
 def test_unpackable_width_names_the_layer():

@@ -325,6 +325,9 @@ def test_argument_errors(src, tmp_path, calib):
         quantize_folder(src, tmp_path / "a", method="rtn", group_size=48)
     with pytest.raises(ValueError, match="quantize_folder: .*gate_proj/up_proj as one fused"):
         quantize_folder(src, tmp_path / "a", method="rtn", modules_to_not_convert=["up_proj"])
+    with pytest.raises(ValueError, match="quantize_folder: .*q_proj/k_proj/v_proj as one fused"):
+        quantize_folder(src, tmp_path / "a", method="rtn",
+                        modules_to_not_convert=["layers.1.self_attn.v_proj"])  # not in block 0
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError):
