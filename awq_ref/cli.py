@@ -150,7 +150,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = _load_for_inference(args)  # first: a backend that cannot run fails before any work
     tok = load_tokenizer(args.model)
     ids = tok.encode(args.prompt)
-    warn_past_context(model, len(ids) + args.max_new_tokens, "the prompt and --max-new-tokens")
+    # the last new token is never fed back: T + N - 1 positions run
+    warn_past_context(model, len(ids) + args.max_new_tokens - 1,
+                      "the prompt and --max-new-tokens")
     print(args.prompt, end="", flush=True)
     new: list[int] = []
     shown = [tok.decode(ids, skip_special_tokens=True)]  # the decoded text so far

@@ -62,6 +62,7 @@ def test_quantize_refuses_before_loading(capsys, tmp_path):
     _refused(capsys, [*base, "--out", fresh, "--result", "r.st", "--duo-scaling"],
              "--duo-scaling shapes the AWQ search, which --result replaces with a saved one")
     _refused(capsys, [*base, "--out", fresh, "--work-dir", f"{fresh}/work"], "must lie apart")
+    _refused(capsys, [*base, "--out", fresh, "--work-dir", fresh], "must lie apart")
     _refused(capsys, [*base, "--out", f"{tmp_path}/w/ckpt", "--work-dir", f"{tmp_path}/w"],
              "must lie apart")  # the work folder, deleted after success, held the checkpoint
     _refused(capsys, [*base, "--out", fresh, "--save-result", f"{fresh}/r.st"], "inside --out")

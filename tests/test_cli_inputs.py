@@ -48,9 +48,11 @@ def test_tokenizer_ids_past_the_vocabulary(folders, capsys, tmp_path):
     _refused(capsys, ["generate", "--model", model, "--prompt", "Hello world"], fits)
     _refused(capsys, ["ppl", "--model", model, "--text", text, "--seqlen", "16"], fits)
     out = tmp_path / "q"
-    _refused(capsys, ["quantize", "--model", model, "--out", str(out), "--group-size", "32",
-                      "--calib", text, "--n-samples", "2", "--calib-seqlen", "16"], fits)
-    assert not out.exists()
+    for stream in ([], ["--stream"]):
+        _refused(capsys, ["quantize", "--model", model, "--out", str(out), "--group-size", "32",
+                          "--calib", text, "--n-samples", "2", "--calib-seqlen", "16", *stream],
+                 fits)
+        assert not out.exists()
 
 
 def test_a_padded_vocabulary_is_fine_and_references_must_match(folders, capsys):
@@ -104,15 +106,21 @@ def test_a_saved_search_of_another_model_is_refused(folders, capsys, tmp_path):
 
 
 def test_runs_past_the_trained_context_say_so(folders, capsys):
+    from awq_ref.loaders import load_tokenizer
+
     model, text = str(folders[261]), str(folders["text"])  # max_position_embeddings 256
     assert main(["ppl", "--model", model, "--text", text, "--seqlen", "300"]) == 0
     assert "--seqlen reach 300 positions, past this model's trained context of 256" in (
         capsys.readouterr().err)
     assert main(["ppl", "--model", model, "--text", text, "--seqlen", "256"]) == 0
     assert "note:" not in capsys.readouterr().err
-    assert main(["generate", "--model", model, "--prompt", "Hello", "--max-new-tokens", "255"]
-                ) == 0
-    assert "past this model's trained context" in capsys.readouterr().err
+    # The last new token is never fed back: T + N - 1 positions run
+    fits = 257 - len(load_tokenizer(folders[261]).encode("Hello"))
+    for new, past in ((fits, False), (fits + 1, True)):
+        assert main(["generate", "--model", model, "--prompt", "Hello", "--max-new-tokens",
+                     str(new)]) == 0
+        assert ("reach 257 positions, past this model's trained context" in
+                capsys.readouterr().err) == past
 
 
 def test_calibration_text_that_is_not_utf8_is_named(folders, capsys, tmp_path):
@@ -134,7 +142,10 @@ def test_a_seed_past_what_torch_takes_is_refused_by_the_parser(command, capsys):
     assert not Path("never-written").exists()
 
 
-def test_the_largest_seed_samples(folders, capsys):
-    assert main(["generate", "--model", str(folders[261]), "--prompt", "Hello",
-                 "--max-new-tokens", "4", "--temperature", "0.8", "--seed", str(2**64 - 1)]) == 0
-    assert capsys.readouterr().out.startswith("Hello")
+def test_the_seed_reaches_the_sampler_up_to_the_largest(folders, capsys):
+    outs = set()
+    for seed in (0, 1, 2, 3, 2**64 - 1):
+        assert main(["generate", "--model", str(folders[261]), "--prompt", "Hello",
+                     "--max-new-tokens", "8", "--temperature", "1", "--seed", str(seed)]) == 0
+        outs.add(capsys.readouterr().out)
+    assert len(outs) > 1 and all(o.startswith("Hello") for o in outs)

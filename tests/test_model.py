@@ -125,6 +125,22 @@ def test_generate_stops_on_eos_and_sampling_is_seeded():
     a = generate(model, [1, 2, 3], 10, temperature=1.0, top_p=0.9, seed=7)
     b = generate(model, [1, 2, 3], 10, temperature=1.0, top_p=0.9, seed=7)
     assert a == b
+    # ...and it does sample, by the seed: the seeds give several continuations, not greedy's
+    greedy = generate(model, [1, 2, 3], 10)
+    runs = {tuple(generate(model, [1, 2, 3], 10, temperature=1.0, seed=s)) for s in range(8)}
+    assert len(runs) > 1 and runs != {tuple(greedy)}
+
+
+def test_generate_checks_its_arguments():
+    _, model = pair(tiny_hf_dict(2))  # vocab_size 101
+    for bad in ({"top_p": 0.0}, {"top_p": 1.01}, {"temperature": -0.1}):
+        with pytest.raises(ValueError, match="need temperature >= 0 and 0 < top_p <= 1"):
+            generate(model, [1, 2, 3], 4, **bad)
+    for prompt in ([1, 101], [-1, 2]):  # one past the table (an added pad token), negative
+        with pytest.raises(ValueError, match="do not fit the model's vocabulary"):
+            generate(model, prompt, 4)
+    assert len(generate(model, [1, 100], 2)) == 2  # the last row is an id like any
+    assert generate(model, [1, 2], 0) == []
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
