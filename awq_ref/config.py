@@ -25,16 +25,24 @@ class Architecture:
     window: bool = False
     window_switch: bool = False  # config.json has Qwen's use_sliding_window (off: written so)
     bias_keys: tuple[str, ...] = ()  # which of Llama's attention_bias / mlp_bias switches it has
+    # transformers' value for a field config.json leaves out, where it is not Llama's
+    defaults: tuple[tuple[str, Any], ...] = ()
 
 
 # The architectures we run, as data, by config.json's model_type. Mistral's window is null from
-# Mistral 7B v0.2 on; Qwen2's is off unless use_sliding_window says otherwise (then refused).
+# Mistral 7B v0.2 on (left out, it is transformers' 4096); Qwen2's is off unless
+# use_sliding_window says otherwise (then refused).
+QWEN_DEFAULTS = (("num_key_value_heads", 32), ("max_position_embeddings", 32768))
 ARCHITECTURES = {
     "llama": Architecture("LlamaForCausalLM", bias_keys=("attention_bias", "mlp_bias")),
-    "mistral": Architecture("MistralForCausalLM", window=True),
-    "qwen2": Architecture("Qwen2ForCausalLM", qkv_bias=True, window_switch=True),
+    "mistral": Architecture("MistralForCausalLM", window=True,
+                            defaults=(("num_key_value_heads", 8),
+                                      ("max_position_embeddings", 131072),
+                                      ("sliding_window", 4096))),
+    "qwen2": Architecture("Qwen2ForCausalLM", qkv_bias=True, window_switch=True,
+                          defaults=QWEN_DEFAULTS),
     "qwen3": Architecture("Qwen3ForCausalLM", qk_norm=True, bias_keys=("attention_bias",),
-                          window_switch=True),
+                          window_switch=True, defaults=(*QWEN_DEFAULTS, ("head_dim", 128))),
 }
 
 
@@ -193,6 +201,7 @@ class LlamaConfig:
                 f"architectures={_short(archs)}); supported: "
                 + ", ".join(f"{t} ({a.hf_class})" for t, a in ARCHITECTURES.items()))
         arch = ARCHITECTURES[model_type]
+        d = {**dict(arch.defaults), **d}
         sliding = _sliding_layers(d, source)
         if sliding:
             raise ValueError(f"{source}: layers {_short(sliding)} use sliding-window attention "

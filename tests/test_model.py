@@ -363,12 +363,20 @@ def test_apply_rotary_equals_the_rotate_half_form_bit_for_bit():
                                                   ("qwen2", "Qwen2Config"),
                                                   ("qwen3", "Qwen3Config")])
 def test_config_defaults_are_transformers_defaults(model_type, hf_class):
-    """A config.json that leaves a setting out means transformers' default for it."""
-    d = {"model_type": model_type, **TINY_SIZES}
-    ours = LlamaConfig.from_hf_dict(d)
-    theirs = getattr(transformers, hf_class)(**TINY_SIZES)
-    assert ours.rms_norm_eps == theirs.rms_norm_eps
-    assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+    """A config.json that leaves a setting out means transformers' default for it, which is
+    not always Llama's: Mistral's 8 KV heads and 4096-token window, Qwen3's head_dim 128, ..."""
+    sizes = {"vocab_size": 101, "hidden_size": 256, "intermediate_size": 96,
+             "num_hidden_layers": 2, "num_attention_heads": 32}  # 8 or 32 KV heads both divide
+    ours = LlamaConfig.from_hf_dict({"model_type": model_type, **sizes})
+    theirs = getattr(transformers, hf_class).from_dict({"model_type": model_type, **sizes})
+    hf_window = theirs.sliding_window if theirs.model_type == "mistral" else None
+    assert (ours.num_key_value_heads, ours.head_dim, ours.max_position_embeddings,
+            ours.sliding_window, ours.rope_theta, ours.rms_norm_eps, ours.tie_word_embeddings
+            ) == (theirs.num_key_value_heads, getattr(theirs, "head_dim", None) or 8,
+                  theirs.max_position_embeddings, hf_window,
+                  theirs.rope_parameters["rope_theta"], theirs.rms_norm_eps,
+                  theirs.tie_word_embeddings)
+    assert LlamaConfig.from_hf_dict(ours.to_hf_dict()) == ours  # written out as read
 
 
 @pytest.mark.parametrize("eos", [(2,), (2, 7), ()])
