@@ -159,9 +159,12 @@ class _StopAfterBlock2(Progress):
             raise KeyboardInterrupt
 
 
-def test_resume_in_process_matches(tmp_path, one_thread):
-    """The API: a search stopped after 2 blocks and resumed equals an uninterrupted one; the
-    state is refused for other settings and for another model of the same config."""
+def test_resume_in_process_matches(tmp_path, one_thread, monkeypatch):
+    """The API: a search stopped after 2 blocks and resumed searches blocks 2-3 only and equals
+    an uninterrupted one; the state is refused for other settings and for another model of the
+    same config."""
+    from awq_ref.awq import pipeline
+
     torch.manual_seed(0)
     model = Llama(LlamaConfig(**{**TINY, "num_hidden_layers": 4})).eval()
     tokens = torch.randint(0, TINY["vocab_size"], (4, 32),
@@ -182,7 +185,12 @@ def test_resume_in_process_matches(tmp_path, one_thread):
     with pytest.raises(ValueError, match="different model, calibration data or settings"):
         search_awq(fine_tuned, tokens, spec, config, progress=progress)
     assert saved_block(progress.state_path) == 2
+    searched, search_block = [], pipeline.search_block
+    monkeypatch.setattr(
+        pipeline, "search_block",
+        lambda block, prefix, *a: searched.append(prefix) or search_block(block, prefix, *a))
     resumed = search_awq(model, tokens, spec, config, progress=progress)
+    assert searched == ["model.layers.2", "model.layers.3"]  # blocks 0, 1 were not redone
     assert resumed.search == full.search
     assert sorted(resumed.scales) == sorted(full.scales)
     for k in full.scales:

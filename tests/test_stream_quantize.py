@@ -221,6 +221,38 @@ def test_interrupted_run_resumes_to_identical_files(src, calib, tmp_path, monkey
     assert not work.exists()
 
 
+def test_resume_refuses_weight_files_replaced_in_place(src, calib, tmp_path, monkeypatch,
+                                                      one_thread):
+    """A fine-tune written over the same folder (same config, same file sizes) is another model:
+    its state of an interrupted run is refused, not mixed into the new model's checkpoint."""
+    import shutil
+
+    copy = Path(shutil.copytree(src, tmp_path / "src"))
+    save = Progress.save
+
+    def save_then_stop(self, next_block, result, hidden):
+        save(self, next_block, result, hidden)
+        if next_block == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(Progress, "save", save_then_stop)
+    with pytest.raises(Interrupted):
+        quantize_folder(copy, tmp_path / "out", group_size=GROUP, calib_tokens=calib,
+                        progress=False, **AWQ)
+    monkeypatch.setattr(Progress, "save", save)
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    shard = copy / index["weight_map"]["model.layers.3.mlp.down_proj.weight"]
+    tensors = read_safetensors_file(shard)
+    tensors["model.layers.3.mlp.down_proj.weight"] = tensors[
+        "model.layers.3.mlp.down_proj.weight"] * 1.01
+    size = shard.stat().st_size
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert shard.stat().st_size == size
+    with pytest.raises(ValueError, match="different model, calibration data or settings"):
+        quantize_folder(copy, tmp_path / "out", group_size=GROUP, calib_tokens=calib,
+                        progress=False, **AWQ)
+
+
 def quantize_cmd(model: Path, out: Path, text: Path) -> list[str]:
     return [sys.executable, "-m", "awq_ref", "quantize", "--stream", "--model", str(model),
             "--out", str(out), "--group-size", str(GROUP), "--calib", str(text),
