@@ -117,6 +117,13 @@ MUTANTS = (
     _m("range-shrinks-hi-only", "awq_ref/awq/search_clip.py",
        "return wg.amin(-1) * ratio, wg.amax(-1) * ratio", "return wg.amin(-1), wg.amax(-1) * ratio",
        "tests/test_awq_clip_choice.py", "-k", "brute_force"),
+    _m("lohi-no-lo-pass", "awq_ref/awq/search_clip.py",
+       "            keep(torch.minimum(w_min * r, best_hi), best_hi)", "            pass",
+       "tests/test_awq_search.py", "-k", "group_by_group"),  # session 21
+    _m("lohi-hi-pass-skips-1", "awq_ref/awq/search_clip.py",
+       "        for r in ratios:\n            keep(best_lo,",
+       "        for r in ratios[1:]:\n            keep(best_lo,",
+       "tests/test_awq_search.py", "-k", "group_by_group"),
     _m("joint-own-term", "awq_ref/awq/search_clip.py",
        "c = grouped(e.reshape(e.shape[0], -1) @ gram, g) - own",
        "c = grouped(e.reshape(e.shape[0], -1) @ gram, g)",
