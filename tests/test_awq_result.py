@@ -12,9 +12,16 @@ from awq_ref.awq.result import AwqResult
 from awq_ref.quant.quantizer import QuantSpec
 
 
-def test_save_load_reapply_round_trip(tmp_path):
+@pytest.fixture(scope="module")
+def searched() -> AwqResult:
+    """search_awq(tiny_llama(), calib(), SPEC, FAST), once for the module (tests copy it before
+    changing it; tiny_llama() builds the same model each time)."""
+    return search_awq(tiny_llama(), calib(), SPEC, FAST)
+
+
+def test_save_load_reapply_round_trip(tmp_path, searched):
     model = tiny_llama()
-    result = search_awq(model, calib(), SPEC, FAST)
+    result = searched
     result.save(tmp_path / "awq.safetensors")
     loaded = AwqResult.load(tmp_path / "awq.safetensors")
     assert loaded.spec == SPEC and loaded.scales.keys() == result.scales.keys()
@@ -26,9 +33,9 @@ def test_save_load_reapply_round_trip(tmp_path):
         assert torch.equal(p, q), name
 
 
-def test_run_awq_reapplies_a_result_at_another_width():
+def test_run_awq_reapplies_a_result_at_another_width(searched):
     model = tiny_llama()
-    result = search_awq(model, calib(), SPEC, FAST)
+    result = searched
     direct = copy.deepcopy(model)
     apply_awq(direct, result)
     via_run = run_awq(copy.deepcopy(model), QuantSpec(3, 16, True), result=result)
@@ -38,13 +45,13 @@ def test_run_awq_reapplies_a_result_at_another_width():
         run_awq(copy.deepcopy(model), SPEC, result=result, n_grid=4)
 
 
-def test_reapplied_result_leaves_newly_skipped_linears_unclipped():
+def test_reapplied_result_leaves_newly_skipped_linears_unclipped(searched):
     """A result searched with every linear quantized, re-applied with down_proj kept fp: its
     scales (exact) still fold in, its clip box does not, and the quantized layers match."""
     from awq_ref.api import quantize
 
     model = tiny_llama()
-    result = search_awq(model, calib(), SPEC, FAST)
+    result = searched
     assert any(name.endswith("mlp.down_proj") for name in result.clips)
     kept = quantize(model, "awq", w_bit=SPEC.bits, group_size=SPEC.group_size, pack=False,
                     result=result, modules_to_not_convert=["mlp.down_proj"])
@@ -57,10 +64,10 @@ def test_reapplied_result_leaves_newly_skipped_linears_unclipped():
         assert torch.equal(p, expected), name
 
 
-def test_result_of_another_model_is_refused_and_changes_nothing():
+def test_result_of_another_model_is_refused_and_changes_nothing(searched):
     """A result searched on a GQA model (2 KV heads) re-applied to an MHA one: the q/k/v group's
     scales fit, v_proj's do not; nothing may be folded in before the refusal."""
-    result = search_awq(tiny_llama(), calib(), SPEC, FAST)
+    result = searched
     other = tiny_llama(n_kv=4)
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match="scale of model.layers.0.self_attn.v_proj has shape"):
@@ -131,3 +138,30 @@ def test_clip_ranges_that_do_not_fit_the_weight_are_refused():
         bad = AwqResult(SPEC, clips={name: (-torch.ones(shape), torch.ones(shape))})
         with pytest.raises(ValueError, match="down_proj has shape"):
             apply_awq(model, bad)
+
+
+def test_every_part_of_a_result_is_checked_before_anything_changes(searched):
+    """Scales naming no group of this model (a deeper model's), with or without clipping, and a
+    clip box whose lo and hi disagree: refused with the model untouched (the scales come first,
+    so a late failure would leave them folded in)."""
+    from awq_ref.awq.apply import check_result_fits
+
+    model = tiny_llama()
+    result = searched
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deeper = copy.deepcopy(result)
+    deeper.scales["model.layers.9.input_layernorm"] = torch.ones(64)
+    for clip in (True, False):
+        with pytest.raises(ValueError, match=r"scales \['model\.layers\.9\.input_layernorm'\] name "
+                                             "no scaling group"):
+            apply_awq(model, deeper, clip=clip)
+    torn = copy.deepcopy(result)
+    name = "model.layers.1.mlp.down_proj"
+    lo, hi = torn.clips[name]
+    torn.clips[name] = (lo, hi[:, :-1])
+    with pytest.raises(ValueError, match=f"clip range of {name} has shape"):
+        apply_awq(model, torn)
+    with pytest.raises(ValueError, match=f"clip range of {name} has shape"):
+        check_result_fits(model, torn)  # what the CLI's --result runs before anything else
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
