@@ -313,6 +313,19 @@ def test_missing_weights_file(tmp_path):
         load_quantized_model(out)
 
 
+def test_a_tied_checkpoint_that_stores_lm_head_loads_tied(tmp_path):
+    """Some writers store the tied head anyway: it is read as the embedding it is tied to."""
+    model = tiny_quantized(tie_word_embeddings=True)
+    out = save_quantized(model, tmp_path / "q")
+    (shard,) = out.glob("*.safetensors")
+    tensors = load_file(shard)
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()},
+              shard, metadata={"format": "pt"})
+    loaded = load_quantized_model(out)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+
+
 def test_checkpoint_files_are_readable_by_others(tmp_path):
     out = save_quantized(tiny_quantized(), tmp_path / "q")
     for p in out.iterdir():

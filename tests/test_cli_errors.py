@@ -90,6 +90,14 @@ def test_a_llama2c_checkpoint_is_checked_from_its_header(capsys, tmp_path, monke
              "out_features 172 is not a multiple of 8, so it cannot be packed")
 
 
+def test_a_gguf_file_is_checked_from_its_header(capsys, tmp_path, monkeypatch, default_gguf):
+    """SmolLM2 is 576 wide: group size 128 is refused from the GGUF's metadata, unloaded."""
+    monkeypatch.setattr(cli_quantize, "load", lambda *a: pytest.fail("the model was loaded"))
+    _refused(capsys, ["quantize", "--model", str(default_gguf), "--out", str(tmp_path / "q"),
+                      "--method", "rtn", "--group-size", "128"],
+             "group_size 128 does not divide in_features 576; group_size 64 fits")
+
+
 def _random_folder(tmp_path):
     """A tiny random HF folder without a tokenizer (tools/make_random_checkpoint.py)."""
     import importlib.util

@@ -245,7 +245,7 @@ def test_tokenizer_json_folder_reads_bos_from_its_post_processor_and_every_eos(t
     assert set(load_tokenizer(tmp_path / "saved").eos_ids) == {2, 6}
 
 
-@pytest.mark.parametrize("pre", ["smollm", "llama-bpe"])
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "llama3", "llama-v3"])
 def test_gguf_llama3_vocabulary_as_llama_cpp_reads_it(pre):
     """Llama-3's pre-tokenizers (llama.cpp's LLAMA3 group): a word that is a token is one token
     even when no merge reaches it, and BOS is added when the file has no add_bos_token flag;
@@ -259,7 +259,7 @@ def test_gguf_llama3_vocabulary_as_llama_cpp_reads_it(pre):
             "tokenizer.ggml.token_type": [1] * 258 + [3],
             "tokenizer.ggml.bos_token_id": 258, "tokenizer.ggml.eos_token_id": 258}
     tok = tokenizer_from_gguf_metadata(meta, "test.gguf")
-    llama3 = pre == "llama-bpe"
+    llama3 = pre != "smollm"
     assert tok.encode("abc") == ([258, 257] if llama3 else [256, alphabet.index("c")])
     flagged = tokenizer_from_gguf_metadata({**meta, "tokenizer.ggml.add_bos_token": False}, "x")
     assert flagged.encode("abc")[0] != 258  # the file's flag wins
