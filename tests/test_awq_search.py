@@ -431,3 +431,24 @@ def test_config_and_group_size_errors_name_what_is_wrong():
         AwqConfig(max_shrink=1.5)
     with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: group_size 48 does not"):
         search_awq(tiny_llama(), calib(), QuantSpec(4, 48, True), FAST)
+
+
+def test_every_search_option_reaches_the_search(monkeypatch):
+    """AwqConfig's fields arrive where they act (each once passed a default instead): duo
+    scaling's weight means and the refinement steps at the ratio grid, the clip grid, shrink,
+    mode and joint sweeps at the clip search, scale_vo_gqa at the choice of groups."""
+    from awq_ref.awq import pipeline
+
+    grids, clips = [], []
+    real_grid, real_clip = pipeline.grid_search, pipeline.search_clip
+    monkeypatch.setattr(pipeline, "grid_search",
+                        lambda *a: grids.append(a) or real_grid(*a))
+    monkeypatch.setattr(pipeline, "search_clip",
+                        lambda *a, **k: clips.append((a, k)) or real_clip(*a, **k))
+    config = dataclasses.replace(FAST, duo_scaling=True, n_refine=2, clip_grid=7, max_shrink=0.3,
+                                 clip_mode="range", clip_joint=1, scale_vo_gqa=False)
+    result = search_awq(tiny_llama(n_kv=2), calib(), SPEC, config)
+    assert all(a[2] is not None and a[3] == 10 and a[5] == 2 for a in grids)  # w_mean, n_grid
+    assert {(a[3], a[4], a[5], k["joint"]) for a, k in clips} == {(7, 0.3, "range", 1)}
+    assert not any(name.endswith("v_proj") for name in result.scales)  # Hkv 2 < H 4: skipped
+    assert len(result.scales) == 3 * 2 and len(grids) == 3 * 2

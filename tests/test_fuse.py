@@ -155,8 +155,14 @@ def test_mixed_layers_stay_apart_and_fused_models_are_refused(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_cli_ppl_fused_equals_unfused(stories_dir, tmp_path, capsys):
+def test_cli_ppl_fused_equals_unfused(stories_dir, tmp_path, capsys, monkeypatch):
+    from awq_ref import fuse
     from awq_ref.cli import main
+
+    fused_blocks = []  # what --fuse-projections fused: the flag must not be a no-op
+    real = fuse.fuse_projections
+    monkeypatch.setattr(fuse, "fuse_projections", lambda m: fused_blocks.append(real(m)) or
+                        fused_blocks[-1])
 
     text = tmp_path / "t.txt"
     text.write_text("Once upon a time there was a little girl. She liked to play in the park. " * 8)
@@ -167,6 +173,7 @@ def test_cli_ppl_fused_equals_unfused(stories_dir, tmp_path, capsys):
     assert main(base + ["--fuse-projections"]) == 0
     fused = float(capsys.readouterr().out.split()[1])
     assert fused == pytest.approx(plain, rel=1e-5)
+    assert fused_blocks == [2 * 5]  # q/k/v and gate/up in each of stories260K's 5 blocks
 
 
 def test_fused_heads_rotate_q_and_k_together_with_the_same_bits():
