@@ -47,6 +47,14 @@ def test_weights_beyond_fp16_are_an_error():
         fake_quantize_weight(lin.weight, SPEC, "layers.0.q_proj")
 
 
+def test_the_largest_fp16_value_itself_is_in_range():
+    from awq_ref.quant.packing import check_fp16_range
+
+    check_fp16_range(torch.tensor([-FP16_MAX, FP16_MAX]))  # finite in fp16: allowed
+    with pytest.raises(Fp16OverflowError):
+        check_fp16_range(torch.tensor([FP16_MAX * (1 + 2**-20)]))
+
+
 def test_largest_fp16_weights_still_pack_and_run_in_fp16():
     lin = linear_with(torch.linspace(-60000, 60000, 32))
     q = QuantLinear.from_linear(lin, SPEC, "big")

@@ -101,6 +101,9 @@ def test_quality_table_and_command():
     with pytest.raises(SystemExit, match=r"partial awq_quality.py report .*\['awq W3'\]"):
         report.quality_table({"args": args, "rows": [rows[0], {"method": "awq", "bits": 3}]},
                              {"fp16": 1, "w4": 1})
+    for partial in ([rows[1]], [rows[1], rows[0]], []):  # no fp row first: no KL reference
+        with pytest.raises(SystemExit, match="no fp row first"):
+            report.quality_table({"args": args, "rows": partial}, {"fp16": 1, "w4": 1})
 
 
 def test_figures_render(setup, tmp_path):
