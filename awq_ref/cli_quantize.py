@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -199,23 +200,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.stream:
         return cmd_quantize_stream(args)
     spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
-    if folder_lacks_tokenizer(args.model) and not args.calib:  # nothing to read: none is needed
-        print(f"{args.model} has no tokenizer: the checkpoint is written without one",
-              file=sys.stderr)
-        tok = None
-    else:
-        tok = load_tokenizer(args.model)
-    model = load(args)
-    t0 = time.perf_counter()
     progress = _progress(args) if args.method == "awq" and not args.result else None
-    extra = ({"result": _awq_result(args, model, tok, spec, progress)} if args.method == "awq"
-             else {})
-    qmodel = quantize(model, method=args.method, w_bit=spec.bits, group_size=spec.group_size,
-                      zero_point=spec.zero_point, inplace=True, **extra)
-    seconds = time.perf_counter() - t0
-    save_quantized(qmodel, args.out, tokenizer=tok, dtype=_save_dtype(args))
-    if progress is not None:  # only now: a crash while saving can still resume
-        progress.remove()
+    with progress.hold() if progress is not None else nullcontext():  # load to save: alone
+        if folder_lacks_tokenizer(args.model) and not args.calib:  # nothing to read: no need
+            print(f"{args.model} has no tokenizer: the checkpoint is written without one",
+                  file=sys.stderr)
+            tok = None
+        else:
+            tok = load_tokenizer(args.model)
+        model = load(args)
+        t0 = time.perf_counter()
+        extra = ({"result": _awq_result(args, model, tok, spec, progress)}
+                 if args.method == "awq" else {})
+        qmodel = quantize(model, method=args.method, w_bit=spec.bits, group_size=spec.group_size,
+                          zero_point=spec.zero_point, inplace=True, **extra)
+        seconds = time.perf_counter() - t0
+        save_quantized(qmodel, args.out, tokenizer=tok, dtype=_save_dtype(args))
+        if progress is not None:  # only now: a crash while saving can still resume
+            progress.remove()
     print(f"{args.method} W{spec.bits} g{spec.group_size} quantized in {seconds:.1f} s; "
           f"checkpoint written to {args.out}")
     return 0

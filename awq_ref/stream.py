@@ -136,10 +136,10 @@ def quantize_folder(src: str | Path, out_dir: str | Path, method: str = "awq", w
                     identity={**source.identity(), "method": method, "dtype": str(dtype),
                               "stream": True})
     work.bind(fingerprint(source.config, calib, spec, config, skip, device, work.identity))
-    with torch.no_grad():
+    with work.hold(), torch.no_grad():
         _quantize_blocks(source, work, method, spec, calib, config, device, skip, dtype)
-    _finish(source, work.work_dir / "shards", out_dir, quant_config_dict(spec, skip), dtype)
-    work.remove()  # only now: a crash while finishing can still resume
+        _finish(source, work.work_dir / "shards", out_dir, quant_config_dict(spec, skip), dtype)
+        work.remove()  # only now: a crash while finishing can still resume
     return out_dir
 
 

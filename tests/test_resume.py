@@ -127,6 +127,32 @@ def test_other_settings_refused(tiny_setup):
     assert str(work) in run.stderr and not out.exists()
 
 
+def test_a_second_run_on_the_same_work_folder_is_refused(tiny_setup, tmp_path, capsys):
+    """The same command started twice: the second is refused at once (flock), for the CLI and
+    for quantize_folder, and the first's folder is left as it was; a nested hold is the same
+    run; a hold that saved nothing leaves no folder behind."""
+    from awq_ref.cli import main
+
+    model, text, _ = tiny_setup
+    first, again = Progress(tmp_path / "w"), Progress(tmp_path / "w")
+    with first.hold():
+        with first.hold():
+            pass
+        with pytest.raises(ValueError, match="w is in use by another run"), again.hold():
+            pass
+        out = tmp_path / "q"
+        for stream in ([], ["--stream"]):
+            argv = quantize_cmd(model, out, text, "--work-dir", str(tmp_path / "w"), *stream)
+            assert main(argv[3:]) == 2  # after "python -m awq_ref"
+            assert "is in use by another run (the same command started twice?)" in (
+                capsys.readouterr().err)
+            assert not out.exists()
+        assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [".lock"]
+    assert not (tmp_path / "w").exists()
+    with again.hold():  # released
+        pass
+
+
 def test_corrupt_state_file_is_a_value_error(tmp_path):
     """A torn or foreign state file raised SafetensorError / KeyError tracebacks on resume."""
     from safetensors.torch import save_file

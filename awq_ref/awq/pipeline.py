@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -125,7 +126,7 @@ def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
         spec.group_for(lin.in_features, name)
     result = AwqResult(spec=spec, info={"config": json.dumps(asdict(config))})
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), progress.hold() if progress is not None else nullcontext():
         x = embed(model, calib_tokens, device)  # (B, T, D)
         cos, sin = (t.to(device) for t in model.rotary(0, x.shape[1], torch.float32))
         blocks = model.model.layers

@@ -1,6 +1,7 @@
 """Resumable AWQ search: the state after each finished block, saved in a work folder.
 
     work_dir/state.safetensors     written after every block (temp file, fsync, rename)
+    work_dir/.lock                 flock-ed while a run uses the folder (Progress.hold)
         hidden                     (B, T, D) fp32  the next block's calibration inputs
         scale.* / clip_lo.* / clip_hi.*            the AwqResult so far (AwqResult's names)
         metadata: format, fingerprint, next_block, search (JSON list)
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from awq_ref.files import atomic_write, parse_json
 from awq_ref.quant.quantizer import QuantSpec
 
 STATE_NAME = "state.safetensors"
+LOCK_NAME = ".lock"  # held (flock) while a run uses the work folder
 FORMAT = "awq_ref.AwqProgress/1"
 
 
@@ -67,6 +72,7 @@ class Progress:
         self.work_dir = Path(work_dir)
         self.identity = dict(identity or {})
         self.fingerprint = ""  # set by search_awq through bind()
+        self._holds = 0  # nesting depth of hold() (the CLI holds around search_awq's hold)
 
     @property
     def state_path(self) -> Path:
@@ -74,6 +80,45 @@ class Progress:
 
     def bind(self, fp: str) -> None:
         self.fingerprint = fp
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Use the work folder alone for the duration: a second run on it (the same command
+        started twice) is refused at once with a ValueError, instead of both writing its state
+        and one deleting the folder under the other. The lock (flock) dies with the process,
+        even a killed one; a folder left with nothing saved in it is removed on the way out."""
+        if self._holds:  # already held by this object: nested
+            self._holds += 1
+            try:
+                yield
+            finally:
+                self._holds -= 1
+            return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            fcntl = None
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        lock = self.work_dir / LOCK_NAME
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise ValueError(f"{self.work_dir} is in use by another run (the same command "
+                                     "started twice?): wait for it to end, or stop it") from None
+            self._holds = 1
+            try:
+                yield
+            finally:
+                self._holds = 0
+                if self.work_dir.is_dir() and [p.name for p in self.work_dir.iterdir()] == [
+                        LOCK_NAME]:  # nothing saved: leave no folder behind
+                    lock.unlink()
+                    self.work_dir.rmdir()
+        finally:
+            os.close(fd)  # releases the lock
 
     def restore(self, result: AwqResult) -> tuple[int, torch.Tensor] | None:
         """(next block, its inputs (B, T, D) on cpu) and `result` filled in, or None if no state.
