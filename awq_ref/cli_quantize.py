@@ -128,8 +128,11 @@ def _check_layers(model: str, spec) -> None:
     """The group size against every decoder linear, from the config alone (one block built on
     the meta device: no weights read), so a bad --group-size fails before a long load."""
     from awq_ref.api import check_quantizable_config
-    from awq_ref.loaders import load_config
+    from awq_ref.loaders import is_quantized_folder, load_config
 
+    if is_quantized_folder(model):
+        raise ValueError(f"--model {model} is already quantized (its config.json has a "
+                         "quantization_config); quantize the fp original instead")
     config = load_config(model)
     if config is not None:
         check_quantizable_config(config, spec)

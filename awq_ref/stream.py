@@ -72,6 +72,10 @@ class Source:
     @classmethod
     def open(cls, folder: str | Path) -> Source:
         folder = Path(folder).expanduser().resolve()
+        if not folder.is_dir():  # "default", a .gguf or a llama2.c file: not streamable
+            raise ValueError(f"{folder}: quantize_folder reads an HF safetensors folder (config."
+                             "json and *.safetensors); load other checkpoints whole "
+                             "(awq_ref.load_model) and use awq_ref.quantize")
         config_path = folder / "config.json"
         raw = read_config_json(folder)
         if isinstance(raw, dict) and "quantization_config" in raw:

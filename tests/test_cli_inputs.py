@@ -7,9 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from test_resume import write_tiny_model  # with a byte-level BPE of 261 tokens
 
 from awq_ref.cli import main
+from awq_ref.quant.quantizer import QuantSpec
 
 SMALL = {"num_hidden_layers": 2}  # test_resume's TINY otherwise: hidden 64, 256 positions
 TEXT = "Hello world, hello world. " * 40  # "He", "ll", "Hell", "\u0120w": ids 256..260
@@ -149,3 +151,39 @@ def test_the_seed_reaches_the_sampler_up_to_the_largest(folders, capsys):
                      "--max-new-tokens", "8", "--temperature", "1", "--seed", str(seed)]) == 0
         outs.add(capsys.readouterr().out)
     assert len(outs) > 1 and all(o.startswith("Hello") for o in outs)
+
+
+def test_a_quantized_checkpoint_is_not_quantized_again(folders, capsys, tmp_path):
+    """Passing the output back in (an easy slip) was an AttributeError traceback (AWQ) or a
+    silent byte copy (RTN); it is refused before loading, by the CLI and by the API."""
+    from awq_ref.api import quantize
+    from awq_ref.awq.pipeline import search_awq
+    from awq_ref.loaders import load_model
+
+    first = tmp_path / "q"
+    assert main(["quantize", "--model", str(folders[261]), "--out", str(first), "--method",
+                 "rtn", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    for method in ("rtn", "awq"):
+        _refused(capsys, ["quantize", "--model", str(first), "--out", str(tmp_path / method),
+                          "--method", method, "--group-size", "32"],
+                 f"--model {first} is already quantized")
+        assert not (tmp_path / method).exists()
+    model = load_model(first)
+    with pytest.raises(ValueError, match="quantize: the model is already quantized"):
+        quantize(model, group_size=32)
+    with pytest.raises(ValueError, match="search_awq: the model is already quantized"):
+        search_awq(model, torch.zeros(1, 8, dtype=torch.long), QuantSpec(4, 32))
+
+
+def test_quantize_folder_names_what_it_reads(tmp_path, default_gguf, capsys):
+    from awq_ref.stream import quantize_folder
+
+    for source in (default_gguf, "default"):
+        with pytest.raises(ValueError, match="quantize_folder reads an HF safetensors folder"):
+            quantize_folder(source, tmp_path / "q", method="rtn", group_size=64)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.gguf").write_bytes(default_gguf.read_bytes()[:64])
+    _refused(capsys, ["ppl", "--model", str(tmp_path / "models"), "--text", "x"],
+             "config file not found (an HF checkpoint folder holds config.json and its "
+             "safetensors files; for a GGUF file pass the file itself (m.gguf here))")

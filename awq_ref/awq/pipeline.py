@@ -55,7 +55,7 @@ from awq_ref.awq.search_clip import CLIP_MODES, clipper, search_clip
 from awq_ref.awq.search_scale import ScaleChoice, gram_loss, grid_search, module_loss, weight_mean
 from awq_ref.config import LlamaConfig
 from awq_ref.model import check_token_ids
-from awq_ref.quant.qlinear import decoder_linears, skipped
+from awq_ref.quant.qlinear import check_not_quantized, decoder_linears, skipped
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import fake_quantize_weight
 
@@ -120,6 +120,7 @@ def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
         raise ValueError(f"calib_tokens must be integer (B, T), got {calib_tokens.dtype} "
                          f"{tuple(calib_tokens.shape)}")
     check_token_ids(model.config, calib_tokens, "calib_tokens")
+    check_not_quantized(model, "search_awq")
     device = torch.device(device) if device is not None else model.device
     skip = tuple(modules_to_not_convert)
     for name, lin in decoder_linears(model, skip):  # a ValueError naming the layer, not later

@@ -61,16 +61,24 @@ def _resolve(path: str | Path) -> Path:
     return path
 
 
+def is_quantized_folder(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint folder whose config.json has a quantization_config."""
+    path = _resolve(path)
+    if not path.is_dir():
+        return False
+    raw = read_config_json(path)
+    return isinstance(raw, dict) and "quantization_config" in raw
+
+
 def load_config(path: str | Path) -> LlamaConfig | None:
     """The LlamaConfig of "default", an fp HF folder, a .gguf file or a llama2.c .bin, read
     without any weights (to check settings before a long load); None for quantized folders and
     other files (their loaders say what is wrong)."""
     path = _resolve(path)
+    if is_quantized_folder(path):
+        return None
     if path.is_dir():
-        raw = read_config_json(path)
-        if isinstance(raw, dict) and "quantization_config" in raw:
-            return None
-        return LlamaConfig.from_hf_dict(raw, source=str(path / "config.json"))
+        return LlamaConfig.from_hf_dict(read_config_json(path), source=str(path / "config.json"))
     if is_gguf(path):
         header = open_gguf(path)
         return config_from_gguf(header.metadata, {t.name for t in header.tensors}, str(path))

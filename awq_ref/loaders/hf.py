@@ -110,7 +110,10 @@ def read_config_json(folder: Path) -> Any:
     """The parsed config.json of an HF folder; ValueError if missing or not JSON."""
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise ValueError(f"{config_path}: config file not found")
+        ggufs = sorted(p.name for p in folder.glob("*.gguf")) if folder.is_dir() else []
+        hint = f"; for a GGUF file pass the file itself ({ggufs[0]} here)" if ggufs else ""
+        raise ValueError(f"{config_path}: config file not found (an HF checkpoint folder holds "
+                         f"config.json and its safetensors files{hint})")
     return parse_json(config_path.read_bytes(), str(config_path))
 
 

@@ -107,6 +107,15 @@ def skipped(name: str, modules_to_not_convert: Iterable[str]) -> bool:
     return any(key in name for key in modules_to_not_convert)
 
 
+def check_not_quantized(model: nn.Module, where: str) -> None:
+    """ValueError if `model` already holds packed layers (a quantized checkpoint loaded back):
+    its 4-bit codes are no weights to search or round again."""
+    packed = [n for n, m in model.model.layers.named_modules() if isinstance(m, QuantLinear)]
+    if packed:
+        raise ValueError(f"{where}: the model is already quantized ({len(packed)} packed layers, "
+                         f"model.layers.{packed[0]} first); quantize its fp original instead")
+
+
 def decoder_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = ()
                     ) -> list[tuple[str, nn.Linear]]:
     """(full name, module) of every nn.Linear inside `model.model.layers` that is quantized:
