@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import awq_ref
+from awq_ref.awq import pipeline
+from awq_ref.awq.resume import Progress
 from awq_ref.config import LlamaConfig
 from awq_ref.model import Llama
 
@@ -32,7 +34,28 @@ def test_demo_runs_the_main_job_end_to_end(default_gguf, shared_data, tmp_path, 
     search_awq = awq_ref.search_awq
     coarse = awq_ref.AwqConfig(n_grid=4, clip_grid=4, clip_joint=0)
     monkeypatch.setattr(awq_ref, "search_awq", lambda *a, **k: search_awq(*a, config=coarse, **k))
+    # Ctrl-C after block 2 of the search: one line, exit status 130; the rerun resumes there
+    save = Progress.save
+
+    def save_then_stop(self, next_block, result, hidden):
+        save(self, next_block, result, hidden)
+        if next_block == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "save", save_then_stop)
+    with pytest.raises(SystemExit) as stopped:
+        demo.main()
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted: finished AWQ blocks are kept" in err and "Traceback" not in err
+    assert Progress(out / "awq-search.partial").saved_blocks() == 2
+    monkeypatch.setattr(Progress, "save", save)
+    searched, search_block = [], pipeline.search_block
+    monkeypatch.setattr(pipeline, "search_block", lambda block, prefix, *a: (
+        searched.append(prefix) or search_block(block, prefix, *a)))
     demo.main()
+    assert searched[0] == "model.layers.2" and len(searched) == 28  # 30 blocks, 2 kept
+    assert not (out / "awq-search.partial").exists()  # removed once the checkpoint is written
     printed = capsys.readouterr().out
     summary = json.loads((out / "demo.json").read_text())
     assert summary["source"] == "TinyStories calibration, WikiText-2 test"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 
 import awq_ref
 from awq_ref.awq.calibration import sample_from_model
+from awq_ref.awq.resume import Progress
 from awq_ref.eval import load_wikitext_tokens
 from awq_ref.files import atomic_write_text
 
@@ -47,6 +49,16 @@ def texts(model, tok, args) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def main() -> None:
+    """run(), with Ctrl-C ending in one line (exit status 130, as the CLI's commands do)."""
+    try:
+        run()
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished AWQ blocks are kept in --out's awq-search.partial; the "
+              "same command resumes the search there", file=sys.stderr)
+        sys.exit(130)
+
+
+def run() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--n-samples", type=int, default=128)
@@ -65,7 +77,10 @@ def main() -> None:
 
     t = step(f"AWQ search + quantize (W4 g{args.group_size}, "
              f"{args.n_samples} x {args.calib_seqlen})")
-    result = awq_ref.search_awq(model, calib, awq_ref.QuantSpec(4, args.group_size))
+    # saved after every block: a rerun after Ctrl-C or a crash resumes (awq.resume)
+    search = Progress(out / "awq-search.partial", identity={"model": "default"})
+    result = awq_ref.search_awq(model, calib, awq_ref.QuantSpec(4, args.group_size),
+                                progress=search)
     awq = awq_ref.quantize(model, "awq", 4, args.group_size, result=result)
     awq_seconds = time.perf_counter() - t
     rtn = awq_ref.quantize(model, "rtn", 4, args.group_size)
@@ -75,6 +90,7 @@ def main() -> None:
     # The demo's own output: a second run replaces it (atomically) instead of failing after the
     # search, as it did before 2026-12-05.
     awq_ref.save_quantized(awq, ckpt, tokenizer=tok, overwrite=True)
+    search.remove()  # only now: until the checkpoint is written, a rerun resumes the search
     reloaded = awq_ref.load_model(ckpt)
     probe = calib[:1, :64]
     with torch.no_grad():
