@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from awq_ref.cli_common import DTYPES, add_model_args, load, positive, seed
+from awq_ref.cli_common import DTYPES, add_model_args, load, positive, seed, warn_past_context
 from awq_ref.cli_quantize import add_quantize_parser, what_is_kept
 
 
@@ -69,7 +69,13 @@ def _clipped_head(args: argparse.Namespace, model):
     from awq_ref.quant.embedding import default_group_size
 
     tokens = calibration_tokens(load_tokenizer(args.model), [Path(f) for f in args.head_calib])
-    return clipped_head(model, tokens, default_group_size(model))
+    print(f"--head-calib: searching the 4-bit lm_head's clip boxes on {tokens.shape[0]} x "
+          f"{tokens.shape[1]} tokens (minutes on a CPU: 1.5 for SmolLM2 on 2 cores)...",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    head = clipped_head(model, tokens, default_group_size(model))
+    print(f"--head-calib: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return head
 
 
 def _quantize_tables(args: argparse.Namespace, model) -> None:
@@ -130,15 +136,6 @@ def _load_for_inference(args: argparse.Namespace):
     return model
 
 
-def warn_past_context(model: torch.nn.Module, positions: int, what: str) -> None:
-    """A note on stderr when a run goes past the context the model was trained for: allowed
-    (RoPE runs on), but its quality there is not the model's."""
-    trained = model.config.max_position_embeddings
-    if positions > trained:
-        print(f"note: {what} reach {positions} positions, past this model's trained context "
-              f"of {trained} (max_position_embeddings)", file=sys.stderr)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from awq_ref.generate import generate
     from awq_ref.loaders import load_tokenizer
@@ -151,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.model)
     ids = tok.encode(args.prompt)
     # the last new token is never fed back: T + N - 1 positions run
-    warn_past_context(model, len(ids) + args.max_new_tokens - 1,
+    warn_past_context(model.config, len(ids) + args.max_new_tokens - 1,
                       "the prompt and --max-new-tokens")
     print(args.prompt, end="", flush=True)
     new: list[int] = []
@@ -183,7 +180,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     positive("--seqlen", args.seqlen, least=2)
     positive("--windows", args.windows)
     model = _load_for_inference(args)
-    warn_past_context(model, args.seqlen, "--seqlen")
+    warn_past_context(model.config, args.seqlen, "--seqlen")
     tok = load_tokenizer(args.model)
     reference = load(args, args.reference) if args.reference else None
     tokens = load_wikitext_tokens(tok, args.text)

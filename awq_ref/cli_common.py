@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -45,4 +46,26 @@ def load(args: argparse.Namespace, path: str | None = None):
     from awq_ref.loaders import load_model
 
     return load_model(path or args.model, device=args.device, dtype=DTYPES[args.dtype])
+
+
+def warn_past_context(config, positions: int, what: str) -> None:
+    """A note on stderr when a run goes past the context the model (its LlamaConfig) was trained
+    for: allowed (RoPE runs on), but its quality there is not the model's."""
+    trained = config.max_position_embeddings
+    if positions > trained:
+        print(f"note: {what}: {positions} positions, past this model's trained context of "
+              f"{trained} (max_position_embeddings)", file=sys.stderr)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), None where
+    there is no such file (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import torch
 
-from awq_ref.cli_common import DTYPES, add_model_args, load, positive, seed
+from awq_ref.cli_common import (
+    DTYPES,
+    add_model_args,
+    available_memory_bytes,
+    load,
+    positive,
+    seed,
+    warn_past_context,
+)
 
 
 def add_quantize_parser(sub) -> None:
@@ -84,7 +92,8 @@ def check_quantize_args(args: argparse.Namespace) -> None:
                             else "--result replaces with a saved one"))
     for name, path in [("--calib", f) for f in args.calib or ()] + [("--result", args.result)]:
         if path is not None and not Path(path).is_file():
-            raise ValueError(f"{name} {path}: no such file")
+            raise ValueError(f"{name} {path}: " + ("a folder, not a file" if Path(path).is_dir()
+                                                   else "no such file"))
     if args.method == "awq":
         AwqConfig(**awq_options(args))
     if args.stream:
@@ -96,7 +105,24 @@ def check_quantize_args(args: argparse.Namespace) -> None:
         if args.method == "awq" and not args.calib:
             raise ValueError("--stream with --method awq needs --calib text: sampling "
                              "calibration windows from the model would load it whole")
-    _check_layers(args.model, spec)
+    config = _check_layers(args.model, spec)
+    if config is not None and args.method == "awq" and not args.result:
+        _check_calibration(args, config)
+
+
+def _check_calibration(args: argparse.Namespace, config) -> None:
+    """The search holds the calibration windows' hidden states, B x T x D fp32, and about as
+    much again while saving its progress: past the free memory, the kernel's OOM killer would
+    end the run (and its neighbours) without a word, so it is refused here. A window past the
+    trained context is allowed, with a note."""
+    warn_past_context(config, args.calib_seqlen, "--calib-seqlen")
+    need = 2 * args.n_samples * args.calib_seqlen * config.hidden_size * 4
+    free = available_memory_bytes() if torch.device(args.device).type == "cpu" else None
+    if free is not None and need > free:
+        raise ValueError(f"--n-samples {args.n_samples} x --calib-seqlen {args.calib_seqlen}: "
+                         f"the search holds about {need / 1e9:.1f} GB of activations (2 x B x T "
+                         f"x hidden {config.hidden_size} x 4 bytes), more than the "
+                         f"{free / 1e9:.1f} GB free here; use fewer or shorter windows")
 
 
 def _check_output_paths(args: argparse.Namespace) -> None:
@@ -124,9 +150,10 @@ def _work_dir(args: argparse.Namespace) -> Path:
     return Path(args.work_dir or f"{str(args.out).rstrip('/')}.partial")
 
 
-def _check_layers(model: str, spec) -> None:
+def _check_layers(model: str, spec):
     """The group size against every decoder linear, from the config alone (one block built on
-    the meta device: no weights read), so a bad --group-size fails before a long load."""
+    the meta device: no weights read), so a bad --group-size fails before a long load; returns
+    that config (None where the loader alone can read it)."""
     from awq_ref.api import check_quantizable_config
     from awq_ref.loaders import is_quantized_folder, load_config
 
@@ -136,6 +163,7 @@ def _check_layers(model: str, spec) -> None:
     config = load_config(model)
     if config is not None:
         check_quantizable_config(config, spec)
+    return config
 
 
 def _spec_name(spec) -> str:

@@ -112,7 +112,7 @@ def test_runs_past_the_trained_context_say_so(folders, capsys):
 
     model, text = str(folders[261]), str(folders["text"])  # max_position_embeddings 256
     assert main(["ppl", "--model", model, "--text", text, "--seqlen", "300"]) == 0
-    assert "--seqlen reach 300 positions, past this model's trained context of 256" in (
+    assert "note: --seqlen: 300 positions, past this model's trained context of 256" in (
         capsys.readouterr().err)
     assert main(["ppl", "--model", model, "--text", text, "--seqlen", "256"]) == 0
     assert "note:" not in capsys.readouterr().err
@@ -121,7 +121,7 @@ def test_runs_past_the_trained_context_say_so(folders, capsys):
     for new, past in ((fits, False), (fits + 1, True)):
         assert main(["generate", "--model", model, "--prompt", "Hello", "--max-new-tokens",
                      str(new)]) == 0
-        assert ("reach 257 positions, past this model's trained context" in
+        assert ("--max-new-tokens: 257 positions, past this model's trained context" in
                 capsys.readouterr().err) == past
 
 
@@ -129,7 +129,8 @@ def test_calibration_text_that_is_not_utf8_is_named(folders, capsys, tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)
     _refused(capsys, ["quantize", "--model", str(folders[261]), "--out", str(tmp_path / "q"),
-                      "--group-size", "32", "--calib", str(bad)], f"{bad}: not UTF-8 text")
+                      "--group-size", "32", "--calib", str(bad), "--calib-seqlen", "64"],
+             f"{bad}: not UTF-8 text")
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "Hi"],
@@ -187,3 +188,30 @@ def test_quantize_folder_names_what_it_reads(tmp_path, default_gguf, capsys):
     _refused(capsys, ["ppl", "--model", str(tmp_path / "models"), "--text", "x"],
              "config file not found (an HF checkpoint folder holds config.json and its "
              "safetensors files; for a GGUF file pass the file itself (m.gguf here))")
+
+
+def test_calibration_past_free_memory_is_refused_before_loading(folders, capsys, tmp_path,
+                                                                 monkeypatch):
+    """A typo like --calib-seqlen 100000 once had the kernel's OOM killer end the run without a
+    word (and its neighbours'); the activations' size is checked against free memory first."""
+    from awq_ref import cli_quantize
+
+    monkeypatch.setattr(cli_quantize, "available_memory_bytes", lambda: 600_000)
+    monkeypatch.setattr(cli_quantize, "load", lambda *a: pytest.fail("the model was loaded"))
+    argv = ["quantize", "--model", str(folders[261]), "--out", str(tmp_path / "q"),
+            "--group-size", "32", "--calib", str(folders["text"]), "--n-samples", "4"]
+    assert main([*argv, "--calib-seqlen", "300"]) == 2  # 2 x 4 x 300 x 64 x 4 = 614,400 bytes
+    err = capsys.readouterr().err
+    assert "note: --calib-seqlen: 300 positions, past this model's trained context of 256" in err
+    assert ("error: --n-samples 4 x --calib-seqlen 300: the search holds about 0.0 GB of "
+            "activations (2 x B x T x hidden 64 x 4 bytes), more than the 0.0 GB free") in err
+    monkeypatch.setattr(cli_quantize, "load", lambda *a: pytest.fail("loaded: nothing to say"))
+    with pytest.raises(pytest.fail.Exception, match="loaded: nothing to say"):
+        main([*argv, "--calib-seqlen", "290"])  # 593,920 bytes fit 600,000
+
+
+def test_a_calibration_folder_is_named_as_one(folders, capsys, tmp_path):
+    _refused(capsys, ["quantize", "--model", str(folders[261]), "--out", str(tmp_path / "q"),
+                      "--group-size", "32", "--calib", str(tmp_path)],
+             f"--calib {tmp_path}: a folder, not a file")
+
