@@ -186,7 +186,9 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     tokens = load_wikitext_tokens(tok, args.text)
     result = evaluate(model, tokens, seqlen=args.seqlen, windows=args.windows, reference=reference)
     result.update(model=args.model, text=args.text, reference=args.reference)
-    line = f"ppl {result['ppl']:.4f} over {result['tokens']} tokens ({result['windows']} windows)"
+    windows = result["windows"]
+    line = (f"ppl {result['ppl']:.4f} over {result['tokens']} tokens ({windows} window"
+            f"{'s' if windows != 1 else ''})")
     if reference is not None:
         line += f"; vs reference: KL {result['kl']:.5f}, top-1 {result['top1']:.4f}"
     print(line)

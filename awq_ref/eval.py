@@ -43,7 +43,8 @@ def windows_of(tokens: torch.Tensor, seqlen: int, windows: int | None) -> torch.
                          f"the text has {tokens.numel()}")
     n = available if windows is None else windows
     if not 0 < n <= available:
-        raise ValueError(f"asked for {n} windows of {seqlen} tokens; the text holds {available}")
+        raise ValueError(f"asked for {n} windows of {seqlen} tokens; the text holds {available} "
+                         "such windows")
     return tokens[: n * seqlen].view(n, seqlen)
 
 

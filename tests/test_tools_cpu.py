@@ -309,3 +309,22 @@ def test_bench_cpu_refuses_a_twin_missing_weights(monkeypatch):
                         lambda: {k: v for k, v in full.items() if k != "model.norm.weight"})
     with pytest.raises(ValueError, match="missing.*model.norm.weight"):
         bench_cpu.hf_twin(model)
+
+
+def test_awq_quality_set_checks_the_field_type():
+    import awq_quality
+
+    assert awq_quality.parse_overrides(["n_grid=5", "duo_scaling=true", "max_shrink=0.4"]) == {
+        "n_grid": 5, "duo_scaling": True, "max_shrink": 0.4}
+    for bad in ("n_grid=abc", "n_grid=true", "duo_scaling=1", "max_shrink=x"):
+        with pytest.raises(SystemExit, match=f"--set {bad}: AwqConfig"):
+            awq_quality.parse_overrides([bad])
+
+
+def test_random_checkpoint_files_are_readable_by_others(tmp_path):
+    import make_random_checkpoint as mrc
+
+    out = mrc.write_random_checkpoint(mrc.LlamaConfig(**mrc.PRESETS["tiny"]), tmp_path / "r",
+                                      max_shard_bytes=400_000)
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1 and all(p.stat().st_mode & 0o044 == 0o044 for p in shards)

@@ -52,6 +52,9 @@ def parse_overrides(items: list[str]) -> dict:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value  # a bare string such as propagate=awq
+        want = {"int": int, "float": (int, float), "bool": bool}.get(types[name])
+        if want and (not isinstance(parsed, want) or isinstance(parsed, bool) != (want is bool)):
+            raise SystemExit(f"--set {item}: AwqConfig.{name} is {types[name]}, got {value!r}")
         out[name] = tuple(parsed) if isinstance(parsed, list) else parsed
     return out
 

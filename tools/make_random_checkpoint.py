@@ -91,6 +91,7 @@ def write_random_checkpoint(config: LlamaConfig, out: str | Path,
             fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
             tensors = {n: random_tensor(n, shapes[n], order[n], seed, std, dtype) for n in names}
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            os.chmod(tmp / fname, 0o644)  # safetensors writes it private; a checkpoint is shared
             del tensors  # one shard in memory at a time
             weight_map.update(dict.fromkeys(names, fname))
         total = sum(elem * int(torch.Size(s).numel()) for s in shapes.values())

@@ -218,7 +218,7 @@ def figure_data(model: nn.Module, calib: torch.Tensor, group: int, bits: tuple[i
     act = activation_means(model, calib, (0, mid))
     print("(b) loss curves", flush=True)
     curves = loss_curves(model, calib, QuantSpec(bits[0], group), (0, mid, n - 1))
-    print(f"(c) AWQ search at W{bits}", flush=True)
+    print(f"(c) AWQ search at {', '.join(f'W{b}' for b in bits)}", flush=True)
     results = {b: search_awq(model, calib, QuantSpec(b, group), AwqConfig(progress=False))
                for b in bits}
     print("(d) block errors", flush=True)
