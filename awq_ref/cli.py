@@ -137,9 +137,10 @@ def _load_for_inference(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from awq_ref.generate import generate
+    from awq_ref.generate import check_sampling, generate
     from awq_ref.loaders import load_tokenizer
 
+    check_sampling(args.temperature, args.top_p)  # before the prompt is echoed
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         raise ValueError(f"--cuda-graph needs --device cuda (CUDA graphs), got "
                          f"--device {args.device}")

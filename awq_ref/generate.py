@@ -35,6 +35,13 @@ def _eager_step(model: Llama, cache: KVCache) -> Callable[[int], torch.Tensor]:
 
 
 @torch.no_grad()
+def check_sampling(temperature: float, top_p: float) -> None:
+    """ValueError unless temperature >= 0 and 0 < top_p <= 1 (written so that nan fails too)."""
+    if not temperature >= 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got "
+                         f"{temperature}, {top_p}")
+
+
 def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
              seed: int = 0, on_token: Callable[[int], None] | None = None,
@@ -47,9 +54,7 @@ def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
     """
     if not prompt_ids:
         raise ValueError("generate: the prompt is empty (encode with a BOS token or give text)")
-    if not temperature >= 0 or not 0 < top_p <= 1:  # (written so that nan is refused too)
-        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got "
-                         f"{temperature}, {top_p}")
+    check_sampling(temperature, top_p)
     check_token_ids(model.config, torch.tensor(list(prompt_ids)), "generate: the prompt")
     if cuda_graph and model.device.type != "cuda":
         raise ValueError(f"generate: cuda_graph=True needs a model on a CUDA device, got "

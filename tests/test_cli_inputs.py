@@ -215,3 +215,10 @@ def test_a_calibration_folder_is_named_as_one(folders, capsys, tmp_path):
                       "--group-size", "32", "--calib", str(tmp_path)],
              f"--calib {tmp_path}: a folder, not a file")
 
+
+
+def test_bad_sampling_settings_are_refused_before_the_prompt_is_echoed(folders, capsys):
+    for bad in (["--top-p", "0"], ["--temperature", "-1"], ["--temperature", "nan"]):
+        assert main(["generate", "--model", str(folders[261]), "--prompt", "Hello", *bad]) == 2
+        printed = capsys.readouterr()
+        assert printed.out == "" and "need temperature >= 0 and 0 < top_p <= 1" in printed.err
