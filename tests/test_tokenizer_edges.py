@@ -1,0 +1,124 @@
+"""Tokenizer edges the main tokenizer tests leave out: a bare tokenizer.json that adds BOS itself
+saved once, special tokens a file names but the vocabulary lacks, which file's BOS wins, GGUF
+user-defined and plain-text tokens, the evaluation stream's BOS, and the llama2.c tokenizer
+picked beside a model."""
+
+import json
+import shutil
+import struct
+
+import pytest
+
+from awq_ref.eval import load_wikitext_tokens
+from awq_ref.loaders import load_tokenizer
+from awq_ref.loaders.gguf_tokenizer import tokenizer_from_gguf_metadata
+from awq_ref.tokenizer import Tokenizer
+
+
+def test_saved_tokenizer_json_that_adds_bos_keeps_one_bos(tmp_path):
+    """A bare tokenizer.json (read as a file, so save_pretrained builds the folder) whose
+    post-processor already puts <s> first: the saved file must not add a second one, as
+    transformers and vLLM run the saved post-processor as it is."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, processors
+
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4, "<unk>": 5}
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0",
+                                                      special_tokens=[("<s>", 0)])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    tok = load_tokenizer(tmp_path / "tokenizer.json")  # the file, not the folder
+    assert (tok.bos_id, tok.add_bos, tok.encode("ab")) == (0, True, [0, 4])
+    tok.save_pretrained(tmp_path / "saved")
+    again = HFTokenizer.from_file(str(tmp_path / "saved" / "tokenizer.json"))
+    assert again.encode("ab").ids == [0, 4]  # add_special_tokens=True, as the readers run it
+
+
+@pytest.fixture(scope="module")
+def sp_small(tmp_path_factory, wikitext_test):
+    """A 500-piece BPE SentencePiece model (<unk> 0, <s> 1, </s> 2) trained on WikiText."""
+    spm = pytest.importorskip("sentencepiece")
+    folder = tmp_path_factory.mktemp("spm")
+    text = wikitext_test.read_bytes().replace(b"\r\n", b"\n").decode()[:100_000]
+    (folder / "train.txt").write_text(text, encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(folder / "train.txt"),
+                                   model_prefix=str(folder / "tokenizer"), vocab_size=500,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    return folder / "tokenizer.model"
+
+
+def test_sentencepiece_eos_token_the_model_lacks_keeps_the_model_eos(sp_small, tmp_path):
+    """A chat fine-tune's tokenizer_config naming "<|im_end|>", which the .model lacks:
+    SentencePiece maps unknown pieces to <unk> (id 0), which must not become an EOS id."""
+    shutil.copy(sp_small, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_ids == (2,) and tok.backend.sp.unk_id() == 0
+    assert tok.backend.token_to_id("<|im_end|>") is None
+
+
+def test_tokenizer_config_bos_wins_over_config_json(tmp_path):
+    """config.json's bos_token_id (0, stale) against tokenizer_config's bos_token ("<|begin|>",
+    id 1): the tokenizer's own file wins, as transformers reads it."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    vocab = {"<s>": 0, "<|begin|>": 1, "a": 2, "<unk>": 3}
+    HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")).save(
+        str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin|>",
+                                                                "add_bos_token": True}))
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 0}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.bos_id == 1 and tok.encode("a") == [1, 2]
+
+
+def test_gguf_user_defined_tokens_encode_whole():
+    """User-defined tokens (llama.cpp type 4, e.g. "<tool>") are matched whole in the text, not
+    cut into the pieces that spell them."""
+    tokens = ["<", "t", "o", "l", ">", " ", "<tool>"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": [], "tokenizer.ggml.token_type": [1] * 6 + [4]}
+    tok = tokenizer_from_gguf_metadata(meta, "t.gguf")
+    assert tok.encode("<tool>") == [6]
+    assert tok.encode("<tool> <tool>") == [6, 5, 6]
+    assert tok.encode("<too>") == [0, 1, 2, 2, 4]
+
+
+def test_gguf_byte_level_vocab_with_plain_text_tokens():
+    """Some GGUF byte-level vocabularies spell " " and "\\n" as they are, not in GPT-2's byte
+    alphabet (U+0120, U+010A): respelled, they encode and decode as the byte-level ones do."""
+    meta = {"tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.tokens": ["a", "b", " ", "\n", "\u0120a"],
+            "tokenizer.ggml.merges": ["\u0120 a"]}
+    tok = tokenizer_from_gguf_metadata(meta, "t.gguf")
+    assert tok.encode("a\nb") == [0, 3, 1]
+    assert tok.encode("b a") == [1, 4]  # " a" merges to "\u0120a"
+    assert tok.decode([0, 3, 1]) == "a\nb"
+
+
+def test_wikitext_tokens_start_with_the_tokenizers_own_bos(stories_dir, tmp_path):
+    """PROTOCOL: the evaluation stream is encoded with the tokenizer's own BOS default: BOS
+    first for llama2.c's tok512 (add_bos), none for a tokenizer that does not add it."""
+    text = "Once upon a time, there was a cat.\nIt sat on a mat.\n"
+    (tmp_path / "t.txt").write_text(text)
+    tok = load_tokenizer(stories_dir / "tok512.bin")
+    body = tok.encode(text, add_bos=False)
+    assert load_wikitext_tokens(tok, tmp_path / "t.txt").tolist() == [1, *body]
+    no_bos = Tokenizer(tok.backend, 1, (2,), add_bos=False)
+    assert load_wikitext_tokens(no_bos, tmp_path / "t.txt").tolist() == body
+
+
+def test_llama2c_tokenizer_with_the_models_vocab_size_is_picked(stories_dir, tmp_path):
+    """Beside stories260K.bin (vocabulary 512): its tok512.bin and another model's 513-token
+    tokenizer.bin; the one whose size matches the model is picked, though tokenizer.bin is
+    looked at first."""
+    (tmp_path / "stories260K.bin").symlink_to(stories_dir / "stories260K.bin")
+    tok512 = (stories_dir / "tok512.bin").read_bytes()
+    (tmp_path / "tok512.bin").write_bytes(tok512)
+    (tmp_path / "tokenizer.bin").write_bytes(tok512 + struct.pack("<fi", -1e9, 3) + b"xyz")
+    assert load_tokenizer(tmp_path / "tokenizer.bin").vocab_size == 513
+    tok = load_tokenizer(tmp_path / "stories260K.bin")
+    assert tok.source == str(tmp_path / "tok512.bin") and tok.vocab_size == 512
