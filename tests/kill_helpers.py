@@ -1,5 +1,6 @@
-"""Helpers of the crash tests (test_resume, test_stream_quantize): kill a CLI run with SIGKILL
-once its progress file says enough blocks are done, and compare checkpoint folders."""
+"""Helpers of the crash tests (test_resume, test_stream_quantize, test_demo): kill a CLI run with
+SIGKILL once its progress file says enough blocks are done, stop an in-process run after a
+block's state is saved, and compare checkpoint folders."""
 
 from __future__ import annotations
 
@@ -13,6 +14,21 @@ from safetensors import safe_open
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def stop_after_saving(monkeypatch, block: int, exc: type[BaseException]) -> None:
+    """Make awq.resume.Progress.save raise `exc` once the state for blocks 0..block-1 is on
+    disk: an in-process run interrupted there (undo with monkeypatch.undo or a new fixture)."""
+    from awq_ref.awq.resume import Progress
+
+    save = Progress.save
+
+    def save_then_stop(self, next_block, result, hidden):
+        save(self, next_block, result, hidden)
+        if next_block == block:
+            raise exc
+
+    monkeypatch.setattr(Progress, "save", save_then_stop)
 
 
 def saved_block(state: Path) -> int:

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # demo.p
 import demo
 import pytest
 import torch
+from kill_helpers import stop_after_saving
 
 import awq_ref
 from awq_ref.awq import pipeline
@@ -36,13 +37,7 @@ def test_demo_runs_the_main_job_end_to_end(default_gguf, shared_data, tmp_path, 
     monkeypatch.setattr(awq_ref, "search_awq", lambda *a, **k: search_awq(*a, config=coarse, **k))
     # Ctrl-C after block 2 of the search: one line, exit status 130; the rerun resumes there
     save = Progress.save
-
-    def save_then_stop(self, next_block, result, hidden):
-        save(self, next_block, result, hidden)
-        if next_block == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Progress, "save", save_then_stop)
+    stop_after_saving(monkeypatch, 2, KeyboardInterrupt)
     with pytest.raises(SystemExit) as stopped:
         demo.main()
     assert stopped.value.code == 130

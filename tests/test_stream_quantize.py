@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_helpers import folder_bytes, kill_after_block
+from kill_helpers import folder_bytes, kill_after_block, stop_after_saving
 from safetensors.torch import save_file
 
 import awq_ref
@@ -193,13 +193,7 @@ def test_interrupted_run_resumes_to_identical_files(src, calib, tmp_path, monkey
     ref = run(tmp_path / "ref")
     out, work = tmp_path / "out", tmp_path / "out.partial"
     save = Progress.save
-
-    def save_then_stop(self, next_block, result, hidden):
-        save(self, next_block, result, hidden)
-        if next_block == 2:
-            raise Interrupted
-
-    monkeypatch.setattr(Progress, "save", save_then_stop)
+    stop_after_saving(monkeypatch, 2, Interrupted)
     with pytest.raises(Interrupted):
         run(out)
     monkeypatch.setattr(Progress, "save", save)
@@ -229,13 +223,7 @@ def test_resume_refuses_weight_files_replaced_in_place(src, calib, tmp_path, mon
 
     copy = Path(shutil.copytree(src, tmp_path / "src"))
     save = Progress.save
-
-    def save_then_stop(self, next_block, result, hidden):
-        save(self, next_block, result, hidden)
-        if next_block == 2:
-            raise Interrupted
-
-    monkeypatch.setattr(Progress, "save", save_then_stop)
+    stop_after_saving(monkeypatch, 2, Interrupted)
     with pytest.raises(Interrupted):
         quantize_folder(copy, tmp_path / "out", group_size=GROUP, calib_tokens=calib,
                         progress=False, **AWQ)

@@ -119,11 +119,11 @@ MUTANTS = (
        "tests/test_awq_clip_choice.py", "-k", "brute_force"),
     _m("lohi-no-lo-pass", "awq_ref/awq/search_clip.py",
        "            keep(torch.minimum(w_min * r, best_hi), best_hi)", "            pass",
-       "tests/test_awq_search.py", "-k", "group_by_group"),  # session 21
+       "tests/test_awq_clip_choice.py", "-k", "group_by_group"),  # session 21
     _m("lohi-hi-pass-skips-1", "awq_ref/awq/search_clip.py",
        "        for r in ratios:\n            keep(best_lo,",
        "        for r in ratios[1:]:\n            keep(best_lo,",
-       "tests/test_awq_search.py", "-k", "group_by_group"),
+       "tests/test_awq_clip_choice.py", "-k", "group_by_group"),
     _m("config-duo-ignored", "awq_ref/awq/pipeline.py", "spec) if config.duo_scaling else None",
        "spec) if False else None", "tests/test_awq_search.py", "-k", "every_search_option"),
     _m("config-refine-ignored", "awq_ref/awq/pipeline.py",
