@@ -172,6 +172,7 @@ def _quantize_blocks(source: Source, work: Progress, method: str, spec: QuantSpe
     first = 0 if state is None else state[0]
     if state is not None and x is not None:
         x.copy_(state[1])
+    work.announce(first, config.progress)
     shards = work.work_dir / "shards"
     shards.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=n_blocks, initial=first, desc=f"{method} (streamed)", unit="block",

@@ -112,6 +112,8 @@ def test_interrupted_run_says_so_and_resumes(tiny_setup):
     run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(),
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    assert (f"resuming at block {done}: blocks 0-{done - 1} were finished and saved in "
+            f"{root / 'out_int.partial'}") in run.stderr
     assert folder_bytes(out) == folder_bytes(ref)
 
 

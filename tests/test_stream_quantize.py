@@ -263,6 +263,7 @@ def test_cli_killed_run_resumes_and_matches_api(tmp_path):
     run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    assert f"resuming at block {done}: blocks 0-{done - 1} were finished" in run.stderr
     assert folder_bytes(out) == folder_bytes(ref)
 
     # The CLI is a thin layer over the API: the same call writes the same bytes.

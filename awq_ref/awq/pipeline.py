@@ -165,7 +165,7 @@ def _resume(progress: Progress | None, model: nn.Module, calib_tokens: torch.Ten
         return 0
     first, hidden = state
     x.copy_(hidden)
-    log.info("resuming the AWQ search at block %d from %s", first, progress.state_path)
+    progress.announce(first, config.progress)
     return first
 
 

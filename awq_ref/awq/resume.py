@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -152,6 +153,12 @@ class Progress:
         result.add_tensors(tensors, str(path), ignore=("hidden",))
         result.search[:] = search
         return next_block, hidden
+
+    def announce(self, first: int, show: bool) -> None:
+        """One line on stderr when a run resumes (with its progress bar, `show`): where from."""
+        if show and first:
+            print(f"resuming at block {first}: blocks 0-{first - 1} were finished and saved in "
+                  f"{self.work_dir}", file=sys.stderr, flush=True)
 
     def saved_blocks(self) -> int:
         """How many blocks the saved state holds (0 without one, or with one unreadable): what a
