@@ -232,6 +232,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return cmd_quantize_stream(args)
     spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
     progress = _progress(args) if args.method == "awq" and not args.result else None
+    if progress is None and _work_dir(args).exists():
+        print(f"note: {_work_dir(args)} holds an interrupted search this run does not use "
+              f"(--method {args.method}{' --result' if args.result else ''}); it stays until "
+              "you delete it", file=sys.stderr)
     with progress.hold() if progress is not None else nullcontext():  # load to save: alone
         if folder_lacks_tokenizer(args.model) and not args.calib:  # nothing to read: no need
             print(f"{args.model} has no tokenizer: the checkpoint is written without one",

@@ -222,3 +222,12 @@ def test_bad_sampling_settings_are_refused_before_the_prompt_is_echoed(folders, 
         assert main(["generate", "--model", str(folders[261]), "--prompt", "Hello", *bad]) == 2
         printed = capsys.readouterr()
         assert printed.out == "" and "need temperature >= 0 and 0 < top_p <= 1" in printed.err
+
+
+def test_a_run_that_ignores_an_interrupted_search_says_so(folders, capsys, tmp_path):
+    (tmp_path / "q.partial").mkdir()  # as an interrupted --method awq run leaves it
+    assert main(["quantize", "--model", str(folders[261]), "--out", str(tmp_path / "q"),
+                 "--method", "rtn", "--group-size", "32"]) == 0
+    assert (f"note: {tmp_path / 'q.partial'} holds an interrupted search this run does not use "
+            "(--method rtn)") in capsys.readouterr().err
+    assert (tmp_path / "q.partial").is_dir()  # not ours to delete
