@@ -34,7 +34,6 @@ def _eager_step(model: Llama, cache: KVCache) -> Callable[[int], torch.Tensor]:
     return step
 
 
-@torch.no_grad()
 def check_sampling(temperature: float, top_p: float) -> None:
     """ValueError unless temperature >= 0 and 0 < top_p <= 1 (written so that nan fails too)."""
     if not temperature >= 0 or not 0 < top_p <= 1:
@@ -42,6 +41,7 @@ def check_sampling(temperature: float, top_p: float) -> None:
                          f"{temperature}, {top_p}")
 
 
+@torch.no_grad()
 def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
              seed: int = 0, on_token: Callable[[int], None] | None = None,

@@ -131,6 +131,17 @@ def test_generate_stops_on_eos_and_sampling_is_seeded():
     assert len(runs) > 1 and runs != {tuple(greedy)}
 
 
+def test_generate_runs_without_autograd():
+    """Decoding records no graph: with grad on, the KV cache's in-place writes would keep every
+    step's graph alive and memory would grow with each token (the decorator once slipped)."""
+    _, model = pair(tiny_hf_dict(2))
+    assert any(p.requires_grad for p in model.parameters())  # as load_model leaves them
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(out.requires_grad))
+    generate(model, [1, 2, 3], 3)
+    assert seen == [False] * 3
+
+
 def test_generate_checks_its_arguments():
     _, model = pair(tiny_hf_dict(2))  # vocab_size 101
     for bad in ({"top_p": 0.0}, {"top_p": 1.01}, {"temperature": -0.1}):
