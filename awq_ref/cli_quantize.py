@@ -111,13 +111,14 @@ def check_quantize_args(args: argparse.Namespace) -> None:
 
 
 def _check_calibration(args: argparse.Namespace, config) -> None:
-    """The search holds the calibration windows' hidden states, B x T x D fp32, and about as
-    much again while saving its progress: past the free memory, the kernel's OOM killer would
-    end the run (and its neighbours) without a word, so it is refused here. A window past the
+    """The search holds the calibration windows' hidden states, B x T x D fp32, and saving its
+    progress copies them to host memory once or twice more (to the CPU, then into the file's
+    bytes): past the free host memory, the kernel's OOM killer would end the run (and its
+    neighbours) without a word, so it is refused here, on any device. A window past the
     trained context is allowed, with a note."""
     warn_past_context(config, args.calib_seqlen, "--calib-seqlen")
     need = 2 * args.n_samples * args.calib_seqlen * config.hidden_size * 4
-    free = available_memory_bytes() if torch.device(args.device).type == "cpu" else None
+    free = available_memory_bytes()
     if free is not None and need > free:
         raise ValueError(f"--n-samples {args.n_samples} x --calib-seqlen {args.calib_seqlen}: "
                          f"the search holds about {need / 1e9:.1f} GB of activations (2 x B x T "

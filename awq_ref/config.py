@@ -32,7 +32,8 @@ class Architecture:
 # The architectures we run, as data, by config.json's model_type. Mistral's window is null from
 # Mistral 7B v0.2 on (left out, it is transformers' 4096); Qwen2's is off unless
 # use_sliding_window says otherwise (then refused).
-QWEN_DEFAULTS = (("num_key_value_heads", 32), ("max_position_embeddings", 32768))
+QWEN_DEFAULTS = (("num_key_value_heads", 32), ("max_position_embeddings", 32768),
+                 ("sliding_window", 4096))  # used only where use_sliding_window is set
 ARCHITECTURES = {
     "llama": Architecture("LlamaForCausalLM", bias_keys=("attention_bias", "mlp_bias")),
     "mistral": Architecture("MistralForCausalLM", window=True,

@@ -42,7 +42,8 @@ def test_demo_runs_the_main_job_end_to_end(default_gguf, shared_data, tmp_path, 
         demo.main()
     assert stopped.value.code == 130
     err = capsys.readouterr().err
-    assert "interrupted: finished AWQ blocks are kept" in err and "Traceback" not in err
+    assert f"interrupted: 2 finished AWQ block(s) are kept in {out / 'awq-search.partial'}" in (
+        err) and "Traceback" not in err
     assert Progress(out / "awq-search.partial").saved_blocks() == 2
     monkeypatch.setattr(Progress, "save", save)
     searched, search_block = [], pipeline.search_block

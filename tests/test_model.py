@@ -388,6 +388,12 @@ def test_config_defaults_are_transformers_defaults(model_type, hf_class):
                   theirs.rope_parameters["rope_theta"], theirs.rms_norm_eps,
                   theirs.tie_word_embeddings)
     assert LlamaConfig.from_hf_dict(ours.to_hf_dict()) == ours  # written out as read
+    if model_type.startswith("qwen"):  # the window left out is 4096 too: layers 28+ slide
+        d = {"model_type": model_type, **sizes, "num_hidden_layers": 30, "use_sliding_window": True}
+        theirs = getattr(transformers, hf_class).from_dict(d)
+        assert theirs.layer_types[28:] == ["sliding_attention"] * 2
+        with pytest.raises(ValueError, match=r"layers \[28, 29\] use sliding-window attention"):
+            LlamaConfig.from_hf_dict(d)
 
 
 @pytest.mark.parametrize("eos", [(2,), (2, 7), ()])

@@ -155,6 +155,23 @@ def test_a_second_run_on_the_same_work_folder_is_refused(tiny_setup, tmp_path, c
         pass
 
 
+def test_a_hold_keeps_folders_it_did_not_create_and_its_caller_s_exception(tmp_path):
+    """Only a work folder the hold made is removed when nothing was saved: a folder the user
+    made (or a link to one, a natural way to put the state on another disk) stays, and the
+    exception that ended the run is the one raised."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    for folder in (mine, link):
+        with pytest.raises(KeyboardInterrupt), Progress(folder).hold():
+            raise KeyboardInterrupt
+        assert folder.is_dir()
+    with pytest.raises(KeyboardInterrupt), Progress(tmp_path / "new").hold():
+        raise KeyboardInterrupt
+    assert not (tmp_path / "new").exists()
+
+
 def test_corrupt_state_file_is_a_value_error(tmp_path):
     """A torn or foreign state file raised SafetensorError / KeyError tracebacks on resume."""
     from safetensors.torch import save_file

@@ -30,6 +30,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
 CALIB = SHARED / "tinystories" / "tinystories_val_prefix.txt"
 WIKI = SHARED / "wikitext-2-raw" / "wiki.test.raw"
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.txt"
+SEARCH_DIR = "awq-search.partial"  # under --out: the search's progress until the checkpoint
 
 
 def step(msg: str) -> float:
@@ -50,15 +51,19 @@ def texts(model, tok, args) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 def main() -> None:
     """run(), with Ctrl-C ending in one line (exit status 130, as the CLI's commands do)."""
+    args = parse_args()
     try:
-        run()
+        run(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: finished AWQ blocks are kept in --out's awq-search.partial; the "
-              "same command resumes the search there", file=sys.stderr)
+        blocks = Progress(Path(args.out) / SEARCH_DIR).saved_blocks()
+        kept = (f"{blocks} finished AWQ block(s) are kept in {Path(args.out) / SEARCH_DIR}: the "
+                "same command resumes the search there" if blocks else
+                "no AWQ search progress is kept (the same command starts over)")
+        print(f"\ninterrupted: {kept}", file=sys.stderr)
         sys.exit(130)
 
 
-def run() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--n-samples", type=int, default=128)
@@ -66,7 +71,10 @@ def run() -> None:
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--group-size", type=int, default=64)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     ckpt = out / f"smollm2-135m-awq-w4-g{args.group_size}"
 
@@ -78,7 +86,7 @@ def run() -> None:
     t = step(f"AWQ search + quantize (W4 g{args.group_size}, "
              f"{args.n_samples} x {args.calib_seqlen})")
     # saved after every block: a rerun after Ctrl-C or a crash resumes (awq.resume)
-    search = Progress(out / "awq-search.partial", identity={"model": "default"})
+    search = Progress(out / SEARCH_DIR, identity={"model": "default"})
     result = awq_ref.search_awq(model, calib, awq_ref.QuantSpec(4, args.group_size),
                                 progress=search)
     awq = awq_ref.quantize(model, "awq", 4, args.group_size, result=result)

@@ -87,7 +87,8 @@ class Progress:
         """Use the work folder alone for the duration: a second run on it (the same command
         started twice) is refused at once with a ValueError, instead of both writing its state
         and one deleting the folder under the other. The lock (flock) dies with the process,
-        even a killed one; a folder left with nothing saved in it is removed on the way out."""
+        even a killed one; a folder this hold created and left with nothing saved in it is
+        removed on the way out (a folder the user made, or a link to one, is kept)."""
         if self._holds:  # already held by this object: nested
             self._holds += 1
             try:
@@ -99,6 +100,7 @@ class Progress:
             import fcntl
         except ImportError:  # not POSIX: no lock
             fcntl = None
+        created = not self.work_dir.exists()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         lock = self.work_dir / LOCK_NAME
         fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
@@ -114,12 +116,20 @@ class Progress:
                 yield
             finally:
                 self._holds = 0
-                if self.work_dir.is_dir() and [p.name for p in self.work_dir.iterdir()] == [
-                        LOCK_NAME]:  # nothing saved: leave no folder behind
-                    lock.unlink()
-                    self.work_dir.rmdir()
+                if created:
+                    self._remove_if_unused(lock)
         finally:
             os.close(fd)  # releases the lock
+
+    def _remove_if_unused(self, lock: Path) -> None:
+        """The work folder, if it holds nothing but the lock (best effort: never masks the
+        exception that ends the run)."""
+        try:
+            if [p.name for p in self.work_dir.iterdir()] == [LOCK_NAME]:
+                lock.unlink()
+                self.work_dir.rmdir()
+        except OSError:
+            pass
 
     def restore(self, result: AwqResult) -> tuple[int, torch.Tensor] | None:
         """(next block, its inputs (B, T, D) on cpu) and `result` filled in, or None if no state.
