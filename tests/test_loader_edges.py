@@ -2,6 +2,7 @@
 dequantizer, metadata defaults and refusals, HF folders with extra or wrong tensors, a shard
 index pointing outside its folder, GGUF headers cut short, and kernels kept through fusion."""
 
+import dataclasses
 import json
 import struct
 
@@ -16,7 +17,14 @@ from awq_ref.loaders import load_model, read_safetensors_folder
 from awq_ref.loaders.gguf_header import read_header
 from awq_ref.loaders.state_dict import interleaved_to_half
 from tests.test_gguf_header import write
-from tests.test_loaders import logits, own_tensors, save_hf, tiny_model, write_gguf
+from tests.test_loaders import (
+    add_llama_metadata,
+    logits,
+    own_tensors,
+    save_hf,
+    tiny_model,
+    write_gguf,
+)
 
 gguf = pytest.importorskip("gguf")
 
@@ -30,15 +38,7 @@ def _write_raw_gguf(path, config: LlamaConfig, blocks: dict[str, np.ndarray], qt
     everything else small random F32."""
     rng = np.random.default_rng(1)
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_block_count(1)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads)
-    w.add_rope_freq_base(config.rope_theta)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_vocab_size(config.vocab_size)
+    add_llama_metadata(w, dataclasses.replace(config, num_hidden_layers=1))
     h, v = config.hidden_size, config.vocab_size
     for name, shape in [("token_embd.weight", (v, h)), ("output.weight", (v, h)),
                         ("output_norm.weight", (h,)), ("blk.0.attn_norm.weight", (h,)),

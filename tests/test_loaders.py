@@ -116,11 +116,8 @@ def test_hf_quantized_config_delegates(tmp_path, monkeypatch):
     assert calls == [(folder, "cpu", torch.float16)]
 
 
-def write_gguf(path, model: Llama, qtype: str = "F32", arch: str = "llama", extra=None,
-               tensors=None):
-    """A GGUF as llama.cpp's converter writes one: q/k rows interleaved, linears in `qtype`."""
-    c = model.config
-    w = gguf.GGUFWriter(str(path), arch)
+def add_llama_metadata(w, c: LlamaConfig) -> None:
+    """The llama.* keys llama.cpp's converter writes for config `c` (gguf.GGUFWriter `w`)."""
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -130,6 +127,14 @@ def write_gguf(path, model: Llama, qtype: str = "F32", arch: str = "llama", extr
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
+
+
+def write_gguf(path, model: Llama, qtype: str = "F32", arch: str = "llama", extra=None,
+               tensors=None):
+    """A GGUF as llama.cpp's converter writes one: q/k rows interleaved, linears in `qtype`."""
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    add_llama_metadata(w, c)
     for key, value in (extra or {}).items():
         w.add_uint32(key, value)
     to_gguf = {hf.format(n=i): g.format(n=i) for g, hf in NAME_MAP.items() for i in range(4)}
