@@ -202,6 +202,11 @@ def test_calibration_past_free_memory_is_refused_before_loading(folders, capsys,
             "--group-size", "32", "--calib", str(folders["text"]), "--n-samples", "4"]
     assert main([*argv, "--calib-seqlen", "300"]) == 2  # 2 x 4 x 300 x 64 x 4 = 614,400 bytes
     err = capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the device check
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main([*argv, "--calib-seqlen", "300", "--device", "cuda"]) == 2  # saved via the host
+    assert "error: --n-samples 4 x --calib-seqlen 300: the search holds" in (
+        capsys.readouterr().err)
     assert "note: --calib-seqlen: 300 positions, past this model's trained context of 256" in err
     assert ("error: --n-samples 4 x --calib-seqlen 300: the search holds about 0.0 GB of "
             "activations (2 x B x T x hidden 64 x 4 bytes), more than the 0.0 GB free") in err
