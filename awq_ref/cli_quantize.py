@@ -158,10 +158,10 @@ def _check_layers(model: str, spec):
     from awq_ref.api import check_quantizable_config
     from awq_ref.loaders import is_quantized_folder, load_config
 
-    if is_quantized_folder(model):
+    config = load_config(model)
+    if config is None and is_quantized_folder(model):
         raise ValueError(f"--model {model} is already quantized (its config.json has a "
                          "quantization_config); quantize the fp original instead")
-    config = load_config(model)
     if config is not None:
         check_quantizable_config(config, spec)
     return config

@@ -52,3 +52,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory, wikitext_test):
+    """A 1000-piece BPE SentencePiece model (<unk> 0, <s> 1, </s> 2) trained on WikiText with
+    the library's own trainer: (its folder, the library's processor)."""
+    spm = pytest.importorskip("sentencepiece")
+    folder = tmp_path_factory.mktemp("spm")
+    text = wikitext_test.read_bytes().replace(b"\r\n", b"\n").decode()[:400_000]
+    (folder / "train.txt").write_text(text, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "train.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=1000,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    (folder / "train.txt").unlink()
+    return folder, sp

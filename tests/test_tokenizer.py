@@ -77,22 +77,6 @@ def test_llama2c_long_text_round_trips(tok512, wikitext_test):
     assert tok512.decode(ids) == text
 
 
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory, wikitext_test):
-    """A 1000-piece BPE SentencePiece model trained on WikiText with the library's own trainer."""
-    spm = pytest.importorskip("sentencepiece")
-    folder = tmp_path_factory.mktemp("spm")
-    text = wikitext_test.read_bytes().replace(b"\r\n", b"\n").decode()[:400_000]
-    (folder / "train.txt").write_text(text, encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "train.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=1000,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    (folder / "train.txt").unlink()
-    return folder, sp
-
-
 def test_sentencepiece_folder_matches_library(sp_model, tmp_path):
     folder, sp = sp_model
     tok = load_tokenizer(folder)

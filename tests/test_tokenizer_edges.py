@@ -7,8 +7,6 @@ import json
 import shutil
 import struct
 
-import pytest
-
 from awq_ref.eval import load_wikitext_tokens
 from awq_ref.loaders import load_tokenizer
 from awq_ref.loaders.gguf_tokenizer import tokenizer_from_gguf_metadata
@@ -36,23 +34,10 @@ def test_saved_tokenizer_json_that_adds_bos_keeps_one_bos(tmp_path):
     assert again.encode("ab").ids == [0, 4]  # add_special_tokens=True, as the readers run it
 
 
-@pytest.fixture(scope="module")
-def sp_small(tmp_path_factory, wikitext_test):
-    """A 500-piece BPE SentencePiece model (<unk> 0, <s> 1, </s> 2) trained on WikiText."""
-    spm = pytest.importorskip("sentencepiece")
-    folder = tmp_path_factory.mktemp("spm")
-    text = wikitext_test.read_bytes().replace(b"\r\n", b"\n").decode()[:100_000]
-    (folder / "train.txt").write_text(text, encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(folder / "train.txt"),
-                                   model_prefix=str(folder / "tokenizer"), vocab_size=500,
-                                   model_type="bpe", byte_fallback=True, minloglevel=2)
-    return folder / "tokenizer.model"
-
-
-def test_sentencepiece_eos_token_the_model_lacks_keeps_the_model_eos(sp_small, tmp_path):
+def test_sentencepiece_eos_token_the_model_lacks_keeps_the_model_eos(sp_model, tmp_path):
     """A chat fine-tune's tokenizer_config naming "<|im_end|>", which the .model lacks:
     SentencePiece maps unknown pieces to <unk> (id 0), which must not become an EOS id."""
-    shutil.copy(sp_small, tmp_path / "tokenizer.model")
+    shutil.copy(sp_model[0] / "tokenizer.model", tmp_path / "tokenizer.model")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
     tok = load_tokenizer(tmp_path)
     assert tok.eos_ids == (2,) and tok.backend.sp.unk_id() == 0

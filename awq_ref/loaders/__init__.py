@@ -75,10 +75,11 @@ def load_config(path: str | Path) -> LlamaConfig | None:
     without any weights (to check settings before a long load); None for quantized folders and
     other files (their loaders say what is wrong)."""
     path = _resolve(path)
-    if is_quantized_folder(path):
-        return None
     if path.is_dir():
-        return LlamaConfig.from_hf_dict(read_config_json(path), source=str(path / "config.json"))
+        raw = read_config_json(path)
+        if isinstance(raw, dict) and "quantization_config" in raw:
+            return None
+        return LlamaConfig.from_hf_dict(raw, source=str(path / "config.json"))
     if is_gguf(path):
         header = open_gguf(path)
         return config_from_gguf(header.metadata, {t.name for t in header.tensors}, str(path))
