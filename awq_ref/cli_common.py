@@ -43,9 +43,43 @@ def seed(text: str) -> int:
 
 
 def load(args: argparse.Namespace, path: str | None = None):
-    from awq_ref.loaders import load_model
+    from awq_ref.loaders import load_config, load_model
 
-    return load_model(path or args.model, device=args.device, dtype=DTYPES[args.dtype])
+    path = path or args.model
+    config = load_config(path)
+    if config is not None:
+        check_host_memory(f"--model {path} in {args.dtype}",
+                          {"weights": weights_bytes(config, args)}, weight_hints(args))
+    return load_model(path, device=args.device, dtype=DTYPES[args.dtype])
+
+
+def weights_bytes(config, args: argparse.Namespace) -> int:
+    """Host memory the model's weights take at least once loaded: every weight (config's
+    weight_count) in --dtype on the CPU; 0 on a GPU, where they go (torch's out-of-memory error
+    is a message there; the kernel's OOM killer ends a process without one)."""
+    if torch.device(args.device).type != "cpu":
+        return 0
+    return config.weight_count() * DTYPES[args.dtype].itemsize
+
+
+def weight_hints(args: argparse.Namespace) -> list[str]:
+    return ["--dtype bfloat16 (half the weights)"] if DTYPES[args.dtype].itemsize == 4 else []
+
+
+def check_host_memory(subject: str, needs: dict[str, int], hints: list[str]) -> None:
+    """ValueError naming each need (GB) when together they pass the free host memory (checked
+    before loading: past it, the kernel's OOM killer would end the run, and its neighbours,
+    without a word)."""
+    free = available_memory_bytes()
+    if free is None or sum(needs.values()) <= free:
+        return
+    parts = " and ".join(f"{what} about {_size(n)}" for what, n in needs.items() if n)
+    hint = "; try " + ", ".join(hints) if hints else ""
+    raise ValueError(f"{subject}: {parts}, more than the {_size(free)} free here{hint}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def warn_past_context(config, positions: int, what: str) -> None:

@@ -14,11 +14,13 @@ import torch
 from awq_ref.cli_common import (
     DTYPES,
     add_model_args,
-    available_memory_bytes,
+    check_host_memory,
     load,
     positive,
     seed,
     warn_past_context,
+    weight_hints,
+    weights_bytes,
 )
 
 
@@ -106,24 +108,28 @@ def check_quantize_args(args: argparse.Namespace) -> None:
             raise ValueError("--stream with --method awq needs --calib text: sampling "
                              "calibration windows from the model would load it whole")
     config = _check_layers(args.model, spec)
-    if config is not None and args.method == "awq" and not args.result:
-        _check_calibration(args, config)
+    if config is not None:
+        _check_memory(args, config)
 
 
-def _check_calibration(args: argparse.Namespace, config) -> None:
-    """The search holds the calibration windows' hidden states, B x T x D fp32, and saving its
-    progress copies them to host memory once or twice more (to the CPU, then into the file's
-    bytes): past the free host memory, the kernel's OOM killer would end the run (and its
-    neighbours) without a word, so it is refused here, on any device. A window past the
-    trained context is allowed, with a note."""
-    warn_past_context(config, args.calib_seqlen, "--calib-seqlen")
-    need = 2 * args.n_samples * args.calib_seqlen * config.hidden_size * 4
-    free = available_memory_bytes()
-    if free is not None and need > free:
-        raise ValueError(f"--n-samples {args.n_samples} x --calib-seqlen {args.calib_seqlen}: "
-                         f"the search holds about {need / 1e9:.1f} GB of activations (2 x B x T "
-                         f"x hidden {config.hidden_size} x 4 bytes), more than the "
-                         f"{free / 1e9:.1f} GB free here; use fewer or shorter windows")
+def _check_memory(args: argparse.Namespace, config) -> None:
+    """Before loading: the weights (unless --stream reads them block by block) and the search's
+    calibration hidden states, B x T x D fp32 held twice (the search's x, and saving its progress
+    copies them to host memory; so on any device), must fit the free host memory
+    (cli_common.check_host_memory). A window past the trained context is allowed, with a note."""
+    subject, needs, hints = f"--model {args.model}", {}, []
+    if not args.stream and weights_bytes(config, args):
+        subject += f" in {args.dtype}"
+        needs["weights"] = weights_bytes(config, args)
+        hints += ["--stream (block by block)"] if Path(args.model).is_dir() else []
+        hints += weight_hints(args)
+    if args.method == "awq" and not args.result:
+        warn_past_context(config, args.calib_seqlen, "--calib-seqlen")
+        subject += f" with --n-samples {args.n_samples} x --calib-seqlen {args.calib_seqlen}"
+        needs[f"activations (2 x B x T x hidden {config.hidden_size} x 4 bytes)"] = (
+            2 * args.n_samples * args.calib_seqlen * config.hidden_size * 4)
+        hints.insert(0, "fewer or shorter windows")
+    check_host_memory(subject, needs, hints)
 
 
 def _check_output_paths(args: argparse.Namespace) -> None:

@@ -193,26 +193,59 @@ def test_quantize_folder_names_what_it_reads(tmp_path, default_gguf, capsys):
 def test_calibration_past_free_memory_is_refused_before_loading(folders, capsys, tmp_path,
                                                                  monkeypatch):
     """A typo like --calib-seqlen 100000 once had the kernel's OOM killer end the run without a
-    word (and its neighbours'); the activations' size is checked against free memory first."""
-    from awq_ref import cli_quantize
+    word (and its neighbours'); the activations' size, beside the weights', is checked against
+    free memory first."""
+    from awq_ref import cli_common, cli_quantize
+    from awq_ref.loaders import load_config
 
-    monkeypatch.setattr(cli_quantize, "available_memory_bytes", lambda: 600_000)
+    weights = load_config(folders[261]).weight_count() * 4  # float32
+    monkeypatch.setattr(cli_common, "available_memory_bytes", lambda: weights + 600_000)
     monkeypatch.setattr(cli_quantize, "load", lambda *a: pytest.fail("the model was loaded"))
     argv = ["quantize", "--model", str(folders[261]), "--out", str(tmp_path / "q"),
             "--group-size", "32", "--calib", str(folders["text"]), "--n-samples", "4"]
     assert main([*argv, "--calib-seqlen", "300"]) == 2  # 2 x 4 x 300 x 64 x 4 = 614,400 bytes
     err = capsys.readouterr().err
+    assert "note: --calib-seqlen: 300 positions, past this model's trained context of 256" in err
+    assert (f"error: --model {folders[261]} in float32 with --n-samples 4 x --calib-seqlen 300: "
+            f"weights about {weights / 1e6:.1f} MB and activations (2 x B x T x hidden 64 x 4 "
+            f"bytes) about 0.6 MB, more than the {(weights + 600_000) / 1e6:.1f} MB free here; "
+            "try fewer or shorter windows, --stream (block by block), --dtype bfloat16 (half the "
+            "weights)") in err
+    monkeypatch.setattr(cli_common, "available_memory_bytes", lambda: 600_000)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the device check
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert main([*argv, "--calib-seqlen", "300", "--device", "cuda"]) == 2  # saved via the host
-    assert "error: --n-samples 4 x --calib-seqlen 300: the search holds" in (
-        capsys.readouterr().err)
-    assert "note: --calib-seqlen: 300 positions, past this model's trained context of 256" in err
-    assert ("error: --n-samples 4 x --calib-seqlen 300: the search holds about 0.0 GB of "
-            "activations (2 x B x T x hidden 64 x 4 bytes), more than the 0.0 GB free") in err
+    err = capsys.readouterr().err
+    assert "with --n-samples 4 x --calib-seqlen 300: activations (2 x B x T" in err
+    assert "weights" not in err  # they go to the GPU
+    monkeypatch.setattr(cli_common, "available_memory_bytes", lambda: weights + 600_000)
     monkeypatch.setattr(cli_quantize, "load", lambda *a: pytest.fail("loaded: nothing to say"))
     with pytest.raises(pytest.fail.Exception, match="loaded: nothing to say"):
-        main([*argv, "--calib-seqlen", "290"])  # 593,920 bytes fit 600,000
+        main([*argv, "--calib-seqlen", "290"])  # 593,920 bytes fit beside the weights
+
+
+def test_weights_past_free_memory_are_refused_before_loading(folders, capsys, tmp_path,
+                                                             monkeypatch):
+    """An 8B model in float32 on a 24 GB machine: the OOM killer ended the load without a word.
+    Every command that loads an fp model checks its weights' bytes in --dtype first; quantize
+    --stream holds one block at a time and is not refused."""
+    from awq_ref import cli_common
+    from awq_ref.loaders import load_config
+
+    model = str(folders[261])
+    weights = load_config(model).weight_count()
+    monkeypatch.setattr(cli_common, "available_memory_bytes", lambda: 3 * weights)
+    _refused(capsys, ["ppl", "--model", model, "--text", str(folders["text"])],
+             f"--model {model} in float32: weights about {4 * weights / 1e6:.1f} MB, more than "
+             f"the {3 * weights / 1e6:.1f} MB free here; try --dtype bfloat16 (half the weights)")
+    _refused(capsys, ["quantize", "--model", model, "--out", str(tmp_path / "q"),
+                      "--method", "rtn", "--group-size", "32"],
+             "try --stream (block by block), --dtype bfloat16 (half the weights)")
+    assert not (tmp_path / "q").exists()
+    assert main(["generate", "--model", model, "--prompt", "Hello", "--max-new-tokens", "2",
+                 "--dtype", "bfloat16"]) == 0  # 2 bytes a weight fit
+    assert main(["quantize", "--model", model, "--out", str(tmp_path / "q"), "--method", "rtn",
+                 "--group-size", "32", "--stream"]) == 0
 
 
 def test_a_calibration_folder_is_named_as_one(folders, capsys, tmp_path):
