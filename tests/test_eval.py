@@ -62,6 +62,9 @@ def test_windows_errors():
         windows_of(torch.arange(10), 1, None)
     with pytest.raises(ValueError, match="asked for 3 windows"):
         windows_of(torch.arange(10), 4, 3)
+    for n in (0, -1):  # a negative count would slice from the end
+        with pytest.raises(ValueError, match=f"asked for {n} windows"):
+            windows_of(torch.arange(10), 4, n)
     assert windows_of(torch.arange(10), 4, None).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 

@@ -52,6 +52,8 @@ def test_row_limited_kernels_take_rules_up_to_their_limit():
                 {"max_m": None, "kernel": "mma"}]}, "increasing positive ints"),
     ({"rules": [{"max_m": 0, "kernel": "mma"}, {"max_m": None, "kernel": "mma"}]},
      "increasing positive ints"),
+    ({"rules": [{"max_m": 4, "kernel": "mma"}, {"max_m": 4, "kernel": "dequant"},
+                {"max_m": None, "kernel": "mma"}]}, "increasing positive ints"),  # a tie
     ({"rules": [{"max_m": 1.5, "kernel": "mma"}, {"max_m": None, "kernel": "mma"}]},
      "increasing positive ints"),
     ({"rules": [{"max_m": None, "kernel": "auto"}]}, "kernel must be one of"),

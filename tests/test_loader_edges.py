@@ -15,7 +15,7 @@ from awq_ref.config import LlamaConfig
 from awq_ref.fuse import fuse_projections
 from awq_ref.loaders import load_model, read_safetensors_folder
 from awq_ref.loaders.gguf_header import read_header
-from awq_ref.loaders.state_dict import interleaved_to_half
+from awq_ref.loaders.state_dict import check_disjoint, interleaved_to_half
 from tests.test_gguf_header import write
 from tests.test_loaders import (
     add_llama_metadata,
@@ -215,3 +215,29 @@ def test_kernel_set_before_fusing_runs_every_product():
         got = model(tokens)
     assert len(calls) == 4 * len(model.model.layers)  # qkv, o, gate_up, down per block
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_data_sharing_one_byte_is_refused():
+    """Adjacent tensors are fine; sharing even one byte is not (a small file claiming a large
+    model); empty tensors hold no bytes and may sit anywhere."""
+    check_disjoint([("a", 0, 8), ("b", 8, 8), ("e", 4, 0)], "f")
+    with pytest.raises(ValueError, match="f: the data of tensors a and b overlap"):
+        check_disjoint([("b", 7, 8), ("a", 0, 8)], "f")
+
+
+def test_gguf_without_context_length_reads_2048(tmp_path, monkeypatch):
+    """llama.cpp's default for a missing llama.context_length (old conversions) is 2048."""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_context_length", lambda self, value: None)
+    path = write_gguf(tmp_path / "m.gguf", tiny_model())
+    assert "llama.context_length" not in read_header(path).metadata
+    assert load_model(path).config.max_position_embeddings == 2048
+
+
+def test_gguf_integer_key_holding_a_bool_is_refused(tmp_path, monkeypatch):
+    """A bool where GGUF stores an integer (Python's True is an int) is corrupt metadata, not 1
+    block."""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_block_count",
+                        lambda self, value: self.add_bool("llama.block_count", True))
+    path = write_gguf(tmp_path / "m.gguf", tiny_model())
+    with pytest.raises(ValueError, match="GGUF metadata llama.block_count=True is not an integer"):
+        load_model(path)

@@ -7,6 +7,8 @@ import json
 import shutil
 import struct
 
+import pytest
+
 from awq_ref.eval import load_wikitext_tokens
 from awq_ref.loaders import load_tokenizer
 from awq_ref.loaders.gguf_tokenizer import tokenizer_from_gguf_metadata
@@ -107,3 +109,23 @@ def test_llama2c_tokenizer_with_the_models_vocab_size_is_picked(stories_dir, tmp
     assert load_tokenizer(tmp_path / "tokenizer.bin").vocab_size == 513
     tok = load_tokenizer(tmp_path / "stories260K.bin")
     assert tok.source == str(tmp_path / "tok512.bin") and tok.vocab_size == 512
+
+
+def test_folder_with_sentencepiece_and_llama2c_tokenizers_reads_sentencepiece(sp_model, stories_dir,
+                                                                             tmp_path):
+    """tokenizer.json > tokenizer.model > tokenizer.bin: a folder holding a .model and a llama2.c
+    .bin reads the SentencePiece model."""
+    shutil.copy(sp_model[0] / "tokenizer.model", tmp_path / "tokenizer.model")
+    shutil.copy(stories_dir / "tok512.bin", tmp_path / "tokenizer.bin")
+    assert load_tokenizer(tmp_path).vocab_size == 1000  # tok512.bin's is 512
+
+
+def test_llama2c_token_longer_than_max_token_length_is_refused(stories_dir, tmp_path):
+    """Each token's byte length is checked against the file's max_token_length, not only
+    against the file's end."""
+    tok512 = (stories_dir / "tok512.bin").read_bytes()
+    (max_len,) = struct.unpack_from("<i", tok512, 0)
+    long = b"x" * (max_len + 1)
+    (tmp_path / "tok.bin").write_bytes(tok512 + struct.pack("<fi", 0.0, len(long)) + long)
+    with pytest.raises(ValueError, match=f"token 512 claims {max_len + 1} bytes"):
+        load_tokenizer(tmp_path / "tok.bin")
