@@ -251,6 +251,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         else:
             tok = load_tokenizer(args.model)
         model = load(args)
+        resumed = progress.saved_blocks() if progress is not None else 0  # for the last line
         t0 = time.perf_counter()
         extra = ({"result": _awq_result(args, model, tok, spec, progress)}
                  if args.method == "awq" else {})
@@ -260,7 +261,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         save_quantized(qmodel, args.out, tokenizer=tok, dtype=_save_dtype(args))
         if progress is not None:  # only now: a crash while saving can still resume
             progress.remove()
-    print(f"{args.method} W{spec.bits} g{spec.group_size} quantized in {seconds:.1f} s; "
+    before = f" (this run; blocks 0-{resumed - 1} were searched before)" if resumed else ""
+    print(f"{args.method} W{spec.bits} g{spec.group_size} quantized in {seconds:.1f} s{before}; "
           f"checkpoint written to {args.out}")
     return 0
 

@@ -114,6 +114,7 @@ def test_interrupted_run_says_so_and_resumes(tiny_setup):
     assert run.returncode == 0, run.stderr
     assert (f"resuming at block {done}: blocks 0-{done - 1} were finished and saved in "
             f"{root / 'out_int.partial'}") in run.stderr
+    assert f"s (this run; blocks 0-{done - 1} were searched before); checkpoint" in run.stdout
     assert folder_bytes(out) == folder_bytes(ref)
 
 
