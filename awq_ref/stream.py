@@ -96,11 +96,13 @@ class Source:
         return block.eval()
 
     def identity(self) -> dict[str, Any]:
-        """What names these inputs for the resume fingerprint: path, file sizes and times."""
+        """What names these inputs for the resume fingerprint: path, file sizes and times, and
+        samples of every tensor's bytes."""
         files = sorted({info.path for info in self.tensors.index.values()}
                        | {self.folder / "config.json"})
         return {"source": str(self.folder),
-                "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+                "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+                "samples": self.tensors.sample_digest()}
 
 
 def quantize_folder(src: str | Path, out_dir: str | Path, method: str = "awq", w_bit: int = 4,

@@ -217,8 +217,9 @@ def test_interrupted_run_resumes_to_identical_files(src, calib, tmp_path, monkey
 
 def test_resume_refuses_weight_files_replaced_in_place(src, calib, tmp_path, monkeypatch,
                                                       one_thread):
-    """A fine-tune written over the same folder (same config, same file sizes) is another model:
-    its state of an interrupted run is refused, not mixed into the new model's checkpoint."""
+    """A fine-tune written over the same folder (same config, same file sizes and times) is
+    another model: its state of an interrupted run is refused, not mixed into the new model's
+    checkpoint."""
     import shutil
 
     copy = Path(shutil.copytree(src, tmp_path / "src"))
@@ -233,9 +234,10 @@ def test_resume_refuses_weight_files_replaced_in_place(src, calib, tmp_path, mon
     tensors = read_safetensors_file(shard)
     tensors["model.layers.3.mlp.down_proj.weight"] = tensors[
         "model.layers.3.mlp.down_proj.weight"] * 1.01
-    size = shard.stat().st_size
+    stat = shard.stat()
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    assert shard.stat().st_size == size
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` or `rsync -t` keep it
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
     with pytest.raises(ValueError, match="different model, calibration data or settings"):
         quantize_folder(copy, tmp_path / "out", group_size=GROUP, calib_tokens=calib,
                         progress=False, **AWQ)

@@ -503,4 +503,8 @@ MUTANTS = (
        "bounds != sorted(set(bounds))",
        "bounds != sorted(bounds)",
        "tests/test_kernels_dispatch.py", "-k", "bad_json"),
+    _m("s22-stream-identity-no-samples", "awq_ref/stream.py",
+       "                \"samples\": self.tensors.sample_digest()}",
+       "                \"samples\": \"\"}",
+       "tests/test_stream_quantize.py", "-k", "replaced_in_place"),
 )

@@ -10,6 +10,7 @@ so a model larger than RAM can be walked tensor by tensor.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -117,3 +118,17 @@ class LazyTensors:
                     raise ValueError(f"{info.path}: tensor {name} is truncated")
                 done += got
         return buf.view(info.dtype).reshape(info.shape)
+
+    def sample_digest(self, pieces: int = 8, piece_bytes: int = 64) -> str:
+        """SHA-256 (hex) of every tensor's name, dtype, shape and `pieces` evenly spaced runs of
+        its bytes: a few reads per tensor, and any fine-tune or edited tensor moves it (file
+        sizes and times alone miss a copy that keeps them, `cp -p` or `rsync -t`)."""
+        h = hashlib.sha256()
+        for name, info in sorted(self.index.items()):
+            h.update(f"{name} {info.dtype} {info.shape}".encode())
+            step = max(1, info.nbytes // pieces)
+            with info.path.open("rb", buffering=0) as f:
+                for start in range(0, info.nbytes, step)[:pieces]:
+                    h.update(os.pread(f.fileno(), min(piece_bytes, info.nbytes - start),
+                                      info.offset + start))
+        return h.hexdigest()
