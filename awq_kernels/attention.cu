@@ -8,8 +8,10 @@
 // (E = Dh / 32). A warp keeps a running max m, sum l and weighted sum of values per head
 // (online softmax, fp32); the 4 warps merge in shared memory and the block writes
 // (m, l, acc[Dh]) per head to `partials`; the last block of a KV head (one atomic counts
-// arrivals, as splitk_fused.cuh) merges the splits in split order and writes y. Blocks past p
-// write an empty partial (m = -inf). Deterministic: every sum in a fixed order. A warp's 16
+// arrivals, as splitk_fused.cuh) merges the splits that hold slots <= p, in split order, and
+// writes y. Blocks wholly past p only count their arrival: under a CUDA graph S is the cache's
+// length, not the text's, and a partial past p would be empty (m = -inf, weight 0 in the merge,
+// so leaving it out changes no sum). Deterministic: every sum in a fixed order. A warp's 16
 // slots are loaded at once and its heads reduced side by side (at_scan: latency).
 // Layouts: q (B, 1, H, Dh) with strides (q_sb, q_sh), Dh contiguous; keys and values
 // (B, Hkv, S, Dh) contiguous; y (B, 1, H, Dh) contiguous; G <= AT_GMAX; p < S (the caller's).
@@ -136,47 +138,50 @@ decode_attention(const u16* __restrict__ q, const u16* __restrict__ keys,
   const int split = blockIdx.y, splits = gridDim.y;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const long long p = *position;
+  const int used = (int)min((long long)splits, p / AT_CHUNK + 1);  // splits holding slots <= p
 
-  float qv[GM][E], m[GM], l[GM], acc[GM][E];
+  if (split < used) {  // block-uniform
+    float qv[GM][E], m[GM], l[GM], acc[GM][E];
 #pragma unroll
-  for (int h = 0; h < GM; ++h) {
-    m[h] = AT_NEG_INF;
-    l[h] = 0.f;
+    for (int h = 0; h < GM; ++h) {
+      m[h] = AT_NEG_INF;
+      l[h] = 0.f;
 #pragma unroll
-    for (int e = 0; e < E; ++e) acc[h][e] = qv[h][e] = 0.f;
-    if (h < G) {
-      load_e<T, E>(q + (size_t)b * q_sb + (size_t)(hk * G + h) * q_sh + lane * E, qv[h]);
+      for (int e = 0; e < E; ++e) acc[h][e] = qv[h][e] = 0.f;
+      if (h < G) {
+        load_e<T, E>(q + (size_t)b * q_sb + (size_t)(hk * G + h) * q_sh + lane * E, qv[h]);
 #pragma unroll
-      for (int e = 0; e < E; ++e) qv[h][e] *= scale;
+        for (int e = 0; e < E; ++e) qv[h][e] *= scale;
+      }
     }
-  }
-  const size_t kv_head = ((size_t)b * Hkv + hk) * S * DH;
-  const int s_begin = split * AT_CHUNK + warp * (AT_CHUNK / AT_WARPS);
-  const int s_end = (int)min((long long)(s_begin + AT_CHUNK / AT_WARPS), p + 1);
-  at_scan<T, E, GM>(keys + kv_head, values + kv_head, s_begin, s_end, lane, qv, m, l, acc);
+    const size_t kv_head = ((size_t)b * Hkv + hk) * S * DH;
+    const int s_begin = split * AT_CHUNK + warp * (AT_CHUNK / AT_WARPS);
+    const int s_end = (int)min((long long)(s_begin + AT_CHUNK / AT_WARPS), p + 1);
+    at_scan<T, E, GM>(keys + kv_head, values + kv_head, s_begin, s_end, lane, qv, m, l, acc);
 
-  // The block's 4 warps -> one partial per head, in `partials`.
+    // The block's 4 warps -> one partial per head, in `partials`.
 #pragma unroll
-  for (int h = 0; h < GM; ++h) {
-    if (h >= G) break;
-    if (lane == 0) {
-      warp_parts[h][warp][0] = m[h];
-      warp_parts[h][warp][1] = l[h];
+    for (int h = 0; h < GM; ++h) {
+      if (h >= G) break;
+      if (lane == 0) {
+        warp_parts[h][warp][0] = m[h];
+        warp_parts[h][warp][1] = l[h];
+      }
+#pragma unroll
+      for (int e = 0; e < E; ++e) warp_parts[h][warp][2 + lane * E + e] = acc[h][e];
     }
-#pragma unroll
-    for (int e = 0; e < E; ++e) warp_parts[h][warp][2 + lane * E + e] = acc[h][e];
+    __syncthreads();
+    float* part = partials + (size_t)(bh * splits + split) * G * PART;
+    for (int i = threadIdx.x; i < G * DH; i += AT_THREADS)
+      at_merge<false>(&warp_parts[i / DH][0][0], AT_WARPS, PART, i % DH, part + (i / DH) * PART);
   }
-  __syncthreads();
-  float* part = partials + (size_t)(bh * splits + split) * G * PART;
-  for (int i = threadIdx.x; i < G * DH; i += AT_THREADS)
-    at_merge<false>(&warp_parts[i / DH][0][0], AT_WARPS, PART, i % DH, part + (i / DH) * PART);
 
-  // The last block of this KV head merges the splits (in split order) and writes y.
+  // The last block of this KV head (of all `splits`) merges the used ones in order, writes y.
   if (!splitk_last_arrival(&counters[bh], splits)) return;
   const float* parts = partials + (size_t)bh * splits * G * PART;
   for (int i = threadIdx.x; i < G * DH; i += AT_THREADS) {
     const int h = i / DH, d = i % DH;
-    const float v = at_merge<true>(parts + h * PART, splits, G * PART, d, nullptr);
+    const float v = at_merge<true>(parts + h * PART, used, G * PART, d, nullptr);
     y[((size_t)b * H + hk * G + h) * DH + d] = (u16)(pack2<T>(v, 0.f) & 0xFFFFu);
   }
   if (threadIdx.x == 0) counters[bh] = 0;

@@ -144,10 +144,12 @@ def emulate_rotary_into_cache(tag, flats, offsets, strides, shapes, cos, sin, ke
     return q_out.reshape(b_len, t_len, h_len, dh), keys, values
 
 
-def emulate_decode_attention(tag, q, keys, values, p, chunk=64, warps=4):
+def emulate_decode_attention(tag, q, keys, values, p, chunk=64, warps=4, skip_empty=True):
     """decode_attention<T, Dh>: q bits (B, 1, H, Dh), keys / values bits (B, Hkv, S, Dh),
     slots 0..p. Mirrors the kernel's split / warp / online-softmax structure and both merges
-    in float32. Returns y bits (B, 1, H, Dh)."""
+    in float32; the final merge takes the splits holding slots <= p, as the kernel does
+    (skip_empty=False: every split, the empty ones as m = -inf, as it did until session 22).
+    Returns y bits (B, 1, H, Dh)."""
     b_len, _, h_len, dh = q.shape
     hkv, s_len = keys.shape[1], keys.shape[2]
     group, splits, per_warp = h_len // hkv, -(-s_len // chunk), chunk // warps
@@ -172,7 +174,7 @@ def emulate_decode_attention(tag, q, keys, values, p, chunk=64, warps=4):
                 head = hk * group + h
                 qv = (to_f32(tag, q[b, 0, head]) * scale).astype(f32)
                 split_parts = []
-                for sp in range(splits):
+                for sp in range(min(splits, p // chunk + 1) if skip_empty else splits):
                     warp_parts = []
                     for w in range(warps):
                         m, l_, acc = f32(-np.inf), f32(0), np.zeros(dh, f32)

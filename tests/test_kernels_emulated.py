@@ -284,7 +284,8 @@ def test_emulated_rotary_into_cache_gives_the_models_bits(dtype, tag, t):
 
 
 @pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
-@pytest.mark.parametrize("p,s_len,dh", [(0, 64, 64), (70, 130, 128), (129, 130, 64)])
+@pytest.mark.parametrize("p,s_len,dh", [(0, 64, 64), (70, 130, 128), (129, 130, 64),
+                                        (5, 300, 64)])
 def test_emulated_decode_attention_matches_sdpa(dtype, tag, p, s_len, dh):
     """Splits of 64 slots, 4 warps of 16, online softmax and both merges: softmax attention
     over slots 0..p (GQA, 4 query heads per KV head), within the output's rounding."""
@@ -301,6 +302,21 @@ def test_emulated_decode_attention_matches_sdpa(dtype, tag, p, s_len, dh):
     got_f = torch.from_numpy(emulate.to_f32(tag, got)).double()
     err = ((got_f - want).norm() / want.norm()).item()
     assert err < (1e-3 if tag == "F16" else 8e-3), err
+
+
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+def test_decode_attention_leaving_out_the_splits_past_p_keeps_every_bit(dtype, tag):
+    """A graph decode step launches one split per 64 slots of the whole cache; the splits past
+    the position are empty (m = -inf, weight 0), so merging only the used ones gives the bits
+    of merging all of them."""
+    gen = torch.Generator().manual_seed(7)
+    q = _bits16(torch.randn(1, 1, 4, 64, generator=gen).to(dtype))
+    keys = _bits16((torch.randn(1, 2, 512, 64, generator=gen) * 2).to(dtype))
+    values = _bits16(torch.randn(1, 2, 512, 64, generator=gen).to(dtype))
+    for p in (0, 63, 64, 200, 511):
+        used = emulate_ops.emulate_decode_attention(tag, q, keys, values, p)
+        every = emulate_ops.emulate_decode_attention(tag, q, keys, values, p, skip_empty=False)
+        np.testing.assert_array_equal(used, every)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])

@@ -367,7 +367,7 @@ def test_decode_attention_matches_masked_sdpa(dtype, h, hkv, dh):
     keys = (torch.randn(2, hkv, s_len, dh, device="cuda") * 2).to(dtype)
     values = torch.randn(2, hkv, s_len, dh, device="cuda").to(dtype)
     q = torch.randn(2, 1, h, dh, device="cuda").to(dtype)
-    for p in (0, 100, s_len - 1):
+    for p in (0, 63, 64, 100, s_len - 1):  # splits past p only count their arrival
         position = torch.tensor([p], device="cuda")
         got = ops.decode_attention(q, keys, values, position)
         visible = (torch.arange(s_len, device="cuda") <= p)[None, :]
