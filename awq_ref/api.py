@@ -14,7 +14,7 @@ from awq_ref.fuse import is_fused
 from awq_ref.model import Block
 from awq_ref.quant.checkpoint import check_fused_skip, quant_config_dict
 from awq_ref.quant.packing import check_linear, check_packable
-from awq_ref.quant.qlinear import check_not_quantized, decoder_linears, skipped
+from awq_ref.quant.qlinear import check_not_quantized, decoder_linears, skip_names, skipped
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import apply_rtn
 
@@ -91,7 +91,7 @@ def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: 
         raise ValueError("quantize: the model's projections are fused (awq_ref.fuse), a run-time "
                          "form; quantize the model as loaded, then fuse")
     check_not_quantized(model, "quantize")
-    skip = tuple(modules_to_not_convert)
+    skip = skip_names(modules_to_not_convert, "quantize")
     # Check every layer before touching any, so a bad setting never leaves a half-quantized model.
     check_quantizable(model, spec, skip, pack)
     if not inplace:

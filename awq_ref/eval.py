@@ -35,6 +35,12 @@ def load_wikitext_tokens(tokenizer: Any, path: str | Path) -> torch.Tensor:
 
 def windows_of(tokens: torch.Tensor, seqlen: int, windows: int | None) -> torch.Tensor:
     """(n, seqlen) non-overlapping windows from the start of a 1-D stream; the tail is dropped."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"evaluate: tokens must be a 1-D integer tensor, got "
+                        f"{type(tokens).__name__}")
+    if tokens.dim() != 1 or tokens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"evaluate: tokens must be one 1-D integer token stream (it is cut into "
+                         f"windows here), got {tokens.dtype} {tuple(tokens.shape)}")
     if seqlen < 2:
         raise ValueError(f"a window needs at least 2 tokens (one to predict), got seqlen {seqlen}")
     available = tokens.numel() // seqlen

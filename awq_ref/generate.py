@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -41,6 +42,16 @@ def check_sampling(temperature: float, top_p: float) -> None:
                          f"{temperature}, {top_p}")
 
 
+def _token_ids(ids: Iterable[int], what: str) -> list[int]:
+    """ids as a list of ints (a 1-D tensor, a numpy array, a tuple...); TypeError for anything
+    else (a text, floats, a (1, T) batch), which would otherwise fail deep in the model."""
+    try:
+        return [operator.index(t) for t in ids]
+    except TypeError:
+        raise TypeError(f"generate: {what} must be a sequence of integer token ids (a list, "
+                        f"tuple or 1-D tensor), got {ids!r}"[:300]) from None
+
+
 @torch.no_grad()
 def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
@@ -52,6 +63,7 @@ def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
     (the reference) or, with cuda_graph (CUDA models only), by replaying one captured decode
     step (awq_ref.cuda_graph). `on_token` is called with each new id as it is produced.
     """
+    prompt_ids, eos_ids = _token_ids(prompt_ids, "prompt_ids"), _token_ids(eos_ids, "eos_ids")
     if not prompt_ids:
         raise ValueError("generate: the prompt is empty (encode with a BOS token or give text)")
     check_sampling(temperature, top_p)

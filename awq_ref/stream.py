@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from awq_ref.api import METHODS, check_quantizable_config
+from awq_ref.awq.calibration import check_calib_tokens
 from awq_ref.awq.capture import embed
 from awq_ref.awq.pipeline import AwqConfig, search_block
 from awq_ref.awq.result import AwqResult
@@ -52,7 +53,7 @@ from awq_ref.quant.checkpoint import (
     write_json,
     write_shard,
 )
-from awq_ref.quant.qlinear import QuantLinear, skipped
+from awq_ref.quant.qlinear import QuantLinear, skip_names, skipped
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.tokenizer import HF_TOKENIZER_FILES
 
@@ -127,9 +128,11 @@ def quantize_folder(src: str | Path, out_dir: str | Path, method: str = "awq", w
         raise ValueError("streaming AWQ needs calib_tokens (B, T); sampling them from the model "
                          "would need the whole model in memory")
     spec = QuantSpec(bits=w_bit, group_size=group_size, zero_point=zero_point)
-    skip = tuple(modules_to_not_convert)
+    skip = skip_names(modules_to_not_convert, "quantize_folder")
     config = AwqConfig(**awq_options, progress=progress)
-    calib = _check_calib(calib_tokens) if method == "awq" else EMPTY_TOKENS
+    if method == "awq":
+        check_calib_tokens(calib_tokens)
+    calib = calib_tokens if method == "awq" else EMPTY_TOKENS
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
@@ -147,13 +150,6 @@ def quantize_folder(src: str | Path, out_dir: str | Path, method: str = "awq", w
         _finish(source, work.work_dir / "shards", out_dir, quant_config_dict(spec, skip), dtype)
         work.remove()  # only now: a crash while finishing can still resume
     return out_dir
-
-
-def _check_calib(tokens: torch.Tensor) -> torch.Tensor:
-    if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"calib_tokens must be integer (B, T), got {tokens.dtype} "
-                         f"{tuple(tokens.shape)}")
-    return tokens
 
 
 def shard_name(i: int, n: int) -> str:

@@ -23,6 +23,9 @@ DEFAULT_SEQLEN = 512
 def random_windows(stream: torch.Tensor, n: int = DEFAULT_WINDOWS, seqlen: int = DEFAULT_SEQLEN,
                    seed: int = 0) -> torch.Tensor:
     """n windows (n, seqlen) int64 at random starts (torch.Generator seeded with `seed`)."""
+    if n < 1 or seqlen < 1:  # an empty (n, seqlen) would fail only deep in the search
+        raise ValueError(f"calibration needs n >= 1 windows of seqlen >= 1 tokens, got n {n}, "
+                         f"seqlen {seqlen}")
     stream = torch.as_tensor(stream, dtype=torch.int64).flatten()
     if stream.numel() < seqlen:
         raise ValueError(f"calibration data has {stream.numel()} tokens; one window needs "
@@ -30,6 +33,16 @@ def random_windows(stream: torch.Tensor, n: int = DEFAULT_WINDOWS, seqlen: int =
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seqlen + 1, (n,), generator=gen)  # (n,)
     return stream[starts[:, None] + torch.arange(seqlen)]  # (n, seqlen)
+
+
+def check_calib_tokens(tokens: Any) -> None:
+    """TypeError / ValueError unless `tokens` is an integer tensor (B, T) with B, T >= 1."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"calib_tokens must be an integer tensor (B, T), got "
+                        f"{type(tokens).__name__}")
+    if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64) or not tokens.numel():
+        raise ValueError(f"calib_tokens must be integer (B, T) with B, T >= 1, got {tokens.dtype} "
+                         f"{tuple(tokens.shape)}")
 
 
 def calibration_tokens(tokenizer: Any, source: str | Path | Sequence[str | Path],

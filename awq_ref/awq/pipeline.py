@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -32,7 +32,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from awq_ref.awq.apply import apply_awq, apply_clip, apply_scale
-from awq_ref.awq.calibration import DEFAULT_SEQLEN, DEFAULT_WINDOWS, sample_from_model
+from awq_ref.awq.calibration import (
+    DEFAULT_SEQLEN,
+    DEFAULT_WINDOWS,
+    check_calib_tokens,
+    sample_from_model,
+)
 from awq_ref.awq.capture import (
     InputStats,
     SubsetPlan,
@@ -55,12 +60,13 @@ from awq_ref.awq.search_clip import CLIP_MODES, clipper, search_clip
 from awq_ref.awq.search_scale import ScaleChoice, gram_loss, grid_search, module_loss, weight_mean
 from awq_ref.config import LlamaConfig
 from awq_ref.model import check_token_ids
-from awq_ref.quant.qlinear import check_not_quantized, decoder_linears, skipped
+from awq_ref.quant.qlinear import check_not_quantized, decoder_linears, skip_names, skipped
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import fake_quantize_weight
 
 log = logging.getLogger(__name__)
 PROPAGATE = ("fp", "awq", "quantized")
+_FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool}  # AwqConfig's annotations
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,13 @@ class AwqConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a wrong type fails deep in the search, or silently ("no" is true)
+            value, want = getattr(self, f.name), _FIELD_TYPES.get(f.type)
+            if want and (not isinstance(value, want) or isinstance(value, bool) != (want is bool)):
+                raise TypeError(f"AwqConfig.{f.name} must be {f.type}, got {value!r}")
+        if isinstance(self.clip_skip, str) or not all(isinstance(n, str) for n in self.clip_skip):
+            raise TypeError(f"AwqConfig.clip_skip must be a tuple of linear names, got "
+                            f"{self.clip_skip!r}")
         if self.propagate not in PROPAGATE:
             raise ValueError(f"propagate must be one of {PROPAGATE}, got {self.propagate!r}")
         if self.clip_mode not in CLIP_MODES:
@@ -94,7 +107,7 @@ class AwqConfig:
                 raise ValueError(f"AwqConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_refine < 0:
             raise ValueError(f"AwqConfig.n_refine must be >= 0, got {self.n_refine}")
-        if self.clip_damp < 0:
+        if not self.clip_damp >= 0:  # written so that nan fails too
             raise ValueError(f"AwqConfig.clip_damp must be >= 0, got {self.clip_damp}")
         if not 0 <= self.max_shrink < 1:
             raise ValueError(f"AwqConfig.max_shrink must be in [0, 1) (clip ratios stay "
@@ -116,13 +129,11 @@ def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
     scaling group also holds a quantized linear; a group of only such linears is not searched.
     progress: save the state after every block and resume from it (see awq.resume).
     """
-    if calib_tokens.dim() != 2 or calib_tokens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"calib_tokens must be integer (B, T), got {calib_tokens.dtype} "
-                         f"{tuple(calib_tokens.shape)}")
+    check_calib_tokens(calib_tokens)
     check_token_ids(model.config, calib_tokens, "calib_tokens")
     check_not_quantized(model, "search_awq")
     device = torch.device(device) if device is not None else model.device
-    skip = tuple(modules_to_not_convert)
+    skip = skip_names(modules_to_not_convert, "search_awq")
     for name, lin in decoder_linears(model, skip):  # a ValueError naming the layer, not later
         spec.group_for(lin.in_features, name)
     result = AwqResult(spec=spec, info={"config": json.dumps(asdict(config))})
@@ -178,7 +189,7 @@ def run_awq(model: nn.Module, spec: QuantSpec, calib_tokens: torch.Tensor | None
     the windows are sampled from the model itself (data-free; see calibration.sample_from_model).
     Extra keyword arguments are AwqConfig fields (n_grid=..., duo_scaling=...).
     """
-    skip = tuple(modules_to_not_convert)
+    skip = skip_names(modules_to_not_convert, "quantize")
     if result is None:
         if calib_tokens is None:
             log.warning("no calibration tokens given: sampling %d x %d tokens from the model "

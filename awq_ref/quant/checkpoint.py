@@ -128,6 +128,13 @@ def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, 
     return QuantSpec(bits, group, zero_point), tuple(skip)
 
 
+def check_float_dtype(dtype: Any, where: str) -> None:
+    """TypeError unless `dtype` is a torch floating-point dtype (the unquantized tensors' type)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{where}: dtype must be a torch floating-point dtype (e.g. "
+                        f"torch.float16), got {dtype!r}")
+
+
 def _tensors_to_save(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """CPU tensors by name; unquantized float tensors cast to `dtype` (None: kept as they are)."""
     state = model.state_dict()
@@ -209,6 +216,8 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
         raise ValueError("save_quantized: the model's projections are fused (awq_ref.fuse), "
                          "which the AWQ format stores apart; save the model before fusing")
     _check_layers(model, *parse_quant_config(quant_config, "quant_config"))
+    if dtype is not None:  # an integer dtype would write a checkpoint no reader loads
+        check_float_dtype(dtype, "save_quantized")
     if not isinstance(model.model.embed_tokens, nn.Embedding) or not isinstance(
             model.lm_head, (nn.Linear, QuantLinear)):
         raise ValueError("save_quantized: the embeddings or lm_head are held in 4 or 8 bits "
@@ -308,6 +317,7 @@ def load_quantized_model(folder: str | Path, device: torch.device | str = "cpu",
     ever materialised. Unquantized tensors and biases are cast to `dtype`; qweight/qzeros stay
     int32 and scales fp16.
     """
+    check_float_dtype(dtype, "load_quantized_model")
     folder = Path(folder)
     config, qc = _read_config(folder)
     spec, skip = parse_quant_config(qc, str(folder / "config.json"))

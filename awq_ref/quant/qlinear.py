@@ -107,9 +107,23 @@ def skipped(name: str, modules_to_not_convert: Iterable[str]) -> bool:
     return any(key in name for key in modules_to_not_convert)
 
 
+def skip_names(modules_to_not_convert: Iterable[str], where: str) -> tuple[str, ...]:
+    """modules_to_not_convert as a tuple; TypeError for one string, which would be read as its
+    characters (every linear's name holds some of them: nothing would be quantized)."""
+    if isinstance(modules_to_not_convert, str):
+        raise TypeError(f"{where}: modules_to_not_convert must be a list of names, got the string "
+                        f"{modules_to_not_convert!r} (write [{modules_to_not_convert!r}])")
+    return tuple(modules_to_not_convert)
+
+
 def check_not_quantized(model: nn.Module, where: str) -> None:
     """ValueError if `model` already holds packed layers (a quantized checkpoint loaded back):
-    its 4-bit codes are no weights to search or round again."""
+    its 4-bit codes are no weights to search or round again; or if it has no weights yet (built
+    on the meta device and never loaded: torch would say so only deep in the first check)."""
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"{where}: the model's {meta} is on the meta device (no values); load "
+                         "its weights first (load_state_dict(..., assign=True))")
     packed = [n for n, m in model.model.layers.named_modules() if isinstance(m, QuantLinear)]
     if packed:
         raise ValueError(f"{where}: the model is already quantized ({len(packed)} packed layers, "

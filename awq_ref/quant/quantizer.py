@@ -38,9 +38,12 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
-        if not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or (
+                self.group_size <= 0 and self.group_size != -1):  # True would be a group of 1
             raise ValueError(f"group_size must be a positive integer or -1, "
                              f"got {self.group_size!r}")
+        if not isinstance(self.zero_point, bool):  # a truthy "false" would quantize asymmetric
+            raise ValueError(f"zero_point must be True or False, got {self.zero_point!r}")
 
     @property
     def max_code(self) -> int:
