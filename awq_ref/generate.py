@@ -71,7 +71,10 @@ def generate(model: Llama, prompt_ids: Sequence[int], max_new_tokens: int,
     if cuda_graph and model.device.type != "cuda":
         raise ValueError(f"generate: cuda_graph=True needs a model on a CUDA device, got "
                          f"{model.device} (leave it off for eager decode)")
-    if max_new_tokens <= 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if max_new_tokens == 0:
         return []
     # The last new token is never fed back: T + max_new_tokens - 1 positions are all it needs
     # (a windowed model's limit counts these).

@@ -123,3 +123,15 @@ def test_quantize_folder_checks_its_skip_names_and_calibration_like_quantize(tmp
 def test_group_size_true_is_no_group_of_one():
     with pytest.raises(ValueError, match="group_size must be a positive integer or -1, got True"):
         QuantSpec(4, True)
+
+
+def test_load_model_refuses_a_dtype_that_is_no_float(stories_dir):
+    with pytest.raises(TypeError, match="load_model: dtype must be a torch floating-point dtype"):
+        awq_ref.load_model(stories_dir / "stories260K.bin", dtype=torch.int32)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, True])
+def test_generate_max_new_tokens_is_a_count(tiny, bad):
+    """-1 returned [] as if asked for none; 2.0 failed inside torch.zeros."""
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        awq_ref.generate(tiny, [1, 2], bad)

@@ -32,6 +32,7 @@ from awq_ref.loaders.llama2c import (
     read_header,
 )
 from awq_ref.loaders.llama2c_tokenizer import read_llama2c_tokenizer
+from awq_ref.loaders.state_dict import check_float_dtype
 from awq_ref.model import Llama
 from awq_ref.tokenizer import (
     Tokenizer,
@@ -91,6 +92,7 @@ def load_config(path: str | Path) -> LlamaConfig | None:
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Llama:
     """A Llama (eval mode) from "default", an HF folder, a .gguf file or a llama2.c .bin."""
+    check_float_dtype(dtype, "load_model")  # an integer dtype failed deep in load_state_dict
     path = _resolve(path)
     if path.is_dir():
         return load_hf_model(path, device=device, dtype=dtype)

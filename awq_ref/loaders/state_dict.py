@@ -5,6 +5,8 @@ Shared by all loaders (HF folders, GGUF, llama2.c), so every format ends in the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from awq_ref.config import LlamaConfig
@@ -43,6 +45,13 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     out, k = w.shape  # (H*Dh, K)
     dh = out // n_heads
     return w.reshape(n_heads, 2, dh // 2, k).transpose(1, 2).reshape(out, k)
+
+
+def check_float_dtype(dtype: Any, where: str) -> None:
+    """TypeError unless `dtype` is a torch floating-point dtype (the unquantized tensors' type)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{where}: dtype must be a torch floating-point dtype (e.g. "
+                        f"torch.float16), got {dtype!r}")
 
 
 def check_disjoint(spans: list[tuple[str, int, int]], where: str) -> None:

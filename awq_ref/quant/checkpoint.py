@@ -32,7 +32,12 @@ from awq_ref.config import LlamaConfig
 from awq_ref.files import fsync_path, parse_json
 from awq_ref.fuse import is_fused
 from awq_ref.loaders.hf import read_safetensors_folder
-from awq_ref.loaders.state_dict import IGNORED_SUFFIXES, build_on_meta, check_size_claim
+from awq_ref.loaders.state_dict import (
+    IGNORED_SUFFIXES,
+    build_on_meta,
+    check_float_dtype,
+    check_size_claim,
+)
 from awq_ref.model import Llama
 from awq_ref.quant.packing import PACK_BITS, PACK_NUM, check_packed_shapes
 from awq_ref.quant.qlinear import QuantLinear, replace_linears, skipped
@@ -126,13 +131,6 @@ def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, 
     if not isinstance(zero_point, bool):
         raise ValueError(f"{source}: zero_point={zero_point!r} must be true or false")
     return QuantSpec(bits, group, zero_point), tuple(skip)
-
-
-def check_float_dtype(dtype: Any, where: str) -> None:
-    """TypeError unless `dtype` is a torch floating-point dtype (the unquantized tensors' type)."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"{where}: dtype must be a torch floating-point dtype (e.g. "
-                        f"torch.float16), got {dtype!r}")
 
 
 def _tensors_to_save(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
