@@ -133,12 +133,16 @@ def _check_memory(args: argparse.Namespace, config) -> None:
 
 
 def _check_output_paths(args: argparse.Namespace) -> None:
-    """--out is written whole at the end and the work folder deleted after success: neither
-    may hold the other (or the saved search), and each must be creatable."""
+    """--out is written whole at the end and the work folder emptied after success: neither
+    may hold the other (or the saved search), the work folder is not the model's, and each must
+    be creatable."""
     out, work = Path(args.out).resolve(), _work_dir(args).resolve()
     if _within(work, out) or _within(out, work):
         raise ValueError(f"--work-dir {work} and --out {out} must lie apart (the checkpoint "
                          "folder is written whole at the end, the work folder deleted)")
+    if work == Path(args.model).resolve():
+        raise ValueError(f"--work-dir {work} is the --model folder: the search's state files "
+                         "would sit among the model's; give another folder")
     if args.save_result and _within(Path(args.save_result).resolve(), out):
         raise ValueError(f"--save-result {args.save_result} lies inside --out {args.out}, which "
                          "is written whole at the end: save the search beside it")

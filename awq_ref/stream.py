@@ -141,14 +141,19 @@ def quantize_folder(src: str | Path, out_dir: str | Path, method: str = "awq", w
     check_quantizable_config(source.config, spec, skip, where="quantize_folder")
     device = torch.device(device)
     dtype = dtype or source.tensors.index["model.embed_tokens.weight"].dtype
-    work = Progress(work_dir or f"{str(out_dir).rstrip('/')}.partial",
+    work_dir = Path(work_dir or f"{str(out_dir).rstrip('/')}.partial").resolve()
+    if work_dir == source.folder:
+        raise ValueError(f"quantize_folder: work_dir {work_dir} is the source folder: the state "
+                         "files would sit among the model's; give another folder")
+    work = Progress(work_dir,
                     identity={**source.identity(), "method": method, "dtype": str(dtype),
                               "stream": True})
     work.bind(fingerprint(source.config, calib, spec, config, skip, device, work.identity))
     with work.hold(), torch.no_grad():
         _quantize_blocks(source, work, method, spec, calib, config, device, skip, dtype)
         _finish(source, work.work_dir / "shards", out_dir, quant_config_dict(spec, skip), dtype)
-        work.remove()  # only now: a crash while finishing can still resume
+        shutil.rmtree(work.work_dir / "shards")  # only now: a crash while finishing can
+        work.remove()  # still resume
     return out_dir
 
 

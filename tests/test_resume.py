@@ -156,6 +156,37 @@ def test_a_second_run_on_the_same_work_folder_is_refused(tiny_setup, tmp_path, c
         pass
 
 
+def test_a_work_dir_the_user_named_keeps_its_other_files(tiny_setup, tmp_path, capsys):
+    """After success a run removes what it wrote in the work folder, not the folder: a --work-dir
+    that already held the user's files (once even the model's own folder) keeps them."""
+    from awq_ref.cli import main
+
+    model, text, _ = tiny_setup
+    work = tmp_path / "mine"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    for i, stream in enumerate(([], ["--stream"])):
+        argv = quantize_cmd(model, tmp_path / f"q{i}", text, "--work-dir", str(work), *stream)
+        assert main(argv[3:]) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+    assert main(quantize_cmd(model, tmp_path / "q2", text)[3:]) == 0  # its own folder: removed
+    assert not (tmp_path / "q2.partial").exists()
+
+
+def test_the_model_folder_as_work_dir_is_refused(tiny_setup, tmp_path, capsys):
+    from awq_ref.cli import main
+    from awq_ref.stream import quantize_folder
+
+    model, text, _ = tiny_setup
+    for stream in ([], ["--stream"]):
+        argv = quantize_cmd(model, tmp_path / "q", text, "--work-dir", f"{model}/", *stream)
+        assert main(argv[3:]) == 2
+        assert f"--work-dir {model} is the --model folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="work_dir .* is the source folder"):
+        quantize_folder(model, tmp_path / "q", method="rtn", group_size=32, work_dir=model)
+    assert not (tmp_path / "q").exists()
+
+
 def test_a_hold_keeps_folders_it_did_not_create_and_its_caller_s_exception(tmp_path):
     """Only a work folder the hold made is removed when nothing was saved: a folder the user
     made (or a link to one, a natural way to put the state on another disk) stays, and the

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -188,5 +187,13 @@ class Progress:
         atomic_write(self.state_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def remove(self) -> None:
-        """Delete the work folder (after the final checkpoint is safely written)."""
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        """After the final checkpoint is safely written: delete what runs write here (the state,
+        a killed write's temporary copies of it, the lock), then the folder if that empties it.
+        A folder the user named (--work-dir) keeps whatever else it holds."""
+        for path in [self.state_path, *self.work_dir.glob(f".{STATE_NAME}.tmp-*"),
+                     self.work_dir / LOCK_NAME]:
+            path.unlink(missing_ok=True)
+        try:
+            self.work_dir.rmdir()
+        except OSError:  # not empty (the user's files), or already gone
+            pass
