@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# The tools import their sibling modules by name (tool_cli, figures), as a script run from
+# tools/ finds them; tests import the tools (and load them by path) the same way.
+sys.path.insert(0, str(REPO / "tools"))
 
 
 def _need(path: Path) -> Path:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import report
 import torch
 
 from awq_ref.api import quantize
@@ -14,9 +15,6 @@ from awq_ref.awq.result import AwqResult
 from awq_ref.config import LlamaConfig
 from awq_ref.model import Llama
 from awq_ref.quant.quantizer import QuantSpec
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import report
 
 SPEC = QuantSpec(4, 16, True)
 FAST = AwqConfig(n_grid=10, loss_seqs=3, loss_tokens=96, chunk_tokens=64, progress=False)

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, fields
 
 import torch
+from tool_cli import check_output, count, exit_status  # tools/, beside this script
 
 from awq_ref.api import quantize
 from awq_ref.awq.calibration import calibration_tokens
@@ -28,6 +29,7 @@ from awq_ref.awq.pipeline import AwqConfig
 from awq_ref.eval import evaluate_many, load_wikitext_tokens, read_text
 from awq_ref.files import atomic_write_text
 from awq_ref.loaders import load_model, load_tokenizer
+from awq_ref.quant.quantizer import QuantSpec
 
 DATA = "../shared/data/text"
 
@@ -68,16 +70,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--calib", default=f"{DATA}/tinystories/tinystories_val_prefix.txt")
-    ap.add_argument("--calib-windows", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib-windows", type=count, default=128)
+    ap.add_argument("--seqlen", type=count, default=512)
     ap.add_argument("--seed", type=int, default=0, help="calibration windows seed")
     ap.add_argument("--eval", default=f"{DATA}/wikitext-2-raw/wiki.test.raw")
     ap.add_argument("--eval-windows", type=windows_arg, default=20,
                     help="evaluation windows N, or 'all' (PROTOCOL.md's full run; default 20)")
-    ap.add_argument("--eval-seqlen", type=int, default=2048)
+    ap.add_argument("--eval-seqlen", type=count, default=2048)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--group", type=int, default=64)
-    ap.add_argument("--methods", nargs="+", default=["awq", "rtn"])  # AWQ first: its RSS
+    ap.add_argument("--methods", nargs="+", default=["awq", "rtn"],
+                    choices=["awq", "rtn"])  # AWQ first: its RSS
     ap.add_argument("--set", nargs="*", default=[], dest="overrides")
     ap.add_argument("--half-split", action="store_true",
                     help="calibrate on the first half of --calib, evaluate on its second half")
@@ -85,6 +88,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     overrides = parse_overrides(args.overrides)
+    for bits in args.bits:  # every setting checked before the first hour-long search
+        QuantSpec(bits, args.group)
+    if args.json:
+        check_output("--json", args.json, [args.model, args.calib, args.eval])
 
     fp = load_model(args.model)
     tok = load_tokenizer(args.model)
@@ -139,4 +146,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main, "--json keeps the rows of the searches finished"))

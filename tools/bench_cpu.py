@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+from tool_cli import count, exit_status  # tools/, beside this script
 
 
 def timed(fn, repeats: int) -> float:
@@ -79,10 +80,10 @@ def bench_hf(hf, prompt: torch.Tensor, steps: int, repeats: int) -> tuple[float,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--decode-steps", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=count, default=2)
+    ap.add_argument("--seqlen", type=count, default=2048)
+    ap.add_argument("--decode-steps", type=count, default=64)
+    ap.add_argument("--repeats", type=count, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -113,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

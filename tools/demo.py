@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from tool_cli import count  # tools/, beside this script
 
 import awq_ref
 from awq_ref.awq.calibration import sample_from_model
@@ -54,6 +55,9 @@ def main() -> None:
     args = parse_args()
     try:
         run(args)
+    except (ValueError, OSError) as e:  # a bad option or path, a disk full: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         blocks = Progress(Path(args.out) / SEARCH_DIR).saved_blocks()
         kept = (f"{blocks} finished AWQ block(s) are kept in {Path(args.out) / SEARCH_DIR}: the "
@@ -66,10 +70,10 @@ def main() -> None:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="out/demo")
-    ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=4)
-    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--n-samples", type=count, default=128)
+    ap.add_argument("--calib-seqlen", type=count, default=512)
+    ap.add_argument("--eval-windows", type=count, default=4)
+    ap.add_argument("--seqlen", type=count, default=2048)
     ap.add_argument("--group-size", type=int, default=64)
     return ap.parse_args()
 

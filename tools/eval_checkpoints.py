@@ -18,6 +18,7 @@ import argparse
 import json
 
 from awq_quality import windows_arg  # tools/, beside this script
+from tool_cli import check_output, count, exit_status
 
 from awq_ref.eval import evaluate_many, load_wikitext_tokens
 from awq_ref.files import atomic_write_text
@@ -33,12 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", default="default",
                     help="the unquantized model (default: SmolLM2)")
     ap.add_argument("--text", default=WIKI)
-    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--seqlen", type=count, default=2048)
     ap.add_argument("--windows", type=windows_arg, default=20, help="N, or 'all' (the full run)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    if len(set(args.models)) != len(args.models) or args.reference in args.models:
-        raise SystemExit("each model once, and not the reference itself")
+    # "reference" is the reference's row: a model of that name would take its place
+    if (len(set(args.models)) != len(args.models) or args.reference in args.models
+            or "reference" in args.models):
+        raise SystemExit("each model once, and not the reference itself (nor one named "
+                         "'reference', the reference's row)")
+    if args.json:
+        check_output("--json", args.json, [*args.models, args.reference, args.text])
 
     reference = load_model(args.reference)
     tokens = load_wikitext_tokens(load_tokenizer(args.reference), args.text)
@@ -62,4 +68,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

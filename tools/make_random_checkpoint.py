@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tool_cli import count, exit_status  # tools/, beside this script
 
+from awq_ref.cli_common import seed as seed_arg
 from awq_ref.config import LlamaConfig
 from awq_ref.loaders.state_dict import expected_shapes
 from awq_ref.quant.checkpoint import atomic_folder
@@ -53,7 +56,7 @@ def random_tensor(name: str, shape: tuple[int, ...], index: int, seed: int, std:
                   dtype: torch.dtype) -> torch.Tensor:
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype)
-    gen = torch.Generator().manual_seed(seed + index)
+    gen = torch.Generator().manual_seed((seed + index) % 2**64)  # torch's seeds: 0..2**64-1
     return (torch.randn(shape, generator=gen) * std).to(dtype)
 
 
@@ -112,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    ap.add_argument("--layers", type=count, default=None, help="override num_hidden_layers")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_arg, default=0)
     ap.add_argument("--std", type=float, default=0.02)
-    ap.add_argument("--max-shard-mb", type=int, default=2000)
+    ap.add_argument("--max-shard-mb", type=count, default=2000)
     args = ap.parse_args(argv)
+    if not (math.isfinite(args.std) and args.std >= 0):  # nan or inf: a checkpoint of nan
+        ap.error(f"--std must be a finite number >= 0, got {args.std}")
     fields = dict(PRESETS[args.preset])
     if args.layers is not None:
         fields["num_hidden_layers"] = args.layers
@@ -132,4 +137,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main))

@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the mutants, run nothing")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTANTS if args.only in m.name]
+    if not chosen:  # "0 of 0 killed" and status 0 would pass for a clean run
+        ap.error(f"--only {args.only!r}: no mutant's name contains it (--list shows them all)")
     if args.list:
         for m in chosen:
             print(f"{m.name:32} {m.file}  ({' '.join(m.tests)})")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tool_cli import count, exit_status  # tools/, beside this script
 from torch import nn
 
 from awq_ref.api import quantize
@@ -39,7 +40,7 @@ from awq_ref.awq.capture import SubsetPlan, capture_block, embed
 from awq_ref.awq.pipeline import AwqConfig, search_awq, search_group
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.scaling_groups import LLAMA_GROUPS
-from awq_ref.files import atomic_write_text
+from awq_ref.files import atomic_write_text, parse_json
 from awq_ref.loaders import load_model, load_tokenizer
 from awq_ref.quant.checkpoint import save_quantized
 from awq_ref.quant.quantizer import QuantSpec
@@ -249,13 +250,41 @@ def plot_all(data: dict, folder: Path) -> None:
                       folder / "block_error.png")
 
 
+def read_json(path: str | Path, what: str) -> dict:
+    """A JSON object from `path`, or a ValueError naming the file and what it should be."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    data = parse_json(raw, str(path))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not {what} (a JSON {type(data).__name__})")
+    return data
+
+
+def read_quality_report(path: str, json_machine: str | None) -> tuple[dict, str]:
+    """--from-json's report and the line saying where its numbers come from, checked before any
+    work: a file that is no complete awq_quality.py report is refused here, not after it."""
+    report = read_json(path, "an awq_quality.py --json report")
+    try:
+        quality_table(report, {"fp16": 0, "w4": 0})  # its checks, without measured sizes
+        fp = report["rows"][0]
+        return report, (
+            f"Numbers from `PYTHONPATH=. .venv/bin/python {quality_command(report['args'])}`"
+            f" (N = {fp['windows']} windows, {fp['tokens']:,} scored tokens)"
+            f" on {json_machine or machine()}; checkpoint sizes measured by "
+            f"tools/report.py (save_quantized, fp16 embeddings and norms).")
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise ValueError(f"{path}: not an awq_quality.py --json report ({e!r:.200})") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--from-json", help="tools/awq_quality.py --json output (the quality table)")
     ap.add_argument("--json-machine", default=None,
                     help="where the JSON was produced (default: this machine)")
-    ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=count, default=4)
+    ap.add_argument("--seqlen", type=count, default=512)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--bits", type=int, nargs="+", default=[4], help="(b), (c) use the first")
     ap.add_argument("--reuse-figure-data", action="store_true",
@@ -267,10 +296,14 @@ def main() -> None:
         ap.error(f"{results} holds the quality table, which only --from-json FILE (the quality "
                  "report) rewrites: pass it, or another --out folder")
     folder, start = Path(args.out) / "figures", time.perf_counter()
+    table = ("Not filled in yet: run `tools/awq_quality.py --json FILE`, then "
+             "`tools/report.py --reuse-figure-data --from-json FILE`.")
+    report, source = (read_quality_report(args.from_json, args.json_machine) if args.from_json
+                      else (None, ""))
     folder.mkdir(parents=True, exist_ok=True)
     model, tok = load_model("default"), load_tokenizer("default")
     if args.reuse_figure_data:
-        data = json.loads((folder / "data.json").read_text())
+        data = read_json(folder / "data.json", "report.py's figure data")
     else:
         calib = calibration_tokens(tok, CALIB, args.windows, args.seqlen, seed=0)
         data = figure_data(model, calib, args.group, tuple(args.bits))
@@ -279,18 +312,16 @@ def main() -> None:
                            f"{' '.join(map(str, args.bits))}` on "
                            f"{machine()} in {(time.perf_counter() - start) / 60:.1f} min")
         atomic_write_text(folder / "data.json", json.dumps(data))
-    plot_all(data, folder)
-    table = ("Not filled in yet: run `tools/awq_quality.py --json FILE`, then "
-             "`tools/report.py --reuse-figure-data --from-json FILE`.")
-    source = ""
-    if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
+    try:
+        plot_all(data, folder)
+        results_markdown(table, source, data)  # every key it reads, before the sizes' work
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        if not args.reuse_figure_data:  # data made here: a bug, with its traceback
+            raise
+        raise ValueError(f"{folder / 'data.json'}: not report.py's figure data ({e!r:.200})"
+                         ) from None
+    if report is not None:
         table = quality_table(report, checkpoint_sizes(model, args.group))
-        fp = report["rows"][0]
-        source = (f"Numbers from `PYTHONPATH=. .venv/bin/python {quality_command(report['args'])}`"
-                  f" (N = {fp['windows']} windows, {fp['tokens']:,} scored tokens)"
-                  f" on {args.json_machine or machine()}; checkpoint sizes measured by "
-                  f"tools/report.py (save_quantized, fp16 embeddings and norms).")
     atomic_write_text(folder.parent / "results.md", results_markdown(table, source, data))
     print(f"wrote {folder.parent / 'results.md'} and {folder} in "
           f"{time.perf_counter() - start:.0f} s")
@@ -358,4 +389,4 @@ Mean over blocks of AWQ / RTN: {gains}.
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main))

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 import torch
+from tool_cli import count, exit_status  # tools/, beside this script
 
+from awq_ref.cli import check_device
 from awq_ref.loaders.lazy import LazyTensors
 from awq_ref.stream import quantize_folder
 
@@ -30,27 +32,44 @@ def peak_rss_gb(who: int) -> float:
     return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """--out (replaced with --overwrite) and the work folder (deleted after success) must not
+    hold --model: either would destroy the checkpoint being read."""
+    model = Path(args.model).resolve()
+    work = args.work_dir or f"{str(args.out).rstrip('/')}.partial"  # quantize_folder's default
+    for flag, path in (("--out", args.out), ("--work-dir", work)):
+        if Path(path).resolve() in (model, *model.parents):
+            raise ValueError(f"{flag} {path} holds --model {args.model}, which it would destroy: "
+                             "write elsewhere")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", required=True, help="fp HF folder (safetensors)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--method", default="awq", choices=["awq", "rtn"])
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--n-samples", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--n-samples", type=count, default=8)
+    ap.add_argument("--seqlen", type=count, default=256)
     ap.add_argument("--n-grid", type=int, default=5)
     ap.add_argument("--clip-grid", type=int, default=5)
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=count, default=None,
                     help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
+    check_device(args.device)
+    check_paths(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    vocab = LazyTensors(args.model).index["model.embed_tokens.weight"].shape[0]
+    embed = LazyTensors(args.model).index.get("model.embed_tokens.weight")
+    if embed is None:
+        raise ValueError(f"{args.model}: no model.embed_tokens.weight (not a Llama-style HF "
+                         "checkpoint)")
+    vocab = embed.shape[0]
     gen = torch.Generator().manual_seed(0)
     calib = torch.randint(0, vocab, (args.n_samples, args.seqlen), generator=gen)
     options = ({"calib_tokens": calib, "n_grid": args.n_grid, "clip_grid": args.clip_grid,
@@ -81,4 +100,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_status(main, "the finished blocks are kept in the work folder "
+                                       "(--work-dir, by default OUT.partial): the same command "
+                                       "resumes"))

@@ -242,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e", type=Path, help="tools/bench_e2e.py's JSON")
     args = p.parse_args(argv)
     rows, dispatch, lines, tuned, tails = [], [], [], None, []
+    source = None  # the file being read, for the error
     try:
         if args.gemm:
+            source = args.gemm
             gemm = json.loads(args.gemm.read_text())
             rows += gemm_targets(gemm)
             if "tuned_dispatch" in gemm:  # (imports torch, through awq_kernels: only then)
@@ -254,9 +256,12 @@ def main(argv: list[str] | None = None) -> int:
             lines = fixed_cost_and_rate(gemm)
             tails = splitk_tail(gemm)
         if args.e2e:
+            source = args.e2e
             rows += e2e_targets(json.loads(args.e2e.read_text()))
-    except (OSError, ValueError, KeyError) as e:
-        print(f"targets.py: cannot read the benchmark results: {e!r}", file=sys.stderr)
+    # a JSON of another shape: a list, rows of strings, a time of 0 or null, nesting too deep
+    except (OSError, ValueError, KeyError, TypeError, ArithmeticError, RecursionError) as e:
+        print(f"targets.py: cannot read the benchmark results in {source}: {e!r:.200}",
+              file=sys.stderr)
         return 2
     if not rows:
         print("targets.py: give --gemm and/or --e2e", file=sys.stderr)
