@@ -237,6 +237,15 @@ def _out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
 
 
+# What uses less memory, per subcommand (the out-of-memory line's advice).
+OOM_HINTS = {
+    "quantize": "Fewer --n-samples or a shorter --calib-seqlen, --stream (models larger than "
+                "memory), --dtype bfloat16",
+    "ppl": "A shorter --seqlen, --dtype bfloat16",
+    "generate": "A shorter prompt or fewer --max-new-tokens (the KV cache), --dtype bfloat16",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -253,6 +262,5 @@ def main(argv: list[str] | None = None) -> int:
             raise
         first_line = (str(e).splitlines() or [""])[0][:200]
         print(f"error: out of memory ({type(e).__name__}: {first_line}); {what_is_kept(args)}. "
-              "Fewer --n-samples or a shorter --calib-seqlen (quantize), --stream (models "
-              "larger than memory) or a device with more memory may fit", file=sys.stderr)
+              f"{OOM_HINTS[args.command]}, or a device with more memory may fit", file=sys.stderr)
         return 1

@@ -181,6 +181,23 @@ def test_stopped_runs_end_in_one_line(capsys, monkeypatch, error, status, messag
     assert message in err and "Traceback" not in err, err
 
 
+def test_out_of_memory_advice_fits_the_command(capsys, monkeypatch, tmp_path):
+    """Each subcommand's line names its own options (ppl was told of --n-samples and --stream)."""
+    def fail(args):
+        raise MemoryError()
+
+    for name in ("cmd_ppl", "cmd_generate"):
+        monkeypatch.setattr(f"awq_ref.cli.{name}", fail)
+    monkeypatch.setattr("awq_ref.cli_quantize.check_quantize_args", fail)
+    for argv, advice in ((["ppl", "--text", "t.txt"], "A shorter --seqlen, --dtype bfloat16"),
+                         (["generate", "--prompt", "Hi"], "fewer --max-new-tokens (the KV cache)"),
+                         (["quantize", "--out", str(tmp_path / "q")], "--stream (models larger")):
+        assert main([*argv, "--model", "absent"]) == 1
+        err = capsys.readouterr().err
+        assert advice in err and "may fit" in err, err
+        assert argv[0] == "quantize" or "--n-samples" not in err, err
+
+
 def test_other_runtime_errors_keep_their_traceback(monkeypatch):
     """Only the out-of-memory kind is turned into a line: any other RuntimeError is a bug."""
     def fail(args):
