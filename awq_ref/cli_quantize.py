@@ -41,10 +41,12 @@ def add_quantize_parser(sub) -> None:
                         "says (default: the model's --dtype; with --stream the source's)")
     q.add_argument("--calib", nargs="*", default=None, metavar="FILE",
                    help="calibration text file(s) (AWQ; without it: data-free calibration)")
-    q.add_argument("--n-samples", type=int, default=128, help="calibration windows (default: 128)")
-    q.add_argument("--calib-seqlen", type=int, default=512,
+    # Calibration options default to None (CALIBRATION_DEFAULTS then): given to a run that
+    # calibrates nothing (rtn, --result), they are refused rather than ignored.
+    q.add_argument("--n-samples", type=int, default=None, help="calibration windows (default: 128)")
+    q.add_argument("--calib-seqlen", type=int, default=None,
                    help="tokens per calibration window (default: 512)")
-    q.add_argument("--seed", type=seed, default=0,
+    q.add_argument("--seed", type=seed, default=None,
                    help="which calibration windows are drawn (default: 0)")
     q.add_argument("--n-grid", type=int, default=None,
                    help="ratios tried by the scale search (default: AwqConfig's, 40)")
@@ -62,6 +64,9 @@ def add_quantize_parser(sub) -> None:
     q.set_defaults(func=cmd_quantize)
 
 
+CALIBRATION_DEFAULTS = {"n_samples": 128, "calib_seqlen": 512, "seed": 0}
+
+
 def check_quantize_args(args: argparse.Namespace) -> None:
     """What `quantize` can refuse before loading anything (the search would otherwise run for
     minutes and fail at the end)."""
@@ -76,8 +81,6 @@ def check_quantize_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--w-bit {spec.bits}: the AWQ checkpoint holds 4-bit codes only; other "
                          "widths (2..8) run as fake quantization from Python "
                          "(awq_ref.quantize(..., pack=False)) and cannot be saved")
-    positive("--n-samples", args.n_samples)
-    positive("--calib-seqlen", args.calib_seqlen)
     if args.method == "rtn" and (args.result or args.save_result or args.calib is not None):
         raise ValueError("--result, --save-result and --calib belong to --method awq; rtn "
                          "searches nothing")
@@ -85,13 +88,21 @@ def check_quantize_args(args: argparse.Namespace) -> None:
         raise ValueError("--calib names no file (leave --calib out for data-free calibration)")
     if args.result and args.calib is not None:
         raise ValueError("--result re-applies a saved search: it takes no --calib text")
-    search_options = [f for f, given in (("--n-grid", args.n_grid is not None),
+    search_options = [f for f, given in (("--n-samples", args.n_samples is not None),
+                                         ("--calib-seqlen", args.calib_seqlen is not None),
+                                         ("--seed", args.seed is not None),
+                                         ("--n-grid", args.n_grid is not None),
                                          ("--duo-scaling", args.duo_scaling)) if given]
     if search_options and (args.method == "rtn" or args.result):
         verb = "shape" if len(search_options) > 1 else "shapes"
         raise ValueError(f"{' and '.join(search_options)} {verb} the AWQ search, which "
                          + ("--method rtn does not run" if args.method == "rtn"
                             else "--result replaces with a saved one"))
+    for name, value in CALIBRATION_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    positive("--n-samples", args.n_samples)
+    positive("--calib-seqlen", args.calib_seqlen)
     for name, path in [("--calib", f) for f in args.calib or ()] + [("--result", args.result)]:
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{name} {path}: " + ("a folder, not a file" if Path(path).is_dir()

@@ -61,6 +61,11 @@ def test_quantize_refuses_before_loading(capsys, tmp_path):
              "--n-grid shapes the AWQ search, which --method rtn does not run")
     _refused(capsys, [*base, "--out", fresh, "--result", "r.st", "--duo-scaling"],
              "--duo-scaling shapes the AWQ search, which --result replaces with a saved one")
+    _refused(capsys, [*base, "--out", fresh, "--method", "rtn", "--n-samples", "64"],
+             "--n-samples shapes the AWQ search, which --method rtn does not run")  # was ignored
+    _refused(capsys, [*base, "--out", fresh, "--result", "r.st", "--calib-seqlen", "256",
+                      "--seed", "1"],
+             "--calib-seqlen and --seed shape the AWQ search, which --result replaces")
     _refused(capsys, [*base, "--out", fresh, "--work-dir", f"{fresh}/work"], "must lie apart")
     _refused(capsys, [*base, "--out", fresh, "--work-dir", fresh], "must lie apart")
     _refused(capsys, [*base, "--out", f"{tmp_path}/w/ckpt", "--work-dir", f"{tmp_path}/w"],
