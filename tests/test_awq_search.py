@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from awq_ref.awq.apply import apply_awq, apply_scale
-from awq_ref.awq.capture import NonFiniteError, check_finite
+from awq_ref.awq.capture import NonFiniteError, check_finite, gram_matrix
 from awq_ref.awq.pipeline import PROPAGATE, AwqConfig, search_awq
 from awq_ref.awq.scaling_groups import expand_kv, reduce_kv
 from awq_ref.awq.search_clip import clip_box, clipper, search_clip
@@ -205,6 +205,17 @@ def test_reduce_kv_averages_the_query_heads_sharing_a_v_channel():
     assert torch.equal(reduce_kv(want[[0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3]], 3, 2), want)
     s = torch.rand(4)
     assert torch.equal(reduce_kv(expand_kv(s, 3, 2), 3, 2), s)
+
+
+@pytest.mark.parametrize("m,k", [(1, 172), (100, 576), (300, 129)])
+def test_gram_matrix_is_x_transpose_x_from_its_upper_triangle(m, k):
+    """The capture's fast path against its reference: exactly symmetric, and x.T @ x up to the
+    dot products' order (the same bits on this project's CPUs: MKL computes each entry the same
+    way whatever the product's shape)."""
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    got = gram_matrix(x, block=64)
+    assert torch.equal(got, got.T)
+    torch.testing.assert_close(got, x.T @ x, rtol=1e-5, atol=1e-5)
 
 
 def test_gram_loss_matches_direct_mse():

