@@ -333,3 +333,32 @@ def test_cli_progress_of_another_dtype_is_refused(tiny_setup, tmp_path, monkeypa
     assert Progress(work).saved_blocks() == TINY["num_hidden_layers"]
     assert main([*base, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 2
     assert not (tmp_path / "bf16").exists()
+
+
+# A run that dies (SIGKILL, power loss: no `except` runs) with the checkpoint written in its
+# temporary folder, just before the rename; os._exit stands in for the kill.
+_DIE_BEFORE_RENAME = """
+import os, sys
+import awq_ref.quant.checkpoint as ck
+ck._swap_in = lambda tmp, out_dir: os._exit(9)
+from awq_ref.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_rerun_removes_the_temporary_folder_of_a_killed_save(tiny_setup):
+    """A killed save leaves its temporary folder beside --out (nothing can remove it then); the
+    rerun that writes --out removes it, and only a folder no live writer holds (flock)."""
+    model, text, root = tiny_setup
+    ref, out = root / "ref_tmp", root / "out_tmp"
+    subprocess.run(quantize_cmd(model, ref, text), check=True, env=env(), capture_output=True)
+    died = subprocess.run([sys.executable, "-c", _DIE_BEFORE_RENAME,
+                           *quantize_cmd(model, out, text)[3:]], check=False, env=env(),
+                          capture_output=True)
+    assert died.returncode == 9, died.stderr
+    assert not out.exists() and len(list(root.glob(".out_tmp.tmp-*"))) == 1
+    run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert folder_bytes(out) == folder_bytes(ref)
+    assert not list(root.glob(".out_tmp.tmp-*")) and not (root / "out_tmp.partial").exists()

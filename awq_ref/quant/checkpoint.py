@@ -15,6 +15,7 @@ extension. With zero_point false the codes are symmetric and qzeros holds the fi
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -231,18 +232,54 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
 @contextmanager
 def atomic_folder(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary folder beside out_dir; on success fsync it and rename it to out_dir
-    (replacing an existing one), on any error remove it: out_dir is never left half written."""
+    (replacing an existing one), on any error remove it: out_dir is never left half written.
+    The temporary folder is flock-ed while written: one a killed writer (SIGKILL, no `except`
+    ran) left beside out_dir is unlocked, and the next write of out_dir removes it."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_killed_temporaries(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    fd = os.open(tmp, os.O_RDONLY)
     try:
-        yield tmp
-        fsync_path(tmp)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_path(out_dir.parent)
+        _flock(fd, blocking=True)  # released by the OS when this process ends, even killed
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+        try:
+            yield tmp
+            fsync_path(tmp)
+            _swap_in(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_path(out_dir.parent)
+    finally:
+        os.close(fd)
+
+
+def _flock(fd: int, blocking: bool) -> bool:
+    """flock(fd) exclusively: False if another process holds it (blocking=False); True without
+    fcntl (not POSIX: no locks, and so no temporary folder is ever taken for a killed one)."""
+    try:
+        import fcntl
+    except ImportError:
+        return blocking
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _remove_killed_temporaries(out_dir: Path) -> None:
+    """atomic_folder's temporary folders for out_dir that no live writer holds (best effort)."""
+    for old in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
+        try:
+            fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:  # gone meanwhile, a file, a link
+            continue
+        try:
+            if _flock(fd, blocking=False):
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _check_layers(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...]) -> None:
