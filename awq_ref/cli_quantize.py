@@ -74,7 +74,11 @@ def check_quantize_args(args: argparse.Namespace) -> None:
     from awq_ref.quant.quantizer import QuantSpec
 
     if Path(args.out).exists():
-        raise ValueError(f"--out {args.out} already exists: remove it or choose another folder")
+        work = _work_dir(args)
+        left = (f" ({work} beside it is what a run stopped between writing --out and emptying "
+                "its work folder leaves: delete it too)") if work.exists() else ""
+        raise ValueError(f"--out {args.out} already exists: remove it or choose another "
+                         f"folder{left}")
     _check_output_paths(args)
     spec = QuantSpec(bits=args.w_bit, group_size=args.group_size, zero_point=not args.no_zero_point)
     if spec.bits != 4:

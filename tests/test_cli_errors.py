@@ -37,7 +37,11 @@ def test_quantize_refuses_before_loading(capsys, tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()
     base = ["quantize", "--model", str(tmp_path / "absent")]
-    _refused(capsys, [*base, "--out", str(out)], "already exists")
+    _refused(capsys, [*base, "--out", str(out)], "already exists: remove it or choose another "
+             "folder\n")
+    (tmp_path / "ckpt.partial").mkdir()  # a run killed after its rename, before its cleanup
+    _refused(capsys, [*base, "--out", str(out)], f"folder ({tmp_path / 'ckpt.partial'} beside it")
+    (tmp_path / "ckpt.partial").rmdir()
     fresh = str(tmp_path / "new")
     _refused(capsys, [*base, "--out", fresh, "--n-samples", "0"], "--n-samples must be at least 1")
     _refused(capsys, [*base, "--out", fresh, "--calib-seqlen", "-3"], "--calib-seqlen")
