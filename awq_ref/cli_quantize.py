@@ -133,9 +133,10 @@ def _check_memory(args: argparse.Namespace, config) -> None:
     copies them to host memory; so on any device), must fit the free host memory
     (cli_common.check_host_memory). A window past the trained context is allowed, with a note."""
     subject, needs, hints = f"--model {args.model}", {}, []
-    if not args.stream and weights_bytes(config, args):
+    weights = 0 if args.stream else weights_bytes(config, args)
+    if weights:
         subject += f" in {args.dtype}"
-        needs["weights"] = weights_bytes(config, args)
+        needs["weights"] = weights
         hints += ["--stream (block by block)"] if Path(args.model).is_dir() else []
         hints += weight_hints(args)
     if args.method == "awq" and not args.result:
