@@ -44,10 +44,10 @@ def test_zero_point_must_be_a_bool(tiny):
 @pytest.mark.parametrize("bad", [{"n_grid": 2.5}, {"n_grid": "3"}, {"n_refine": 1.5},
                                  {"clip_grid": 2.5}, {"loss_tokens": 2.5}, {"duo_scaling": "no"},
                                  {"clip": "no"}, {"clip_skip": "self_attn.q_proj"},
-                                 {"clip_damp": float("nan")}])
+                                 {"clip_damp": float("nan")}, {"n_grid": True}])
 def test_awq_config_fields_of_the_wrong_type(bad):
     """Floats failed deep in the search (range(2.5)) or ran as another setting (clip_grid 2.5,
-    "no" as True, a clip_skip string matched as substrings, clip_damp nan as 0)."""
+    "no" as True, a clip_skip string matched as substrings, clip_damp nan as 0, True as 1)."""
     key = next(iter(bad))
     with pytest.raises((TypeError, ValueError), match=f"AwqConfig.{key} must be"):
         AwqConfig(**bad)

@@ -4,6 +4,7 @@ the same command, writes the same checkpoint bytes as an uninterrupted run."""
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
 import signal
@@ -336,11 +337,20 @@ def test_cli_progress_of_another_dtype_is_refused(tiny_setup, tmp_path, monkeypa
 
 
 # A run that dies (SIGKILL, power loss: no `except` runs) with the checkpoint written in its
-# temporary folder, just before the rename; os._exit stands in for the kill.
+# temporary folder, just before the rename; os._exit stands in for the kill. Status 9 if the
+# writer held its folder's lock then (another open of it cannot take it), 8 if not.
 _DIE_BEFORE_RENAME = """
-import os, sys
+import fcntl, os, sys
 import awq_ref.quant.checkpoint as ck
-ck._swap_in = lambda tmp, out_dir: os._exit(9)
+
+def die(tmp, out_dir):
+    try:
+        fcntl.flock(os.open(tmp, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os._exit(9)
+    os._exit(8)
+
+ck._swap_in = die
 from awq_ref.cli import main
 main(sys.argv[1:])
 """
@@ -357,8 +367,16 @@ def test_a_rerun_removes_the_temporary_folder_of_a_killed_save(tiny_setup):
                           capture_output=True)
     assert died.returncode == 9, died.stderr
     assert not out.exists() and len(list(root.glob(".out_tmp.tmp-*"))) == 1
-    run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(),
-                         capture_output=True, text=True)
+    live = root / ".out_tmp.tmp-live"  # another writer's, still being written: it holds the lock
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(),
+                             capture_output=True, text=True)
+    finally:
+        os.close(fd)
     assert run.returncode == 0, run.stderr
     assert folder_bytes(out) == folder_bytes(ref)
-    assert not list(root.glob(".out_tmp.tmp-*")) and not (root / "out_tmp.partial").exists()
+    assert [p.name for p in root.glob(".out_tmp.tmp-*")] == [live.name]
+    assert not (root / "out_tmp.partial").exists()

@@ -217,7 +217,7 @@ def test_mutants_refuses_a_selection_of_none(capsys):
     one_line_error(capsys, "no mutant's name contains it")
 
 
-def test_demo_errors_are_one_line(capsys, monkeypatch):
+def test_demo_errors_are_one_line(capsys, monkeypatch, no_loading):
     import demo
 
     monkeypatch.setattr(sys, "argv", ["demo.py", "--n-samples", "0"])

@@ -564,4 +564,17 @@ MUTANTS = (
        "        out[i + block:, i:i + block] = rows[:, block:].T",
        "        out[i + block:, i:i + block] = 0",
        "tests/test_awq_search.py", "-k", "gram_matrix"),
+    # session 22: today's tests reviewed by planting the bug each names
+    _m("s22-awq-config-bool-as-int", "awq_ref/awq/pipeline.py",
+       "(not isinstance(value, want) or isinstance(value, bool) != (want is bool))",
+       "(not isinstance(value, want))",
+       "tests/test_api_misuse.py", "-k", "wrong_type"),
+    _m("s22-live-writer-temporary-removed", "awq_ref/quant/checkpoint.py",
+       "            if _flock(fd, blocking=False):",
+       "            if True:",
+       "tests/test_resume.py", "-k", "killed_save"),
+    _m("s22-writer-holds-no-lock", "awq_ref/quant/checkpoint.py",
+       "        _flock(fd, blocking=True)  # released",
+       "        pass  # released",
+       "tests/test_resume.py", "-k", "killed_save"),
 )
