@@ -142,6 +142,10 @@ def test_eval_checkpoints_refusals(tmp_path, capsys, monkeypatch, no_loading):
     # the model's ppl under the reference's name
     with pytest.raises(SystemExit, match="nor one named 'reference'"):
         eval_checkpoints.main(["reference", "--reference", "fp"])
+    for models in (["q", "./q"], ["fp", "--reference", "./fp"], ["default", "--reference",
+                                                               "default"]):
+        with pytest.raises(SystemExit, match="each model once, and not the reference itself"):
+            eval_checkpoints.main(models)  # the same model twice: one wasted evaluation
     text = tmp_path / "text.txt"
     text.write_text("the evaluation text")
     for out, words in ((text, "is also an input"), (tmp_path, "is a folder")):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from awq_quality import windows_arg  # tools/, beside this script
 from tool_cli import check_output, count, exit_status
@@ -38,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=windows_arg, default=20, help="N, or 'all' (the full run)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    # "reference" is the reference's row: a model of that name would take its place
-    if (len(set(args.models)) != len(args.models) or args.reference in args.models
-            or "reference" in args.models):
+    # "reference" is the reference's row: a model of that name would take its place; "./q"
+    # and "q" are one model ("default" is a name, not a path)
+    named = [m if m == "default" else str(Path(m).resolve()) for m in
+             [*args.models, args.reference]]
+    if len(set(named)) != len(named) or "reference" in args.models:
         raise SystemExit("each model once, and not the reference itself (nor one named "
                          "'reference', the reference's row)")
     if args.json:
