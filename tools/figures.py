@@ -1,33 +1,27 @@
 """Plots for tools/report.py: plain arrays in, PNG files out (matplotlib's object API, no pyplot
-state, no awq_ref import). Each function's docstring says what its figure shows."""
+state; of awq_ref only its atomic file writer). Each function's docstring says what its
+figure shows."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from awq_ref.files import atomic_write
+
 COLORS = {"q/k/v input": "tab:blue", "o_proj input": "tab:orange", "gate/up input": "tab:green",
           "down_proj input": "tab:red"}
 
 
 def _save(fig: Figure, path: str | Path) -> None:
-    """Drawn into a temporary file beside `path`, then renamed over it: a crash mid-write never
-    leaves half a PNG under the final name (awq_ref.files.atomic_write's rule)."""
-    path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:  # the format from the final name: the temporary one has no such suffix
-        fig.savefig(name, dpi=110, format=path.suffix.lstrip(".") or None)
-        os.chmod(name, 0o644)  # mkstemp makes it private; a figure is an ordinary shared file
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    """Drawn into a temporary file beside `path`, then renamed over it (atomic_write): a crash
+    mid-write never leaves half a PNG under the final name. The format comes from the final
+    name: the temporary one has no such suffix."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110,
+                                               format=Path(path).suffix.lstrip(".") or None))
 
 
 def plot_activations(means: dict[tuple[int, str], np.ndarray], path: str | Path,

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-COUNT_LIMIT = 2**31 - 1  # awq_ref.cli_common's: past it torch's sizes overflow
+from awq_ref.cli_common import COUNT_LIMIT  # past it torch's sizes overflow
 
 
 def count(text: str) -> int:
