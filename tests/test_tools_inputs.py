@@ -239,3 +239,33 @@ def test_demo_errors_are_one_line(capsys, monkeypatch, no_loading):
         demo.main()
     assert done.value.code == 2
     one_line_error(capsys, "error: model.layers.0.self_attn.q_proj: group_size 7")
+
+
+def test_report_refuses_a_quality_report_on_another_model(tmp_path, capsys, monkeypatch,
+                                                          no_loading):
+    """results.md, its figures and its sizes are the default model's: a report made with
+    --model OTHER would be printed as the default's numbers."""
+    quality = tmp_path / "quality.json"
+    for model, group, words in (("other-model", 64, "a report on --model other-model"),
+                                ("default", 0, "group=0 is no group size")):
+        args = {"model": model, "bits": [4], "group": group, "calib_windows": 8, "seqlen": 64,
+                "eval_windows": 2, "eval_seqlen": 64}
+        rows = [{"method": "fp", "bits": None, "ppl": 20.0, "windows": 2, "tokens": 128}]
+        quality.write_text(json.dumps({"args": args, "rows": rows}))
+        assert run_tool(monkeypatch, "report.py", "--out", str(tmp_path / "docs"),
+                        "--reuse-figure-data", "--from-json", str(quality)) == 2
+        one_line_error(capsys, f"error: {quality}", words)
+
+
+def test_report_sizes_the_checkpoint_at_the_reports_group(monkeypatch):
+    """The table's rows say the report's group size: the sizes are measured at it, not at
+    report.py's --group (the figures')."""
+    import report  # tools/ is on sys.path (conftest)
+
+    seen = []
+    monkeypatch.setattr(report, "checkpoint_sizes",
+                        lambda model, group: seen.append(group) or {"fp16": 2, "w4": 1})
+    rows = [{"method": "fp", "bits": None, "ppl": 20.0},
+            {"method": "rtn", "bits": 4, "ppl": 21.0, "kl": 0.1, "top1": 0.9, "quant_s": 1.0}]
+    table = report.measured_quality_table({"args": {"group": 128}, "rows": rows}, None)
+    assert seen == [128] and "W4 g128" in table

@@ -186,6 +186,12 @@ def quality_table(report: dict, sizes: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def measured_quality_table(report: dict, model: nn.Module) -> str:
+    """quality_table with the sizes measured at the report's group size, which labels its rows
+    (report.py's --group is the figures')."""
+    return quality_table(report, checkpoint_sizes(model, report["args"]["group"]))
+
+
 def quality_command(args: dict) -> str:
     """The awq_quality.py command line that produced a report, from its recorded args."""
     cmd = (f"tools/awq_quality.py --model {args['model']} --bits {' '.join(map(str, args['bits']))}"
@@ -268,14 +274,20 @@ def read_quality_report(path: str, json_machine: str | None) -> tuple[dict, str]
     report = read_json(path, "an awq_quality.py --json report")
     try:
         quality_table(report, {"fp16": 0, "w4": 0})  # its checks, without measured sizes
-        fp = report["rows"][0]
-        return report, (
+        fp, model, group = report["rows"][0], report["args"]["model"], report["args"]["group"]
+        source = (
             f"Numbers from `PYTHONPATH=. .venv/bin/python {quality_command(report['args'])}`"
             f" (N = {fp['windows']} windows, {fp['tokens']:,} scored tokens)"
             f" on {json_machine or machine()}; checkpoint sizes measured by "
             f"tools/report.py (save_quantized, fp16 embeddings and norms).")
     except (KeyError, TypeError, IndexError, ValueError) as e:
         raise ValueError(f"{path}: not an awq_quality.py --json report ({e!r:.200})") from None
+    if model != "default":  # the figures, the sizes and results.md's title are the default's
+        raise ValueError(f"{path}: a report on --model {model}, but results.md describes the "
+                         "default model: pass a report made with --model default")
+    if isinstance(group, bool) or not isinstance(group, int) or group <= 0:
+        raise ValueError(f"{path}: group={group!r} is no group size")
+    return report, source
 
 
 def main() -> None:
@@ -285,7 +297,8 @@ def main() -> None:
                     help="where the JSON was produced (default: this machine)")
     ap.add_argument("--windows", type=count, default=4)
     ap.add_argument("--seqlen", type=count, default=512)
-    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--group", type=int, default=64,
+                    help="the figures' group size (the table's is the --from-json report's)")
     ap.add_argument("--bits", type=int, nargs="+", default=[4], help="(b), (c) use the first")
     ap.add_argument("--reuse-figure-data", action="store_true",
                     help="re-plot from docs/figures/data.json instead of recomputing it")
@@ -321,7 +334,7 @@ def main() -> None:
         raise ValueError(f"{folder / 'data.json'}: not report.py's figure data ({e!r:.200})"
                          ) from None
     if report is not None:
-        table = quality_table(report, checkpoint_sizes(model, args.group))
+        table = measured_quality_table(report, model)
     atomic_write_text(folder.parent / "results.md", results_markdown(table, source, data))
     print(f"wrote {folder.parent / 'results.md'} and {folder} in "
           f"{time.perf_counter() - start:.0f} s")
