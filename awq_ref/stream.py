@@ -49,6 +49,7 @@ from awq_ref.quant.checkpoint import (
     INDEX_NAME,
     PACKED_SUFFIXES,
     atomic_folder,
+    check_out_dir,
     quant_config_dict,
     write_json,
     write_shard,
@@ -134,8 +135,7 @@ def quantize_folder(src: str | Path, out_dir: str | Path, method: str = "awq", w
         check_calib_tokens(calib_tokens)
     calib = calib_tokens if method == "awq" else EMPTY_TOKENS
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    check_out_dir(out_dir, overwrite)
     source = Source.open(src)
     check_token_ids(source.config, calib, "calib_tokens")
     check_quantizable_config(source.config, spec, skip, where="quantize_folder")

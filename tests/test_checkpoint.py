@@ -170,6 +170,19 @@ def test_existing_target_needs_overwrite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
+def test_overwrite_never_replaces_a_file(tmp_path):
+    """overwrite=True replaces a checkpoint folder; a file named by mistake (the source model's
+    .gguf) or a dangling link is refused and left as it was."""
+    model = tiny_quantized()
+    (tmp_path / "model.gguf").write_bytes(b"the user's model")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    for name in ("model.gguf", "link"):
+        with pytest.raises(FileExistsError, match="is not a folder"):
+            save_quantized(model, tmp_path / name, overwrite=True)
+    assert (tmp_path / "model.gguf").read_bytes() == b"the user's model"
+    assert (tmp_path / "link").is_symlink() and len(list(tmp_path.iterdir())) == 2
+
+
 def test_fp16_storage_of_unquantized_tensors(tmp_path):
     model = tiny_quantized(attention_bias=True)
     out = save_quantized(model, tmp_path / "ckpt", dtype=torch.float16)

@@ -355,3 +355,8 @@ def test_argument_errors(src, tmp_path, calib):
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError):
         quantize_folder(src, tmp_path / "exists", method="rtn")
+    (tmp_path / "file").write_bytes(b"kept")  # refused before the work, not after it
+    with pytest.raises(FileExistsError, match="is not a folder"):
+        quantize_folder(src, tmp_path / "file", method="rtn", overwrite=True)
+    assert (tmp_path / "file").read_bytes() == b"kept"
+    assert not (tmp_path / "file.partial").exists()

@@ -222,11 +222,23 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
         raise ValueError("save_quantized: the embeddings or lm_head are held in 4 or 8 bits "
                          "(quantize_embeddings, quantize_head_int8), which the AWQ format does not "
                          "store; save the model before quantizing its embeddings")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    check_out_dir(out_dir, overwrite)
     with atomic_folder(out_dir) as tmp:
         _write_folder(model, tmp, tokenizer, quant_config, max_shard_bytes, dtype)
     return out_dir
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """A checkpoint may be written to out_dir: absent, or a folder and overwrite=True. A file
+    is never replaced by a checkpoint folder (overwrite=True with a model file's path named by
+    mistake would delete it)."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder: a checkpoint replaces "
+                              "only a folder (overwrite=True); choose another path")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
 
 
 @contextmanager
@@ -235,6 +247,7 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
     (replacing an existing one), on any error remove it: out_dir is never left half written.
     The temporary folder is flock-ed while written: one a killed writer (SIGKILL, no `except`
     ran) left beside out_dir is unlocked, and the next write of out_dir removes it."""
+    check_out_dir(out_dir, overwrite=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_killed_temporaries(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
