@@ -14,7 +14,13 @@ from awq_ref.fuse import is_fused
 from awq_ref.model import Block
 from awq_ref.quant.checkpoint import check_fused_skip, quant_config_dict
 from awq_ref.quant.packing import check_linear, check_packable
-from awq_ref.quant.qlinear import check_not_quantized, decoder_linears, skip_names, skipped
+from awq_ref.quant.qlinear import (
+    check_changeable,
+    check_not_quantized,
+    decoder_linears,
+    skip_names,
+    skipped,
+)
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import apply_rtn
 
@@ -95,7 +101,9 @@ def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: 
     # Check every layer before touching any, so a bad setting never leaves a half-quantized model.
     check_quantizable(model, spec, skip, pack)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy.deepcopy(model)  # normal tensors, even of a model made in inference_mode
+    elif method == "awq" or not pack:  # scales, clips or fake quantization change weights
+        check_changeable(model, "quantize(inplace=True)")
     if method == "awq":
         from awq_ref.awq.pipeline import run_awq  # here: RTN users never load the AWQ package
 

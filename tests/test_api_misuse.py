@@ -135,3 +135,28 @@ def test_generate_max_new_tokens_is_a_count(tiny, bad):
     """-1 returned [] as if asked for none; 2.0 failed inside torch.zeros."""
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
         awq_ref.generate(tiny, [1, 2], bad)
+
+
+def test_weights_made_in_inference_mode_are_refused_before_the_search(monkeypatch):
+    """A model built under torch.inference_mode() holds inference tensors, which torch will not
+    change in place outside the mode: quantize(inplace=True) ran the whole search, then failed
+    in apply_scale with torch's own error. Now one line before the search; the copy (the
+    default), RTN's packing (no in-place change) and the call inside the mode still work."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        frozen = Llama(LlamaConfig(**TINY)).eval()
+    monkeypatch.setattr("awq_ref.awq.pipeline.search_awq",
+                        lambda *a, **k: pytest.fail("the search ran before the refusal"))
+    for call in (lambda: awq_ref.quantize(frozen, "awq", group_size=32, calib_tokens=calib(),
+                                          inplace=True),
+                 lambda: awq_ref.quantize(frozen, "rtn", group_size=32, pack=False, inplace=True),
+                 lambda: awq_ref.apply_awq(frozen, AwqResult(spec=QuantSpec(4, 32)))):
+        with pytest.raises(ValueError, match=r"embed_tokens.weight was made under "
+                                             r"torch.inference_mode\(\).*outside inference_mode"):
+            call()
+    awq_ref.quantize(frozen, "rtn", group_size=32, pack=False)  # a copy: normal tensors
+    awq_ref.quantize(frozen, "rtn", group_size=32, inplace=True)  # packing swaps the layers
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        inside = Llama(LlamaConfig(**TINY)).eval()
+        awq_ref.quantize(inside, "rtn", group_size=32, pack=False, inplace=True)

@@ -16,7 +16,7 @@ from torch import nn
 
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.scaling_groups import LLAMA_GROUPS, expand_kv
-from awq_ref.quant.qlinear import skip_names, skipped
+from awq_ref.quant.qlinear import check_changeable, skip_names, skipped
 from awq_ref.quant.quantizer import clamp_groups
 
 
@@ -61,6 +61,7 @@ def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True,
     """
     scales, clips = _steps(model, result, clip,
                            skip_names(modules_to_not_convert, "apply_awq"))
+    check_changeable(model, "apply_awq")
     for prev, linears, s, n_rep in scales:
         apply_scale(prev, linears, s, n_rep, model.config.head_dim)
     for linear, lo, hi in clips:

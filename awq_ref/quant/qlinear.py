@@ -130,6 +130,19 @@ def check_not_quantized(model: nn.Module, where: str) -> None:
                          f"model.layers.{packed[0]} first); quantize its fp original instead")
 
 
+def check_changeable(model: nn.Module, where: str) -> None:
+    """ValueError if `model`'s weights are inference tensors (made under torch.inference_mode()):
+    torch refuses to change them in place outside that mode, which folding scales and clips
+    (and fake quantization) does; said here, before a search, in words."""
+    if torch.is_inference_mode_enabled():  # inside the mode, torch allows it
+        return
+    frozen = next((n for n, p in model.named_parameters() if p.is_inference()), None)
+    if frozen is not None:
+        raise ValueError(f"{where}: the model's {frozen} was made under torch.inference_mode(), "
+                         "so it cannot be changed in place; build or load the model outside "
+                         "inference_mode (or quantize a copy: inplace=False)")
+
+
 def decoder_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = ()
                     ) -> list[tuple[str, nn.Linear]]:
     """(full name, module) of every nn.Linear inside `model.model.layers` that is quantized:
