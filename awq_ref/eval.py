@@ -13,6 +13,7 @@ N * (seqlen - 1) tokens:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ def windows_of(tokens: torch.Tensor, seqlen: int, windows: int | None) -> torch.
     if tokens.dim() != 1 or tokens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"evaluate: tokens must be one 1-D integer token stream (it is cut into "
                          f"windows here), got {tokens.dtype} {tuple(tokens.shape)}")
+    for name, value in (("seqlen", seqlen), ("windows", 1 if windows is None else windows)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"evaluate: {name} must be an integer, got {value!r}")
     if seqlen < 2:
         raise ValueError(f"a window needs at least 2 tokens (one to predict), got seqlen {seqlen}")
     available = tokens.numel() // seqlen

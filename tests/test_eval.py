@@ -3,6 +3,7 @@ evaluate_many against evaluate model by model."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from test_awq_search import tiny_llama
@@ -66,6 +67,12 @@ def test_windows_errors():
         with pytest.raises(ValueError, match=f"asked for {n} windows"):
             windows_of(torch.arange(10), 4, n)
     assert windows_of(torch.arange(10), 4, None).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # A float count or length failed in Python's own TypeError (slice indices), a bool ran as 1
+    for seqlen, n, name in ((4.0, None, "seqlen"), (4, 2.0, "windows"), (4, True, "windows"),
+                            (None, 1, "seqlen")):
+        with pytest.raises(TypeError, match=f"evaluate: {name} must be an integer, got"):
+            windows_of(torch.arange(10), seqlen, n)
+    assert windows_of(torch.arange(10), np.int64(4), np.int32(1)).tolist() == [[0, 1, 2, 3]]
 
 
 def test_read_text_reads_crlf_files_as_lf(tmp_path):
