@@ -57,15 +57,22 @@ def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True,
     with the clips are both valid, the clips being tuned for the searched width. Linears named
     by modules_to_not_convert stay full precision, so they get no clip (a result searched with
     fewer skipped modules has one for them); their scales are exact and still applied.
-    Every name and shape is checked first: a result of another model changes nothing.
+    Every name and shape is checked first: a result of another model changes nothing. A model
+    a result was folded into is marked (`model.awq_applied`, kept by copy.deepcopy) and refused:
+    a second fold (a notebook cell run twice) would scale twice and clip the twice-scaled
+    weights to boxes searched for the once-scaled ones, a silently worse model.
     """
     scales, clips = _steps(model, result, clip,
                            skip_names(modules_to_not_convert, "apply_awq"))
     check_changeable(model, "apply_awq")
+    if getattr(model, "awq_applied", False):
+        raise ValueError("apply_awq: a search result is already folded into this model; fold it "
+                         "into the fp model as loaded (a fresh copy), not twice")
     for prev, linears, s, n_rep in scales:
         apply_scale(prev, linears, s, n_rep, model.config.head_dim)
     for linear, lo, hi in clips:
         apply_clip(linear, lo, hi)
+    model.awq_applied = True
 
 
 def check_result_fits(model: nn.Module, result: AwqResult) -> None:
