@@ -4,10 +4,11 @@ The model is never built whole. For each decoder block i:
     read its tensors (plain file reads, loaders.lazy) -> fp32 working copy on `device`
     -> AWQ: search_block (capture, scales, clipping; x becomes block i+1's inputs)
     -> QuantLinear.from_linear packs each linear -> shard i of the output, written, released.
-Then the embeddings, final norm and lm_head are copied (in the checkpoint's dtype), with
-config.json (quantization_config as save_quantized writes it), the shard index and the
-tokenizer files. Peak memory: one block in fp32, its Gram matrices (K, K) per scaling group,
-the calibration activations (B, T, D) and the clip search's chunked temporaries (CLIP_CHUNK_BYTES).
+Then the embeddings, final norm and lm_head are copied (in `dtype`, by default the
+checkpoint's), with config.json (quantization_config as save_quantized writes it), the shard
+index and the tokenizer files. Peak memory: one block in fp32, its Gram matrices (K, K) per
+scaling group, the calibration activations (B, T, D) and the clip search's chunked temporaries
+(CLIP_CHUNK_BYTES).
 
 Resumable like the in-memory search (awq.resume): after every block its shard sits in
 `work_dir/shards/` and `work_dir/state.safetensors` holds the next block's inputs; the same

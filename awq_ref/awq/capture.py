@@ -101,7 +101,8 @@ def capture_block(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: tor
     given): the next block's inputs from the same forward (pipeline's propagate="fp").
     """
     b, t, _ = x.shape
-    # rounded up: the strided tokens reach the last window (at most plan.tokens of them)
+    # rounded up: at most plan.tokens strided tokens, spread to the last window when the
+    # stride is at most T (loss_tokens >= B, as by default)
     stride = max(1, -(-(b * t) // max(1, plan.tokens)))
     stats: list[InputStats] = []
     pos = [0]  # first sequence of the current chunk, read by the hooks

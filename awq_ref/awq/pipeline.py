@@ -73,7 +73,7 @@ _FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool}  # AwqConfig's 
 class AwqConfig:
     n_grid: int = 40  # ratios a = i / n_grid of the scale search (measured: 40 beat 20)
     n_refine: int = 0  # then halve the step around the best ratio this many times (2 losses each)
-    duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a
+    duo_scaling: bool = False  # s = mean|x|^a / mean|w~|^(1-a) instead of mean|x|^a
     scale_vo_gqa: bool = True  # search v_proj -> o_proj also when Hkv < H (llm-awq skips it)
     clip: bool = True
     clip_skip: tuple[str, ...] = LLAMA_CLIP_SKIP

@@ -1,4 +1,4 @@
-"""The scaling groups of a Llama block, as data (the paper's Fig. / llm-awq's auto_scale table).
+"""The scaling groups of a Llama block, as data (llm-awq's auto_scale table).
 
 A group is a previous op `prev` whose output feeds the linears `linears`. Scaling input channel c
 of the linears by s_c and dividing prev's output channel c by s_c leaves the block's function
@@ -65,6 +65,7 @@ def expand_kv(s: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
 
 def reduce_kv(x: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
     """Per-channel statistic of the H*Dh o_proj inputs -> one value per v channel (the mean over
-    the n_rep query heads that share it); inverse of `expand_kv` for tied values."""
+    the n_rep query heads that share it); inverse of `expand_kv` for tied values, up to
+    rounding."""
     hkv = x.numel() // (n_rep * head_dim)
     return x.view(hkv, n_rep, head_dim).mean(1).reshape(-1)  # (Hkv*Dh,)

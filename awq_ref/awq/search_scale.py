@@ -1,23 +1,29 @@
 """Search the per-input-channel scale s of one scaling group over a grid of ratios.
 
-For a group with linears W_j (N_j, K) fed by x (T, K) (T here: every calibration token, the
-B x T of capture.py), candidate scales are
+For a group with linears W_j (N_j, K) fed by x (T, K), candidate scales are
 
-    s(a)   = mean|x|^a                              (AWQ), or
-    s(a)   = mean|x|^a / mean|w~|^(1-a)             (duo scaling; w~ = |w| / group max),
-    s      = s(a) / sqrt(max s(a) * min s(a))       (normalised as llm-awq does),
+    s(a)   = max(mean|x|^a, 1e-4)                                (AWQ), or
+    s(a)   = max(mean|x|^a / (mean|w~|^(1-a) + 1e-4), 1e-4)       (duo scaling),
+    s      = s(a) / sqrt(max s(a) * min s(a))          (normalised as llm-awq does),
+
+(w~ = |w| / its group's max, mean over output rows; 1e-4 keeps a dead channel's s finite)
 
 for a = 0, 1/n_grid, ..., (n_grid-1)/n_grid, and the chosen s minimises
 
     L(s) = || f(x; W) - f(x; Q(W diag(s)) diag(s)^-1) ||^2 / numel
 
 where f is the output of the group's `inspect` module and Q the group-wise fake quantizer
-(the project's RTN, fp16-rounded scales included, so the search sees the final weights). Feeding
+(the project's RTN, fp16-rounded scales included, so the search sees nearly the final weights:
+a later group's scale still divides v_proj's and up_proj's rows). mean|x| runs over every
+calibration token (the B x T of capture.py), L over a fixed subset of them (capture.SubsetPlan:
+AwqConfig.loss_seqs whole sequences for attention, loss_tokens strided tokens for the MLP);
+a group whose inspect is one linear uses all tokens through H (below). Feeding
 x with the effective weights Q(W diag(s)) diag(s)^-1 equals feeding x/s with Q(W diag(s)).
 For plain AWQ (no duo scaling, no scale_clip_grid) a = 0 gives s = 1, plain round-to-nearest,
 so the chosen loss never exceeds RTN's.
 
-Optionally (AwqConfig.scale_clip_grid > 0) each candidate is judged as it will finally be used:
+Optionally (AwqConfig.scale_clip_grid > 0) each candidate is judged nearly as it will finally
+be used (the clip search without joint sweeps or clip_damp):
 Q(clip_s(W diag(s))) diag(s)^-1, clip_s being the clip search of search_clip run on the scaled
 weights (a coarser grid keeps it affordable); the final clip search still runs after.
 

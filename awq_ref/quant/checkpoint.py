@@ -1,4 +1,4 @@
-"""Quantized checkpoints: an HF-style folder in the AWQ "gemm" format (../design FORMAT.md).
+"""Quantized checkpoints: an HF-style folder in the AWQ "gemm" format (../shared/design/FORMAT.md).
 
     out_dir/config.json                   model config + quantization_config
     out_dir/model.safetensors             or model-0000i-of-0000n.safetensors shards

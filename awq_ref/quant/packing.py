@@ -113,7 +113,8 @@ def quantize_with_fp16_scales(w: torch.Tensor, spec: QuantSpec, name: str = "wei
 
 def check_fp16_range(w_hat: torch.Tensor, name: str = "weight") -> None:
     """Fp16OverflowError if a quantized weight exceeds fp16: fp16 scales hold groups up to
-    65504 * 15 wide, but the kernels dequantize into fp16, where |w| > 65504 becomes inf."""
+    65504 * (2^bits - 1) wide, but the kernels dequantize into fp16, where |w| > 65504 becomes
+    inf."""
     w_max = w_hat.abs().max().item()
     if w_max > FP16_MAX:
         raise Fp16OverflowError(
