@@ -73,7 +73,7 @@ def check_quantize_args(args: argparse.Namespace) -> None:
     from awq_ref.awq.pipeline import AwqConfig
     from awq_ref.quant.quantizer import QuantSpec
 
-    if Path(args.out).exists():
+    if Path(args.out).exists() or Path(args.out).is_symlink():
         work = _work_dir(args)
         left = (f" ({work} beside it is what a run stopped between writing --out and emptying "
                 "its work folder leaves: delete it too)") if work.exists() else ""
@@ -162,10 +162,35 @@ def _check_output_paths(args: argparse.Namespace) -> None:
     if args.save_result and _within(Path(args.save_result).resolve(), out):
         raise ValueError(f"--save-result {args.save_result} lies inside --out {args.out}, which "
                          "is written whole at the end: save the search beside it")
+    if args.save_result:
+        _check_save_result(args)
     for flag, path in (("--out", out), ("--work-dir", work)):
         parent = next(p for p in path.parents if p.exists())
         if not parent.is_dir():
             raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+
+
+def _check_save_result(args: argparse.Namespace) -> None:
+    """--save-result may replace a search result saved before, nothing else: not the model's
+    files, the calibration text, a folder or any other file (written after the search, it was
+    lost without a word)."""
+    from awq_ref.awq.result import AwqResult
+
+    path, flag = Path(args.save_result), f"--save-result {args.save_result}"
+    resolved, model = path.resolve(), Path(args.model).resolve()
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{flag} is a link to nothing; name the file itself")
+    if path.is_dir():
+        raise ValueError(f"{flag} is a folder; give a file name")
+    if _within(resolved, model) or any(resolved == Path(c).resolve() for c in args.calib or ()):
+        raise ValueError(f"{flag} is the model or the calibration text, or lies inside the "
+                         "model's folder; writing it would destroy it")
+    if path.exists() and not AwqResult.is_file(path):
+        raise ValueError(f"{flag} exists and is no saved search result (only one is replaced): "
+                         "remove it or choose another name")
+    parent = next(p for p in resolved.parents if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"{flag}: {parent} is a file, not a folder")
 
 
 def _within(path: Path, folder: Path) -> bool:

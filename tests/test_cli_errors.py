@@ -79,7 +79,34 @@ def test_quantize_refuses_before_loading(capsys, tmp_path):
     _refused(capsys, [*base, "--out", f"{tmp_path}/file/ckpt"], "is a file, not a folder")
     _refused(capsys, [*base, "--out", fresh, "--work-dir", f"{tmp_path}/file/w"],
              "is a file, not a folder")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # was found after the search
+    _refused(capsys, [*base, "--out", str(tmp_path / "dangling")], "dangling already exists")
     assert not (tmp_path / "new").exists()
+
+
+def test_save_result_replaces_only_a_saved_result(capsys, tmp_path):
+    """--save-result was written over any file after the search: the model's weights, the
+    calibration text, anything; a folder or a dangling link failed only after the search."""
+    from awq_ref.awq.result import AwqResult
+    from awq_ref.quant.quantizer import QuantSpec
+
+    model = _random_folder(tmp_path)
+    text = tmp_path / "calib.txt"
+    text.write_text("calibration text")
+    base = ["quantize", "--model", str(model), "--out", str(tmp_path / "q"), "--calib", str(text)]
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for target, words in ((model / "model.safetensors", "lies inside the model's folder"),
+                          (text, "is the model or the calibration text"),
+                          (tmp_path / "notes.txt", "exists and is no saved search result"),
+                          (tmp_path, "is a folder"), (tmp_path / "dangling", "a link to nothing"),
+                          (tmp_path / "notes.txt" / "r.st", "is a file, not a folder")):
+        _refused(capsys, [*base, "--save-result", str(target)], words)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and text.read_text() == "calibration text"
+    AwqResult(spec=QuantSpec(4, 32)).save(tmp_path / "old.st")  # a result saved before: replaced
+    assert AwqResult.is_file(tmp_path / "old.st") and not AwqResult.is_file(text)
+    cli_quantize._check_save_result(cli_quantize.argparse.Namespace(
+        save_result=str(tmp_path / "old.st"), model=str(model), calib=[str(text)]))
 
 
 def test_group_size_is_checked_from_the_config_before_loading(capsys, tmp_path, monkeypatch):

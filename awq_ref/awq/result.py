@@ -63,6 +63,15 @@ class AwqResult:
                 "zero_point": json.dumps(self.spec.zero_point), "info": json.dumps(self.info)}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
+    @staticmethod
+    def is_file(path: str | Path) -> bool:
+        """Whether `path` is a file AwqResult.save wrote (its metadata says so)."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get("format") == "awq_ref.AwqResult/1"
+        except (SafetensorError, OSError):
+            return False
+
     @classmethod
     def load(cls, path: str | Path) -> AwqResult:
         path = Path(path)
