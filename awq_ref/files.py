@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +29,31 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         fsync_path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary shared files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        error = write_error(e, path, tmp)
+        if error is None:
+            raise
+        raise error from e
     fsync_path(path.parent)
     return path
+
+
+def write_error(e: BaseException, path: Path, tmp: Path) -> OSError | None:
+    """The OSError to report for a write of `path` (through its temporary `tmp`) that failed
+    with `e`: one naming `path`, not the temporary, for an OSError or for a library's error
+    that carries one in words (safetensors' and tokenizers' "... (os error 28)", a disk full);
+    None for anything else (a bug or a bad value, raised as it is)."""
+    if isinstance(e, OSError):
+        code, where = e.errno, e.filename
+    else:
+        found = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, Exception) else None
+        code, where = (int(found.group(1)) if found else None), None
+    if code is None:
+        return None
+    other = (f" (at {where})" if where is not None and Path(where) != path
+             and not str(where).startswith(str(tmp)) else "")
+    return OSError(code, f"cannot write {path}: {os.strerror(code)}{other}")
 
 
 def fsync_path(path: Path) -> None:

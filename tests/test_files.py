@@ -1,5 +1,6 @@
 """atomic_write(_text): the whole new file or the old one, never a torn one."""
 
+import errno
 import os
 
 import pytest
@@ -86,3 +87,43 @@ def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
     (file_inode, before), (folder_inode, after) = events
     assert file_inode == os.stat(path).st_ino and not before
     assert folder_inode == os.stat(tmp_path).st_ino and after
+
+
+@pytest.mark.parametrize("failure", [
+    Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
+    OSError(errno.ENOSPC, "No space left on device", "TMP"),
+    OSError(errno.EROFS, "Read-only file system", "TMP", None, "OUT")])
+def test_a_failed_write_names_the_users_path_not_the_temporary(tmp_path, failure):
+    """A disk full under safetensors or tokenizers (their own exceptions, the errno only in
+    words) ended in a traceback; an OSError named the hidden temporary. Now an OSError with the
+    errno, naming the path the user gave, for atomic_write and atomic_folder alike."""
+    from awq_ref.files import atomic_write
+    from awq_ref.quant.checkpoint import atomic_folder
+
+    def fail(tmp):
+        if isinstance(failure, OSError):
+            failure.filename = str(tmp)
+        raise failure
+
+    target = tmp_path / "out.safetensors"
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, fail)
+    assert raised.value.errno in (errno.ENOSPC, errno.EROFS)
+    assert str(raised.value).startswith(f"[Errno {raised.value.errno}] cannot write {target}: ")
+    assert ".tmp-" not in str(raised.value) and os.listdir(tmp_path) == []
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'ckpt'}: ") as raised:
+        with atomic_folder(tmp_path / "ckpt") as tmp:
+            fail(tmp)
+    assert ".tmp-" not in str(raised.value) and os.listdir(tmp_path) == []
+
+
+def test_other_failures_of_a_write_are_raised_as_they_are(tmp_path):
+    """Only errors that are OS errors become one: a bug or a bad value keeps its type."""
+    from awq_ref.files import atomic_write
+
+    def fail(tmp):
+        raise ValueError("a bad tensor")
+
+    with pytest.raises(ValueError, match="a bad tensor"):
+        atomic_write(tmp_path / "x", fail)
+    assert os.listdir(tmp_path) == []

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from awq_ref.config import LlamaConfig
-from awq_ref.files import fsync_path, parse_json
+from awq_ref.files import fsync_path, parse_json, write_error
 from awq_ref.fuse import is_fused
 from awq_ref.loaders.hf import read_safetensors_folder
 from awq_ref.loaders.state_dict import (
@@ -259,9 +259,12 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
             yield tmp
             fsync_path(tmp)
             _swap_in(tmp, out_dir)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            error = write_error(e, out_dir, tmp)
+            if error is None:
+                raise
+            raise error from e
         fsync_path(out_dir.parent)
     finally:
         os.close(fd)
