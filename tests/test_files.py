@@ -111,9 +111,9 @@ def test_a_failed_write_names_the_users_path_not_the_temporary(tmp_path, failure
     assert raised.value.errno in (errno.ENOSPC, errno.EROFS)
     assert str(raised.value).startswith(f"[Errno {raised.value.errno}] cannot write {target}: ")
     assert ".tmp-" not in str(raised.value) and os.listdir(tmp_path) == []
-    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'ckpt'}: ") as raised:
-        with atomic_folder(tmp_path / "ckpt") as tmp:
-            fail(tmp)
+    with (pytest.raises(OSError, match=f"cannot write {tmp_path / 'ckpt'}: ") as raised,
+          atomic_folder(tmp_path / "ckpt") as tmp):
+        fail(tmp)
     assert ".tmp-" not in str(raised.value) and os.listdir(tmp_path) == []
 
 
