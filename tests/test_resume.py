@@ -205,6 +205,26 @@ def test_a_hold_keeps_folders_it_did_not_create_and_its_caller_s_exception(tmp_p
     assert not (tmp_path / "new").exists()
 
 
+def test_killed_writes_temporaries_are_removed_once_the_folder_is_held(tmp_path):
+    """Every run killed while writing its state (or a streamed shard) left a temporary as large
+    as the state, and resuming never removed it (nor safetensors' own .tmpXXXXXX): repeated
+    kills could fill the disk. Taken when the next run holds the folder; other files stay."""
+    work = tmp_path / "work"
+    (work / "shards").mkdir(parents=True)
+    killed = [work / ".state.safetensors.tmp-a1b2c3d4", work / ".tmp4pzJRz",
+              work / "shards" / ".model-00001-of-00003.safetensors.tmp-x9y8z7w6",
+              work / "shards" / ".tmpQ1w2E3"]
+    kept = [work / "notes.txt", work / ".tmp-notes", work / "shards" / "model.safetensors",
+            work / "state.safetensors"]
+    for path in killed + kept:
+        path.write_bytes(b"x")
+    with Progress(work).hold():
+        assert [p for p in killed if p.exists()] == [] and all(p.exists() for p in kept)
+        Progress(work).remove()
+    assert sorted(p.name for p in work.rglob("*")) == [".tmp-notes", "model.safetensors",
+                                                       "notes.txt", "shards"]
+
+
 def test_corrupt_state_file_is_a_value_error(tmp_path):
     """A torn or foreign state file raised SafetensorError / KeyError tracebacks on resume."""
     from safetensors.torch import save_file

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,6 +64,10 @@ def weights_digest(model: torch.nn.Module, samples: int = 1024) -> str:
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+# safetensors' own temporary beside the file it writes (then renamed onto it)
+SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 class Progress:
@@ -111,6 +116,7 @@ class Progress:
                     raise ValueError(f"{self.work_dir} is in use by another run (the same command "
                                      "started twice?): wait for it to end, or stop it") from None
             self._holds = 1
+            self._remove_killed_temporaries()
             try:
                 yield
             finally:
@@ -119,6 +125,19 @@ class Progress:
                     self._remove_if_unused(lock)
         finally:
             os.close(fd)  # releases the lock
+
+    def _remove_killed_temporaries(self) -> None:
+        """Delete the temporary files killed writes left here (ours, `.NAME.tmp-*`, and
+        safetensors' own `.tmpXXXXXX` beside them), in the folder and its subfolders (streamed
+        shards): each is as large as the state, and every killed run left one more. Only while
+        the lock is held, so no live writer's file is taken."""
+        if not self.work_dir.is_dir():
+            return
+        for folder in [self.work_dir, *(p for p in self.work_dir.iterdir() if p.is_dir())]:
+            theirs = (p for p in folder.glob(".tmp*") if SAFETENSORS_TMP.fullmatch(p.name))
+            for path in [*folder.glob(".*.tmp-*"), *theirs]:
+                if path.is_file() and not path.is_symlink():
+                    path.unlink(missing_ok=True)
 
     def _remove_if_unused(self, lock: Path) -> None:
         """The work folder, if it holds nothing but the lock (best effort: never masks the
@@ -190,8 +209,8 @@ class Progress:
         """After the final checkpoint is safely written: delete what runs write here (the state,
         a killed write's temporary copies of it, the lock), then the folder if that empties it.
         A folder the user named (--work-dir) keeps whatever else it holds."""
-        for path in [self.state_path, *self.work_dir.glob(f".{STATE_NAME}.tmp-*"),
-                     self.work_dir / LOCK_NAME]:
+        self._remove_killed_temporaries()
+        for path in [self.state_path, self.work_dir / LOCK_NAME]:
             path.unlink(missing_ok=True)
         try:
             self.work_dir.rmdir()
