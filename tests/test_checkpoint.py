@@ -170,6 +170,47 @@ def test_existing_target_needs_overwrite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
+def test_a_failed_or_killed_replacement_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """overwrite=True renames the old folder aside, then the new one in: a failure of the second
+    rename (a file system gone read-only) left neither under the name, the old one hidden in
+    .ckpt.old-*/x for good. Now it is renamed back; one a kill left there is put back by the
+    next write of the name (or deleted, if the new one had arrived)."""
+    import errno
+    import os as os_module
+
+    from awq_ref.quant import checkpoint
+
+    first, second = tiny_quantized(seed=0), tiny_quantized(seed=1)
+    out = save_quantized(first, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    renames, real = [], os_module.rename
+
+    def rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:  # the new folder onto the name
+            raise OSError(errno.EROFS, "Read-only file system")
+        real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    with pytest.raises(OSError, match=f"cannot write {out}: Read-only file system"):
+        save_quantized(second, out, overwrite=True)
+    monkeypatch.setattr(checkpoint.os, "rename", real)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    # killed between the two renames: the old one set aside, the name missing
+    aside = tmp_path / ".ckpt.old-k1ll3d00"
+    aside.mkdir()
+    out.rename(aside / "x")
+    with pytest.raises(FileExistsError, match="already exists"):  # put back, then refused
+        save_quantized(second, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not aside.exists()
+    aside.mkdir()  # killed after the second rename: the set-aside copy is garbage
+    (aside / "x").mkdir()
+    save_quantized(second, out, overwrite=True)
+    assert torch.equal(logits(load_quantized_model(out)), logits(second))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
 def test_overwrite_never_replaces_a_file(tmp_path):
     """overwrite=True replaces a checkpoint folder; a file named by mistake (the source model's
     .gguf) or a dangling link is refused and left as it was."""

@@ -231,7 +231,8 @@ def save_quantized(model: Llama, out_dir: str | Path, tokenizer: Any = None,
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """A checkpoint may be written to out_dir: absent, or a folder and overwrite=True. A file
     is never replaced by a checkpoint folder (overwrite=True with a model file's path named by
-    mistake would delete it)."""
+    mistake would delete it). A checkpoint a killed replacement set aside is first put back."""
+    _put_back_set_aside(out_dir)
     if not (out_dir.exists() or out_dir.is_symlink()):
         return
     if not out_dir.is_dir():
@@ -284,6 +285,16 @@ def _flock(fd: int, blocking: bool) -> bool:
     return True
 
 
+def _put_back_set_aside(out_dir: Path) -> None:
+    """What a swap killed between its two renames left (`_swap_in`): the old out_dir, set
+    aside, is put back if out_dir is missing (the write it made way for never arrived), else
+    (the new one arrived) deleted."""
+    for old in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.old-*"):
+        if (old / "x").is_dir() and not (out_dir.exists() or out_dir.is_symlink()):
+            os.rename(old / "x", out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _remove_killed_temporaries(out_dir: Path) -> None:
     """atomic_folder's temporary folders for out_dir that no live writer holds (best effort)."""
     for old in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
@@ -316,13 +327,20 @@ def _check_layers(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...]) -> N
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Rename `tmp` to `out_dir`; an old `out_dir` is first renamed aside, then deleted."""
+    """Rename `tmp` to `out_dir`; an old `out_dir` is first renamed aside, then deleted. Should
+    the second rename fail, the old one is renamed back (killed between the two renames: the
+    next write of out_dir puts it back, `_remove_killed_temporaries`)."""
     if not out_dir.exists():
         os.rename(tmp, out_dir)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     os.rename(out_dir, old / "x")
-    os.rename(tmp, out_dir)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old / "x", out_dir)
+        old.rmdir()
+        raise
     shutil.rmtree(old)
 
 
