@@ -22,6 +22,7 @@ from awq_ref.cli_common import (
     weight_hints,
     weights_bytes,
 )
+from awq_ref.files import check_writable
 
 
 def add_quantize_parser(sub) -> None:
@@ -164,10 +165,8 @@ def _check_output_paths(args: argparse.Namespace) -> None:
                          "is written whole at the end: save the search beside it")
     if args.save_result:
         _check_save_result(args)
-    for flag, path in (("--out", out), ("--work-dir", work)):
-        parent = next(p for p in path.parents if p.exists())
-        if not parent.is_dir():
-            raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+    check_writable(out, "--out")
+    check_writable(work, "--work-dir", extra=0)  # made by mkdir: no temporary name
 
 
 def _check_save_result(args: argparse.Namespace) -> None:
@@ -188,9 +187,7 @@ def _check_save_result(args: argparse.Namespace) -> None:
     if path.exists() and not AwqResult.is_file(path):
         raise ValueError(f"{flag} exists and is no saved search result (only one is replaced): "
                          "remove it or choose another name")
-    parent = next(p for p in resolved.parents if p.exists())
-    if not parent.is_dir():
-        raise ValueError(f"{flag}: {parent} is a file, not a folder")
+    check_writable(resolved, "--save-result")
 
 
 def _within(path: Path, folder: Path) -> bool:

@@ -56,6 +56,35 @@ def write_error(e: BaseException, path: Path, tmp: Path) -> OSError | None:
     return OSError(code, f"cannot write {path}: {os.strerror(code)}{other}")
 
 
+# atomic_write's and atomic_folder's temporary names: "." + name + ".tmp-" + 8 random characters
+TEMPORARY_EXTRA = 14
+
+
+def check_writable(path: str | Path, flag: str, extra: int = TEMPORARY_EXTRA) -> None:
+    """ValueError, before any work, if `path` could not be written where it is named: its
+    nearest existing folder is a file, not writable (permissions, a read-only file system), or
+    a name on the way (with `extra` bytes: a safe write's temporary name has 14 more) is past
+    the file system's limit. What only the writes find out (a disk full) they report, naming
+    the path (write_error)."""
+    path = Path(path).absolute()
+    parent = next(p for p in path.parents if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {parent} is not writable (permissions, or a read-only "
+                         "file system)")
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in path.relative_to(parent).parts:
+        if len(os.fsencode(part)) + extra > limit:
+            raise ValueError(f"{flag} {path}: the name {part[:40]!r}... is too long (at most "
+                             f"{limit - extra} bytes here"
+                             + (", with room for a safe write's temporary name)" if extra
+                                else ")"))
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's data, or a folder's entries (a rename in it), to disk."""
     fd = os.open(path, os.O_RDONLY)

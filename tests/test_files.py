@@ -127,3 +127,29 @@ def test_other_failures_of_a_write_are_raised_as_they_are(tmp_path):
     with pytest.raises(ValueError, match="a bad tensor"):
         atomic_write(tmp_path / "x", fail)
     assert os.listdir(tmp_path) == []
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    """A read-only folder, a file as parent or a name past the file system's limit once the
+    safe write's temporary suffix is added: each failed only when the output was written, after
+    the whole search or evaluation (a filesystem-failure review)."""
+    from awq_ref import cli
+    from awq_ref.files import check_writable
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_writable(tmp_path / "file" / "out", "--out")
+    longest = 255 - 14
+    check_writable(tmp_path / ("a" * longest), "--out")
+    with pytest.raises(ValueError, match=f"too long \\(at most {longest} bytes here, with room"):
+        check_writable(tmp_path / ("a" * (longest + 1)), "--out")
+    check_writable(tmp_path / ("a" * 255), "--work-dir", extra=0)  # made by mkdir alone
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as on a read-only mount
+    with pytest.raises(ValueError, match="is not writable"):
+        check_writable(tmp_path / "new" / "out", "--out")
+    base = ["quantize", "--model", str(tmp_path / "absent"), "--out"]
+    for argv in ([*base, str(tmp_path / "q")],
+                 [*base, str(tmp_path / "q"), "--save-result", str(tmp_path / "r.st")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is not writable" in err and "Traceback" not in err

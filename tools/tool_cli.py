@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from awq_ref.cli_common import COUNT_LIMIT  # past it torch's sizes overflow
+from awq_ref.files import check_writable
 
 
 def count(text: str) -> int:
@@ -32,6 +33,7 @@ def check_output(flag: str, path: str | Path, inputs: Iterable[str | Path]) -> N
     for given in inputs:
         if Path(given).resolve() == out:
             raise ValueError(f"{flag} {path} is also an input; writing it would destroy it")
+    check_writable(out, flag)  # a file, read-only folder or too long a name: before the work
 
 
 def exit_status(main: Callable[[], int | None], interrupted: str = "nothing is kept") -> int:
