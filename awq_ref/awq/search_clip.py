@@ -1,8 +1,8 @@
 """Search the clipping range of each (output channel, group) of a linear.
 
 Shrinking a group's range before quantization trades a larger error on the few extreme weights
-for a finer step on all others. For a ratio r on the grid 1, 1 - 1/n_grid, ..., down to
-1 - max_shrink + 1/n_grid (1 - max_shrink itself excluded, as in llm-awq), the group's weights
+for a finer step on all others. For a ratio r on the grid 1, 1 - 1/n_grid, ..., above
+1 - max_shrink (i/n_grid for i < int(max_shrink * n_grid), as in llm-awq), the group's weights
 w (G,) are clamped to the box
 
     mode "range":     [r * min(w), r * max(w)]       (both ends of the asymmetric range), or
@@ -18,7 +18,8 @@ then fake-quantized (q), and the box with the least output error of that group i
 
 X_g (T, G) being the group's input channels. As in llm-awq each group is judged on its own
 partial output; the diagonal G x G blocks of the Gram matrix X^T X give it exactly over all
-calibration tokens. r = 1 is no clipping, so the chosen error never exceeds round-to-nearest's.
+calibration tokens. r = 1 is no clipping, so each group's chosen L_ng never exceeds
+round-to-nearest's; a row's whole output error can (the cross-group terms are ignored).
 
 Optionally (joint > 0 sweeps) the boxes are then judged by what the output channel really
 sees, the error of its whole output || X (q_n - w_n) ||^2 = e^T H e over all K inputs
@@ -28,7 +29,9 @@ error to e_g changes the row's error by a term of e_g alone,
     L_ng = e_g^T H_gg e_g + 2 e_g^T c_g,   c_g = (H e)_g - H_gg e_g,
 
 so each sweep re-picks every group's box on the grid by L_ng (all groups at once, from the same
-e), and a row keeps the new boxes only if its whole error went down.
+e), and a row keeps the new boxes only if its whole error went down from its current boxes'
+(it may still exceed the row's error without clipping: starting such rows from r = 1 instead
+was measured, walkthrough.md section 8, and not adopted).
 """
 
 from __future__ import annotations
@@ -104,7 +107,8 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: in
 
 
 def _ratios(n_grid: int, max_shrink: float) -> list[float]:
-    """1, 1 - 1/n_grid, ... down to 1 - max_shrink + 1/n_grid (llm-awq's grid; at least r = 1)."""
+    """r = 1 - i/n_grid for i < int(max_shrink * n_grid) (llm-awq's grid and truncation), all
+    > 1 - max_shrink; at least r = 1. The defaults: 1, 0.975, ..., 0.525."""
     return [1 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))]
 
 
