@@ -3,6 +3,7 @@ files read with errors that name them."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -83,6 +84,25 @@ def check_writable(path: str | Path, flag: str, extra: int = TEMPORARY_EXTRA) ->
                              f"{limit - extra} bytes here"
                              + (", with room for a safe write's temporary name)" if extra
                                 else ")"))
+
+
+def flock_exclusive(fd: int, blocking: bool) -> bool | None:
+    """flock(fd) exclusively: True once held, False if another process holds it
+    (blocking=False), None where there are no locks (not POSIX, or a file system without them,
+    e.g. some NFS: ENOLCK); the lock is released when fd is closed or the process ends."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        return None
+    return True
 
 
 def fsync_path(path: Path) -> None:

@@ -225,6 +225,42 @@ def test_killed_writes_temporaries_are_removed_once_the_folder_is_held(tmp_path)
                                                        "notes.txt", "shards"]
 
 
+def test_a_file_system_without_locks_or_room_for_the_lock(tmp_path, monkeypatch):
+    """flock failing with ENOLCK (some NFS) ended every run with "[Errno 37] No locks
+    available": now the work folder and a save go on unlocked (and no other writer's temporary
+    is ever taken). A lock file that cannot be created (no inodes left) left the empty work
+    folder it had just made."""
+    import errno
+    import fcntl
+
+    from awq_ref.quant.checkpoint import atomic_folder
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with Progress(tmp_path / "work").hold():
+        assert (tmp_path / "work").is_dir()
+    other = tmp_path / ".ckpt.tmp-otherwriter"  # unknowable whether its writer lives: kept
+    other.mkdir()
+    with atomic_folder(tmp_path / "ckpt") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (tmp_path / "ckpt" / "config.json").exists() and other.is_dir()
+    monkeypatch.undo()
+
+    real_open = os.open
+
+    def no_inodes(path, *args):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, *args)
+
+    monkeypatch.setattr(os, "open", no_inodes)
+    with pytest.raises(OSError, match="No space left"), Progress(tmp_path / "new").hold():
+        pass
+    assert not (tmp_path / "new").exists()
+
+
 def test_corrupt_state_file_is_a_value_error(tmp_path):
     """A torn or foreign state file raised SafetensorError / KeyError tracebacks on resume."""
     from safetensors.torch import save_file

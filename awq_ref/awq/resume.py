@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from awq_ref.awq.result import AwqResult
-from awq_ref.files import atomic_write, parse_json
+from awq_ref.files import atomic_write, flock_exclusive, parse_json
 from awq_ref.quant.quantizer import QuantSpec
 
 STATE_NAME = "state.safetensors"
@@ -100,21 +100,20 @@ class Progress:
             finally:
                 self._holds -= 1
             return
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            fcntl = None
         created = not self.work_dir.exists()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         lock = self.work_dir / LOCK_NAME
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise ValueError(f"{self.work_dir} is in use by another run (the same command "
-                                     "started twice?): wait for it to end, or stop it") from None
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError:  # no room for even the lock (inodes): leave no empty folder behind
+            if created:
+                self._remove_if_unused(lock)
+            raise
+        try:
+            # None: no locks here at all (not POSIX, or a file system without them): unlocked
+            if flock_exclusive(fd, blocking=False) is False:
+                raise ValueError(f"{self.work_dir} is in use by another run (the same command "
+                                 "started twice?): wait for it to end, or stop it")
             self._holds = 1
             self._remove_killed_temporaries()
             try:
@@ -143,8 +142,8 @@ class Progress:
         """The work folder, if it holds nothing but the lock (best effort: never masks the
         exception that ends the run)."""
         try:
-            if [p.name for p in self.work_dir.iterdir()] == [LOCK_NAME]:
-                lock.unlink()
+            if {p.name for p in self.work_dir.iterdir()} <= {LOCK_NAME}:
+                lock.unlink(missing_ok=True)
                 self.work_dir.rmdir()
         except OSError:
             pass

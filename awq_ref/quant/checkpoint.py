@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from awq_ref.config import LlamaConfig
-from awq_ref.files import fsync_path, parse_json, write_error
+from awq_ref.files import flock_exclusive, fsync_path, parse_json, write_error
 from awq_ref.fuse import is_fused
 from awq_ref.loaders.hf import read_safetensors_folder
 from awq_ref.loaders.state_dict import (
@@ -254,7 +254,7 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     fd = os.open(tmp, os.O_RDONLY)
     try:
-        _flock(fd, blocking=True)  # released by the OS when this process ends, even killed
+        flock_exclusive(fd, blocking=True)  # released by the OS when this process ends, even killed
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
         try:
             yield tmp
@@ -269,20 +269,6 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
         fsync_path(out_dir.parent)
     finally:
         os.close(fd)
-
-
-def _flock(fd: int, blocking: bool) -> bool:
-    """flock(fd) exclusively: False if another process holds it (blocking=False); True without
-    fcntl (not POSIX: no locks, and so no temporary folder is ever taken for a killed one)."""
-    try:
-        import fcntl
-    except ImportError:
-        return blocking
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
-    return True
 
 
 def _put_back_set_aside(out_dir: Path) -> None:
@@ -303,7 +289,7 @@ def _remove_killed_temporaries(out_dir: Path) -> None:
         except OSError:  # gone meanwhile, a file, a link
             continue
         try:
-            if _flock(fd, blocking=False):
+            if flock_exclusive(fd, blocking=False):
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             os.close(fd)
