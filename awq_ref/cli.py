@@ -247,6 +247,9 @@ OOM_HINTS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 (bytes a file system
+        if hasattr(stream, "reconfigure"):    # allows) printed, not a crash after the work
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         check_device(args.device)

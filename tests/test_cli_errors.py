@@ -146,6 +146,27 @@ def _random_folder(tmp_path):
     return mrc.write_random_checkpoint(mrc.LlamaConfig(**mrc.PRESETS["tiny"]), tmp_path / "src")
 
 
+def test_a_path_that_is_not_utf8_is_printed_not_a_crash(tmp_path):
+    """quantize's last line names --out; a name with bytes that are not UTF-8 crashed that
+    print (UnicodeEncodeError) under a strict stdout, after the checkpoint was written: the
+    rerun then said it already existed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = _random_folder(tmp_path)
+    out = os.fsencode(tmp_path) + b"/q\xff\xfe"
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-m", "awq_ref", "quantize", "--model", str(folder),
+                           "--out", out, "--method", "rtn"], capture_output=True, timeout=300,
+                          env=env, cwd=repo, check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-500:]
+    assert b"checkpoint written to" in done.stdout and b"\\udcff" in done.stdout
+
+
 def test_quantize_a_folder_without_tokenizer(capsys, tmp_path, one_thread):
     """Nothing is read as text without --calib: RTN and data-free AWQ need no tokenizer, and the
     checkpoint is written without one; a saved search applied at another group size says so."""
