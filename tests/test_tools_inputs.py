@@ -148,7 +148,12 @@ def test_eval_checkpoints_refusals(tmp_path, capsys, monkeypatch, no_loading):
             eval_checkpoints.main(models)  # the same model twice: one wasted evaluation
     text = tmp_path / "text.txt"
     text.write_text("the evaluation text")
-    for out, words in ((text, "is also an input"), (tmp_path, "is a folder")):
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere" / "x.json")
+    (tmp_path / "file").write_text("")
+    for out, words in ((text, "is also an input"), (tmp_path, "is a folder"),
+                       (tmp_path / "dangling.json", "a link to nothing"),  # replaced by a file
+                       (tmp_path / "file" / "x.json", "is a file, not a folder"),
+                       (tmp_path / ("x" * 250), "is too long")):  # all failed after the work
         assert run_tool(monkeypatch, "eval_checkpoints.py", "q", "--reference", "fp", "--text",
                         str(text), "--json", str(out)) == 2
         one_line_error(capsys, "error: --json", words)
