@@ -153,8 +153,7 @@ def quantize_folder(src: str | Path, out_dir: str | Path, method: str = "awq", w
     with work.hold(), torch.no_grad():
         _quantize_blocks(source, work, method, spec, calib, config, device, skip, dtype)
         _finish(source, work.work_dir / "shards", out_dir, quant_config_dict(spec, skip), dtype)
-        shutil.rmtree(work.work_dir / "shards")  # only now: a crash while finishing can
-        work.remove()  # still resume
+        work.remove([work.work_dir / "shards"])  # only now: a crash while finishing can resume
     return out_dir
 
 

@@ -261,6 +261,28 @@ def test_a_file_system_without_locks_or_room_for_the_lock(tmp_path, monkeypatch)
     assert not (tmp_path / "new").exists()
 
 
+def test_a_work_folder_that_cannot_be_emptied_is_a_note_after_success(tmp_path, monkeypatch,
+                                                                      capsys):
+    """The checkpoint is complete when the work folder is emptied: a failure there (a file
+    system gone read-only) made the whole run report an error, as if nothing had been written."""
+    import errno
+    import shutil
+
+    work = Progress(tmp_path / "work")
+    (work.work_dir / "shards").mkdir(parents=True)
+    work.state_path.write_bytes(b"state")
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", read_only)
+    work.remove([work.work_dir / "shards"])
+    assert "could not be emptied (Read-only file system)" in capsys.readouterr().err
+    monkeypatch.undo()
+    work.remove([work.work_dir / "shards"])
+    assert not work.work_dir.exists() and capsys.readouterr().err == ""
+
+
 def test_corrupt_state_file_is_a_value_error(tmp_path):
     """A torn or foreign state file raised SafetensorError / KeyError tracebacks on resume."""
     from safetensors.torch import save_file

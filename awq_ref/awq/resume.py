@@ -22,8 +22,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -204,13 +205,22 @@ class Progress:
                 "search": json.dumps(result.search)}
         atomic_write(self.state_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
-    def remove(self) -> None:
-        """After the final checkpoint is safely written: delete what runs write here (the state,
-        a killed write's temporary copies of it, the lock), then the folder if that empties it.
-        A folder the user named (--work-dir) keeps whatever else it holds."""
-        self._remove_killed_temporaries()
-        for path in [self.state_path, self.work_dir / LOCK_NAME]:
-            path.unlink(missing_ok=True)
+    def remove(self, folders: Iterable[Path] = ()) -> None:
+        """After the final checkpoint is safely written: delete what runs write here (`folders`,
+        e.g. a streamed run's shards, the state, a killed write's temporary copies of it, the
+        lock), then the folder if that empties it. A folder the user named (--work-dir) keeps
+        whatever else it holds. The checkpoint is complete by now, so a failure here (a file
+        system gone read-only) is a line on stderr, not an error."""
+        try:
+            for folder in folders:
+                shutil.rmtree(folder)
+            self._remove_killed_temporaries()
+            for path in [self.state_path, self.work_dir / LOCK_NAME]:
+                path.unlink(missing_ok=True)
+        except OSError as e:
+            print(f"note: the checkpoint is complete, but {self.work_dir} could not be emptied "
+                  f"({e.strerror or e}): delete it yourself", file=sys.stderr)
+            return
         try:
             self.work_dir.rmdir()
         except OSError:  # not empty (the user's files), or already gone
