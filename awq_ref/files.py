@@ -28,7 +28,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         fsync_path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary shared files
+        os.chmod(tmp, new_mode())  # mkstemp makes it private; these are ordinary files
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -103,6 +103,20 @@ def flock_exclusive(fd: int, blocking: bool) -> bool | None:
             raise
         return None
     return True
+
+
+def new_mode(folder: bool = False) -> int:
+    """The mode open() / mkdir() give a new file (0o666) or folder (0o777) under this
+    process's umask (0o644 / 0o755 with the usual 022; private with 077): for what mkstemp,
+    mkdtemp and safetensors create private (0600)."""
+    mask = 0o022
+    try:  # read, not set: os.umask can only be read by changing it for the whole process
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def fsync_path(path: Path) -> None:

@@ -40,7 +40,7 @@ from awq_ref.awq.pipeline import AwqConfig, search_block
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.resume import Progress, fingerprint
 from awq_ref.config import LlamaConfig
-from awq_ref.files import atomic_write, fsync_path
+from awq_ref.files import atomic_write, fsync_path, new_mode
 from awq_ref.loaders.hf import read_config_json
 from awq_ref.loaders.lazy import LazyTensors, index_safetensors_file
 from awq_ref.loaders.state_dict import build_on_meta, check_state_dict
@@ -255,7 +255,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
-        os.chmod(dst, 0o644)
+        os.chmod(dst, new_mode())
         fsync_path(dst)
 
 

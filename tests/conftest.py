@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,15 @@ def default_gguf() -> Path:
         return default_gguf_path()
     except ValueError as e:  # no network and no cached copy
         pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def usual_umask():
+    """Written files take their mode from the umask (files.new_mode): the tests that check
+    modes expect the usual 022, whatever the machine's; one test sets its own."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
 
 
 @pytest.fixture

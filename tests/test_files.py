@@ -8,6 +8,22 @@ import pytest
 from awq_ref.files import atomic_write_text
 
 
+def test_written_files_and_checkpoints_follow_the_umask(tmp_path):
+    """Written 0644 / 0755 whatever the umask: a user's private umask (077) was overridden,
+    their checkpoints and results readable by everyone on a shared machine."""
+    from awq_ref.quant.checkpoint import atomic_folder
+
+    old = os.umask(0o077)
+    try:
+        path = atomic_write_text(tmp_path / "private.json", "{}")
+        with atomic_folder(tmp_path / "ckpt") as tmp:
+            (tmp / "x").write_text("")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(tmp_path / "ckpt").st_mode & 0o777 == 0o700
+
+
 def test_writes_and_replaces(tmp_path):
     path = tmp_path / "sub" / "result.json"
     atomic_write_text(path, "first")

@@ -26,6 +26,7 @@ from tool_cli import count, exit_status  # tools/, beside this script
 
 from awq_ref.cli_common import seed as seed_arg
 from awq_ref.config import LlamaConfig
+from awq_ref.files import new_mode
 from awq_ref.loaders.state_dict import expected_shapes
 from awq_ref.quant.checkpoint import atomic_folder
 
@@ -94,7 +95,7 @@ def write_random_checkpoint(config: LlamaConfig, out: str | Path,
             fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
             tensors = {n: random_tensor(n, shapes[n], order[n], seed, std, dtype) for n in names}
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            os.chmod(tmp / fname, 0o644)  # safetensors writes it private; a checkpoint is shared
+            os.chmod(tmp / fname, new_mode())  # safetensors writes it private (0600)
             del tensors  # one shard in memory at a time
             weight_map.update(dict.fromkeys(names, fname))
         total = sum(elem * int(torch.Size(s).numel()) for s in shapes.values())

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from awq_ref.config import LlamaConfig
-from awq_ref.files import flock_exclusive, fsync_path, parse_json, write_error
+from awq_ref.files import flock_exclusive, fsync_path, new_mode, parse_json, write_error
 from awq_ref.fuse import is_fused
 from awq_ref.loaders.hf import read_safetensors_folder
 from awq_ref.loaders.state_dict import (
@@ -159,7 +159,7 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 
 def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
-    os.chmod(path, 0o644)  # safetensors creates the file private (0600); a checkpoint is shared
+    os.chmod(path, new_mode())  # safetensors creates the file private (0600)
     fsync_path(path)
 
 
@@ -255,7 +255,7 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
     fd = os.open(tmp, os.O_RDONLY)
     try:
         flock_exclusive(fd, blocking=True)  # released by the OS when this process ends, even killed
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+        os.chmod(tmp, new_mode(folder=True))  # mkdtemp makes it private
         try:
             yield tmp
             fsync_path(tmp)
