@@ -52,8 +52,9 @@ def write_error(e: BaseException, path: Path, tmp: Path) -> OSError | None:
         code, where = (int(found.group(1)) if found else None), None
     if code is None:
         return None
+    where = None if where is None else os.fsdecode(where)
     other = (f" (at {where})" if where is not None and Path(where) != path
-             and not str(where).startswith(str(tmp)) else "")
+             and not where.startswith(str(tmp)) else "")
     return OSError(code, f"cannot write {path}: {os.strerror(code)}{other}")
 
 

@@ -112,11 +112,13 @@ class Progress:
             raise
         try:
             # None: no locks here at all (not POSIX, or a file system without them): unlocked
-            if flock_exclusive(fd, blocking=False) is False:
+            locked = flock_exclusive(fd, blocking=False)
+            if locked is False:
                 raise ValueError(f"{self.work_dir} is in use by another run (the same command "
                                  "started twice?): wait for it to end, or stop it")
             self._holds = 1
-            self._remove_killed_temporaries()
+            if locked:  # no other run can be writing here
+                self._remove_killed_temporaries()
             try:
                 yield
             finally:
