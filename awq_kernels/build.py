@@ -101,7 +101,7 @@ def load_source(filename: str) -> str:
         if name in seen:
             return ""
         seen.add(name)
-        text = (KERNEL_DIR / name).read_text()
+        text = (KERNEL_DIR / name).read_text(encoding="utf-8")
         return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
 
     return expand(filename)

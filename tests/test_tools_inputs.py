@@ -116,7 +116,8 @@ def test_awq_quality_refuses_before_loading(tmp_path, capsys, monkeypatch, no_lo
                 (("--bits", "4", "99"), "bits must be an integer in 2..8, got 99"),
                 (("--calib-windows", "0"), "--calib-windows"),  # torch.cat(): ... non-empty list
                 (("--seqlen", "-1"), "--seqlen"),  # RuntimeError: negative dimension
-                (("--methods", "awq", "int4"), "invalid choice: 'int4'")]
+                (("--methods", "awq", "int4"), "invalid choice: 'int4'"),
+                ((), "calib.txt: no such file")]  # found after loading the model
     for extra, words in refusals:
         assert run_tool(monkeypatch, "awq_quality.py", *base, *extra) == 2, extra
         one_line_error(capsys, words)
@@ -274,3 +275,17 @@ def test_report_sizes_the_checkpoint_at_the_reports_group(monkeypatch):
             {"method": "rtn", "bits": 4, "ppl": 21.0, "kl": 0.1, "top1": 0.9, "quant_s": 1.0}]
     table = report.measured_quality_table({"args": {"group": 128}, "rows": rows}, None)
     assert seen == [128] and "W4 g128" in table
+
+
+def test_tools_run_under_python_OO():
+    """`python -OO` strips docstrings: nine tools (make demo's among them) took their
+    description as __doc__.splitlines() and died on None; reading kernel sources without an
+    encoding broke under a non-UTF-8 locale. Checked in the source: no attribute of __doc__."""
+    import re
+
+    sources = [*TOOLS.glob("*.py"), *(TOOLS.parent / "awq_ref").rglob("*.py"),
+               *(TOOLS.parent / "awq_kernels").rglob("*.py")]
+    offenders = [p.name for p in sources if re.search(r"__doc__\s*\.", p.read_text("utf-8"))]
+    assert offenders == []
+    build = (TOOLS.parent / "awq_kernels" / "build.py").read_text("utf-8")
+    assert re.search(r"\.read_text\(\)", build) is None

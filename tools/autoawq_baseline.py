@@ -100,7 +100,7 @@ def fake_quantize_blocks(quantizer) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--out", help="AutoAWQ's checkpoint folder (required unless --only-hf-dir)")
     add_protocol_args(ap)
     ap.add_argument("--no-duo-scaling", action="store_true",

@@ -19,6 +19,7 @@ import logging
 import resource
 import time
 from dataclasses import asdict, fields
+from pathlib import Path
 
 import torch
 from tool_cli import check_output, count, exit_status  # tools/, beside this script
@@ -31,7 +32,8 @@ from awq_ref.files import atomic_write_text
 from awq_ref.loaders import load_model, load_tokenizer
 from awq_ref.quant.quantizer import QuantSpec
 
-DATA = "../shared/data/text"
+# ../shared beside the repo, wherever the tool is run from
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
 
 
 def windows_arg(value: str) -> int | None:
@@ -67,7 +69,7 @@ def peak_rss_gib() -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--calib", default=f"{DATA}/tinystories/tinystories_val_prefix.txt")
     ap.add_argument("--calib-windows", type=count, default=128)
@@ -92,6 +94,9 @@ def main() -> None:
         QuantSpec(bits, args.group)
     if args.json:
         check_output("--json", args.json, [args.model, args.calib, args.eval])
+    for flag, path in (("--calib", args.calib), ("--eval", args.eval)):
+        if not Path(path).is_file():  # found only after loading the model
+            raise ValueError(f"{flag} {path}: no such file")
 
     fp = load_model(args.model)
     tok = load_tokenizer(args.model)

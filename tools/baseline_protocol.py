@@ -8,6 +8,7 @@ each in a venv of its own; both import this module from tools/ (the script's own
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -15,7 +16,8 @@ from awq_ref.awq.calibration import calibration_tokens
 from awq_ref.loaders import load_tokenizer
 from awq_ref.tokenizer import Tokenizer
 
-DATA = "../shared/data/text"
+# ../shared beside the repo, wherever the tool is run from
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
 
 
 def add_protocol_args(ap: argparse.ArgumentParser) -> None:

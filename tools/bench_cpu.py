@@ -78,7 +78,7 @@ def bench_hf(hf, prompt: torch.Tensor, steps: int, repeats: int) -> tuple[float,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--threads", type=count, default=2)
     ap.add_argument("--seqlen", type=count, default=2048)

@@ -20,7 +20,7 @@ from awq_ref.files import atomic_write_text
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 shapes x 6 M instead of 7 x 11")
     parser.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128))
     parser.add_argument("--reps", type=int, default=50, help="timed calls per point (>= 50)")

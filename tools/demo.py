@@ -68,7 +68,7 @@ def main() -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--n-samples", type=count, default=128)
     ap.add_argument("--calib-seqlen", type=count, default=512)

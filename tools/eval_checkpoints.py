@@ -25,11 +25,13 @@ from awq_ref.eval import evaluate_many, load_wikitext_tokens
 from awq_ref.files import atomic_write_text
 from awq_ref.loaders import load_model, load_tokenizer
 
-WIKI = "../shared/data/text/wikitext-2-raw/wiki.test.raw"
+# ../shared beside the repo, wherever the tool is run from
+WIKI = str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
+           / "wikitext-2-raw" / "wiki.test.raw")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("models", nargs="+",
                     help="checkpoint folders or files (anything load_model reads)")
     ap.add_argument("--reference", default="default",

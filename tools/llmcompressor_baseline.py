@@ -89,7 +89,7 @@ def fake_quantized_state(model: torch.nn.Module, keys: list[str]) -> dict[str, t
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--out", required=True, help="folder for the fake-quantized HF checkpoint")
     add_protocol_args(ap)
     ap.add_argument("--duo-scaling", default="true", choices=["true", "false", "both"])

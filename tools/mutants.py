@@ -41,15 +41,15 @@ def copy_repo(dest: Path) -> Path:
 def run(mutant: Mutant, repo: Path) -> bool:
     """True when the mutant's tests fail (killed); the file is restored either way."""
     path = repo / mutant.file
-    original = path.read_text()
+    original = path.read_text(encoding="utf-8")
     if original.count(mutant.old) != 1:
         raise SystemExit(f"{mutant.name}: the text to mutate occurs {original.count(mutant.old)} "
                          f"times in {mutant.file}, not once (the code moved: update the mutant)")
-    path.write_text(original.replace(mutant.old, mutant.new))
+    path.write_text(original.replace(mutant.old, mutant.new), encoding="utf-8")
     try:
         return _pytest(repo, mutant.tests) != 0
     finally:
-        path.write_text(original)
+        path.write_text(original, encoding="utf-8")
 
 
 def _pytest(repo: Path, tests: tuple[str, ...]) -> int:
@@ -59,7 +59,7 @@ def _pytest(repo: Path, tests: tuple[str, ...]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--only", default="", help="mutants whose name contains this")
     ap.add_argument("--list", action="store_true", help="print the mutants, run nothing")
     args = ap.parse_args(argv)

@@ -291,7 +291,7 @@ def read_quality_report(path: str, json_machine: str | None) -> tuple[dict, str]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--from-json", help="tools/awq_quality.py --json output (the quality table)")
     ap.add_argument("--json-machine", default=None,
                     help="where the JSON was produced (default: this machine)")

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.gemm:
             source = args.gemm
-            gemm = json.loads(args.gemm.read_text())
+            gemm = json.loads(args.gemm.read_text(encoding="utf-8"))
             rows += gemm_targets(gemm)
             if "tuned_dispatch" in gemm:  # (imports torch, through awq_kernels: only then)
                 from awq_kernels.dispatch import Dispatch
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             tails = splitk_tail(gemm)
         if args.e2e:
             source = args.e2e
-            rows += e2e_targets(json.loads(args.e2e.read_text()))
+            rows += e2e_targets(json.loads(args.e2e.read_text(encoding="utf-8")))
     # a JSON of another shape: a list, rows of strings, a time of 0 or null, nesting too deep
     except (OSError, ValueError, KeyError, TypeError, ArithmeticError, RecursionError) as e:
         print(f"targets.py: cannot read the benchmark results in {source}: {e!r:.200}",
