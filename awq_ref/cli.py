@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from awq_ref.cli_common import DTYPES, add_model_args, load, positive, seed, warn_past_context
+from awq_ref.cli_process import command_process, interrupted_status, silence_stdout
 from awq_ref.cli_quantize import add_quantize_parser, what_is_kept
 
 
@@ -250,16 +251,24 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 (bytes a file system
         if hasattr(stream, "reconfigure"):    # allows) printed, not a crash after the work
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    with command_process():  # SIGTERM as Ctrl-C; a stderr that cannot be written is no error
+        return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         check_device(args.device)
         return args.func(args)
+    except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as SIGPIPE would
+        silence_stdout()
+        return 141
     except (ValueError, OSError) as e:  # OSError: a disk full, a path not readable, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130 = 128 + SIGINT
-        print(f"\ninterrupted: {what_is_kept(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, not a traceback
+        word, status = interrupted_status(e)  # 130 = 128 + SIGINT, 143 = 128 + SIGTERM
+        print(f"\n{word}: {what_is_kept(args)}", file=sys.stderr)
+        return status
     except (RuntimeError, MemoryError) as e:  # only allocation failures; any other is a bug
         if not _out_of_memory(e):
             raise

@@ -22,6 +22,7 @@ from awq_ref.cli_common import (
     weight_hints,
     weights_bytes,
 )
+from awq_ref.cli_process import print_result_line
 from awq_ref.files import check_writable
 
 
@@ -304,8 +305,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if progress is not None:  # only now: a crash while saving can still resume
             progress.remove()
     before = f" (this run; blocks 0-{resumed - 1} were searched before)" if resumed else ""
-    print(f"{args.method} W{spec.bits} g{spec.group_size} quantized in {seconds:.1f} s{before}; "
-          f"checkpoint written to {args.out}")
+    print_result_line(f"{args.method} W{spec.bits} g{spec.group_size} quantized in "
+                      f"{seconds:.1f} s{before}; checkpoint written to {args.out}")
     return 0
 
 
@@ -326,8 +327,8 @@ def cmd_quantize_stream(args: argparse.Namespace) -> int:
                     group_size=args.group_size, zero_point=not args.no_zero_point,
                     calib_tokens=calib, device=args.device, work_dir=args.work_dir,
                     dtype=_save_dtype(args), **options)
-    print(f"{args.method} W{args.w_bit} g{args.group_size} streamed in "
-          f"{time.perf_counter() - t0:.1f} s; checkpoint written to {args.out}")
+    print_result_line(f"{args.method} W{args.w_bit} g{args.group_size} streamed in "
+                      f"{time.perf_counter() - t0:.1f} s; checkpoint written to {args.out}")
     return 0
 
 

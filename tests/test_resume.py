@@ -96,25 +96,30 @@ def test_killed_run_resumes_to_identical_checkpoint(tiny_setup):
     assert not (root / "out.partial").exists()
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
-def test_interrupted_run_says_so_and_resumes(tiny_setup):
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="needs POSIX signals")
+@pytest.mark.parametrize("sig,word,status", [("SIGINT", "interrupted", 130),
+                                             ("SIGTERM", "terminated", 143)])
+def test_interrupted_run_says_so_and_resumes(tiny_setup, sig, word, status):
     """Ctrl-C (SIGINT) after block 2: one line naming the work folder, exit status 130, no
-    traceback; the same command then finishes to the uninterrupted run's bytes."""
+    traceback; the same command then finishes to the uninterrupted run's bytes. SIGTERM (what
+    timeout, docker stop and Slurm send) killed the run without a word, its cleanups not run
+    (a half-written checkpoint's temporary folder stayed): now the same, with status 143."""
     model, text, root = tiny_setup
-    ref, out = root / "ref_int", root / "out_int"
+    ref, out = root / f"ref_{sig}", root / f"out_{sig}"
     subprocess.run(quantize_cmd(model, ref, text), check=True, env=env(), capture_output=True)
     done, returncode, err = stop_after_block(quantize_cmd(model, out, text), env(),
-                                             root / "out_int.partial" / STATE_NAME, 2,
-                                             signal.SIGINT)
-    assert returncode == 130, err
+                                             root / f"out_{sig}.partial" / STATE_NAME, 2,
+                                             getattr(signal, sig))
+    assert returncode == status, err
+    assert f"\n{word}: " in err, err
     assert "Traceback" not in err and "the same command resumes" in err and not out.exists(), err
     assert 2 <= done < TINY["num_hidden_layers"]
-    assert f"{done} finished block(s) are kept in {root / 'out_int.partial'}" in err, err
+    assert f"{done} finished block(s) are kept in {root / f'out_{sig}.partial'}" in err, err
     run = subprocess.run(quantize_cmd(model, out, text), check=False, env=env(),
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (f"resuming at block {done}: blocks 0-{done - 1} were finished and saved in "
-            f"{root / 'out_int.partial'}") in run.stderr
+            f"{root / f'out_{sig}.partial'}") in run.stderr
     assert f"s (this run; blocks 0-{done - 1} were searched before); checkpoint" in run.stdout
     assert folder_bytes(out) == folder_bytes(ref)
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from awq_ref.cli_common import COUNT_LIMIT  # past it torch's sizes overflow
+from awq_ref.cli_process import command_process, interrupted_status
 from awq_ref.files import check_writable
 
 
@@ -40,13 +41,16 @@ def check_output(flag: str, path: str | Path, inputs: Iterable[str | Path]) -> N
 
 def exit_status(main: Callable[[], int | None], interrupted: str = "nothing is kept") -> int:
     """main()'s exit status; a ValueError or OSError (a bad input, a disk full) is one line and
-    status 2, Ctrl-C one line saying what is kept and 130 (128 + SIGINT). Any other exception is
-    a bug and keeps its traceback."""
-    try:
-        return main() or 0
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
-        return 130
+    status 2, Ctrl-C or SIGTERM one line saying what is kept and 130 / 143 (awq_ref.cli_process:
+    also a stderr that cannot be written is no error). Any other exception is a bug and keeps
+    its traceback."""
+    with command_process():
+        try:
+            return main() or 0
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            word, status = interrupted_status(e)
+            print(f"\n{word}: {interrupted}", file=sys.stderr)
+            return status
