@@ -247,6 +247,20 @@ OOM_HINTS = {
 }
 
 
+def oom_hint(args: argparse.Namespace) -> str:
+    """OOM_HINTS for the command, quantize's cut to the options this run can take: no
+    calibration for rtn or --result, --stream only for an HF folder not already streamed."""
+    if args.command != "quantize":
+        return OOM_HINTS[args.command]
+    hints = []
+    if args.method == "awq" and not args.result:
+        hints.append("fewer --n-samples or a shorter --calib-seqlen")
+    if not args.stream:
+        hints += ["--stream (models larger than memory)"] if Path(args.model).is_dir() else []
+        hints.append("--dtype bfloat16")
+    return ", ".join(hints).capitalize() if hints else "Less"
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 (bytes a file system
         if hasattr(stream, "reconfigure"):    # allows) printed, not a crash after the work
@@ -274,5 +288,5 @@ def _run(args: argparse.Namespace) -> int:
             raise
         first_line = (str(e).splitlines() or [""])[0][:200]
         print(f"error: out of memory ({type(e).__name__}: {first_line}); {what_is_kept(args)}. "
-              f"{OOM_HINTS[args.command]}, or a device with more memory may fit", file=sys.stderr)
+              f"{oom_hint(args)}, or a device with more memory may fit", file=sys.stderr)
         return 1

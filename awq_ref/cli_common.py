@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -91,15 +92,59 @@ def warn_past_context(config, positions: int, what: str) -> None:
               f"{trained} (max_position_embeddings)", file=sys.stderr)
 
 
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (what can be allocated without swapping), None where
-    there is no such file (not Linux)."""
+def available_memory_bytes(root: Path = Path("/")) -> int | None:
+    """What can be allocated without swapping or the OOM killer: /proc/meminfo's MemAvailable,
+    lowered to the memory cgroup's headroom where a container or job sets a limit (docker
+    --memory, Kubernetes, Slurm: the host's free memory is not this process's); None where
+    neither is known (not Linux). `root`: the file system's root (tests give a fake one)."""
+    known = [v for v in (_mem_available(root), _cgroup_headroom(root)) if v is not None]
+    return min(known) if known else None
+
+
+def _mem_available(root: Path) -> int | None:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        for line in (root / "proc" / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# Per cgroup version: the mount, then the limit, usage and memory.stat's reclaimable page cache
+CGROUP_MEMORY = {"v2": ("sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+                 "v1": ("sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                        "total_inactive_file")}
+
+
+def _cgroup_headroom(root: Path) -> int | None:
+    """limit - (usage - inactive page cache) of this process's memory cgroup (v2, or v1's memory
+    controller), None without a limit. /proc/self/cgroup names the cgroup; where it is not
+    under the mount (a container's namespaced mount), the mount's root is this cgroup."""
+    try:
+        lines = (root / "proc" / "self" / "cgroup").read_text().splitlines()
     except OSError:
         return None
-    return None
+    headrooms = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        version = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") \
+            else None
+        if version is None:
+            continue
+        mount, limit_name, usage_name, cache_name = CGROUP_MEMORY[version]
+        folder = root / mount / path.lstrip("/")
+        if not (folder / limit_name).is_file():
+            folder = root / mount
+        try:
+            limit = (folder / limit_name).read_text().strip()
+            usage = int((folder / usage_name).read_text())
+            stat = dict(line.split()[:2] for line in
+                        (folder / "memory.stat").read_text().splitlines() if " " in line)
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # v1: "unlimited"
+            continue
+        headrooms.append(max(0, int(limit) - usage + int(stat.get(cache_name, 0))))
+    return min(headrooms) if headrooms else None
 

@@ -248,11 +248,17 @@ def test_out_of_memory_advice_fits_the_command(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr("awq_ref.cli_quantize.check_quantize_args", fail)
     for argv, advice in ((["ppl", "--text", "t.txt"], "A shorter --seqlen, --dtype bfloat16"),
                          (["generate", "--prompt", "Hi"], "fewer --max-new-tokens (the KV cache)"),
-                         (["quantize", "--out", str(tmp_path / "q")], "--stream (models larger")):
-        assert main([*argv, "--model", "absent"]) == 1
+                         (["quantize", "--out", str(tmp_path / "q"), "--model", str(tmp_path)],
+                          "Fewer --n-samples or a shorter --calib-seqlen, --stream (models")):
+        assert main([*argv, "--model", "absent"] if "--model" not in argv else argv) == 1
         err = capsys.readouterr().err
         assert advice in err and "may fit" in err, err
         assert argv[0] == "quantize" or "--n-samples" not in err, err
+    # rtn takes no --n-samples, and a GGUF file no --stream: advised only where they apply
+    assert main(["quantize", "--out", str(tmp_path / "q"), "--model", "m.gguf", "--method",
+                 "rtn"]) == 1
+    assert "out of memory (MemoryError: ); nothing was written. --dtype bfloat16, or a device" \
+        in capsys.readouterr().err
 
 
 def test_other_runtime_errors_keep_their_traceback(monkeypatch):

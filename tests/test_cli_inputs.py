@@ -269,3 +269,38 @@ def test_a_run_that_ignores_an_interrupted_search_says_so(folders, capsys, tmp_p
     assert (f"note: {tmp_path / 'q.partial'} holds an interrupted search this run does not use "
             "(--method rtn)") in capsys.readouterr().err
     assert (tmp_path / "q.partial").is_dir()  # not ours to delete
+
+
+def test_free_memory_is_the_containers_where_it_sets_a_limit(tmp_path):
+    """Under docker --memory, Kubernetes or Slurm the host's MemAvailable is not this process's:
+    the check passed and the cgroup's OOM killer ended the run without a word. The cgroup's
+    headroom (limit - usage, page cache not counted) now lowers it, v2 and v1; no limit, no
+    change; the cgroup named by /proc/self/cgroup, or the mount's root in a container."""
+    from awq_ref.cli_common import available_memory_bytes
+
+    def tree(name, cgroup, files):
+        root = tmp_path / name
+        (root / "proc" / "self").mkdir(parents=True)
+        (root / "proc" / "meminfo").write_text("MemTotal: 100 kB\nMemAvailable: 8000000 kB\n")
+        (root / "proc" / "self" / "cgroup").write_text(cgroup)
+        for path, text in files.items():
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text(text)
+        return root
+
+    job = "sys/fs/cgroup/job/42"
+    v2 = tree("v2", "0::/job/42\n", {f"{job}/memory.max": "2000000000\n",
+                                      f"{job}/memory.current": "1500000000\n",
+                                      f"{job}/memory.stat": "anon 1\ninactive_file 500000000\n"})
+    assert available_memory_bytes(v2) == 1_000_000_000  # 2e9 - 1.5e9 + 0.5e9 page cache
+    v1 = tree("v1", "4:memory:/docker/abc\n3:cpu:/\n", {  # namespaced: the mount is the cgroup
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": "3000000000\n",
+        "sys/fs/cgroup/memory/memory.usage_in_bytes": "1000000000\n",
+        "sys/fs/cgroup/memory/memory.stat": "total_inactive_file 0\n"})
+    assert available_memory_bytes(v1) == 2_000_000_000
+    unlimited = tree("none", "4:memory:/\n0::/\n", {
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
+        "sys/fs/cgroup/memory/memory.usage_in_bytes": "1\n",
+        "sys/fs/cgroup/memory/memory.stat": "", "sys/fs/cgroup/memory.max": "max\n"})
+    assert available_memory_bytes(unlimited) == 8_000_000 * 1024  # MemAvailable
+    assert available_memory_bytes(tmp_path / "absent") is None  # not Linux
