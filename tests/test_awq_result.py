@@ -1,6 +1,7 @@
 """AwqResult: save / load / re-apply round trip, and the api.quantize(method="awq") path."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,33 @@ def test_load_rejects_other_files(tmp_path):
         AwqResult.load(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not found"):
         AwqResult.load(tmp_path / "missing.safetensors")
+
+
+def test_a_saved_result_is_the_same_bytes_in_every_process(tmp_path):
+    """--save-result's file differed from run to run with the same search: safetensors writes
+    several metadata entries in a random order per process, and the search's wall time was one.
+    Now one entry, sorted, without the time; files of the first format still load."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    script = ("import sys, torch; from awq_ref import AwqResult, QuantSpec; "
+              "AwqResult(QuantSpec(4, 16), scales={'a': torch.ones(4)}, info={'config': '{}', "
+              "'search': '[]', 'seconds': sys.argv[2]}).save(sys.argv[1])")
+    for i in range(3):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"r{i}.st"), f"{i}.5"],
+                       check=True, env={"PYTHONPATH": str(Path(__file__).parents[1]),
+                                        "PYTHONHASHSEED": "random", "PATH": ""})
+    files = {(tmp_path / f"r{i}.st").read_bytes() for i in range(3)}
+    assert len(files) == 1
+    loaded = AwqResult.load(tmp_path / "r0.st")
+    assert loaded.info == {"config": "{}", "search": "[]"} and loaded.spec == QuantSpec(4, 16)
+    old = {"format": "awq_ref.AwqResult/1", "bits": "3", "group_size": "32",
+           "zero_point": "false", "info": '{"seconds": "1.0"}'}
+    save_file({"scale.a": torch.ones(4)}, str(tmp_path / "old.st"), metadata=old)
+    assert AwqResult.is_file(tmp_path / "old.st")
+    assert AwqResult.load(tmp_path / "old.st").spec == QuantSpec(3, 32, False)
 
 
 def test_load_refuses_unknown_and_unpaired_tensors(tmp_path):

@@ -5,8 +5,11 @@ Tensor names in the file:
                                    e.g. scale.model.layers.3.input_layernorm
     clip_lo.<linear>   (N, K/G)    lower clip bound per output channel and group
     clip_hi.<linear>   (N, K/G)    upper clip bound
-The metadata holds the QuantSpec the search used (bits, group_size, zero_point) and the
-AwqConfig as JSON, so a result documents how it was made.
+The metadata holds the QuantSpec the search used (bits, group_size, zero_point) and `info`
+(the AwqConfig and the search record as JSON), so a result documents how it was made: one
+entry, FORMAT -> that JSON with sorted keys, since safetensors writes several entries in a
+random order; without the search's wall time. So the same search gives the same bytes. Files
+of the first format (one entry per field) are still read.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from safetensors.torch import load_file, save_file
 
 from awq_ref.files import atomic_write, parse_json
 from awq_ref.quant.quantizer import QuantSpec
+
+FORMAT = "awq_ref.AwqResult/2"
+FORMAT_1 = "awq_ref.AwqResult/1"  # metadata entries format, bits, group_size, zero_point, info
+UNSAVED_INFO = ("seconds",)  # differs from run to run
 
 
 @dataclass
@@ -58,9 +65,10 @@ class AwqResult:
 
     def save(self, path: str | Path) -> None:
         tensors = self.to_tensors()
-        meta = {"format": "awq_ref.AwqResult/1", "bits": str(self.spec.bits),
-                "group_size": str(self.spec.group_size),
-                "zero_point": json.dumps(self.spec.zero_point), "info": json.dumps(self.info)}
+        record = {"bits": self.spec.bits, "group_size": self.spec.group_size,
+                  "zero_point": self.spec.zero_point,
+                  "info": {k: v for k, v in self.info.items() if k not in UNSAVED_INFO}}
+        meta = {FORMAT: json.dumps(record, sort_keys=True)}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @staticmethod
@@ -68,9 +76,10 @@ class AwqResult:
         """Whether `path` is a file AwqResult.save wrote (its metadata says so)."""
         try:
             with safe_open(str(path), framework="pt") as f:
-                return (f.metadata() or {}).get("format") == "awq_ref.AwqResult/1"
+                meta = f.metadata() or {}
         except (SafetensorError, OSError):
             return False
+        return FORMAT in meta or meta.get("format") == FORMAT_1
 
     @classmethod
     def load(cls, path: str | Path) -> AwqResult:
@@ -82,13 +91,22 @@ class AwqResult:
                 meta = f.metadata() or {}
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-        if meta.get("format") != "awq_ref.AwqResult/1":
+        if FORMAT not in meta and meta.get("format") != FORMAT_1:
             raise ValueError(f"{path}: not an AwqResult file "
                              f"(metadata format={meta.get('format')!r})")
         try:
-            spec = QuantSpec(int(meta["bits"]), int(meta["group_size"]),
-                             parse_json(meta["zero_point"], f"{path}: zero_point"))
-            info = parse_json(meta.get("info", "{}"), f"{path}: info")
+            if FORMAT in meta:
+                record = parse_json(meta[FORMAT], f"{path}: metadata")
+                bits, group_size, zero_point = (record["bits"], record["group_size"],
+                                                record["zero_point"])
+                info = record.get("info", {})
+            else:
+                bits, group_size = int(meta["bits"]), int(meta["group_size"])
+                zero_point = parse_json(meta["zero_point"], f"{path}: zero_point")
+                info = parse_json(meta.get("info", "{}"), f"{path}: info")
+            spec = QuantSpec(bits, group_size, zero_point)
+            if not isinstance(info, dict):
+                raise TypeError(f"info is a {type(info).__name__}, not an object")
             tensors = load_file(str(path))
         except KeyError as e:
             raise ValueError(f"{path}: AwqResult metadata lacks {e}") from None
