@@ -289,3 +289,15 @@ def test_tools_run_under_python_OO():
     assert offenders == []
     build = (TOOLS.parent / "awq_kernels" / "build.py").read_text("utf-8")
     assert re.search(r"\.read_text\(\)", build) is None
+
+
+def test_tools_find_the_shared_data_wherever_they_are_run_from():
+    """awq_quality, eval_checkpoints and the baselines named ../shared/data relative to the
+    current folder: run from anywhere but the repo, they failed (after loading the model)."""
+    import awq_quality
+    import baseline_protocol
+    import eval_checkpoints
+
+    repo = TOOLS.parent
+    for path in (awq_quality.DATA, baseline_protocol.DATA, eval_checkpoints.WIKI):
+        assert Path(path).is_absolute() and str(path).startswith(str(repo.parent / "shared"))
