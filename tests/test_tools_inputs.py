@@ -285,7 +285,8 @@ def test_tools_run_under_python_OO():
 
     sources = [*TOOLS.glob("*.py"), *(TOOLS.parent / "awq_ref").rglob("*.py"),
                *(TOOLS.parent / "awq_kernels").rglob("*.py")]
-    offenders = [p.name for p in sources if re.search(r"__doc__\s*\.", p.read_text("utf-8"))]
+    offenders = [p.name for p in sources if re.search(r"__doc__\s*\.", p.read_text("utf-8"))
+                 and p.name != "mutant_list.py"]  # its planted bugs are data
     assert offenders == []
     build = (TOOLS.parent / "awq_kernels" / "build.py").read_text("utf-8")
     assert re.search(r"\.read_text\(\)", build) is None
