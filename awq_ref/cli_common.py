@@ -118,9 +118,11 @@ CGROUP_MEMORY = {"v2": ("sys/fs/cgroup", "memory.max", "memory.current", "inacti
 
 
 def _cgroup_headroom(root: Path) -> int | None:
-    """limit - (usage - inactive page cache) of this process's memory cgroup (v2, or v1's memory
-    controller), None without a limit. /proc/self/cgroup names the cgroup; where it is not
-    under the mount (a container's namespaced mount), the mount's root is this cgroup."""
+    """The least limit - (usage - inactive page cache) of this process's memory cgroup and its
+    parents up to the mount (a Slurm job or systemd slice sets the limit above the task's own
+    cgroup), v2 or v1's memory controller; None without a limit. /proc/self/cgroup names the
+    cgroup; where it is not under the mount (a container's namespaced mount), the mount's root
+    is this cgroup."""
     try:
         lines = (root / "proc" / "self" / "cgroup").read_text().splitlines()
     except OSError:
@@ -133,18 +135,26 @@ def _cgroup_headroom(root: Path) -> int | None:
         if version is None:
             continue
         mount, limit_name, usage_name, cache_name = CGROUP_MEMORY[version]
-        folder = root / mount / path.lstrip("/")
-        if not (folder / limit_name).is_file():
-            folder = root / mount
-        try:
-            limit = (folder / limit_name).read_text().strip()
-            usage = int((folder / usage_name).read_text())
-            stat = dict(line.split()[:2] for line in
-                        (folder / "memory.stat").read_text().splitlines() if " " in line)
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # v1: "unlimited"
-            continue
-        headrooms.append(max(0, int(limit) - usage + int(stat.get(cache_name, 0))))
+        leaf = root / mount / path.lstrip("/")
+        if not (leaf / limit_name).is_file():
+            leaf = root / mount
+        for folder in [leaf, *(p for p in leaf.parents if root / mount in (p, *p.parents))]:
+            headroom = _headroom(folder, limit_name, usage_name, cache_name)
+            if headroom is not None:
+                headrooms.append(headroom)
     return min(headrooms) if headrooms else None
+
+
+def _headroom(folder: Path, limit_name: str, usage_name: str, cache_name: str) -> int | None:
+    """One cgroup folder's limit - (usage - inactive page cache), None without a limit."""
+    try:
+        limit = (folder / limit_name).read_text().strip()
+        usage = int((folder / usage_name).read_text())
+        stat = dict(line.split()[:2] for line in
+                    (folder / "memory.stat").read_text().splitlines() if " " in line)
+    except (OSError, ValueError):
+        return None
+    if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # v1: "unlimited"
+        return None
+    return max(0, int(limit) - usage + int(stat.get(cache_name, 0)))
 

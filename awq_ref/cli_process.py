@@ -61,17 +61,23 @@ class ForgivingStream(io.TextIOBase):
 @contextmanager
 def command_process() -> Iterator[None]:
     """For the duration: SIGTERM raises Terminated (main thread only: signal handlers can be set
-    nowhere else) and sys.stderr forgives failed writes; both restored after."""
-    previous = None
+    nowhere else) and sys.stderr forgives failed writes; both restored after. Nested or
+    concurrent runs (threads) wrap stderr once: the run that wrapped it unwraps it, if it is
+    still the wrapper then."""
+    installed, previous = False, None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    stderr, sys.stderr = sys.stderr, ForgivingStream(sys.stderr)
+        previous, installed = signal.signal(signal.SIGTERM, _raise_terminated), True
+    stderr = wrapper = None
+    if not isinstance(sys.stderr, ForgivingStream):
+        stderr, wrapper = sys.stderr, ForgivingStream(sys.stderr)
+        sys.stderr = wrapper
     try:
         yield
     finally:
-        sys.stderr = stderr
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if wrapper is not None and sys.stderr is wrapper:
+            sys.stderr = stderr
+        if installed:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def silence_stdout() -> None:

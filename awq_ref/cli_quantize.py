@@ -188,7 +188,7 @@ def _check_save_result(args: argparse.Namespace) -> None:
     if path.exists() and not AwqResult.is_file(path):
         raise ValueError(f"{flag} exists and is no saved search result (only one is replaced): "
                          "remove it or choose another name")
-    check_writable(resolved, "--save-result")
+    check_writable(path, "--save-result")  # written beside the name given (a link's folder)
 
 
 def _within(path: Path, folder: Path) -> bool:

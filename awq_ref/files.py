@@ -47,8 +47,9 @@ def write_error(e: BaseException, path: Path, tmp: Path) -> OSError | None:
     None for anything else (a bug or a bad value, raised as it is)."""
     if isinstance(e, OSError):
         code, where = e.errno, e.filename
-    else:
-        found = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, Exception) else None
+    else:  # not our own ValueErrors / TypeErrors (a bad value), whatever their words
+        library = isinstance(e, Exception) and not isinstance(e, (ValueError, TypeError))
+        found = re.search(r"\(os error (\d+)\)", str(e)) if library else None
         code, where = (int(found.group(1)) if found else None), None
     if code is None:
         return None
@@ -69,7 +70,13 @@ def check_writable(path: str | Path, flag: str, extra: int = TEMPORARY_EXTRA) ->
     the file system's limit. What only the writes find out (a disk full) they report, naming
     the path (write_error)."""
     path = Path(path).absolute()
-    parent = next(p for p in path.parents if p.exists())
+    if path.is_dir():  # an existing folder (a work folder resumed): itself must be writable
+        parent, names = path, ()
+    else:
+        parent = next(p for p in path.parents if p.exists() or p.is_symlink())
+        names = path.relative_to(parent).parts
+    if parent.is_symlink() and not parent.exists():
+        raise ValueError(f"{flag} {path}: {parent} is a link to nothing")
     if not parent.is_dir():
         raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -79,7 +86,7 @@ def check_writable(path: str | Path, flag: str, extra: int = TEMPORARY_EXTRA) ->
         limit = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
-    for part in path.relative_to(parent).parts:
+    for part in names:
         if len(os.fsencode(part)) + extra > limit:
             raise ValueError(f"{flag} {path}: the name {part[:40]!r}... is too long (at most "
                              f"{limit - extra} bytes here"
@@ -90,7 +97,8 @@ def check_writable(path: str | Path, flag: str, extra: int = TEMPORARY_EXTRA) ->
 def flock_exclusive(fd: int, blocking: bool) -> bool | None:
     """flock(fd) exclusively: True once held, False if another process holds it
     (blocking=False), None where there are no locks (not POSIX, or a file system without them,
-    e.g. some NFS: ENOLCK); the lock is released when fd is closed or the process ends."""
+    e.g. some NFS: ENOLCK, Lustre without its flock option: ENOSYS); the lock is released when
+    fd is closed or the process ends."""
     try:
         import fcntl
     except ImportError:
@@ -100,7 +108,7 @@ def flock_exclusive(fd: int, blocking: bool) -> bool | None:
     except BlockingIOError:
         return False
     except OSError as e:
-        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
             raise
         return None
     return True

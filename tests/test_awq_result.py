@@ -34,18 +34,21 @@ def test_save_load_reapply_round_trip(tmp_path, searched):
         assert torch.equal(p, q), name
 
 
-def test_a_result_is_folded_in_once(searched):
+def test_a_result_is_folded_in_once(searched, monkeypatch):
     """A second apply_awq (a notebook cell run twice) scaled the scaled weights again and
     clipped them to the once-scaled boxes, silently; now refused with the model unchanged, also
-    through quantize(result=...) and in a copy of the folded model."""
+    through quantize(result=...), in a copy of the folded model, and before a new search."""
     from awq_ref.api import quantize
 
     model = tiny_llama()
     apply_awq(model, searched)
     once = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr("awq_ref.awq.pipeline.search_awq",
+                        lambda *a, **k: pytest.fail("searched, then refused"))
     for again in (lambda: apply_awq(model, searched),
                   lambda: apply_awq(copy.deepcopy(model), searched, clip=False),
-                  lambda: quantize(model, "awq", SPEC.bits, SPEC.group_size, result=searched)):
+                  lambda: quantize(model, "awq", SPEC.bits, SPEC.group_size, result=searched),
+                  lambda: quantize(model, "awq", SPEC.bits, SPEC.group_size, calib_tokens=calib())):
         with pytest.raises(ValueError, match="already folded into this model"):
             again()
     assert all(torch.equal(v, once[k]) for k, v in model.state_dict().items())

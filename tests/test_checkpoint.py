@@ -204,6 +204,17 @@ def test_a_failed_or_killed_replacement_keeps_the_old_checkpoint(tmp_path, monke
     with pytest.raises(FileExistsError, match="already exists"):  # put back, then refused
         save_quantized(second, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not aside.exists()
+    aside.mkdir()  # a live swap between its renames (it holds the folder's lock): left alone
+    out.rename(aside / "x")
+    fd = os_module.open(aside, os_module.O_RDONLY)
+    try:
+        assert checkpoint.flock_exclusive(fd, blocking=False)
+        checkpoint.check_out_dir(out, overwrite=True)
+        assert (aside / "x").is_dir() and not out.exists()
+    finally:
+        os_module.close(fd)
+    checkpoint.check_out_dir(out, overwrite=True)  # its writer gone (killed): put back
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not aside.exists()
     aside.mkdir()  # killed after the second rename: the set-aside copy is garbage
     (aside / "x").mkdir()
     save_quantized(second, out, overwrite=True)

@@ -293,6 +293,14 @@ def test_free_memory_is_the_containers_where_it_sets_a_limit(tmp_path):
                                       f"{job}/memory.current": "1500000000\n",
                                       f"{job}/memory.stat": "anon 1\ninactive_file 500000000\n"})
     assert available_memory_bytes(v2) == 1_000_000_000  # 2e9 - 1.5e9 + 0.5e9 page cache
+    slurm = tree("slurm", "0::/job/7/task_0\n", {  # the job's limit, above the task's cgroup
+        "sys/fs/cgroup/job/7/task_0/memory.max": "max\n",
+        "sys/fs/cgroup/job/7/task_0/memory.current": "100\n",
+        "sys/fs/cgroup/job/7/task_0/memory.stat": "inactive_file 0\n",
+        "sys/fs/cgroup/job/7/memory.max": "4000000000\n",
+        "sys/fs/cgroup/job/7/memory.current": "1000000000\n",
+        "sys/fs/cgroup/job/7/memory.stat": "inactive_file 0\n"})
+    assert available_memory_bytes(slurm) == 3_000_000_000
     v1 = tree("v1", "4:memory:/docker/abc\n3:cpu:/\n", {  # namespaced: the mount is the cgroup
         "sys/fs/cgroup/memory/memory.limit_in_bytes": "3000000000\n",
         "sys/fs/cgroup/memory/memory.usage_in_bytes": "1000000000\n",

@@ -71,3 +71,15 @@ def test_quantize_finishes_whatever_its_output_streams(tmp_path, redirect, metho
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
     assert "status=0" in done.stderr, done.stderr[-800:]
     assert "Traceback" not in done.stderr and (out / "model.safetensors").is_file()
+
+
+def test_overlapping_runs_leave_stderr_as_it_was():
+    """Two runs in threads, or nested (a tool calling cli.main): entered A, B, left A, B left
+    sys.stderr wrapped for good (fileno() gone)."""
+    original = sys.stderr
+    a, b = command_process(), command_process()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    b.__exit__(None, None, None)
+    assert sys.stderr is original

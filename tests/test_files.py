@@ -2,6 +2,7 @@
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -138,7 +139,7 @@ def test_other_failures_of_a_write_are_raised_as_they_are(tmp_path):
     from awq_ref.files import atomic_write
 
     def fail(tmp):
-        raise ValueError("a bad tensor")
+        raise ValueError("a bad tensor (os error 28 in its words)")
 
     with pytest.raises(ValueError, match="a bad tensor"):
         atomic_write(tmp_path / "x", fail)
@@ -160,6 +161,16 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, mo
     with pytest.raises(ValueError, match=f"too long \\(at most {longest} bytes here, with room"):
         check_writable(tmp_path / ("a" * (longest + 1)), "--out")
     check_writable(tmp_path / ("a" * 255), "--work-dir", extra=0)  # made by mkdir alone
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="dangling is a link to nothing"):  # was: after the work
+        check_writable(tmp_path / "dangling" / "out", "--out")
+    (tmp_path / "ro" / "mine").mkdir(parents=True)  # a writable work folder in a read-only one
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: (Path(path).name != "ro"
+                                                          and real_access(path, mode)))
+    check_writable(tmp_path / "ro" / "mine", "--work-dir", extra=0)  # was refused
+    with pytest.raises(ValueError, match="ro is not writable"):
+        check_writable(tmp_path / "ro" / "new", "--work-dir", extra=0)
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as on a read-only mount
     with pytest.raises(ValueError, match="is not writable"):
         check_writable(tmp_path / "new" / "out", "--out")

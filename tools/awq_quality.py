@@ -94,7 +94,8 @@ def main() -> None:
         QuantSpec(bits, args.group)
     if args.json:
         check_output("--json", args.json, [args.model, args.calib, args.eval])
-    for flag, path in (("--calib", args.calib), ("--eval", args.eval)):
+    texts = [("--calib", args.calib)] + ([] if args.half_split else [("--eval", args.eval)])
+    for flag, path in texts:
         if not Path(path).is_file():  # found only after loading the model
             raise ValueError(f"{flag} {path}: no such file")
 

@@ -24,6 +24,7 @@ from tool_cli import count  # tools/, beside this script
 import awq_ref
 from awq_ref.awq.calibration import sample_from_model
 from awq_ref.awq.resume import Progress
+from awq_ref.cli_process import command_process, interrupted_status
 from awq_ref.eval import load_wikitext_tokens
 from awq_ref.files import atomic_write_text
 
@@ -51,20 +52,23 @@ def texts(model, tok, args) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def main() -> None:
-    """run(), with Ctrl-C ending in one line (exit status 130, as the CLI's commands do)."""
+    """run(), with Ctrl-C or SIGTERM ending in one line (exit status 130 / 143, as the CLI's
+    commands do)."""
     args = parse_args()
-    try:
-        run(args)
-    except (ValueError, OSError) as e:  # a bad option or path, a disk full: one line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        blocks = Progress(Path(args.out) / SEARCH_DIR).saved_blocks()
-        kept = (f"{blocks} finished AWQ block(s) are kept in {Path(args.out) / SEARCH_DIR}: the "
-                "same command resumes the search there" if blocks else
-                "no AWQ search progress is kept (the same command starts over)")
-        print(f"\ninterrupted: {kept}", file=sys.stderr)
-        sys.exit(130)
+    with command_process():  # SIGTERM as Ctrl-C; a stderr that cannot be written is no error
+        try:
+            run(args)
+        except (ValueError, OSError) as e:  # a bad option or path, a disk full: one line
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt as e:
+            blocks = Progress(Path(args.out) / SEARCH_DIR).saved_blocks()
+            kept = (f"{blocks} finished AWQ block(s) are kept in {Path(args.out) / SEARCH_DIR}: "
+                    "the same command resumes the search there" if blocks else
+                    "no AWQ search progress is kept (the same command starts over)")
+            word, status = interrupted_status(e)
+            print(f"\n{word}: {kept}", file=sys.stderr)
+            sys.exit(status)
 
 
 def parse_args() -> argparse.Namespace:

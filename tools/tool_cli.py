@@ -36,7 +36,7 @@ def check_output(flag: str, path: str | Path, inputs: Iterable[str | Path]) -> N
     for given in inputs:
         if Path(given).resolve() == out:
             raise ValueError(f"{flag} {path} is also an input; writing it would destroy it")
-    check_writable(out, flag)  # a file, read-only folder or too long a name: before the work
+    check_writable(path, flag)  # a file, read-only folder or too long a name: before the work
 
 
 def exit_status(main: Callable[[], int | None], interrupted: str = "nothing is kept") -> int:

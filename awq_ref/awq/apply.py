@@ -65,14 +65,19 @@ def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True,
     scales, clips = _steps(model, result, clip,
                            skip_names(modules_to_not_convert, "apply_awq"))
     check_changeable(model, "apply_awq")
-    if getattr(model, "awq_applied", False):
-        raise ValueError("apply_awq: a search result is already folded into this model; fold it "
-                         "into the fp model as loaded (a fresh copy), not twice")
+    check_not_applied(model, "apply_awq")
     for prev, linears, s, n_rep in scales:
         apply_scale(prev, linears, s, n_rep, model.config.head_dim)
     for linear, lo, hi in clips:
         apply_clip(linear, lo, hi)
     model.awq_applied = True
+
+
+def check_not_applied(model: nn.Module, where: str) -> None:
+    """ValueError if a search result was already folded into `model` (apply_awq's mark)."""
+    if getattr(model, "awq_applied", False):
+        raise ValueError(f"{where}: a search result is already folded into this model; fold "
+                         "it into the fp model as loaded (a fresh copy), not twice")
 
 
 def check_result_fits(model: nn.Module, result: AwqResult) -> None:

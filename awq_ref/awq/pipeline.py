@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from awq_ref.awq.apply import apply_awq, apply_clip, apply_scale
+from awq_ref.awq.apply import apply_awq, apply_clip, apply_scale, check_not_applied
 from awq_ref.awq.calibration import (
     DEFAULT_SEQLEN,
     DEFAULT_WINDOWS,
@@ -190,6 +190,7 @@ def run_awq(model: nn.Module, spec: QuantSpec, calib_tokens: torch.Tensor | None
     Extra keyword arguments are AwqConfig fields (n_grid=..., duo_scaling=...).
     """
     skip = skip_names(modules_to_not_convert, "quantize")
+    check_not_applied(model, "quantize")  # before a search whose result it would refuse
     if result is None:
         if calib_tokens is None:
             log.warning("no calibration tokens given: sampling %d x %d tokens from the model "

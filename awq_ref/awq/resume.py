@@ -123,23 +123,25 @@ class Progress:
                 yield
             finally:
                 self._holds = 0
-                if created:
-                    self._remove_if_unused(lock)
         finally:
+            if created:  # also when locking itself failed
+                self._remove_if_unused(lock)
             os.close(fd)  # releases the lock
 
     def _remove_killed_temporaries(self) -> None:
-        """Delete the temporary files killed writes left here (ours, `.NAME.tmp-*`, and
-        safetensors' own `.tmpXXXXXX` beside them), in the folder and its subfolders (streamed
-        shards): each is as large as the state, and every killed run left one more. Only while
-        the lock is held, so no live writer's file is taken."""
-        if not self.work_dir.is_dir():
-            return
-        for folder in [self.work_dir, *(p for p in self.work_dir.iterdir() if p.is_dir())]:
-            theirs = (p for p in folder.glob(".tmp*") if SAFETENSORS_TMP.fullmatch(p.name))
-            for path in [*folder.glob(".*.tmp-*"), *theirs]:
-                if path.is_file() and not path.is_symlink():
-                    path.unlink(missing_ok=True)
+        """Delete the temporary files killed writes of runs left here: the state's
+        (`.state.safetensors.tmp-*`) and, in `shards/` (a streamed run's, nothing else's), the
+        shards' and safetensors' own `.tmpXXXXXX`; each as large as the state or a block, one
+        more per killed run. Only while the lock is held, so no live writer of this folder's
+        files exists; nothing else is touched (a --work-dir the user shares with other work)."""
+        shards = self.work_dir / "shards"
+        found = [*self.work_dir.glob(f".{STATE_NAME}.tmp-*"),
+                 *(shards.glob(".*.tmp-*") if shards.is_dir() else ()),
+                 *(p for p in (shards.glob(".tmp*") if shards.is_dir() else ())
+                   if SAFETENSORS_TMP.fullmatch(p.name))]
+        for path in found:
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
 
     def _remove_if_unused(self, lock: Path) -> None:
         """The work folder, if it holds nothing but the lock (best effort: never masks the

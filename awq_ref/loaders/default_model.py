@@ -54,12 +54,15 @@ def default_gguf_path() -> Path:
         return target
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+        # read-only suffices for flock: another user of a shared cache may own the file
+        fd = os.open(folder / LOCK, os.O_CREAT | os.O_RDONLY, 0o666)
     except OSError as e:
         raise ValueError(f"cannot use {folder} as the default model's cache ({e.strerror or e}): "
                          "set AWQ_REF_CACHE to a writable folder") from None
     try:
         flock_exclusive(fd, blocking=True)  # another process fetching it: wait for it
+        for stale in folder.glob(".download-*"):  # killed downloads' (none live: locked)
+            shutil.rmtree(stale, ignore_errors=True)
         if not _cached(target):  # it may have finished meanwhile
             _fetch(folder, target)
     finally:

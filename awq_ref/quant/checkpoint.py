@@ -274,11 +274,21 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
 def _put_back_set_aside(out_dir: Path) -> None:
     """What a swap killed between its two renames left (`_swap_in`): the old out_dir, set
     aside, is put back if out_dir is missing (the write it made way for never arrived), else
-    (the new one arrived) deleted."""
+    (the new one arrived) deleted. A live swap holds its folder's lock and is left alone, and
+    so is every one where there are no locks (killed or live cannot be told apart)."""
     for old in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.old-*"):
-        if (old / "x").is_dir() and not (out_dir.exists() or out_dir.is_symlink()):
-            os.rename(old / "x", out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:  # gone meanwhile, a file, a link
+            continue
+        try:
+            if not flock_exclusive(fd, blocking=False):
+                continue
+            if (old / "x").is_dir() and not (out_dir.exists() or out_dir.is_symlink()):
+                os.rename(old / "x", out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _remove_killed_temporaries(out_dir: Path) -> None:
@@ -320,14 +330,19 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
         os.rename(tmp, out_dir)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.rename(out_dir, old / "x")
+    fd = os.open(old, os.O_RDONLY)
     try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old / "x", out_dir)
-        old.rmdir()
-        raise
-    shutil.rmtree(old)
+        flock_exclusive(fd, blocking=True)  # a live swap: `_put_back_set_aside` leaves it be
+        os.rename(out_dir, old / "x")
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            os.rename(old / "x", out_dir)
+            old.rmdir()
+            raise
+    finally:
+        os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)  # the new one is in place: the rest is best effort
 
 
 def _read_config(folder: Path) -> tuple[LlamaConfig, dict[str, Any]]:
