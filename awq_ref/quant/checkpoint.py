@@ -276,31 +276,29 @@ def _put_back_set_aside(out_dir: Path) -> None:
     aside, is put back if out_dir is missing (the write it made way for never arrived), else
     (the new one arrived) deleted. A live swap holds its folder's lock and is left alone, and
     so is every one where there are no locks (killed or live cannot be told apart)."""
-    for old in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.old-*"):
-        try:
-            fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError:  # gone meanwhile, a file, a link
-            continue
-        try:
-            if not flock_exclusive(fd, blocking=False):
-                continue
-            if (old / "x").is_dir() and not (out_dir.exists() or out_dir.is_symlink()):
-                os.rename(old / "x", out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            os.close(fd)
+    for old in _abandoned(out_dir, "old"):
+        if (old / "x").is_dir() and not (out_dir.exists() or out_dir.is_symlink()):
+            os.rename(old / "x", out_dir)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_killed_temporaries(out_dir: Path) -> None:
     """atomic_folder's temporary folders for out_dir that no live writer holds (best effort)."""
-    for old in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
+    for tmp in _abandoned(out_dir, "tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _abandoned(out_dir: Path, kind: str) -> Iterator[Path]:
+    """The `.NAME.{kind}-*` folders beside out_dir (atomic_folder's "tmp", _swap_in's "old")
+    whose writer is gone: each yielded while this process holds its lock."""
+    for folder in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{kind}-*"):
         try:
-            fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:  # gone meanwhile, a file, a link
             continue
         try:
             if flock_exclusive(fd, blocking=False):
-                shutil.rmtree(old, ignore_errors=True)
+                yield folder
         finally:
             os.close(fd)
 
