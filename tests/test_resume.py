@@ -76,8 +76,6 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-
-
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 def test_killed_run_resumes_to_identical_checkpoint(tiny_setup):
     model, text, root = tiny_setup
@@ -210,101 +208,6 @@ def test_a_hold_keeps_folders_it_did_not_create_and_its_caller_s_exception(tmp_p
     assert not (tmp_path / "new").exists()
 
 
-def test_killed_writes_temporaries_are_removed_once_the_folder_is_held(tmp_path):
-    """Every run killed while writing its state (or a streamed shard) left a temporary as large
-    as the state, and resuming never removed it (nor safetensors' own .tmpXXXXXX): repeated
-    kills could fill the disk. Taken when the next run holds the folder; nothing else, in a
-    --work-dir the user shares with other work (their temporaries, another run's in flight)."""
-    work = tmp_path / "work"
-    (work / "shards").mkdir(parents=True)
-    (work / "other.partial").mkdir()
-    killed = [work / ".state.safetensors.tmp-a1b2c3d4",
-              work / "shards" / ".model-00001-of-00003.safetensors.tmp-x9y8z7w6",
-              work / "shards" / ".tmpQ1w2E3"]
-    kept = [work / "notes.txt", work / ".tmp-notes", work / ".tmp4pzJRz",
-            work / ".results.safetensors.tmp-abcdefgh", work / "shards" / "model.safetensors",
-            work / "other.partial" / ".state.safetensors.tmp-k2j3h4g5", work / "state.safetensors"]
-    for path in killed + kept:
-        path.write_bytes(b"x")
-    with Progress(work).hold():
-        assert [p for p in killed if p.exists()] == [] and all(p.exists() for p in kept)
-        Progress(work).remove()
-    assert sorted(p.name for p in work.rglob("*")) == [
-        ".results.safetensors.tmp-abcdefgh", ".state.safetensors.tmp-k2j3h4g5", ".tmp-notes",
-        ".tmp4pzJRz", "model.safetensors", "notes.txt", "other.partial", "shards"]
-
-
-def test_a_file_system_without_locks_or_room_for_the_lock(tmp_path, monkeypatch):
-    """flock failing with ENOLCK (some NFS) ended every run with "[Errno 37] No locks
-    available": now the work folder and a save go on unlocked (and no other writer's temporary
-    is ever taken). A lock file that cannot be created (no inodes left) left the empty work
-    folder it had just made."""
-    import errno
-    import fcntl
-
-    from awq_ref.quant.checkpoint import atomic_folder
-
-    def no_locks(fd, op):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    def not_implemented(fd, op):  # Lustre mounted without its flock option
-        raise OSError(errno.ENOSYS, "Function not implemented")
-
-    def io_error(fd, op):
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(fcntl, "flock", not_implemented)
-    with Progress(tmp_path / "lustre").hold():
-        pass
-    monkeypatch.setattr(fcntl, "flock", io_error)  # any other failure: raised, no empty folder
-    with pytest.raises(OSError, match="Input/output"), Progress(tmp_path / "eio").hold():
-        pass
-    assert not (tmp_path / "eio").exists()
-    monkeypatch.setattr(fcntl, "flock", no_locks)
-    with Progress(tmp_path / "work").hold():
-        assert (tmp_path / "work").is_dir()
-    other = tmp_path / ".ckpt.tmp-otherwriter"  # unknowable whether its writer lives: kept
-    other.mkdir()
-    with atomic_folder(tmp_path / "ckpt") as tmp:
-        (tmp / "config.json").write_text("{}")
-    assert (tmp_path / "ckpt" / "config.json").exists() and other.is_dir()
-    monkeypatch.undo()
-
-    real_open = os.open
-
-    def no_inodes(path, *args):
-        if str(path).endswith(".lock"):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_open(path, *args)
-
-    monkeypatch.setattr(os, "open", no_inodes)
-    with pytest.raises(OSError, match="No space left"), Progress(tmp_path / "new").hold():
-        pass
-    assert not (tmp_path / "new").exists()
-
-
-def test_a_work_folder_that_cannot_be_emptied_is_a_note_after_success(tmp_path, monkeypatch,
-                                                                      capsys):
-    """The checkpoint is complete when the work folder is emptied: a failure there (a file
-    system gone read-only) made the whole run report an error, as if nothing had been written."""
-    import errno
-    import shutil
-
-    work = Progress(tmp_path / "work")
-    (work.work_dir / "shards").mkdir(parents=True)
-    work.state_path.write_bytes(b"state")
-
-    def read_only(path, *args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system", str(path))
-
-    monkeypatch.setattr(shutil, "rmtree", read_only)
-    work.remove([work.work_dir / "shards"])
-    assert "could not be emptied (Read-only file system)" in capsys.readouterr().err
-    monkeypatch.undo()
-    work.remove([work.work_dir / "shards"])
-    assert not work.work_dir.exists() and capsys.readouterr().err == ""
-
-
 def test_corrupt_state_file_is_a_value_error(tmp_path):
     """A torn or foreign state file raised SafetensorError / KeyError tracebacks on resume."""
     from safetensors.torch import save_file
@@ -325,7 +228,6 @@ def _empty_result():
     from awq_ref.awq.result import AwqResult
 
     return AwqResult(spec=QuantSpec(group_size=32))
-
 
 
 class _StopAfterBlock2(Progress):
@@ -375,7 +277,6 @@ def test_resume_in_process_matches(tmp_path, one_thread, monkeypatch):
         assert torch.equal(resumed.scales[k], full.scales[k])
     for k in full.clips:
         assert all(torch.equal(a, b) for a, b in zip(resumed.clips[k], full.clips[k]))
-
 
 
 @pytest.mark.parametrize("stream", [False, True])
