@@ -178,8 +178,6 @@ def _check_save_result(args: argparse.Namespace) -> None:
 
     path, flag = Path(args.save_result), f"--save-result {args.save_result}"
     resolved, model = path.resolve(), Path(args.model).resolve()
-    if path.is_symlink() and not path.exists():
-        raise ValueError(f"{flag} is a link to nothing; name the file itself")
     if path.is_dir():
         raise ValueError(f"{flag} is a folder; give a file name")
     if _within(resolved, model) or any(resolved == Path(c).resolve() for c in args.calib or ()):

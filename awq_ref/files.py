@@ -70,6 +70,8 @@ def check_writable(path: str | Path, flag: str, extra: int = TEMPORARY_EXTRA) ->
     the file system's limit. What only the writes find out (a disk full) they report, naming
     the path (write_error)."""
     path = Path(path).absolute()
+    if path.is_symlink() and not path.exists():  # an atomic write would replace the link
+        raise ValueError(f"{flag} {path} is a link to nothing; name the file itself")
     if path.is_dir():  # an existing folder (a work folder resumed): itself must be writable
         parent, names = path, ()
     else:
