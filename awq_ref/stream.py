@@ -178,24 +178,24 @@ def _quantize_blocks(source: Source, work: Progress, method: str, spec: QuantSpe
     work.announce(first, config.progress)
     shards = work.work_dir / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=n_blocks, initial=first, desc=f"{method} (streamed)", unit="block",
-               disable=not config.progress)
-    for i in range(first, n_blocks):
-        prefix = f"model.layers.{i}"
-        block = source.block(i, device)
-        if method == "awq":
-            fp_names = {n for n, m in block.named_modules()
-                        if isinstance(m, nn.Linear) and skipped(f"{prefix}.{n}", skip)}
-            search_block(block, prefix, cfg, x, cos, sin, spec, config, result, fp_names)
-        tensors = block_tensors(block, prefix, spec, skip, dtype)
-        del block
-        _write_atomic(tensors, shards / shard_name(i, n_blocks + 1))
-        del tensors
-        work.save(i + 1, result, x if x is not None else torch.zeros(0))
-        result.scales.clear()  # folded into the shard just written
-        result.clips.clear()
-        bar.update(1)
-    bar.close()
+    # `with`: the bar is closed on an error too, so the error's line starts a line of its own
+    with tqdm(total=n_blocks, initial=first, desc=f"{method} (streamed)", unit="block",
+              disable=not config.progress) as bar:
+        for i in range(first, n_blocks):
+            prefix = f"model.layers.{i}"
+            block = source.block(i, device)
+            if method == "awq":
+                fp_names = {n for n, m in block.named_modules()
+                            if isinstance(m, nn.Linear) and skipped(f"{prefix}.{n}", skip)}
+                search_block(block, prefix, cfg, x, cos, sin, spec, config, result, fp_names)
+            tensors = block_tensors(block, prefix, spec, skip, dtype)
+            del block
+            _write_atomic(tensors, shards / shard_name(i, n_blocks + 1))
+            del tensors
+            work.save(i + 1, result, x if x is not None else torch.zeros(0))
+            result.scales.clear()  # folded into the shard just written
+            result.clips.clear()
+            bar.update(1)
 
 
 def _calibration_inputs(source: Source, calib: torch.Tensor, device: torch.device

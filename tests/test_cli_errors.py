@@ -386,3 +386,43 @@ def test_quantize_hands_seed_and_search_options_to_the_search(capsys, tmp_path, 
         assert torch.equal(calib, calibration_tokens(tok, [Path(text)], 4, 16, seed))
         assert config.duo_scaling is True and config.n_grid == 3
     assert not torch.equal(seen[0][0], seen[1][0])
+
+
+
+@pytest.mark.parametrize("where,extra", [
+    ("awq_ref.awq.pipeline.search_block", ["--n-samples", "2", "--calib-seqlen", "16",
+                                            "--n-grid", "2"]),
+    ("awq_ref.stream.block_tensors", ["--method", "rtn", "--stream"]),
+    ("awq_ref.eval._score_window", None),
+])
+def test_an_error_during_a_progress_bar_starts_its_own_line(capsys, tmp_path, monkeypatch,
+                                                            request, where, extra, one_thread):
+    """The bar is closed when the work fails (keeping the count reached), so the error line
+    starts a line of its own instead of being appended to the bar's."""
+    folder = _random_folder(tmp_path)
+    real, calls = _target(where), []
+
+    def fail_the_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(where, fail_the_second_time)
+    if extra is None:  # ppl: a text of a few windows, read with the stories260K tokenizer
+        text = tmp_path / "t.txt"
+        text.write_text("Once upon a time there was a cat. " * 40)
+        model = request.getfixturevalue("stories_dir") / "stories260K.bin"
+        argv = ["ppl", "--model", str(model), "--text", str(text), "--seqlen", "32"]
+    else:
+        argv = ["quantize", "--model", str(folder), "--out", str(tmp_path / "q"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "|" in err and "\nerror: [Errno 28] No space left on device" in err, err
+
+
+def _target(dotted: str):
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)

@@ -143,21 +143,20 @@ def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
         cos, sin = (t.to(device) for t in model.rotary(0, x.shape[1], torch.float32))
         blocks = model.model.layers
         first = _resume(progress, model, calib_tokens, spec, config, skip, device, result, x)
-        bar = tqdm(total=len(blocks), initial=first, desc="AWQ", unit="block",
-                   disable=not config.progress)
-        for i, block in enumerate(blocks):
-            if i < first:
-                continue
-            prefix = f"model.layers.{i}"
-            work = copy.deepcopy(block).to(device, torch.float32)
-            fp_names = {n for n, m in work.named_modules()
-                        if isinstance(m, nn.Linear) and skipped(f"{prefix}.{n}", skip)}
-            search_block(work, prefix, model.config, x, cos, sin, spec, config, result, fp_names)
-            bar.update(1)
-            del work
-            if progress is not None:
-                progress.save(i + 1, result, x)
-        bar.close()
+        # `with`: the bar is closed on an error too, so the error's line starts a line of its own
+        with tqdm(total=len(blocks), initial=first, desc="AWQ", unit="block",
+                  disable=not config.progress) as bar:
+            for i in range(first, len(blocks)):
+                prefix = f"model.layers.{i}"
+                work = copy.deepcopy(blocks[i]).to(device, torch.float32)
+                fp_names = {n for n, m in work.named_modules()
+                            if isinstance(m, nn.Linear) and skipped(f"{prefix}.{n}", skip)}
+                search_block(work, prefix, model.config, x, cos, sin, spec, config, result,
+                             fp_names)
+                bar.update(1)
+                del work
+                if progress is not None:
+                    progress.save(i + 1, result, x)
     result.info["seconds"] = f"{time.perf_counter() - start:.1f}"
     result.info["search"] = json.dumps(result.search)
     return result
