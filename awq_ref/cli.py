@@ -10,7 +10,15 @@ from pathlib import Path
 
 import torch
 
-from awq_ref.cli_common import DTYPES, add_model_args, load, positive, seed, warn_past_context
+from awq_ref.cli_common import (
+    DTYPES,
+    add_model_args,
+    command_line_text,
+    load,
+    positive,
+    seed,
+    warn_past_context,
+)
 from awq_ref.cli_process import command_process, interrupted_status, silence_stdout
 from awq_ref.cli_quantize import add_quantize_parser, what_is_kept
 
@@ -205,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt")
     add_model_args(g)
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, type=command_line_text)
     g.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     g.add_argument("--top-p", type=float, default=1.0,

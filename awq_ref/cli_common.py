@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="weights and activations (default: float32)")
+
+
+def command_line_text(value: str) -> str:
+    """argparse type of a text argument (--prompt): Python decodes arguments with the locale's
+    encoding, so under a non-UTF-8 one (LC_ALL=C with PYTHONUTF8=0) "café" arrives as
+    'caf\\udcc3\\udca9', surrogate escapes a tokenizer cannot take. Such an argument is read as
+    the UTF-8 its bytes are (bytes that are not UTF-8 become U+FFFD); one without escapes (all
+    of it decoded by the locale) is kept as it is."""
+    if not any("\udc80" <= ch <= "\udcff" for ch in value):
+        return value
+    return os.fsencode(value).decode("utf-8", errors="replace")
 
 
 # Counts past this are typos, and torch cannot take them (a TypeError, not a message).

@@ -196,10 +196,8 @@ class TokenizersBackend:
         return self.tk.id_to_token(token_id)
 
     def save(self, path: Path) -> None:
-        if self._as_loaded is None:
-            self.tk.save(str(path))
-        else:
-            path.write_text(self._as_loaded, encoding="utf-8")
+        # Written here, not by tk.save: the library takes only paths that are valid UTF-8.
+        path.write_text(self._as_loaded or self.tk.to_str(pretty=True), encoding="utf-8")
 
     def save_adding_bos(self, path: Path, bos_id: int) -> None:
         """`save`, with a post-processor that puts BOS first (after the file's own, if any).
@@ -219,7 +217,7 @@ class TokenizersBackend:
                                                  special_tokens=[(bos, bos_id)])
         own = tk.post_processor
         tk.post_processor = template if own is None else processors.Sequence([own, template])
-        tk.save(str(path))
+        path.write_text(tk.to_str(pretty=True), encoding="utf-8")
 
     def adds_bos(self, bos_id: int | None) -> bool:
         """Whether the file's own post-processor puts BOS first (Llama-2/3 tokenizer.json do)."""
@@ -255,10 +253,12 @@ class SentencePieceBackend:
 
 
 def load_tokenizers_file(path: Path) -> TokenizersBackend:
+    """The file is read here, not by the library, which takes only paths that are valid UTF-8
+    (a folder named in Latin-1, or any non-ASCII name under a non-UTF-8 locale, is not)."""
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
-        return TokenizersBackend(HFTokenizer.from_file(str(path)))
+        return TokenizersBackend(HFTokenizer.from_str(path.read_bytes().decode("utf-8")))
     except BaseException as e:
         if not is_error_or_rust_panic(e):
             raise
@@ -288,8 +288,8 @@ def load_sentencepiece_file(path: Path) -> SentencePieceBackend:
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor()
-    try:
-        sp.load(str(path))
+    try:  # the bytes read here: the library takes only paths that are valid UTF-8
+        sp.LoadFromSerializedProto(path.read_bytes())
     except (OSError, RuntimeError) as e:
         raise ValueError(f"{path}: cannot read SentencePiece model ({e})") from e
     return SentencePieceBackend(sp)

@@ -194,6 +194,20 @@ def test_generate_ends_its_output_with_a_newline(capsys, stories_dir):
     assert out.startswith("Once") and out.endswith("\n")
 
 
+def test_a_prompt_decoded_under_a_non_utf8_locale_is_read_as_utf8(capsys, stories_dir):
+    """Under LC_ALL=C with PYTHONUTF8=0, Python decodes the argument "café" as ASCII with
+    surrogate escapes ('caf\\udcc3\\udca9'), which the tokenizer cannot take: its bytes are
+    read as the UTF-8 they are; bytes that are no UTF-8 at all become U+FFFD."""
+    from awq_ref.cli_common import command_line_text
+
+    assert command_line_text("caf\udcc3\udca9") == "café"
+    assert command_line_text("caf\udce9") == "caf\ufffd"
+    assert command_line_text("café") == "café"  # decoded by a Latin-1 locale: kept as it is
+    assert main(["generate", "--model", str(stories_dir / "stories260K.bin"), "--prompt",
+                 "caf\udcc3\udca9", "--max-new-tokens", "1"]) == 0
+    assert capsys.readouterr().out.startswith("café")
+
+
 def test_ppl_and_generate_options(capsys):
     ppl = ["ppl", "--model", "absent", "--text", "absent.txt"]
     _refused(capsys, [*ppl, "--seqlen", "1"], "--seqlen must be at least 2")
