@@ -262,7 +262,7 @@ def _awq_result(args: argparse.Namespace, model, tok, spec, progress=None):
               file=sys.stderr)
         calib = sample_from_model(model, args.n_samples, args.calib_seqlen, args.seed)
     config = AwqConfig(**awq_options(args))
-    result = search_awq(model, calib, spec, config, device=args.device, progress=progress)
+    result = search_awq(model, calib, spec, config, device=args.device, work=progress)
     if args.save_result:
         result.save(args.save_result)
         print(f"search result saved to {args.save_result}", file=sys.stderr)

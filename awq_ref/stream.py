@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from awq_ref.api import METHODS, check_quantizable_config
 from awq_ref.awq.calibration import check_calib_tokens
 from awq_ref.awq.capture import embed
-from awq_ref.awq.pipeline import AwqConfig, search_block
+from awq_ref.awq.pipeline import AwqConfig, fp_linears, search_block
 from awq_ref.awq.result import AwqResult
 from awq_ref.awq.resume import Progress, fingerprint
 from awq_ref.config import LlamaConfig
@@ -185,9 +185,8 @@ def _quantize_blocks(source: Source, work: Progress, method: str, spec: QuantSpe
             prefix = f"model.layers.{i}"
             block = source.block(i, device)
             if method == "awq":
-                fp_names = {n for n, m in block.named_modules()
-                            if isinstance(m, nn.Linear) and skipped(f"{prefix}.{n}", skip)}
-                search_block(block, prefix, cfg, x, cos, sin, spec, config, result, fp_names)
+                search_block(block, prefix, cfg, x, cos, sin, spec, config, result,
+                             fp_linears(block, prefix, skip))
             tensors = block_tensors(block, prefix, spec, skip, dtype)
             del block
             _write_atomic(tensors, shards / shard_name(i, n_blocks + 1))

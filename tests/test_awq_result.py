@@ -27,6 +27,7 @@ def test_save_load_reapply_round_trip(tmp_path, searched):
     loaded = AwqResult.load(tmp_path / "awq.safetensors")
     assert loaded.spec == SPEC and loaded.scales.keys() == result.scales.keys()
     assert loaded.info["config"] == result.info["config"]
+    assert loaded.search == result.search and len(result.search) == 4 * 2  # groups x blocks
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     apply_awq(a, result)
     apply_awq(b, loaded)

@@ -253,23 +253,23 @@ def test_resume_in_process_matches(tmp_path, one_thread, monkeypatch):
     full = search_awq(model, tokens, spec, config)
 
     with pytest.raises(KeyboardInterrupt):
-        search_awq(model, tokens, spec, config, progress=_StopAfterBlock2(tmp_path / "work"))
+        search_awq(model, tokens, spec, config, work=_StopAfterBlock2(tmp_path / "work"))
     progress = Progress(tmp_path / "work")
     assert saved_block(progress.state_path) == 2
     with pytest.raises(ValueError, match="different model, calibration data or settings"):
-        search_awq(model, tokens, spec, AwqConfig(n_grid=6, progress=False), progress=progress)
+        search_awq(model, tokens, spec, AwqConfig(n_grid=6, progress=False), work=progress)
     fine_tuned = copy.deepcopy(model)  # the same config; one matrix of the last block moved
     with torch.no_grad():
         w = fine_tuned.model.layers[3].mlp.down_proj.weight
         w += 1e-4 * torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
     with pytest.raises(ValueError, match="different model, calibration data or settings"):
-        search_awq(fine_tuned, tokens, spec, config, progress=progress)
+        search_awq(fine_tuned, tokens, spec, config, work=progress)
     assert saved_block(progress.state_path) == 2
     searched, search_block = [], pipeline.search_block
     monkeypatch.setattr(
         pipeline, "search_block",
         lambda block, prefix, *a: searched.append(prefix) or search_block(block, prefix, *a))
-    resumed = search_awq(model, tokens, spec, config, progress=progress)
+    resumed = search_awq(model, tokens, spec, config, work=progress)
     assert searched == ["model.layers.2", "model.layers.3"]  # blocks 0, 1 were not redone
     assert resumed.search == full.search
     assert sorted(resumed.scales) == sorted(full.scales)

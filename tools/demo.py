@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
     # saved after every block: a rerun after Ctrl-C or a crash resumes (awq.resume)
     search = Progress(out / SEARCH_DIR, identity={"model": "default"})
     result = awq_ref.search_awq(model, calib, awq_ref.QuantSpec(4, args.group_size),
-                                progress=search)
+                                work=search)
     awq = awq_ref.quantize(model, "awq", 4, args.group_size, result=result)
     awq_seconds = time.perf_counter() - t
     rtn = awq_ref.quantize(model, "rtn", 4, args.group_size)

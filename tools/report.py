@@ -98,7 +98,7 @@ def loss_curves(model: nn.Module, tokens: torch.Tensor, spec: QuantSpec, blocks:
         work = copy.deepcopy(block).float()
         stats = _stats(work, x, rotary, config, gram=True)
         for group, st in zip(LLAMA_GROUPS, stats):
-            n_rep = cfg.n_rep if group.repeat_kv else 1
+            n_rep = group.n_rep(cfg)
             choice = search_group(work, group, st, n_rep, cfg.head_dim, spec, config, rotary,
                                   f"model.layers.{i}.{group.prev}", set())
             apply_scale(work.get_submodule(group.prev),
@@ -113,10 +113,10 @@ def loss_curves(model: nn.Module, tokens: torch.Tensor, spec: QuantSpec, blocks:
 def chosen_ratios(result: AwqResult, n_layers: int) -> np.ndarray:
     """(n_layers, len(LLAMA_GROUPS)) chosen a per block and group; NaN where none was searched.
 
-    Read from result.search, or from result.info["search"] after AwqResult.load."""
-    search = result.search or json.loads(result.info.get("search", "[]"))
+    Read from result.search (AwqResult.load restores it from the file)."""
+    search = result.search
     if not search:
-        raise ValueError("AwqResult carries no search record (neither .search nor info['search'])")
+        raise ValueError("AwqResult carries no search record")
     column = {g.prev: j for j, g in enumerate(LLAMA_GROUPS)}
     out = np.full((n_layers, len(LLAMA_GROUPS)), np.nan)
     for row in search:  # prev = "model.layers.<i>.<group prev>"

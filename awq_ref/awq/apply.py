@@ -27,7 +27,7 @@ def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor,
 
     prev is an RMSNorm (1-D weight) or an nn.Linear (rows of weight and bias).
     """
-    s_in = expand_kv(s, n_rep, head_dim) if n_rep > 1 else s
+    s_in = expand_kv(s, n_rep, head_dim)
     if isinstance(prev, nn.Linear):
         prev.weight.div_(s.to(prev.weight)[:, None])  # (N, K) rows
         if prev.bias is not None:
@@ -102,7 +102,7 @@ def _steps(model: nn.Module, result: AwqResult, clip: bool, skip: tuple[str, ...
                 raise ValueError(f"AwqResult: the scale of {name} has shape {tuple(s.shape)}, "
                                  f"which does not fit its {prev.weight.shape[0]} channels")
             scales.append((prev, [layer.get_submodule(x) for x in group.linears], s,
-                           cfg.n_rep if group.repeat_kv else 1))
+                           group.n_rep(cfg)))
             names.add(name)
     unknown = sorted(set(result.scales) - names)
     if unknown:

@@ -65,8 +65,13 @@ from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import fake_quantize_weight
 
 log = logging.getLogger(__name__)
+# The next block's inputs: the block's output with the original fp weights ("fp"), with the
+# scaled and clipped fp weights, not rounded ("awq"), or with the fake-quantized ones.
 PROPAGATE = ("fp", "awq", "quantized")
-_FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool}  # AwqConfig's annotations
+# AwqConfig's annotations are strings (`from __future__ import annotations` leaves them
+# unevaluated), so the checked types are keyed by their text; str and tuple fields are checked
+# by name in __post_init__.
+_FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool}
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,8 @@ class AwqConfig:
     scale_vo_gqa: bool = True  # search v_proj -> o_proj also when Hkv < H (llm-awq skips it)
     clip: bool = True
     clip_skip: tuple[str, ...] = LLAMA_CLIP_SKIP
-    clip_grid: int = 40  # measured: 40 beat 20 on ppl, KL and top-1 at the same search time
-    max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ..., > 1 - max_shrink
+    clip_grid: int = 40  # clip ratio step 1/clip_grid (measured: 40 beat 20 on ppl, KL, top-1)
+    max_shrink: float = 0.5  # clip ratios 1, 1 - 1/clip_grid, ..., > 1 - max_shrink (20 of them)
     clip_mode: str = "lohi"  # see search_clip.CLIP_MODES
     clip_joint: int = 2  # > 0: sweeps re-picking boxes by whole-row output error (search_clip)
     # n_grid 40, lohi and clip_joint 2 were measured together: docs/walkthrough.md section 8
@@ -120,14 +125,15 @@ class AwqConfig:
 
 def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
                config: AwqConfig = AwqConfig(), device: str | torch.device | None = None,
-               modules_to_not_convert: Iterable[str] = (), progress: Progress | None = None
+               modules_to_not_convert: Iterable[str] = (), work: Progress | None = None
                ) -> AwqResult:
     """Search AWQ scales and clip ranges for `model` on calib_tokens (B, T); model unchanged.
 
     Linears whose full name contains an entry of modules_to_not_convert stay fp in the losses
     and are never clipped; their input channels are still scaled (that is exact) when their
     scaling group also holds a quantized linear; a group of only such linears is not searched.
-    progress: save the state after every block and resume from it (see awq.resume).
+    work: a work folder (awq.resume.Progress): the state is saved there after every block, and
+    a rerun resumes from it.
     """
     check_calib_tokens(calib_tokens)
     check_token_ids(model.config, calib_tokens, "calib_tokens")
@@ -138,44 +144,43 @@ def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
         spec.group_for(lin.in_features, name)
     result = AwqResult(spec=spec, info={"config": json.dumps(asdict(config))})
     start = time.perf_counter()
-    with torch.no_grad(), progress.hold() if progress is not None else nullcontext():
+    with torch.no_grad(), work.hold() if work is not None else nullcontext():
         x = embed(model, calib_tokens, device)  # (B, T, D)
-        cos, sin = (t.to(device) for t in model.rotary(0, x.shape[1], torch.float32))
+        cos, sin = (t.to(device) for t in model.rotary(0, x.shape[1], torch.float32))  # (T, Dh)
         blocks = model.model.layers
-        first = _resume(progress, model, calib_tokens, spec, config, skip, device, result, x)
+        first = _resume(work, model, calib_tokens, spec, config, skip, device, result, x)
         # `with`: the bar is closed on an error too, so the error's line starts a line of its own
         with tqdm(total=len(blocks), initial=first, desc="AWQ", unit="block",
                   disable=not config.progress) as bar:
             for i in range(first, len(blocks)):
                 prefix = f"model.layers.{i}"
-                work = copy.deepcopy(blocks[i]).to(device, torch.float32)
-                fp_names = {n for n, m in work.named_modules()
-                            if isinstance(m, nn.Linear) and skipped(f"{prefix}.{n}", skip)}
-                search_block(work, prefix, model.config, x, cos, sin, spec, config, result,
-                             fp_names)
+                block = copy.deepcopy(blocks[i]).to(device, torch.float32)  # the working copy
+                search_block(block, prefix, model.config, x, cos, sin, spec, config, result,
+                             fp_linears(block, prefix, skip))
+                # x (B, T, D) now holds this block's outputs: the next block's inputs
                 bar.update(1)
-                del work
-                if progress is not None:
-                    progress.save(i + 1, result, x)
+                del block
+                if work is not None:
+                    work.save(i + 1, result, x)
     result.info["seconds"] = f"{time.perf_counter() - start:.1f}"
     result.info["search"] = json.dumps(result.search)
     return result
 
 
-def _resume(progress: Progress | None, model: nn.Module, calib_tokens: torch.Tensor,
+def _resume(work: Progress | None, model: nn.Module, calib_tokens: torch.Tensor,
             spec: QuantSpec, config: AwqConfig, skip: tuple[str, ...], device: torch.device,
             result: AwqResult, x: torch.Tensor) -> int:
     """The first block to search: 0, or where a saved state ends (result and x then restored)."""
-    if progress is None:
+    if work is None:
         return 0
-    identity = {**progress.identity, "weights": weights_digest(model)}
-    progress.bind(fingerprint(model.config, calib_tokens, spec, config, skip, device, identity))
-    state = progress.restore(result)
+    identity = {**work.identity, "weights": weights_digest(model)}
+    work.bind(fingerprint(model.config, calib_tokens, spec, config, skip, device, identity))
+    state = work.restore(result)
     if state is None:
         return 0
     first, hidden = state
     x.copy_(hidden)
-    progress.announce(first, config.progress)
+    work.announce(first, config.progress)
     return first
 
 
@@ -202,10 +207,19 @@ def run_awq(model: nn.Module, spec: QuantSpec, calib_tokens: torch.Tensor | None
     return model
 
 
+def fp_linears(block: nn.Module, prefix: str, skip: tuple[str, ...]) -> set[str]:
+    """The block's linears (names inside the block) that stay unquantized: skipped(prefix.name)."""
+    return {n for n, m in block.named_modules()
+            if isinstance(m, nn.Linear) and skipped(f"{prefix}.{n}", skip)}
+
+
 def search_block(block: nn.Module, prefix: str, model_cfg: LlamaConfig, x: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, spec: QuantSpec, config: AwqConfig,
                  result: AwqResult, fp_names: set[str] = frozenset()) -> None:
-    """Steps 1-4 for one block: mutates `block` (the working copy) and x (now the next inputs).
+    """Steps 1-4 for one block. Mutates `block` (the fp32 working copy: scales and clips folded
+    in), x (B, T, D) in place (the block's outputs: the next block's inputs; with
+    propagate="fp" written during step 1's forward already) and `result` (this block's scales,
+    clips and search records).
 
     fp_names: the block's linears that stay unquantized (not clipped, fp in the losses)."""
     chunk_seqs = max(1, config.chunk_tokens // x.shape[1])
@@ -213,25 +227,10 @@ def search_block(block: nn.Module, prefix: str, model_cfg: LlamaConfig, x: torch
     # Step 1; with propagate="fp" the same forward also writes step 4's outputs into x.
     stats = capture_block(block, x, cos, sin, LLAMA_GROUPS, plan, chunk_seqs, prefix,
                           write_outputs=config.propagate == "fp")
-    s_in_by_group = {}  # group index -> the (K,) scale its linears' inputs are divided by
-    for gi, group in enumerate(LLAMA_GROUPS):
-        n_rep = model_cfg.n_rep if group.repeat_kv else 1
-        if (n_rep > 1 and not config.scale_vo_gqa) or set(group.linears) <= fp_names:
-            continue
-        clips = {n: clipper(stats[gi].gram, spec, config.scale_clip_grid, config.max_shrink,
-                            config.clip_mode, n)
-                 for n in group.linears if config.clip and config.scale_clip_grid > 0
-                 and n not in config.clip_skip and n not in fp_names}
-        choice = search_group(block, group, stats[gi], n_rep, model_cfg.head_dim, spec, config,
-                              (cos, sin), f"{prefix}.{group.prev}", fp_names, clips)
-        apply_scale(block.get_submodule(group.prev),
-                    [block.get_submodule(n) for n in group.linears], choice.s, n_rep,
-                    model_cfg.head_dim)
-        s_in_by_group[gi] = (expand_kv(choice.s, n_rep, model_cfg.head_dim) if n_rep > 1
-                             else choice.s)
-        result.scales[f"{prefix}.{group.prev}"] = choice.s.cpu()
-        result.search.append({"prev": f"{prefix}.{group.prev}", "ratio": choice.ratio,
-                              "loss": choice.loss, "loss0": choice.loss0})
+    # Step 2: each group's scale, folded in before the next group is searched.
+    s_in_by_group = search_scales(block, prefix, model_cfg, stats, (cos, sin), spec, config,
+                                  result, fp_names)
+    # Step 3: the clip boxes, searched on the scaled weights.
     if config.clip:
         clip_block(block, prefix, stats, s_in_by_group, spec, config, result, fp_names)
     # Step 4 ("fp" was done in step 1).
@@ -239,6 +238,41 @@ def search_block(block: nn.Module, prefix: str, model_cfg: LlamaConfig, x: torch
         forward_block(block, x, cos, sin, chunk_seqs, prefix)
     elif config.propagate == "quantized":
         forward_block(quantized_copy(block, spec, fp_names), x, cos, sin, chunk_seqs, prefix)
+
+
+def search_scales(block: nn.Module, prefix: str, model_cfg: LlamaConfig,
+                  stats: list[InputStats], rotary: tuple, spec: QuantSpec, config: AwqConfig,
+                  result: AwqResult, fp_names: set[str]) -> dict[int, torch.Tensor]:
+    """Step 2: search each group's scale (search_group) and fold it into `block` (apply_scale);
+    record it in `result`. Returns group index -> the scale (K,) its linears' inputs are now
+    divided by (for GQA's v -> o: the v scales expanded over the query heads)."""
+    s_in_by_group = {}
+    for gi, group in enumerate(LLAMA_GROUPS):
+        n_rep = group.n_rep(model_cfg)
+        if (n_rep > 1 and not config.scale_vo_gqa) or set(group.linears) <= fp_names:
+            continue
+        where = f"{prefix}.{group.prev}"
+        clips = _candidate_clips(group, stats[gi].gram, spec, config, fp_names)
+        choice = search_group(block, group, stats[gi], n_rep, model_cfg.head_dim, spec, config,
+                              rotary, where, fp_names, clips)
+        apply_scale(block.get_submodule(group.prev),
+                    [block.get_submodule(n) for n in group.linears], choice.s, n_rep,
+                    model_cfg.head_dim)
+        s_in_by_group[gi] = expand_kv(choice.s, n_rep, model_cfg.head_dim)
+        result.scales[where] = choice.s.cpu()
+        result.search.append({"prev": where, "ratio": choice.ratio, "loss": choice.loss,
+                              "loss0": choice.loss0})
+    return s_in_by_group
+
+
+def _candidate_clips(group: ScalingGroup, gram: torch.Tensor, spec: QuantSpec,
+                     config: AwqConfig, fp_names: set[str]) -> dict:
+    """linear name -> its clipper, to clip each scale candidate before its loss; {} unless the
+    scale_clip_grid variant is on (off by default; walkthrough section 8)."""
+    if not config.clip or config.scale_clip_grid == 0:
+        return {}
+    return {n: clipper(gram, spec, config.scale_clip_grid, config.max_shrink, config.clip_mode, n)
+            for n in group.linears if n not in config.clip_skip and n not in fp_names}
 
 
 def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: int,
@@ -249,10 +283,10 @@ def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: i
     clips: linear name -> its clip (search_clip.clipper) applied to each candidate, if any."""
     clips = clips or {}
     linears = [block.get_submodule(n) for n in group.linears]
-    x_mean = st.mean_abs
+    x_mean = st.mean_abs  # (K,): for v -> o, o_proj's H*Dh inputs
     w_mean = weight_mean([m.weight for m in linears], spec) if config.duo_scaling else None
     if n_rep > 1:  # one scale per v channel: average the statistics of the heads sharing it
-        x_mean = reduce_kv(x_mean, n_rep, head_dim)
+        x_mean = reduce_kv(x_mean, n_rep, head_dim)  # (Hkv*Dh,)
         w_mean = reduce_kv(w_mean, n_rep, head_dim) if w_mean is not None else None
     if group.closed_form:
         w, clip = linears[0].weight, clips.get(group.linears[0])
@@ -265,14 +299,19 @@ def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: i
         inputs = torch.cat(st.subset)  # (S, T, K) or (tokens, K)
         chunk = max(1, config.chunk_tokens // inputs.shape[1]) if group.positional \
             else config.chunk_tokens
+        # f(x; W): the fp output the loss compares against, (S, T, D) or (tokens, D)
         reference = torch.cat([inspect(inputs[i:i + chunk], *extra)
                                for i in range(0, inputs.shape[0], chunk)])
-        weights = {n[len(group.inspect) + 1:] + ".weight": m.weight
-                   for n, m in zip(group.linears, linears) if n not in fp_names}
-        clip_by_param = {n[len(group.inspect) + 1:] + ".weight": c for n, c in clips.items()}
+
+        def param(name: str) -> str:  # "self_attn.q_proj" -> "q_proj.weight", inside inspect
+            return name[len(group.inspect) + 1:] + ".weight"
+
+        weights = {param(n): m.weight for n, m in zip(group.linears, linears)
+                   if n not in fp_names}
+        clip_by_param = {param(n): c for n, c in clips.items()}
         loss = module_loss(inspect, weights, spec, inputs, reference, extra, chunk, clip_by_param)
-    expand = (lambda s: expand_kv(s, n_rep, head_dim)) if n_rep > 1 else (lambda s: s)
-    choice = grid_search(loss, x_mean, w_mean, config.n_grid, expand, config.n_refine)
+    choice = grid_search(loss, x_mean, w_mean, config.n_grid,
+                         lambda s: expand_kv(s, n_rep, head_dim), config.n_refine)
     # inf marks candidates that overflow fp16 (see grid_search); NaN or an inf choice is a bug.
     check_finite(torch.tensor([choice.loss, *(v for v in choice.losses if v != math.inf)]),
                  f"{where} -> {','.join(group.linears)} scale loss")
@@ -290,9 +329,9 @@ def clip_block(block: nn.Module, prefix: str, stats: list[InputStats],
         if not isinstance(lin, nn.Linear) or name in config.clip_skip or name in fp_names:
             continue
         gi = input_group(LLAMA_GROUPS, name)
-        gram = stats[gi].gram
+        gram = stats[gi].gram  # (K, K)
         if gi in s_in_by_group:  # the input is now x / s: H -> diag(1/s) H diag(1/s)
-            s = s_in_by_group[gi]
+            s = s_in_by_group[gi]  # (K,)
             gram = gram / (s[:, None] * s[None, :])
         if config.clip_damp > 0:  # part plain weight error: data-free, so no fit to calibration
             gram = gram + config.clip_damp * gram.diagonal().mean() * torch.eye(

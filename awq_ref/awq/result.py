@@ -36,8 +36,7 @@ class AwqResult:
     scales: dict[str, torch.Tensor] = field(default_factory=dict)  # prev op name -> s (C,)
     clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (lo, hi)
     info: dict[str, str] = field(default_factory=dict)  # free-form provenance (config JSON, ...)
-    # per group: prev, ratio, loss, loss0; filled by the search (AwqResult.load leaves it
-    # empty: the saved record is the JSON string info["search"])
+    # per group: prev, ratio, loss, loss0; saved as the JSON string info["search"]
     search: list[dict] = field(default_factory=list)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -107,11 +106,14 @@ class AwqResult:
             spec = QuantSpec(bits, group_size, zero_point)
             if not isinstance(info, dict):
                 raise TypeError(f"info is a {type(info).__name__}, not an object")
+            search = parse_json(info.get("search", "[]"), f"{path}: info's search record")
+            if not isinstance(search, list) or not all(isinstance(r, dict) for r in search):
+                raise TypeError("info's search record is not a list of objects")
             tensors = load_file(str(path))
         except KeyError as e:
             raise ValueError(f"{path}: AwqResult metadata lacks {e}") from None
         except (SafetensorError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: corrupt AwqResult file ({e})") from None
-        result = cls(spec=spec, info=info)
+        result = cls(spec=spec, info=info, search=search)
         result.add_tensors(tensors, str(path))
         return result

@@ -25,6 +25,10 @@ class ScalingGroup:
     positional: bool = False
     repeat_kv: bool = False  # prev has Hkv*Dh outputs, the linears H*Dh inputs (GQA)
 
+    def n_rep(self, cfg) -> int:
+        """Query heads per scale entry on the linears' inputs: H/Hkv for GQA's v -> o, else 1."""
+        return cfg.n_rep if self.repeat_kv else 1
+
     @property
     def closed_form(self) -> bool:
         """The loss is one linear's output error: exact via the Gram matrix of its input."""
@@ -57,8 +61,13 @@ def expand_kv(s: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
     """Scales of the Hkv*Dh v channels -> scales of the H*Dh o_proj inputs.
 
     Query head h reads KV head h // n_rep (as repeat_kv / SDPA enable_gqa do), so o_proj input
-    h*Dh + d carries v channel (h // n_rep)*Dh + d.
+    h*Dh + d carries v channel (h // n_rep)*Dh + d. n_rep 1 (no GQA): s itself.
     """
+    if n_rep == 1:
+        return s
+    if head_dim < 1 or s.numel() % head_dim:
+        raise ValueError(f"expand_kv: {s.numel()} scales are no whole number of heads of "
+                         f"head_dim {head_dim}")
     hkv = s.numel() // head_dim
     return s.view(hkv, 1, head_dim).expand(hkv, n_rep, head_dim).reshape(-1)  # (H*Dh,)
 

@@ -2,7 +2,8 @@
 
 Shrinking a group's range before quantization trades a larger error on the few extreme weights
 for a finer step on all others. For a ratio r on the grid 1, 1 - 1/n_grid, ..., above
-1 - max_shrink (i/n_grid for i < int(max_shrink * n_grid), as in llm-awq), the group's weights
+1 - max_shrink (r = 1 - i/n_grid for i < int(max_shrink * n_grid), as in llm-awq: so n_grid
+here is the step's inverse, 20 ratios for n_grid 40 and max_shrink 0.5), the group's weights
 w (G,) are clamped to the box
 
     mode "range":     [r * min(w), r * max(w)]       (both ends of the asymmetric range), or
@@ -81,22 +82,21 @@ def clipper(gram: torch.Tensor, spec: QuantSpec, n_grid: int, max_shrink: float,
 
 def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid: int = 20,
                 max_shrink: float = 0.5, mode: str = "range", name: str = "weight",
-                rows: int | None = None, joint: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+                joint: int = 0) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Best box per (output channel, group) for w (N, K) given its input Gram X^T X (K, K).
 
     Returns lo, hi (N, K/G) and the summed group errors sum_ng L_ng before (r = 1) and after
     (with joint > 0: the summed whole-row errors sum_n e_n^T H e_n before and after).
     The defaults here are the plain search (llm-awq's grid of 20, "range", no joint sweeps);
     the pipeline passes AwqConfig's (clip_grid 40, "lohi", clip_joint 2).
-    Output channels are processed `rows` at a time to bound memory (default: as many as keep one
-    (rows, K) fp32 temporary within CLIP_CHUNK_BYTES, at most 4096; the joint sweeps hold several).
+    Output channels are processed in chunks to bound memory: as many as keep one (rows, K) fp32
+    temporary within CLIP_CHUNK_BYTES, at most 4096 (the joint sweeps hold several).
     """
     if mode not in CLIP_MODES:
         raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
     g = spec.group_for(w.shape[1], name)
     blocks = gram_blocks(gram, g)  # (K/G, G, G)
-    rows = rows or max(1, min(4096, CLIP_CHUNK_BYTES // (4 * w.shape[1])))
+    rows = max(1, min(4096, CLIP_CHUNK_BYTES // (4 * w.shape[1])))
     out = [_search_rows(w[i:i + rows], blocks, spec, g, n_grid, max_shrink, mode)
            for i in range(0, w.shape[0], rows)]
     if joint > 0:
@@ -126,6 +126,9 @@ def _group_errors(e: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 def _search_rows(w: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec, g: int, n_grid: int,
                  max_shrink: float, mode: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """llm-awq's per-group search: for each (row, group) the box on the ratio grid with the
+    least e^T H_gg e ("lohi": then each end refined on its own). Returns lo, hi (N, K/G), and
+    the summed group errors at r = 1 and at the chosen boxes."""
     wg = grouped(w, g)  # (N, K/G, G)
     ratios = _ratios(n_grid, max_shrink)
 

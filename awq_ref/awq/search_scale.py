@@ -6,7 +6,11 @@ For a group with linears W_j (N_j, K) fed by x (T, K), candidate scales are
     s(a)   = max(mean|x|^a / (mean|w~|^(1-a) + 1e-4), 1e-4)       (duo scaling),
     s      = s(a) / sqrt(max s(a) * min s(a))          (normalised as llm-awq does),
 
-(w~ = |w| / its group's max, mean over output rows; 1e-4 keeps a dead channel's s finite)
+(w~ = |w| / its group's max, mean over output rows; 1e-4 keeps a dead channel's s finite).
+The normalisation hardly changes which a wins: the group quantizer is homogeneous
+(Q(cW) = c Q(W) but for the fp16 rounding of its scales), so L below does not depend on a
+global factor of s; it picks the representative with max(s) * min(s) = 1, which keeps
+W diag(s) and prev's outputs / s in fp16's range.
 
 for a = 0, 1/n_grid, ..., (n_grid-1)/n_grid, and the chosen s minimises
 
@@ -49,11 +53,11 @@ from awq_ref.quant.rtn import fake_quantize_weight
 
 @dataclass(frozen=True)
 class ScaleChoice:
-    s: torch.Tensor  # (C,) the chosen scale
+    s: torch.Tensor  # (C,) the chosen scale, one per output channel of the group's prev
     ratio: float  # the chosen a
     loss: float  # L at the chosen a
     loss0: float  # L at a = 0 (s = 1 for plain AWQ: round-to-nearest)
-    losses: tuple[float, ...]  # L over the whole grid
+    losses: tuple[float, ...]  # L at a = i/n_grid, the coarse grid (not n_refine's extra points)
 
 
 def candidate_scale(x_mean: torch.Tensor, ratio: float, w_mean: torch.Tensor | None = None

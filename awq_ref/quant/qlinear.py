@@ -146,7 +146,8 @@ def check_changeable(model: nn.Module, where: str) -> None:
 def decoder_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = ()
                     ) -> list[tuple[str, nn.Linear]]:
     """(full name, module) of every nn.Linear inside `model.model.layers` that is quantized:
-    embeddings and lm_head are never, and names matching `modules_to_not_convert` are kept."""
+    embeddings and lm_head are never, and names matching `modules_to_not_convert` are left out
+    (they stay full precision)."""
     skip = tuple(modules_to_not_convert)
     return [(f"model.layers.{name}", m) for name, m in model.model.layers.named_modules()
             if isinstance(m, nn.Linear) and not skipped(f"model.layers.{name}", skip)]

@@ -73,9 +73,9 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, name: str = "weight",
                     scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales (N, K/G) in w's dtype and integer zero points (N, K/G) (int32) for w (N, K).
 
-    scale_dtype (e.g. torch.float16): the scales are first rounded to it (their values then
-    exact in fp32, which callers pass; not in bf16) and the zero points computed from the
-    rounded scales."""
+    scale_dtype (e.g. torch.float16, as a checkpoint stores them): round the scales to it
+    before the zero points are computed from them. Callers pass w in fp32, where the rounded
+    values stay exact; in bf16 they would be rounded a second time."""
     wg = grouped(w, spec.group_for(w.shape[1], name))  # (N, K/G, G)
     if spec.zero_point:
         lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
