@@ -51,6 +51,7 @@ from awq_ref.quant.checkpoint import (
     PACKED_SUFFIXES,
     atomic_folder,
     check_out_dir,
+    checked_cast,
     quant_config_dict,
     write_json,
     write_shard,
@@ -218,7 +219,8 @@ def block_tensors(block: nn.Module, prefix: str, spec: QuantSpec, skip: tuple[st
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent), child,
                     QuantLinear.from_linear(lin, spec, f"{prefix}.{name}"))
-    return {f"{prefix}.{k}": (v if k.endswith(PACKED_SUFFIXES) else v.to(dtype))
+    return {f"{prefix}.{k}": (v if k.endswith(PACKED_SUFFIXES)
+                              else checked_cast(f"{prefix}.{k}", v, dtype))
             .detach().contiguous().cpu() for k, v in block.state_dict().items()}
 
 
@@ -263,7 +265,7 @@ def _outer_tensors(source: Source, dtype: torch.dtype) -> dict[str, torch.Tensor
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not source.config.tie_word_embeddings:
         names.append("lm_head.weight")
-    return {n: source.tensors.read(n).to(dtype).contiguous() for n in names}
+    return {n: checked_cast(n, source.tensors.read(n), dtype).contiguous() for n in names}
 
 
 def _write_index(folder: Path, files: list[str]) -> None:

@@ -60,6 +60,7 @@ from awq_ref.awq.search_clip import CLIP_MODES, clipper, search_clip
 from awq_ref.awq.search_scale import ScaleChoice, gram_loss, grid_search, module_loss, weight_mean
 from awq_ref.config import LlamaConfig
 from awq_ref.model import check_token_ids
+from awq_ref.quant.packing import Fp16OverflowError
 from awq_ref.quant.qlinear import check_not_quantized, decoder_linears, skip_names, skipped
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import fake_quantize_weight
@@ -310,8 +311,14 @@ def search_group(block: nn.Module, group: ScalingGroup, st: InputStats, n_rep: i
                    if n not in fp_names}
         clip_by_param = {param(n): c for n, c in clips.items()}
         loss = module_loss(inspect, weights, spec, inputs, reference, extra, chunk, clip_by_param)
-    choice = grid_search(loss, x_mean, w_mean, config.n_grid,
-                         lambda s: expand_kv(s, n_rep, head_dim), config.n_refine)
+    prev = block.get_submodule(group.prev)
+    prev_max = (prev.weight.abs().amax(1) if isinstance(prev, nn.Linear)
+                and group.prev not in fp_names else None)  # (C,): a quantized prev's rows
+    try:
+        choice = grid_search(loss, x_mean, w_mean, config.n_grid,
+                             lambda s: expand_kv(s, n_rep, head_dim), config.n_refine, prev_max)
+    except Fp16OverflowError as e:
+        raise Fp16OverflowError(f"{where} -> {','.join(group.linears)}: {e}") from None
     # inf marks candidates that overflow fp16 (see grid_search); NaN or an inf choice is a bug.
     check_finite(torch.tensor([choice.loss, *(v for v in choice.losses if v != math.inf)]),
                  f"{where} -> {','.join(group.linears)} scale loss")

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from awq_ref.quant.packing import Fp16OverflowError
+from awq_ref.quant.packing import FP16_MAX, Fp16OverflowError
 from awq_ref.quant.quantizer import QuantSpec
 from awq_ref.quant.rtn import fake_quantize_weight
 
@@ -124,20 +124,30 @@ def module_loss(inspect: nn.Module, weights: dict[str, torch.Tensor], spec: Quan
 def grid_search(loss: Callable[[torch.Tensor], float], x_mean: torch.Tensor,
                 w_mean: torch.Tensor | None, n_grid: int,
                 expand: Callable[[torch.Tensor], torch.Tensor] = lambda s: s,
-                n_refine: int = 0) -> ScaleChoice:
+                n_refine: int = 0, prev_max: torch.Tensor | None = None) -> ScaleChoice:
     """Evaluate L(s(a)) for a = i / n_grid, i < n_grid; keep the first minimum.
 
     Then n_refine times: halve the step and try the two ratios beside the best one (within
     [0, 1]), 2 losses per level instead of doubling the grid. `losses` holds the coarse grid.
-    A candidate whose scaled weights overflow fp16 (Fp16OverflowError) gets L = inf.
+    A candidate that pushes weights past fp16 gets L = inf: the linears' scaled weights
+    (Fp16OverflowError from the loss), or, for a prev that is itself quantized (v_proj,
+    up_proj), its rows' max |w| prev_max (C,) divided by s. Fp16OverflowError if every
+    candidate does.
 
     expand maps a scale over prev's channels (C,) to the linears' inputs (K,) (GQA repeat).
     """
+    overflows: list[str] = []
+
     def value(ratio: float) -> tuple[torch.Tensor, float]:
         s = candidate_scale(x_mean, ratio, w_mean)
+        if prev_max is not None and (reach := float((prev_max / s).max())) > FP16_MAX:
+            overflows.append(f"prev's rows divided by s reach |w| = {reach:.4g}, beyond fp16's "
+                             f"{FP16_MAX:.0f}")
+            return s, math.inf
         try:
             return s, loss(expand(s))
-        except Fp16OverflowError:  # s pushes a group's weights past fp16: not a candidate
+        except Fp16OverflowError as e:  # s pushes a group's weights past fp16: not a candidate
+            overflows.append(str(e).removeprefix("weight: "))
             return s, math.inf
 
     losses, best = [], None
@@ -157,4 +167,6 @@ def grid_search(loss: Callable[[torch.Tensor], float], x_mean: torch.Tensor,
                 if v < best[2]:
                     best = (s, ratio, v)
     s, ratio, v = best
+    if math.isinf(v) and overflows:
+        raise Fp16OverflowError(f"every scale candidate overflows fp16 (at a = 0: {overflows[0]})")
     return ScaleChoice(s=s, ratio=ratio, loss=v, loss0=losses[0], losses=tuple(losses))

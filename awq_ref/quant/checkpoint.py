@@ -134,12 +134,26 @@ def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, 
     return QuantSpec(bits, group, zero_point), tuple(skip)
 
 
+def checked_cast(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """An unquantized tensor cast to `dtype` (None: as it is), refused (ValueError naming it)
+    when the result is not finite: a value past float16's range becomes inf, and a NaN
+    already there, in every forward of every reader of the checkpoint."""
+    out = t if dtype is None else t.to(dtype)
+    if out.is_floating_point() and not torch.isfinite(out).all():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}: holds NaN or inf")
+        raise ValueError(f"{name}: values past {dtype}'s range (max |x| = "
+                         f"{t.abs().max().item():.4g}); store it in float32 or bfloat16")
+    return out
+
+
 def _tensors_to_save(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """CPU tensors by name; unquantized float tensors cast to `dtype` (None: kept as they are)."""
+    """CPU tensors by name; unquantized float tensors cast to `dtype` (None: kept as they are)
+    and checked finite (checked_cast)."""
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
-    return {k: (v if dtype is None or k.endswith(PACKED_SUFFIXES) else v.to(dtype))
+    return {k: (v if k.endswith(PACKED_SUFFIXES) else checked_cast(k, v, dtype))
             .detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -401,8 +415,8 @@ def load_quantized_model(folder: str | Path, device: torch.device | str = "cpu",
         if str(folder) in str(e):
             raise
         raise ValueError(f"{folder}: {e}") from e
-    state = {k: t.to(device) if k.endswith(PACKED_SUFFIXES) else t.to(device=device, dtype=dtype)
-             for k, t in tensors.items()}
+    state = {k: t.to(device) if k.endswith(PACKED_SUFFIXES)
+             else checked_cast(k, t, dtype).to(device) for k, t in tensors.items()}
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)

@@ -106,6 +106,8 @@ def quantize_with_fp16_scales(w: torch.Tensor, spec: QuantSpec, name: str = "wei
     s, zeros = compute_qparams(w32, spec, name, scale_dtype=torch.float16)  # (N, K/G) each
     s16 = s.to(torch.float16)
     if not torch.isfinite(s16).all():
+        if not torch.isfinite(w32).all():  # not an overflow: NaN or inf makes its group's s so
+            raise ValueError(f"{name}: the weight holds NaN or inf")
         raise Fp16OverflowError(f"{name}: a group's range overflows the fp16 scales (max |w| = "
                          f"{w32.abs().max().item():.4g})")
     return quantize(w32, s, zeros, spec), zeros, s16
