@@ -108,9 +108,27 @@ def available_memory_bytes(root: Path = Path("/")) -> int | None:
     """What can be allocated without swapping or the OOM killer: /proc/meminfo's MemAvailable,
     lowered to the memory cgroup's headroom where a container or job sets a limit (docker
     --memory, Kubernetes, Slurm: the host's free memory is not this process's); None where
-    neither is known (not Linux). `root`: the file system's root (tests give a fake one)."""
-    known = [v for v in (_mem_available(root), _cgroup_headroom(root)) if v is not None]
+    neither is known (not Linux); and to the address space left under `ulimit -v`
+    (RLIMIT_AS). `root`: the file system's root (tests give a fake one)."""
+    known = [v for v in (_mem_available(root), _cgroup_headroom(root),
+                         _address_space_left(root)) if v is not None]
     return min(known) if known else None
+
+
+def _address_space_left(root: Path) -> int | None:
+    """RLIMIT_AS's soft limit (/proc/self/limits) - this process's VmSize; None if unlimited."""
+    try:
+        limit = next(line.split()[3] for line in
+                     (root / "proc" / "self" / "limits").read_text().splitlines()
+                     if line.startswith("Max address space"))
+        if limit == "unlimited":
+            return None
+        size = next(int(line.split()[1]) * 1024 for line in
+                    (root / "proc" / "self" / "status").read_text().splitlines()
+                    if line.startswith("VmSize:"))
+        return max(0, int(limit) - size)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _mem_available(root: Path) -> int | None:

@@ -312,3 +312,11 @@ def test_free_memory_is_the_containers_where_it_sets_a_limit(tmp_path):
         "sys/fs/cgroup/memory/memory.stat": "", "sys/fs/cgroup/memory.max": "max\n"})
     assert available_memory_bytes(unlimited) == 8_000_000 * 1024  # MemAvailable
     assert available_memory_bytes(tmp_path / "absent") is None  # not Linux
+    # `ulimit -v` (RLIMIT_AS): the address space left, limit - VmSize, is what can be allocated
+    capped = tree("ulimit", "0::/\n", {
+        "proc/self/limits": "Limit  Soft Limit  Hard Limit  Units\n"
+                            "Max address space         6000000000           unlimited   bytes\n",
+        "proc/self/status": "Name:\tpython\nVmSize:\t 1000000 kB\n"})
+    assert available_memory_bytes(capped) == 6_000_000_000 - 1_024_000_000
+    (capped / "proc/self/limits").write_text("Max address space  unlimited  unlimited  bytes\n")
+    assert available_memory_bytes(capped) == 8_000_000 * 1024

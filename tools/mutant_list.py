@@ -783,4 +783,8 @@ MUTANTS = (
        "        result = cls(spec=spec, info=info, search=search)",
        "        result = cls(spec=spec, info=info)",
        "tests/test_awq_result.py", "-k", "round_trip"),
+    _m("s24-address-space-limit-missed", "awq_ref/cli_common.py",
+       "                         _address_space_left(root)) if v is not None]",
+       "                         None) if v is not None]",
+       "tests/test_cli_inputs.py", "-k", "containers"),
 )
