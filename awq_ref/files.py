@@ -8,7 +8,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,24 @@ def read_text(path: str | Path) -> str:
         return raw.replace(b"\r\n", b"\n").decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+
+
+@contextmanager
+def library_path(path: str | Path) -> Iterator[str]:
+    """`path` as a str that safetensors' reader takes: its Rust binding accepts only valid UTF-8,
+    and a file name may hold other bytes (a Latin-1 name; any non-ASCII one under a non-UTF-8
+    locale), which reach Python as surrogate escapes. Such a file is opened here and named as
+    /proc/self/fd/N (Linux) while the block runs; other paths are passed as they are."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        proc = Path("/proc/self/fd")
+        if proc.is_dir():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                yield str(proc / str(fd))
+            finally:
+                os.close(fd)
+            return
+    yield text

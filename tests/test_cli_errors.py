@@ -440,3 +440,30 @@ def _target(dotted: str):
 
     module, _, name = dotted.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def test_files_whose_names_are_not_utf8_are_read(capsys, tmp_path, one_thread):
+    """safetensors' reader takes only UTF-8 paths: a model, a saved search or a search's state
+    in a folder named with other bytes (Latin-1) could be written but not read back."""
+    import os
+
+    from awq_ref.quant.checkpoint import load_quantized_model
+
+    odd = tmp_path / os.fsdecode(b"caf\xe9")
+    odd.mkdir()
+    folder = _random_folder(odd)
+    result, out, again = odd / "r.st", odd / "q", odd / "again"
+    assert main(["quantize", "--model", str(folder), "--out", str(out), "--n-samples", "2",
+                 "--calib-seqlen", "16", "--n-grid", "2", "--save-result", str(result)]) == 0
+    assert main(["quantize", "--model", str(folder), "--out", str(again), "--result",
+                 str(result)]) == 0
+    a, b = load_quantized_model(out), load_quantized_model(again)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    work = Progress(odd / "work")
+    work.bind("fp")
+    saved = AwqResult(spec=QuantSpec(4, 32), scales={"p": torch.ones(4)})
+    work.save(1, saved, torch.zeros(2, 3))
+    restored = AwqResult(spec=QuantSpec(4, 32))
+    assert work.restore(restored)[0] == 1 and torch.equal(restored.scales["p"], torch.ones(4))
+    assert work.saved_blocks() == 1

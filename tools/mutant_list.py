@@ -787,4 +787,8 @@ MUTANTS = (
        "                         _address_space_left(root)) if v is not None]",
        "                         None) if v is not None]",
        "tests/test_cli_inputs.py", "-k", "containers"),
+    _m("s24-safetensors-path-to-library", "awq_ref/files.py",
+       "        proc = Path(\"/proc/self/fd\")",
+       "        proc = Path(\"/nonexistent\")",
+       "tests/test_cli_errors.py", "-k", "not_utf8_are_read"),
 )

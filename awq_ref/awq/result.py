@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from awq_ref.files import atomic_write, parse_json
+from awq_ref.files import atomic_write, library_path, parse_json
 from awq_ref.quant.quantizer import QuantSpec
 
 FORMAT = "awq_ref.AwqResult/2"
@@ -74,7 +74,7 @@ class AwqResult:
     def is_file(path: str | Path) -> bool:
         """Whether `path` is a file AwqResult.save wrote (its metadata says so)."""
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with library_path(path) as name, safe_open(name, framework="pt") as f:
                 meta = f.metadata() or {}
         except (SafetensorError, OSError):
             return False
@@ -86,7 +86,7 @@ class AwqResult:
         if not path.is_file():
             raise ValueError(f"{path}: AwqResult file not found")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with library_path(path) as name, safe_open(name, framework="pt") as f:
                 meta = f.metadata() or {}
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
@@ -109,7 +109,8 @@ class AwqResult:
             search = parse_json(info.get("search", "[]"), f"{path}: info's search record")
             if not isinstance(search, list) or not all(isinstance(r, dict) for r in search):
                 raise TypeError("info's search record is not a list of objects")
-            tensors = load_file(str(path))
+            with library_path(path) as name:
+                tensors = load_file(name)
         except KeyError as e:
             raise ValueError(f"{path}: AwqResult metadata lacks {e}") from None
         except (SafetensorError, TypeError, ValueError) as e:

@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from awq_ref.awq.result import AwqResult
-from awq_ref.files import atomic_write, flock_exclusive, parse_json
+from awq_ref.files import atomic_write, flock_exclusive, library_path, parse_json
 from awq_ref.quant.quantizer import QuantSpec
 
 STATE_NAME = "state.safetensors"
@@ -162,7 +162,7 @@ class Progress:
             return None
         corrupt = (f"{path}: corrupt AWQ progress file; delete {self.work_dir} to start over")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with library_path(path) as name, safe_open(name, framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT:
                     raise ValueError(f"{path}: not an AWQ progress file "
@@ -196,7 +196,7 @@ class Progress:
         """How many blocks the saved state holds (0 without one, or with one unreadable): what a
         rerun resumes after. Only for messages; `restore` checks the state in full."""
         try:
-            with safe_open(str(self.state_path), framework="pt") as f:
+            with library_path(self.state_path) as name, safe_open(name, framework="pt") as f:
                 count = (f.metadata() or {}).get("next_block", "")
         except (SafetensorError, OSError):
             return 0

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from awq_ref.config import LlamaConfig
-from awq_ref.files import parse_json
+from awq_ref.files import library_path, parse_json
 from awq_ref.loaders.state_dict import model_from_state_dict
 from awq_ref.model import Llama
 
@@ -52,7 +52,7 @@ def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: weights file not found")
     check_safetensors_header(path)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with library_path(path) as name, safe_open(name, framework="pt", device="cpu") as f:
             names = list(f.keys())
             check_tensor_count(path, len(names))
             return {name: f.get_tensor(name) for name in names}
