@@ -188,7 +188,8 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
                group_size: int, dtype: torch.dtype = torch.float16,
                columns: tuple[int, int] | None = None, out: torch.Tensor | None = None
                ) -> torch.Tensor:
-    """W [K, N] in `dtype` (float16 or bfloat16), W[k, n] = (q - z) * s rounded once; with
+    """W [K, N] in `dtype` (float16 or bfloat16), W[k, n] = (q - z) * s rounded once (bfloat16:
+    the scale is rounded to bfloat16 first, as reference.dequantize_like_kernel states); with
     `columns` = (n0, NC) only W[:, n0:n0 + NC] (n0 and NC multiples of 64), contiguous; into
     `out` ([K, NC] of `dtype`) when given.
 

@@ -70,7 +70,7 @@ class MmaTile:
 # the H200 and H100.
 MMA_CONFIGS = {bm: MmaTile(bm, wm, 2, 32) for bm, wm in ((16, 1), (32, 2), (64, 2), (128, 2))}
 # Wider (BN = 256) and deeper (BK = 64, group sizes 64 and 128 only) tiles, compiled for the
-# tile sweep (benchmark.sweep_mma, `tools/bench_gemm.py --sweep-mma`) to measure against the
+# tile sweep (sweep.run, `tools/bench_gemm.py --sweep-mma`) to measure against the
 # ladder; not used by `auto` until measured. (64, 1, 4, 32): one warp row, so each weight is
 # dequantized once for 64 rows (the ladder's BM = 64 dequantizes it twice).
 MMA_SWEEP_TILES = (MmaTile(16, 1, 2, 64), MmaTile(16, 1, 4, 32), MmaTile(16, 1, 4, 64),

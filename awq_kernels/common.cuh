@@ -92,7 +92,8 @@ template <> __device__ __forceinline__ u32 scale_pair<BF16>(u32 fp16_pair) {
 // ---------------------------------------------------------------------------------------------
 // Bit tricks.
 
-// (a & b) | c in ONE instruction; 0xEA is the truth table of that expression.
+// (a & b) | c in ONE instruction: lop3's immediate is the expression applied to the operands'
+// truth-table constants a = 0xF0, b = 0xCC, c = 0xAA: (0xF0 & 0xCC) | 0xAA = 0xEA.
 __device__ __forceinline__ u32 lop3_and_or(u32 a, u32 b, u32 c) {
   u32 d;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -117,8 +118,10 @@ template <typename T> __device__ __forceinline__ u32 nibbles_to_magic_pair(u32 b
 }
 
 // (q - z) * s for a pair: `neg_magic_z` holds -(MAGIC + z). The subtraction is exact (small
-// integers), so the result is (q - z) * s rounded once -- the same value a reference dequantizer
-// computes in fp32 and rounds to the 16-bit type.
+// integers), so the result is (q - z) * s rounded once, with s as passed. fp16: s is the stored
+// scale, so this is the reference dequantizer's value bit for bit. bf16: scale_pair<BF16> has
+// already rounded s to bf16, so W = bf16((q - z) * bf16(s)), one ulp from bf16((q - z) * s) on
+// ~15% of the weights (reference.dequantize_like_kernel models it; NOTES.md (e)).
 template <typename T>
 __device__ __forceinline__ u32 dequant_pair(u32 bits, u32 neg_magic_z, u32 s) {
   const u32 q_minus_z = fma2<T>(nibbles_to_magic_pair<T>(bits), T::ONE2, neg_magic_z);

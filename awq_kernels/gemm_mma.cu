@@ -103,6 +103,8 @@ template <typename T, int MI>
 __device__ __forceinline__ void mma_k16(const u32 (&a)[MI][4], u32 w0, u32 w1, u32 w8, u32 w9,
                                         const u32 (&zb)[8], const u32 (&sb)[8],
                                         float (&acc)[MI][8][4]) {
+  // prmt 0x5410 = (low 16 bits of w0, low 16 of w1): the even columns of rows k, k+1;
+  // 0x7632 = (high 16 of w0, high 16 of w1): the odd columns.
   const u32 even01 = prmt(w0, w1, 0x5410u), odd01 = prmt(w0, w1, 0x7632u);
   const u32 even89 = prmt(w8, w9, 0x5410u), odd89 = prmt(w8, w9, 0x7632u);
   const u32 even01_8 = even01 >> 8, odd01_8 = odd01 >> 8;  // for dequant_nibbles
@@ -328,6 +330,10 @@ awq_gemm_mma(const u16* __restrict__ x, const u32* __restrict__ qweight,
       u32 a[MI][4];
 #pragma unroll
       for (int i = 0; i < MI; ++i) {
+        // ldmatrix.x4: lanes 0-7, 8-15, 16-23, 24-31 give the row addresses of matrices 0-3 =
+        // (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) of this
+        // m16 x k16 slice; lane 4g + t receives row g, elements 2t, 2t+1 of each: exactly
+        // a0..a3 of the m16n8k16 A fragment.
         const int r = (wm * MI + i) * 16 + (lane % 16);
         ldmatrix_x4(a[i], &sm.a[st][a_chunk_offset<BK>(r, ks * 2 + lane / 16)]);
       }

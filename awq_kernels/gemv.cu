@@ -13,7 +13,8 @@
 //     tiles are in flight per block. Measured on an H200: 8 stages instead of 4 gained only
 //     5-25% (0.6-1.5 TB/s at M = 1), and time grows ~5 us per extra row of M on 4096x14336:
 //     the kernel is bound by its instructions (dequant, fp32 widening, one __syncthreads per
-//     4 KB stage), not by memory latency. See NOTES.md for what should replace it.
+//     4 KB stage), not by memory latency. gemv_direct.cu replaced it in `auto`; this kernel
+//     stays for comparison (kernel="gemv").
 //   * Compute mapping: lane l owns packed word l (columns 8l .. 8l+7 of the block); warp w
 //     owns rows 4w .. 4w+3 of each stage tile. A warp's 32 four-byte shared loads of one row
 //     are consecutive words: conflict-free. Each lane keeps MT x 8 fp32 accumulators.

@@ -7,8 +7,9 @@
 // aligned pointers, M <= MT.
 //
 // Why a second GEMV: gemv.cu measured 0.6-1.5 TB/s at M = 1 on an H200, bound by instructions,
-// not memory (NOTES.md): ~5 instructions per weight (per pair: shift, lop3, two fma for the
-// dequant, two widenings to fp32, two fp32 fma) plus a cp.async + __syncthreads per 4 KB stage.
+// not memory (NOTES.md: 9.2 instructions per weight in SASS at M = 1; per pair: shift, lop3, two
+// fma for the dequant, two widenings to fp32, two fp32 fma) plus a cp.async + __syncthreads per
+// 4 KB stage.
 // This kernel is written to issue fewer instructions per weight byte:
 //   * No shared-memory staging. Block = 256 columns x one K range (split-K over gridDim.y, as
 //     gemv.cu), cut into chunks of CH = U * VEC rows dealt round-robin to the 8 warps, so each
@@ -18,12 +19,14 @@
 //     in L1 (each byte is read once); a row's 32 words are one 128-byte line. All U loads of a
 //     chunk are issued before any is used (U x 16 B per lane in flight for VEC = 4).
 //   * Per pair of columns (2p, 2p+1) of a word: shift, lop3 (magic number), fma (- zero), fma
-//     (x scale) as in common.cuh -- the weight rounded once, as the reference rounds it -- then
-//     ONE fma.x2 multiplies it by the row's x duplicated into both halves and adds it to a
-//     16-bit pair accumulator: 5 instructions per 2 weights and M rows <= 2.
-//   * The 16-bit accumulators are flushed into fp32 after each chunk (U = 8 for fp16, 4 for bf16:
-//     each flush sums at most U rounded products, so the rounding stays within the tolerance:
-//     ~7e-4 relative for fp16, ~4e-3 for bf16, measured in the emulation tests).
+//     (x scale) as in common.cuh -- the weight rounded once (bf16: after the scale's own
+//     rounding, common.cuh dequant_pair) -- then per row ONE fma.x2 multiplies it by the row's
+//     x duplicated into both halves and adds it to a 16-bit pair accumulator: 4 + M
+//     instructions per 2 weights.
+//   * The 16-bit accumulators are flushed into fp32 after each chunk (U = 8 for fp16 at
+//     MT <= 4; 4 for bf16 and for MT = 8, GdFlush): each flush sums at most U rounded products,
+//     so the rounding stays within the tolerance: ~4-5e-4 relative for fp16, ~2-3e-3 for bf16,
+//     measured in the emulation tests).
 //   * Zeros and scales are loaded when a warp's chunk is in a new group (a chunk never straddles
 //     one: CH divides 32, which divides G): at most once per chunk, no per-step conditions.
 //   * At the end: the ROWS lanes holding the same columns add by shuffles (butterfly, fixed

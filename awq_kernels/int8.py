@@ -4,8 +4,9 @@ sizes (M <= 8), a 16-bit dequantization + torch.matmul above.
     y = awq_kernels.int8.gemm_int8(x, qweight, scales)
 
 x [..., K] fp16 or bf16; qweight int8 [N, K] (one row per output, K contiguous); scales fp32
-[N]; K % 16 == 0; every tensor contiguous, 16-byte aligned, on one CUDA device. Accumulation in
-fp32, y rounded once to x's dtype.
+[N]; K % 16 == 0; every tensor contiguous, 16-byte aligned, on one CUDA device. M <= 8: the
+kernel, accumulating in fp32, y rounded once to x's dtype; above, W is rounded to x's dtype
+first, then one matmul.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@
 //     (row k, row k+1) nibble pairs of one column: even columns from prmt 0x5410, odd from
 //     0x7632. m16 tile i takes A row g = column 2i and A row g + 8 = column 2i + 1 of the
 //     lane's word, so the 4 tiles cover the warp's 8 words x 8 columns = 64 columns with
-//     16 dequantized pairs (shift, lop3, fma, fma each, rounded once as the reference) and 4 * NT
-//     mma per k16 step. The B fragment is two 4-byte loads of x per n8 tile (x row 8j + g,
+//     16 dequantized pairs (shift, lop3, fma, fma each; bf16: after the scale's own rounding,
+//     common.cuh dequant_pair) and 4 * NT mma per k16 step. The B fragment is two 4-byte loads of x per n8 tile (x row 8j + g,
 //     k 2t.. and 2t + 8..).
 //   * C fragment: lane holds rows 8j + 2t, 8j + 2t + 1 of y for all 8 columns of its word:
 //     one 16-byte store per row (two for fp32 partials).

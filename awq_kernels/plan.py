@@ -17,6 +17,7 @@ N_MULTIPLE = 64           # WARP_N of gemm_mma.cu: a warp's 64 columns are all v
 K_MULTIPLE = 32           # BK of gemm_mma.cu and GEMV_KC of gemv.cu
 
 MMA_BK, MMA_BN = 32, 128  # the ladder's tiles (build.MMA_CONFIGS); a sweep tile has its own
+# also GD_NT / GD_KC / GD_THREADS (gemv_direct.cu) and MD_NT / MD_KC / MD_THREADS (mma_direct.cu)
 GEMV_NT, GEMV_KC, GEMV_THREADS = 256, 32, 256
 DEQUANT_THREADS, REDUCE_THREADS = 256, 256
 
@@ -74,7 +75,8 @@ class Launch:
     block: tuple[int, int, int]
     splits: int = 1             # > 1: fp32 partials over K, summed in the same launch
                                 # (splitk_fused.cuh) or by a "reduce" launch after it
-    k_per_split: int = 0        # k tiles (mma) or k chunks (gemv) per split
+    k_per_split: int = 0        # per split: k tiles of tile.bk rows (mma); units of GEMV_KC
+                                # rows (gemv, gemv_direct, mma_direct)
     tile: MmaTile | None = None  # mma: the block tile (its BK is the k tile)
 
 
@@ -122,7 +124,9 @@ def check_mma_tile(tile: MmaTile, group_size: int) -> None:
 
 def plan_mma(m: int, n: int, k: int, num_sms: int, blocks_per_sm: int = 0,
              tile: MmaTile | None = None, max_splits: int = MAX_SPLITS) -> Launch:
-    """Largest ladder tile that still gives every SM a block (or the given `tile`); split K
+    """Without `tile`: the smallest ladder BM (16..128) holding M, halved (not below 32) while
+    the tiles number fewer than the SMs (so SMs may stay idle: M = 100, N = 4096 gives 128
+    blocks on 132 SMs); split K
     when far fewer tiles than SMs, or (blocks_per_sm > 0) until about blocks_per_sm blocks per
     SM: at M = 16 the tiles alone give under 2 warps per SM (2 warps per block), too few to
     keep loads in flight. Never past one wave of the tile's resident blocks (a tile with 1-3 of
@@ -192,7 +196,9 @@ MMA_MAX_M = 65535 * 16
 
 def plan_dequant(k: int, n: int, num_sms: int) -> Launch:
     words = k * n // 8
-    blocks = min(cdiv(words, DEQUANT_THREADS), 32 * num_sms)  # grid-stride loop beyond that
+    # 32 blocks of 256 threads per SM: 4 waves of resident blocks (2048 threads per SM), then
+    # the kernel's grid-stride loop
+    blocks = min(cdiv(words, DEQUANT_THREADS), 32 * num_sms)
     return Launch("dequant", 0, (blocks, 1, 1), (DEQUANT_THREADS, 1, 1))
 
 

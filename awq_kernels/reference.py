@@ -1,7 +1,8 @@
 """Pure-torch statement of what the kernels compute, for tests and benchmarks.
 
 The kernel package does not import the project's reference package (`awq_ref`); tests check
-that this small packer and dequantizer agree with `awq_ref.quant.packing` bit for bit.
+that this small packer and dequantizer agree with `awq_ref.quant.packing` bit for bit (float16;
+for bfloat16 the kernels round the scale first, which dequantize_like_kernel models).
 """
 
 from __future__ import annotations
