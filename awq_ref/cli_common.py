@@ -107,9 +107,9 @@ def warn_past_context(config, positions: int, what: str) -> None:
 def available_memory_bytes(root: Path = Path("/")) -> int | None:
     """What can be allocated without swapping or the OOM killer: /proc/meminfo's MemAvailable,
     lowered to the memory cgroup's headroom where a container or job sets a limit (docker
-    --memory, Kubernetes, Slurm: the host's free memory is not this process's); None where
-    neither is known (not Linux); and to the address space left under `ulimit -v`
-    (RLIMIT_AS). `root`: the file system's root (tests give a fake one)."""
+    --memory, Kubernetes, Slurm: the host's free memory is not this process's) and to the
+    address space left under `ulimit -v` (RLIMIT_AS); None where none is known (not Linux).
+    `root`: the file system's root (tests give a fake one)."""
     known = [v for v in (_mem_available(root), _cgroup_headroom(root),
                          _address_space_left(root)) if v is not None]
     return min(known) if known else None

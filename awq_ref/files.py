@@ -178,16 +178,17 @@ def library_path(path: str | Path) -> Iterator[str]:
     and a file name may hold other bytes (a Latin-1 name; any non-ASCII one under a non-UTF-8
     locale), which reach Python as surrogate escapes. Such a file is opened here and named as
     /proc/self/fd/N (Linux) while the block runs; other paths are passed as they are."""
-    text = str(path)
+    text, proc = str(path), Path("/proc/self/fd")
     try:
         text.encode("utf-8")
+        utf8 = True
     except UnicodeEncodeError:
-        proc = Path("/proc/self/fd")
-        if proc.is_dir():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                yield str(proc / str(fd))
-            finally:
-                os.close(fd)
-            return
-    yield text
+        utf8 = False
+    if utf8 or not proc.is_dir():  # outside the except: errors of the block get no context
+        yield text
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield str(proc / str(fd))
+    finally:
+        os.close(fd)

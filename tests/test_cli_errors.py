@@ -194,20 +194,6 @@ def test_generate_ends_its_output_with_a_newline(capsys, stories_dir):
     assert out.startswith("Once") and out.endswith("\n")
 
 
-def test_a_prompt_decoded_under_a_non_utf8_locale_is_read_as_utf8(capsys, stories_dir):
-    """Under LC_ALL=C with PYTHONUTF8=0, Python decodes the argument "café" as ASCII with
-    surrogate escapes ('caf\\udcc3\\udca9'), which the tokenizer cannot take: its bytes are
-    read as the UTF-8 they are; bytes that are no UTF-8 at all become U+FFFD."""
-    from awq_ref.cli_common import command_line_text
-
-    assert command_line_text("caf\udcc3\udca9") == "café"
-    assert command_line_text("caf\udce9") == "caf\ufffd"
-    assert command_line_text("café") == "café"  # decoded by a Latin-1 locale: kept as it is
-    assert main(["generate", "--model", str(stories_dir / "stories260K.bin"), "--prompt",
-                 "caf\udcc3\udca9", "--max-new-tokens", "1"]) == 0
-    assert capsys.readouterr().out.startswith("café")
-
-
 def test_ppl_and_generate_options(capsys):
     ppl = ["ppl", "--model", "absent", "--text", "absent.txt"]
     _refused(capsys, [*ppl, "--seqlen", "1"], "--seqlen must be at least 2")
@@ -402,7 +388,6 @@ def test_quantize_hands_seed_and_search_options_to_the_search(capsys, tmp_path, 
     assert not torch.equal(seen[0][0], seen[1][0])
 
 
-
 @pytest.mark.parametrize("where,extra", [
     ("awq_ref.awq.pipeline.search_block", ["--n-samples", "2", "--calib-seqlen", "16",
                                             "--n-grid", "2"]),
@@ -440,30 +425,3 @@ def _target(dotted: str):
 
     module, _, name = dotted.rpartition(".")
     return getattr(importlib.import_module(module), name)
-
-
-def test_files_whose_names_are_not_utf8_are_read(capsys, tmp_path, one_thread):
-    """safetensors' reader takes only UTF-8 paths: a model, a saved search or a search's state
-    in a folder named with other bytes (Latin-1) could be written but not read back."""
-    import os
-
-    from awq_ref.quant.checkpoint import load_quantized_model
-
-    odd = tmp_path / os.fsdecode(b"caf\xe9")
-    odd.mkdir()
-    folder = _random_folder(odd)
-    result, out, again = odd / "r.st", odd / "q", odd / "again"
-    assert main(["quantize", "--model", str(folder), "--out", str(out), "--n-samples", "2",
-                 "--calib-seqlen", "16", "--n-grid", "2", "--save-result", str(result)]) == 0
-    assert main(["quantize", "--model", str(folder), "--out", str(again), "--result",
-                 str(result)]) == 0
-    a, b = load_quantized_model(out), load_quantized_model(again)
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), name
-    work = Progress(odd / "work")
-    work.bind("fp")
-    saved = AwqResult(spec=QuantSpec(4, 32), scales={"p": torch.ones(4)})
-    work.save(1, saved, torch.zeros(2, 3))
-    restored = AwqResult(spec=QuantSpec(4, 32))
-    assert work.restore(restored)[0] == 1 and torch.equal(restored.scales["p"], torch.ones(4))
-    assert work.saved_blocks() == 1

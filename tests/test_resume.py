@@ -269,7 +269,10 @@ def test_resume_in_process_matches(tmp_path, one_thread, monkeypatch):
     monkeypatch.setattr(
         pipeline, "search_block",
         lambda block, prefix, *a: searched.append(prefix) or search_block(block, prefix, *a))
-    resumed = search_awq(model, tokens, spec, config, work=progress)
+    with pytest.raises(TypeError, match="give the work folder once"):
+        search_awq(model, tokens, spec, config, work=progress, progress=progress)
+    with pytest.warns(DeprecationWarning, match=r"now search_awq\(work=...\)"):
+        resumed = search_awq(model, tokens, spec, config, progress=progress)  # the former name
     assert searched == ["model.layers.2", "model.layers.3"]  # blocks 0, 1 were not redone
     assert resumed.search == full.search
     assert sorted(resumed.scales) == sorted(full.scales)

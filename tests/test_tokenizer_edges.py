@@ -129,32 +129,3 @@ def test_llama2c_token_longer_than_max_token_length_is_refused(stories_dir, tmp_
     (tmp_path / "tok.bin").write_bytes(tok512 + struct.pack("<fi", 0.0, len(long)) + long)
     with pytest.raises(ValueError, match=f"token 512 claims {max_len + 1} bytes"):
         load_tokenizer(tmp_path / "tok.bin")
-
-
-def test_tokenizers_in_a_folder_whose_name_is_not_utf8(sp_model, tmp_path):
-    """A folder name with bytes that are not UTF-8 (any POSIX file system allows them; under a
-    non-UTF-8 locale every non-ASCII name is one) reaches Python as a str with surrogate
-    escapes, which the tokenizers and sentencepiece libraries cannot take as a path: the files
-    are read and written here as bytes, so such folders work as any other."""
-    import os
-
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers
-
-    odd = tmp_path / os.fsdecode(b"caf\xe9")  # Latin-1 bytes: not UTF-8
-    odd.mkdir()
-    tk = HFTokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, "<unk>": 3},
-                                merges=[("a", "b")], unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    (odd / "tokenizer.json").write_text(tk.to_str(pretty=True), encoding="utf-8")
-    tok = load_tokenizer(odd)
-    assert tok.encode("ab a") == [2, 0]
-    tok.save_pretrained(odd / "saved")
-    assert load_tokenizer(odd / "saved").encode("ab a") == [2, 0]
-    folder, sp = sp_model
-    shutil.copy(folder / "tokenizer.model", odd / "tokenizer.model")
-    (odd / "tokenizer.json").unlink()
-    ids = [1, *sp.encode("The cat")]  # <s> first, as Llama's SentencePiece tokenizer adds it
-    assert load_tokenizer(odd).encode("The cat") == ids
-    load_tokenizer(odd).save_pretrained(odd / "saved_sp")
-    assert load_tokenizer(odd / "saved_sp").encode("The cat") == ids

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -126,16 +127,23 @@ class AwqConfig:
 
 def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
                config: AwqConfig = AwqConfig(), device: str | torch.device | None = None,
-               modules_to_not_convert: Iterable[str] = (), work: Progress | None = None
-               ) -> AwqResult:
+               modules_to_not_convert: Iterable[str] = (), work: Progress | None = None,
+               *, progress: Progress | None = None) -> AwqResult:
     """Search AWQ scales and clip ranges for `model` on calib_tokens (B, T); model unchanged.
 
     Linears whose full name contains an entry of modules_to_not_convert stay fp in the losses
     and are never clipped; their input channels are still scaled (that is exact) when their
     scaling group also holds a quantized linear; a group of only such linears is not searched.
     work: a work folder (awq.resume.Progress): the state is saved there after every block, and
-    a rerun resumes from it.
+    a rerun resumes from it. progress: its former name, still accepted (deprecated).
     """
+    if progress is not None:
+        if work is not None:
+            raise TypeError("search_awq: give the work folder once (work=; progress= is its "
+                            "former name)")
+        warnings.warn("search_awq(progress=...) is now search_awq(work=...)", DeprecationWarning,
+                      stacklevel=2)
+        work = progress
     check_calib_tokens(calib_tokens)
     check_token_ids(model.config, calib_tokens, "calib_tokens")
     check_not_quantized(model, "search_awq")

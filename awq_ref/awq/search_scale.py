@@ -136,18 +136,18 @@ def grid_search(loss: Callable[[torch.Tensor], float], x_mean: torch.Tensor,
 
     expand maps a scale over prev's channels (C,) to the linears' inputs (K,) (GQA repeat).
     """
-    overflows: list[str] = []
+    overflows: list[str] = []  # "at a = ...: why", one per candidate pushed past fp16
 
     def value(ratio: float) -> tuple[torch.Tensor, float]:
         s = candidate_scale(x_mean, ratio, w_mean)
         if prev_max is not None and (reach := float((prev_max / s).max())) > FP16_MAX:
-            overflows.append(f"prev's rows divided by s reach |w| = {reach:.4g}, beyond fp16's "
-                             f"{FP16_MAX:.0f}")
+            overflows.append(f"at a = {ratio:.3g}: prev's rows divided by s reach |w| = "
+                             f"{reach:.4g}, beyond fp16's {FP16_MAX:.0f}")
             return s, math.inf
         try:
             return s, loss(expand(s))
         except Fp16OverflowError as e:  # s pushes a group's weights past fp16: not a candidate
-            overflows.append(str(e).removeprefix("weight: "))
+            overflows.append(f"at a = {ratio:.3g}: {str(e).removeprefix('weight: ')}")
             return s, math.inf
 
     losses, best = [], None
@@ -168,5 +168,5 @@ def grid_search(loss: Callable[[torch.Tensor], float], x_mean: torch.Tensor,
                     best = (s, ratio, v)
     s, ratio, v = best
     if math.isinf(v) and overflows:
-        raise Fp16OverflowError(f"every scale candidate overflows fp16 (at a = 0: {overflows[0]})")
+        raise Fp16OverflowError(f"every scale candidate overflows fp16 ({overflows[0]})")
     return ScaleChoice(s=s, ratio=ratio, loss=v, loss0=losses[0], losses=tuple(losses))

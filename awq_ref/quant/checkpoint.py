@@ -134,7 +134,8 @@ def parse_quant_config(d: Any, source: str = "config.json") -> tuple[QuantSpec, 
     return QuantSpec(bits, group, zero_point), tuple(skip)
 
 
-def checked_cast(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def checked_cast(name: str, t: torch.Tensor, dtype: torch.dtype | None,
+                 advice: str = "store it in float32 or bfloat16") -> torch.Tensor:
     """An unquantized tensor cast to `dtype` (None: as it is), refused (ValueError naming it)
     when the result is not finite: a value past float16's range becomes inf, and a NaN
     already there, in every forward of every reader of the checkpoint."""
@@ -143,7 +144,7 @@ def checked_cast(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch
         if not torch.isfinite(t).all():
             raise ValueError(f"{name}: holds NaN or inf")
         raise ValueError(f"{name}: values past {dtype}'s range (max |x| = "
-                         f"{t.abs().max().item():.4g}); store it in float32 or bfloat16")
+                         f"{t.abs().max().item():.4g}); {advice}")
     return out
 
 
@@ -411,12 +412,14 @@ def load_quantized_model(folder: str | Path, device: torch.device | str = "cpu",
         model = build_on_meta(config)
         replace_linears(model, spec, skip, init_only=True)
         _check_tensors(model, tensors, folder)
+        # cast and checked on the device (on a GPU, the finiteness check costs milliseconds)
+        state = {k: t.to(device) if k.endswith(PACKED_SUFFIXES)
+                 else checked_cast(k, t.to(device), dtype, "load it in float32 or bfloat16")
+                 for k, t in tensors.items()}
     except ValueError as e:  # the layer-level checks name the layer; add the checkpoint
         if str(folder) in str(e):
             raise
         raise ValueError(f"{folder}: {e}") from e
-    state = {k: t.to(device) if k.endswith(PACKED_SUFFIXES)
-             else checked_cast(k, t, dtype).to(device) for k, t in tensors.items()}
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)
