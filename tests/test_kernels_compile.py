@@ -272,3 +272,29 @@ def test_direct_kernel_tables_match_their_sources():
         assert gemv_direct_flush("BF16", mt) == _c_ternary(bf16_flush, MT=mt), mt
     for nt, _ in build.MMA_DIRECT_CONFIGS.values():
         assert MMA_DIRECT_DEPTH[nt] == _c_ternary(depth, NT=nt), nt
+
+
+def _file_constants(name: str) -> dict[str, int]:
+    """The `constexpr int NAME = EXPR;` lines of a kernel file at file scope, evaluated in order
+    (C integer arithmetic: / is floor division for these positive values)."""
+    values: dict[str, int] = {}
+    text = (build.KERNEL_DIR / name).read_text()
+    for m in re.finditer(r"^constexpr int (\w+) = ([^;]+);", text, re.MULTILINE):
+        values[m[1]] = int(eval(m[2].replace("/", "//"), {"__builtins__": {}}, dict(values)))
+    return values
+
+
+def test_plan_constants_are_the_kernel_files():
+    """plan.py plans every CUDA-core and direct launch with its copies of the block geometry:
+    gemv.cu's GEMV_NT / GEMV_KC / GEMV_THREADS also stand for gemv_direct.cu's GD_* and
+    mma_direct.cu's MD_*, and the dequant and reduce kernels' thread counts are copied too.
+    The emulation uses the same copies, so it could not see one drift: the files are read."""
+    from awq_kernels import plan
+
+    gemv, gd, md = (_file_constants(f) for f in ("gemv.cu", "gemv_direct.cu", "mma_direct.cu"))
+    for nt, kc, threads in ((gemv["GEMV_NT"], gemv["GEMV_KC"], gemv["GEMV_THREADS"]),
+                            (gd["GD_NT"], gd["GD_KC"], gd["GD_THREADS"]),
+                            (md["MD_NT"], md["MD_KC"], md["MD_THREADS"])):
+        assert (nt, kc, threads) == (plan.GEMV_NT, plan.GEMV_KC, plan.GEMV_THREADS)
+    assert _file_constants("dequant.cu")["DEQUANT_THREADS"] == plan.DEQUANT_THREADS
+    assert _file_constants("splitk_reduce.cu")["REDUCE_THREADS"] == plan.REDUCE_THREADS

@@ -807,4 +807,8 @@ MUTANTS = (
        "                meta = f.metadata() or {}\n        except (SafetensorError, OSError):\n"
        "            return False",
        "tests/test_non_utf8.py", "-k", "safetensors_files"),
+    _m("s24-direct-kernel-split-unit-drifts", "awq_kernels/gemv_direct.cu",
+       "constexpr int GD_KC = 32; ",
+       "constexpr int GD_KC = 16; ",
+       "tests/test_kernels_compile.py", "-k", "plan_constants"),
 )
