@@ -107,8 +107,11 @@ def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: 
     if method == "awq":
         from awq_ref.awq.pipeline import run_awq  # here: RTN users never load the AWQ package
 
-        model = run_awq(model, spec, modules_to_not_convert=skip, **kwargs)
-    model = apply_rtn(model, spec, skip, pack=pack)
+        # each block rounded right after its fold, while it is in fp32 (see apply_awq)
+        model = run_awq(model, spec, modules_to_not_convert=skip,
+                        then=lambda i: apply_rtn(model, spec, skip, pack=pack, block=i), **kwargs)
+    else:
+        model = apply_rtn(model, spec, skip, pack=pack)
     if pack:
         model.quantization_config = quant_config_dict(spec, skip)
     return model

@@ -5,6 +5,7 @@ finite are called that, not an fp16 overflow."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -147,3 +148,31 @@ def test_calibration_too_thin_for_a_search_is_warned_of(caplog, tokens, message)
         awq_ref.search_awq(tiny(), torch.randint(0, 96, (8, 256)), awq_ref.QuantSpec(4, 32),
                            awq_ref.AwqConfig(n_grid=2, progress=False))
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_folded_and_rounded_in_fp32(dtype):
+    """quantize(awq) on a bf16/fp16 model folded the scales into its 16-bit weights, which were
+    rounded to that dtype before the quantizer rounded them (1.7% of the codes moved in bf16;
+    on stories260K W4, KL 0.0925 against 0.0902). Each block is now folded and rounded in fp32:
+    the codes are those of the same model in fp32, and the unquantized tensors are its folded
+    values rounded once."""
+    torch.manual_seed(0)
+    half = Llama(LlamaConfig(**TINY)).eval().to(dtype)
+    calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
+    result = awq_ref.search_awq(half, calib, awq_ref.QuantSpec(4, 32),
+                                awq_ref.AwqConfig(n_grid=10, progress=False))
+    full = copy.deepcopy(half).float()  # the same values in fp32
+    q_half = awq_ref.quantize(half, "awq", 4, 32, result=result)
+    q_32 = awq_ref.quantize(full, "awq", 4, 32, result=result)
+    half_state, state_32 = q_half.state_dict(), q_32.state_dict()
+    for name, t in state_32.items():
+        if name.endswith(("qweight", "qzeros", "scales")):
+            assert torch.equal(half_state[name], t), name
+        else:
+            assert half_state[name].dtype == dtype, name
+            assert torch.equal(half_state[name], t.to(dtype)), name
+    fake = awq_ref.quantize(half, "awq", 4, 32, result=result, pack=False)
+    fake_32 = awq_ref.quantize(full, "awq", 4, 32, result=result, pack=False)
+    for (name, t), (_, t32) in zip(fake.state_dict().items(), fake_32.state_dict().items()):
+        assert t.dtype == dtype and torch.equal(t, t32.to(dtype)), name

@@ -811,4 +811,8 @@ MUTANTS = (
        "constexpr int GD_KC = 32; ",
        "constexpr int GD_KC = 16; ",
        "tests/test_kernels_compile.py", "-k", "plan_constants"),
+    _m("s24-half-block-folded-in-its-dtype", "awq_ref/awq/apply.py",
+       "        layer.float()",
+       "        pass",
+       "tests/test_nonfinite.py", "-k", "half_precision"),
 )

@@ -9,7 +9,7 @@ later round-to-nearest quantization uses exactly the searched range.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -49,8 +49,17 @@ def apply_clip(linear: nn.Linear, lo: torch.Tensor, hi: torch.Tensor) -> None:
 
 
 def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True,
-              modules_to_not_convert: Iterable[str] = ()) -> None:
+              modules_to_not_convert: Iterable[str] = (),
+              then: Callable[[int], None] | None = None) -> None:
     """Fold `result` into the fp `model` (scales, then clips): RTN afterwards gives the AWQ model.
+
+    Block by block, each in fp32 while it is folded: a bf16 or fp16 block is cast back after
+    (a block's floating tensors share one dtype, as the loaders make them), so its folded
+    weights are rounded once to its dtype. `then(i)`, if given, runs right after block i is
+    folded, still in fp32: api.quantize rounds the block there, so the folded weights
+    W diag(s), clipped, reach the quantizer exactly, not first rounded to bf16 (which moved
+    1.7% of the codes; on stories260K W4, KL 0.0925 against 0.0904); one block at a time is in
+    fp32.
 
     Clip ranges are per (output channel, group of result.spec.group_size inputs) and were chosen
     for result.spec.bits; for another bit width, re-applying the scales alone (clip=False) or
@@ -66,10 +75,20 @@ def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True,
                            skip_names(modules_to_not_convert, "apply_awq"))
     check_changeable(model, "apply_awq")
     check_not_applied(model, "apply_awq")
-    for prev, linears, s, n_rep in scales:
-        apply_scale(prev, linears, s, n_rep, model.config.head_dim)
-    for linear, lo, hi in clips:
-        apply_clip(linear, lo, hi)
+    layers = model.model.layers
+    block_of = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+    for i, layer in enumerate(layers):
+        dtype = next(layer.parameters()).dtype
+        layer.float()
+        for prev, linears, s, n_rep in scales:
+            if block_of[id(prev)] == i:
+                apply_scale(prev, linears, s, n_rep, model.config.head_dim)
+        for linear, lo, hi in clips:
+            if block_of[id(linear)] == i:
+                apply_clip(linear, lo, hi)
+        if then is not None:
+            then(i)
+        layer.to(dtype)  # QuantLinear keeps its fp16 scales (its _apply)
     model.awq_applied = True
 
 

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -195,10 +195,12 @@ def _resume(work: Progress | None, model: nn.Module, calib_tokens: torch.Tensor,
 
 def run_awq(model: nn.Module, spec: QuantSpec, calib_tokens: torch.Tensor | None = None,
             modules_to_not_convert: Iterable[str] = (), device: str | torch.device | None = None,
-            result: AwqResult | None = None, **config: Any) -> nn.Module:
+            result: AwqResult | None = None, then: Callable[[int], None] | None = None,
+            **config: Any) -> nn.Module:
     """Search (unless `result` is given) and fold the result into `model`, in place; returns it.
 
-    This is `awq_ref.api.quantize(method="awq")`'s step before rounding. Without calib_tokens
+    This is `awq_ref.api.quantize(method="awq")`, which rounds each block right after its fold
+    (`then`, see apply_awq). Without calib_tokens
     the windows are sampled from the model itself (data-free; see calibration.sample_from_model).
     Extra keyword arguments are AwqConfig fields (n_grid=..., duo_scaling=...).
     """
@@ -212,7 +214,7 @@ def run_awq(model: nn.Module, spec: QuantSpec, calib_tokens: torch.Tensor | None
         result = search_awq(model, calib_tokens, spec, AwqConfig(**config), device, skip)
     elif config or calib_tokens is not None:
         raise TypeError("run_awq: a given `result` takes no calibration tokens or search options")
-    apply_awq(model, result, modules_to_not_convert=skip)
+    apply_awq(model, result, modules_to_not_convert=skip, then=then)
     return model
 
 

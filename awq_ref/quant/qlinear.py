@@ -143,14 +143,16 @@ def check_changeable(model: nn.Module, where: str) -> None:
                          "inference_mode (or quantize a copy: inplace=False)")
 
 
-def decoder_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = ()
-                    ) -> list[tuple[str, nn.Linear]]:
-    """(full name, module) of every nn.Linear inside `model.model.layers` that is quantized:
-    embeddings and lm_head are never, and names matching `modules_to_not_convert` are left out
-    (they stay full precision)."""
+def decoder_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = (),
+                    block: int | None = None) -> list[tuple[str, nn.Linear]]:
+    """(full name, module) of every nn.Linear inside `model.model.layers` (block: only inside
+    that one) that is quantized: embeddings and lm_head are never, and names matching
+    `modules_to_not_convert` are left out (they stay full precision)."""
     skip = tuple(modules_to_not_convert)
+    inside = "" if block is None else f"{block}."
     return [(f"model.layers.{name}", m) for name, m in model.model.layers.named_modules()
-            if isinstance(m, nn.Linear) and not skipped(f"model.layers.{name}", skip)]
+            if isinstance(m, nn.Linear) and name.startswith(inside)
+            and not skipped(f"model.layers.{name}", skip)]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -159,7 +161,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def replace_linears(model: nn.Module, spec: QuantSpec, modules_to_not_convert: Iterable[str] = (),
-                    init_only: bool = False) -> nn.Module:
+                    init_only: bool = False, block: int | None = None) -> nn.Module:
     """Swap (in place) every decoder nn.Linear for a QuantLinear; returns `model`.
 
     With init_only the QuantLinear layers are only allocated on the Linear's device (use with a
@@ -167,7 +169,7 @@ def replace_linears(model: nn.Module, spec: QuantSpec, modules_to_not_convert: I
     quantized and packed.
     """
     check_packable(spec, "replace_linears")
-    for name, lin in decoder_linears(model, modules_to_not_convert):
+    for name, lin in decoder_linears(model, modules_to_not_convert, block):
         if init_only:
             g = spec.group_for(lin.in_features, name)
             q = QuantLinear(lin.in_features, lin.out_features, g, bias=lin.bias is not None,

@@ -29,17 +29,19 @@ def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec, name: str = "weight")
 
 
 @torch.no_grad()
-def apply_rtn_fake(model: nn.Module, spec: QuantSpec, modules_to_not_convert: Iterable[str] = ()
-                   ) -> nn.Module:
-    """Replace (in place) each decoder linear weight by its fake-quantized value; returns model."""
-    for name, lin in decoder_linears(model, modules_to_not_convert):
+def apply_rtn_fake(model: nn.Module, spec: QuantSpec, modules_to_not_convert: Iterable[str] = (),
+                   block: int | None = None) -> nn.Module:
+    """Replace (in place) each decoder linear weight by its fake-quantized value; returns model.
+    block: only that block's linears."""
+    for name, lin in decoder_linears(model, modules_to_not_convert, block):
         lin.weight.copy_(fake_quantize_weight(lin.weight, spec, name))
     return model
 
 
 def apply_rtn(model: nn.Module, spec: QuantSpec, modules_to_not_convert: Iterable[str] = (),
-              pack: bool = True) -> nn.Module:
-    """RTN-quantize (in place) every decoder linear: QuantLinear layers if `pack`, else fake."""
+              pack: bool = True, block: int | None = None) -> nn.Module:
+    """RTN-quantize (in place) every decoder linear (block: only that block's): QuantLinear
+    layers if `pack`, else fake."""
     if pack:
-        return replace_linears(model, spec, modules_to_not_convert)
-    return apply_rtn_fake(model, spec, modules_to_not_convert)
+        return replace_linears(model, spec, modules_to_not_convert, block=block)
+    return apply_rtn_fake(model, spec, modules_to_not_convert, block)
