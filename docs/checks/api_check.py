@@ -3,7 +3,6 @@
     PYTHONPATH=. .venv/bin/python docs/checks/api_check.py   (writes under out/, ignored by git)
 """
 
-import json
 import shutil
 
 import torch
@@ -26,8 +25,7 @@ awq_ref.save_quantized(qmodel, f"{D}/smollm2-awq-w4-g64", tokenizer=tok)
 result = awq_ref.search_awq(model, calib, QuantSpec(4, 64), AwqConfig(n_grid=5, progress=False))
 result.save(f"{D}/search.safetensors")
 result = AwqResult.load(f"{D}/search.safetensors")
-print("after load: .search", result.search, "| info['search'][0]:",
-      json.loads(result.info["search"])[0])
+print("after load: .search", len(result.search), "records; [0]:", result.search[0])
 again = awq_ref.quantize(model, "awq", 4, 64, result=result)
 probe = calib[:1, :32]
 with torch.no_grad():
