@@ -82,7 +82,8 @@ def quantize(model: nn.Module, method: str = "rtn", w_bit: int = 4, group_size: 
     method "rtn": round-to-nearest. method "awq": first
     `awq_ref.awq.pipeline.run_awq(model, spec, modules_to_not_convert=..., **kwargs)` folds the
     searched scales and clipping into the fp weights (kwargs: calib_tokens (B, T), device,
-    result=AwqResult to re-apply a saved search, AwqConfig fields), then the same rounding runs.
+    result=AwqResult to re-apply a saved search, AwqConfig fields), and the same rounding runs
+    on each block right after its fold, while the block is in fp32 (apply_awq's `then`).
 
     pack=True swaps decoder nn.Linear layers for QuantLinear (4 bits only; the result carries a
     `quantization_config` attribute for `save_quantized`); pack=False keeps nn.Linear with

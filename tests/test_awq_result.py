@@ -215,3 +215,46 @@ def test_every_part_of_a_result_is_checked_before_anything_changes(searched):
         check_result_fits(model, torn)  # what the CLI's --result runs before anything else
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
+
+
+def test_a_fold_cut_short_is_marked_and_leaves_every_block_in_its_dtype(searched):
+    """A fold that stops partway (Ctrl-C, out of memory, a failing rounding of a block) leaves
+    the model marked, so a retry is refused instead of folding the first blocks twice, and
+    every block back in its dtype (the failing one was in fp32 for its fold)."""
+    model = tiny_llama().to(torch.bfloat16)
+
+    def fail_at_block_1(i: int) -> None:
+        if i == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        apply_awq(model, searched, then=fail_at_block_1)
+    assert {t.dtype for t in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="already folded into this model"):
+        apply_awq(model, searched)
+
+
+def test_each_tensor_of_a_block_goes_back_to_its_own_dtype(searched):
+    """A block mixing dtypes (fp32 norms, bf16 linears) is folded in fp32, then each tensor is
+    cast back to the dtype it had, not all to the first one's."""
+    model = tiny_llama().to(torch.bfloat16)
+    for layer in model.model.layers:
+        layer.input_layernorm.float()
+        layer.post_attention_layernorm.float()
+    apply_awq(model, searched)
+    for layer in model.model.layers:
+        assert layer.input_layernorm.weight.dtype == torch.float32
+        assert layer.self_attn.q_proj.weight.dtype == torch.bfloat16
+        assert layer.mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+def test_a_clip_outside_the_blocks_is_applied(searched):
+    """A result may name a linear outside the decoder blocks (lm_head, edited in by hand): it is
+    clipped as any other, after the blocks."""
+    model = tiny_llama()
+    result = copy.deepcopy(searched)
+    n, k = model.lm_head.weight.shape
+    boxes = (n, k // SPEC.group_size)
+    result.clips["lm_head"] = (torch.full(boxes, -0.01), torch.full(boxes, 0.01))
+    apply_awq(model, result)
+    assert model.lm_head.weight.abs().max() <= 0.01

@@ -154,7 +154,7 @@ def test_calibration_too_thin_for_a_search_is_warned_of(caplog, tokens, message)
 def test_a_half_precision_model_is_folded_and_rounded_in_fp32(dtype):
     """quantize(awq) on a bf16/fp16 model folded the scales into its 16-bit weights, which were
     rounded to that dtype before the quantizer rounded them (1.7% of the codes moved in bf16;
-    on stories260K W4, KL 0.0925 against 0.0902). Each block is now folded and rounded in fp32:
+    on stories260K W4, KL 0.0925, now 0.0904). Each block is now folded and rounded in fp32:
     the codes are those of the same model in fp32, and the unquantized tensors are its folded
     values rounded once."""
     torch.manual_seed(0)

@@ -815,4 +815,12 @@ MUTANTS = (
        "        layer.float()",
        "        pass",
        "tests/test_nonfinite.py", "-k", "half_precision"),
+    _m("s24-fold-marked-only-at-the-end", "awq_ref/awq/apply.py",
+       "    model.awq_applied = True  # before the first change",
+       "    pass  # before the first change",
+       "tests/test_awq_result.py", "-k", "cut_short"),
+    _m("s24-block-restored-to-one-dtype", "awq_ref/awq/apply.py",
+       "        if want is None or t.dtype == want:",
+       "        if True:",
+       "tests/test_awq_result.py", "-k", "own_dtype"),
 )

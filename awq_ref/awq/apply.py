@@ -75,21 +75,42 @@ def apply_awq(model: nn.Module, result: AwqResult, clip: bool = True,
                            skip_names(modules_to_not_convert, "apply_awq"))
     check_changeable(model, "apply_awq")
     check_not_applied(model, "apply_awq")
+    model.awq_applied = True  # before the first change: a fold cut short is refused too
     layers = model.model.layers
     block_of = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
     for i, layer in enumerate(layers):
-        dtype = next(layer.parameters()).dtype
+        dtypes = {n: t.dtype for n, t in [*layer.named_parameters(), *layer.named_buffers()]}
         layer.float()
-        for prev, linears, s, n_rep in scales:
-            if block_of[id(prev)] == i:
-                apply_scale(prev, linears, s, n_rep, model.config.head_dim)
-        for linear, lo, hi in clips:
-            if block_of[id(linear)] == i:
-                apply_clip(linear, lo, hi)
-        if then is not None:
-            then(i)
-        layer.to(dtype)  # QuantLinear keeps its fp16 scales (its _apply)
-    model.awq_applied = True
+        try:
+            for prev, linears, s, n_rep in scales:
+                if block_of[id(prev)] == i:
+                    apply_scale(prev, linears, s, n_rep, model.config.head_dim)
+            for linear, lo, hi in clips:
+                if block_of.get(id(linear)) == i:
+                    apply_clip(linear, lo, hi)
+            if then is not None:
+                then(i)
+        finally:
+            _restore_dtypes(layer, dtypes)
+    for linear, lo, hi in clips:  # a linear outside the blocks (a result edited by hand)
+        if id(linear) not in block_of:
+            apply_clip(linear, lo, hi)
+
+
+def _restore_dtypes(layer: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Each parameter and buffer of `layer` back to its dtype of before (by name): a bf16
+    block's folded tensors rounded once; tensors `then` made (a QuantLinear's packed ones and
+    fp16 scales) stay as they are, and a linear's bias moved into its QuantLinear goes back."""
+    for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
+        want = dtypes.get(name)
+        if want is None or t.dtype == want:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        module = layer.get_submodule(owner)
+        if isinstance(t, nn.Parameter):
+            t.data = t.data.to(want)
+        else:
+            setattr(module, leaf, t.to(want))
 
 
 def check_not_applied(model: nn.Module, where: str) -> None:
