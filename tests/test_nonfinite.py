@@ -6,9 +6,8 @@ finite are called that, not an fp16 overflow."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
+import make_random_checkpoint as mrc  # tools/ is on sys.path (conftest)
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,10 +60,6 @@ def test_nan_in_an_unquantized_tensor_is_refused(tmp_path, method):
 
 
 def test_a_streamed_cast_that_overflows_is_refused(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "tools" / "make_random_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("make_random_checkpoint", path)
-    mrc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mrc)
     src = tmp_path / "src"
     assert mrc.main(["--preset", "tiny", "--out", str(src), "--layers", "2",
                      "--dtype", "float32"]) == 0
