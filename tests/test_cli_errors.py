@@ -136,13 +136,8 @@ def test_a_gguf_file_is_checked_from_its_header(capsys, tmp_path, monkeypatch, d
 
 def _random_folder(tmp_path):
     """A tiny random HF folder without a tokenizer (tools/make_random_checkpoint.py)."""
-    import importlib.util
-    from pathlib import Path
+    import make_random_checkpoint as mrc  # tools/ is on sys.path (conftest.py)
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "make_random_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("make_random_checkpoint", path)
-    mrc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mrc)
     return mrc.write_random_checkpoint(mrc.LlamaConfig(**mrc.PRESETS["tiny"]), tmp_path / "src")
 
 

@@ -4,7 +4,6 @@ and refuses corrupt files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import make_random_checkpoint as mrc  # tools/ is on sys.path (conftest.py)
 import pytest
 import torch
 from kill_helpers import folder_bytes, kill_after_block, stop_after_saving
@@ -27,10 +27,6 @@ from awq_ref.quant.qlinear import QuantLinear
 from awq_ref.stream import quantize_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_random_checkpoint",
-                                               ROOT / "tools" / "make_random_checkpoint.py")
-mrc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mrc)
 
 GROUP = 32
 AWQ = {"n_grid": 5, "clip_grid": 8}  # small grids: a fast test that still searches

@@ -3,20 +3,13 @@ shard by shard, the same bytes for the same arguments."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
+import make_random_checkpoint as mrc  # tools/ is on sys.path (conftest.py)
 import torch
 
 from awq_ref.api import quantize
 from awq_ref.loaders import load_model
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_random_checkpoint",
-                                               ROOT / "tools" / "make_random_checkpoint.py")
-mrc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mrc)
 
 
 def test_tiny_preset_loads_sharded(tmp_path):
