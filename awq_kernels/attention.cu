@@ -14,7 +14,8 @@
 // so leaving it out changes no sum). Deterministic: every sum in a fixed order. A warp's 16
 // slots are loaded at once and its heads reduced side by side (at_scan: latency).
 // Layouts: q (B, 1, H, Dh) with strides (q_sb, q_sh), Dh contiguous; keys and values
-// (B, Hkv, S, Dh) contiguous; y (B, 1, H, Dh) contiguous; G <= AT_GMAX; p < S (the caller's).
+// (B, Hkv, S, Dh) contiguous; y (B, 1, H, Dh) contiguous; G <= AT_GMAX. The callers keep
+// 0 <= p < S; a p outside the cache makes y NaN (no slot read, the counters untouched).
 #include "common.cuh"
 #include "splitk_fused.cuh"
 
@@ -62,7 +63,7 @@ __device__ __forceinline__ void at_scan(const u16* keys, const u16* values, int 
   float kf[SLOTS][E], vf[SLOTS][E];
 #pragma unroll
   for (int j = 0; j < SLOTS; ++j) {
-    if (s_begin + j < s_end) {  // slots past p (or past S) are not read
+    if (s_begin + j < s_end) {  // slots past p are not read (p < S: checked at entry)
       load_e<T, E>(keys + (size_t)(s_begin + j) * DH + lane * E, kf[j]);
       load_e<T, E>(values + (size_t)(s_begin + j) * DH + lane * E, vf[j]);
     }
@@ -138,6 +139,12 @@ decode_attention(const u16* __restrict__ q, const u16* __restrict__ keys,
   const int split = blockIdx.y, splits = gridDim.y;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const long long p = *position;
+  if (p < 0 || p >= S) {  // outside the cache (a direct call; the model's callers check): y is
+    if (split == 0)       // NaN; every block of the launch returns here, so no counter moves
+      for (int i = threadIdx.x; i < G * DH; i += AT_THREADS)
+        y[((size_t)b * H + hk * G + i / DH) * DH + i % DH] = T::NAN16;
+    return;
+  }
   const int used = (int)min((long long)splits, p / AT_CHUNK + 1);  // splits holding slots <= p
 
   if (split < used) {  // block-uniform

@@ -14,6 +14,8 @@
 //   ONE2    bits of 1.0 (used to express a subtraction as one fused multiply-add).
 //   IN_PLACE_NIBBLES  whether the odd nibble pairs can be dequantized where they lie
 //           (1024 + 16 q, fp16 only; see dequant_nibbles).
+//   NAN16   bits of a quiet NaN: what a kernel writes where its input lies outside what it can
+//           compute (a cache position past the cache), so the error shows downstream.
 //
 // The packed AWQ word (FORMAT.md): nibble i (bits 4i..4i+3) holds column ORDER[i] of an 8-column
 // group, ORDER = [0, 2, 4, 6, 1, 3, 5, 7]. So bits 0..15 hold the even columns (0, 2, 4, 6) and
@@ -27,11 +29,13 @@ struct F16 {
   static constexpr u32 MAGIC2 = 0x64006400u;  // (1024.0, 1024.0)
   static constexpr u32 ONE2 = 0x3C003C00u;    // (1.0, 1.0)
   static constexpr bool IN_PLACE_NIBBLES = true;  // see dequant_nibbles
+  static constexpr u16 NAN16 = 0x7E00u;
 };
 struct BF16 {
   static constexpr u32 MAGIC2 = 0x43004300u;  // (128.0, 128.0)
   static constexpr u32 ONE2 = 0x3F803F80u;    // (1.0, 1.0)
   static constexpr bool IN_PLACE_NIBBLES = false;
+  static constexpr u16 NAN16 = 0x7FC0u;
 };
 
 constexpr u32 SIGN2 = 0x80008000u;      // sign bits of both halves: xor negates a pair

@@ -188,7 +188,8 @@ add_rms_norm(const u16* __restrict__ x, const u16* __restrict__ delta, const u16
 // rotary kernel and two index_copy_ kernels.
 //   q (B, T, H, Dh), k and v (B, T, Hkv, Dh): any strides, Dh contiguous (views of a fused
 //   q/k/v output or separate projections); cos, sin (T, Dh); keys, values (B, Hkv, S, Dh)
-//   contiguous; q_out (B, T, H, Dh) contiguous. p0 + T <= S (checked by the caller).
+//   contiguous; q_out (B, T, H, Dh) contiguous. The callers keep 0 <= p0, p0 + T <= S; past
+//   that the cache is left as it was and q_out is NaN (the error shows, no other slot written).
 // Units of 8 values: first the rotations of the H + Hkv heads (8 of a first half and their
 // partners each), then the copies of v.
 template <typename T>
@@ -200,6 +201,13 @@ rotary_into_cache(const u16* __restrict__ q, const u16* __restrict__ k, const u1
                   int qb, int qt, int qh, int kb, int kt, int kh, int vb, int vt, int vh) {
   const int per_head = Dh / 16, per_row = Dh / 8;
   const long long p0 = *position;
+  if (p0 < 0 || p0 + T_len > S) {
+    const size_t n = (size_t)B * T_len * H * Dh;
+    for (size_t i = blockIdx.x * (size_t)EW_THREADS + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * EW_THREADS)
+      q_out[i] = T::NAN16;
+    return;
+  }
   const size_t rot_units = (size_t)B * T_len * (H + Hkv) * per_head;
   const size_t v_units = (size_t)B * T_len * Hkv * per_row;
   for (size_t i = blockIdx.x * (size_t)EW_THREADS + threadIdx.x; i < rot_units + v_units;

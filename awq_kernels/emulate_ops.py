@@ -8,6 +8,8 @@ import numpy as np
 
 from .emulate import from_f64, to_f32
 
+NAN16 = {"F16": 0x7E00, "BF16": 0x7FC0}  # the traits' quiet NaN bits (common.cuh)
+
 
 def _round(tag: str, f) -> np.ndarray:
     """round_t: to the 16-bit type and back to float32."""
@@ -104,6 +106,8 @@ def emulate_rotary_into_cache(tag, flats, offsets, strides, shapes, cos, sin, ke
     b_len, t_len, h_len, hkv, dh = shapes
     keys, values = keys.copy(), values.copy()
     s_len = keys.shape[2]
+    if p0 < 0 or p0 + t_len > s_len:  # outside the cache: q NaN, the cache as it was
+        return np.full((b_len, t_len, h_len, dh), NAN16[tag], np.uint16), keys, values
     half, per_head, per_row = dh // 2, dh // 16, dh // 8
     cos_flat, sin_flat = cos.reshape(-1), sin.reshape(-1)
     q_out = np.zeros(b_len * t_len * h_len * dh, np.uint16)
@@ -147,11 +151,14 @@ def emulate_rotary_into_cache(tag, flats, offsets, strides, shapes, cos, sin, ke
 def emulate_decode_attention(tag, q, keys, values, p, chunk=64, warps=4, skip_empty=True):
     """decode_attention<T, Dh>: q bits (B, 1, H, Dh), keys / values bits (B, Hkv, S, Dh),
     slots 0..p. Mirrors the kernel's split / warp / online-softmax structure and both merges
-    in float32; the final merge takes the splits holding slots <= p, as the kernel does
-    (skip_empty=False: every split, the empty ones as m = -inf, as it did until session 22).
-    Returns y bits (B, 1, H, Dh)."""
+    in float32 (its structure, not every bit: the dot products here are NumPy's order, and nvcc
+    fuses the updates' multiply-adds); the final merge takes the splits holding slots <= p, as
+    the kernel does (skip_empty=False: every split, the empty ones as m = -inf, as it did until
+    session 22). Returns y bits (B, 1, H, Dh)."""
     b_len, _, h_len, dh = q.shape
     hkv, s_len = keys.shape[1], keys.shape[2]
+    if p < 0 or p >= s_len:  # outside the cache: NaN, nothing read
+        return np.full((b_len, 1, h_len, dh), NAN16[tag], np.uint16)
     group, splits, per_warp = h_len // hkv, -(-s_len // chunk), chunk // warps
     scale = np.float32(dh ** -0.5)
     f32 = np.float32

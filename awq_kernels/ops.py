@@ -207,7 +207,8 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     q (B, T, H, Dh), k and v (B, T, Hkv, Dh): any strides with Dh contiguous; cos and
     sin_signed (T, Dh) contiguous; keys and values (B, Hkv, S, Dh) contiguous; position a
     1-element int64 tensor on the device (read there, so CUDA graphs replay it for any
-    position). The caller keeps position + T <= S: the kernel cannot raise.
+    position). The caller keeps 0 <= position, position + T <= S (the kernel cannot raise: past
+    that it leaves the cache as it was and returns q as NaN, so the error shows).
     """
     q = _check("q", q)
     k, v = _check("k", k, q.dtype), _check("v", v, q.dtype)
@@ -262,10 +263,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     F.scaled_dot_product_attention(q, keys, values, mask slot <= position, enable_gqa=True)
     in fp32 with the result rounded to q's dtype, for q (B, 1, H, Dh) (Dh contiguous; e.g.
     rotary_into_cache's output), keys and values (B, Hkv, S, Dh) contiguous, position a
-    1-element int64 tensor on the device (read there: CUDA graphs replay it). Returns
-    (B, 1, H, Dh) contiguous. Dh in ATTENTION_HEAD_DIMS, H / Hkv <= 8. Uses the stream's
-    split-K counters (runtime.splitk_counters): under CUDA-graph capture the stream must have
-    run one eager call first (CudaGraphDecoder's warm-up does).
+    1-element int64 tensor on the device (read there: CUDA graphs replay it; the caller keeps
+    0 <= position < S, else the result is NaN). Returns (B, 1, H, Dh) contiguous. Dh in
+    ATTENTION_HEAD_DIMS, H / Hkv <= 8. Uses the stream's split-K counters
+    (runtime.splitk_counters): under CUDA-graph capture the stream must have run one eager call
+    first (CudaGraphDecoder's warm-up does).
     """
     q = _check("q", q)
     keys, values = _check("keys", keys, q.dtype), _check("values", values, q.dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from awq_kernels import build, emulate
+from awq_kernels import build, emulate, emulate_ops
 from awq_kernels.plan import (
     GEMV_DIRECT_BLOCKS_PER_SM,
     GEMV_DIRECT_VEC,
@@ -121,6 +121,8 @@ def test_cuda_constants_match_the_emulation_and_their_values():
         struct = re.search(rf"struct {tag} {{(.*?)\n}};", text, re.DOTALL)[1]
         assert const("MAGIC2", struct) == pair_bits(magic, tag) == emulate.MAGIC2[tag], tag
         assert const("ONE2", struct) == pair_bits(1.0, tag) == emulate.ONE2[tag], tag
+        assert const("NAN16", struct) == emulate_ops.NAN16[tag], tag
+        assert np.isnan(emulate.to_f32(tag, np.array([const("NAN16", struct)], np.uint16)))[0]
     for name, value in {"SIXTEENTH2_F16": 1 / 16, "NINE_SIXTY2_F16": 960.0}.items():
         assert const(name) == pair_bits(value, "F16"), name
     assert const("SIXTEENTH2_F16") == emulate.SIXTEENTH2_F16

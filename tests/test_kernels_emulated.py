@@ -319,6 +319,29 @@ def test_decode_attention_leaving_out_the_splits_past_p_keeps_every_bit(dtype, t
         np.testing.assert_array_equal(used, every)
 
 
+@pytest.mark.parametrize("dtype,tag", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
+def test_a_position_outside_the_cache_gives_nan_and_writes_no_slot(dtype, tag):
+    """The callers keep 0 <= p < S (p + T <= S for the cache writes); a direct call past that
+    read and wrote other heads' slots. Now: attention NaN, the cache untouched, q NaN."""
+    gen = torch.Generator().manual_seed(3)
+    keys = _bits16(torch.randn(1, 2, 130, 64, generator=gen).to(dtype))
+    values = _bits16(torch.randn(1, 2, 130, 64, generator=gen).to(dtype))
+    q = _bits16(torch.randn(1, 1, 4, 64, generator=gen).to(dtype))
+    for p in (-1, 130, 200):
+        y = emulate_ops.emulate_decode_attention(tag, q, keys, values, p)
+        assert np.isnan(emulate.to_f32(tag, y)).all(), p
+    parent = _flat_bits(torch.randn(1, 2, (4 + 2 * 2) * 64, generator=gen).to(dtype))
+    cos = sin = _bits16(torch.ones(2, 64, dtype=dtype))
+    strides = ((2 * 512, 512, 64),) * 3
+    for p0 in (-1, 129):  # T = 2: slots p0, p0 + 1, one of them outside
+        got_q, got_k, got_v = emulate_ops.emulate_rotary_into_cache(
+            tag, (parent,) * 3, (0, 256, 384), strides, (1, 2, 4, 2, 64), cos, sin, keys, values,
+            p0)
+        assert np.isnan(emulate.to_f32(tag, got_q)).all(), p0
+        np.testing.assert_array_equal(got_k, keys)
+        np.testing.assert_array_equal(got_v, values)
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_mma_direct_buffer_rotation_computes_every_chunk_once_in_order(depth):
     for mine in range(20):

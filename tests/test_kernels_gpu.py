@@ -380,6 +380,35 @@ def test_decode_attention_matches_masked_sdpa(dtype, h, hkv, dh):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_a_position_outside_the_cache_gives_nan_and_writes_no_slot(dtype):
+    """The position is read on the device, so only the kernels can see it outside the cache:
+    attention gives NaN (then works again: no split counter was left moved), rotary_into_cache
+    leaves the cache as it was and returns q as NaN."""
+    from awq_kernels import ops
+
+    h, hkv, dh, s_len = 8, 2, 64, 130
+    keys = torch.randn(1, hkv, s_len, dh, device="cuda").to(dtype)
+    values = torch.randn(1, hkv, s_len, dh, device="cuda").to(dtype)
+    q = torch.randn(1, 1, h, dh, device="cuda").to(dtype)
+    good = ops.decode_attention(q, keys, values, torch.tensor([100], device="cuda"))
+    for p in (-1, s_len, 200):
+        y = ops.decode_attention(q, keys, values, torch.tensor([p], device="cuda"))
+        assert torch.isnan(y).all(), p
+    again = ops.decode_attention(q, keys, values, torch.tensor([100], device="cuda"))
+    assert torch.equal(again.view(torch.int16), good.view(torch.int16))
+    k_before, v_before = keys.clone(), values.clone()
+    k = torch.randn(1, 2, hkv, dh, device="cuda").to(dtype)
+    qq = torch.randn(1, 2, h, dh, device="cuda").to(dtype)
+    cos = torch.ones(2, dh, device="cuda", dtype=dtype)
+    for p0 in (-1, s_len - 1):
+        got = ops.rotary_into_cache(qq, k, k, cos, cos, keys, values,
+                                    torch.tensor([p0], device="cuda"))
+        assert torch.isnan(got).all(), p0
+        assert torch.equal(keys.view(torch.int16), k_before.view(torch.int16)), p0
+        assert torch.equal(values.view(torch.int16), v_before.view(torch.int16)), p0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 9])
 def test_int8_head_kernel_matches_its_reference(m, dtype):
     """awq_kernels.int8.gemm_int8 (gemv_int8.cu for M <= 8, 16-bit dequant + matmul above)
