@@ -182,6 +182,35 @@ def point_errors() -> tuple[type[Exception], ...]:
     return (RuntimeError, ValueError, CompileException)
 
 
+class ContextLost(RuntimeError):
+    """A point's error left CUDA unusable in this process (an illegal address, a device-side
+    trap: the context's error is sticky), so nothing after it can be timed. `rows`: what the
+    shape measured before it."""
+
+    def __init__(self, message: str, rows: list):
+        super().__init__(message)
+        self.rows = rows
+
+
+def check_context(where: str, err: Exception, rows: list) -> None:
+    """After a point's error (printed, the run going on): raise ContextLost if CUDA no longer
+    works in this process, naming the point, with the shape's rows so far."""
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).cpu()
+    except RuntimeError as lost:
+        raise ContextLost(f"{where} raised {type(err).__name__}: {err}; CUDA fails after it "
+                          f"({lost}): the run stops here, what it measured is kept",
+                          rows) from err
+
+
+def stop_note(result: dict, lost: ContextLost) -> None:
+    """Record a stopped run in its result: the shape's rows so far and why it stopped."""
+    result["rows"] += [r if isinstance(r, dict) else asdict(r) for r in lost.rows]
+    result["stopped"] = str(lost)
+    print(f"stopped: {lost}", flush=True)
+
+
 def timed_at(name: str, m: int, tuned: Dispatch | None = None) -> bool:
     """Whether bench_shape times implementation `name` at M rows (the rest cost device time
     for nothing the tables need)."""
@@ -223,8 +252,9 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
                 h_us = host_us(fns[0])  # the GPU sleeps twice that before each timed call
                 sleep = max(SLEEP_CYCLES, int(2 * h_us * CYCLES_PER_US))
                 times[name] = (median_us(fns, reps, sleep_cycles=sleep), h_us)
-            except point_errors() as err:  # costs only this point
+            except point_errors() as err:  # costs only this point, unless CUDA is lost
                 print(f"  {name} K={k} N={n} M={m}: {type(err).__name__}: {err}", flush=True)
+                check_context(f"{name} K={k} N={n} M={m}", err, rows)
         floor_s = max(awq_bytes(m, k, n, g) / ceil.hbm_bytes_per_s,
                       2 * m * k * n / ceil.tensor_flops)
         fp16_us = times.get("fp16", (float("nan"),))[0]
@@ -247,10 +277,15 @@ def run(shapes=SHAPES, ms=MS, group_size: int = 128, reps: int = 50,
     if tuned is not None:
         result["tuned_dispatch"] = tuned.to_json()
     for k, n in shapes:
-        result["rows"] += [asdict(r) for r in bench_shape(k, n, ms, group_size, ceil, reps,
-                                                          tuned)]
+        try:
+            result["rows"] += [asdict(r) for r in bench_shape(k, n, ms, group_size, ceil, reps,
+                                                              tuned)]
+        except ContextLost as lost:
+            stop_note(result, lost)
         if on_shape is not None:
             on_shape(result)
+        if "stopped" in result:
+            break
         torch.cuda.empty_cache()
     return result
 
@@ -267,6 +302,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['impl']} | {r['us']:.1f} | "
                      f"{r['host_us']:.1f} | {r['gb_per_s']:.0f} | {r['speedup_vs_fp16']:.2f} | "
                      f"{r['pct_of_floor']:.0f} |")
+    if "stopped" in result:
+        lines += ["", f"Stopped: {result['stopped']}"]
     return "\n".join(lines) + "\n"
 
 

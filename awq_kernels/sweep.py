@@ -115,8 +115,9 @@ def sweep_shape(k: int, n: int, ms: tuple[int, ...], g: int, reps: int) -> list[
                 h_us = benchmark.host_us(fns[0])
                 sleep = max(benchmark.SLEEP_CYCLES, int(2 * h_us * benchmark.CYCLES_PER_US))
                 times[name] = benchmark.median_us(fns, reps, sleep_cycles=sleep)
-            except benchmark.point_errors() as err:  # costs only this variant
+            except benchmark.point_errors() as err:  # costs only this variant, unless CUDA is lost
                 print(f"  {name} K={k} N={n} M={m}: {type(err).__name__}: {err}", flush=True)
+                benchmark.check_context(f"{name} K={k} N={n} M={m}", err, rows)
         ours = [us for name, us in times.items() if name != "fp16"]
         if not ours:
             print(f"  K={k} N={n} M={m}: none of our variants ran", flush=True)
@@ -140,9 +141,14 @@ def run(shapes=SWEEP_SHAPES, ms=SWEEP_MS, group_size: int = 128, reps: int = 50,
               "group_size": group_size, "reps": reps, "shapes": [list(s) for s in shapes],
               "auto": dispatch.DEFAULT.to_json(), "rows": []}  # what "awq" ran
     for k, n in shapes:
-        result["rows"] += [asdict(r) for r in sweep_shape(k, n, ms, group_size, reps)]
+        try:
+            result["rows"] += [asdict(r) for r in sweep_shape(k, n, ms, group_size, reps)]
+        except benchmark.ContextLost as lost:
+            benchmark.stop_note(result, lost)
         if on_shape is not None:
             on_shape(result)
+        if "stopped" in result:
+            break
         torch.cuda.empty_cache()
     return result
 
@@ -163,9 +169,17 @@ def ranking(result: dict) -> dict[int, list[tuple[str, float]]]:
             for m, variants in sorted(per_m.items())}
 
 
+class SweepStopped(ValueError):
+    """A sweep that a faulting variant stopped (benchmark.ContextLost)."""
+
+
 def tuned_dispatch(result: dict) -> dispatch.Dispatch:
     """`auto`'s rule as this sweep measured it (dispatch.from_sweep over `ranking`), based on
-    the rule "awq" ran under (stored by `run`; DEFAULT for older files)."""
+    the rule "awq" ran under (stored by `run`; DEFAULT for older files). A sweep that stopped
+    because a variant left CUDA unusable gives none: that variant might rank first."""
+    if "stopped" in result:
+        raise SweepStopped(f"the sweep stopped ({result['stopped']:.300}): no rule is derived "
+                           "from it")
     ranked = ranking(result)
     choices = {m: variant_choices(m, result["group_size"]) for m in ranked}
     base = (dispatch.Dispatch.from_json(result["auto"]) if "auto" in result
@@ -184,6 +198,8 @@ def load_tuned_dispatch(path: str | Path) -> dispatch.Dispatch:
     gpu_check.sh); a file that is none is a ValueError naming it and the cause."""
     try:
         return tuned_dispatch(json.loads(Path(path).read_bytes()))
+    except SweepStopped as err:
+        raise ValueError(f"{path}: {err}") from None
     except (OSError, ValueError, RecursionError, KeyError, TypeError, ArithmeticError) as err:
         unparsed = isinstance(err, (json.JSONDecodeError, UnicodeDecodeError, RecursionError))
         cause = f"not valid JSON: {err!r:.200}" if unparsed else f"{err!r:.200}"
@@ -200,6 +216,8 @@ def markdown(result: dict, top: int = 6) -> str:
     lines += ["", f"Geometric mean of time / best over the shapes, the {top} best per M:", ""]
     for m, ranked in ranking(result).items():
         lines.append(f"- M = {m}: " + ", ".join(f"{name} {v:.2f}" for name, v in ranked[:top]))
+    if "stopped" in result:
+        return "\n".join([*lines, "", f"Stopped: {result['stopped']}"]) + "\n"
     note = ("`auto` as this sweep measured it (dispatch.from_sweep; tools/bench_gemm.py "
             "--tuned-from times it as awq[tuned]):")
     lines += ["", note, "", "```", dispatch.describe(tuned_dispatch(result)), "```"]

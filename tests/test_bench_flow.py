@@ -35,9 +35,10 @@ def fake_cuda(monkeypatch):
             return fn(*args, **kwargs)
         return inner
 
-    for name in ("randn", "randint", "rand"):
+    for name in ("randn", "randint", "rand", "ones"):
         monkeypatch.setattr(torch, name, on_cpu(getattr(torch, name)))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(benchmark, "weight_copies", lambda nbytes: 1)
     monkeypatch.setattr(benchmark, "measure_ceilings",
@@ -120,13 +121,70 @@ def test_sweep_compares_with_the_fastest_of_ours_not_fp16(fake_cuda, monkeypatch
     assert "fp16" not in [name for name, _ in sweep.ranking({"rows": rows})[16]]
 
 
+@pytest.mark.parametrize("tool", ["benchmark", "sweep"])
+def test_a_point_that_loses_cuda_stops_the_run_and_keeps_what_was_measured(fake_cuda, monkeypatch,
+                                                                           tool):
+    """A point's error is printed and the run goes on, unless CUDA fails after it (an illegal
+    address poisons the process's context): then every later point would fail too, so the
+    run stops with the rows measured before it, says where, and a sweep derives no rule."""
+    lost = {"yes": False}
+    timer = benchmark.median_us
+
+    def faulting(fns, reps, warmup=5, sleep_cycles=0):
+        us = timer(fns, reps, warmup, sleep_cycles)
+        c = fake_cuda[-1] if fake_cuda else None
+        if getattr(c, "kernel", None) == "mma_split" and M[0] == 16:
+            if lost["fatal"]:
+                lost["yes"] = True
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return us
+
+    def synchronize(*a):
+        if lost["yes"]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    M = [0]
+    randn = torch.randn
+
+    def note_m(*shape, **kw):  # x = randn(m, k): the M being timed
+        if len(shape) == 2 and shape[0] in (8, 16, 64):
+            M[0] = shape[0]
+        return randn(*shape, **kw)
+
+    monkeypatch.setattr(torch, "randn", note_m)
+    monkeypatch.setattr(benchmark, "median_us", faulting)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    shapes = ((128, 256), (256, 128))
+    runner = (lambda: benchmark.run(shapes, (8, 16, 64), reps=50)) if tool == "benchmark" else (
+        lambda: sweep.run(shapes=shapes, ms=(8, 16, 64), reps=50))
+    lost["fatal"] = False  # an error that leaves CUDA working costs its own point only
+    whole = runner()
+    assert "stopped" not in whole and {r["k"] for r in whole["rows"]} == {128, 256}
+    lost["fatal"] = True
+    saved = []
+    result = (benchmark.run(shapes, (8, 16, 64), reps=50, on_shape=saved.append)
+              if tool == "benchmark" else
+              sweep.run(shapes=shapes, ms=(8, 16, 64), reps=50, on_shape=saved.append))
+    assert "illegal memory access" in result["stopped"] and "M=16" in result["stopped"]
+    assert {(r["k"], r["m"]) for r in result["rows"]} == {(128, 8)}  # before it; nothing after
+    assert saved and saved[-1] is result  # saved once stopped
+    if tool == "sweep":
+        assert "Stopped:" in sweep.markdown(result)
+        with pytest.raises(ValueError, match="the sweep stopped"):
+            sweep.tuned_dispatch(result)
+    else:
+        assert "Stopped:" in benchmark.markdown(result)
+
+
 def test_e2e_benchmark_measures_every_models_proven_rows_first(monkeypatch, tmp_path):
-    """The unproven variants ([overlap], [tuned]) run after both models' proven rows: a sticky
-    CUDA error there must not cost the Llama-3-8B rows; every row is in the JSON as measured."""
+    """The variants on awq_kernels.ops (changed since their last GPU run) and the unproven ones
+    ([overlap], [tuned]) run after both models' proven rows, in that order: a sticky CUDA
+    error there must not cost the Llama-3-8B rows; every row is in the JSON as measured."""
     import bench_e2e
 
     def rows(kind):
-        def fake(name, s, tuned=None):
+        def fake(name, s, extra=None):
+            assert kind != "ops" or extra == "the ops"
             yield {"model": name, "variant": f"{kind} 1"}
             yield {"model": name, "variant": f"{kind} 2"}
             if kind == "optional" and name == "llama3-8b":
@@ -134,13 +192,42 @@ def test_e2e_benchmark_measures_every_models_proven_rows_first(monkeypatch, tmp_
         return fake
 
     monkeypatch.setattr(bench_e2e, "check_backend", lambda *a: None)
+    monkeypatch.setattr(bench_e2e, "elementwise_ops", lambda: "the ops")
     monkeypatch.setattr(bench_e2e, "bench_model", rows("proven"))
+    monkeypatch.setattr(bench_e2e, "ops_rows", rows("ops"))
     monkeypatch.setattr(bench_e2e, "optional_rows", rows("optional"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
     out = tmp_path / "e2e.json"
     with pytest.raises(RuntimeError, match="illegal memory access"):
         bench_e2e.main(["--models", "smollm2-135m", "llama3-8b", "--json", str(out)])
     got = [(r["model"], r["variant"]) for r in json.loads(out.read_text())["rows"]]
-    proven = [(m, f"proven {i}") for m in ("smollm2-135m", "llama3-8b") for i in (1, 2)]
-    optional = [(m, f"optional {i}") for m in ("smollm2-135m", "llama3-8b") for i in (1, 2)]
-    assert got == proven + optional
+    models = ("smollm2-135m", "llama3-8b")
+    assert got == [(m, f"{kind} {i}") for kind in ("proven", "ops", "optional")
+                   for m in models for i in (1, 2)]
+
+
+def test_the_ops_check_runs_apart_and_a_failure_there_skips_only_the_ops(capsys):
+    """tools/ops_check.py checks awq_kernels.ops in a child process (a CUDA fault there would
+    leave the benchmark's own context unusable); its failure, here no CUDA device, is a
+    message and None, and this process never touched CUDA."""
+    import ops_check
+
+    assert ops_check.elementwise_ops() is None
+    err = capsys.readouterr().err
+    assert "awq_kernels.ops failed its check, skipping the +ops variants: exit status 1" in err
+    assert "CUDA" in err or "cuda" in err  # the child's own error, passed on
+
+
+def test_e2e_weights_are_the_tensors_bytes_not_the_allocators_total(monkeypatch):
+    """The H100 run's "weights" column was memory_allocated() once built, which also held
+    cuBLAS's workspaces (32 MiB per stream; SmolLM2 W4 0.20 GiB against 0.11 of tensors):
+    the column is now the model's own tensors, the allocator's total a column of its own."""
+    import bench_e2e
+
+    with torch.device("meta"):
+        model = bench_e2e.Llama(bench_e2e.SMOLLM2).half()
+    monkeypatch.setattr(bench_e2e, "_fresh_peak", lambda: 0.25)
+    monkeypatch.setattr(bench_e2e, "measure", lambda *a, **k: {"peak_gib": 0.5})
+    row = bench_e2e._row("smollm2-135m", "random", "fp16", model, bench_e2e.QUICK, graph=True)
+    assert row["weights_gib"] == pytest.approx(134515008 * 2 / 2**30)  # 134.5 M parameters
+    assert row["allocated_gib"] == 0.25 and row["peak_gib"] == 0.5

@@ -23,8 +23,12 @@ the H100 measured them fastest, so they were dropped.) Per variant:
 - decode tokens/s: batch 1, 128-token prompt, 256 greedy tokens (the first comes from the
   prefill, so 255 decode steps are timed), eager and replayed from a CUDA graph (not for the
   reference backend); the next token stays on the GPU (argmax), so no host sync per token;
-- weights (memory allocated once built) and peak GPU memory (torch.cuda.max_memory_allocated,
-  reset after each variant is built).
+- weights (the bytes of the model's tensors, as --count-weights counts them; until
+  2026-12-07 the memory allocated once built, which also held cuBLAS's workspaces: 32 MiB per
+  stream that ran a matmul, kept after the model that made them was freed), the memory
+  allocated once built ("allocated_gib", those workspaces now freed between variants) and
+  peak GPU memory (torch.cuda.max_memory_allocated, reset after each variant is built; it
+  includes the 2048-token prefill).
 
 Every variant, fp16 included, runs with q/k/v and gate/up fused into one linear each
 (awq_ref.fuse; since 2026-12-05, after the H200 run of 2026-12-04, which had them apart).
@@ -35,7 +39,7 @@ the kernels. Exits 2 with a message where there is no CUDA device or no CuPy.
     PYTHONPATH=. python tools/bench_e2e.py --count-weights
 
 counts (on the meta device, no GPU needed) the bytes each variant's weights take, as the
-allocator's "weights" column should find them on a GPU.
+"weights" column finds them on a GPU.
 """
 
 from __future__ import annotations
@@ -252,8 +256,12 @@ def measure(model: Llama, s: Settings, graph: bool, eager: bool = True) -> dict[
 
 
 def _fresh_peak() -> float:
-    """Free what is unreferenced, restart the peak counter; returns GiB allocated now."""
+    """Free what is unreferenced (cuBLAS's per-stream workspaces too: they outlive the model
+    that made them), restart the peak counter; returns GiB allocated now."""
     gc.collect()
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return torch.cuda.memory_allocated() / 2**30
@@ -281,16 +289,13 @@ def optional_rows(name: str, s: Settings, tuned=None) -> Iterator[dict]:
     run after every model's proven rows, since a sticky CUDA error would end the process."""
     model, source = build(name, quantized=True)
     apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
-    weights = _fresh_peak()
     optional = [("w4 cupy [overlap]", overlap_kernel(), False)]
     if tuned is not None:
         optional.append(("w4 cupy [tuned]", dispatch_kernel(tuned), True))
     for variant, kernel, graph in optional:
         apply_kernel(model, kernel)
-        _fresh_peak()
         try:
-            row = {"model": name, "weights": source, "variant": variant,
-                   "weights_gib": weights, **measure(model, s, graph=graph, eager=False)}
+            row = _row(name, source, variant, model, s, graph=graph, eager=False)
         except point_errors() as err:
             print(f"  {name} {variant}: {type(err).__name__}: {err}", flush=True)
             continue
@@ -299,50 +304,60 @@ def optional_rows(name: str, s: Settings, tuned=None) -> Iterator[dict]:
     _fresh_peak()
 
 
+def _row(name: str, source: str, variant: str, model: nn.Module, s: Settings, graph: bool,
+         eager: bool = True) -> dict:
+    """One variant's row: the weights as the model's tensors count them (weight_gib: the
+    allocator's total also holds cuBLAS's workspaces, 32 MiB per stream that ran a matmul on
+    Hopper), what the allocator holds once built, then the speeds and this variant's peak."""
+    return {"model": name, "weights": source, "variant": variant,
+            "weights_gib": weight_gib(model), "allocated_gib": _fresh_peak(),
+            **measure(model, s, graph=graph, eager=eager)}
+
+
 def bench_model(name: str, s: Settings) -> Iterator[dict]:
-    """Every proven variant of one model, one after the other (never two models at once), a
-    row as each is measured (the unproven ones: optional_rows, after every model's)."""
-    ops = elementwise_ops()
+    """Every proven variant of one model without awq_kernels.ops, one after the other (never
+    two models at once), a row as each is measured (the "+ops" ones: ops_rows; the unproven
+    ones: optional_rows; both after every model's rows here)."""
     model, source = build(name, quantized=False)
-    weights = _fresh_peak()
-    yield {"model": name, "weights": source, "variant": "fp16", "weights_gib": weights,
-           **measure(model, s, graph=True)}
-    if ops is not None:
-        use_elementwise_kernels(model, ops)
-        _fresh_peak()  # this variant's own peak, not the one before
-        yield {"model": name, "weights": source, "variant": "fp16 +ops",
-               "weights_gib": weights, **measure(model, s, graph=True, eager=False)}
+    yield _row(name, source, "fp16", model, s, graph=True)
     del model
     _fresh_peak()
     model, source = build(name, quantized=True)
     for backend in ("cupy", "torch"):
         apply_kernel(model, backend_kernel(backend, DEVICE, DTYPE))
-        weights = _fresh_peak()
-        yield {"model": name, "weights": source, "variant": f"w4 {backend}",
-               "weights_gib": weights, **measure(model, s, graph=backend == "cupy")}
+        yield _row(name, source, f"w4 {backend}", model, s, graph=backend == "cupy")
     quantize_embeddings(model)  # RTN on the GPU; the fp16 tables are freed
     apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
-    weights = _fresh_peak()
-    yield {"model": name, "weights": source, "variant": "w4 cupy +emb",
-           "weights_gib": weights, **measure(model, s, graph=True, eager=False)}
-    if ops is not None:
-        use_elementwise_kernels(model, ops)
-        _fresh_peak()
-        yield {"model": name, "weights": source, "variant": "w4 cupy +emb +ops",
-               "weights_gib": weights, **measure(model, s, graph=True, eager=False)}
+    yield _row(name, source, "w4 cupy +emb", model, s, graph=True, eager=False)
     del model
     _fresh_peak()
-    # The 4-bit token table with an 8-bit lm_head (a tenth of the 4-bit head's quality cost).
+
+
+def ops_rows(name: str, s: Settings, ops) -> Iterator[dict]:
+    """The variants with awq_kernels.ops (`ops`, or None where they failed ops_check: then only
+    the 8-bit head's row, on the torch code): "fp16 +ops", "w4 cupy +emb +ops" and the 4-bit
+    token table with an 8-bit lm_head (a tenth of the 4-bit head's quality cost)."""
+    if ops is not None:
+        model, source = build(name, quantized=False)
+        use_elementwise_kernels(model, ops)
+        yield _row(name, source, "fp16 +ops", model, s, graph=True, eager=False)
+        del model
+        _fresh_peak()
+        model, source = build(name, quantized=True)
+        quantize_embeddings(model)
+        apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
+        use_elementwise_kernels(model, ops)
+        yield _row(name, source, "w4 cupy +emb +ops", model, s, graph=True, eager=False)
+        del model
+        _fresh_peak()
     model, source = build(name, quantized=True)
     quantize_head_int8(model)
     quantize_embeddings(model, parts=("embed",))
     apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
     apply_int8_kernel(model, backend_int8_kernel("cupy", DEVICE, DTYPE))
-    use_elementwise_kernels(model, ops)  # None (failed check): the torch code
-    weights = _fresh_peak()
-    yield {"model": name, "weights": source,
-           "variant": "w4 cupy +emb4/head8" + (" +ops" if ops else ""),
-           "weights_gib": weights, **measure(model, s, graph=True, eager=False)}
+    use_elementwise_kernels(model, ops)  # None: the torch code
+    yield _row(name, source, "w4 cupy +emb4/head8" + (" +ops" if ops else ""), model, s,
+               graph=True, eager=False)
     del model
     _fresh_peak()
 
@@ -443,8 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     s = QUICK if args.quick else Settings()
     rows = []
-    # Generators: one model on the GPU at a time; every model's proven rows first.
+    ops = elementwise_ops()  # checked in a child process: a fault there leaves ours intact
+    # Generators: one model on the GPU at a time; every model's proven rows first, then those
+    # with the element-wise kernels, then the unproven ones.
     passes = [*(bench_model(name, s) for name in args.models),
+              *(ops_rows(name, s, ops) for name in args.models),
               *(optional_rows(name, s, tuned) for name in args.models)]
     for row in itertools.chain.from_iterable(passes):  # saved after each row: a fault keeps it
         rows.append(row)

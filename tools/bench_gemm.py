@@ -5,13 +5,16 @@
     python tools/bench_gemm.py --tuned-from out/sweep_mma.json   # + `auto` as the sweep chose it
 
 Writes <out>.json and <out>.md after every shape (a time limit or a fault later keeps what was
-measured), prints each point's times as it goes and the markdown table at the end.
+measured), prints each point's times as it goes and the markdown table at the end. A point that
+leaves CUDA unusable (an illegal address) stops the run there: the files say where ("stopped")
+and the exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from awq_kernels import benchmark, sweep
@@ -64,6 +67,8 @@ def main() -> None:
         result = benchmark.run(shapes, ms, args.group_size, args.reps, on_shape=save, tuned=tuned)
     save(result)
     print(to_markdown(result))
+    if "stopped" in result:  # CUDA was lost: the rest is unmeasured (the log names the point)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

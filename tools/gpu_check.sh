@@ -103,6 +103,8 @@ tuned=()  # the benchmarks also time `auto` as this call's sweep chose it (awq[t
 if [[ $sweep_ran ]] && { wants kernel-benchmark || wants e2e-benchmark; } &&
    derives_rule "$RESULTS/sweep_mma.json"; then
   tuned=(--tuned-from "$RESULTS/sweep_mma.json")
+elif wants kernel-benchmark && derives_rule .devcarry/sweep_mma.json; then
+  tuned=(--tuned-from .devcarry/sweep_mma.json)  # an earlier call's sweep on this machine
 fi
 step "kernel benchmark" bench_gemm.log 210 $PY tools/bench_gemm.py --out "$RESULTS/bench_gemm" "${tuned[@]}"
 step "e2e tests" tests.log 120 "${PYTEST[@]}" tests/test_e2e_gpu.py tests/test_e2e_gpu_architectures.py tests/test_backend_checks.py
