@@ -151,7 +151,8 @@ def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
     skip = skip_names(modules_to_not_convert, "search_awq")
     for name, lin in decoder_linears(model, skip):  # a ValueError naming the layer, not later
         spec.group_for(lin.in_features, name)
-    result = AwqResult(spec=spec, info={"config": json.dumps(asdict(config))})
+    settings = {k: v for k, v in asdict(config).items() if k != "progress"}  # not the result's
+    result = AwqResult(spec=spec, info={"config": json.dumps(settings)})
     start = time.perf_counter()
     with torch.no_grad(), work.hold() if work is not None else nullcontext():
         x = embed(model, calib_tokens, device)  # (B, T, D)

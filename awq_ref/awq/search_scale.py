@@ -91,11 +91,19 @@ def effective_weight(w: torch.Tensor, s_in: torch.Tensor, spec: QuantSpec,
     return fake_quantize_weight(ws, spec) / s_in[None, :]
 
 
+def _total(t: torch.Tensor) -> float:
+    """The sum of t's elements, the same number at any thread count: each row (last dim) added
+    in float64, then the rows' sums added exactly (math.fsum). A plain float32 `t.sum()` is
+    split between threads, which moved its last bits with the thread count (up to 2.4e-7
+    relative): enough to decide a near-tie of two candidates differently on 1 and 2 threads."""
+    return math.fsum(t.reshape(-1, t.shape[-1]).sum(-1, dtype=torch.float64).tolist())
+
+
 def gram_loss(w: torch.Tensor, gram: torch.Tensor, count: int, s_in: torch.Tensor,
               spec: QuantSpec, clip: Clip | None = None) -> float:
     """L(s) = tr(E H E^T) / (T N), E = W_eff - W (N, K), H = X^T X (K, K) over T tokens."""
     e = effective_weight(w, s_in, spec, clip) - w  # (N, K)
-    return float(((e @ gram) * e).sum()) / (count * w.shape[0])
+    return _total((e @ gram) * e) / (count * w.shape[0])
 
 
 def module_loss(inspect: nn.Module, weights: dict[str, torch.Tensor], spec: QuantSpec,
@@ -115,7 +123,7 @@ def module_loss(inspect: nn.Module, weights: dict[str, torch.Tensor], spec: Quan
         total = 0.0
         for i in range(0, inputs.shape[0], chunk):
             out = functional_call(inspect, params, (inputs[i:i + chunk], *extra))
-            total += float((out - reference[i:i + chunk]).pow(2).sum())
+            total += _total((out - reference[i:i + chunk]).pow(2))
         return total / reference.numel()
 
     return loss
