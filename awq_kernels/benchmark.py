@@ -185,7 +185,7 @@ def point_errors() -> tuple[type[Exception], ...]:
 class ContextLost(RuntimeError):
     """A point's error left CUDA unusable in this process (an illegal address, a device-side
     trap: the context's error is sticky), so nothing after it can be timed. `rows`: what the
-    shape measured before it."""
+    shape measured before it (the benchmark: up to the point; the sweep: its finished Ms)."""
 
     def __init__(self, message: str, rows: list):
         super().__init__(message)
@@ -237,6 +237,16 @@ def timed_at(name: str, m: int, tuned: Dispatch | None = None) -> bool:
     return True
 
 
+def _point_rows(k: int, n: int, m: int, g: int, ceil: Ceilings,
+                times: dict[str, tuple[float, float]]) -> list[Row]:
+    """One (shape, M)'s rows from its implementations' (us, host us): GB/s, speedup over fp16
+    (NaN where fp16 was not timed), % of the roofline floor."""
+    floor_s = max(awq_bytes(m, k, n, g) / ceil.hbm_bytes_per_s, 2 * m * k * n / ceil.tensor_flops)
+    fp16_us = times.get("fp16", (float("nan"),))[0]
+    return [Row(k, n, m, name, us, h_us, awq_bytes(m, k, n, g) / (us * 1e3), fp16_us / us,
+                100 * floor_s / (us * 1e-6)) for name, (us, h_us) in times.items()]
+
+
 def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, reps: int,
                 tuned: Dispatch | None = None) -> list[Row]:
     impls = _impls(k, n, g, tuned)
@@ -254,12 +264,9 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], g: int, ceil: Ceilings, rep
                 times[name] = (median_us(fns, reps, sleep_cycles=sleep), h_us)
             except point_errors() as err:  # costs only this point, unless CUDA is lost
                 print(f"  {name} K={k} N={n} M={m}: {type(err).__name__}: {err}", flush=True)
-                check_context(f"{name} K={k} N={n} M={m}", err, rows)
-        floor_s = max(awq_bytes(m, k, n, g) / ceil.hbm_bytes_per_s,
-                      2 * m * k * n / ceil.tensor_flops)
-        fp16_us = times.get("fp16", (float("nan"),))[0]
-        point = [Row(k, n, m, name, us, h_us, awq_bytes(m, k, n, g) / (us * 1e3), fp16_us / us,
-                     100 * floor_s / (us * 1e-6)) for name, (us, h_us) in times.items()]
+                check_context(f"{name} K={k} N={n} M={m}", err,
+                              rows + _point_rows(k, n, m, g, ceil, times))
+        point = _point_rows(k, n, m, g, ceil, times)
         print(summary({"rows": [asdict(r) for r in point]}), flush=True)  # progress in the log
         rows += point
         del x

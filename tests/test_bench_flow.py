@@ -127,53 +127,52 @@ def test_a_point_that_loses_cuda_stops_the_run_and_keeps_what_was_measured(fake_
     """A point's error is printed and the run goes on, unless CUDA fails after it (an illegal
     address poisons the process's context): then every later point would fail too, so the
     run stops with the rows measured before it, says where, and a sweep derives no rule."""
-    lost = {"yes": False}
-    timer = benchmark.median_us
+    culprit = "mma_direct" if tool == "benchmark" else "dequant"  # timed after awq at M = 16
+    state = {"m": 0, "sticky": False, "lost": False}
+    timer, randn = benchmark.median_us, torch.randn
+
+    def note_m(*shape, **kw):  # x = randn(M, K): the M being timed
+        if len(shape) == 2 and shape[0] in (8, 16, 64):
+            state["m"] = shape[0]
+        return randn(*shape, **kw)
 
     def faulting(fns, reps, warmup=5, sleep_cycles=0):
         us = timer(fns, reps, warmup, sleep_cycles)
-        c = fake_cuda[-1] if fake_cuda else None
-        if getattr(c, "kernel", None) == "mma_split" and M[0] == 16:
-            if lost["fatal"]:
-                lost["yes"] = True
+        if getattr(fake_cuda[-1], "kernel", None) == culprit and state["m"] == 16:
+            state["lost"] = state["sticky"]
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return us
 
     def synchronize(*a):
-        if lost["yes"]:
+        if state["lost"]:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    M = [0]
-    randn = torch.randn
-
-    def note_m(*shape, **kw):  # x = randn(m, k): the M being timed
-        if len(shape) == 2 and shape[0] in (8, 16, 64):
-            M[0] = shape[0]
-        return randn(*shape, **kw)
 
     monkeypatch.setattr(torch, "randn", note_m)
     monkeypatch.setattr(benchmark, "median_us", faulting)
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
-    shapes = ((128, 256), (256, 128))
-    runner = (lambda: benchmark.run(shapes, (8, 16, 64), reps=50)) if tool == "benchmark" else (
-        lambda: sweep.run(shapes=shapes, ms=(8, 16, 64), reps=50))
-    lost["fatal"] = False  # an error that leaves CUDA working costs its own point only
-    whole = runner()
+    shapes, saved = ((128, 256), (256, 128)), []
+
+    def run() -> dict:
+        if tool == "benchmark":
+            return benchmark.run(shapes, (8, 16, 64), reps=50, on_shape=saved.append)
+        return sweep.run(shapes=shapes, ms=(8, 16, 64), reps=50, on_shape=saved.append)
+
+    whole = run()  # an error that leaves CUDA working costs its own point only
     assert "stopped" not in whole and {r["k"] for r in whole["rows"]} == {128, 256}
-    lost["fatal"] = True
-    saved = []
-    result = (benchmark.run(shapes, (8, 16, 64), reps=50, on_shape=saved.append)
-              if tool == "benchmark" else
-              sweep.run(shapes=shapes, ms=(8, 16, 64), reps=50, on_shape=saved.append))
+    state["sticky"], saved = True, []
+    result = run()
     assert "illegal memory access" in result["stopped"] and "M=16" in result["stopped"]
-    assert {(r["k"], r["m"]) for r in result["rows"]} == {(128, 8)}  # before it; nothing after
     assert saved and saved[-1] is result  # saved once stopped
-    if tool == "sweep":
+    points = {(r["k"], r["m"]) for r in result["rows"]}  # nothing after the fault
+    if tool == "benchmark":  # M = 8, and M = 16's points timed before it
+        assert points == {(128, 8), (128, 16)}
+        assert {"awq", "awq[mma]"} <= {r["impl"] for r in result["rows"] if r["m"] == 16}
+        assert "Stopped:" in benchmark.markdown(result)
+    else:  # the Ms finished before it; no rule from a sweep with a faulting variant
+        assert points == {(128, 8)}
         assert "Stopped:" in sweep.markdown(result)
         with pytest.raises(ValueError, match="the sweep stopped"):
             sweep.tuned_dispatch(result)
-    else:
-        assert "Stopped:" in benchmark.markdown(result)
 
 
 def test_e2e_benchmark_measures_every_models_proven_rows_first(monkeypatch, tmp_path):
@@ -206,13 +205,15 @@ def test_e2e_benchmark_measures_every_models_proven_rows_first(monkeypatch, tmp_
                    for m in models for i in (1, 2)]
 
 
-def test_the_ops_check_runs_apart_and_a_failure_there_skips_only_the_ops(capsys):
+def test_the_ops_check_runs_apart_and_a_failure_there_skips_only_the_ops(capsys, monkeypatch):
     """tools/ops_check.py checks awq_kernels.ops in a child process (a CUDA fault there would
-    leave the benchmark's own context unusable); its failure, here no CUDA device, is a
-    message and None, and this process never touched CUDA."""
+    leave the benchmark's own context unusable); its failure, here no CUDA device for the
+    child, is a message and None, and this process never touched CUDA."""
     import ops_check
 
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the child's failure, on a GPU machine too
     assert ops_check.elementwise_ops() is None
+    assert not torch.cuda.is_initialized()
     err = capsys.readouterr().err
     assert "awq_kernels.ops failed its check, skipping the +ops variants: exit status 1" in err
     assert "CUDA" in err or "cuda" in err  # the child's own error, passed on

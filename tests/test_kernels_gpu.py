@@ -391,8 +391,9 @@ def test_a_position_outside_the_cache_gives_nan_and_writes_no_slot(dtype):
     values = torch.randn(1, hkv, s_len, dh, device="cuda").to(dtype)
     q = torch.randn(1, 1, h, dh, device="cuda").to(dtype)
     good = ops.decode_attention(q, keys, values, torch.tensor([100], device="cuda"))
-    for p in (-1, s_len, 200):
-        y = ops.decode_attention(q, keys, values, torch.tensor([p], device="cuda"))
+    outside = [ops.decode_attention(q, keys, values, torch.tensor([p], device="cuda"))
+               for p in (-1, s_len, 200)]  # kept: a fresh output must not reuse a NaN one
+    for p, y in zip((-1, s_len, 200), outside):
         assert torch.isnan(y).all(), p
     again = ops.decode_attention(q, keys, values, torch.tensor([100], device="cuda"))
     assert torch.equal(again.view(torch.int16), good.view(torch.int16))

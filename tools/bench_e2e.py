@@ -306,9 +306,9 @@ def optional_rows(name: str, s: Settings, tuned=None) -> Iterator[dict]:
 
 def _row(name: str, source: str, variant: str, model: nn.Module, s: Settings, graph: bool,
          eager: bool = True) -> dict:
-    """One variant's row: the weights as the model's tensors count them (weight_gib: the
-    allocator's total also holds cuBLAS's workspaces, 32 MiB per stream that ran a matmul on
-    Hopper), what the allocator holds once built, then the speeds and this variant's peak."""
+    """One variant's row: the weights as the bytes of the model's tensors (weight_gib), what
+    the allocator holds once built (more: it also holds cuBLAS's workspaces, 32 MiB per stream
+    that ran a matmul on Hopper), then the speeds and this variant's peak."""
     return {"model": name, "weights": source, "variant": variant,
             "weights_gib": weight_gib(model), "allocated_gib": _fresh_peak(),
             **measure(model, s, graph=graph, eager=eager)}
@@ -334,9 +334,10 @@ def bench_model(name: str, s: Settings) -> Iterator[dict]:
 
 
 def ops_rows(name: str, s: Settings, ops) -> Iterator[dict]:
-    """The variants with awq_kernels.ops (`ops`, or None where they failed ops_check: then only
-    the 8-bit head's row, on the torch code): "fp16 +ops", "w4 cupy +emb +ops" and the 4-bit
-    token table with an 8-bit lm_head (a tenth of the 4-bit head's quality cost)."""
+    """The variants with awq_kernels.ops (`ops`, or None where they failed ops_check):
+    "fp16 +ops", "w4 cupy +emb +ops", and the 4-bit token table with an 8-bit lm_head (a tenth
+    of the 4-bit head's quality cost), "+ops" where the ops passed, on the torch code where not
+    (then its only row)."""
     if ops is not None:
         model, source = build(name, quantized=False)
         use_elementwise_kernels(model, ops)

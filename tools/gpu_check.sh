@@ -99,7 +99,7 @@ derives_rule() {  # derives_rule SWEEP_JSON: whether a rule derives from it (bou
   [[ -f $1 ]] && timeout 20 $PY -c "import sys; from awq_kernels import sweep; sweep.load_tuned_dispatch(sys.argv[1])" "$1" >> "$RESULTS/bench_gemm.log" 2>&1
 }
 wants() { [[ -z $ONLY || " $ONLY " == *" $1 "* ]]; }  # wants STEP: whether STEP runs
-tuned=()  # the benchmarks also time `auto` as this call's sweep chose it (awq[tuned])
+tuned=()  # the benchmarks also time `auto` as the sweep chose it (awq[tuned]): this call's, else one kept on the device
 if [[ $sweep_ran ]] && { wants kernel-benchmark || wants e2e-benchmark; } &&
    derives_rule "$RESULTS/sweep_mma.json"; then
   tuned=(--tuned-from "$RESULTS/sweep_mma.json")

@@ -130,6 +130,17 @@ def _elementwise_ops() -> int:
             ok = err <= 1e-2 and bool(torch.isfinite(got).all())
             failures += not ok
             print(f"ops.{name:17s} {dtype!s:15s} rel err {err:.1e} {'ok' if ok else 'WRONG'}")
+        # A position outside the 9-slot cache: NaN out, and (memcheck's part) no slot read or
+        # written past the cache (9 is not a multiple of the 64-slot chunk).
+        before = keys.clone()
+        past_q = ops.rotary_into_cache(q, k, v, cos, sin, keys, values,
+                                       torch.tensor([7], device="cuda"))  # slots 7..11
+        past_y = ops.decode_attention(rotated[:, :1], keys, values,
+                                      torch.tensor([40], device="cuda"))
+        ok = (bool(torch.isnan(past_q).all()) and bool(torch.isnan(past_y).all())
+              and torch.equal(keys, before))
+        failures += not ok
+        print(f"ops position outside   {dtype!s:15s} {'ok' if ok else 'WRONG'}")
     return failures
 
 

@@ -97,6 +97,11 @@ class AwqConfig:
     chunk_tokens: int = 8192  # tokens per block forward, to bound activation memory
     progress: bool = True
 
+    def settings(self) -> dict:
+        """The fields that decide the result: all but `progress`, which only shows a bar (the
+        result's record and the resume fingerprint, so CLI and API give the same bytes)."""
+        return {k: v for k, v in asdict(self).items() if k != "progress"}
+
     def __post_init__(self) -> None:
         for f in fields(self):  # a wrong type fails deep in the search, or silently ("no" is true)
             value, want = getattr(self, f.name), _FIELD_TYPES.get(f.type)
@@ -151,8 +156,7 @@ def search_awq(model: nn.Module, calib_tokens: torch.Tensor, spec: QuantSpec,
     skip = skip_names(modules_to_not_convert, "search_awq")
     for name, lin in decoder_linears(model, skip):  # a ValueError naming the layer, not later
         spec.group_for(lin.in_features, name)
-    settings = {k: v for k, v in asdict(config).items() if k != "progress"}  # not the result's
-    result = AwqResult(spec=spec, info={"config": json.dumps(settings)})
+    result = AwqResult(spec=spec, info={"config": json.dumps(config.settings())})
     start = time.perf_counter()
     with torch.no_grad(), work.hold() if work is not None else nullcontext():
         x = embed(model, calib_tokens, device)  # (B, T, D)

@@ -46,7 +46,7 @@ FORMAT = "awq_ref.AwqProgress/1"
 def fingerprint(model_config: Any, calib_tokens: torch.Tensor, spec: QuantSpec, config: Any,
                 skip: tuple[str, ...], device: torch.device, identity: dict[str, Any]) -> str:
     """SHA-256 (hex) of the search's inputs; see the module docstring."""
-    awq = {k: v for k, v in asdict(config).items() if k != "progress"}
+    awq = config.settings()  # AwqConfig's fields but the progress bar's
     tokens = calib_tokens.to(torch.int64).contiguous().cpu()
     doc = {"model": model_config.to_hf_dict(), "spec": asdict(spec), "awq": awq,
            "skip": list(skip), "device": str(device), "identity": identity,

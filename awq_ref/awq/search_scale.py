@@ -92,10 +92,12 @@ def effective_weight(w: torch.Tensor, s_in: torch.Tensor, spec: QuantSpec,
 
 
 def _total(t: torch.Tensor) -> float:
-    """The sum of t's elements, the same number at any thread count: each row (last dim) added
-    in float64, then the rows' sums added exactly (math.fsum). A plain float32 `t.sum()` is
-    split between threads, which moved its last bits with the thread count (up to 2.4e-7
-    relative): enough to decide a near-tie of two candidates differently on 1 and 2 threads."""
+    """The sum of t's elements, the same number at any thread count. A plain `t.sum()` has one
+    output, which torch splits between threads in two passes: its last bits moved with the
+    thread count (up to 2.4e-7 relative), enough to decide a near-tie of two candidates
+    differently on 1 and 2 threads. A sum per row (last dim) has one output per row, and with
+    many rows (here the N output channels, or the tokens) torch splits the rows between threads,
+    each row added whole by one; the rows' float64 sums are then added exactly (math.fsum)."""
     return math.fsum(t.reshape(-1, t.shape[-1]).sum(-1, dtype=torch.float64).tolist())
 
 
