@@ -45,7 +45,7 @@ def test_other_seed_other_bytes(tmp_path, one_thread):
 def test_the_scale_search_losses_do_not_depend_on_the_thread_count():
     """torch splits a long float32 sum between threads, so its last bits moved with the thread
     count (up to 2.4e-7 relative): a near-tie of two scale candidates was decided differently
-    on 1 and 2 threads. Both losses now add each row in float64 and the rows exactly."""
+    on 1 and 2 threads. Both losses now sum each row, then the rows' sums exactly."""
     from torch import nn
 
     from awq_ref.awq.search_scale import gram_loss, module_loss

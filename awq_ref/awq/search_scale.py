@@ -97,8 +97,9 @@ def _total(t: torch.Tensor) -> float:
     thread count (up to 2.4e-7 relative), enough to decide a near-tie of two candidates
     differently on 1 and 2 threads. A sum per row (last dim) has one output per row, and with
     many rows (here the N output channels, or the tokens) torch splits the rows between threads,
-    each row added whole by one; the rows' float64 sums are then added exactly (math.fsum)."""
-    return math.fsum(t.reshape(-1, t.shape[-1]).sum(-1, dtype=torch.float64).tolist())
+    each row added whole by one; the rows' sums are then added exactly (math.fsum). (Row sums
+    in float64 cost 50x more here: 12 ms for 8192 x 576, against the module's forward.)"""
+    return math.fsum(t.reshape(-1, t.shape[-1]).sum(-1).tolist())
 
 
 def gram_loss(w: torch.Tensor, gram: torch.Tensor, count: int, s_in: torch.Tensor,
