@@ -44,14 +44,15 @@ MAX_SPLITS = 16               # bounds the fp32 partial-sum traffic of split-K
 MIN_K_TILES_PER_SPLIT = 4     # a split shorter than the pipeline mostly waits
 
 # Blocks of gemv_direct.cu / mma_direct.cu resident on one SM, by row capacity: 256 threads at
-# the registers ptxas gives them for sm_90 (65,536 per SM; tests/test_kernels_compile.py checks
-# these against its report, tests/test_kernels_gpu.py against the driver's occupancy). Their
-# split-K fills exactly one wave of such blocks (see `_splits_in_one_wave`).
+# the registers ptxas gives them for sm_90 (16,384 in each of an SM's 4 sub-partitions, a warp's
+# all from one; tests/test_kernels_compile.py checks these against its report,
+# tests/test_kernels_gpu.py against the driver's occupancy). Their split-K fills exactly one
+# wave of such blocks (see `_splits_in_one_wave`).
 GEMV_DIRECT_BLOCKS_PER_SM = {1: 2, 2: 2, 4: 2, 8: 1}     # 121-128 registers; MT = 8: 156-166
 MMA_DIRECT_BLOCKS_PER_SM = {8: 2, 16: 2, 32: 1, 64: 1}   # 128 registers; NT = 4: 222
 # The same for gemm_mma.cu by block tile (BM, WARPS_M, WARPS_N, BK), the lower of fp16 and
 # bf16: its split-K never plans past one wave of them either (plan_mma).
-MMA_BLOCKS_PER_SM = {(16, 1, 2, 32): 9, (32, 2, 2, 32): 5, (64, 2, 2, 32): 3, (128, 2, 2, 32): 2,
+MMA_BLOCKS_PER_SM = {(16, 1, 2, 32): 8, (32, 2, 2, 32): 5, (64, 2, 2, 32): 3, (128, 2, 2, 32): 2,
                      (16, 1, 2, 64): 7, (16, 1, 4, 32): 4, (16, 1, 4, 64): 4, (32, 1, 4, 32): 3,
                      (32, 1, 4, 64): 3, (64, 1, 4, 32): 2, (64, 2, 4, 32): 1, (128, 2, 4, 32): 1}
 

@@ -232,3 +232,32 @@ def test_e2e_weights_are_the_tensors_bytes_not_the_allocators_total(monkeypatch)
     row = bench_e2e._row("smollm2-135m", "random", "fp16", model, bench_e2e.QUICK, graph=True)
     assert row["weights_gib"] == pytest.approx(134515008 * 2 / 2**30)  # 134.5 M parameters
     assert row["allocated_gib"] == 0.25 and row["peak_gib"] == 0.5
+
+
+def test_every_profiled_4bit_linear_runs_on_our_kernels(monkeypatch):
+    """The decode profile's "w4 cupy +emb +ops" set the kernel before making the 4-bit tables,
+    so its new 4-bit lm_head ran on the torch reference (the 8B head dequantized every step)
+    under a title naming awq_kernels: every QuantLinear must hold the kernel."""
+    import bench_e2e
+
+    from awq_ref.api import quantize
+    from awq_ref.quant.qlinear import QuantLinear
+
+    def tiny(name, quantized):
+        torch.manual_seed(0)
+        model = bench_e2e.Llama(bench_e2e.LlamaConfig(
+            vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1)).eval()
+        if quantized:
+            model = quantize(model, method="rtn", group_size=32, inplace=True)
+        return model, "random"
+
+    kernel = object()
+    monkeypatch.setattr(bench_e2e, "build", tiny)
+    monkeypatch.setattr(bench_e2e, "backend_kernel", lambda *a: kernel)
+    for variant in bench_e2e.PROFILED[1:]:
+        model = bench_e2e.profiled_model("smollm2-135m", variant, None)
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        assert layers and all(m.kernel is kernel for m in layers), variant
+        if "+emb" in variant:
+            assert isinstance(model.lm_head, QuantLinear)

@@ -59,7 +59,7 @@ class _Backend:
     """Context: every QuantLinear of `model` on the named backend, the reference afterwards."""
 
     def __init__(self, model: Llama, name: str):
-        dtype = model.model.embed_tokens.weight.dtype  # the activations' dtype
+        dtype = model.model.norm.weight.dtype  # the activations' (a 4-bit table has no .weight)
         self.model, self.kernel = model, backend_kernel(name, model.device, dtype)
 
     def __enter__(self) -> Llama:
@@ -264,7 +264,7 @@ def test_default_model_cupy_logits_match_torch(quantized_default, quantized_defa
     want, got = _backend_logits(model, ids)
     for what, a, b, ref in zip(("prefill", "decode"), got, want, exact):
         ours, theirs = _rel_err(a.float(), ref), _rel_err(b.float(), ref)
-        assert ours <= BF16_DISTANCE_RATIO * theirs, (
+        assert ours <= FP32_DISTANCE_RATIO * theirs, (
             f"{what}: cupy {ours:.2e} from fp32, the torch reference {theirs:.2e}")
 
 
@@ -278,7 +278,13 @@ def test_default_model_greedy_tokens_match(quantized_default, prompt):
     with _Backend(model, "cupy"):
         got = generate(model, ids, GREEDY_TOKENS)
         graphed = generate(model, ids, GREEDY_TOKENS, cuda_graph=True)
-    assert got == want, "cupy backend: greedy tokens differ from the torch reference"
+    if got != want:  # the issue's acceptance: equal; a failure says how near a tie it was
+        i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        with _Backend(model, "torch"):
+            row = _forced_logits(model, ids, want, graph=False)[i]
+        pytest.fail(f"cupy backend: greedy token {i} is {got[i]}, the torch reference's "
+                    f"{want[i]}; the reference's own logits of the two are "
+                    f"{float(row[want[i]] - row[got[i]]):.4f} apart (fp16 steps: 0.008-0.016)")
     assert graphed == got, "CUDA-graph decode: greedy tokens differ from eager decode"
 
 

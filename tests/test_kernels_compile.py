@@ -132,12 +132,15 @@ def test_cuda_constants_match_the_emulation_and_their_values():
 
 
 def _blocks_per_sm(registers: int, smem: int, threads: int = 256) -> int:
-    """Resident blocks on an sm_90 SM (the CUDA occupancy calculator's rules): 65,536
-    registers allocated per warp in units of 256, 64 warps, 228 KB of shared memory with 1 KB
-    reserved per block, 32 blocks."""
+    """Resident blocks on an sm_90 SM (the CUDA occupancy calculator's rules, cuda_occupancy.h):
+    registers allocated per warp in units of 256 from each of the 4 sub-partitions' 16,384
+    (not from one pool of 65,536: 101 registers fit 4 warps per sub-partition, so 8 blocks of
+    2 warps, where one pool would say 9), 64 warps, 228 KB of shared memory with 1 KB reserved
+    per block, 32 blocks."""
     warps = threads // 32
     per_warp = -(-registers * 32 // 256) * 256
-    return min(65536 // per_warp // warps, 64 // warps, 228 * 1024 // (smem + 1024), 32)
+    warps_by_registers = 4 * (16384 // per_warp)
+    return min(warps_by_registers // warps, 64 // warps, 228 * 1024 // (smem + 1024), 32)
 
 
 @pytest.mark.parametrize("family,table,expr", [

@@ -137,21 +137,24 @@ def test_split_planners_know_the_resident_blocks():
     )
 
     arch, _ = build.device_info(torch.cuda.current_device())
+    wrong = []  # every mismatch, not only the first: one GPU run must show them all
     for tile in build.MMA_TILES:
         counts = []
         for tag in build.DTYPE_TAGS:
             kernel = build.get_kernel("mma", arch, tile.expr(tag))
             counts.append(driver.occupancyMaxActiveBlocksPerMultiprocessor(
                 kernel.kernel.ptr, tile.threads, 0))
-        assert min(counts) == mma_blocks_per_sm(tile) or arch != "90", (tile, counts)
+        if min(counts) < 1 or (arch == "90" and min(counts) != mma_blocks_per_sm(tile)):
+            wrong.append(("mma", tile, counts, mma_blocks_per_sm(tile)))
     for family, table, expr in (("gemv_direct", GEMV_DIRECT_BLOCKS_PER_SM, build.gemv_direct_expr),
                                 ("mma_direct", MMA_DIRECT_BLOCKS_PER_SM, build.mma_direct_expr)):
         for mt, blocks in table.items():
             for tag in build.DTYPE_TAGS:
                 kernel = build.get_kernel(family, arch, expr(tag, mt))  # a cupy.RawKernel
                 got = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, 256, 0)
-                assert got == blocks or arch != "90", (family, tag, mt, got)
-                assert got >= 1
+                if got < 1 or (arch == "90" and got != blocks):
+                    wrong.append((family, tag, mt, got, blocks))
+    assert not wrong, f"driver's resident blocks (got, table): {wrong}"
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_dequantize_is_bit_exact(dtype):

@@ -365,6 +365,22 @@ def ops_rows(name: str, s: Settings, ops) -> Iterator[dict]:
 
 # --- where the decode time goes ----------------------------------------------------------------
 
+PROFILED = ("fp16", "w4 cupy", "w4 cupy +emb +ops")
+
+
+def profiled_model(name: str, variant: str, ops) -> Llama:
+    """One of PROFILED's models: the 4-bit tables made before the kernel is set (the 4-bit
+    lm_head is a new QuantLinear: set first, it ran on the torch reference, dequantizing the
+    whole 8B head each step, while the profile's title said awq_kernels)."""
+    model, _ = build(name, quantized=variant != "fp16")
+    if variant == "w4 cupy +emb +ops":
+        quantize_embeddings(model)
+        use_elementwise_kernels(model, ops)  # None (failed check): the torch code
+    if variant != "fp16":
+        apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
+    return model
+
+
 @torch.no_grad()
 def profile_decode(name: str, steps: int = 4, rows: int = 14) -> str:
     """torch.profiler's per-kernel device time over `steps` eager and CUDA-graph decode steps,
@@ -374,13 +390,8 @@ def profile_decode(name: str, steps: int = 4, rows: int = 14) -> str:
 
     out = []
     ops = elementwise_ops()
-    for variant in ("fp16", "w4 cupy", "w4 cupy +emb +ops"):
-        model, _ = build(name, quantized=variant != "fp16")
-        if variant != "fp16":
-            apply_kernel(model, backend_kernel("cupy", DEVICE, DTYPE))
-        if variant == "w4 cupy +emb +ops":
-            quantize_embeddings(model)
-            use_elementwise_kernels(model, ops)  # None (failed check): the torch code
+    for variant in PROFILED:
+        model = profiled_model(name, variant, ops)
         cache = model.new_cache(1, 128 + 3 * steps + 8)
         token = model(_prompt(model, 128), cache, last_only=True)[0, -1].argmax()  # 0-dim
         graph = CudaGraphDecoder(model, cache)

@@ -865,4 +865,15 @@ MUTANTS = (
        "    passes = [*(ops_rows(name, s, ops) for name in args.models),\n"
        "              *(bench_model(name, s) for name in args.models),",
        "tests/test_bench_flow.py", "-k", "proven_rows_first"),
+    _m("s25-registers-from-one-pool", "tests/test_kernels_compile.py",
+       "    warps_by_registers = 4 * (16384 // per_warp)",
+       "    warps_by_registers = 65536 // per_warp",
+       "tests/test_kernels_compile.py", "-k", "resident_blocks"),
+    _m("s25-profile-kernel-before-the-tables", "tools/bench_e2e.py",
+       "        use_elementwise_kernels(model, ops)  # None (failed check): the torch code\n"
+       "    if variant != \"fp16\":\n"
+       "        apply_kernel(model, backend_kernel(\"cupy\", DEVICE, DTYPE))\n    return model",
+       "        use_elementwise_kernels(model, ops)  # None (failed check): the torch code\n"
+       "    return model",
+       "tests/test_bench_flow.py", "-k", "profiled"),
 )
