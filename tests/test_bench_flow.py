@@ -224,9 +224,10 @@ def test_e2e_weights_are_the_tensors_bytes_not_the_allocators_total(monkeypatch)
     cuBLAS's workspaces (32 MiB per stream; SmolLM2 W4 0.20 GiB against 0.11 of tensors):
     the column is now the model's own tensors, the allocator's total a column of its own."""
     import bench_e2e
+    import e2e_models
 
     with torch.device("meta"):
-        model = bench_e2e.Llama(bench_e2e.SMOLLM2).half()
+        model = bench_e2e.Llama(e2e_models.SMOLLM2).half()
     monkeypatch.setattr(bench_e2e, "_fresh_peak", lambda: 0.25)
     monkeypatch.setattr(bench_e2e, "measure", lambda *a, **k: {"peak_gib": 0.5})
     row = bench_e2e._row("smollm2-135m", "random", "fp16", model, bench_e2e.QUICK, graph=True)
@@ -241,11 +242,12 @@ def test_every_profiled_4bit_linear_runs_on_our_kernels(monkeypatch):
     import bench_e2e
 
     from awq_ref.api import quantize
+    from awq_ref.config import LlamaConfig
     from awq_ref.quant.qlinear import QuantLinear
 
     def tiny(name, quantized):
         torch.manual_seed(0)
-        model = bench_e2e.Llama(bench_e2e.LlamaConfig(
+        model = bench_e2e.Llama(LlamaConfig(
             vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
             num_attention_heads=2, num_key_value_heads=1)).eval()
         if quantized:
