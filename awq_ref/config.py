@@ -203,14 +203,15 @@ class LlamaConfig:
                 + ", ".join(f"{t} ({a.hf_class})" for t, a in ARCHITECTURES.items()))
         arch = ARCHITECTURES[model_type]
         d = {**dict(arch.defaults), **d}
-        sliding = _sliding_layers(d, source)
+        sliding = _sliding_layers(d, arch, source)
         if sliding:
             raise ValueError(f"{source}: layers {_short(sliding)} use sliding-window attention "
                              "(use_sliding_window / max_window_layers / layer_types): sliding-"
                              "window layers are not supported")
         act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
+        if act not in ("silu", "swish"):  # transformers' ACT2FN: "swish" is SiLU
+            raise ValueError(f"{source}: hidden_act={_short(act)} is not supported (only "
+                             "'silu', also named 'swish')")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads")
         missing = [k for k in required if k not in d]
@@ -255,17 +256,21 @@ class LlamaConfig:
         return cls.from_hf_dict(d, source=str(path))
 
 
-def _sliding_layers(d: dict[str, Any], source: str) -> list[int]:
-    """The layers whose attention slides, as transformers reads config.json: its 5.x
-    `layer_types`, else Qwen2's switches (layers from max_window_layers on slide when
-    use_sliding_window is set and there is a window; Qwen2Config's default is 28)."""
+def _sliding_layers(d: dict[str, Any], arch: Architecture, source: str) -> list[int]:
+    """The layers whose attention slides, as transformers runs them. Only Qwen's switch makes a
+    layer slide (Llama has no window; Mistral's covers every layer and is `sliding_window`):
+    with use_sliding_window set and a window, the layers that 5.x's `layer_types` marks, else
+    the layers from max_window_layers on (Qwen2Config's default 28); without both, no layer
+    slides whatever layer_types says (Qwen2Attention's window is then None)."""
+    if not arch.window_switch:
+        return []
+    if d.get("use_sliding_window") in (None, False) or d.get("sliding_window") is None:
+        return []
     layer_types = d.get("layer_types")
     if layer_types is not None:
         if not isinstance(layer_types, list):
             raise ValueError(f"{source}: layer_types must be a list, got {_short(layer_types)}")
         return [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
-    if d.get("use_sliding_window") in (None, False) or d.get("sliding_window") is None:
-        return []
     first, count = d.get("max_window_layers", 28), d.get("num_hidden_layers")
     if not (_is_int(first) and _is_int(count)) or not 0 <= count < INT_LIMIT:
         raise ValueError(f"{source}: max_window_layers={_short(first)} and num_hidden_layers="
@@ -274,24 +279,23 @@ def _sliding_layers(d: dict[str, Any], source: str) -> list[int]:
 
 
 def _read_rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
-    """RoPE settings come two ways: top-level rope_theta/rope_scaling (transformers 4.x) or a
-    rope_parameters object (transformers 5.x)."""
-    params = d.get("rope_parameters")
-    if isinstance(params, dict):
-        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = params if params.get("rope_type", "default") != "default" else None
-    else:
-        theta = d.get("rope_theta", 10000.0)
-        scaling = d.get("rope_scaling")
-    if scaling is None:
-        return theta, None
+    """RoPE's theta and scaling, read as transformers 5 reads them (its
+    `convert_rope_params_to_dict`): one object, config.json's rope_scaling (4.x) if set, else
+    rope_parameters (5.x); its kind is "rope_type" or the older "type"; a rope_theta inside it
+    wins over the top-level one (default 10000); llama3's original_max_position_embeddings
+    defaults to max_position_embeddings."""
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    scaling = d.get(key) or {}
     if not isinstance(scaling, dict):
-        raise ValueError(f"{source}: rope_scaling must be an object, got {scaling!r}")
-    kind = scaling.get("rope_type", scaling.get("type"))
+        raise ValueError(f"{source}: {key} must be an object, got {_short(scaling)}")
+    theta = scaling.get("rope_theta", d.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type") or scaling.get("type")
     if kind in (None, "default"):
         return theta, None
     if kind != "llama3":
         raise ValueError(f"{source}: rope scaling type {kind!r} is not supported (only 'llama3')")
+    scaling = {"original_max_position_embeddings": d.get("max_position_embeddings", 2048),
+               **scaling}
     try:
         return theta, RopeScaling(  # checked in RopeScaling.__post_init__
             factor=scaling["factor"],

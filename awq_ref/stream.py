@@ -43,7 +43,7 @@ from awq_ref.config import LlamaConfig
 from awq_ref.files import atomic_write, fsync_path, new_mode
 from awq_ref.loaders.hf import read_config_json
 from awq_ref.loaders.lazy import LazyTensors, index_safetensors_file
-from awq_ref.loaders.state_dict import build_on_meta, check_state_dict
+from awq_ref.loaders.state_dict import build_on_meta, check_state_dict, drop_tied_copy
 from awq_ref.model import Block, check_token_ids
 from awq_ref.quant.checkpoint import (
     CONFIG_DTYPE,
@@ -88,6 +88,10 @@ class Source:
         tensors = LazyTensors(folder)
         # Names, shapes and float dtypes against the config, on meta tensors: no data read.
         check_state_dict(config, {k: v.meta() for k, v in tensors.index.items()}, str(folder))
+        if config.tie_word_embeddings and "lm_head.weight" in tensors.index:  # a stored copy
+            drop_tied_copy(config, {n: tensors.read(n) for n in ("lm_head.weight",
+                                                                 "model.embed_tokens.weight")},
+                           str(folder))
         return cls(folder, config, tensors)
 
     def block(self, i: int, device: torch.device) -> Block:

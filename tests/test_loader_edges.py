@@ -9,13 +9,16 @@ import struct
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from awq_ref.config import LlamaConfig
 from awq_ref.fuse import fuse_projections
 from awq_ref.loaders import load_model, read_safetensors_folder
 from awq_ref.loaders.gguf_header import read_header
 from awq_ref.loaders.state_dict import check_disjoint, interleaved_to_half
+from awq_ref.quant.checkpoint import load_quantized_model, save_quantized
+from awq_ref.stream import quantize_folder
+from tests.test_checkpoint import tiny_quantized
 from tests.test_gguf_header import write
 from tests.test_loaders import (
     add_llama_metadata,
@@ -93,6 +96,42 @@ def test_tied_folder_storing_lm_head_copy_loads_tied(tmp_path):
     loaded = load_model(folder)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(logits(loaded), logits(model))
+
+
+def _tied_with_other_head(model, folder):
+    """Rewrite folder's tensors as `model`'s (tied) plus a stored lm_head.weight that differs."""
+    sd = own_tensors(model)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].flip(0).contiguous()
+    (shard,) = folder.glob("*.safetensors")
+    save_file(sd, str(shard), metadata={"format": "pt"})
+
+
+TIED_BUT_OTHER = "ties lm_head to the embeddings .* stores a different lm_head.weight"
+
+
+def test_tied_folder_storing_another_lm_head_is_refused(tmp_path):
+    """tie_word_embeddings with a stored head that is not the embeddings: vLLM and transformers
+    4 would use the embeddings, transformers 5 the stored head (it unties); refused, by the
+    in-memory loader and by the streamed quantizer before it reads a block."""
+    model = tiny_model(tied=True)
+    folder = save_hf(model, tmp_path / "ckpt")
+    _tied_with_other_head(model, folder)
+    with pytest.raises(ValueError, match=TIED_BUT_OTHER):
+        load_model(folder)
+    with pytest.raises(ValueError, match=TIED_BUT_OTHER):
+        quantize_folder(folder, tmp_path / "out", method="rtn", group_size=32, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tied_quantized_checkpoint_storing_another_lm_head_is_refused(tmp_path):
+    model = tiny_quantized(tie_word_embeddings=True)
+    out = save_quantized(model, tmp_path / "q")
+    (shard,) = out.glob("*.safetensors")
+    tensors = load_file(shard)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].flip(0).contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=TIED_BUT_OTHER):
+        load_quantized_model(out)
 
 
 def test_folder_with_rotary_inv_freq_tensors_loads(tmp_path):

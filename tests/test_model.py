@@ -1,7 +1,9 @@
 """The model against transformers' LlamaForCausalLM (test-only oracle), and the KV cache."""
 
+import copy
 import itertools
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -65,6 +67,46 @@ def test_rope_parameters_style_config_reads_the_same():
     v5 = {k: v for k, v in d.items() if k not in ("rope_theta", "rope_scaling")}
     v5["rope_parameters"] = {"rope_theta": 500000.0, **LLAMA3_ROPE}
     assert LlamaConfig.from_hf_dict(v5) == LlamaConfig.from_hf_dict(d)
+
+
+LLAMA3_FIELDS = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}
+ROPE_VARIANTS = {  # config.json's RoPE keys (beside tiny_hf_dict's rope_theta 5e5), as written
+    "5.x, old 'type' key": {"rope_parameters": {"type": "llama3", **LLAMA3_FIELDS}},
+    "5.x, theta only inside": {"rope_theta": None, "rope_parameters": {"rope_theta": 2e4}},
+    "inner theta wins": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e4}},
+    "rope_scaling wins": {"rope_scaling": LLAMA3_ROPE, "rope_parameters": {"rope_type": "default"}},
+    "rope_scaling wins, default": {"rope_scaling": {"type": "default"},
+                                   "rope_parameters": LLAMA3_ROPE},
+    "empty rope_scaling": {"rope_scaling": {}, "rope_parameters": LLAMA3_ROPE},
+    "llama3 without original max": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                     "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0}},
+}
+
+
+@pytest.mark.parametrize("rope", ROPE_VARIANTS.values(), ids=ROPE_VARIANTS.keys())
+def test_rope_settings_are_read_as_transformers_reads_them(rope):
+    """Which object, which key names the type, whose theta, which defaults: transformers 5's
+    standardised rope_parameters is the oracle (the logits tests cover the computation)."""
+    d = {**tiny_hf_dict(), **rope}
+    d = {k: v for k, v in d.items() if v is not None}
+    ours = LlamaConfig.from_hf_dict(copy.deepcopy(d))
+    theirs = transformers.LlamaConfig.from_dict(copy.deepcopy(d)).rope_parameters  # it edits d
+    assert ours.rope_theta == theirs["rope_theta"]
+    if theirs["rope_type"] == "default":
+        assert ours.rope_scaling is None
+    else:
+        assert theirs["rope_type"] == "llama3"
+        assert asdict(ours.rope_scaling) == {k: theirs[k] for k in LLAMA3_FIELDS}
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_parameters": {"type": "linear", "factor": 4.0}},  # was read as plain RoPE
+    {"rope_parameters": {"rope_type": "default"}, "rope_scaling": {"type": "yarn", "factor": 4.0}},
+], ids=["5.x-type-key", "4.x-beside-5.x"])
+def test_unsupported_rope_scaling_is_refused_however_it_is_written(rope):
+    with pytest.raises(ValueError, match="rope scaling type '(linear|yarn)' is not supported"):
+        LlamaConfig.from_hf_dict({**tiny_hf_dict(), **rope})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -300,18 +342,45 @@ def test_qwen3_matches_transformers(tied, bias):
     ({"use_sliding_window": True, "max_window_layers": 0}, True),
     ({"use_sliding_window": True, "max_window_layers": 2}, False),  # no layer from 2 on
     ({"use_sliding_window": True, "sliding_window": None}, False),
-    ({"layer_types": ["full_attention", "sliding_attention"]}, True),
+    ({"use_sliding_window": True, "layer_types": ["full_attention", "sliding_attention"]}, True),
+    ({"use_sliding_window": True, "max_window_layers": 0,
+      "layer_types": ["full_attention", "full_attention"]}, False),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, False),  # the switch is off
 ])
 def test_qwen2_sliding_window_layers_are_refused(switches, slides):
-    """Refused exactly where transformers slides a layer's attention, accepted where every
-    layer stays full."""
+    """Refused exactly where transformers slides a layer's attention (Qwen2Attention's window:
+    config.sliding_window, None unless use_sliding_window, on layer_types' sliding layers),
+    accepted where every layer stays full."""
     d = {**qwen2_hf_dict(False), **switches}
-    assert any(t != "full_attention" for t in transformers.Qwen2Config(**d).layer_types) == slides
+    theirs = transformers.Qwen2Config(**d)
+    assert (theirs.sliding_window is not None
+            and "sliding_attention" in theirs.layer_types) == slides
     if slides:
         with pytest.raises(ValueError, match="sliding-window layers are not supported"):
             LlamaConfig.from_hf_dict(d)
     else:
         assert LlamaConfig.from_hf_dict(d).sliding_window is None
+
+
+def test_layer_types_do_not_make_llama_or_mistral_layers_slide():
+    """LlamaConfig has no layer_types and MistralConfig ignores them (warning): a config that
+    lists sliding layers loads, as in transformers (Mistral's window is sliding_window)."""
+    kinds = {"layer_types": ["sliding_attention", "full_attention"]}
+    assert LlamaConfig.from_hf_dict({**tiny_hf_dict(), **kinds}).sliding_window is None
+    mistral = LlamaConfig.from_hf_dict({**mistral_hf_dict(32), **kinds})
+    assert mistral.sliding_window == 32
+
+
+def test_swish_is_silu():
+    """transformers' ACT2FN computes "swish" as SiLU."""
+    x = torch.linspace(-8, 8, 101)
+    act = transformers.activations.ACT2FN
+    assert torch.equal(act["swish"](x), torch.nn.functional.silu(x))
+    assert torch.equal(act["silu"](x), torch.nn.functional.silu(x))
+    d = tiny_hf_dict()
+    assert LlamaConfig.from_hf_dict({**d, "hidden_act": "swish"}) == LlamaConfig.from_hf_dict(d)
+    with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
+        LlamaConfig.from_hf_dict({**d, "hidden_act": "gelu"})
 
 
 def test_llama_bias_switches_belong_to_llama():

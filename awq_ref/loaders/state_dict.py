@@ -32,6 +32,25 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def drop_tied_copy(config: LlamaConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Tied configs: remove a stored lm_head.weight from `tensors` if it equals the embeddings
+    (some writers store the copy); a different one is refused, because the readers disagree:
+    vLLM and transformers 4 use the embeddings, transformers 5 unties and uses the stored head.
+    Meta tensors (checks without data) are not compared."""
+    head = tensors.get("lm_head.weight") if config.tie_word_embeddings else None
+    if head is None:
+        return
+    embed = tensors.get("model.embed_tokens.weight")
+    if embed is not None and not head.is_meta and not embed.is_meta and not (
+            head.shape == embed.shape and (torch.equal(head, embed) if head.dtype == embed.dtype
+                                           else torch.equal(head.float(), embed.float()))):
+        raise ValueError(f"{source}: config.json ties lm_head to the embeddings "
+                         "(tie_word_embeddings) but the file stores a different lm_head.weight: "
+                         "vLLM would use the embeddings, transformers 5 the stored head; set "
+                         "tie_word_embeddings to what the model was trained with")
+    del tensors["lm_head.weight"]
+
+
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder q/k rows from interleaved RoPE pairs (x[2i], x[2i+1]) to HF's rotate-half pairs
     (x[i], x[i + Dh/2]) within each head; the same permutation transformers' converters apply."""
@@ -80,13 +99,12 @@ def check_size_claim(config: LlamaConfig, stored: int, source: str, per_element:
 def check_state_dict(config: LlamaConfig, tensors: dict[str, torch.Tensor],
                      source: str) -> dict[str, torch.Tensor]:
     """The tensors the model needs, after checking names and shapes; raises ValueError naming
-    `source` and the first offending tensors. A tied lm_head.weight in the file is dropped."""
+    `source` and the first offending tensors. A tied copy of lm_head.weight is dropped
+    (drop_tied_copy)."""
     tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
     check_size_claim(config, sum(t.numel() for t in tensors.values()), source)
     expected = expected_shapes(config)
-    if config.tie_word_embeddings and "lm_head.weight" in tensors:
-        # Some tied checkpoints still store a copy; HF ignores it, and so do we.
-        tensors.pop("lm_head.weight")
+    drop_tied_copy(config, tensors, source)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:

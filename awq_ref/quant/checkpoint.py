@@ -38,6 +38,7 @@ from awq_ref.loaders.state_dict import (
     build_on_meta,
     check_float_dtype,
     check_size_claim,
+    drop_tied_copy,
 )
 from awq_ref.model import Llama
 from awq_ref.quant.packing import PACK_BITS, PACK_NUM, check_packed_shapes
@@ -372,7 +373,7 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], folder: P
     expected = model.state_dict()
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-        tensors.pop("lm_head.weight", None)  # some writers store the tied copy anyway
+    drop_tied_copy(model.config, tensors, str(folder))  # some writers store the tied copy
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
