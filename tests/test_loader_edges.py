@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from awq_ref.config import LlamaConfig
 from awq_ref.fuse import fuse_projections
-from awq_ref.loaders import load_model, read_safetensors_folder
+from awq_ref.loaders import load_model, load_tokenizer, read_safetensors_folder
 from awq_ref.loaders.gguf_header import read_header
 from awq_ref.loaders.state_dict import check_disjoint, interleaved_to_half
 from awq_ref.quant.checkpoint import load_quantized_model, save_quantized
@@ -279,4 +279,25 @@ def test_gguf_integer_key_holding_a_bool_is_refused(tmp_path, monkeypatch):
                         lambda self, value: self.add_bool("llama.block_count", True))
     path = write_gguf(tmp_path / "m.gguf", tiny_model())
     with pytest.raises(ValueError, match="GGUF metadata llama.block_count=True is not an integer"):
+        load_model(path)
+
+
+def test_gguf_parts_of_a_split_file_are_refused_by_name(tmp_path):
+    """llama.cpp's gguf-split writes the metadata into part 1 only and some tensors into each:
+    every part is refused as a part, with the merge command, not as a mismatch or an unknown
+    architecture."""
+    model = tiny_model()
+    path = tmp_path / "m-00001-of-00002.gguf"
+    write_gguf(path, model, extra={"split.count": 2})
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(ValueError, match="one part of a GGUF split into 2 files"):
+            load(path)
+
+
+def test_gguf_llama_with_biases_is_refused_by_name(tmp_path):
+    model = tiny_model()
+    tensors = {**own_tensors(model), "blk.0.attn_q.bias": torch.zeros(64)}
+    path = tmp_path / "bias.gguf"
+    write_gguf(path, model, tensors=tensors)
+    with pytest.raises(ValueError, match=r"tensors \['blk.0.attn_q.bias'\] are biases"):
         load_model(path)

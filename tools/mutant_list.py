@@ -898,4 +898,12 @@ MUTANTS = (
        "    if embed is not None and not head.is_meta and not embed.is_meta and not (",
        "    if False and not (",
        "tests/test_loader_edges.py", "-k", "another_lm_head"),
+    _m("s26-gguf-split-part-read-whole", "awq_ref/loaders/gguf_file.py",
+       "    if parts != 1:  # llama.cpp's gguf-split",
+       "    if False:  # llama.cpp's gguf-split",
+       "tests/test_loader_edges.py", "-k", "split"),
+    _m("s26-gguf-biases-not-named", "awq_ref/loaders/gguf_file.py",
+       "    if biases:  # a Llama with attention_bias / mlp_bias: its HF folder loads",
+       "    if False:  # a Llama with attention_bias / mlp_bias: its HF folder loads",
+       "tests/test_loader_edges.py", "-k", "biases"),
 )

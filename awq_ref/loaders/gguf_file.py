@@ -55,6 +55,11 @@ def open_gguf(path: str | Path) -> GGUFHeader:
     header = read_header(path)
     check_disjoint([(t.name, t.offset, t.n_bytes) for t in header.tensors],
                    f"{path}: corrupt GGUF file")
+    parts = header.metadata.get("split.count", 1)
+    if parts != 1:  # llama.cpp's gguf-split: the first part holds the metadata, each some tensors
+        raise ValueError(f"{path}: one part of a GGUF split into {parts!r} files (split.count); "
+                         "merge them into one file first (llama.cpp: llama-gguf-split --merge "
+                         "FIRST_PART.gguf MERGED.gguf)")
     return header
 
 
@@ -92,6 +97,10 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) 
     if meta.get("llama.expert_count", 0):
         raise ValueError(f"{source}: unsupported architecture: llama.expert_count="
                          f"{meta['llama.expert_count']} (mixture of experts)")
+    biases = sorted(n for n in tensor_names if n.endswith(".bias"))
+    if biases:  # a Llama with attention_bias / mlp_bias: its HF folder loads
+        raise ValueError(f"{source}: tensors {biases[:3]} are biases (attention_bias, mlp_bias), "
+                         "which GGUF files do not load here; load the model's HF folder")
     scaling = meta.get("llama.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in tensor_names:
         raise ValueError(f"{source}: rope scaling ({scaling!r}, rope_freqs tensor: "
