@@ -58,10 +58,8 @@ from awq_ref.quant.checkpoint import (
 )
 from awq_ref.quant.qlinear import QuantLinear, skip_names, skipped
 from awq_ref.quant.quantizer import QuantSpec
-from awq_ref.tokenizer import HF_TOKENIZER_FILES
+from awq_ref.tokenizer import tokenizer_file_names
 
-# Copied verbatim into the checkpoint when the source folder has them.
-TOKENIZER_FILES = (*HF_TOKENIZER_FILES, "tokenizer.bin")
 EMPTY_TOKENS = torch.zeros(0, 0, dtype=torch.int64)  # RTN: no calibration
 
 
@@ -244,10 +242,13 @@ def _finish(source: Source, shards: Path, out_dir: Path, quant_config: dict[str,
         _write_index(tmp, [shard_name(i, n) for i in range(n)])
         write_json({**source.config.to_hf_dict(), "torch_dtype": CONFIG_DTYPE,
                     "quantization_config": quant_config}, tmp / "config.json")
-        for name in TOKENIZER_FILES:
-            if (source.folder / name).is_file():
-                shutil.copyfile(source.folder / name, tmp / name)
-                fsync_path(tmp / name)
+        names = tokenizer_file_names(source.folder)  # the tokenizer's files, copied verbatim
+        if (source.folder / "tokenizer.bin").is_file():  # a llama2.c tokenizer
+            names.append("tokenizer.bin")
+        for name in names:
+            (tmp / name).parent.mkdir(exist_ok=True)  # additional_chat_templates/
+            shutil.copyfile(source.folder / name, tmp / name)
+            fsync_path(tmp / name)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

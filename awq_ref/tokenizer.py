@@ -29,6 +29,7 @@ CONFIG_FILE = "tokenizer_config.json"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", CONFIG_FILE, "special_tokens_map.json",
                       "added_tokens.json", "chat_template.jinja", "chat_template.json",
                       "generation_config.json")
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # transformers 5's named templates, NAME.jinja
 
 
 class Backend(Protocol):
@@ -61,18 +62,43 @@ def check_chat_template(value: Any, source: str) -> ChatTemplate:
                      f"{{\"name\": ..., \"template\": ...}} strings, got {str(value)[:80]!r}")
 
 
+def tokenizer_file_names(folder: Path) -> list[str]:
+    """The HF_TOKENIZER_FILES in `folder`, then its named chat templates (transformers 5 writes
+    each as additional_chat_templates/NAME.jinja), as paths relative to `folder`."""
+    names = [f for f in HF_TOKENIZER_FILES if (folder / f).is_file()]
+    extra = folder / CHAT_TEMPLATE_DIR
+    if extra.is_dir():
+        names += [f"{CHAT_TEMPLATE_DIR}/{f.name}" for f in sorted(extra.glob("*.jinja"))
+                  if f.is_file()]
+    return names
+
+
+def _template_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+
+
 def chat_template_from_folder(folder: Path) -> ChatTemplate:
-    """tokenizer_config.json's "chat_template", else chat_template.jinja's text (newer
-    transformers write it there), else chat_template.json's "chat_template"; None without any."""
+    """The folder's chat template(s) as transformers 5 reads them: the template files win
+    (chat_template.jinja, the default, and additional_chat_templates/NAME.jinja); one default
+    is a string, several are HF's list of named ones. Without files, tokenizer_config.json's
+    "chat_template", else chat_template.json's; None without any."""
+    files = {}
+    if (folder / "chat_template.jinja").is_file():
+        files["default"] = _template_text(folder / "chat_template.jinja")
+    for name in tokenizer_file_names(folder):
+        if name.startswith(CHAT_TEMPLATE_DIR + "/"):
+            files[name[len(CHAT_TEMPLATE_DIR) + 1:].removesuffix(".jinja")] = \
+                _template_text(folder / name)
+    if list(files) == ["default"]:
+        return files["default"]
+    if files:
+        return [{"name": n, "template": t} for n, t in files.items()]
     config = read_json(folder / CONFIG_FILE)
     if config.get("chat_template") is not None:
         return check_chat_template(config["chat_template"], str(folder / CONFIG_FILE))
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        try:
-            return jinja.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{jinja}: not UTF-8 text ({e})") from e
     path = folder / "chat_template.json"
     return check_chat_template(read_json(path).get("chat_template"), str(path))
 
@@ -329,12 +355,19 @@ def _as_ids(value: Any, source: Path) -> list[int]:
 def special_ids_from_folder(folder: Path, backend: Backend, default_bos: int | None = None,
                             default_eos: Sequence[int] = ()
                             ) -> tuple[int | None, list[int], bool | None]:
-    """(bos_id, eos_ids, add_bos or None when unstated). BOS: tokenizer_config.json's, else
+    """(bos_id, eos_ids, add_bos or None when unstated). BOS: tokenizer_config.json's (with
+    special_tokens_map.json's tokens over its own, as transformers reads a folder whose config
+    has no added_tokens_decoder), else
     generation_config.json's, else config.json's, else default_bos. EOS: tokenizer_config's
     plus generation_config's; config.json's only if neither gives one; else default_eos."""
     files = {name: (folder / name, read_json(folder / name))
              for name in (CONFIG_FILE, "generation_config.json", "config.json")}
     tok_path, tok_cfg = files[CONFIG_FILE]
+    if "added_tokens_decoder" not in tok_cfg:  # an older folder: as transformers reads one,
+        # special_tokens_map.json's tokens replace tokenizer_config.json's
+        tokens_map = read_json(folder / "special_tokens_map.json")
+        tok_cfg = {**tok_cfg, **{k: tokens_map[k] for k in ("bos_token", "eos_token")
+                                 if k in tokens_map}}
     bos = tok_cfg.get("bos_token_id", _token_id(backend, tok_cfg.get("bos_token")))
     bos_source = tok_path
     eos = (_as_ids(tok_cfg.get("eos_token_ids"), tok_path)
@@ -383,8 +416,7 @@ def tokenizer_from_folder(folder: Path) -> Tokenizer:
     for name in ("tokenizer.json", "tokenizer.model"):
         if (folder / name).is_file():
             tok = tokenizer_from_file(folder / name, source=str(folder))
-            tok.files = {f: (folder / f).read_bytes() for f in HF_TOKENIZER_FILES
-                         if (folder / f).is_file()}
+            tok.files = {f: (folder / f).read_bytes() for f in tokenizer_file_names(folder)}
             return tok
     raise ValueError(f"{folder}: no tokenizer.json, tokenizer.model or tokenizer.bin in this "
                      f"folder")

@@ -13,7 +13,9 @@ from safetensors import safe_open
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """Every file under `folder` by its relative path (additional_chat_templates/ too)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
 
 
 def stop_after_saving(monkeypatch, block: int, exc: type[BaseException]) -> None:

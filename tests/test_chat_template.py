@@ -108,3 +108,33 @@ def test_default_model_template_reaches_transformers(default_gguf, tmp_path):
     assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
                     "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
                     "<|im_start|>assistant\n")
+
+
+def _hf_templates(folder):
+    """transformers' reading of the folder's templates, in our form (str or named list)."""
+    transformers = pytest.importorskip("transformers")
+    got = transformers.AutoTokenizer.from_pretrained(str(folder)).chat_template
+    return [{"name": n, "template": t} for n, t in got.items()] if isinstance(got, dict) else got
+
+
+def test_named_template_files_are_read_and_saved_as_transformers_reads_them(tmp_path):
+    """transformers 5 saves named templates as additional_chat_templates/NAME.jinja beside
+    chat_template.jinja, and the files win over tokenizer_config's "chat_template". A saved
+    checkpoint lost the named ones (the tool_use template of a chat model)."""
+    src = _folder(tmp_path / "src", chat_template="{{ 'config' }}")
+    (src / "chat_template.jinja").write_text("D {{ messages }}")
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates" / "tool_use.jinja").write_text("T {{ tools }}")
+    want = [{"name": "default", "template": "D {{ messages }}"},
+            {"name": "tool_use", "template": "T {{ tools }}"}]
+    assert load_tokenizer(src).chat_template == want == _hf_templates(src)
+    load_tokenizer(src).save_pretrained(tmp_path / "out")
+    saved = tmp_path / "out" / "additional_chat_templates" / "tool_use.jinja"
+    assert saved.read_text() == "T {{ tools }}"
+    assert load_tokenizer(tmp_path / "out").chat_template == want == _hf_templates(tmp_path / "out")
+
+
+def test_the_template_file_wins_over_the_config(tmp_path):
+    src = _folder(tmp_path / "src", chat_template="{{ 'config' }}")
+    (src / "chat_template.jinja").write_text("{{ 'file' }}")
+    assert load_tokenizer(src).chat_template == "{{ 'file' }}" == _hf_templates(src)

@@ -53,6 +53,8 @@ def make_source(folder: Path, layers: int = 4, preset: str = "tiny") -> Path:
     write_tokenizer(folder)
     (folder / "chat_template.jinja").write_text(
         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (folder / "additional_chat_templates").mkdir()  # transformers 5's named templates
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
     return folder
 
 
@@ -152,9 +154,10 @@ def test_streamed_rtn_matches_in_memory_and_loads(src, tmp_path, one_thread):
                                                  for i in range(1, 6)}
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
                                                   for t in tensors.values())
-    for name in ("tokenizer.json", "chat_template.jinja"):
+    for name in ("tokenizer.json", "chat_template.jinja",
+                 "additional_chat_templates/tool_use.jinja"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
-    assert awq_ref.load_tokenizer(out).chat_template.startswith("{% for m in messages %}")
+    assert awq_ref.load_tokenizer(out).chat_template[0]["template"].startswith("{% for m in")
     model = awq_ref.load_quantized_model(out)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 4 * 7
     logits = model(torch.arange(16)[None])  # (1, T, V)
@@ -320,7 +323,8 @@ def test_corrupt_source_refused_before_any_work(src, tmp_path, calib):
     bad = tmp_path / "bad"
     bad.mkdir()
     for p in src.iterdir():
-        (bad / p.name).write_bytes(p.read_bytes())
+        if p.is_file():
+            (bad / p.name).write_bytes(p.read_bytes())
     index = json.loads((bad / "model.safetensors.index.json").read_text())
     shard = bad / index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
     shard.write_bytes(shard.read_bytes()[:-100])  # cut into the last tensor's data

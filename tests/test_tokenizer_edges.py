@@ -62,6 +62,32 @@ def test_tokenizer_config_bos_wins_over_config_json(tmp_path):
     assert tok.bos_id == 1 and tok.encode("a") == [1, 2]
 
 
+@pytest.mark.parametrize("config", [
+    {},  # the folder names its tokens only in special_tokens_map.json
+    {"bos_token": "b", "eos_token": "b"},  # the map's replace the config's
+    {"bos_token": "b", "eos_token": "b", "added_tokens_decoder": {}},  # a newer folder: config's
+], ids=["map-only", "map-wins", "config-with-decoder"])
+def test_special_tokens_map_is_read_as_transformers_reads_it(tmp_path, config):
+    """An older folder (no added_tokens_decoder in tokenizer_config.json): transformers takes
+    bos_token and eos_token from special_tokens_map.json; a folder naming EOS only there had no
+    EOS here, so generation never stopped."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    tk = HFTokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "a": 2, "b": 3, "<unk>": 4},
+                                      unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+    (tmp_path / "special_tokens_map.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    tok = load_tokenizer(tmp_path)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (tok.bos_id, tok.eos_ids) == (hf.bos_token_id, (hf.eos_token_id,))
+    assert tok.bos_id == (3 if "added_tokens_decoder" in config else 0)
+
+
 def test_gguf_user_defined_tokens_encode_whole():
     """User-defined tokens (llama.cpp type 4, e.g. "<tool>") are matched whole in the text, not
     cut into the pieces that spell them."""

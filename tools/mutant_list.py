@@ -906,4 +906,18 @@ MUTANTS = (
        "    if biases:  # a Llama with attention_bias / mlp_bias: its HF folder loads",
        "    if False:  # a Llama with attention_bias / mlp_bias: its HF folder loads",
        "tests/test_loader_edges.py", "-k", "biases"),
+    _m("s26-named-templates-not-kept", "awq_ref/tokenizer.py",
+       '    if extra.is_dir():\n        names += [',
+       '    if False:\n        names += [',
+       "tests/test_chat_template.py", "-k", "named_template"),
+    _m("s26-config-template-wins", "awq_ref/tokenizer.py",
+       "    if list(files) == [\"default\"]:\n        return files[\"default\"]\n"
+       "    if files:\n        return [",
+       "    if files and not read_json(folder / CONFIG_FILE).get(\"chat_template\"):\n"
+       "        return files[\"default\"] if list(files) == [\"default\"] else [",
+       "tests/test_chat_template.py", "-k", "wins"),
+    _m("s26-special-tokens-map-ignored", "awq_ref/tokenizer.py",
+       '    if "added_tokens_decoder" not in tok_cfg:  # an older folder',
+       '    if False:  # an older folder',
+       "tests/test_tokenizer_edges.py", "-k", "special_tokens_map"),
 )
