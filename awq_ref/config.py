@@ -264,13 +264,15 @@ def _sliding_layers(d: dict[str, Any], arch: Architecture, source: str) -> list[
     slides whatever layer_types says (Qwen2Attention's window is then None)."""
     if not arch.window_switch:
         return []
-    if d.get("use_sliding_window") in (None, False) or d.get("sliding_window") is None:
+    if not d.get("use_sliding_window") or d.get("sliding_window") is None:
         return []
     layer_types = d.get("layer_types")
     if layer_types is not None:
         if not isinstance(layer_types, list):
             raise ValueError(f"{source}: layer_types must be a list, got {_short(layer_types)}")
-        return [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+        # "attention": the older name transformers maps to full_attention
+        return [i for i, kind in enumerate(layer_types)
+                if kind not in ("full_attention", "attention")]
     first, count = d.get("max_window_layers", 28), d.get("num_hidden_layers")
     if not (_is_int(first) and _is_int(count)) or not 0 <= count < INT_LIMIT:
         raise ValueError(f"{source}: max_window_layers={_short(first)} and num_hidden_layers="
@@ -288,8 +290,11 @@ def _read_rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | Non
     scaling = d.get(key) or {}
     if not isinstance(scaling, dict):
         raise ValueError(f"{source}: {key} must be an object, got {_short(scaling)}")
+    if any(isinstance(v, dict) for v in scaling.values()):
+        raise ValueError(f"{source}: {key} per layer type ({_short(list(scaling))}) is not "
+                         "supported")
     theta = scaling.get("rope_theta", d.get("rope_theta", 10000.0))
-    kind = scaling.get("rope_type") or scaling.get("type")
+    kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return theta, None
     if kind != "llama3":

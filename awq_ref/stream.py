@@ -249,6 +249,8 @@ def _finish(source: Source, shards: Path, out_dir: Path, quant_config: dict[str,
             (tmp / name).parent.mkdir(exist_ok=True)  # additional_chat_templates/
             shutil.copyfile(source.folder / name, tmp / name)
             fsync_path(tmp / name)
+        for folder in {(tmp / name).parent for name in names} - {tmp}:
+            fsync_path(folder)  # its entries (atomic_folder fsyncs tmp's own)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -8,7 +8,8 @@ to read the same way, so `awq_ref.loaders.load_tokenizer(folder)` gives the same
 
 The chat template (a Jinja text that chat front ends such as vLLM's and transformers'
 `apply_chat_template` render; GGUF's `tokenizer.chat_template`, HF's tokenizer_config.json
-"chat_template" or chat_template.jinja) is carried from the source to the saved folder unread:
+"chat_template", chat_template.jinja and additional_chat_templates/NAME.jinja) is carried from
+the source to the saved folder unread:
 without it an instruct checkpoint cannot be served as a chat model.
 """
 
@@ -68,8 +69,14 @@ def tokenizer_file_names(folder: Path) -> list[str]:
     names = [f for f in HF_TOKENIZER_FILES if (folder / f).is_file()]
     extra = folder / CHAT_TEMPLATE_DIR
     if extra.is_dir():
-        names += [f"{CHAT_TEMPLATE_DIR}/{f.name}" for f in sorted(extra.glob("*.jinja"))
-                  if f.is_file()]
+        for f in sorted(extra.glob("*.jinja")):
+            try:  # a file name that is not UTF-8 arrives with surrogate escapes
+                f.name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{extra}: the chat template file {f.name!r} is not named in "
+                                 "UTF-8") from None
+            if f.is_file():
+                names.append(f"{CHAT_TEMPLATE_DIR}/{f.name}")
     return names
 
 
@@ -152,7 +159,7 @@ class Tokenizer:
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the tokenizer into `folder` (created if needed), each file atomically.
 
-        Read from an HF folder: that folder's tokenizer files as they were (HF_TOKENIZER_FILES:
+        Read from an HF folder: that folder's tokenizer files as they were (tokenizer_file_names:
         pad token, model_max_length, tokenizer class and all, which we do not model). Otherwise
         (GGUF, llama2.c, a bare file): the backend's file and a tokenizer_config.json built here."""
         folder = Path(folder)
@@ -412,7 +419,7 @@ def tokenizer_from_file(path: Path, source: str | None = None) -> Tokenizer:
 
 def tokenizer_from_folder(folder: Path) -> Tokenizer:
     """tokenizer.json (preferred) or tokenizer.model in `folder`, with its special-token files;
-    it keeps the folder's HF_TOKENIZER_FILES to save them back as they were."""
+    it keeps the folder's tokenizer files (tokenizer_file_names) to save them back as they were."""
     for name in ("tokenizer.json", "tokenizer.model"):
         if (folder / name).is_file():
             tok = tokenizer_from_file(folder / name, source=str(folder))

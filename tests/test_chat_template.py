@@ -138,3 +138,15 @@ def test_the_template_file_wins_over_the_config(tmp_path):
     src = _folder(tmp_path / "src", chat_template="{{ 'config' }}")
     (src / "chat_template.jinja").write_text("{{ 'file' }}")
     assert load_tokenizer(src).chat_template == "{{ 'file' }}" == _hf_templates(src)
+
+
+def test_a_template_file_not_named_in_utf8_is_a_value_error(tmp_path):
+    import os
+
+    src = _folder(tmp_path / "src")
+    (src / "additional_chat_templates").mkdir()
+    with open(os.path.join(os.fsencode(src / "additional_chat_templates"), b"\xff.jinja"),
+              "w") as f:
+        f.write("X")
+    with pytest.raises(ValueError, match="not named in UTF-8"):
+        load_tokenizer(src)

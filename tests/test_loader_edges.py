@@ -123,6 +123,22 @@ def test_tied_folder_storing_another_lm_head_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("head_dtype", [torch.float32, torch.float16])
+def test_tied_folder_storing_the_same_head_with_a_nan_loads(tmp_path, head_dtype):
+    """The stored copy is compared by value: a NaN (an unused padding row, say) equals itself,
+    and a copy in another dtype holding the same values is the same head."""
+    model = tiny_model(tied=True)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = float("nan")
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight.half().float())
+    folder = save_hf(model, tmp_path / "ckpt")
+    sd = own_tensors(model)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].to(head_dtype, copy=True)
+    save_file(sd, str(folder / "model.safetensors"))
+    loaded = load_model(folder)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
 def test_tied_quantized_checkpoint_storing_another_lm_head_is_refused(tmp_path):
     model = tiny_quantized(tie_word_embeddings=True)
     out = save_quantized(model, tmp_path / "q")

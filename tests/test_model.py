@@ -109,6 +109,14 @@ def test_unsupported_rope_scaling_is_refused_however_it_is_written(rope):
         LlamaConfig.from_hf_dict({**tiny_hf_dict(), **rope})
 
 
+def test_rope_parameters_per_layer_type_are_refused():
+    """transformers 5 nests rope_parameters by layer type for some models; read flat, its
+    entries would be ignored (plain RoPE)."""
+    rope = {"rope_parameters": {"full_attention": LLAMA3_ROPE}}
+    with pytest.raises(ValueError, match="rope_parameters per layer type"):
+        LlamaConfig.from_hf_dict({**tiny_hf_dict(), **rope})
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_decode_equals_full_forward(dtype):
     _, model = pair(tiny_hf_dict(2))
@@ -346,6 +354,7 @@ def test_qwen3_matches_transformers(tied, bias):
     ({"use_sliding_window": True, "max_window_layers": 0,
       "layer_types": ["full_attention", "full_attention"]}, False),
     ({"layer_types": ["full_attention", "sliding_attention"]}, False),  # the switch is off
+    ({"use_sliding_window": True, "layer_types": ["attention", "full_attention"]}, False),
 ])
 def test_qwen2_sliding_window_layers_are_refused(switches, slides):
     """Refused exactly where transformers slides a layer's attention (Qwen2Attention's window:
@@ -365,7 +374,7 @@ def test_qwen2_sliding_window_layers_are_refused(switches, slides):
 def test_layer_types_do_not_make_llama_or_mistral_layers_slide():
     """LlamaConfig has no layer_types and MistralConfig ignores them (warning): a config that
     lists sliding layers loads, as in transformers (Mistral's window is sliding_window)."""
-    kinds = {"layer_types": ["sliding_attention", "full_attention"]}
+    kinds = {"use_sliding_window": True, "layer_types": ["sliding_attention", "full_attention"]}
     assert LlamaConfig.from_hf_dict({**tiny_hf_dict(), **kinds}).sliding_window is None
     mistral = LlamaConfig.from_hf_dict({**mistral_hf_dict(32), **kinds})
     assert mistral.sliding_window == 32

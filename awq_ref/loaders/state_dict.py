@@ -41,14 +41,25 @@ def drop_tied_copy(config: LlamaConfig, tensors: dict[str, torch.Tensor], source
     if head is None:
         return
     embed = tensors.get("model.embed_tokens.weight")
-    if embed is not None and not head.is_meta and not embed.is_meta and not (
-            head.shape == embed.shape and (torch.equal(head, embed) if head.dtype == embed.dtype
-                                           else torch.equal(head.float(), embed.float()))):
+    if embed is not None and not head.is_meta and not embed.is_meta \
+            and not _same_values(head, embed):
         raise ValueError(f"{source}: config.json ties lm_head to the embeddings "
                          "(tie_word_embeddings) but the file stores a different lm_head.weight: "
                          "vLLM would use the embeddings, transformers 5 the stored head; set "
                          "tie_word_embeddings to what the model was trained with")
     del tensors["lm_head.weight"]
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> bool:
+    """Equal shapes and values (NaN equal to NaN, any dtypes), compared `rows` rows at a time: a
+    vocabulary-sized table is not copied whole into float32."""
+    if a.shape != b.shape:
+        return False
+    for x, y in zip(a.split(rows), b.split(rows)):
+        x, y = x.float(), y.float()
+        if not ((x == y) | (x.isnan() & y.isnan())).all():
+            return False
+    return True
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
