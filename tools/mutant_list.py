@@ -907,8 +907,8 @@ MUTANTS = (
        "    if False:  # a Llama with attention_bias / mlp_bias: its HF folder loads",
        "tests/test_loader_edges.py", "-k", "biases"),
     _m("s26-named-templates-not-kept", "awq_ref/tokenizer.py",
-       '    if extra.is_dir():\n        names += [',
-       '    if False:\n        names += [',
+       '    if extra.is_dir():\n        for f in sorted(',
+       '    if False:\n        for f in sorted(',
        "tests/test_chat_template.py", "-k", "named_template"),
     _m("s26-config-template-wins", "awq_ref/tokenizer.py",
        "    if list(files) == [\"default\"]:\n        return files[\"default\"]\n"
