@@ -123,12 +123,30 @@ def test_pack_refuses_other_bit_widths():
 def test_pack_refuses_bad_inputs():
     with pytest.raises(ValueError, match="multiple of 8"):
         pack_int4(torch.zeros(2, 12, dtype=torch.int32))
-    with pytest.raises(ValueError, match="0..15"):
-        pack_int4(torch.full((1, 8), 16))
+    for bad in (16, -1):  # one code out of range among good ones: -1 would spill into a neighbour
+        codes = torch.arange(8)[None].repeat(2, 1)
+        codes[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"0..15, got range {min(bad, 0)}..{max(bad, 7)}"):
+            pack_int4(codes)
     with pytest.raises(ValueError, match="out_features 12"):
         pack_weight(torch.randn(12, 32), QuantSpec(4, 16), "layer")
     with pytest.raises(ValueError, match="layer: group_size 24 does not divide in_features 32"):
         pack_weight(torch.randn(8, 32), QuantSpec(4, 24), "layer")
+
+
+@pytest.mark.parametrize("g", [0, 24])
+def test_dequantize_packed_refuses_a_group_size_not_dividing_k(g):
+    qweight, qzeros, scales = pack_weight(torch.randn(16, 32), QuantSpec(4, 16))
+    with pytest.raises(ValueError, match=f"group_size {g} does not divide in_features 32"):
+        dequantize_packed(qweight, qzeros, scales, g)
+
+
+def test_groups_of_one_pack_and_dequantize():
+    w = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))  # (N, K)
+    qweight, qzeros, scales = pack_weight(w, QuantSpec(4, 1, zero_point=False))
+    assert qzeros.shape == (4, 1) and scales.shape == (4, 8)  # one group per input channel
+    torch.testing.assert_close(dequantize_packed(qweight, qzeros, scales, 1), w.T, rtol=1e-3,
+                               atol=0)
 
 
 def test_dequantize_packed_checks_shapes():

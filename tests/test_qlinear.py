@@ -196,3 +196,33 @@ def test_from_packed_wraps_random_codes_and_checks_shapes():
         QuantLinear.from_packed(qweight, qzeros, scales[:, :16], g, name="q_proj")
     with pytest.raises(ValueError, match=r"layer.bias: shape \(5,\)"):
         QuantLinear.from_packed(qweight, qzeros, scales, g, torch.zeros(5))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_buffers_are_the_checkpoint_keys_and_follow_the_module(bias):
+    """qweight, qzeros, scales (and bias only when the linear has one) are registered buffers:
+    the state dict a checkpoint is written from, and what .to() moves; the fp16 scales and int32
+    codes keep their dtype when the model's changes."""
+    ql = QuantLinear.from_linear(random_linear(64, 16, bias), QuantSpec(4, 32))
+    keys = {"qweight", "qzeros", "scales"} | ({"bias"} if bias else set())
+    assert set(ql.state_dict()) == keys
+    ql.double()
+    assert (ql.qweight.dtype, ql.qzeros.dtype, ql.scales.dtype) == (torch.int32, torch.int32,
+                                                                      torch.float16)
+    assert not bias or ql.bias.dtype == torch.float64
+    ql.to("meta")
+    assert all(t.is_meta for t in ql.state_dict().values())
+    fresh = QuantLinear(64, 16, 32, bias=bias)  # allocated, to be loaded into
+    assert {k: (tuple(t.shape), t.dtype) for k, t in fresh.state_dict().items()} == {
+        "qweight": ((64, 2), torch.int32), "qzeros": ((2, 2), torch.int32),
+        "scales": ((2, 16), torch.float16), **({"bias": ((16,), torch.float32)} if bias else {})}
+
+
+def test_group_size_minus_one_is_one_group_over_k():
+    assert QuantLinear(64, 16, -1).qzeros.shape == (1, 2)
+    ql = QuantLinear.from_linear(random_linear(64, 16, False), QuantSpec(4, -1))
+    again = QuantLinear.from_packed(ql.qweight, ql.qzeros, ql.scales, -1)
+    assert again.group_size == 64 and "bias" not in again.state_dict()
+    for g in (0, 24):
+        with pytest.raises(ValueError, match=f"group_size {g} does not divide in_features 64"):
+            QuantLinear(64, 16, g)

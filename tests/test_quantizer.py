@@ -104,3 +104,28 @@ def test_bad_group_size_rejected(group):
 def test_group_not_dividing_k_names_layer_and_numbers():
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.*128.*576"):
         fake_quantize(torch.randn(4, 576), QuantSpec(4, 128), "model.layers.0.mlp.down_proj")
+
+
+def test_defaults_are_4_bit_groups_of_128_asymmetric_and_frozen():
+    """The documented defaults (quantize()'s too); frozen: a spec is checked once, when made, so
+    a later `spec.bits = 9` must not slip past __post_init__."""
+    spec = QuantSpec()
+    assert (spec.bits, spec.group_size, spec.zero_point) == (4, 128, True)
+    with pytest.raises(AttributeError):
+        spec.bits = 9
+
+
+def test_groups_of_one_weight_each():
+    """G = 1, the smallest group: symmetric quantization gives each weight its own scale
+    |w| / 7, so every weight comes back (to a rounding of s)."""
+    w = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fake_quantize(w, QuantSpec(4, 1, zero_point=False)), w)
+
+
+@pytest.mark.parametrize("zero_point, steps", [(True, 15), (False, 7)])
+def test_a_flat_group_gets_the_floor_scale(zero_point, steps):
+    """A group narrower than 1e-5 gets the scale 1e-5 / steps (llm-awq's floor, kept so the
+    codes match its checkpoints), not 0."""
+    w = torch.full((2, 8), 3e-6)
+    scales, _ = compute_qparams(w, QuantSpec(4, 8, zero_point))
+    assert torch.equal(scales, torch.full((2, 1), 1e-5 / steps))
