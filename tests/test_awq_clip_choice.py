@@ -24,6 +24,20 @@ def test_clip_ratio_grid_is_llm_awqs():
     assert _ratios(4, 0.1) == [1.0]  # always r = 1: never worse than round-to-nearest
 
 
+def test_search_clips_defaults_are_llm_awqs_plain_search():
+    """Called with no settings, search_clip is llm-awq's: a grid of 20, shrinking by at most
+    half, the "range" box, no joint sweeps."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 64, generator=gen)
+    x[:, ::16] *= 0.01  # a weight outlier on a quiet input channel in every group: clip it hard
+    w = torch.randn(12, 64, generator=gen) * 0.1
+    w[:, ::16] = 5.0
+    lo, hi, before, after = search_clip(w, x.T @ x, SPEC)
+    lo2, hi2, before2, after2 = search_clip(w, x.T @ x, SPEC, 20, 0.5, "range", joint=0)
+    assert torch.equal(lo, lo2) and torch.equal(hi, hi2) and (before, after) == (before2, after2)
+    assert not torch.equal(lo, search_clip(w, x.T @ x, SPEC, 20, 1.0, "range")[0])  # not vacuous
+
+
 @pytest.mark.parametrize("mode", ["range", "absmax"])
 def test_plain_clip_search_picks_the_brute_force_best_box(mode):
     """Each (row, group) keeps the ratio whose clamped, quantized group has the least error on
@@ -50,17 +64,20 @@ def test_plain_clip_search_picks_the_brute_force_best_box(mode):
         assert torch.allclose(lo / grouped(w, 16).amin(-1), ratio, rtol=1e-12)
 
 
-def test_one_joint_sweep_picks_each_groups_best_box_given_the_others(one_thread):
+@pytest.mark.parametrize("mode", ["range", "lohi"])
+def test_one_joint_sweep_picks_each_groups_best_box_given_the_others(one_thread, mode):
     """joint = 1: every group's box re-picked by its row's whole output error with the other
     groups' errors fixed (cross-group terms included), tried directly; a row keeps the new
-    boxes only if its whole error went down."""
+    boxes only if its whole error went down. The candidates are the ratio grid's "range"
+    boxes; lohi's boxes (the pipeline's default) lie off that grid, so there a group keeps its
+    box unless a candidate beats it."""
     gen = torch.Generator().manual_seed(6)
     rows, groups = 24, 8
     x = (torch.randn(300, 16 * groups, generator=gen)
          + 2 * torch.randn(300, 1, generator=gen)).double()  # a shared component couples groups
     w = torch.randn(rows, 16 * groups, generator=gen).double()
-    lo0, hi0, _, _ = search_clip(w, x.T @ x, SPEC, mode="range")
-    lo, hi, _, _ = search_clip(w, x.T @ x, SPEC, mode="range", joint=1)
+    lo0, hi0, _, _ = search_clip(w, x.T @ x, SPEC, mode=mode)
+    lo, hi, _, _ = search_clip(w, x.T @ x, SPEC, mode=mode, joint=1)
     assert not torch.equal(lo, lo0)  # not vacuous: the sweep moved some boxes
 
     gram = x.T @ x

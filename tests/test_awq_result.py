@@ -10,7 +10,9 @@ from test_awq_search import FAST, SPEC, calib, tiny_llama
 from awq_ref.awq.apply import apply_awq
 from awq_ref.awq.pipeline import run_awq, search_awq
 from awq_ref.awq.result import AwqResult
+from awq_ref.quant.qlinear import QuantLinear
 from awq_ref.quant.quantizer import QuantSpec
+from awq_ref.quant.rtn import apply_rtn
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +248,18 @@ def test_each_tensor_of_a_block_goes_back_to_its_own_dtype(searched):
         assert layer.input_layernorm.weight.dtype == torch.float32
         assert layer.self_attn.q_proj.weight.dtype == torch.bfloat16
         assert layer.mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+def test_a_bias_moved_into_a_packed_layer_goes_back_to_the_blocks_dtype(searched):
+    """api.quantize packs each block right after its fold, still in fp32: the q, k, v biases
+    (Qwen2's) then sit in the new QuantLinear, and go back to bf16 with the rest of the block;
+    the packed scales stay fp16."""
+    model = tiny_llama(model_type="qwen2").to(torch.bfloat16)
+    apply_awq(model, searched, then=lambda i: apply_rtn(model, SPEC, block=i))
+    for layer in model.model.layers:
+        q = layer.self_attn.q_proj
+        assert isinstance(q, QuantLinear) and q.bias.dtype == torch.bfloat16
+        assert q.scales.dtype == torch.float16 and q.qweight.dtype == torch.int32
 
 
 def test_a_clip_outside_the_blocks_is_applied(searched):

@@ -13,7 +13,7 @@ from awq_ref.awq.capture import NonFiniteError, check_finite, gram_matrix
 from awq_ref.awq.pipeline import PROPAGATE, AwqConfig, search_awq
 from awq_ref.awq.scaling_groups import expand_kv, reduce_kv
 from awq_ref.awq.search_clip import clip_box, clipper, search_clip
-from awq_ref.awq.search_scale import effective_weight, gram_loss, grid_search
+from awq_ref.awq.search_scale import effective_weight, gram_loss, grid_search, module_loss
 from awq_ref.config import LlamaConfig
 from awq_ref.model import Llama
 from awq_ref.quant.quantizer import QuantSpec, clamp_groups, grouped
@@ -194,6 +194,11 @@ def test_expand_kv_matches_repeat_kv():
     # query head h reads KV head h // n_rep, as torch.repeat_interleave over heads does
     want = s.view(2, 3).repeat_interleave(2, dim=0).reshape(-1)
     assert torch.equal(expand_kv(s, 2, 3), want)
+    assert expand_kv(s, 1, 0) is s  # no GQA: nothing to expand, head_dim unused
+    for head_dim in (0, 4):  # 6 scales: no whole number of heads of 4 (nor of 0)
+        with pytest.raises(ValueError, match=f"6 scales are no whole number of heads of "
+                                             f"head_dim {head_dim}"):
+            expand_kv(s, 2, head_dim)
 
 
 def test_reduce_kv_averages_the_query_heads_sharing_a_v_channel():
@@ -225,6 +230,29 @@ def test_gram_loss_matches_direct_mse():
     s = torch.rand(64) + 0.5
     direct = (x @ effective_weight(w, s, SPEC).T - x @ w.T).pow(2).mean()
     assert gram_loss(w, x.T @ x, 500, s, SPEC) == pytest.approx(float(direct), rel=1e-4)
+
+
+def test_module_loss_is_the_mean_squared_output_error():
+    """L(s) = mean over every output element of (f(x; W_eff(s)) - f(x; W))^2, whatever the
+    chunking (17 rows in chunks of 5: a last short chunk)."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.SiLU(),
+                              torch.nn.Linear(32, 16))
+    inputs = torch.randn(17, 64)
+    s = torch.rand(64) + 0.5
+    with torch.no_grad():
+        reference = mlp(inputs)
+        w = mlp[0].weight.detach()
+        direct = (torch.func.functional_call(mlp, {"0.weight": effective_weight(w, s, SPEC)},
+                                             (inputs,)) - reference).pow(2).mean()
+        loss = module_loss(mlp, {"0.weight": w}, SPEC, inputs, reference, chunk=5)
+        assert loss(s) == pytest.approx(float(direct), rel=1e-5)
+
+
+def test_refinement_keeps_the_first_of_equal_losses():
+    """A flat loss: no refined ratio is better than the coarse grid's first, a = 0."""
+    choice = grid_search(lambda s: 1.0, torch.linspace(0.5, 4.0, 16), None, 10, n_refine=3)
+    assert choice.ratio == 0.0 and choice.loss == 1.0
 
 
 @pytest.mark.parametrize("mode", ["range", "absmax", "lohi"])
@@ -281,7 +309,7 @@ def test_clip_rows_in_chunks_pick_the_same_boxes(monkeypatch):
 
     torch.manual_seed(3)
     x = torch.randn(300, 64) + 2 * torch.randn(300, 1)
-    w = torch.randn(40, 64)
+    w = torch.randn(90, 64)  # more rows than inputs: chunks are counted along N, not K
     whole = search_clip(w, x.T @ x, SPEC, mode="lohi", joint=2)
     monkeypatch.setattr(sc, "CLIP_CHUNK_BYTES", 4 * 64 * 7)  # 7 rows at a time
     chunked = search_clip(w, x.T @ x, SPEC, mode="lohi", joint=2)

@@ -139,6 +139,18 @@ def test_clipped_head_lowers_the_logit_error_on_calibration_tokens():
         quantize_embeddings(tiny_llama(), 32, head_weight=clipped[:8])
 
 
+def test_head_gram_sums_every_calibration_token():
+    """H = sum of h^T h over every token of every sequence (final norm outputs), whatever the
+    batching: 7 sequences in batches of 3, the last one short."""
+    from awq_ref.awq.head import head_gram
+
+    model = tiny_llama()
+    calib = torch.randint(0, 96, (7, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        h = model.hidden(calib).reshape(-1, model.config.hidden_size)  # (7 * 16, D)
+    torch.testing.assert_close(head_gram(model, calib, batch=3), h.T @ h, rtol=1e-5, atol=1e-4)
+
+
 def test_cli_head_calib_clips_the_head(stories_dir, shared_data, tmp_path, capsys):
     stories = shared_data / "text" / "tinystories" / "tinystories_val_prefix.txt"
     text = tmp_path / "t.txt"

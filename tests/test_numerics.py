@@ -4,6 +4,8 @@ finite result or a ValueError naming the layer."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -118,6 +120,30 @@ def test_weight_mean_is_relative_to_each_groups_max():
                           torch.tensor([0.75, 0.75, 0.875, 1.0]), rtol=1e-5)
 
 
+def test_a_dead_channel_gets_the_floor_before_normalising():
+    """mean|x| = 0 gives s = 1e-4 (llm-awq's floor) before the max * min = 1 normalisation, in
+    both forms: the dead channel's scale is exactly 1e-4 / sqrt(max * 1e-4)."""
+    x_mean = torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64)
+    for w_mean in (None, torch.tensor([0.5, 1.0, 1.0], dtype=torch.float64)):
+        s = candidate_scale(x_mean, 0.5, w_mean)
+        top = 2.0 if w_mean is None else 2.0 / (1.0 + 1e-4)
+        raw = torch.tensor([1e-4, 1.0 if w_mean is None else 1 / (1.0 + 1e-4), top],
+                           dtype=torch.float64)
+        torch.testing.assert_close(s, raw / (top * 1e-4) ** 0.5, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("g", [4, -1])
+def test_weight_mean_is_the_formula_on_a_wide_weight(g):
+    """mean over rows of |w| / (its group's max |w| + 1e-6), per input channel, for N != K."""
+    w = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    width = 8 if g == -1 else g
+    expected = torch.stack([torch.cat([row[i:i + width].abs() / (row[i:i + width].abs().max()
+                                                                   + 1e-6)
+                                       for i in range(0, 8, width)]) for row in w]).mean(0)
+    torch.testing.assert_close(weight_mean([w], QuantSpec(4, g, True)), expected, rtol=1e-12,
+                               atol=0)
+
+
 def test_grid_search_skips_candidates_that_overflow_fp16():
     """A massive channel next to dead ones: large ratios push w * s past fp16 -> L = inf."""
     torch.manual_seed(0)
@@ -131,6 +157,22 @@ def test_grid_search_skips_candidates_that_overflow_fp16():
     assert choice.loss == min(choice.losses)  # the best feasible candidate, finite
     # a = 0 is s = 1: plain round-to-nearest, the same loss computed directly
     assert choice.loss0 == gram_loss(w, x.T @ x, 100, torch.ones(64), SPEC)
+
+
+def test_grid_search_judges_a_quantized_prev_by_its_rows_divided_by_s():
+    """prev (v_proj, up_proj) is itself quantized: a candidate s that pushes one of prev's rows
+    max|w| / s past fp16 is infeasible (L = inf) before its loss is computed; if every one
+    does, the error says why."""
+    x_mean = torch.tensor([1.0, 100.0])  # s(a) = [100^-a/2, 100^a/2]: s_0 falls as a grows
+    calls = []
+    choice = grid_search(lambda s: calls.append(s) or 1.0, x_mean, None, 4,
+                         prev_max=torch.tensor([30000.0, 1.0]))  # reach 30000 / s_0
+    # s_0 = 1, 0.56, 0.32, 0.18 for a = 0, 1/4, 1/2, 3/4: 30000 / s_0 passes 65504 at a = 1/2
+    assert choice.losses == (1.0, 1.0, math.inf, math.inf) and len(calls) == 2
+    with pytest.raises(Fp16OverflowError, match=r"every scale candidate overflows fp16 \(at "
+                                                r"a = 0: prev's rows divided by s reach \|w\| ="
+                                                r" 1e\+05, beyond fp16's 65504\)"):
+        grid_search(lambda s: 1.0, x_mean, None, 4, prev_max=torch.tensor([1e5, 1.0]))
 
 
 @pytest.mark.parametrize("duo", [False, True])
