@@ -1,5 +1,7 @@
 """Calibration windows from text (seeded), the too-little-text error, and data-free sampling."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_awq_search import tiny_llama
@@ -26,6 +28,34 @@ def test_too_little_text_says_how_many_tokens(tmp_path):
         calibration_tokens(ByteTokenizer(), ["hello world"])
 
 
+def test_a_file_name_given_as_text_is_pointed_out(tmp_path):
+    """In a list, a str is text: the name of an existing file there is read as its own few
+    tokens. Too few tokens then say so, and which entry looks like a file; texts that are no
+    file names (long, multi-line, or naming nothing) are not suspected."""
+    path = tmp_path / "a.txt"
+    path.write_text("one two three\n" * 40)
+    with pytest.raises(ValueError, match=rf"from 1 file\(s\) \['{path}'\] and 1 text\(s\)\); "
+                                         rf"\['{path}'\] in the list was read as text, not as a "
+                                         rf"file: in a list, give files as pathlib.Path"):
+        calibration_tokens(ByteTokenizer(), [path, str(path)], n=1, seqlen=4096)
+    for text in ("short text", f"{path}\n", str(tmp_path / "missing.txt")):
+        with pytest.raises(ValueError) as err:
+            calibration_tokens(ByteTokenizer(), [text], n=1, seqlen=4096)
+        assert "read as text" not in str(err.value)
+
+
+def test_the_defaults_are_the_protocols():
+    """PROTOCOL.md's calibration: 128 windows of 512 tokens at random starts, seed 0."""
+    text = "".join(chr(32 + i % 90) for i in range(5000))
+    windows = calibration_tokens(ByteTokenizer(), [text])
+    assert windows.shape == (128, 512)
+    assert torch.equal(windows, random_windows(torch.tensor(list(text.encode())), 128, 512, 0))
+
+
+def test_one_window_of_one_token_is_enough():
+    assert calibration_tokens(ByteTokenizer(), ["x"], n=1, seqlen=1).tolist() == [[ord("x")]]
+
+
 def test_files_and_strings(tmp_path):
     path = tmp_path / "a.txt"
     path.write_bytes(b"one two three\r\n" * 40)
@@ -42,6 +72,21 @@ def test_data_free_windows_start_with_bos_and_repeat():
     a = sample_from_model(model, n=3, seqlen=12, seed=0, batch=2)
     assert a.shape == (3, 12) and (a[:, 0] == 1).all()
     assert torch.equal(a, sample_from_model(model, n=3, seqlen=12, seed=0, batch=2))
+
+
+@pytest.mark.parametrize("bos, start", [(5, 5), (None, 1)])
+def test_data_free_windows_are_the_models_own_continuations(bos, start):
+    """Each window starts with the config's BOS (1 when it names none) and every later token,
+    the last one too, is sampled from softmax(logits / temperature): near temperature 0, the
+    model's greedy continuation, the same in every window."""
+    model = tiny_llama()
+    model.config = dataclasses.replace(model.config, bos_token_id=bos)
+    windows = sample_from_model(model, n=3, seqlen=6, seed=0, batch=2, temperature=1e-4)
+    greedy = [start]
+    with torch.no_grad():
+        for _ in range(5):
+            greedy.append(int(model(torch.tensor([greedy]))[0, -1].argmax()))
+    assert windows.tolist() == [greedy] * 3
 
 
 def test_data_free_cache_holds_only_the_tokens_fed(monkeypatch):

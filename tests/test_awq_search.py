@@ -401,6 +401,9 @@ def test_token_subset_is_strided_over_every_window():
         handle.remove()
     every = torch.cat(seen[:3])  # (160, 64): the capture's own forward, 3 chunks
     assert torch.equal(stats.subset[0], every[::3]) and stats.subset[0].shape[0] == 54
+    (stats,) = capture_block(block, x.clone(), cos, sin, (group,), SubsetPlan(2, 1000), 2,
+                             "block 0")  # more tokens asked than there are: all of them
+    assert torch.equal(stats.subset[0], every)
 
 
 @torch.no_grad()
@@ -419,6 +422,62 @@ def test_attention_subset_is_the_first_whole_sequences():
                              chunk_seqs=2, where="block 0")
     kept = torch.cat(stats.subset)  # (3, 32, 64)
     assert torch.equal(kept, block.input_layernorm(x[:3]))
+
+
+@torch.no_grad()
+def test_capture_sees_every_sequence_and_every_token():
+    """The first block's inputs are every sequence's embeddings (embedded 64 at a time: 70 here);
+    a group's statistics count all B x T tokens (mean|x| is their mean, X^T X their sum, with
+    the block outputs written back in chunks); forward_block moves every chunk on."""
+    from awq_ref.awq.capture import SubsetPlan, capture_block, embed, forward_block
+    from awq_ref.awq.scaling_groups import LLAMA_GROUPS
+
+    model = tiny_llama()
+    tokens = calib(n=70, t=4)
+    x = embed(model, tokens, torch.device("cpu"))  # (70, 4, 64)
+    assert torch.equal(x, model.model.embed_tokens(tokens).float())
+    block = model.model.layers[0]
+    cos, sin = model.rotary(0, 4, torch.float32)
+    want = block(x, cos, sin)
+    group = next(g for g in LLAMA_GROUPS if g.closed_form)  # o_proj: input = attention output
+    seen = []
+    handle = block.get_submodule(group.linears[0]).register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).clone()))
+    try:
+        written = x.clone()
+        (stats,) = capture_block(block, written, cos, sin, (group,), SubsetPlan(1, 8),
+                                 chunk_seqs=16, where="block 0", write_outputs=True)
+    finally:
+        handle.remove()
+    assert not any(m._forward_pre_hooks for m in block.modules())  # the capture's hooks are gone
+    inputs = torch.cat(seen)  # (280, 64)
+    assert stats.count == 280 and inputs.shape[0] == 280
+    torch.testing.assert_close(stats.mean_abs, inputs.abs().mean(0))
+    torch.testing.assert_close(stats.gram, inputs.T @ inputs, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(written, want)
+    moved = x.clone()
+    forward_block(block, moved, cos, sin, 16, "block 0")
+    torch.testing.assert_close(moved, want)
+
+
+@torch.no_grad()
+def test_a_block_output_past_fp32_names_the_block():
+    """A block whose output overflows (here an inf weight in down_proj) is named there, by the
+    capture and by the forward that moves the inputs on, not one block later (or never, after
+    the last block)."""
+    from awq_ref.awq.capture import SubsetPlan, capture_block, forward_block
+    from awq_ref.awq.scaling_groups import LLAMA_GROUPS
+
+    model = tiny_llama()
+    block = model.model.layers[1]
+    block.mlp.down_proj.weight[0, 0] = math.inf
+    x = model.model.embed_tokens(calib(n=2, t=8)).float()
+    cos, sin = model.rotary(0, 8, torch.float32)
+    group = next(g for g in LLAMA_GROUPS if g.closed_form)
+    with pytest.raises(NonFiniteError, match="block 1 output: NaN or inf"):
+        capture_block(block, x.clone(), cos, sin, (group,), SubsetPlan(1, 8), 2, "block 1")
+    with pytest.raises(NonFiniteError, match="block 1 output: NaN or inf"):
+        forward_block(block, x.clone(), cos, sin, 2, "block 1")
 
 
 def test_unquantized_linears_stay_fp_in_the_scale_losses(monkeypatch):
