@@ -11,7 +11,7 @@ import torch
 from awq_ref.awq.apply import apply_awq, apply_scale
 from awq_ref.awq.capture import NonFiniteError, check_finite, gram_matrix
 from awq_ref.awq.pipeline import PROPAGATE, AwqConfig, search_awq
-from awq_ref.awq.scaling_groups import expand_kv, reduce_kv
+from awq_ref.awq.scaling_groups import LLAMA_GROUPS, expand_kv, reduce_kv
 from awq_ref.awq.search_clip import clip_box, clipper, search_clip
 from awq_ref.awq.search_scale import effective_weight, gram_loss, grid_search, module_loss
 from awq_ref.config import LlamaConfig
@@ -325,6 +325,56 @@ def test_nan_activation_names_block_and_layer():
         search_awq(model, calib(), SPEC, FAST)
 
 
+def test_calibration_ids_past_the_vocabulary_are_refused_before_the_search():
+    tokens = calib()
+    tokens[2, 5] = 97  # vocab_size 97
+    with pytest.raises(ValueError, match=r"calib_tokens: token ids 0\.\.97 do not fit the "
+                                         r"model's vocabulary \(vocab_size 97\)"):
+        search_awq(tiny_llama(), tokens, SPEC, FAST)
+
+
+def test_no_calibration_tokens_says_the_windows_come_from_the_model(monkeypatch, caplog):
+    """run_awq without calib_tokens samples the windows from the model (data-free) and says so:
+    the result then reflects the model's own text, not a domain's."""
+    from awq_ref.awq import pipeline
+
+    drawn = []
+    monkeypatch.setattr(pipeline, "sample_from_model", lambda model: drawn.append(1) or calib())
+    with caplog.at_level("WARNING", logger="awq_ref.awq.pipeline"):
+        pipeline.run_awq(tiny_llama(), SPEC, **dataclasses.asdict(FAST))
+    assert drawn == [1]
+    assert "no calibration tokens given: sampling 128 x 512 tokens from the model (data-free " \
+           "calibration)" in caplog.text
+
+
+def test_a_nan_search_loss_names_its_group(monkeypatch):
+    """A NaN loss (a bug, or inputs no check caught) is an error naming where it arose: one
+    scale candidate's among finite ones (the choice itself can look fine, NaN never wins a
+    comparison), or a clip search's error sums; inf stays the mark of an fp16 overflow."""
+    from awq_ref.awq import pipeline
+
+    real_grid, real_clip = pipeline.grid_search, pipeline.search_clip
+
+    def with_losses(*bad: float):  # candidates 2, 3, ... get these losses
+        def grid(*a):
+            choice = real_grid(*a)
+            losses = (*choice.losses[:2], *bad, *choice.losses[2 + len(bad):])
+            return dataclasses.replace(choice, losses=losses)
+        return grid
+
+    monkeypatch.setattr(pipeline, "grid_search", with_losses(math.inf))
+    search_awq(tiny_llama(), calib(), SPEC, FAST)  # an overflowing candidate alone: no error
+    monkeypatch.setattr(pipeline, "grid_search", with_losses(math.nan, math.inf))
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.0\.input_layernorm -> "
+                                             r"self_attn\.q_proj.* scale loss: NaN or inf"):
+        search_awq(tiny_llama(), calib(), SPEC, FAST)
+    monkeypatch.setattr(pipeline, "grid_search", real_grid)
+    monkeypatch.setattr(pipeline, "search_clip",
+                        lambda *a, **k: (*real_clip(*a, **k)[:3], math.nan))
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.0\.self_attn\.v_proj clip loss"):
+        search_awq(tiny_llama(), calib(), SPEC, FAST)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("at", [0, 777, -1])
@@ -376,6 +426,43 @@ def test_bad_config_rejected(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
         AwqConfig(**bad)
+
+
+def test_scale_candidates_are_clipped_only_where_the_clip_search_would_clip():
+    """scale_clip_grid > 0: each scale candidate is judged after clipping the group's linears
+    that the clip search itself clips: not those in clip_skip, not those left fp."""
+    from awq_ref.awq.pipeline import _candidate_clips
+
+    qkv = next(g for g in LLAMA_GROUPS if "self_attn.v_proj" in g.linears)
+    gram = torch.eye(64)
+    on = dataclasses.replace(FAST, scale_clip_grid=4)
+    assert set(_candidate_clips(qkv, gram, SPEC, on, set())) == {"self_attn.v_proj"}
+    assert _candidate_clips(qkv, gram, SPEC, on, {"self_attn.v_proj"}) == {}
+    assert set(_candidate_clips(qkv, gram, SPEC, dataclasses.replace(on, clip_skip=()),
+                                {"self_attn.k_proj"})) == {"self_attn.q_proj", "self_attn.v_proj"}
+    assert _candidate_clips(qkv, gram, SPEC, dataclasses.replace(on, clip=False), set()) == {}
+    assert _candidate_clips(qkv, gram, SPEC, FAST, set()) == {}
+
+
+def test_config_defaults_are_the_measured_ones():
+    """The defaults every published number was measured with (README, docs/results.md,
+    walkthrough section 8 for n_grid 40, lohi and clip_joint 2): changing one changes them all,
+    so it is an edit of this test too. `progress` only shows a bar: not part of the settings a
+    result records."""
+    assert AwqConfig().settings() == {
+        "n_grid": 40, "n_refine": 0, "duo_scaling": False, "scale_vo_gqa": True, "clip": True,
+        "clip_skip": ("self_attn.q_proj", "self_attn.k_proj"), "clip_grid": 40,
+        "max_shrink": 0.5, "clip_mode": "lohi", "clip_joint": 2, "clip_damp": 0.0,
+        "scale_clip_grid": 0, "loss_seqs": 8, "loss_tokens": 4096, "propagate": "fp",
+        "chunk_tokens": 8192}
+    assert AwqConfig().progress is True
+
+
+def test_config_bounds_are_inclusive_where_they_say():
+    """Counts of 1 and max_shrink 0 (no clipping but r = 1) are valid; max_shrink 1 is not."""
+    AwqConfig(n_grid=1, clip_grid=1, loss_seqs=1, loss_tokens=1, chunk_tokens=1, max_shrink=0.0)
+    with pytest.raises(ValueError, match=r"max_shrink must be in \[0, 1\)"):
+        AwqConfig(max_shrink=1.0)
 
 
 @torch.no_grad()
