@@ -8,7 +8,16 @@ import pytest
 import torch
 from test_awq_search import calib, tiny_llama
 
-from awq_ref.awq.capture import NonFiniteError, check_finite, gram_matrix
+from awq_ref.awq.capture import (
+    NonFiniteError,
+    SubsetPlan,
+    capture_block,
+    check_finite,
+    embed,
+    forward_block,
+    gram_matrix,
+)
+from awq_ref.awq.scaling_groups import LLAMA_GROUPS
 
 
 @pytest.mark.parametrize("m,k", [(1, 172), (100, 576), (300, 129)])
@@ -40,9 +49,6 @@ def test_check_finite_finds_one_bad_element_anywhere(dtype, bad, at):
 def test_token_subset_is_strided_over_every_window():
     """The MLP loss's token subset: every stride-th of all B x T tokens, the stride rounded up
     so that it reaches the last window (5 x 32 tokens, 64 asked: stride 3, 54 tokens)."""
-    from awq_ref.awq.capture import SubsetPlan, capture_block
-    from awq_ref.awq.scaling_groups import LLAMA_GROUPS
-
     model = tiny_llama()
     block = model.model.layers[0]
     x = model.model.embed_tokens(calib(n=5, t=32)).float()  # (5, 32, 64)
@@ -68,9 +74,6 @@ def test_token_subset_is_strided_over_every_window():
 def test_attention_subset_is_the_first_whole_sequences():
     """The attention loss's inputs: the first `seqs` sequences of the calibration batch, whole,
     however the capture's forward is chunked (5 windows in chunks of 2, 3 kept)."""
-    from awq_ref.awq.capture import SubsetPlan, capture_block
-    from awq_ref.awq.scaling_groups import LLAMA_GROUPS
-
     model = tiny_llama()
     block = model.model.layers[0]
     x = model.model.embed_tokens(calib(n=5, t=32)).float()  # (5, 32, 64)
@@ -87,9 +90,6 @@ def test_capture_sees_every_sequence_and_every_token():
     """The first block's inputs are every sequence's embeddings (embedded 64 at a time: 70 here);
     a group's statistics count all B x T tokens (mean|x| is their mean, X^T X their sum, with
     the block outputs written back in chunks); forward_block moves every chunk on."""
-    from awq_ref.awq.capture import SubsetPlan, capture_block, embed, forward_block
-    from awq_ref.awq.scaling_groups import LLAMA_GROUPS
-
     model = tiny_llama()
     tokens = calib(n=70, t=4)
     x = embed(model, tokens, torch.device("cpu"))  # (70, 4, 64)
@@ -123,9 +123,6 @@ def test_a_block_output_past_fp32_names_the_block():
     """A block whose output overflows (here an inf weight in down_proj) is named there, by the
     capture and by the forward that moves the inputs on, not one block later (or never, after
     the last block)."""
-    from awq_ref.awq.capture import SubsetPlan, capture_block, forward_block
-    from awq_ref.awq.scaling_groups import LLAMA_GROUPS
-
     model = tiny_llama()
     block = model.model.layers[1]
     block.mlp.down_proj.weight[0, 0] = math.inf

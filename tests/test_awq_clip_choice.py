@@ -32,10 +32,11 @@ def test_search_clips_defaults_are_llm_awqs_plain_search():
     x[:, ::16] *= 0.01  # a weight outlier on a quiet input channel in every group: clip it hard
     w = torch.randn(12, 64, generator=gen) * 0.1
     w[:, ::16] = 5.0
-    lo, hi, before, after = search_clip(w, x.T @ x, SPEC)
-    lo2, hi2, before2, after2 = search_clip(w, x.T @ x, SPEC, 20, 0.5, "range", joint=0)
+    gram = x.T @ x
+    lo, hi, before, after = search_clip(w, gram, SPEC)
+    lo2, hi2, before2, after2 = search_clip(w, gram, SPEC, 20, 0.5, "range", joint=0)
     assert torch.equal(lo, lo2) and torch.equal(hi, hi2) and (before, after) == (before2, after2)
-    assert not torch.equal(lo, search_clip(w, x.T @ x, SPEC, 20, 1.0, "range")[0])  # not vacuous
+    assert not torch.equal(lo, search_clip(w, gram, SPEC, 20, 1.0, "range")[0])  # not vacuous
 
 
 @pytest.mark.parametrize("mode", ["range", "absmax"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 from test_awq_search import FAST, SPEC, calib, tiny_llama
 
-from awq_ref.awq.pipeline import AwqConfig, search_awq
+from awq_ref.awq import pipeline
+from awq_ref.awq.pipeline import AwqConfig, _candidate_clips, search_awq
 from awq_ref.awq.scaling_groups import LLAMA_GROUPS
 from awq_ref.quant.quantizer import QuantSpec
 
@@ -52,8 +53,6 @@ def test_every_search_option_reaches_the_search(monkeypatch):
     """AwqConfig's fields arrive where they act (each once passed a default instead): duo
     scaling's weight means and the refinement steps at the ratio grid, the clip grid, shrink,
     mode and joint sweeps at the clip search, scale_vo_gqa at the choice of groups."""
-    from awq_ref.awq import pipeline
-
     grids, clips = [], []
     real_grid, real_clip = pipeline.grid_search, pipeline.search_clip
     monkeypatch.setattr(pipeline, "grid_search",
@@ -72,8 +71,6 @@ def test_every_search_option_reaches_the_search(monkeypatch):
 def test_scale_candidates_are_clipped_only_where_the_clip_search_would_clip():
     """scale_clip_grid > 0: each scale candidate is judged after clipping the group's linears
     that the clip search itself clips: not those in clip_skip, not those left fp."""
-    from awq_ref.awq.pipeline import _candidate_clips
-
     qkv = next(g for g in LLAMA_GROUPS if "self_attn.v_proj" in g.linears)
     gram = torch.eye(64)
     on = dataclasses.replace(FAST, scale_clip_grid=4)
