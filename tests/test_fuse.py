@@ -36,6 +36,9 @@ def test_fused_model_gives_the_same_logits(packed, bias):
     if packed:
         assert isinstance(block.self_attn.qkv.linear, QuantLinear)
         assert block.self_attn.qkv.linear.out_features == 64 + 32 + 32  # H*Dh + 2 * Hkv*Dh
+    # inference only: the stacked fp weights join no autograd graph (nor did packed ones)
+    assert not any(p.requires_grad for p in block.self_attn.qkv.parameters())
+    assert not any(p.requires_grad for p in block.mlp.gate_up.parameters())
     for got, ref in zip(_outputs(model, tokens), want):
         # each output column is the same dot product; only BLAS blocking may differ
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -153,6 +156,21 @@ def test_mixed_layers_stay_apart_and_fused_models_are_refused(tmp_path):
     with pytest.raises(ValueError, match="fused"):
         quantize(model, method="rtn")
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_layers_with_and_without_bias_stay_apart(packed):
+    """One bias among q/k/v (a hand-edited model): stacking would drop or misplace it."""
+    model = tiny_llama(attention_bias=True)
+    if packed:
+        model = quantize(model, method="rtn", w_bit=4, group_size=32)
+    model.model.layers[1].self_attn.k_proj.bias = None
+    tokens = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(1))
+    want = _outputs(model, tokens)
+    assert fuse_projections(model) == 2 * 2 - 1
+    assert model.model.layers[1].self_attn.qkv is None
+    for got, ref in zip(_outputs(model, tokens), want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_ppl_fused_equals_unfused(stories_dir, tmp_path, capsys, monkeypatch):

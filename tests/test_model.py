@@ -14,11 +14,12 @@ transformers = pytest.importorskip("transformers", reason="transformers is the t
 
 TINY_SIZES = {"vocab_size": 101, "hidden_size": 64, "intermediate_size": 96,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
-# head_dim 16, theta 5e5: wavelengths 6.3, 32.4, 167, ... With L = 64 the three bands of llama3
-# scaling (kept < L/4 = 16, blended 16..64, divided > 64) each hold at least one frequency
-# (test_llama3_rope_test_config_covers_all_three_bands).
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# head_dim 16, theta 5e5: wavelengths 6.3, 32.4, 167, ... With L = 100 the three bands of llama3
+# scaling (kept < L/4 = 25, blended 25..40, divided > L/2.5 = 40) each hold at least one
+# frequency (test_llama3_rope_test_config_covers_all_three_bands), and 167 < L * 2.5 tells
+# L / low_freq_factor from L * low_freq_factor (Llama 3.1's factor of 1 would not).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.5,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 100}
 
 
 def tiny_hf_dict(n_kv: int = 4, tied: bool = False, rope_scaling=None) -> dict:
@@ -43,7 +44,7 @@ def pair(d: dict, seed: int = 0):
 @pytest.mark.parametrize("rope", [None, LLAMA3_ROPE], ids=["rope", "llama3-rope"])
 def test_logits_match_transformers(n_kv, tied, rope):
     hf, ours = pair(tiny_hf_dict(n_kv, tied, rope))
-    x = torch.randint(0, 101, (2, 80))  # past original_max_position_embeddings: scaling matters
+    x = torch.randint(0, 101, (2, 110))  # past original_max_position_embeddings
     with torch.no_grad():
         diff = (hf(x).logits - ours(x)).abs().max().item()
     assert diff <= 1e-4
@@ -58,6 +59,7 @@ def test_llama3_rope_test_config_covers_all_three_bands():
     short = wavelen < old_len / LLAMA3_ROPE["high_freq_factor"]
     long = wavelen > old_len / LLAMA3_ROPE["low_freq_factor"]
     assert short.any() and long.any() and (~short & ~long).any()
+    assert (long & (wavelen < old_len * LLAMA3_ROPE["low_freq_factor"])).any()  # see above
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -80,7 +82,7 @@ def test_kv_cache_in_multi_token_chunks_equals_full_forward():
     with torch.no_grad():
         full = model(x)
         cache = model.new_cache(2, 40)
-        bounds = [0, 7, 17, 18, 27, 30, 40]
+        bounds = [0, 1, 7, 17, 18, 27, 30, 40]  # after one token: a past of 1 builds its mask
         steps = [model(x[:, a:b], cache) for a, b in itertools.pairwise(bounds)]
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
 
@@ -98,6 +100,32 @@ def test_cache_overflow_is_a_clear_error():
     cache = model.new_cache(1, 4)
     with pytest.raises(ValueError, match="KV cache overflow"):
         model(torch.zeros(1, 5, dtype=torch.long), cache)
+
+
+def test_prefill_into_a_cache_is_the_plain_forward_bit_for_bit():
+    """An empty cache's prefill and the cacheless forward compute the same positions 0..T-1
+    (RoPE is relative, so positions shifted by one would only move the bits) with the same
+    causal mask; last_only keeps the last position (B, 1, V) (lm_head over one row instead of
+    T: a different GEMM, so equal up to rounding)."""
+    _, model = pair(tiny_hf_dict(2))
+    x = torch.randint(0, 101, (2, 20))
+    with torch.no_grad():
+        full = model(x)
+        assert torch.equal(model(x, model.new_cache(2, 20)), full)
+        last = model(x, last_only=True)
+        assert last.shape == (2, 1, 101)
+        torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-6)
+        assert torch.equal(model.hidden(x), model.hidden(x, last_only=False))
+        assert torch.equal(model.rotary(0, 1, torch.float32)[0], torch.ones(1, 16))
+
+
+def test_rope_frequencies_follow_the_model_to_another_device():
+    """inv_freq is copied to the model's device once, and again when the model moves."""
+    _, model = pair(tiny_hf_dict(2))
+    on_cpu = model.inv_freq()
+    assert on_cpu.device.type == "cpu" and model.inv_freq() is on_cpu
+    model.to("meta")
+    assert model.inv_freq().device.type == "meta"
 
 
 def test_greedy_generate_equals_argmax_of_full_forward():
@@ -171,6 +199,10 @@ def test_top_p_keeps_only_the_nucleus():
     g = torch.Generator().manual_seed(0)
     picks = {sample_next(logits, 1.0, 0.5, g) for _ in range(50)}
     assert picks == {0}
+    # the smallest set with mass >= top_p: one of two equal tokens (0.5 each) holds 0.5 already
+    ties = torch.tensor([0.0, 0.0, -float("inf")])
+    assert len({sample_next(ties, 1.0, 0.5, g) for _ in range(50)}) == 1
+    assert {sample_next(ties, 1.0, 0.51, g) for _ in range(50)} == {0, 1}
 
 
 def mistral_hf_dict(window: int | None) -> dict:
