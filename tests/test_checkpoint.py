@@ -158,6 +158,8 @@ def test_killed_save_leaves_no_target(tmp_path):
     assert not target.exists()
     leftovers = [p for p in tmp_path.iterdir()]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".ckpt.tmp-")  # died midway
+    save_quantized(tiny_quantized(), target)  # the next write of the name sweeps it
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
 def test_existing_target_needs_overwrite(tmp_path):
@@ -347,9 +349,22 @@ def test_part_of_a_fused_group_kept_fp_is_refused(tmp_path, skip):
         if isinstance(lin, nn.Linear) and skipped(f"model.layers.{name}", skip):
             parent, _, child = name.rpartition(".")
             setattr(model.model.layers.get_submodule(parent), child, lin)
-    with pytest.raises(ValueError, match="save_quantized: .*skip all of them or none"):
+    group = "gate_proj/up_proj" if "up_proj" in skip else "q_proj/k_proj/v_proj"
+    with pytest.raises(ValueError, match=f"save_quantized: .*not the rest of {group}; .*skip "
+                                         "all of them or none"):
         save_quantized(model, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_whole_fused_group_kept_fp_is_written(tmp_path):
+    """Skipping all of q/k/v (or gate/up) is what vLLM takes: neither refused nor changed."""
+    fp = Llama(LlamaConfig(**TINY)).eval()
+    for skip in (["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]):
+        model = quantize(fp, group_size=32, modules_to_not_convert=skip)
+        out = save_quantized(model, tmp_path / skip[0])
+        assert torch.equal(logits(load_quantized_model(out)), logits(model))
+        assert json.loads((out / "config.json").read_text())["quantization_config"][
+            "modules_to_not_convert"] == ["lm_head", *skip]
 
 
 def test_the_config_check_skips_a_layer_only_where_every_block_keeps_it():
@@ -408,6 +423,8 @@ def test_config_states_sym_for_readers_that_do_not_derive_it(zero_point):
     assert parse_quant_config({**d, "sym": "ignored"})[0] == QuantSpec(4, 32, zero_point)
     without = {k: v for k, v in d.items() if k != "zero_point"}  # AutoAWQ's default: zero points
     assert parse_quant_config(without)[0] == QuantSpec(4, 32, True)
+    for group in (1, -1):  # the smallest groups, and one per output channel (our extension)
+        assert parse_quant_config({**d, "group_size": group})[0] == QuantSpec(4, group, zero_point)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])

@@ -26,7 +26,7 @@ def test_written_files_and_checkpoints_follow_the_umask(tmp_path):
 
 
 def test_writes_and_replaces(tmp_path):
-    path = tmp_path / "sub" / "result.json"
+    path = tmp_path / "sub" / "deeper" / "result.json"  # folders made as needed
     atomic_write_text(path, "first")
     atomic_write_text(path, "second, longer ünïcode")
     assert path.read_text(encoding="utf-8") == "second, longer ünïcode"
@@ -139,7 +139,7 @@ def test_other_failures_of_a_write_are_raised_as_they_are(tmp_path):
     from awq_ref.files import atomic_write
 
     def fail(tmp):
-        raise ValueError("a bad tensor (os error 28 in its words)")
+        raise ValueError("a bad tensor (os error 28)")  # an OS error's words, not its type
 
     with pytest.raises(ValueError, match="a bad tensor"):
         atomic_write(tmp_path / "x", fail)
@@ -164,6 +164,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, mo
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="dangling is a link to nothing"):  # was: after the work
         check_writable(tmp_path / "dangling" / "out", "--out")
+    (tmp_path / "linked").symlink_to(tmp_path)  # a link to a folder is that folder
+    check_writable(tmp_path / "linked" / "out", "--out")
     (tmp_path / "ro" / "mine").mkdir(parents=True)  # a writable work folder in a read-only one
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: (Path(path).name != "ro"
@@ -171,7 +173,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, mo
     check_writable(tmp_path / "ro" / "mine", "--work-dir", extra=0)  # was refused
     with pytest.raises(ValueError, match="ro is not writable"):
         check_writable(tmp_path / "ro" / "new", "--work-dir", extra=0)
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as on a read-only mount
+    # as on a read-only mount: looking in is allowed, writing is not
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)
     with pytest.raises(ValueError, match="is not writable"):
         check_writable(tmp_path / "new" / "out", "--out")
     base = ["quantize", "--model", str(tmp_path / "absent"), "--out"]
@@ -180,3 +183,27 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, mo
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert "is not writable" in err and "Traceback" not in err
+
+
+def test_an_error_elsewhere_is_named_beside_the_users_path(tmp_path):
+    """An OSError about another file than the target or its temporary (a folder on the way, a
+    lock) says where, after the path the user gave."""
+    from awq_ref.files import atomic_write
+
+    def fail(tmp):
+        raise OSError(errno.EACCES, "Permission denied", "/elsewhere/lock")
+
+    with pytest.raises(OSError,
+                       match=r"cannot write .*x: Permission denied \(at /elsewhere/lock\)$"):
+        atomic_write(tmp_path / "x", fail)
+
+
+def test_new_files_get_the_usual_mode_where_the_umask_cannot_be_read(monkeypatch):
+    """Without /proc (not Linux) the mode of a new file under the usual umask 022."""
+    from awq_ref import files
+
+    def unreadable(self, *args, **kwargs):
+        raise OSError(errno.ENOENT, "No such file or directory", str(self))
+
+    monkeypatch.setattr(files.Path, "read_text", unreadable)
+    assert (files.new_mode(), files.new_mode(folder=True)) == (0o644, 0o755)
