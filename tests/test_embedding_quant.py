@@ -73,6 +73,23 @@ def test_decoder_group_size_is_the_default():
     assert model.lm_head.group_size == 32 == model.model.embed_tokens.packed.group_size
 
 
+def test_without_a_quantized_decoder_the_largest_group_that_divides_is_the_default():
+    from awq_ref.quant.embedding import default_group_size
+
+    for hidden, heads, group in ((128, 4, 128), (192, 4, 64), (96, 3, 32), (48, 3, 0)):
+        model = tiny_llama(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=1)
+        assert default_group_size(model) == group
+
+
+def test_the_table_holds_only_the_packed_tensors_and_takes_no_tokens():
+    """The dtype marker and the nibble shifts are derived, not state (a state dict or a saved
+    work folder holds the packed table only); zero tokens give zero rows, as nn.Embedding."""
+    model = quantize_embeddings(tiny_llama(tie_word_embeddings=False), 32, parts=("embed",))
+    emb = model.model.embed_tokens
+    assert sorted(emb.state_dict()) == ["packed.qweight", "packed.qzeros", "packed.scales"]
+    assert emb(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, 64)
+
+
 def test_bad_inputs_raise(tmp_path):
     model = tiny_llama()
     with pytest.raises(ValueError, match="group_size 48 does not divide the hidden size 64"):

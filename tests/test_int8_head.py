@@ -53,6 +53,8 @@ def test_model_head_and_4bit_table(tied, tmp_path):
     with torch.no_grad():
         got = model(tokens)
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+    with pytest.raises(ValueError, match="the lm_head is already quantized"):
+        quantize_embeddings(model, 32, parts=("head",))
     quantize_embeddings(model, 32, parts=("embed",))  # then the table in 4 bits
     assert (isinstance(model.model.embed_tokens, QuantEmbedding)
             and isinstance(model.lm_head, Int8Linear))

@@ -66,7 +66,7 @@ class QuantEmbedding(nn.Module):
         w = dequantize(q.T, s.T, z.T)  # (T, D), a transposed view: made contiguous like
         # nn.Embedding's output (the elementwise CUDA kernels require rows contiguous)
         w = w.to(self.dtype_ref.dtype).contiguous()
-        return w.reshape(*tokens.shape, -1)
+        return w.reshape(*tokens.shape, self.embedding_dim)  # not -1: ambiguous for 0 tokens
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, "
