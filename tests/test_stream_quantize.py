@@ -339,6 +339,18 @@ def test_corrupt_source_refused_before_any_work(src, tmp_path, calib):
         quantize_folder(bad, tmp_path / "out", group_size=GROUP, calib_tokens=calib)
 
 
+def test_a_tied_config_with_a_different_stored_head_is_refused(src, tmp_path):
+    """As the in-memory loaders (drop_tied_copy): the readers disagree on which table to use."""
+    import shutil
+
+    tied = Path(shutil.copytree(src, tmp_path / "tied"))
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="ties lm_head to the embeddings .* different lm_head"):
+        quantize_folder(tied, tmp_path / "out", method="rtn", group_size=GROUP)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_argument_errors(src, tmp_path, calib):
     with pytest.raises(ValueError, match="needs calib_tokens"):
         quantize_folder(src, tmp_path / "a")
@@ -352,6 +364,11 @@ def test_argument_errors(src, tmp_path, calib):
         quantize_folder(src, tmp_path / "a", method="rtn",
                         modules_to_not_convert=["layers.1.self_attn.v_proj"])  # not in block 0
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+    with pytest.raises(ValueError, match="calib_tokens must be integer"):
+        quantize_folder(src, tmp_path / "a", group_size=GROUP, calib_tokens=calib[0])  # (T,)
+    with pytest.raises(ValueError, match="calib_tokens: token ids 0..512 do not fit"):
+        quantize_folder(src, tmp_path / "a", group_size=GROUP,
+                        calib_tokens=torch.cat([calib, torch.full((1, 64), 512)]))
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError):
         quantize_folder(src, tmp_path / "exists", method="rtn")
