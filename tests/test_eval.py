@@ -33,6 +33,7 @@ def test_scores_match_the_formulas():
     ppl, kl, top1 = direct(model, reference, tokens, seqlen, 3)
     assert got["windows"] == 3 and got["tokens"] == 3 * (seqlen - 1)
     assert got["ppl"] == pytest.approx(ppl, rel=1e-5)
+    assert got["nll"] == pytest.approx(math.log(ppl), rel=1e-5)  # the mean NLL, per token
     assert got["kl"] == pytest.approx(kl, rel=1e-4) and kl > 0
     assert got["top1"] == pytest.approx(top1, abs=1 / got["tokens"])
 
@@ -67,6 +68,8 @@ def test_windows_errors():
         with pytest.raises(ValueError, match=f"asked for {n} windows"):
             windows_of(torch.arange(10), 4, n)
     assert windows_of(torch.arange(10), 4, None).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert windows_of(torch.arange(4), 4, None).tolist() == [[0, 1, 2, 3]]  # exactly one window
+    assert windows_of(torch.arange(5), 2, None).shape == (2, 2)  # the shortest: one to predict
     # A float count or length failed in Python's own TypeError (slice indices), a bool ran as 1
     for seqlen, n, name in ((4.0, None, "seqlen"), (4, 2.0, "windows"), (4, True, "windows"),
                             (None, 1, "seqlen")):
@@ -79,3 +82,19 @@ def test_read_text_reads_crlf_files_as_lf(tmp_path):
     """Some copies of WikiText-2 have CRLF line ends: the tokens must not depend on them."""
     (tmp_path / "crlf.txt").write_bytes("one\r\ntwo \u00e9\r\n\r\nthree\r".encode())
     assert read_text(tmp_path / "crlf.txt") == "one\ntwo \u00e9\n\nthree\r"
+
+
+def test_vocabularies_must_agree_only_where_logits_are_compared():
+    """KL and top-1 compare the reference's logits with each model's token by token: refused
+    across vocabularies; perplexities alone may come from models of different vocabularies."""
+    from awq_ref.config import LlamaConfig
+    from awq_ref.model import Llama
+
+    other = Llama(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96,
+                              num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=2)).eval()
+    a, tokens = tiny_llama(seed=1), torch.randint(0, 97, (128,))
+    with pytest.raises(ValueError, match=r"vocabularies differ \(\[97, 100\] tokens\)"):
+        evaluate_many({"a": a}, tokens, 64, 2, reference=other, progress=False)
+    both = evaluate_many({"a": a, "other": other}, tokens, 64, 2, progress=False)
+    assert both["other"] == evaluate(other, tokens, 64, 2, progress=False)
