@@ -25,6 +25,7 @@ def _m(name, file, old, new, *tests):
 
 
 _DUR = "tests/test_checkpoint_durability.py"
+_TOK = "tests/test_tokenizer_checks.py"
 
 MUTANTS = (
     # model, generation, configs
@@ -1332,4 +1333,60 @@ MUTANTS = (
        "tests/test_config_checks.py", "-k", "original_context"),
     _m("s29-config-short-cut-at-40", "awq_ref/config.py", "if len(text) <= 40 else",
        "if len(text) < 40 else", "tests/test_config_checks.py", "-k", "cut_after_40"),
+    _m("s29-tok-template-list-any", "awq_ref/tokenizer.py",
+       "isinstance(value, list) and value and all(", "isinstance(value, list) and value and any(",
+       _TOK, "-k", "one_bad_entry"),
+    _m("s29-tok-special-float-id", "awq_ref/tokenizer.py",
+       "if any(not _is_int(i) or not 0 <= i < n for i in ids):",
+       "if any(not _is_int(i) and not 0 <= i < n for i in ids):", _TOK, "-k", "past_the_vocabulary"),
+    _m("s29-tok-special-id-at-size", "awq_ref/tokenizer.py",
+       "if any(not _is_int(i) or not 0 <= i < n for i in ids):",
+       "if any(not _is_int(i) or not 0 <= i <= n for i in ids):", _TOK, "-k",
+       "past_the_vocabulary"),
+    _m("s29-tok-bool-is-int", "awq_ref/tokenizer.py",
+       "    return isinstance(value, int) and not isinstance(value, bool)",
+       "    return isinstance(value, int) or not isinstance(value, bool)", _TOK, "-k",
+       "past_the_vocabulary"),
+    _m("s29-tok-config-bos-token-dropped", "awq_ref/tokenizer.py",
+       '"bos_token": None if self.bos_id is None else token(self.bos_id),',
+       '"bos_token": None if self.bos_id is not None else token(self.bos_id),', _TOK, "-k",
+       "bare_file"),
+    _m("s29-tok-config-adds-eos", "awq_ref/tokenizer.py", '"add_eos_token": False,',
+       '"add_eos_token": True,', _TOK, "-k", "bare_file"),
+    _m("s29-tok-sp-model-not-saved", "awq_ref/tokenizer.py",
+       "path.write_bytes(self.sp.serialized_model_proto())", "pass", _TOK, "-k", "bare_file"),
+    _m("s29-tok-source-lost", "awq_ref/tokenizer.py",
+       "return Tokenizer(sp_backend, bos, eos, True if add_bos is None else add_bos,\n"
+       "                     source=source or str(path),",
+       "return Tokenizer(sp_backend, bos, eos, True if add_bos is None else add_bos,\n"
+       "                     source=source and str(path),", _TOK, "-k", "bare_file"),
+    _m("s29-tok-padding-only-dropped", "awq_ref/tokenizer.py",
+       "if tk.padding or tk.truncation else None", "if tk.padding and tk.truncation else None",
+       _TOK, "-k", "alone_is_saved"),
+    _m("s29-tok-added-tokens-uncounted", "awq_ref/tokenizer.py",
+       "tk.get_vocab(with_added_tokens=True)", "tk.get_vocab(with_added_tokens=False)", _TOK,
+       "-k", "has_no_tokens"),
+    _m("s29-tok-empty-vocab-size", "awq_ref/tokenizer.py", "default=-1) + 1",
+       "default=+1) + 1", _TOK, "-k", "has_no_tokens"),
+    _m("s29-tok-sp-unk-unknown", "awq_ref/tokenizer.py",
+       "i == self.sp.unk_id() and token != self.sp.id_to_piece(i)",
+       "i == self.sp.unk_id() or token != self.sp.id_to_piece(i)", _TOK, "-k", "unk_token"),
+    _m("s29-tok-json-error-raw", "awq_ref/tokenizer.py",
+       "        return TokenizersBackend(HFTokenizer.from_str(path.read_bytes().decode(\"utf-8\")))\n"
+       "    except BaseException as e:\n        if not is_error_or_rust_panic(e):",
+       "        return TokenizersBackend(HFTokenizer.from_str(path.read_bytes().decode(\"utf-8\")))\n"
+       "    except BaseException as e:\n        if is_error_or_rust_panic(e):", _TOK, "-k",
+       "cannot_read"),
+    _m("s29-tok-negative-eos-in-list", "awq_ref/tokenizer.py",
+       "if not all(_is_int(i) and i >= 0 for i in ids):",
+       "if not any(_is_int(i) and i >= 0 for i in ids):", _TOK, "-k", "spells_wrong"),
+    _m("s29-tok-bos-type-unchecked", "awq_ref/tokenizer.py",
+       "        _as_ids(bos, bos_source)  # checks its type\n", "", _TOK, "-k",
+       "bos_id_a_folder"),
+    _m("s29-tok-sp-bos-zero-absent", "awq_ref/tokenizer.py",
+       "default_bos=sp.bos_id() if sp.bos_id() >= 0 else None",
+       "default_bos=sp.bos_id() if sp.bos_id() > 0 else None", _TOK, "-k", "ids_of_zero"),
+    _m("s29-tok-sp-eos-zero-absent", "awq_ref/tokenizer.py",
+       "default_eos=[sp.eos_id()] if sp.eos_id() >= 0 else []",
+       "default_eos=[sp.eos_id()] if sp.eos_id() > 0 else []", _TOK, "-k", "ids_of_zero"),
 )
