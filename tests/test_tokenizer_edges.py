@@ -155,3 +155,91 @@ def test_llama2c_token_longer_than_max_token_length_is_refused(stories_dir, tmp_
     (tmp_path / "tok.bin").write_bytes(tok512 + struct.pack("<fi", 0.0, len(long)) + long)
     with pytest.raises(ValueError, match=f"token 512 claims {max_len + 1} bytes"):
         load_tokenizer(tmp_path / "tok.bin")
+
+
+@pytest.mark.parametrize("pre, text, want", [
+    ("gpt2", "a a", [0, 1, 0]),  # GPT-2's regex: "a", " a"; no merge across the two words
+    ("default", "a a", [0, 1, 0]),
+    ("smollm", "1 12", [3, 1, 3, 4]),  # every digit alone: "12" is never merged
+    ("smollm", "a a", [0, 1, 0]),  # then GPT-2's regex
+    ("llama3", "$a", [7]),  # Llama 3's regex keeps one non-letter before letters...
+    ("gpt2", "$a", [6, 0]),  # ...GPT-2's does not
+])
+def test_gguf_byte_level_pre_tokenizers_split_before_merging(pre, text, want):
+    """tokenizer.ggml.pre's split runs before the merges: "a" + "\u0120" (a space) never merge
+    across GPT-2's word boundary, SmolLM's digits stay one per token, and Llama 3's split
+    (only its own: no GPT-2 split after it) keeps "$a" whole."""
+    tokens = ["a", "\u0120", "a\u0120", "1", "2", "12", "$", "$a"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": ["a \u0120", "1 2", "$ a"], "tokenizer.ggml.pre": pre}
+    tok = tokenizer_from_gguf_metadata(meta, "t.gguf")
+    assert tok.encode(text, add_bos=False) == want
+
+
+def test_gpt2_byte_alphabet_is_gpt2s():
+    """Printable Latin-1 bytes spell themselves (0xFF included), the others the characters from
+    U+0100 on in byte order: space U+0120, newline U+010A, soft hyphen 0xAD U+0143."""
+    from awq_ref.loaders.gguf_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    assert len(table) == len(set(table.values())) == 256
+    assert [table[b] for b in (0x20, 0x0A, 0xAD, 0xAE, 0xFF, ord("!"), 0x00)] == [
+        "\u0120", "\u010a", "\u0143", "\u00ae", "\u00ff", "!", "\u0100"]
+
+
+def test_gguf_sentencepiece_vocab_unknown_token_defaults_to_id_0():
+    """Without tokenizer.ggml.unknown_token_id, <unk> is token 0 (llama.cpp's default); text the
+    vocabulary cannot spell (no byte tokens here) becomes it."""
+    tokens = ["<unk>", "<s>", "</s>", "\u2581", "a", "\u2581a"]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0, -1.0, -2.0]}
+    tok = tokenizer_from_gguf_metadata(meta, "t.gguf")
+    assert tok.encode("a", add_bos=False) == [5]
+    assert tok.encode("z", add_bos=False) == [3, 0]
+    assert tok.encode("zz", add_bos=False) == [3, 0]  # one <unk> for the run, as SentencePiece
+    for scores in ([0.0] * 5, None):
+        bad = {k: v for k, v in {**meta, "tokenizer.ggml.scores": scores}.items()
+               if v is not None}
+        with pytest.raises(ValueError, match="t.gguf: tokenizer.ggml.scores missing or not one "
+                                             "per token"):
+            tokenizer_from_gguf_metadata(bad, "t.gguf")
+
+
+def test_gguf_control_tokens_are_special_and_user_defined_ones_are_text():
+    """On decode with skip_special_tokens a control token (type 3) goes, a user-defined one
+    (type 4) stays: it is text the model writes, like "<tool>"."""
+    tokens = ["<", "t", "o", "l", ">", "<tool>", "<|end|>"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": [], "tokenizer.ggml.token_type": [1] * 5 + [4, 3]}
+    tok = tokenizer_from_gguf_metadata(meta, "t.gguf")
+    assert tok.encode("<tool><|end|>", add_bos=False) == [5, 6]
+    assert tok.decode([5, 6], skip_special_tokens=True) == "<tool>"
+    assert tok.decode([5, 6]) == "<tool><|end|>"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"tokenizer.ggml.scores": ["x"]}, "tokenizer.ggml.scores must be a list of numbers"),
+    ({"tokenizer.ggml.token_type": [True]}, "tokenizer.ggml.token_type must be a list of int"),
+    ({"tokenizer.ggml.bos_token_id": 1},
+     r"tokenizer.ggml.bos_token_id=1 is not a token id \(< 1\)"),
+    ({"tokenizer.ggml.merges": ["x y"]}, "the GGUF vocabulary does not form a tokenizer"),
+    ({"tokenizer.ggml.merges": ["ab"]}, "tokenizer.ggml.merges holds an entry without a space$"),
+])
+def test_gguf_vocabulary_metadata_refusals(changes, message):
+    """A one-token vocabulary is a vocabulary (its ids default to 0, which it has); each
+    refusal is a ValueError naming the file, the library's own errors included."""
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"],
+            "tokenizer.ggml.merges": []}
+    assert tokenizer_from_gguf_metadata(meta, "t.gguf").encode("aa") == [0, 0]
+    with pytest.raises(ValueError, match=f"^t.gguf: {message}"):  # our own errors: not wrapped
+        tokenizer_from_gguf_metadata({**meta, **changes}, "t.gguf")
+
+
+def test_gguf_sentencepiece_control_tokens_outside_the_byte_alphabet_are_special():
+    """The byte-alphabet filter on control tokens is for byte-level vocabularies only (where
+    llama.cpp mislabels some); a SentencePiece vocabulary's "<\uff5cend\uff5c>" is special."""
+    tokens = ["<unk>", "<s>", "</s>", "\u2581", "a", "<\uff5cend\uff5c>"]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [0.0] * 6, "tokenizer.ggml.token_type": [2, 3, 3, 1, 1, 3]}
+    tok = tokenizer_from_gguf_metadata(meta, "t.gguf")
+    assert tok.encode("<\uff5cend\uff5c>", add_bos=False) == [5]
