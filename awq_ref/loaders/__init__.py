@@ -31,7 +31,7 @@ from awq_ref.loaders.llama2c import (
     load_llama2c_model,
     read_header,
 )
-from awq_ref.loaders.llama2c_tokenizer import read_llama2c_tokenizer
+from awq_ref.loaders.llama2c_tokenizer import BOS_ID, EOS_ID, read_llama2c_tokenizer
 from awq_ref.loaders.state_dict import check_float_dtype
 from awq_ref.model import Llama
 from awq_ref.tokenizer import (
@@ -108,10 +108,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 def _llama2c_tokenizer(path: Path) -> Tokenizer:
     backend = read_llama2c_tokenizer(path)
-    bos, eos, add_bos, template = 1, [2], None, None  # llama2.c's fixed ids; run.c encodes with BOS
+    # llama2.c's fixed ids; run.c encodes with BOS
+    bos, eos, add_bos, template = BOS_ID, [EOS_ID], None, None
     if path.name == "tokenizer.bin":  # as save_pretrained writes it, beside tokenizer_config.json
-        bos, eos, add_bos = special_ids_from_folder(path.parent, backend, default_bos=1,
-                                                    default_eos=[2])
+        bos, eos, add_bos = special_ids_from_folder(path.parent, backend, default_bos=BOS_ID,
+                                                    default_eos=[EOS_ID])
         template = chat_template_from_folder(path.parent)
     return Tokenizer(backend, bos, eos, True if add_bos is None else add_bos, source=str(path),
                      chat_template=template)
