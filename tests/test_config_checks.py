@@ -10,7 +10,7 @@ import torch
 
 from awq_ref.config import ARCHITECTURES, LlamaConfig, RopeScaling
 from awq_ref.model import Llama
-from tests.test_model import TINY_SIZES, tiny_hf_dict
+from tests.test_model import TINY_SIZES, qwen2_hf_dict, tiny_hf_dict
 
 ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 100}
@@ -122,9 +122,9 @@ def test_to_hf_dict_writes_each_architectures_own_keys():
 
 
 def qwen2_sliding(**changes) -> dict:
-    d = {k: v for k, v in tiny_hf_dict(2).items() if k != "rope_scaling"}
-    return {**d, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-            "use_sliding_window": True, "sliding_window": 32, **changes}
+    """test_model's Qwen2 config with its window switched on (max_window_layers left out)."""
+    d = {k: v for k, v in qwen2_hf_dict(False).items() if k != "max_window_layers"}
+    return {**d, "use_sliding_window": True, **changes}
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -165,7 +165,7 @@ def test_long_values_in_messages_are_cut_after_40_characters(length):
 def test_bias_switches_are_read_where_the_architecture_has_them(model_type, keys):
     """Left out of config.json, a switch is off (transformers' default); set, it is read."""
     d = {**tiny_hf_dict(2), "rope_scaling": None, "model_type": model_type,
-         "architectures": [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]]}
+         "architectures": [ARCHITECTURES[model_type].hf_class]}
     cfg = LlamaConfig.from_hf_dict(d)
     assert (cfg.attention_bias, cfg.mlp_bias) == (False, False)
     cfg = LlamaConfig.from_hf_dict({**d, **dict.fromkeys(keys, True)})
